@@ -1,0 +1,562 @@
+"""vLLM V1 KV connector: LMCache-style chunk reuse over lmcache_triton's engine and tiers.
+
+`LMCacheConnectorV1Dynamic` is the class vLLM loads (`kv_connector_module_path` =
+`lmcache_triton.integration.vllm.vllm_v1_adapter`, or the name `LMCacheTritonConnector`
+registered by our `vllm.general_plugins` entry point); it delegates every call to
+`LMCacheConnectorV1Impl(vllm_config, role, parent)`, the core.
+
+Scheduler role (EngineCore process):
+  get_num_new_matched_tokens  whole cached chunks beyond vLLM's own prefix hit, at least one
+                              prompt token left to compute; no side effects but a memo.
+  update_state_after_alloc    remembers the load plan of a request that got external tokens.
+  build_connector_meta        per step: loads (chunk -> blocks) and stores (chunks that became
+                              fully computed this step and are not cached yet).
+  update_connector_output     applies the workers' reports (chunks stored in / evicted from
+                              their CPU tiers) to the scheduler's `PrefixIndex`.
+Worker role (each Worker process):
+  register_kv_caches          adopts the per-layer views of vLLM's one backing buffer.
+  start_load_kv               loads synchronously, before the forward that needs the KV.
+  save_kv_layer               nothing: all layers are saved in ONE launch in wait_for_save.
+  wait_for_save               gathers the pages of the step's completed chunks (one kernel
+                              launch for all layers) and hands them to the tiers; returns once
+                              the copy is taken, so vLLM may reuse the blocks. Disk writes run
+                              in the background.
+  get_block_ids_with_load_errors  blocks of chunks that failed to load; run vLLM with
+                              kv_load_failure_policy="recompute" so it recomputes them (the
+                              default "fail" fails the request).
+
+Invariants: the scheduler counts a chunk only when every rank holds it (CPU mirror or a file
+on disk); loads never write blocks vLLM already computed; a failed load writes nothing and is
+reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+
+from lmcache_triton.config import LMCacheConfig, load_config
+from lmcache_triton.engine import ChunkPlanner, ChunkSpan, KVCacheEngine, PrefixIndex, make_namespace
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("lmcache_triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata passed scheduler -> workers and back
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChunkOp:
+    """Move one chunk: `digest` <-> the pages of `block_ids` (`skip_blocks` leading ones are
+    not written on load)."""
+
+    digest: str
+    block_ids: list[int]
+    num_tokens: int
+    skip_blocks: int = 0
+
+
+@dataclass
+class LMCacheTritonMetadata(KVConnectorMetadata):
+    loads: dict[str, list[ChunkOp]] = field(default_factory=dict)
+    stores: list[ChunkOp] = field(default_factory=list)
+
+
+@dataclass
+class LMCacheTritonWorkerMetadata(KVConnectorWorkerMetadata):
+    """Per rank: chunk digests now in its CPU tier, and digests it evicted."""
+
+    reports: dict[int, tuple[list[str], list[str]]] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, LMCacheTritonWorkerMetadata)
+        merged = dict(self.reports)
+        for rank, (stored, evicted) in other.reports.items():
+            s0, e0 = merged.get(rank, ([], []))
+            merged[rank] = (s0 + stored, e0 + evicted)
+        return LMCacheTritonWorkerMetadata(merged)
+
+
+class LMCacheTritonStats(KVConnectorStats):
+    """Worker counters for one interval; summed across ranks and steps."""
+
+    def reset(self):
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for k, v in other.data.items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        d = self.data
+        out: dict[str, int | float] = {
+            "loaded_tokens": d.get("loaded_tokens", 0),
+            "loaded_chunks": d.get("loaded_chunks", 0),
+            "loaded_MB": round(d.get("loaded_bytes", 0) / 2**20, 2),
+            "load_ms": round(d.get("load_seconds", 0.0) * 1e3, 2),
+            "stored_chunks": d.get("stored_chunks", 0),
+            "stored_MB": round(d.get("stored_bytes", 0) / 2**20, 2),
+            "store_ms": round(d.get("store_seconds", 0.0) * 1e3, 2),
+            "load_errors": d.get("load_errors", 0),
+            "store_errors": d.get("store_errors", 0),
+        }
+        for k, v in d.items():
+            if k.startswith("loaded_chunks_"):
+                out[k] = v
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class LMCacheTritonPromMetrics(KVConnectorPromMetrics):
+    """Counters on vLLM's /metrics: `vllm:lmcache_triton_<name>_total`."""
+
+    COUNTERS = {
+        "loaded_tokens": "Tokens whose KV was loaded from lmcache_triton",
+        "loaded_chunks": "Chunks loaded from lmcache_triton",
+        "loaded_bytes": "Bytes loaded into the paged cache",
+        "load_seconds": "Seconds spent loading chunks",
+        "stored_chunks": "Chunks stored into lmcache_triton",
+        "stored_bytes": "Bytes copied out of the paged cache",
+        "store_seconds": "Seconds spent copying chunks out",
+        "load_errors": "Chunks that failed to load (recomputed by vLLM)",
+        "store_errors": "Chunks the tiers refused",
+        "loaded_chunks_cpu": "Chunks loaded from the CPU tier",
+        "loaded_chunks_disk": "Chunks loaded from the disk tier",
+    }
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {}
+        for name, doc in self.COUNTERS.items():
+            counter = self._counter_cls(
+                name=f"vllm:lmcache_triton_{name}", documentation=doc, labelnames=labelnames
+            )
+            self._counters[name] = self.create_metric_per_engine(counter)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
+        for name, per_engine in self._counters.items():
+            value = transfer_stats_data.get(name, 0)
+            if value:
+                per_engine[engine_idx].inc(value)
+
+    def create_metric_per_engine(self, metric):
+        return {idx: metric.labels(*vals) for idx, vals in self.per_engine_labelvalues.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The core
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RequestState:
+    spans: list[ChunkSpan]
+    prompt_len: int
+    block_ids: list[int] = field(default_factory=list)
+    num_handled: int = 0  # leading chunks already stored, loaded or known cached
+
+
+def _layout_fingerprint(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> tuple[str, Any]:
+    """A fingerprint of the page layout, computed alike in the scheduler and the workers."""
+    from vllm.platforms import current_platform
+
+    groups = [g for g in kv_cache_config.kv_cache_groups if getattr(g, "enable_kv_transfer", True)]
+    if len(groups) != 1:
+        raise ValueError(
+            f"lmcache_triton supports models with one KV cache group; this one has {len(groups)} "
+            "(hybrid attention). Run without the connector."
+        )
+    spec = groups[0].kv_cache_spec
+    layout = kv_cache_config.kv_cache_layout or "LBHNC"
+    backend = current_platform.device_name
+    if current_platform.is_cpu():
+        # The CPU attention kernel packs pages per ISA (AMX for bf16 ...): part of the layout.
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        cache_dtype = vllm_config.cache_config.cache_dtype
+        backend = "cpu-" + _get_attn_isa(spec.dtype, spec.block_size, spec.head_size, cache_dtype)
+    parts = [
+        layout,
+        backend,
+        type(spec).__name__,
+        f"bs{spec.block_size}",
+        f"h{getattr(spec, 'num_kv_heads', 1)}",
+        f"d{spec.head_size}",
+        str(spec.dtype).replace("torch.", ""),
+        f"p{spec.page_size_bytes}",
+    ]
+    return "-".join(parts), spec
+
+
+class LMCacheConnectorV1Impl:
+    """The connector's core. See the module docstring for what each role does.
+
+    Args:
+        vllm_config: vLLM's config; `kv_transfer_config.kv_connector_extra_config` keys
+            `lmcache.*` override the LMCACHE_* variables and the LMCACHE_CONFIG_FILE YAML.
+        role: SCHEDULER or WORKER.
+        parent: the `KVConnectorBase_V1` vLLM loaded (gives access to bound metadata).
+    """
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, parent: KVConnectorBase_V1):
+        self.parent = parent
+        self.role = role
+        self.vllm_config = vllm_config
+        kv_cache_config = parent._kv_cache_config
+        extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+        self.config: LMCacheConfig = load_config(extra)
+
+        self.layout, self.spec = _layout_fingerprint(vllm_config, kv_cache_config)
+        self.block_size = self.spec.block_size
+        self.planner = ChunkPlanner(self.config, self.block_size)
+        pc = vllm_config.parallel_config
+        self.world_size = pc.tensor_parallel_size * pc.pipeline_parallel_size
+        self.tp_size = pc.tensor_parallel_size
+        model = vllm_config.model_config.model
+        kv_dtype = str(self.spec.dtype).replace("torch.", "")
+        self.key_meta = {
+            "model": str(model),
+            "layout": self.layout,
+            "kv_dtype": kv_dtype,
+            "chunk_size": str(self.config.chunk_size),
+            "world_size": str(self.world_size),
+        }
+        self.namespaces = [
+            make_namespace(
+                model=str(model),
+                world_size=self.world_size,
+                rank=r,
+                kv_dtype=kv_dtype,
+                chunk_size=self.config.chunk_size,
+                layout=self.layout,
+            )
+            for r in range(self.world_size)
+        ]
+        if self.config.enable_blending:
+            # The blender slot: filled by lmcache_triton.blend when CacheBlend is enabled.
+            self.blender = None
+        if self.config.save_decode_cache:
+            logger.warning("save_decode_cache is not supported yet: only prompt KV is saved")
+
+        if role == KVConnectorRole.SCHEDULER:
+            self._init_scheduler()
+        else:
+            self._init_worker()
+
+    # -- scheduler ------------------------------------------------------------------------------
+
+    def _init_scheduler(self) -> None:
+        self.index = PrefixIndex(self.namespaces, self.config.local_disk)
+        self._states: dict[str, _RequestState] = {}
+        self._lookups: dict[str, tuple[int, int]] = {}  # req -> (local tokens, cached tokens)
+        self._load_plans: dict[str, tuple[int, int]] = {}  # req -> (first token, end token)
+        self._hit_tokens = 0
+        self._query_tokens = 0
+        self._last_log = time.monotonic()
+        logger.info(
+            "lmcache_triton scheduler: chunk_size=%d block_size=%d world_size=%d layout=%s disk=%s",
+            self.config.chunk_size, self.block_size, self.world_size, self.layout, self.config.local_disk,
+        )
+
+    def _state(self, request: Request) -> _RequestState:
+        st = self._states.get(request.request_id)
+        if st is None:
+            tokens = list(request.prompt_token_ids or [])
+            st = _RequestState(self.planner.spans(tokens, _extra_keys(request)), len(tokens))
+            self._states[request.request_id] = st
+        return st
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        if request.prompt_token_ids is None or request.num_prompt_tokens < 2:
+            return 0, False
+        st = self._state(request)
+        n = self.index.cached_prefix(st.spans)
+        cached = min(st.spans[n - 1].end if n else 0, st.prompt_len - 1)
+        if cached < max(self.config.min_retrieve_tokens, 1) or cached <= num_computed_tokens:
+            self._lookups.pop(request.request_id, None)
+            return 0, False
+        self._lookups[request.request_id] = (num_computed_tokens, cached)
+        return cached - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
+        local, _ = self._lookups.pop(request.request_id, (request.num_computed_tokens, 0))
+        self._query_tokens += max(request.num_prompt_tokens - local, 0)
+        if num_external_tokens > 0:
+            self._load_plans[request.request_id] = (local, local + num_external_tokens)
+            self._hit_tokens += num_external_tokens
+
+    def _plan_load(self, req_id: str, st: _RequestState, meta: LMCacheTritonMetadata) -> None:
+        plan = self._load_plans.pop(req_id, None)
+        if plan is None:
+            return
+        first, end = plan
+        ops = []
+        for span in st.spans:
+            if span.end <= first or span.start >= end:
+                continue
+            blocks = self.planner.blocks_of(span, st.block_ids)
+            skip = max(first - span.start, 0) // self.block_size
+            ops.append(ChunkOp(span.digest, blocks, span.num_tokens, skip))
+        if ops:
+            meta.loads[req_id] = ops
+            # Loaded chunks are cached: never store them again.
+            st.num_handled = max(st.num_handled, sum(1 for s in st.spans if s.start < end))
+
+    def _plan_stores(self, st: _RequestState, computed: int, meta: LMCacheTritonMetadata) -> None:
+        while st.num_handled < len(st.spans):
+            span = st.spans[st.num_handled]
+            if span.end > computed:
+                break
+            if not self.index.has(span.digest):
+                meta.stores.append(ChunkOp(span.digest, self.planner.blocks_of(span, st.block_ids), span.num_tokens))
+            st.num_handled += 1
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = LMCacheTritonMetadata()
+        sched = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            st = self._states.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            self._plan_load(new.req_id, st, meta)
+            self._plan_stores(st, new.num_computed_tokens + sched.get(new.req_id, 0), meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._states.get(req_id)
+            if st is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(new_blocks[0]) if new_blocks is not None else []
+                self._plan_load(req_id, st, meta)
+            elif new_blocks is not None:
+                st.block_ids.extend(new_blocks[0])
+            self._plan_stores(st, cached.num_computed_tokens[i] + sched.get(req_id, 0), meta)
+        self._maybe_log()
+        return meta
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        wm = connector_output.kv_connector_worker_meta
+        if isinstance(wm, LMCacheTritonWorkerMetadata):
+            for rank, (stored, evicted) in wm.reports.items():
+                self.index.report(rank, stored, evicted)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        rid = request.request_id
+        self._states.pop(rid, None)
+        self._lookups.pop(rid, None)
+        self._load_plans.pop(rid, None)
+        # Saves are taken synchronously in wait_for_save: nothing holds the blocks.
+        return False, None
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log < 10.0 or not self._query_tokens:
+            return
+        logger.info(
+            "lmcache_triton: %d of %d prompt tokens beyond vLLM's prefix cache hit the cache (%.1f%%)",
+            self._hit_tokens, self._query_tokens, 100.0 * self._hit_tokens / self._query_tokens,
+        )
+        self._hit_tokens = self._query_tokens = 0
+        self._last_log = now
+
+    # -- worker ---------------------------------------------------------------------------------
+
+    def _init_worker(self) -> None:
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+        from lmcache_triton.storage.factory import build_storage
+
+        self.rank = get_pp_group().rank_in_group * self.tp_size + get_tensor_model_parallel_rank()
+        self.storage = build_storage(self.config)
+        self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
+        self._invalid_blocks: set[int] = set()
+        self._stored: list[str] = []
+        self._ns_len = len(self.namespaces[self.rank])
+        logger.info("lmcache_triton worker rank %d: %s", self.rank, self.storage)
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        kv_cache_config = self.parent._kv_cache_config
+        names: list[str] = []
+        for t in kv_cache_config.kv_cache_tensors:
+            names.extend(n for n in t.layers if n in kv_caches and n not in names)
+        names.extend(n for n in kv_caches if n not in names)
+        self.engine.register([kv_caches[n] for n in names], self.block_size)
+        logger.info(
+            "lmcache_triton: registered %d layers, geometry %s", len(names), self.engine.geom
+        )
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self.parent._get_connector_metadata()
+        assert isinstance(meta, LMCacheTritonMetadata)
+        for req_id, ops in meta.loads.items():
+            failed = False
+            for op in ops:
+                ok = not failed and self._load_one(req_id, op)
+                if ok:
+                    self.engine.stats.loaded_tokens += op.num_tokens - op.skip_blocks * self.block_size
+                else:
+                    failed = True
+                    self._invalid_blocks.update(op.block_ids[op.skip_blocks :])
+
+    def _load_one(self, req_id: str, op: ChunkOp) -> bool:
+        try:
+            return self.engine.load(op.digest, op.block_ids, op.skip_blocks)
+        except Exception:  # a damaged chunk must never take the server down
+            logger.exception("lmcache_triton: loading chunk %s of %s failed", op.digest[:12], req_id)
+            self.engine.stats.load_errors += 1
+            return False
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs):
+        return
+
+    def wait_for_save(self) -> None:
+        if not self.parent.has_connector_metadata():
+            return
+        meta = self.parent._get_connector_metadata()
+        assert isinstance(meta, LMCacheTritonMetadata)
+        for op in meta.stores:
+            try:
+                if self.engine.store(op.digest, op.block_ids, op.num_tokens):
+                    self._stored.append(op.digest)
+            except Exception:
+                logger.exception("lmcache_triton: storing chunk %s failed", op.digest[:12])
+                self.engine.stats.store_errors += 1
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._invalid_blocks = self._invalid_blocks, set()
+        return out
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        evicted = [k[self._ns_len :] for k in self.storage.take_evicted_cpu()]
+        if not self._stored and not evicted:
+            return None
+        stored, self._stored = self._stored, []
+        return LMCacheTritonWorkerMetadata({self.rank: (stored, evicted)})
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        data = self.engine.stats.take()
+        return LMCacheTritonStats(data=data) if any(data.values()) else None
+
+    def shutdown(self) -> None:
+        if self.role == KVConnectorRole.WORKER:
+            self.storage.close()
+
+
+def _extra_keys(request: Request) -> list[str]:
+    """What besides the tokens decides the KV: LoRA adapter, cache salt, multimodal inputs."""
+    extra = []
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        extra.append(f"lora:{lora.lora_name}")
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        extra.append(f"salt:{salt}")
+    for f in getattr(request, "mm_features", None) or []:
+        extra.append(f"mm:{f.identifier}")
+    return extra
+
+
+# ---------------------------------------------------------------------------------------------
+# The class vLLM loads
+# ---------------------------------------------------------------------------------------------
+
+
+class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
+    """The KV connector vLLM instantiates; every call goes to `LMCacheConnectorV1Impl`."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._impl = LMCacheConnectorV1Impl(vllm_config, role, self)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a dropped save is only a future miss
+
+    # worker
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        self._impl.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self._impl.start_load_kv(forward_context, **kwargs)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self._impl.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+        self._impl.save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs)
+
+    def wait_for_save(self):
+        self._impl.wait_for_save()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._impl.get_block_ids_with_load_errors()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return self._impl.build_connector_worker_meta()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self._impl.get_kv_connector_stats()
+
+    def shutdown(self):
+        self._impl.shutdown()
+
+    # scheduler
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._impl.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
+        self._impl.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self._impl.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput):
+        self._impl.update_connector_output(connector_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self._impl.request_finished(request, block_ids)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return LMCacheTritonStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return LMCacheTritonPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+# The name the `vllm.general_plugins` entry point registers.
+LMCacheTritonConnector = LMCacheConnectorV1Dynamic
