@@ -1,0 +1,178 @@
+"""Run prompts through a real vLLM engine, with or without the lmcache_triton connector.
+
+Used by the end-to-end tests, the demo, `lmcache-triton warm` and bench/bench_e2e.py. In a
+separate process (`python -m lmcache_triton.testing.runner SPEC.json OUT.json`) it gives an
+honest "restart": nothing survives but what the disk tier wrote.
+
+Outputs per prompt: generated token ids and text, the chosen tokens' logprobs, vLLM's
+`num_cached_tokens`, and the time to first token measured as the wall time of a 1-token
+generation (prefill + one sample) when `measure_ttft` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+CONNECTOR_MODULE = "lmcache_triton.integration.vllm.vllm_v1_adapter"
+CONNECTOR_CLASS = "LMCacheConnectorV1Dynamic"
+
+
+@dataclass
+class EngineSpec:
+    """How to start the engine.
+
+    Args:
+        model: a local model directory.
+        connector: `kv_connector_extra_config` for the connector (keys `lmcache.*`), or None to
+            run without it.
+        prefix_caching: vLLM's own prefix cache (off by default so hits come from us).
+        multiprocess: vLLM's default multi-process engine (EngineCore in its own process)
+            instead of the in-process one.
+        max_model_len: context length.
+        block_size: vLLM block size; None lets vLLM choose (CPU needs a multiple of 32).
+        extra_args: more `vllm.LLM(...)` keyword arguments.
+    """
+
+    model: str
+    connector: dict[str, Any] | None = None
+    prefix_caching: bool = False
+    multiprocess: bool = False
+    max_model_len: int = 4096
+    block_size: int | None = None
+    dtype: str = "float32"
+    extra_args: dict[str, Any] = field(default_factory=dict)
+
+
+def kv_transfer_config(extra: dict[str, Any]):
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(
+        kv_connector=CONNECTOR_CLASS,
+        kv_connector_module_path=CONNECTOR_MODULE,
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config=dict(extra),
+    )
+
+
+def prepare_env(multiprocess: bool = False) -> None:
+    """Environment vLLM needs on this kind of machine, unless the caller set it."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def start_engine(spec: EngineSpec):
+    """A `vllm.LLM` for `spec` (imports vLLM)."""
+    prepare_env(spec.multiprocess)
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(
+        model=spec.model,
+        dtype=spec.dtype,
+        enforce_eager=True,
+        enable_prefix_caching=spec.prefix_caching,
+        max_model_len=spec.max_model_len,
+        seed=0,
+    )
+    if spec.block_size is not None:
+        kwargs["block_size"] = spec.block_size
+    if spec.connector is not None:
+        kwargs["kv_transfer_config"] = kv_transfer_config(spec.connector)
+    kwargs.update(spec.extra_args)
+    return LLM(**kwargs)
+
+
+def generate(llm, prompts: Sequence[str | list[int]], max_tokens: int = 8, measure_ttft: bool = False) -> list[dict]:
+    """Greedy generation, one request at a time; see the module docstring for the fields."""
+    from vllm import SamplingParams
+
+    out = []
+    for p in prompts:
+        prompt = {"prompt_token_ids": list(p)} if not isinstance(p, str) else p
+        ttft = None
+        if measure_ttft:
+            t0 = time.perf_counter()
+            first = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)[0]
+            ttft = time.perf_counter() - t0
+            cached = first.num_cached_tokens
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1)
+        r = llm.generate([prompt], params, use_tqdm=False)[0]
+        c = r.outputs[0]
+        logprobs = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs or [], strict=False)]
+        out.append(
+            {
+                "token_ids": list(c.token_ids),
+                "text": c.text,
+                "logprobs": logprobs,
+                "num_cached_tokens": r.num_cached_tokens if not measure_ttft else cached,
+                "num_prompt_tokens": len(r.prompt_token_ids or []),
+                "ttft": ttft,
+            }
+        )
+    return out
+
+
+def run(spec: EngineSpec, prompts: Sequence[str | list[int]], max_tokens: int = 8, measure_ttft: bool = False) -> list[dict]:
+    llm = start_engine(spec)
+    try:
+        return generate(llm, prompts, max_tokens, measure_ttft)
+    finally:
+        shutdown(llm)
+
+
+def shutdown(llm) -> None:
+    """Stop an engine and flush the connector (its disk writes) before returning."""
+    engine = getattr(llm, "llm_engine", None)
+    try:
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
+    except Exception:  # best effort: the process may be ending anyway
+        pass
+    import gc
+
+    del llm
+    gc.collect()
+
+
+def run_in_subprocess(spec: EngineSpec, prompts, max_tokens: int = 8, measure_ttft: bool = False, env=None, timeout=600) -> list[dict]:
+    """`run` in a fresh Python process (a real restart)."""
+    import subprocess
+    import tempfile
+    from dataclasses import asdict
+
+    with tempfile.TemporaryDirectory() as d:
+        spec_path, out_path = os.path.join(d, "spec.json"), os.path.join(d, "out.json")
+        with open(spec_path, "w") as f:
+            json.dump({"spec": asdict(spec), "prompts": list(prompts), "max_tokens": max_tokens,
+                       "measure_ttft": measure_ttft}, f)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lmcache_triton.testing.runner", spec_path, out_path],
+            env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"engine subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        with open(out_path) as f:
+            return json.load(f)
+
+
+def _main(argv: list[str]) -> int:
+    spec_path, out_path = argv
+    with open(spec_path) as f:
+        job = json.load(f)
+    spec = EngineSpec(**job["spec"])
+    results = run(spec, job["prompts"], job["max_tokens"], job["measure_ttft"])
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
