@@ -25,8 +25,12 @@ import torch
 
 # (blend twins go here)
 
-# Imported here, not at the top: this section is owned separately from the file header.
-import math  # noqa: E402
+# No new imports: this section is owned separately from the file header.
+_INF = float("inf")
+
+
+def _ceil(x: float) -> int:
+    return -int((-x) // 1)
 
 
 def _blend_compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -66,14 +70,20 @@ def _check_deviation_args(cached: torch.Tensor, fresh: torch.Tensor) -> None:
             raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
 
 
-def num_selected_tokens(num_tokens: int, ratio: float, *, min_tokens: int = 1, always_last: bool = True) -> int:
+def num_selected_tokens(
+    num_tokens: int, ratio: float, *, min_tokens: int = 1, always_last: bool = True
+) -> int:
     """How many tokens `select_tokens` returns: `ceil(ratio * T)`, at least `min_tokens` when the
-    ratio is positive, at least 1 when `always_last`, at most T."""
+    ratio is positive, at least 1 when `always_last`, at most T.
+
+    The ceil forgives float rounding of the product (relative 1e-9): `0.07 * 100` is
+    7.000000000000001 in binary floating point and must give 7, not 8.
+    """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     if min_tokens < 0:
         raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
-    k = math.ceil(ratio * num_tokens)
+    k = _ceil(ratio * num_tokens * (1 - 1e-9))
     if k > 0:
         k = max(k, min_tokens)
     if always_last:
@@ -111,10 +121,10 @@ def select_tokens_ref(
         return torch.arange(t, dtype=torch.int64, device=deviation.device)
     key = deviation.to(torch.float64 if deviation.dtype == torch.float64 else torch.float32)
     # NaN -> +inf keeps "NaN is largest" while the stable sort stays well defined.
-    key = torch.nan_to_num(key, nan=math.inf)
+    key = torch.nan_to_num(key, nan=_INF)
     if always_last:
         key = key.clone()
-        key[-1] = math.inf
+        key[-1] = _INF
         # The last token wins every tie with +inf: move it to the front of the order explicitly.
         order = torch.sort(key[:-1], descending=True, stable=True).indices
         top = torch.cat([order.new_full((1,), t - 1), order[: k - 1]])
@@ -155,7 +165,7 @@ def rope_inv_freq(
         low = float(scaling["low_freq_factor"])
         high = float(scaling["high_freq_factor"])
         old_len = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv_freq
+        wavelen = 2 * torch.pi / inv_freq
         # Long wavelengths (> old_len / low) are slowed down by `factor`, short ones (< old_len /
         # high) are kept, and the band between is interpolated linearly in old_len / wavelen.
         smooth = (old_len / wavelen - low) / (high - low)

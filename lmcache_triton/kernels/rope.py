@@ -144,9 +144,7 @@ def rerotate_k(
     if _INTERPRET and not k.is_cuda and k.dtype == torch.bfloat16:
         # The interpreter has no bf16 arithmetic: run in fp32 (bf16 -> fp32 is exact, the result
         # is rounded to bf16 once, as on GPU) and copy back. Test-only path.
-        tmp = rerotate_k(
-            k.float(), src_pos, dst_pos, rotary_dim=rot, is_neox=is_neox, inv_freq=inv_freq
-        )
+        tmp = rerotate_k(k.float(), src_pos, dst_pos, rotary_dim=rot, is_neox=is_neox, inv_freq=inv_freq)
         return out.copy_(tmp)
     in_place = out.data_ptr() == k.data_ptr() and out.stride() == k.stride()
     t, h, d = k.shape
