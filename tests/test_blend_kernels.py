@@ -84,16 +84,19 @@ def test_token_deviation_matches_fp64(shape, stack, dtype):
     _assert_close(got, want, _deviation_tol(want, n_terms), "token_deviation vs fp64")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dt)
-def test_token_deviation_twin_matches_fp64(dtype):
+# (2, 1100, 8, 128) spans three of the twin's 512-token blocks, the last one partial.
+@pytest.mark.parametrize("shape", [(2, 63, 3, 80), (2, 1100, 8, 128), (63, 3, 80)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dt)
+def test_token_deviation_twin_matches_fp64(dtype, shape):
     # The twin is the CPU production path (interpreter off).
     torch.manual_seed(1)
-    cached = torch.randn(2, 63, 3, 80).to(dtype)
-    fresh = torch.randn(2, 63, 3, 80).to(dtype)
+    cached = torch.randn(shape).to(dtype)
+    fresh = torch.randn(shape).to(dtype)
     got = token_deviation_ref(cached, fresh)
     assert got.dtype == torch.float32
     want = token_deviation_ref(cached.double(), fresh.double())
-    _assert_close(got, want, _deviation_tol(want, 2 * 3 * 80), "token_deviation_ref vs fp64")
+    n_terms = math.prod(shape) // shape[-3]
+    _assert_close(got, want, _deviation_tol(want, n_terms), "token_deviation_ref vs fp64")
 
 
 def test_token_deviation_strided_and_mixed_dtypes():
