@@ -1,0 +1,1 @@
+"""CacheBlend support that needs no kernels: segmenting prompts and keying segments."""
