@@ -107,12 +107,12 @@ class PagedKVGeometry:
 
     def extent(self) -> int:
         """One past the largest flat index any layer's view reaches."""
-        return 1 + self.offset + sum((n - 1) * s for n, s in zip(self.shape5d, self.strides5d))
+        return 1 + self.offset + sum((n - 1) * s for n, s in zip(self.shape5d, self.strides5d, strict=True))
 
     def physical_order(self) -> str:
         """Axes from outermost to innermost by stride, e.g. `"LBHNC"` (size-1 axes go first)."""
         keyed = []
-        for i, (n, s) in enumerate(zip(self.shape5d, self.strides5d)):
+        for i, (n, s) in enumerate(zip(self.shape5d, self.strides5d, strict=True)):
             # A size-1 axis (e.g. L of a single layer, stride 0) has no physical place.
             rank = math.inf if n == 1 else s
             keyed.append((-rank, i))

@@ -13,9 +13,9 @@ import torch
 
 # (paged copy twins go here)
 
-from .geometry import PagedKVGeometry  # noqa: E402  (imported here: this file's sections have owners)
-
 _INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+from .geometry import PagedKVGeometry  # noqa: E402  (imported here: this file's sections have owners)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -86,9 +86,10 @@ def _token_rows(
     """
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    rows = torch.div(slots, geom.block_size, rounding_mode="floor") * geom.stride_b + (
-        slots % geom.block_size
-    ) * geom.stride_n
+    rows = (
+        torch.div(slots, geom.block_size, rounding_mode="floor") * geom.stride_b
+        + (slots % geom.block_size) * geom.stride_n
+    )
     span = int(rows.max()) + 1 if rows.numel() else 1
     D = geom.row_size // kv_split
     view = flat.as_strided(
