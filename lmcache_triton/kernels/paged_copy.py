@@ -368,10 +368,10 @@ def _launch_token_copy(kernel, flat, geom, slot_mapping, tokens) -> None:
     )  # fmt: skip
 
 
-def _token_shape(geom: PagedKVGeometry, kv_split: int, num_tokens: int) -> tuple[int, ...]:
+def _token_shape(name: str, geom: PagedKVGeometry, kv_split: int, num_tokens: int) -> tuple[int, ...]:
     if kv_split not in (1, 2) or geom.row_size % kv_split:
         raise ValueError(
-            f"tokens: leading dim must be 2 (K, V) or 1 (MLA latent row) dividing C={geom.row_size}, "
+            f"{name}: leading dim must be 2 (K, V) or 1 (MLA latent row) dividing C={geom.row_size}, "
             f"got {kv_split}"
         )
     return (kv_split, geom.num_layers, num_tokens, geom.num_heads, geom.row_size // kv_split)
@@ -445,7 +445,9 @@ def paged_to_tokens(
     _check_flat(flat, geom)
     _check_index("slot_mapping", slot_mapping, flat)
     kv_split = out.shape[0] if out.dim() == 5 else -1
-    _check_dense("out", out, _token_shape(geom, kv_split, slot_mapping.numel()), geom.dtype, flat.device)
+    _check_dense(
+        "out", out, _token_shape("out", geom, kv_split, slot_mapping.numel()), geom.dtype, flat.device
+    )
     _check_slots(slot_mapping, geom)
     if not _use_triton(flat):
         paged_to_tokens_ref(flat, geom, slot_mapping, out)
@@ -470,7 +472,9 @@ def tokens_to_paged(
     _check_flat(flat, geom)
     _check_index("slot_mapping", slot_mapping, flat)
     kv_split = src.shape[0] if src.dim() == 5 else -1
-    _check_dense("src", src, _token_shape(geom, kv_split, slot_mapping.numel()), geom.dtype, flat.device)
+    _check_dense(
+        "src", src, _token_shape("src", geom, kv_split, slot_mapping.numel()), geom.dtype, flat.device
+    )
     _check_slots(slot_mapping, geom)
     if not _use_triton(flat):
         tokens_to_paged_ref(src, flat, geom, slot_mapping)
