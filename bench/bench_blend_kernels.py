@@ -11,7 +11,7 @@ deviation scores K and V stacked.
 
     PYTHONPATH=. python bench/bench_blend_kernels.py [--tokens 4096] [--reps 20]
 
-Appends rows (device, versions, date, op, impl, value) to bench/results.csv, value in GB/s.
+Appends rows (device, versions, date, op, impl, value) to bench/results_blend_kernels.csv, value in GB/s.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from lmcache_triton.kernels.reference import (
 )
 from lmcache_triton.kernels.rope import rerotate_k, rope_inv_freq
 
-RESULTS_CSV = Path(__file__).with_name("results.csv")
+RESULTS_CSV = Path(__file__).with_name("results_blend_kernels.csv")
 CSV_FIELDS = ["device", "versions", "date", "op", "impl", "value"]
 
 

@@ -1,0 +1,482 @@
+"""Copies between vLLM's paged KV cache and contiguous chunks, all layers in one launch.
+
+Primitives (each a launcher with a torch twin of the same signature in `reference.py`):
+
+- `paged_to_chunk` / `chunk_to_paged`: whole (layer, block, head) pages of `block_ids` <->
+  a contiguous `[L, K, H, N, C]` chunk. Pages are opaque, so this also serves the CPU backend,
+  whose pages hold K and V in a kernel-specific packing.
+- `paged_to_tokens` / `tokens_to_paged`: token rows by slot (`block_id * N + offset`; negative
+  slots are padding and skipped) <-> canonical `[2, L, T, H, D]` (K then V) or, for MLA-like
+  caches, `[1, L, T, H, C]`.
+
+Every layer is reached by an integer offset from ONE flat base (see `geometry.py`): no pointer
+tables, which the Triton interpreter cannot load. Index math is 64-bit; copies are bit-exact
+because the launchers view floating types (bf16, fp16, fp8, fp32) as same-width integers.
+
+Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them through the interpreter when
+`TRITON_INTERPRET=1` was set before import, and otherwise run the torch twin (the CPU
+production path).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .geometry import PagedKVGeometry
+from .reference import chunk_to_paged_ref, paged_to_chunk_ref, paged_to_tokens_ref, tokens_to_paged_ref
+
+# Read at import, like `@triton.jit` itself: a kernel defined without the interpreter cannot run
+# on CPU tensors later, whatever the environment says by then.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Elements per program tile are sized in bytes so fp8 and fp32 move the same amount per program.
+_TILE_BYTES = 16384
+_NUM_WARPS = 8
+
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _page_tile_copy(
+    cache_ptr,  # [*] flat backing storage; row r of unit (l, b, a) at
+    #              offset + l*stride_l + b*stride_b + a*stride_a + r*stride_r (+ w, contiguous)
+    chunk_ptr,  # [L, K, A, R, W] contiguous
+    ids_ptr,  # [K] int64 block ids
+    offset,
+    stride_l,
+    stride_b,
+    stride_a,
+    stride_r,
+    num_ids,
+    A,
+    R,
+    W,
+    TO_CHUNK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    # Axis 0: (layer, chunk block, outer unit, row tile); axis 1: tiles along the contiguous run.
+    pid = tl.program_id(0).to(tl.int64)
+    pid_w = tl.program_id(1).to(tl.int64)
+    num_row_tiles = tl.cdiv(R, BLOCK_R)
+    row_tile = pid % num_row_tiles
+    unit = pid // num_row_tiles  # (l * K + i) * A + a
+    a = unit % A
+    li = unit // A
+    i = li % num_ids
+    layer = li // num_ids
+    block = tl.load(ids_ptr + i).to(tl.int64)
+
+    rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = (rows[:, None] < R) & (cols[None, :] < W)
+    cache_offs = (offset + layer * stride_l + block * stride_b + a * stride_a) + (
+        rows[:, None] * stride_r + cols[None, :]
+    )
+    chunk_offs = unit * R * W + rows[:, None] * W + cols[None, :]
+    if TO_CHUNK:
+        vals = tl.load(cache_ptr + cache_offs, mask=mask)
+        tl.store(chunk_ptr + chunk_offs, vals, mask=mask)
+    else:
+        vals = tl.load(chunk_ptr + chunk_offs, mask=mask)
+        tl.store(cache_ptr + cache_offs, vals, mask=mask)
+
+
+@triton.jit
+def _paged_to_chunk_kernel(
+    cache_ptr,  # [*] flat backing storage, integer view
+    chunk_ptr,  # [L, K, A, R, W] contiguous (the [L, K, H, N, C] chunk with runs merged)
+    ids_ptr,  # [K] int64
+    offset,
+    stride_l,
+    stride_b,
+    stride_a,
+    stride_r,
+    num_ids,
+    A,
+    R,
+    W,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    _page_tile_copy(
+        cache_ptr, chunk_ptr, ids_ptr, offset, stride_l, stride_b, stride_a, stride_r,
+        num_ids, A, R, W, True, BLOCK_R, BLOCK_W,
+    )  # fmt: skip
+
+
+@triton.jit
+def _chunk_to_paged_kernel(
+    cache_ptr,  # [*] flat backing storage, integer view
+    chunk_ptr,  # [L, K, A, R, W] contiguous
+    ids_ptr,  # [K] int64
+    offset,
+    stride_l,
+    stride_b,
+    stride_a,
+    stride_r,
+    num_ids,
+    A,
+    R,
+    W,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    _page_tile_copy(
+        cache_ptr, chunk_ptr, ids_ptr, offset, stride_l, stride_b, stride_a, stride_r,
+        num_ids, A, R, W, False, BLOCK_R, BLOCK_W,
+    )  # fmt: skip
+
+
+@triton.jit
+def _token_tile_copy(
+    cache_ptr,  # [*] flat backing storage; row (l, b, h, n) at
+    #              offset + l*stride_l + b*stride_b + h*stride_h + n*stride_n (+ c, contiguous)
+    tok_ptr,  # [S, L, T, H, D] contiguous, S * D == C
+    slot_ptr,  # [T] int64, < 0 = padding
+    offset,
+    stride_l,
+    stride_b,
+    stride_h,
+    stride_n,
+    tok_stride_s,
+    tok_stride_l,
+    tok_stride_t,
+    tok_stride_h,
+    num_tokens,
+    block_size,
+    H,
+    C,
+    D,
+    TO_TOKENS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Axis 0: (layer, head, token tile); axis 1: tiles along the row (usually one).
+    pid = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    num_tok_tiles = tl.cdiv(num_tokens, BLOCK_T)
+    tok_tile = pid % num_tok_tiles
+    lh = pid // num_tok_tiles
+    head = lh % H
+    layer = lh // H
+
+    toks = tok_tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    slots = tl.load(slot_ptr + toks, mask=toks < num_tokens, other=-1).to(tl.int64)
+    valid = slots >= 0
+    slots = tl.where(valid, slots, 0)
+    block = slots // block_size
+    pos = slots - block * block_size
+
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    half = cols // D  # 0 = K, 1 = V (always 0 when S == 1)
+    d = cols - half * D
+    mask = valid[:, None] & (cols[None, :] < C)
+    cache_offs = (offset + layer * stride_l + head * stride_h) + (
+        block[:, None] * stride_b + pos[:, None] * stride_n + cols[None, :]
+    )
+    tok_offs = (layer * tok_stride_l + head * tok_stride_h) + (
+        toks[:, None] * tok_stride_t + half[None, :] * tok_stride_s + d[None, :]
+    )
+    if TO_TOKENS:
+        vals = tl.load(cache_ptr + cache_offs, mask=mask)
+        tl.store(tok_ptr + tok_offs, vals, mask=mask)
+    else:
+        vals = tl.load(tok_ptr + tok_offs, mask=mask)
+        tl.store(cache_ptr + cache_offs, vals, mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _paged_to_tokens_kernel(
+    cache_ptr,  # [*] flat backing storage, integer view
+    tok_ptr,  # [S, L, T, H, D] contiguous
+    slot_ptr,  # [T] int64
+    offset,
+    stride_l,
+    stride_b,
+    stride_h,
+    stride_n,
+    tok_stride_s,
+    tok_stride_l,
+    tok_stride_t,
+    tok_stride_h,
+    num_tokens,
+    block_size,
+    H,
+    C,
+    D,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    _token_tile_copy(
+        cache_ptr, tok_ptr, slot_ptr, offset, stride_l, stride_b, stride_h, stride_n,
+        tok_stride_s, tok_stride_l, tok_stride_t, tok_stride_h,
+        num_tokens, block_size, H, C, D, True, BLOCK_T, BLOCK_C,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _tokens_to_paged_kernel(
+    cache_ptr,  # [*] flat backing storage, integer view
+    tok_ptr,  # [S, L, T, H, D] contiguous
+    slot_ptr,  # [T] int64
+    offset,
+    stride_l,
+    stride_b,
+    stride_h,
+    stride_n,
+    tok_stride_s,
+    tok_stride_l,
+    tok_stride_t,
+    tok_stride_h,
+    num_tokens,
+    block_size,
+    H,
+    C,
+    D,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    _token_tile_copy(
+        cache_ptr, tok_ptr, slot_ptr, offset, stride_l, stride_b, stride_h, stride_n,
+        tok_stride_s, tok_stride_l, tok_stride_t, tok_stride_h,
+        num_tokens, block_size, H, C, D, False, BLOCK_T, BLOCK_C,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Launcher helpers
+# ---------------------------------------------------------------------------
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or (t.device.type == "cpu" and _INTERPRET)
+
+
+def _as_int(t: torch.Tensor) -> torch.Tensor:
+    """Same bytes as a same-width integer tensor (bit-exact copies; no bf16/fp8 arithmetic)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.uint8:
+        return t.view(_INT_OF_WIDTH[t.element_size()])
+    return t
+
+
+def _check_flat(flat: torch.Tensor, geom: PagedKVGeometry) -> None:
+    if flat.dim() != 1 or flat.stride(0) != 1:
+        raise ValueError(f"flat: expected a contiguous 1-D tensor, got shape {tuple(flat.shape)}")
+    if flat.dtype != geom.dtype:
+        raise ValueError(f"flat: dtype {flat.dtype} != geometry dtype {geom.dtype}")
+    if flat.numel() < geom.extent():
+        raise ValueError(f"flat: {flat.numel()} elements, geometry reaches {geom.extent()}")
+
+
+def _check_index(name: str, idx: torch.Tensor, flat: torch.Tensor) -> None:
+    if idx.dim() != 1 or idx.dtype != torch.int64:
+        raise ValueError(f"{name}: expected a 1-D int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
+    if idx.device != flat.device:
+        raise ValueError(f"{name}: on {idx.device}, cache on {flat.device}")
+    if idx.stride(0) != 1 and idx.numel() > 1:
+        raise ValueError(f"{name}: must be contiguous")
+
+
+def _check_dense(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous (strides {t.stride()})")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, cache on {device}")
+
+
+def _check_block_ids(block_ids: torch.Tensor, geom: PagedKVGeometry) -> None:
+    # A range check costs a device sync on CUDA; only the CPU paths pay for it.
+    if block_ids.device.type == "cpu" and block_ids.numel():
+        lo, hi = int(block_ids.min()), int(block_ids.max())
+        if lo < 0 or hi >= geom.num_blocks:
+            raise ValueError(f"block_ids: values must lie in [0, {geom.num_blocks}), got [{lo}, {hi}]")
+
+
+def _check_slots(slot_mapping: torch.Tensor, geom: PagedKVGeometry) -> None:
+    if slot_mapping.device.type == "cpu" and slot_mapping.numel():
+        hi = int(slot_mapping.max())
+        if hi >= geom.num_slots:
+            raise ValueError(f"slot_mapping: slot {hi} >= {geom.num_slots} (num_blocks * block_size)")
+
+
+def _page_runs(geom: PagedKVGeometry) -> tuple[int, int, int, int, int]:
+    """(A, stride_a, R, stride_r, W): a block's [H, N, C] as A x R rows of W contiguous elements.
+
+    Merges N into the run when token rows are adjacent (stride_n == C), then H when heads are
+    (stride_h == N * C): LBHNC/BLHNC blocks become one run of H*N*C, so a program streams wide
+    vectorised tiles instead of C-element rows.
+    """
+    H, N, C = geom.num_heads, geom.block_size, geom.row_size
+    if N == 1 or geom.stride_n == C:
+        if H == 1 or geom.stride_h == N * C:
+            return 1, 0, 1, 0, H * N * C
+        return 1, 0, H, geom.stride_h, N * C
+    return H, geom.stride_h, N, geom.stride_n, C
+
+
+def _tile(rows: int, width: int, itemsize: int) -> tuple[int, int]:
+    tile = _TILE_BYTES // itemsize
+    block_w = min(triton.next_power_of_2(max(width, 1)), tile)
+    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), tile // block_w))
+    return block_r, block_w
+
+
+def _launch_page_copy(kernel, flat, geom, block_ids, chunk) -> None:
+    num_ids = block_ids.numel()
+    if num_ids == 0 or geom.num_layers == 0:
+        return
+    A, stride_a, R, stride_r, W = _page_runs(geom)
+    block_r, block_w = _tile(R, W, flat.element_size())
+    grid = (geom.num_layers * num_ids * A * triton.cdiv(R, block_r), triton.cdiv(W, block_w))
+    kernel[grid](
+        _as_int(flat), _as_int(chunk), block_ids,
+        geom.offset, geom.stride_l, geom.stride_b, stride_a, stride_r,
+        num_ids, A, R, W,
+        BLOCK_R=block_r, BLOCK_W=block_w, num_warps=_NUM_WARPS,
+    )  # fmt: skip
+
+
+def _launch_token_copy(kernel, flat, geom, slot_mapping, tokens) -> None:
+    num_tokens = slot_mapping.numel()
+    if num_tokens == 0 or geom.num_layers == 0:
+        return
+    C = geom.row_size
+    D = C // tokens.shape[0]
+    block_t, block_c = _tile(num_tokens, C, flat.element_size())
+    grid = (geom.num_layers * geom.num_heads * triton.cdiv(num_tokens, block_t), triton.cdiv(C, block_c))
+    ts = tokens.stride()
+    kernel[grid](
+        _as_int(flat), _as_int(tokens), slot_mapping,
+        geom.offset, geom.stride_l, geom.stride_b, geom.stride_h, geom.stride_n,
+        ts[0], ts[1], ts[2], ts[3],
+        num_tokens, geom.block_size, geom.num_heads, C, D,
+        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+    )  # fmt: skip
+
+
+def _token_shape(name: str, geom: PagedKVGeometry, kv_split: int, num_tokens: int) -> tuple[int, ...]:
+    if kv_split not in (1, 2) or geom.row_size % kv_split:
+        raise ValueError(
+            f"{name}: leading dim must be 2 (K, V) or 1 (MLA latent row) dividing C={geom.row_size}, "
+            f"got {kv_split}"
+        )
+    return (kv_split, geom.num_layers, num_tokens, geom.num_heads, geom.row_size // kv_split)
+
+
+# ---------------------------------------------------------------------------
+# Public launchers
+# ---------------------------------------------------------------------------
+
+
+def paged_to_chunk(
+    flat: torch.Tensor, geom: PagedKVGeometry, block_ids: torch.Tensor, chunk: torch.Tensor
+) -> None:
+    """Gather whole pages of `block_ids`, every layer, into a contiguous chunk (one launch).
+
+    Args:
+        flat: `[*]` the flat tensor over the cache storage (from `geometry_from_layer_views`).
+        geom: where each layer's `[B, H, N, C]` lives in `flat`.
+        block_ids: `[K]` int64 block ids, any order, repeats allowed.
+        chunk: `[L, K, H, N, C]` contiguous destination, `geom.dtype`, on `flat`'s device;
+            written in place.
+    """
+    _check_flat(flat, geom)
+    _check_index("block_ids", block_ids, flat)
+    _check_dense("chunk", chunk, geom.chunk_shape(block_ids.numel()), geom.dtype, flat.device)
+    _check_block_ids(block_ids, geom)
+    if not _use_triton(flat):
+        paged_to_chunk_ref(flat, geom, block_ids, chunk)
+        return
+    _launch_page_copy(_paged_to_chunk_kernel, flat, geom, block_ids, chunk)
+
+
+def chunk_to_paged(
+    chunk: torch.Tensor, flat: torch.Tensor, geom: PagedKVGeometry, block_ids: torch.Tensor
+) -> None:
+    """Scatter a contiguous chunk back into the pages of `block_ids`, every layer (one launch).
+
+    Only the pages of `block_ids` are written. With repeated ids, which copy lands is unspecified.
+
+    Args:
+        chunk: `[L, K, H, N, C]` contiguous source, `geom.dtype`.
+        flat: `[*]` the flat tensor over the cache storage; written in place.
+        geom: where each layer's `[B, H, N, C]` lives in `flat`.
+        block_ids: `[K]` int64 destination block ids.
+    """
+    _check_flat(flat, geom)
+    _check_index("block_ids", block_ids, flat)
+    _check_dense("chunk", chunk, geom.chunk_shape(block_ids.numel()), geom.dtype, flat.device)
+    _check_block_ids(block_ids, geom)
+    if not _use_triton(flat):
+        chunk_to_paged_ref(chunk, flat, geom, block_ids)
+        return
+    _launch_page_copy(_chunk_to_paged_kernel, flat, geom, block_ids, chunk)
+
+
+def paged_to_tokens(
+    flat: torch.Tensor, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Gather token rows by slot, every layer, into canonical K/V layout (one launch).
+
+    Needs token-addressable pages (not the CPU backend's packed pages: use `paged_to_chunk`).
+
+    Args:
+        flat: `[*]` the flat tensor over the cache storage.
+        geom: where each layer's `[B, H, N, C]` lives in `flat`.
+        slot_mapping: `[T]` int64, slot = `block_id * N + offset`; `< 0` is padding, whose
+            destination rows are left untouched.
+        out: `[2, L, T, H, C // 2]` (K then V) or `[1, L, T, H, C]` (MLA-like) contiguous,
+            `geom.dtype`; written in place. Its leading dim picks the split.
+    """
+    _check_flat(flat, geom)
+    _check_index("slot_mapping", slot_mapping, flat)
+    kv_split = out.shape[0] if out.dim() == 5 else -1
+    _check_dense(
+        "out", out, _token_shape("out", geom, kv_split, slot_mapping.numel()), geom.dtype, flat.device
+    )
+    _check_slots(slot_mapping, geom)
+    if not _use_triton(flat):
+        paged_to_tokens_ref(flat, geom, slot_mapping, out)
+        return
+    _launch_token_copy(_paged_to_tokens_kernel, flat, geom, slot_mapping, out)
+
+
+def tokens_to_paged(
+    src: torch.Tensor, flat: torch.Tensor, geom: PagedKVGeometry, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter canonical K/V token rows into the cache by slot, every layer (one launch).
+
+    Only the rows of non-negative slots are written. With repeated slots, which copy lands is
+    unspecified.
+
+    Args:
+        src: `[2, L, T, H, C // 2]` or `[1, L, T, H, C]` contiguous, `geom.dtype`.
+        flat: `[*]` the flat tensor over the cache storage; written in place.
+        geom: where each layer's `[B, H, N, C]` lives in `flat`.
+        slot_mapping: `[T]` int64 destination slots; `< 0` is padding, skipped.
+    """
+    _check_flat(flat, geom)
+    _check_index("slot_mapping", slot_mapping, flat)
+    kv_split = src.shape[0] if src.dim() == 5 else -1
+    _check_dense(
+        "src", src, _token_shape("src", geom, kv_split, slot_mapping.numel()), geom.dtype, flat.device
+    )
+    _check_slots(slot_mapping, geom)
+    if not _use_triton(flat):
+        tokens_to_paged_ref(src, flat, geom, slot_mapping)
+        return
+    _launch_token_copy(_tokens_to_paged_kernel, flat, geom, slot_mapping, src)
