@@ -189,15 +189,21 @@ class CpuTier:
             out.copy_(src)
             return out
 
-    def hold(self, key: str) -> torch.Tensor | None:
-        """The pooled tensor itself, protected from eviction until `release(key)`; touches LRU."""
+    def hold(self, key: str, count: bool = False) -> torch.Tensor | None:
+        """The pooled tensor itself, protected from eviction until `release(key)`; touches LRU.
+
+        Args:
+            key: chunk key.
+            count: count the lookup in hits/misses (`acquire` does); default False, for
+                internal holds such as the manager's hand-over to the disk writer.
+        """
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                self._s.misses += 1
+                self._s.misses += count
                 return None
             self._entries.move_to_end(key)
-            self._s.hits += 1
+            self._s.hits += count
             entry.refs += 1
             return entry.view()
 
@@ -236,7 +242,7 @@ class CpuTier:
 
         The tensor is valid only inside the block: afterwards its buffer may hold another chunk.
         """
-        t = self.hold(key)
+        t = self.hold(key, count=True)
         try:
             yield t
         finally:
