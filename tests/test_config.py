@@ -79,7 +79,8 @@ ERRORS = [
     (
         "blend_recompute_ratios",
         "",
-        "blend_recompute_ratios: expected a non-empty list of numbers in [0, 1] (comma-separated in env), got ''",
+        "blend_recompute_ratios: expected a non-empty list of numbers in [0, 1] (comma-separated in env), "
+        "got ''",
     ),
     (
         "blend_check_layers",
