@@ -30,7 +30,11 @@ def test_stable_across_processes_and_hash_seeds():
     for seed in ("0", "1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": os.getcwd()}
         res = subprocess.run(
-            [sys.executable, "-c", _CHILD, json.dumps(toks)], env=env, capture_output=True, text=True, check=True
+            [sys.executable, "-c", _CHILD, json.dumps(toks)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         outs.append(json.loads(res.stdout))
     assert outs[0] == outs[1] == outs[2]
@@ -67,7 +71,7 @@ def test_prefix_chaining(chunk_size):
     changed[chunk_size + chunk_size // 2] += 1
     other = chunk_hashes(changed, chunk_size)
     assert other[0] == full[0]
-    assert all(a != b for a, b in zip(other[1:], full[1:]))
+    assert all(a != b for a, b in zip(other[1:], full[1:], strict=True))
     # same chunk content at a different position hashes differently (chained, not per-chunk)
     rep = chunk_hashes(TOKENS[:chunk_size] * 2, chunk_size)
     assert rep[0] != rep[1]
@@ -102,8 +106,8 @@ def test_extra_keys_change_every_hash():
     salt = chunk_hashes(TOKENS, 64, extra=["lora-a", "salt1"])
     split = chunk_hashes(TOKENS, 64, extra=["lora-as", "alt1"])  # same concatenation, different items
     for other in (lora, salt, split):
-        assert all(a != b for a, b in zip(base, other))
-    assert all(a != b for a, b in zip(salt, split))
+        assert all(a != b for a, b in zip(base, other, strict=True))
+    assert all(a != b for a, b in zip(salt, split, strict=True))
     assert chunk_hashes(TOKENS, 64, extra=["lora-a"]) == lora
     assert chunk_hashes(TOKENS, 64, seed=b"other") != base
 
