@@ -9,7 +9,7 @@ Primitives:
 
 File format: `<key>.safetensors`, a standard safetensors file (loadable by `safetensors.torch`)
 holding one tensor "kv" and `__metadata__` with `format` (FORMAT), `key`, `checksum`
-("xxh3_64:<hex>" of the payload), `dtype`, `shape`, plus the caller's `meta` (model, layout
+("xxh3_64:<hex>" of metadata + payload), `dtype`, `shape`, plus the caller's `meta` (model, layout
 fingerprint, ...). The header is written by this module (8-byte little-endian length + JSON,
 space-padded to 8 bytes) so the payload goes from the tensor's memory to the file with no
 intermediate bytes object, and the read lands straight in the returned tensor.
@@ -100,8 +100,16 @@ class _Bad(Exception):
     """A file that must never be returned: the reason is reported and the file removed."""
 
 
-def _checksum(mv: memoryview) -> str:
-    return "xxh3_64:" + xxhash.xxh3_64_hexdigest(mv)
+def _checksum(md: dict[str, str], mv: memoryview) -> str:
+    """xxh3_64 over the metadata (canonical JSON, minus the checksum itself) and the payload.
+
+    Covering the metadata too means a flipped header byte that still parses (say, in the model
+    name) is caught, not only damage to the payload.
+    """
+    h = xxhash.xxh3_64()
+    h.update(json.dumps({k: v for k, v in md.items() if k != "checksum"}, sort_keys=True).encode())
+    h.update(mv)
+    return "xxh3_64:" + h.hexdigest()
 
 
 def _payload_view(tensor: torch.Tensor) -> memoryview:
@@ -112,15 +120,16 @@ def _payload_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def _header_bytes(key: str, tensor: torch.Tensor, nbytes: int, meta: dict[str, str], checksum: str) -> bytes:
+def _header_bytes(key: str, tensor: torch.Tensor, payload: memoryview, meta: dict[str, str]) -> bytes:
+    nbytes = len(payload)
     md = dict(meta)
     md.update(
         format=FORMAT,
         key=key,
-        checksum=checksum,
         dtype=str(tensor.dtype).removeprefix("torch."),
         shape=",".join(map(str, tensor.shape)),
     )
+    md["checksum"] = _checksum(md, payload)
     header = {
         "__metadata__": md,
         TENSOR_NAME: {
@@ -446,7 +455,7 @@ class DiskTier:
         buf = torch.empty(nbytes, dtype=torch.uint8)
         mv = memoryview(buf.numpy()).cast("B")
         _readinto_all(f, mv)
-        if _checksum(mv) != md.get("checksum"):
+        if _checksum(md, mv) != md.get("checksum"):
             raise _Bad("checksum mismatch")
         return buf.view(dtype).view(shape), md
 
@@ -529,7 +538,7 @@ class DiskTier:
             if key in self._index:
                 return True
         payload = _payload_view(tensor)
-        header = _header_bytes(key, tensor, len(payload), meta, _checksum(payload))
+        header = _header_bytes(key, tensor, payload, meta)
         size = len(header) + len(payload)
         if size > self.max_bytes:
             self._count("rejected")
