@@ -171,6 +171,10 @@ def test_disk_roundtrip_and_safetensors_compatible(disk, dtype):
     assert tier.flush(10)
     got = tier.get(key(1), expect={"layout": "L2"})
     assert got.dtype == dtype and torch.equal(got.view(torch.uint8), src.view(torch.uint8))
+    out = torch.full((3, 5, 80), 3, dtype=dtype)
+    assert tier.get(key(1), out=out) is out and torch.equal(out.view(torch.uint8), src.view(torch.uint8))
+    assert tier.get(key(1), out=torch.empty(3, 5, 81, dtype=dtype)) is None  # mismatch: miss, kept
+    assert tier.contains(key(1)) and tier.stats["corrupt"] == 0
     loaded = safetensors.torch.load_file(_file(tier, 1))
     assert list(loaded) == ["kv"] and torch.equal(loaded["kv"].view(torch.uint8), src.view(torch.uint8))
     with safetensors.safe_open(_file(tier, 1), "pt") as f:

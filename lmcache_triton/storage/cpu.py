@@ -40,9 +40,13 @@ class _Entry:
     meta: dict[str, str]
     refs: int = 0
     dead: bool = False  # removed from the index while held; recycled on last release
+    _view: torch.Tensor | None = None
 
     def view(self) -> torch.Tensor:
-        return self.buf.view(self.dtype).view(self.shape)
+        # Cached: two view ops cost ~2 us, a third of a 256 KiB copy.
+        if self._view is None:
+            self._view = self.buf.view(self.dtype).view(self.shape)
+        return self._view
 
 
 @dataclass

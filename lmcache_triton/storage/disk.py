@@ -100,6 +100,10 @@ class _Bad(Exception):
     """A file that must never be returned: the reason is reported and the file removed."""
 
 
+class _Mismatch(Exception):
+    """A sound file whose dtype/shape differ from the caller's `out`: a miss, file kept."""
+
+
 def _checksum(md: dict[str, str], mv: memoryview) -> str:
     """xxh3_64 over the metadata (canonical JSON, minus the checksum itself) and the payload.
 
@@ -401,27 +405,38 @@ class DiskTier:
                 return True
         return self._discover(key)
 
-    def get(self, key: str, expect: dict[str, str] | None = None) -> torch.Tensor | None:
+    def get(
+        self, key: str, expect: dict[str, str] | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The verified chunk, or None (miss, or a bad file, which is then removed).
 
         Args:
             key: chunk key (`CacheKey.hex`).
             expect: metadata values the file must carry, on top of the tier's `expect`.
+            out: contiguous CPU destination of the chunk's dtype and shape; the file is read
+                straight into it (no allocation: a fresh 32 MiB tensor costs more in page faults
+                than the read). A file of another dtype/shape is then a miss (not removed).
+                On a miss or bad file `out` may hold partial data. Default None allocates.
         """
-        got = self.get_with_meta(key, expect)
+        got = self.get_with_meta(key, expect, out)
         return None if got is None else got[0]
 
     def get_with_meta(
-        self, key: str, expect: dict[str, str] | None = None
+        self, key: str, expect: dict[str, str] | None = None, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, str]] | None:
         """Like `get`, also returning the file's metadata (caller's meta plus reserved keys)."""
+        if out is not None and (out.device.type != "cpu" or not out.is_contiguous()):
+            raise ValueError("out: expected a contiguous CPU tensor")
         path = self._file(key)
         want = {**self.expect, **(expect or {})}
         st = None
         try:
             with open(path, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
-                tensor, md = self._read(f, key, st.st_size, want)
+                tensor, md = self._read(f, key, st.st_size, want, out)
+        except _Mismatch:
+            self._count("misses")
+            return None
         except FileNotFoundError:
             self._forget(key)
             self._count("misses")
@@ -446,18 +461,25 @@ class DiskTier:
         return tensor, md
 
     @staticmethod
-    def _read(f, key: str, size: int, want: dict[str, str]) -> tuple[torch.Tensor, dict[str, str]]:
+    def _read(
+        f, key: str, size: int, want: dict[str, str], out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, str]]:
         hlen, header = _read_header(f, size)
         md, dtype, shape, nbytes = _check_header(header, key, hlen, size)
         for k, v in want.items():
             if md.get(k) != v:
                 raise _Bad(f"metadata {k}={md.get(k)!r}, expected {v!r}")
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        mv = memoryview(buf.numpy()).cast("B")
+        if out is None:
+            tensor = torch.empty(shape, dtype=dtype)
+        elif out.dtype != dtype or list(out.shape) != shape:
+            raise _Mismatch
+        else:
+            tensor = out
+        mv = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
         _readinto_all(f, mv)
         if _checksum(md, mv) != md.get("checksum"):
             raise _Bad("checksum mismatch")
-        return buf.view(dtype).view(shape), md
+        return tensor, md
 
     # ------------------------------------------------------------ writes
 
