@@ -5,7 +5,6 @@ Each `<name>_ref` has the same signature as the public launcher `<name>` in its 
 
 from __future__ import annotations
 
-import torch
 
 # ---------------------------------------------------------------------------
 # Paged <-> chunk copies (twins of kernels/paged_copy.py)

@@ -1,0 +1,358 @@
+"""LMCache-compatible configuration.
+
+`LMCacheConfig` carries the keys an LMCache user already writes, with LMCache's defaults, so an
+existing `LMCACHE_CONFIG_FILE` or `LMCACHE_*` environment keeps working. `load_config` merges,
+later sources winning:
+
+1. the YAML file named by `LMCACHE_CONFIG_FILE` (a mapping of key -> value);
+2. `LMCACHE_<KEY>` environment variables (upper-case key; booleans true/false/1/0/yes/no;
+   lists comma-separated);
+3. `extra_config` entries named `"lmcache.<key>"` (vLLM's `kv_connector_extra_config`; keys
+   without the `lmcache.` prefix belong to someone else and are ignored).
+
+An unknown key logs one warning naming it and is otherwise ignored (a typo must not stop a
+server). A bad value raises `ConfigError` at load time, naming the key, the value and the
+expected form. Environment variables that are not config keys but are LMCache's own switches
+(`LMCACHE_CONFIG_FILE`, `LMCACHE_LOG_LEVEL`, `LMCACHE_USE_EXPERIMENTAL`, `LMCACHE_TRACK_USAGE`)
+are ignored without a warning; see `_ENV_NOT_KEYS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "LMCACHE_"
+EXTRA_PREFIX = "lmcache."
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+
+# LMCACHE_* variables that are not config keys: the config-file pointer, and switches LMCache
+# itself reads outside its config object. Seen in a user's environment they are not typos.
+_ENV_NOT_KEYS = frozenset(
+    {CONFIG_FILE_ENV, "LMCACHE_LOG_LEVEL", "LMCACHE_USE_EXPERIMENTAL", "LMCACHE_TRACK_USAGE"}
+)
+
+SUPPORTED_CACHE_POLICIES = ("LRU",)
+SUPPORTED_HASH_ALGORITHMS = ("xxh3_128",)
+
+
+class ConfigError(ValueError):
+    """A configuration value (or file) that cannot be used; the message names the key."""
+
+
+@dataclass
+class LMCacheConfig:
+    """Settings of the cache, named and defaulted as in LMCache.
+
+    Attributes:
+        chunk_size: tokens per cached chunk (LMCache default 256).
+        local_cpu: keep chunks in a bounded CPU-memory tier.
+        max_local_cpu_size: CPU tier bound in GB (float, default 5.0).
+        local_disk: directory of the disk tier, or None for no disk tier. `file:///path` and a
+            plain path are both accepted; stored as a plain path.
+        max_local_disk_size: disk tier bound in GB (float, default 0: with `local_disk` set, a
+            zero bound stores nothing, and a warning says so).
+        save_decode_cache: also store KV produced while decoding (default False: only prompt KV).
+        save_unfull_chunk: store the last, shorter-than-chunk_size chunk of a prompt too (default
+            True). Without it a prompt of 1000 tokens at chunk_size 256 caches 768 tokens, and the
+            232-token tail is recomputed on every repeat of the same prompt; the tail's key is
+            chained to its exact tokens, so it can only ever match the same full prompt and costs
+            nothing in correctness.
+        min_retrieve_tokens: a cache hit shorter than this many tokens is not loaded (default 0).
+        cache_policy: eviction policy; only "LRU" is implemented (anything else is an error rather
+            than a silent fallback).
+        enable_blending: CacheBlend: reuse non-prefix chunks with partial recomputation.
+        blend_recompute_ratios: fraction(s) of tokens to recompute when blending, each in [0, 1].
+        blend_check_layers: layer indices where blending selects the tokens to recompute.
+        blend_special_str: separator string marking blendable segments in a prompt.
+        remote_url: reserved (LMCache's remote tier); a set value is ignored with a warning.
+        hash_algorithm: chunk hash; only "xxh3_128" (see hashing.py for the measurement). Not an
+            LMCache key: it is folded into every cache key so a future change cannot alias.
+    """
+
+    chunk_size: int = 256
+    local_cpu: bool = True
+    max_local_cpu_size: float = 5.0
+    local_disk: str | None = None
+    max_local_disk_size: float = 0.0
+    save_decode_cache: bool = False
+    save_unfull_chunk: bool = True
+    min_retrieve_tokens: int = 0
+    cache_policy: str = "LRU"
+    enable_blending: bool = False
+    blend_recompute_ratios: list[float] = field(default_factory=lambda: [0.15])
+    blend_check_layers: list[int] = field(default_factory=lambda: [1])
+    blend_special_str: str = " # # "
+    remote_url: str | None = None
+    hash_algorithm: str = "xxh3_128"
+
+    @property
+    def max_local_cpu_bytes(self) -> int:
+        return int(self.max_local_cpu_size * (1 << 30))
+
+    @property
+    def max_local_disk_bytes(self) -> int:
+        return int(self.max_local_disk_size * (1 << 30))
+
+
+# --------------------------------------------------------------------------------------------
+# Value parsers. Each takes the raw value (a YAML scalar/list, or an env/extra string) and returns
+# the typed value, or raises ConfigError("<key>: expected <form>, got <repr(raw)>").
+
+
+def _bad(key: str, expected: str, raw: Any) -> ConfigError:
+    return ConfigError(f"{key}: expected {expected}, got {raw!r}")
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _parse_bool(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str):
+        s = raw.strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+    raise _bad(key, "a boolean (true/false/1/0/yes/no)", raw)
+
+
+def _to_int(raw: Any) -> int | None:
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _to_float(raw: Any) -> float | None:
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, (int, float)):
+        v = float(raw)
+    elif isinstance(raw, str):
+        try:
+            v = float(raw.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return v if v == v and v not in (float("inf"), float("-inf")) else None
+
+
+def _int_parser(minimum: int, expected: str) -> Callable[[str, Any], int]:
+    def parse(key: str, raw: Any) -> int:
+        v = _to_int(raw)
+        if v is None or v < minimum:
+            raise _bad(key, expected, raw)
+        return v
+
+    return parse
+
+
+def _size_gb(key: str, raw: Any) -> float:
+    v = _to_float(raw)
+    if v is None or v < 0:
+        raise _bad(key, "a size in GB, a number >= 0", raw)
+    return v
+
+
+def _split_list(raw: Any) -> list[Any] | None:
+    if isinstance(raw, (list, tuple)):
+        return list(raw)
+    if isinstance(raw, str):
+        parts = [p.strip() for p in raw.strip().strip("[]").split(",")]
+        return [p for p in parts if p]
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return [raw]
+    return None
+
+
+def _ratios(key: str, raw: Any) -> list[float]:
+    expected = "a non-empty list of numbers in [0, 1] (comma-separated in env)"
+    items = _split_list(raw)
+    if not items:
+        raise _bad(key, expected, raw)
+    out = []
+    for item in items:
+        v = _to_float(item)
+        if v is None or not 0.0 <= v <= 1.0:
+            raise _bad(key, expected, raw)
+        out.append(v)
+    return out
+
+
+def _layers(key: str, raw: Any) -> list[int]:
+    expected = "a non-empty list of layer indices >= 0 (comma-separated in env)"
+    items = _split_list(raw)
+    if not items:
+        raise _bad(key, expected, raw)
+    out = []
+    for item in items:
+        v = _to_int(item)
+        if v is None or v < 0:
+            raise _bad(key, expected, raw)
+        out.append(v)
+    return out
+
+
+def _opt_str(key: str, raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise _bad(key, "a string or null", raw)
+    s = raw.strip()
+    return None if s.lower() in ("", "none", "null") else s
+
+
+def _str(key: str, raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise _bad(key, "a string", raw)
+    return raw  # not stripped: blend_special_str is whitespace-significant
+
+
+def _local_disk(key: str, raw: Any) -> str | None:
+    s = _opt_str(key, raw)
+    if s is None:
+        return None
+    if s.startswith("file://"):
+        s = s[len("file://") :]
+    if not s or "://" in s:
+        raise _bad(key, "a directory path or file:///path (or null)", raw)
+    return os.path.expanduser(s)
+
+
+def _choice(choices: tuple[str, ...], canon: Callable[[str], str]) -> Callable[[str, Any], str]:
+    def parse(key: str, raw: Any) -> str:
+        if isinstance(raw, str) and canon(raw.strip()) in choices:
+            return canon(raw.strip())
+        raise _bad(key, f"one of {', '.join(choices)} (only these are implemented)", raw)
+
+    return parse
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "chunk_size": _int_parser(1, "a positive integer"),
+    "local_cpu": _parse_bool,
+    "max_local_cpu_size": _size_gb,
+    "local_disk": _local_disk,
+    "max_local_disk_size": _size_gb,
+    "save_decode_cache": _parse_bool,
+    "save_unfull_chunk": _parse_bool,
+    "min_retrieve_tokens": _int_parser(0, "an integer >= 0"),
+    "cache_policy": _choice(SUPPORTED_CACHE_POLICIES, str.upper),
+    "enable_blending": _parse_bool,
+    "blend_recompute_ratios": _ratios,
+    "blend_check_layers": _layers,
+    "blend_special_str": _str,
+    "remote_url": _opt_str,
+    "hash_algorithm": _choice(SUPPORTED_HASH_ALGORITHMS, str.lower),
+}
+assert set(_PARSERS) == {f.name for f in dataclasses.fields(LMCacheConfig)}
+
+KEYS: tuple[str, ...] = tuple(_PARSERS)
+
+
+def _from_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{CONFIG_FILE_ENV}: config file {path!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"{CONFIG_FILE_ENV}: cannot read config file {path!r}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{CONFIG_FILE_ENV}: {path!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{CONFIG_FILE_ENV}: expected a YAML mapping of key: value in {path!r}, got {type(data).__name__}"
+        )
+    return {str(k): v for k, v in data.items()}
+
+
+def load_config(
+    extra_config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> LMCacheConfig:
+    """Build the config from YAML, then `LMCACHE_*` env, then `lmcache.*` extra config.
+
+    Args:
+        extra_config: vLLM's `kv_connector_extra_config`; only `"lmcache.<key>"` entries are read.
+            Default None (none).
+        env: environment to read; default None means `os.environ`.
+
+    Returns:
+        The validated `LMCacheConfig`.
+
+    Raises:
+        ConfigError: a missing/unreadable/non-mapping YAML file, or a bad value for any key.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def take(items: dict[str, Any], where: str) -> None:
+        for key, value in items.items():
+            if key not in _PARSERS:
+                logger.warning("lmcache_triton config: unknown key %r in %s is ignored", key, where)
+                continue
+            raw[key] = value
+            sources[key] = where
+
+    path = env.get(CONFIG_FILE_ENV)
+    if path:
+        take(_from_yaml(path), f"config file {path}")
+
+    env_items = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
+            continue
+        env_items[name[len(ENV_PREFIX) :].lower()] = value
+    take(env_items, "environment (LMCACHE_*)")
+
+    if extra_config:
+        take(
+            {
+                k[len(EXTRA_PREFIX) :]: v
+                for k, v in extra_config.items()
+                if isinstance(k, str) and k.startswith(EXTRA_PREFIX)
+            },
+            "extra_config (lmcache.*)",
+        )
+
+    values = {key: _PARSERS[key](key, value) for key, value in raw.items()}
+    cfg = LMCacheConfig(**values)
+
+    if cfg.remote_url is not None:
+        logger.warning("lmcache_triton config: remote_url=%r is ignored (no remote tier yet)", cfg.remote_url)
+    if cfg.local_disk is not None and cfg.max_local_disk_size == 0:
+        logger.warning(
+            "lmcache_triton config: local_disk=%r with max_local_disk_size=0 stores nothing on disk",
+            cfg.local_disk,
+        )
+    if cfg.enable_blending and not cfg.blend_special_str:
+        raise ConfigError(
+            "blend_special_str: expected a non-empty string when enable_blending is true, got ''"
+        )
+    return cfg

@@ -1,0 +1,123 @@
+"""Storage manager: the CPU tier in front of the disk tier.
+
+Primitives:
+  `contains_prefix(keys)`  count of leading keys present in any tier (lookup stops at the first
+                           miss: keys are prefix-chained, so a later hit cannot be used anyway).
+  `get(key)`               CPU first, then disk; a disk hit is promoted into the CPU tier.
+  `put(key, tensor, meta)` copy into the CPU tier, and write to disk in the background.
+  `stats()`, `close()`.
+
+Invariants:
+  * The caller may reuse `tensor` as soon as `put` returns. The disk writer is handed the CPU
+    tier's own buffer, held (unevictable) until the write finishes; only when the CPU tier
+    cannot take the chunk does the disk tier get a private clone.
+  * A chunk on disk is a superset guarantee only for what was written: writes may be dropped
+    (queue full, disk full), so disk is a cache, never the source of truth.
+  * Every tier may be None (no CPU tier, or no disk tier); with both None nothing is stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .cpu import CpuTier
+from .disk import RESERVED_META, DiskTier
+
+
+class StorageManager:
+    """CPU and disk tiers behind one get/put/lookup interface.
+
+    Args:
+        cpu: the CPU tier, or None.
+        disk: the disk tier, or None.
+    """
+
+    def __init__(self, cpu: CpuTier | None, disk: DiskTier | None) -> None:
+        self.cpu = cpu
+        self.disk = disk
+
+    def contains(self, key: str) -> bool:
+        return (self.cpu is not None and self.cpu.contains(key)) or (
+            self.disk is not None and self.disk.contains(key)
+        )
+
+    def contains_prefix(self, keys: list[str]) -> int:
+        """Number of leading `keys` present in the CPU or disk tier."""
+        n = 0
+        for key in keys:
+            if not self.contains(key):
+                break
+            n += 1
+        return n
+
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The chunk, from CPU, else from disk (then promoted into CPU); None on a miss.
+
+        Args:
+            key: chunk key.
+            out: optional destination for a CPU-tier hit (see `CpuTier.get`); default None.
+        """
+        if self.cpu is not None:
+            t = self.cpu.get(key, out)
+            if t is not None:
+                return t
+        if self.disk is None:
+            return None
+        got = self.disk.get_with_meta(key)
+        if got is None:
+            return None
+        tensor, meta = got
+        if self.cpu is not None:
+            self.cpu.put(key, tensor, {k: v for k, v in meta.items() if k not in RESERVED_META})
+        if out is not None:
+            out.copy_(tensor)
+            return out
+        return tensor
+
+    def put(self, key: str, tensor: torch.Tensor, meta: dict[str, str] | None = None) -> bool:
+        """Store a chunk in the CPU tier and queue it for disk.
+
+        Returns:
+            True when at least one tier took it (CPU stored it, or the disk write was queued).
+        """
+        meta = dict(meta or {})
+        stored = False
+        held = None
+        if self.cpu is not None:
+            stored = self.cpu.put(key, tensor, meta)
+            if stored and self.disk is not None:
+                held = self.cpu.hold(key)
+        if self.disk is None:
+            return stored
+        if self.disk.contains(key):
+            if held is not None:
+                self.cpu.release(key, held)
+            return True
+        if held is not None:
+            cpu = self.cpu
+
+            def release(_ok: bool, _key: str = key, _t: torch.Tensor = held) -> None:
+                cpu.release(_key, _t)
+
+            queued = self.disk.put(key, held, meta, on_done=release)
+        else:
+            queued = self.disk.put(key, tensor.detach().to("cpu", copy=True), meta)
+        return stored or queued
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "cpu": None if self.cpu is None else self.cpu.stats,
+            "disk": None if self.disk is None else self.disk.stats,
+        }
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return True if self.disk is None else self.disk.flush(timeout)
+
+    def close(self) -> None:
+        """Finish queued disk writes, stop the writer, drop CPU entries."""
+        if self.disk is not None:
+            self.disk.close()
+        if self.cpu is not None:
+            self.cpu.clear()
