@@ -286,7 +286,7 @@ class KVCacheEngine:
         from lmcache_triton.kernels.paged_copy import chunk_to_paged
 
         t0 = time.perf_counter()
-        got = self.storage.get(self.key(digest), expect=self.meta)
+        got = self.storage.get_with_tier(self.key(digest), expect=self.meta)
         tensor, tier = got if got is not None else (None, None)
         expected = self.chunk_shape(len(block_ids))
         if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != self.flat.dtype:

@@ -5,6 +5,9 @@ Each `<name>_ref` has the same signature as the public launcher `<name>` in its 
 
 from __future__ import annotations
 
+import torch
+
+from .geometry import PagedKVGeometry
 
 # ---------------------------------------------------------------------------
 # Paged <-> chunk copies (twins of kernels/paged_copy.py)
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 _INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-from .geometry import PagedKVGeometry  # noqa: E402  (imported here: this file's sections have owners)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

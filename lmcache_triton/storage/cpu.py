@@ -80,6 +80,9 @@ class CpuTier:
         self._s = _Stats()
         # Entries removed while held: key -> entries, recycled on their last release.
         self._dead: dict[str, list[_Entry]] = {}
+        # Keys dropped by eviction, remove or clear, oldest first, while a caller wants them
+        # (`track_removals()`): the vLLM connector reports them to the scheduler's index.
+        self._removed: list[str] | None = None
 
     # ---------------------------------------------------------------- pool
 
@@ -127,6 +130,8 @@ class CpuTier:
                 del self._entries[key]
                 self._recycle(entry.buf)
                 self._s.evictions += 1
+                if self._removed is not None:
+                    self._removed.append(key)
                 return True
         return False
 
@@ -301,7 +306,23 @@ class CpuTier:
                 "held": sum(e.refs > 0 for e in self._entries.values()) + sum(map(len, self._dead.values())),
             }
 
+    def track_removals(self) -> None:
+        """Start recording the keys that leave the tier (see `take_removed`)."""
+        with self._lock:
+            if self._removed is None:
+                self._removed = []
+
+    def take_removed(self) -> list[str]:
+        """Keys that left the tier since the last call (empty unless `track_removals()`)."""
+        with self._lock:
+            if not self._removed:
+                return []
+            out, self._removed = self._removed, []
+            return out
+
     def _retire(self, key: str, entry: _Entry) -> None:
+        if self._removed is not None:
+            self._removed.append(key)
         if entry.refs > 0:
             entry.dead = True
             self._dead.setdefault(key, []).append(entry)

@@ -76,6 +76,34 @@ class StorageManager:
             return out
         return tensor
 
+    def get_with_tier(
+        self, key: str, expect: dict[str, str] | None = None
+    ) -> tuple[torch.Tensor, str] | None:
+        """Like `get`, also naming the tier that served it ("cpu" or "disk").
+
+        Args:
+            key: chunk key.
+            expect: header fields a disk file must carry (a file that disagrees is a miss and is
+                removed); CPU entries were put by this process and are trusted.
+        """
+        if self.cpu is not None:
+            t = self.cpu.get(key)
+            if t is not None:
+                return t, "cpu"
+        if self.disk is None:
+            return None
+        got = self.disk.get_with_meta(key, expect=expect)
+        if got is None:
+            return None
+        tensor, meta = got
+        if self.cpu is not None:
+            self.cpu.put(key, tensor, {k: v for k, v in meta.items() if k not in RESERVED_META})
+        return tensor, "disk"
+
+    def take_removed_cpu(self) -> list[str]:
+        """Keys that left the CPU tier since the last call (see `CpuTier.track_removals`)."""
+        return [] if self.cpu is None else self.cpu.take_removed()
+
     def put(self, key: str, tensor: torch.Tensor, meta: dict[str, str] | None = None) -> bool:
         """Store a chunk in the CPU tier and queue it for disk.
 

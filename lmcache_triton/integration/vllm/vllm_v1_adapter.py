@@ -397,7 +397,7 @@ class LMCacheConnectorV1Impl:
         from lmcache_triton.storage.factory import build_storage
 
         self.rank = get_pp_group().rank_in_group * self.tp_size + get_tensor_model_parallel_rank()
-        self.storage = build_storage(self.config)
+        self.storage = build_storage(self.config, track_cpu_removals=True)
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
         self._invalid_blocks: set[int] = set()
         self._stored: list[str] = []
@@ -460,13 +460,15 @@ class LMCacheConnectorV1Impl:
         return out
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        evicted = [k[self._ns_len :] for k in self.storage.take_evicted_cpu()]
+        evicted = [k[self._ns_len :] for k in self.storage.take_removed_cpu()]
         if not self._stored and not evicted:
             return None
         stored, self._stored = self._stored, []
         return LMCacheTritonWorkerMetadata({self.rank: (stored, evicted)})
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self.role != KVConnectorRole.WORKER:
+            return None  # the scheduler asks too; its counters go to the log line
         data = self.engine.stats.take()
         return LMCacheTritonStats(data=data) if any(data.values()) else None
 

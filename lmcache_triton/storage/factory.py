@@ -1,0 +1,22 @@
+"""Build the tiers a configuration asks for."""
+
+from __future__ import annotations
+
+from lmcache_triton.config import LMCacheConfig
+from lmcache_triton.storage.cpu import CpuTier
+from lmcache_triton.storage.disk import DiskTier
+from lmcache_triton.storage.manager import StorageManager
+
+
+def build_storage(config: LMCacheConfig, *, track_cpu_removals: bool = False) -> StorageManager:
+    """A `StorageManager` with a CPU tier when `local_cpu` is on and a disk tier when
+    `local_disk` is set with a non-zero `max_local_disk_size`."""
+    cpu = None
+    if config.local_cpu and config.max_local_cpu_bytes > 0:
+        cpu = CpuTier(config.max_local_cpu_bytes)
+        if track_cpu_removals:
+            cpu.track_removals()
+    disk = None
+    if config.local_disk and config.max_local_disk_bytes > 0:
+        disk = DiskTier(config.local_disk, config.max_local_disk_bytes)
+    return StorageManager(cpu, disk)
