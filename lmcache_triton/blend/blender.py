@@ -131,17 +131,20 @@ def _check_segments(w: TransformerWeights, t: int, segments: Sequence[SegmentKV]
     for s in segs:
         n = s.end - s.start
         if not (0 <= s.start < s.end <= t):
-            raise ValueError(f"segment [{s.start}, {s.end}) is empty or outside the prompt of {t} tokens")
+            raise ValueError(f"segment [{s.start}, {s.end}) is empty or outside the prompt ({t} tokens)")
         if s.start < prev_end:
             raise ValueError(f"segment [{s.start}, {s.end}) overlaps the previous one ending at {prev_end}")
         prev_end = s.end
         if len(s.kv) != w.num_layers:
-            raise ValueError(f"segment [{s.start}, {s.end}) has KV for {len(s.kv)} layers, model has {w.num_layers}")
+            raise ValueError(
+                f"segment [{s.start}, {s.end}) has KV for {len(s.kv)} layers, model has {w.num_layers}"
+            )
         want = (n, c.num_kv_heads, c.head_dim)
         for i, (k, v) in enumerate(s.kv):
             if tuple(k.shape) != want or tuple(v.shape) != want:
                 raise ValueError(
-                    f"segment [{s.start}, {s.end}) layer {i}: K {tuple(k.shape)} / V {tuple(v.shape)}, want {want}"
+                    f"segment [{s.start}, {s.end}) layer {i}: K {tuple(k.shape)} / V {tuple(v.shape)}, "
+                    f"want {want}"
                 )
         if s.src_positions is not None and tuple(s.src_positions.shape) != (n,):
             raise ValueError(f"segment [{s.start}, {s.end}): src_positions must be [{n}]")
@@ -204,7 +207,8 @@ def blend_prefill(
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     if segs:
         src = torch.cat([
-            torch.arange(s.end - s.start, device=dev_) if s.src_positions is None else s.src_positions.to(dev_)
+            torch.arange(s.end - s.start, device=dev_) if s.src_positions is None
+            else s.src_positions.to(dev_)
             for s in segs
         ]).to(torch.int64)
         dst = pos[cached_idx].to(torch.int64)

@@ -281,11 +281,12 @@ def load_hf_weights(
                 k_norm=get(p + "self_attn.k_norm.weight", False),
             )
         )
-    if sd.get(f"model.layers.0.mlp.gate_proj.bias") is not None:
+    if sd.get("model.layers.0.mlp.gate_proj.bias") is not None:
         raise BlendUnsupported(f"{config.arch}: MLP biases are not supported")
     embed = get("model.embed_tokens.weight")
     lm_head = get("lm_head.weight", required=not cfg.get("tie_word_embeddings", False))
-    return TransformerWeights(config, embed, layers, get("model.norm.weight"), embed if lm_head is None else lm_head)
+    lm_head = embed if lm_head is None else lm_head
+    return TransformerWeights(config, embed, layers, get("model.norm.weight"), lm_head)
 
 
 def _cfg_get(cfg, name: str, default=None):
