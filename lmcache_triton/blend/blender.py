@@ -43,7 +43,7 @@ Tensor parallelism: not here (the reference forward refuses TP); a TP version mu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -161,6 +161,7 @@ def blend_prefill(
     check_layers: Sequence[int] = (1,),
     positions: torch.Tensor | None = None,
     deviation_on: str = "kv",
+    select_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> BlendResult:
     """CacheBlend prefill of one prompt (see the module docstring for the algorithm).
 
@@ -176,6 +177,9 @@ def blend_prefill(
             Default `(1,)`.
         positions: `[T]` prompt positions; default None = `0..T-1`.
         deviation_on: `"kv"` (default) scores K and V together, `"k"` K only.
+        select_fn: for ablations only: `(deviation [n], budget k) -> [k]` row indices replacing
+            `select_tokens` (e.g. a random choice, to see what the deviation ranking buys).
+            Default None.
 
     Returns:
         `BlendResult`.
@@ -243,7 +247,10 @@ def blend_prefill(
                     d = token_deviation(k_cached, k[is_c])
                 # Budget counted on all cached tokens of the prompt, chosen among the candidates.
                 budget = min(num_selected_tokens(n_cached, r, always_last=False), cand.numel())
-                keep_rows = select_tokens(d, budget / cand.numel(), min_tokens=0, always_last=False)
+                if select_fn is not None:
+                    keep_rows = torch.sort(select_fn(d, budget).to(device=dev_, dtype=torch.int64)).values
+                else:
+                    keep_rows = select_tokens(d, budget / cand.numel(), min_tokens=0, always_last=False)
                 result.deviation.append(d)
             else:
                 result.deviation.append(torch.empty(0, device=dev_))

@@ -431,11 +431,17 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * xf.to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """NeoX RoPE of `x` `[T, H, D]` at `positions` `[T]`; angle `pos * inv_freq` in fp32."""
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
     ang = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # [T, D/2]
-    cos = ang.cos().to(x.dtype)[:, None, :]
-    sin = ang.sin().to(x.dtype)[:, None, :]
+    return ang.cos().to(dtype)[:, None, :], ang.sin().to(dtype)[:, None, :]
+
+
+def apply_rope(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, cos_sin=None
+) -> torch.Tensor:
+    """NeoX RoPE of `x` `[T, H, D]` at `positions` `[T]`; angle `pos * inv_freq` in fp32.
+    `cos_sin`: the `(cos, sin)` tables of these positions when already computed (Q and K share)."""
+    cos, sin = _cos_sin(positions, inv_freq, x.dtype) if cos_sin is None else cos_sin
     half = inv_freq.shape[0]
     x1, x2 = x[..., :half], x[..., half : 2 * half]
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -474,7 +480,8 @@ def layer_qkv(
     if lw.k_norm is not None:
         k = _rms_norm(k, lw.k_norm, c.rms_eps)
     pos = positions.to(x.device)
-    return apply_rope(q, pos, w.inv_freq), apply_rope(k, pos, w.inv_freq), v
+    cs = _cos_sin(pos, w.inv_freq, q.dtype)
+    return apply_rope(q, pos, w.inv_freq, cs), apply_rope(k, pos, w.inv_freq, cs), v
 
 
 def attention(
