@@ -40,8 +40,8 @@ recomputed queries still reads all T keys.
 vLLM integration (not done here): build `from_vllm_model(model)` once per worker (views, no copy);
 in the connector's `start_load_kv`, for a request whose prompt holds cached segments, load each
 segment's `[L, n, H_kv, D]` K/V (stored at positions 0..n-1 under `segment_hashes`), call
-`blend_prefill`, and scatter `kv[i][:, T-1]`-excluded rows (tokens `0..T-2`) into layer i's paged
-cache through the request's slot mapping; the scheduler reports `T - 1` external tokens so that
+`blend_prefill`, and scatter rows `0..T-2` of `kv[i]` into layer i's paged cache through the
+request's slot mapping; the scheduler reports `T - 1` external tokens so that
 vLLM itself computes the last token over the blended KV (the same computation `blend_prefill`
 does for it, so `logits_last` is only a cross-check).
 
