@@ -1,5 +1,8 @@
 """End-to-end robustness: preemption under a tiny KV budget, aborts, vLLM's prefix cache ON.
 
+The connector is named `LMCacheTritonConnector`, as registered by our vllm.general_plugins
+entry point (no kv_connector_module_path).
+
 One in-process engine with vLLM's prefix caching on, 40 blocks of 32 tokens (1280 tokens for
 four 440-token requests, so the scheduler must preempt), and the connector. Outputs are
 compared with a run without the connector in another process; after every test the
@@ -71,6 +74,7 @@ def llm(model_dir, workdir):
         connector=cfg,
         max_model_len=1024,
         extra_args={"num_gpu_blocks_override": 40, "max_num_seqs": 4},
+        by_name=True,  # the plugin-registered name, no module path
     )
     engine = start_engine(spec)
     yield engine

@@ -37,6 +37,8 @@ class EngineSpec:
         max_model_len: context length.
         block_size: vLLM block size; None lets vLLM choose (CPU needs a multiple of 32).
         extra_args: more `vllm.LLM(...)` keyword arguments.
+        by_name: name the connector `LMCacheTritonConnector` (registered by our
+            `vllm.general_plugins` entry point) instead of giving its module path.
     """
 
     model: str
@@ -47,11 +49,21 @@ class EngineSpec:
     block_size: int | None = None
     dtype: str = "float32"
     extra_args: dict[str, Any] = field(default_factory=dict)
+    by_name: bool = False
 
 
-def kv_transfer_config(extra: dict[str, Any]):
+def kv_transfer_config(extra: dict[str, Any], by_name: bool = False):
     from vllm.config import KVTransferConfig
 
+    if by_name:
+        from lmcache_triton.integration.vllm.plugin import CONNECTOR_NAME
+
+        return KVTransferConfig(
+            kv_connector=CONNECTOR_NAME,
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=dict(extra),
+        )
     return KVTransferConfig(
         kv_connector=CONNECTOR_CLASS,
         kv_connector_module_path=CONNECTOR_MODULE,
@@ -85,7 +97,7 @@ def start_engine(spec: EngineSpec):
     if spec.block_size is not None:
         kwargs["block_size"] = spec.block_size
     if spec.connector is not None:
-        kwargs["kv_transfer_config"] = kv_transfer_config(spec.connector)
+        kwargs["kv_transfer_config"] = kv_transfer_config(spec.connector, spec.by_name)
     kwargs.update(spec.extra_args)
     return LLM(**kwargs)
 
