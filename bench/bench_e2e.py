@@ -34,8 +34,17 @@ from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess  # noqa:
 
 CSV = Path(__file__).with_name("results_e2e.csv")
 BENCH_MODEL = dict(
-    arch="llama", hidden_size=512, num_layers=12, num_heads=8, num_kv_heads=4, head_size=64,
-    intermediate_size=1536, vocab_size=4096, initializer_range=0.15, dtype="float32", seed=0,
+    arch="llama",
+    hidden_size=512,
+    num_layers=12,
+    num_heads=8,
+    num_kv_heads=4,
+    head_size=64,
+    intermediate_size=1536,
+    vocab_size=4096,
+    initializer_range=0.15,
+    dtype="float32",
+    seed=0,
 )
 
 
@@ -76,7 +85,9 @@ def main() -> None:
     print("no connector ...", flush=True)
     plain = run_in_subprocess(EngineSpec(**base), prompts, 1, measure_ttft=True, env=env)
     print("connector: miss then CPU hit ...", flush=True)
-    both = run_in_subprocess(EngineSpec(**base, connector=connector), [p for p in prompts for _ in (0, 1)], 1, measure_ttft=True, env=env)
+    both = run_in_subprocess(
+        EngineSpec(**base, connector=connector), [p for p in prompts for _ in (0, 1)], 1, measure_ttft=True, env=env
+    )
     miss, cpu_hit = both[0::2], both[1::2]
     print("connector, new process: disk hit ...", flush=True)
     disk_hit = run_in_subprocess(EngineSpec(**base, connector=connector), prompts, 1, measure_ttft=True, env=env)
@@ -94,7 +105,8 @@ def main() -> None:
         print(f"{k:<14}{med[k]:>10.3f}{med[k] / med['miss']:>10.1%}{cached[k]:>12.0f}")
     overhead = med["miss"] / med["no connector"] - 1
     print(f"\nconnector overhead on a miss: {overhead:+.1%} (target <= 5%)")
-    print(f"CPU hit / miss: {med['CPU hit'] / med['miss']:.1%}, disk hit / miss: {med['disk hit'] / med['miss']:.1%} (target <= 10%)")
+    cpu_frac, disk_frac = med["CPU hit"] / med["miss"], med["disk hit"] / med["miss"]
+    print(f"CPU hit / miss: {cpu_frac:.1%}, disk hit / miss: {disk_frac:.1%} (target <= 10%)")
 
     import torch
     import vllm
@@ -103,11 +115,39 @@ def main() -> None:
     with CSV.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["date", "machine", "torch", "vllm", "model_params_M", "prompt_tokens", "chunk_size", "reps", "case", "ttft_s", "frac_of_miss", "cached_tokens"])
+            w.writerow(
+                [
+                    "date",
+                    "machine",
+                    "torch",
+                    "vllm",
+                    "model_params_M",
+                    "prompt_tokens",
+                    "chunk_size",
+                    "reps",
+                    "case",
+                    "ttft_s",
+                    "frac_of_miss",
+                    "cached_tokens",
+                ]
+            )
         for k in rows:
-            w.writerow([dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), f"{platform.machine()} x{os.cpu_count()} CPU",
-                        torch.__version__, vllm.__version__, f"{n_params / 1e6:.1f}", args.tokens, args.chunk_size, args.reps,
-                        k, f"{med[k]:.4f}", f"{med[k] / med['miss']:.4f}", f"{cached[k]:.0f}"])
+            w.writerow(
+                [
+                    dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                    f"{platform.machine()} x{os.cpu_count()} CPU",
+                    torch.__version__,
+                    vllm.__version__,
+                    f"{n_params / 1e6:.1f}",
+                    args.tokens,
+                    args.chunk_size,
+                    args.reps,
+                    k,
+                    f"{med[k]:.4f}",
+                    f"{med[k] / med['miss']:.4f}",
+                    f"{cached[k]:.0f}",
+                ]
+            )
     print(f"appended to {CSV}")
 
 
@@ -115,8 +155,7 @@ def _count_params(model_dir: str) -> int:
     from safetensors import safe_open
 
     with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
-        return sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                   else _prod(f.get_slice(k).get_shape()) for k in f.keys())
+        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open has no __iter__)
 
 
 def _prod(shape) -> int:

@@ -80,13 +80,10 @@ class ChunkPlanner:
     def spans(self, tokens: Sequence[int], extra: Sequence[str] = ()) -> list[ChunkSpan]:
         """Keyed chunks of `tokens`: every whole chunk, plus the last partial one when
         `save_unfull_chunk` is on."""
-        digests = chunk_hashes(
-            tokens, self.chunk_size, extra=tuple(extra), include_partial=self.include_partial
-        )
+        digests = chunk_hashes(tokens, self.chunk_size, extra=tuple(extra), include_partial=self.include_partial)
         n = len(tokens)
         return [
-            ChunkSpan(i, i * self.chunk_size, min((i + 1) * self.chunk_size, n), d.hex())
-            for i, d in enumerate(digests)
+            ChunkSpan(i, i * self.chunk_size, min((i + 1) * self.chunk_size, n), d.hex()) for i, d in enumerate(digests)
         ]
 
     def blocks_of(self, span: ChunkSpan, block_ids: Sequence[int]) -> list[int]:
@@ -95,15 +92,12 @@ class ChunkPlanner:
         last = (span.end + self.block_size - 1) // self.block_size
         if last > len(block_ids):
             raise ValueError(
-                f"chunk {span.index} needs blocks [{first}, {last}) but the request has "
-                f"{len(block_ids)} blocks"
+                f"chunk {span.index} needs blocks [{first}, {last}) but the request has {len(block_ids)} blocks"
             )
         return list(block_ids[first:last])
 
 
-def make_namespace(
-    *, model: str, world_size: int, rank: int, kv_dtype: str, chunk_size: int, layout: str
-) -> str:
+def make_namespace(*, model: str, world_size: int, rank: int, kv_dtype: str, chunk_size: int, layout: str) -> str:
     """The namespace digest of one rank's chunks (see module invariants)."""
     return key_namespace(model, world_size, rank, kv_dtype, chunk_size, layout)
 
@@ -143,9 +137,7 @@ class PrefixIndex:
     def has(self, digest: str) -> bool:
         """True when every rank holds this chunk in its CPU tier or on disk."""
         with self._lock:
-            return all(
-                digest in self._cpu[r] or self._on_disk(r, digest) for r in range(len(self.namespaces))
-            )
+            return all(digest in self._cpu[r] or self._on_disk(r, digest) for r in range(len(self.namespaces)))
 
     def cached_prefix(self, spans: Sequence[ChunkSpan]) -> int:
         """Number of leading chunks of `spans` that every rank can load."""
@@ -231,8 +223,7 @@ class KVCacheEngine:
         self.flat, self.geom = geometry_from_layer_views(list(layer_views))
         if block_size % self.geom.block_size != 0:
             raise ValueError(
-                f"vLLM block size {block_size} is not a multiple of the cache page size "
-                f"{self.geom.block_size}"
+                f"vLLM block size {block_size} is not a multiple of the cache page size {self.geom.block_size}"
             )
         self.pages_per_block = block_size // self.geom.block_size
 
@@ -293,7 +284,11 @@ class KVCacheEngine:
             if tensor is not None:
                 logger.warning(
                     "chunk %s has shape %s %s, expected %s %s: not loaded",
-                    digest[:12], tuple(tensor.shape), tensor.dtype, expected, self.flat.dtype,
+                    digest[:12],
+                    tuple(tensor.shape),
+                    tensor.dtype,
+                    expected,
+                    self.flat.dtype,
                 )
             self.stats.load_errors += 1
             return False

@@ -27,9 +27,7 @@ def _cache(layout="LBHNC", layers=3, blocks=12, heads=2, page=4, row=16, dtype=t
 
 
 def _engine(tmp_path, views, block_size, cpu=True, disk=True, meta=None):
-    storage = StorageManager(
-        CpuTier(1 << 24) if cpu else None, DiskTier(tmp_path / "disk", 1 << 26) if disk else None
-    )
+    storage = StorageManager(CpuTier(1 << 24) if cpu else None, DiskTier(tmp_path / "disk", 1 << 26) if disk else None)
     eng = KVCacheEngine(storage, "0a" * 16, meta or {"model": "m", "layout": "L"})
     eng.register(views, block_size)
     return eng

@@ -132,7 +132,9 @@ def generate(llm, prompts: Sequence[str | list[int]], max_tokens: int = 8, measu
     return out
 
 
-def run(spec: EngineSpec, prompts: Sequence[str | list[int]], max_tokens: int = 8, measure_ttft: bool = False) -> list[dict]:
+def run(
+    spec: EngineSpec, prompts: Sequence[str | list[int]], max_tokens: int = 8, measure_ttft: bool = False
+) -> list[dict]:
     llm = start_engine(spec)
     try:
         return generate(llm, prompts, max_tokens, measure_ttft)
@@ -154,7 +156,9 @@ def shutdown(llm) -> None:
     gc.collect()
 
 
-def run_in_subprocess(spec: EngineSpec, prompts, max_tokens: int = 8, measure_ttft: bool = False, env=None, timeout=600) -> list[dict]:
+def run_in_subprocess(
+    spec: EngineSpec, prompts, max_tokens: int = 8, measure_ttft: bool = False, env=None, timeout=600
+) -> list[dict]:
     """`run` in a fresh Python process (a real restart)."""
     import subprocess
     import tempfile
@@ -163,11 +167,21 @@ def run_in_subprocess(spec: EngineSpec, prompts, max_tokens: int = 8, measure_tt
     with tempfile.TemporaryDirectory() as d:
         spec_path, out_path = os.path.join(d, "spec.json"), os.path.join(d, "out.json")
         with open(spec_path, "w") as f:
-            json.dump({"spec": asdict(spec), "prompts": list(prompts), "max_tokens": max_tokens,
-                       "measure_ttft": measure_ttft}, f)
+            json.dump(
+                {
+                    "spec": asdict(spec),
+                    "prompts": list(prompts),
+                    "max_tokens": max_tokens,
+                    "measure_ttft": measure_ttft,
+                },
+                f,
+            )
         proc = subprocess.run(
             [sys.executable, "-m", "lmcache_triton.testing.runner", spec_path, out_path],
-            env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"engine subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
