@@ -105,9 +105,8 @@ def _run_concurrently(llm, prompts, max_tokens):
     results = []
     for i in range(len(prompts)):
         c = done[f"c{i}-{id(prompts)}"].outputs[0]
-        results.append(
-            {"token_ids": list(c.token_ids), "logprobs": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs, strict=True)]}
-        )
+        logprobs = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs, strict=True)]
+        results.append({"token_ids": list(c.token_ids), "logprobs": logprobs})
     return results
 
 
