@@ -33,6 +33,7 @@ reported.
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -201,10 +202,15 @@ def _layout_fingerprint(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig)
     backend = current_platform.device_name
     if current_platform.is_cpu():
         # The CPU attention kernel packs pages per ISA (AMX for bf16 ...): part of the layout.
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+        try:
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-        cache_dtype = vllm_config.cache_config.cache_dtype
-        backend = "cpu-" + _get_attn_isa(spec.dtype, spec.block_size, spec.head_size, cache_dtype)
+            cache_dtype = vllm_config.cache_config.cache_dtype
+            backend = "cpu-" + _get_attn_isa(spec.dtype, spec.block_size, spec.head_size, cache_dtype)
+        except Exception:  # a private helper: if it moves, the dtype and block size still key the packing
+            backend = f"cpu-{platform.machine()}"
+            if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+                backend += "-amx"  # AMX packs bf16 pages differently from the vector kernels
     parts = [
         layout,
         backend,
