@@ -154,7 +154,9 @@ class BlendScheduler:
         self._info: dict[str, _PromptInfo] = {}
         self._ready: dict[str, list[tuple[int, int, str]]] = {}
         self._tokens: dict[str, list[int]] = {}  # blended requests' prompts, until planned
-        logger.info("lmcache_triton CacheBlend: on, separator %r = tokens %s", impl.config.blend_special_str, self.sep)
+        logger.info(
+            "lmcache_triton CacheBlend: on, separator %r = tokens %s", impl.config.blend_special_str, self.sep
+        )
 
     def _analyse(self, tokens: list[int]) -> _PromptInfo:
         spans = split_segments(tokens, self.sep)
@@ -331,7 +333,8 @@ class BlendWorker:
         kv = self._read(self._slots(op.block_ids, op.src_start, op.num_tokens))
         if kv.is_cuda:
             kv = kv.to("cpu")
-        return storage.put(key, kv.contiguous(), {**self._meta(), "num_tokens": str(op.num_tokens - op.src_start)})
+        meta = {**self._meta(), "num_tokens": str(op.num_tokens - op.src_start)}
+        return storage.put(key, kv.contiguous(), meta)
 
     def weights(self):
         if self._weights is None:
@@ -379,11 +382,14 @@ class BlendWorker:
             res = blend_prefill(w, torch.as_tensor(op.token_ids), segs, ratio=ratio,
                                 check_layers=cfg.blend_check_layers)
             n = len(op.token_ids) - 1
-            self._write([k[:n] for k, _ in res.kv], [v[:n] for _, v in res.kv], self._slots(op.block_ids, 0, n))
+            slots = self._slots(op.block_ids, 0, n)
+            self._write([k[:n] for k, _ in res.kv], [v[:n] for _, v in res.kv], slots)
         except Exception as e:
             if not self._warned:
-                logger.warning("lmcache_triton CacheBlend: blending %s failed (%s); vLLM recomputes it", req_id, e,
-                               exc_info=not isinstance(e, (KeyError, NotImplementedError)))
+                logger.warning(
+                    "lmcache_triton CacheBlend: blending %s failed (%s); vLLM recomputes it", req_id, e,
+                    exc_info=not isinstance(e, (KeyError, NotImplementedError)),
+                )
                 self._warned = True
             self._add("blend_errors", 1)
             return False

@@ -29,7 +29,9 @@ class PackingUnsupported(RuntimeError):
 
 
 @functools.lru_cache(maxsize=8)
-def probe_page_map(isa: str, dtype: torch.dtype, block_size: int, num_heads: int, head_size: int) -> torch.Tensor:
+def probe_page_map(
+    isa: str, dtype: torch.dtype, block_size: int, num_heads: int, head_size: int
+) -> torch.Tensor:
     """Where each token element of one block lands in the block's `[H, N, 2D]` storage.
 
     Args:
@@ -58,7 +60,7 @@ def probe_page_map(isa: str, dtype: torch.dtype, block_size: int, num_heads: int
         try:
             ops.cpu_attn_reshape_and_cache(plane[0].contiguous(), plane[1].contiguous(), kc, vc, slots, isa)
         except Exception as e:
-            raise PackingUnsupported(f"cpu_attn_reshape_and_cache({isa}, {dtype}) failed in the probe: {e}") from e
+            raise PackingUnsupported(f"cpu_attn_reshape_and_cache({isa}, {dtype}) failed: {e}") from e
         got = cache.reshape(-1).float()
         if not bool(((got == 0) | (got == 1)).all()):
             raise PackingUnsupported(f"ISA {isa} / {dtype}: the cache write transforms values (not a copy)")
@@ -100,7 +102,11 @@ def read_tokens(layer_views: list[torch.Tensor], page_map: torch.Tensor, slots: 
 
 
 def write_tokens(
-    layer_views: list[torch.Tensor], k: list[torch.Tensor], v: list[torch.Tensor], slots: torch.Tensor, isa: str
+    layer_views: list[torch.Tensor],
+    k: list[torch.Tensor],
+    v: list[torch.Tensor],
+    slots: torch.Tensor,
+    isa: str,
 ) -> None:
     """Write per-layer `[T, H, D]` K/V rows into `slots` with vLLM's own cache-write op."""
     from vllm import _custom_ops as ops

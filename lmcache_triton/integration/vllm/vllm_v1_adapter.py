@@ -365,9 +365,10 @@ class LMCacheConnectorV1Impl:
             st.block_ids = list(new.block_ids[0])
             if self._blend is None or not self._blend.plan_blend(new.req_id, st, meta, self._load_plans):
                 self._plan_load(new.req_id, st, meta)
-            self._plan_stores(st, new.num_computed_tokens + sched.get(new.req_id, 0), meta)
+            computed = new.num_computed_tokens + sched.get(new.req_id, 0)
+            self._plan_stores(st, computed, meta)
             if self._blend is not None:
-                self._blend.plan_segment_store(new.req_id, st, new.num_computed_tokens + sched.get(new.req_id, 0), meta)
+                self._blend.plan_segment_store(new.req_id, st, computed, meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._states.get(req_id)
@@ -379,9 +380,10 @@ class LMCacheConnectorV1Impl:
                 self._plan_load(req_id, st, meta)
             elif new_blocks is not None:
                 st.block_ids.extend(new_blocks[0])
-            self._plan_stores(st, cached.num_computed_tokens[i] + sched.get(req_id, 0), meta)
+            computed = cached.num_computed_tokens[i] + sched.get(req_id, 0)
+            self._plan_stores(st, computed, meta)
             if self._blend is not None:
-                self._blend.plan_segment_store(req_id, st, cached.num_computed_tokens[i] + sched.get(req_id, 0), meta)
+                self._blend.plan_segment_store(req_id, st, computed, meta)
         self._maybe_log()
         return meta
 
