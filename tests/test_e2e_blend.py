@@ -208,7 +208,9 @@ def test_worker_failure_falls_back(llm, sep, baseline, blend_counters):
 
 
 def test_blend_ratio_one_matches_full_prefill(model_dir, sep, baseline):
-    spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=blend_config(blend_recompute_ratios=1.0))
+    """vLLM's multi-process engine: the model is captured by the plugin in the worker process."""
+    spec = EngineSpec(model=model_dir, block_size=BLOCK, multiprocess=True,
+                      connector=blend_config(blend_recompute_ratios=1.0))
     prompt = joined(sep, DOC_B, DOC_A)
     docs_a, docs_b, r = run_in_subprocess(spec, [DOC_A, DOC_B, prompt], MAX_TOKENS)
     assert r["num_cached_tokens"] == len(prompt) - 1, "the documents were not reused"
