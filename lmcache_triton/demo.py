@@ -14,6 +14,7 @@ so the timed miss is also the output the hits are compared with. The demo is a c
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,13 +83,34 @@ def _prompt(model_dir: str, num_tokens: int) -> str:
     return text[: 5 * num_tokens]
 
 
+@contextlib.contextmanager
+def quiet_stderr(log_path: Path):
+    """Send file descriptor 2 to `log_path` while vLLM runs in this process.
+
+    vLLM, torch and tqdm write warnings and progress bars straight to fd 2 (C++ included), which
+    would bury the demo's own lines; on failure the caller shows the log's tail.
+    """
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log_path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def clear_disk_dir(path: Path) -> None:
     """Remove the chunk files (and only those) a previous demo left in `path`."""
     from lmcache_triton.storage.disk import DiskTier
 
     tier = DiskTier(path, 1 << 62, reindex=False)
     try:
-        for key, p in tier._chunk_files():
+        for _key, p in tier._chunk_files():
             p.unlink(missing_ok=True)
     finally:
         tier.close()
@@ -103,6 +125,30 @@ def disk_figures(path: Path) -> dict[str, int]:
     finally:
         tier.close()
     return {"files": len(entries), "bytes": sum(e.get("bytes", 0) for e in entries)}
+
+
+def _first_engine(
+    spec, prompt: str, tokens: int, warmup: str, log: Callable[[str], None]
+) -> tuple[dict, dict]:
+    """Requests 1 (miss) and 2 (CPU-tier hit) on an in-process engine; disk writes flushed."""
+    from lmcache_triton.testing.runner import generate, shutdown, start_engine
+
+    llm = start_engine(spec)
+    try:
+        log("warming the engine up (a short, unrelated prompt)")
+        generate(llm, [warmup], 2)
+        log(f"request 1: a {tokens}-token prompt, nothing cached yet (miss)")
+        miss = generate(llm, [prompt], MAX_TOKENS, ttft_from_metrics=True)[0]
+        log("request 2: the same prompt again (hit from the CPU tier)")
+        cpu_hit = generate(llm, [prompt], MAX_TOKENS, ttft_from_metrics=True)[0]
+        log("waiting for the disk writes")
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        get_kv_transfer_group()._impl.storage.flush()
+    finally:
+        log("stopping the engine")
+        shutdown(llm)
+    return miss, cpu_hit
 
 
 def run_demo(
@@ -120,7 +166,7 @@ def run_demo(
             are removed first.
         log: progress sink (one line per step).
     """
-    from lmcache_triton.testing.runner import EngineSpec, generate, run_in_subprocess, shutdown, start_engine
+    from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess
 
     disk_dir = Path(disk) if disk is not None else DEFAULT_DEMO_DISK
     disk_dir.mkdir(parents=True, exist_ok=True)
@@ -158,22 +204,12 @@ def run_demo(
     )
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
-    log("starting the engine (in this process) with the lmcache_triton connector")
-    llm = start_engine(spec)
-    try:
-        log("warming the engine up (a short, unrelated prompt)")
-        generate(llm, [warmup], 2)
-        log(f"request 1: {tokens}-token prompt, nothing cached yet (miss)")
-        miss = generate(llm, [prompt], MAX_TOKENS, ttft_from_metrics=True)[0]
-        log("request 2: the same prompt again (hit from the CPU tier)")
-        cpu_hit = generate(llm, [prompt], MAX_TOKENS, ttft_from_metrics=True)[0]
-        log("waiting for the disk writes")
-        from vllm.distributed.kv_transfer import get_kv_transfer_group
-
-        get_kv_transfer_group()._impl.storage.flush()
-    finally:
-        log("stopping the engine")
-        shutdown(llm)
+    engine_log = CACHE_ROOT / "demo-engine.log"
+    engine_log.parent.mkdir(parents=True, exist_ok=True)
+    engine_log.write_text("")
+    log(f"starting the engine (in this process) with the lmcache_triton connector; its log: {engine_log}")
+    with quiet_stderr(engine_log):
+        miss, cpu_hit = _first_engine(spec, prompt, tokens, warmup, log)
 
     log("restarting: vLLM's multi-process engine in a fresh Python process, empty CPU tier")
     log("request 3: the same prompt again (hit from disk)")

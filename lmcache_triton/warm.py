@@ -82,8 +82,9 @@ def warm(
     """
     from lmcache_triton.testing.runner import EngineSpec
 
-    spec = EngineSpec(model=model, connector=connector, block_size=block_size,
-                      max_model_len=max_model_len, dtype=dtype)
+    spec = EngineSpec(
+        model=model, connector=connector, block_size=block_size, max_model_len=max_model_len, dtype=dtype
+    )
     with tempfile.TemporaryDirectory(prefix="lmct-warm-") as d:
         job, log = Path(d, "job.json"), Path(d, "engine.log")
         from dataclasses import asdict
@@ -93,7 +94,10 @@ def warm(
         with open(log, "w") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "lmcache_triton.warm", str(job)],
-                stdout=subprocess.PIPE, stderr=logf, text=True, env=dict(os.environ),
+                stdout=subprocess.PIPE,
+                stderr=logf,
+                text=True,
+                env=dict(os.environ),
             )
             try:
                 assert proc.stdout is not None

@@ -71,12 +71,28 @@ def workdir():
 def model_dir(workdir):
     from lmcache_triton.testing import build_tiny_model
 
-    return str(build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2))
+    return str(
+        build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2)
+    )
 
 
 def warm_args(model_dir: str, prompts: Path, disk: Path) -> list[str]:
-    return ["warm", model_dir, "--prompts", str(prompts), "--disk", str(disk), "--chunk-size", str(CHUNK),
-            "--block-size", str(BLOCK), "--max-model-len", "2048", "--dtype", "float32"]
+    return [
+        "warm",
+        model_dir,
+        "--prompts",
+        str(prompts),
+        "--disk",
+        str(disk),
+        "--chunk-size",
+        str(CHUNK),
+        "--block-size",
+        str(BLOCK),
+        "--max-model-len",
+        "2048",
+        "--dtype",
+        "float32",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +165,23 @@ def test_unreadable_prompts_file_is_one_line(tmp_path):
 
 
 def test_serve_print_command(tmp_path):
-    r = cli("serve", "/models/m", "--chunk-size", "64", "--cpu-size", "2", "--disk", tmp_path, "--disk-size", "3",
-            "--block-size", "32", "--port", "8123", "--print-command")
+    r = cli(
+        "serve",
+        "/models/m",
+        "--chunk-size",
+        "64",
+        "--cpu-size",
+        "2",
+        "--disk",
+        tmp_path,
+        "--disk-size",
+        "3",
+        "--block-size",
+        "32",
+        "--port",
+        "8123",
+        "--print-command",
+    )
     assert r.exit_code == 0, r.output
     import shlex
 
@@ -259,7 +290,9 @@ def test_warm_jsonl_adds_chunks(disk, model_dir, tmp_path):
 
     before = len(chunk_files(disk))
     prompts = tmp_path / "more.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": sample_prompt(model_dir, 150, seed=s)}) + "\n" for s in (11, 12)))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": sample_prompt(model_dir, 150, seed=s)}) + "\n" for s in (11, 12))
+    )
     r = cli(*warm_args(model_dir, prompts, disk))
     assert r.exit_code == 0, r.output
     after = len(chunk_files(disk))
@@ -302,17 +335,38 @@ def test_serve_real_server(workdir, model_dir, tmp_path):
     disk = tmp_path / "serve-disk"
     script = Path(sys.executable).with_name("lmcache-triton")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lmcache_triton.cli"]
-    cmd += ["serve", model_dir, "--block-size", str(BLOCK), "--max-model-len", "2048", "--enforce-eager",
-            "--dtype", "float32", "--port", str(port), "--host", "127.0.0.1", "--disk", str(disk),
-            "--chunk-size", str(CHUNK), "--no-enable-prefix-caching"]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+    cmd += [
+        "serve",
+        model_dir,
+        "--block-size",
+        str(BLOCK),
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--disk",
+        str(disk),
+        "--chunk-size",
+        str(CHUNK),
+        "--no-enable-prefix-caching",
+    ]
+    with open(tmp_path / "server.log", "w") as log:  # the server keeps its own copy of the handle
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, "server exited:\n" + (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no /health in 180 s:\n" + (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (
+                "no /health in 180 s:\n" + (tmp_path / "server.log").read_text()[-3000:]
+            )
             try:
                 if _get(base + "/health", timeout=2)[0] == 200:
                     break
@@ -348,7 +402,6 @@ def test_serve_real_server(workdir, model_dir, tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        log.close()
         deadline = time.monotonic() + 30
         while _group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -197,7 +197,8 @@ def _main(argv: list[str]) -> int:
     with open(spec_path) as f:
         job = json.load(f)
     spec = EngineSpec(**job["spec"])
-    results = run(spec, job["prompts"], job["max_tokens"], job["measure_ttft"], job.get("ttft_from_metrics", False))
+    ttft_from_metrics = job.get("ttft_from_metrics", False)
+    results = run(spec, job["prompts"], job["max_tokens"], job["measure_ttft"], ttft_from_metrics)
     with open(out_path, "w") as f:
         json.dump(results, f)
     return 0
