@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import sys
@@ -72,8 +73,34 @@ def _fail(msg: str) -> None:
     raise typer.Exit(1)
 
 
+class _NoDiskBoundWarning(logging.Filter):
+    """Drop the "max_local_disk_size=0 stores nothing" warning: it is about a server's writes,
+    not about reading a directory, and `serve`/`warm` re-check with their own flags."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "stores nothing on disk" not in str(record.msg)
+
+
+def _validate(extra: dict[str, Any]) -> None:
+    """Fail on a bad flag here, not in the server's worker; warnings were shown by `_config`."""
+    log = logging.getLogger("lmcache_triton.config")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        load_config(extra)
+    finally:
+        log.setLevel(level)
+
+
 def _config() -> LMCacheConfig:
-    return load_config()  # ConfigError carries the key, value and expected form
+    """The configuration from LMCACHE_CONFIG_FILE and LMCACHE_* (ConfigError names key and value)."""
+    log = logging.getLogger("lmcache_triton.config")
+    quiet = _NoDiskBoundWarning()
+    log.addFilter(quiet)
+    try:
+        return load_config()
+    finally:
+        log.removeFilter(quiet)
 
 
 def _disk_dir(disk: Path | None, must_exist: bool = True) -> Path:
@@ -287,7 +314,7 @@ def serve(
         if disk is not None and disk_size is None and cfg.max_local_disk_size == 0:
             disk_size = 10.0  # a zero bound would store nothing: the flag means "use this disk"
         extra = _extra(chunk_size, cpu_size, disk, disk_size)
-        load_config(extra)  # a bad flag fails here, not in the server's worker
+        _validate(extra)
         cmd = serve_command(model, extra, list(ctx.args))
         if print_command:
             out.print(shlex.join(cmd), markup=False, soft_wrap=True)
@@ -339,7 +366,7 @@ def warm(
         if disk_size is None:
             disk_size = cfg.max_local_disk_size or 10.0
         extra = _extra(chunk_size, None, disk_dir, disk_size)
-        load_config(extra)
+        _validate(extra)
         before = {e["key"]: e for e in _entries(disk_dir)}
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -214,7 +214,12 @@ def run_demo(
     log("restarting: vLLM's multi-process engine in a fresh Python process, empty CPU tier")
     log("request 3: the same prompt again (hit from disk)")
     mp_spec = EngineSpec(**{**spec.__dict__, "multiprocess": True})
-    disk_hit = run_in_subprocess(mp_spec, [warmup, prompt], MAX_TOKENS, ttft_from_metrics=True)[1]
+    try:
+        disk_hit = run_in_subprocess(mp_spec, [warmup, prompt], MAX_TOKENS, ttft_from_metrics=True)[1]
+    except RuntimeError as e:  # its stderr goes to the log; the user gets one line
+        with open(engine_log, "a") as f:
+            f.write(str(e))
+        raise RuntimeError(f"the restarted engine failed; its log: {engine_log}") from None
 
     rows = []
     for name, source, r in (
