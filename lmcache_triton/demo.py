@@ -127,9 +127,7 @@ def disk_figures(path: Path) -> dict[str, int]:
     return {"files": len(entries), "bytes": sum(e.get("bytes", 0) for e in entries)}
 
 
-def _first_engine(
-    spec, prompt: str, tokens: int, warmup: str, log: Callable[[str], None]
-) -> tuple[dict, dict]:
+def _first_engine(spec, prompt: str, tokens: int, warmup: str, log: Callable[[str], None]) -> tuple[dict, dict]:
     """Requests 1 (miss) and 2 (CPU-tier hit) on an in-process engine; disk writes flushed."""
     from lmcache_triton.testing.runner import generate, shutdown, start_engine
 

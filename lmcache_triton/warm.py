@@ -82,9 +82,7 @@ def warm(
     """
     from lmcache_triton.testing.runner import EngineSpec
 
-    spec = EngineSpec(
-        model=model, connector=connector, block_size=block_size, max_model_len=max_model_len, dtype=dtype
-    )
+    spec = EngineSpec(model=model, connector=connector, block_size=block_size, max_model_len=max_model_len, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="lmct-warm-") as d:
         job, log = Path(d, "job.json"), Path(d, "engine.log")
         from dataclasses import asdict

@@ -71,9 +71,7 @@ def workdir():
 def model_dir(workdir):
     from lmcache_triton.testing import build_tiny_model
 
-    return str(
-        build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2)
-    )
+    return str(build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2))
 
 
 def warm_args(model_dir: str, prompts: Path, disk: Path) -> list[str]:
@@ -290,9 +288,7 @@ def test_warm_jsonl_adds_chunks(disk, model_dir, tmp_path):
 
     before = len(chunk_files(disk))
     prompts = tmp_path / "more.jsonl"
-    prompts.write_text(
-        "".join(json.dumps({"prompt": sample_prompt(model_dir, 150, seed=s)}) + "\n" for s in (11, 12))
-    )
+    prompts.write_text("".join(json.dumps({"prompt": sample_prompt(model_dir, 150, seed=s)}) + "\n" for s in (11, 12)))
     r = cli(*warm_args(model_dir, prompts, disk))
     assert r.exit_code == 0, r.output
     after = len(chunk_files(disk))
@@ -356,17 +352,13 @@ def test_serve_real_server(workdir, model_dir, tmp_path):
         "--no-enable-prefix-caching",
     ]
     with open(tmp_path / "server.log", "w") as log:  # the server keeps its own copy of the handle
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True
-        )
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, "server exited:\n" + (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (
-                "no /health in 180 s:\n" + (tmp_path / "server.log").read_text()[-3000:]
-            )
+            assert time.monotonic() < deadline, "no /health in 180 s:\n" + (tmp_path / "server.log").read_text()[-3000:]
             try:
                 if _get(base + "/health", timeout=2)[0] == 200:
                     break

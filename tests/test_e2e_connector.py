@@ -114,7 +114,8 @@ def disk_dir(workdir):
 
 @pytest.fixture(scope="module")
 def llm(model_dir, disk_dir):
-    engine = start_engine(EngineSpec(model=model_dir, block_size=BLOCK, connector=connector_config(disk_dir)))
+    cfg = connector_config(disk_dir, save_decode_cache=True)
+    engine = start_engine(EngineSpec(model=model_dir, block_size=BLOCK, connector=cfg))
     yield engine
     shutdown(engine)
 
@@ -188,6 +189,18 @@ def test_damaged_disk_file_recomputes(llm, model_dir, disk_dir, baseline):
     r = run_in_subprocess(spec, [DAMAGED], MAX_TOKENS)[0]
     assert_same(r, baseline["damaged"])
     assert not victim.exists(), "a damaged file must be removed, never served"
+
+
+def test_multi_turn_hits_decode_chunks(llm, model_dir):
+    """save_decode_cache: the chunks filled while decoding turn 1 serve turn 2's prompt."""
+    turn1 = _tokens(2 * CHUNK + 10, seed=9)
+    out1 = generate(llm, [turn1], 60)[0]["token_ids"]
+    turn2 = turn1 + out1 + _tokens(20, seed=10)
+    r = generate(llm, [turn2], MAX_TOKENS)[0]
+    # Chunks 0-1 come from the prompt, chunk 2 (prompt tail + 54 output tokens) from decoding.
+    assert r["num_cached_tokens"] == 3 * CHUNK
+    want = run_in_subprocess(EngineSpec(model=model_dir, block_size=BLOCK), [turn2], MAX_TOKENS)[0]
+    assert_same(r, want)
 
 
 def llm_flush(llm) -> None:

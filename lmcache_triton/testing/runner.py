@@ -37,6 +37,8 @@ class EngineSpec:
         max_model_len: context length.
         block_size: vLLM block size; None lets vLLM choose (CPU needs a multiple of 32).
         extra_args: more `vllm.LLM(...)` keyword arguments.
+        by_name: name the connector `LMCacheTritonConnector` (registered by our
+            `vllm.general_plugins` entry point) instead of giving its module path.
     """
 
     model: str
@@ -47,11 +49,21 @@ class EngineSpec:
     block_size: int | None = None
     dtype: str = "float32"
     extra_args: dict[str, Any] = field(default_factory=dict)
+    by_name: bool = False
 
 
-def kv_transfer_config(extra: dict[str, Any]):
+def kv_transfer_config(extra: dict[str, Any], by_name: bool = False):
     from vllm.config import KVTransferConfig
 
+    if by_name:
+        from lmcache_triton.integration.vllm.plugin import CONNECTOR_NAME
+
+        return KVTransferConfig(
+            kv_connector=CONNECTOR_NAME,
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=dict(extra),
+        )
     return KVTransferConfig(
         kv_connector=CONNECTOR_CLASS,
         kv_connector_module_path=CONNECTOR_MODULE,
@@ -85,7 +97,7 @@ def start_engine(spec: EngineSpec):
     if spec.block_size is not None:
         kwargs["block_size"] = spec.block_size
     if spec.connector is not None:
-        kwargs["kv_transfer_config"] = kv_transfer_config(spec.connector)
+        kwargs["kv_transfer_config"] = kv_transfer_config(spec.connector, spec.by_name)
     kwargs.update(spec.extra_args)
     return LLM(**kwargs)
 
@@ -180,11 +192,22 @@ def run_in_subprocess(
     with tempfile.TemporaryDirectory() as d:
         spec_path, out_path = os.path.join(d, "spec.json"), os.path.join(d, "out.json")
         with open(spec_path, "w") as f:
-            json.dump({"spec": asdict(spec), "prompts": list(prompts), "max_tokens": max_tokens,
-                       "measure_ttft": measure_ttft, "ttft_from_metrics": ttft_from_metrics}, f)
+            json.dump(
+                {
+                    "spec": asdict(spec),
+                    "prompts": list(prompts),
+                    "max_tokens": max_tokens,
+                    "measure_ttft": measure_ttft,
+                    "ttft_from_metrics": ttft_from_metrics,
+                },
+                f,
+            )
         proc = subprocess.run(
             [sys.executable, "-m", "lmcache_triton.testing.runner", spec_path, out_path],
-            env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"engine subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

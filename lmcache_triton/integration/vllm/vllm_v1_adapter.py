@@ -180,6 +180,8 @@ class LMCacheTritonPromMetrics(KVConnectorPromMetrics):
 class _RequestState:
     spans: list[ChunkSpan]
     prompt_len: int
+    request: Any = None  # vLLM's Request (its all_token_ids grows while decoding)
+    extra: list[str] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_handled: int = 0  # leading chunks already stored, loaded or known cached
 
@@ -263,8 +265,6 @@ class LMCacheConnectorV1Impl:
         if self.config.enable_blending:
             # The blender slot: filled by lmcache_triton.blend when CacheBlend is enabled.
             self.blender = None
-        if self.config.save_decode_cache:
-            logger.warning("save_decode_cache is not supported yet: only prompt KV is saved")
 
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler()
@@ -290,7 +290,8 @@ class LMCacheConnectorV1Impl:
         st = self._states.get(request.request_id)
         if st is None:
             tokens = list(request.prompt_token_ids or [])
-            st = _RequestState(self.planner.spans(tokens, _extra_keys(request)), len(tokens))
+            extra = _extra_keys(request)
+            st = _RequestState(self.planner.spans(tokens, extra), len(tokens), request, extra)
             self._states[request.request_id] = st
         return st
 
@@ -330,7 +331,25 @@ class LMCacheConnectorV1Impl:
             # Loaded chunks are cached: never store them again.
             st.num_handled = max(st.num_handled, sum(1 for s in st.spans if s.start < end))
 
+    def _extend_for_decode(self, st: _RequestState, computed: int) -> None:
+        """save_decode_cache: add the whole chunks that decoding has filled (prompt + output
+        tokens), so a follow-up turn that repeats the conversation hits them too."""
+        cs = self.config.chunk_size
+        n_full = computed // cs
+        have_full = sum(1 for s in st.spans if s.num_tokens == cs)
+        if n_full <= have_full or st.request is None:
+            return
+        tokens = list(st.request.all_token_ids[: n_full * cs])
+        if len(tokens) < n_full * cs:
+            return
+        # The prompt's partial chunk (already stored under its own key) gives way to the
+        # whole chunk that now covers those tokens.
+        st.num_handled = min(st.num_handled, have_full)
+        st.spans = self.planner.spans(tokens, st.extra)
+
     def _plan_stores(self, st: _RequestState, computed: int, meta: LMCacheTritonMetadata) -> None:
+        if self.config.save_decode_cache and computed > st.prompt_len:
+            self._extend_for_decode(st, computed)
         while st.num_handled < len(st.spans):
             span = st.spans[st.num_handled]
             if span.end > computed:
@@ -517,7 +536,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._impl.wait_for_layer_load(layer_name)
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
         self._impl.save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs)
 
     def wait_for_save(self):

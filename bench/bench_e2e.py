@@ -1,0 +1,169 @@
+"""End-to-end TTFT on a real vLLM engine: miss, CPU-tier hit, disk-tier hit, no connector.
+
+A locally generated Llama-style model (float32, ~40M parameters by default) large enough that
+prefill dominates; vLLM's prefix cache is OFF so the connector must serve every hit.
+
+TTFT is the wall time of a 1-token generation (prefill + one sample) inside the engine's process,
+after start-up, median over `--reps` prompts (each miss needs a prompt never seen before):
+  no connector   engine without kv_transfer_config                     (one process)
+  miss           engine with the connector, prompt not cached          (same process as hit)
+  CPU hit        the same prompt again: chunks come from the CPU tier
+  disk hit       a NEW process on the same disk directory: chunks come from disk
+Targets (issue 4): hit TTFT <= 10% of miss TTFT (aim 5%); miss overhead <= 5% vs no connector.
+
+Usage: python bench/bench_e2e.py [--tokens 4096] [--reps 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lmcache_triton.testing import build_tiny_model  # noqa: E402
+from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess  # noqa: E402
+
+CSV = Path(__file__).with_name("results_e2e.csv")
+BENCH_MODEL = dict(
+    arch="llama",
+    hidden_size=512,
+    num_layers=12,
+    num_heads=8,
+    num_kv_heads=4,
+    head_size=64,
+    intermediate_size=1536,
+    vocab_size=4096,
+    initializer_range=0.15,
+    dtype="float32",
+    seed=0,
+)
+
+
+def _prompts(n: int, tokens: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, 2600) for _ in range(tokens)] for _ in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="1k tokens, 1 rep, a smaller model")
+    args = ap.parse_args()
+    model_params = dict(BENCH_MODEL)
+    if args.quick:
+        args.tokens, args.reps = 1024, 1
+        model_params.update(hidden_size=256, num_layers=4)
+
+    work = Path(tempfile.mkdtemp(prefix="lmct-bench-e2e-"))
+    (work / "tmp").mkdir()
+    env = {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
+    model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / "bench-e2e", **model_params))
+    n_params = _count_params(model)
+    max_len = args.tokens + 64
+    prompts = _prompts(args.reps, args.tokens - 1, seed=1)  # + BOS-free token ids, exact length
+    disk = work / "disk"
+    connector = {
+        "lmcache.chunk_size": args.chunk_size,
+        "lmcache.local_disk": str(disk),
+        "lmcache.max_local_disk_size": 4,
+        "lmcache.max_local_cpu_size": 2,
+    }
+    base = dict(model=model, block_size=32, max_model_len=max_len, extra_args={"max_num_batched_tokens": max_len})
+
+    print(f"model: {n_params / 1e6:.1f}M params float32; prompt {args.tokens} tokens; reps {args.reps}", flush=True)
+    print("no connector ...", flush=True)
+    plain = run_in_subprocess(EngineSpec(**base), prompts, 1, measure_ttft=True, env=env)
+    print("connector: miss then CPU hit ...", flush=True)
+    both = run_in_subprocess(
+        EngineSpec(**base, connector=connector), [p for p in prompts for _ in (0, 1)], 1, measure_ttft=True, env=env
+    )
+    miss, cpu_hit = both[0::2], both[1::2]
+    print("connector, new process: disk hit ...", flush=True)
+    disk_hit = run_in_subprocess(EngineSpec(**base, connector=connector), prompts, 1, measure_ttft=True, env=env)
+
+    rows = {
+        "no connector": plain,
+        "miss": miss,
+        "CPU hit": cpu_hit,
+        "disk hit": disk_hit,
+    }
+    med = {k: statistics.median(r["ttft"] for r in v) for k, v in rows.items()}
+    cached = {k: statistics.median(r["num_cached_tokens"] for r in v) for k, v in rows.items()}
+    print(f"\n{'case':<14}{'TTFT s':>10}{'vs miss':>10}{'cached tok':>12}")
+    for k in rows:
+        print(f"{k:<14}{med[k]:>10.3f}{med[k] / med['miss']:>10.1%}{cached[k]:>12.0f}")
+    overhead = med["miss"] / med["no connector"] - 1
+    print(f"\nconnector overhead on a miss: {overhead:+.1%} (target <= 5%)")
+    cpu_frac, disk_frac = med["CPU hit"] / med["miss"], med["disk hit"] / med["miss"]
+    print(f"CPU hit / miss: {cpu_frac:.1%}, disk hit / miss: {disk_frac:.1%} (target <= 10%)")
+
+    import torch
+    import vllm
+
+    new = not CSV.exists()
+    with CSV.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(
+                [
+                    "date",
+                    "machine",
+                    "torch",
+                    "vllm",
+                    "model_params_M",
+                    "prompt_tokens",
+                    "chunk_size",
+                    "reps",
+                    "case",
+                    "ttft_s",
+                    "frac_of_miss",
+                    "cached_tokens",
+                ]
+            )
+        for k in rows:
+            w.writerow(
+                [
+                    dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                    f"{platform.machine()} x{os.cpu_count()} CPU",
+                    torch.__version__,
+                    vllm.__version__,
+                    f"{n_params / 1e6:.1f}",
+                    args.tokens,
+                    args.chunk_size,
+                    args.reps,
+                    k,
+                    f"{med[k]:.4f}",
+                    f"{med[k] / med['miss']:.4f}",
+                    f"{cached[k]:.0f}",
+                ]
+            )
+    print(f"appended to {CSV}")
+
+
+def _count_params(model_dir: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
+        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open has no __iter__)
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The engine without vLLM: chunk planning, the scheduler's prefix index, store/load round trips.
+
+The paged cache is built the way vLLM builds it (one buffer, per-layer 4-D views), so the engine
+sees what the connector hands it; the tiers are real (CPU pool and a disk directory).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmcache_triton.config import LMCacheConfig
+from lmcache_triton.engine import ChunkPlanner, KVCacheEngine, PrefixIndex, chunk_key, make_namespace
+from lmcache_triton.kernels.geometry import allocate_paged_cache
+from lmcache_triton.storage.cpu import CpuTier
+from lmcache_triton.storage.disk import DiskTier
+from lmcache_triton.storage.manager import StorageManager
+
+LAYOUTS = ["LBHNC", "LHBNC", "BLNHC"]
+
+
+def _cache(layout="LBHNC", layers=3, blocks=12, heads=2, page=4, row=16, dtype=torch.float32, seed=0):
+    c5 = allocate_paged_cache(layout, layers, blocks, heads, page, row, dtype)
+    g = torch.Generator().manual_seed(seed)
+    c5.copy_(torch.randn(c5.shape, generator=g).to(dtype))
+    return c5, [c5[i] for i in range(layers)]
+
+
+def _engine(tmp_path, views, block_size, cpu=True, disk=True, meta=None):
+    storage = StorageManager(CpuTier(1 << 24) if cpu else None, DiskTier(tmp_path / "disk", 1 << 26) if disk else None)
+    eng = KVCacheEngine(storage, "0a" * 16, meta or {"model": "m", "layout": "L"})
+    eng.register(views, block_size)
+    return eng
+
+
+def test_planner_rejects_chunk_not_multiple_of_block():
+    with pytest.raises(ValueError, match="chunk_size \\(100\\) must be a multiple of vLLM's block size \\(32\\)"):
+        ChunkPlanner(LMCacheConfig(chunk_size=100), 32)
+
+
+def test_planner_spans_partial_and_blocks():
+    planner = ChunkPlanner(LMCacheConfig(chunk_size=64, save_unfull_chunk=True), 32)
+    spans = planner.spans(list(range(150)))
+    assert [(s.start, s.end) for s in spans] == [(0, 64), (64, 128), (128, 150)]
+    assert planner.blocks_of(spans[2], [7, 8, 9, 10, 11]) == [11]
+    assert planner.blocks_of(spans[1], [7, 8, 9, 10, 11]) == [9, 10]
+    with pytest.raises(ValueError, match="needs blocks"):
+        planner.blocks_of(spans[2], [7, 8])
+    no_partial = ChunkPlanner(LMCacheConfig(chunk_size=64, save_unfull_chunk=False), 32)
+    assert len(no_partial.spans(list(range(150)))) == 2
+    # Prefix chaining: a different first chunk changes every later digest.
+    other = planner.spans([999] + list(range(1, 150)))
+    assert all(a.digest != b.digest for a, b in zip(spans, other, strict=True))
+
+
+def test_prefix_index_needs_every_rank(tmp_path):
+    ns = [make_namespace(model="m", world_size=2, rank=r, kv_dtype="f32", chunk_size=64, layout="x") for r in (0, 1)]
+    assert ns[0] != ns[1]
+    idx = PrefixIndex(ns, str(tmp_path))
+    planner = ChunkPlanner(LMCacheConfig(chunk_size=64), 32)
+    spans = planner.spans(list(range(200)))
+    d = [s.digest for s in spans]
+    idx.report(0, d[:3], [])
+    assert idx.cached_prefix(spans) == 0, "rank 1 holds nothing: nothing is loadable"
+    idx.report(1, d[:1], [])
+    assert idx.cached_prefix(spans) == 1
+    # Rank 1's second chunk on disk (e.g. after a restart) counts too.
+    (tmp_path / (chunk_key(ns[1], d[1]) + ".safetensors")).write_bytes(b"x")
+    assert idx.cached_prefix(spans) == 2
+    idx.report(0, [], [d[0]])  # rank 0 evicted chunk 0: the prefix is broken at 0
+    assert idx.cached_prefix(spans) == 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tiers", ["cpu", "disk"])
+def test_store_then_load_is_bit_exact(tmp_path, layout, tiers):
+    c5, views = _cache(layout)
+    eng = _engine(tmp_path, views, block_size=4, cpu=tiers == "cpu", disk=tiers == "disk")
+    assert eng.store("ab" * 16, [5, 2, 9], num_tokens=12)
+    eng.storage.flush()
+    before = c5.clone()
+    c5[:, [0, 1, 3]] = float("nan")  # poison the destination blocks
+    expected = before.clone()
+    expected[:, [0, 1, 3]] = before[:, [5, 2, 9]]
+    assert eng.load("ab" * 16, [0, 1, 3])
+    assert torch.equal(c5.view(torch.int32), expected.view(torch.int32))
+    assert eng.stats.loaded_from == {tiers: 1}
+
+
+def test_load_skips_leading_blocks_and_maps_manager_blocks(tmp_path):
+    c5, views = _cache(page=4)
+    eng = _engine(tmp_path, views, block_size=8)  # a manager block = 2 kernel pages
+    assert eng.store("cd" * 16, [1, 3], num_tokens=16)  # pages 2,3,6,7
+    before = c5.clone()
+    assert eng.load("cd" * 16, [4, 5], skip_blocks=1)  # only manager block 5 -> pages 10,11
+    expected = before.clone()
+    expected[:, [10, 11]] = before[:, [6, 7]]
+    assert torch.equal(c5, expected), "skipped block 4 (pages 8,9) must stay untouched"
+
+
+def test_missing_or_mismatched_chunk_is_a_clean_miss(tmp_path):
+    c5, views = _cache()
+    eng = _engine(tmp_path, views, block_size=4)
+    before = c5.clone()
+    assert not eng.load("ee" * 16, [0, 1])
+    eng.store("ff" * 16, [0, 1, 2], num_tokens=12)
+    assert not eng.load("ff" * 16, [3, 4]), "a 3-block chunk must not load into 2 blocks"
+    assert torch.equal(c5, before)
+    assert eng.stats.load_errors == 2
+
+
+def test_foreign_layout_on_disk_is_never_loaded(tmp_path):
+    c5, views = _cache()
+    writer = _engine(tmp_path, views, block_size=4, cpu=False, meta={"model": "m", "layout": "A"})
+    writer.store("aa" * 16, [0], num_tokens=4)
+    writer.storage.flush()
+    reader = _engine(tmp_path, views, block_size=4, cpu=False, meta={"model": "m", "layout": "B"})
+    before = c5.clone()
+    assert not reader.load("aa" * 16, [5])
+    assert torch.equal(c5, before)
