@@ -25,3 +25,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    """A temp dir for one module's vLLM engines, and the environment they need.
+
+    vLLM writes sockets and caches under the temp dir and `~/.cache`: TMPDIR, VLLM_CACHE_ROOT and
+    Python's cached `tempfile.tempdir` point inside it. LMCACHE_* variables of the caller are
+    removed (a test states its configuration), PYTHONPATH names this checkout so engine child
+    processes import the code under test. Everything is restored afterwards.
+    """
+    import tempfile
+    from pathlib import Path
+
+    saved = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="lmct-e2e-") as d:
+        d = Path(d)
+        (d / "tmp").mkdir()
+        for k in [k for k in os.environ if k.startswith("LMCACHE_")]:
+            del os.environ[k]
+        os.environ.update(
+            TMPDIR=str(d / "tmp"),
+            VLLM_CACHE_ROOT=str(d / "vllm-cache"),
+            VLLM_CPU_KVCACHE_SPACE="1",
+            PYTHONPATH=os.pathsep.join([REPO, *filter(None, [saved.get("PYTHONPATH")])]),
+        )
+        old_tempdir, tempfile.tempdir = tempfile.tempdir, str(d / "tmp")
+        try:
+            yield d
+        finally:
+            tempfile.tempdir = old_tempdir
+            os.environ.clear()
+            os.environ.update(saved)

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -45,26 +44,6 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def workdir():
-    """Temp dirs for vLLM (TMPDIR, VLLM_CACHE_ROOT), no LMCACHE_* from the caller's environment."""
-    saved = dict(os.environ)
-    with tempfile.TemporaryDirectory(prefix="lmct-cli-") as d:
-        d = Path(d)
-        (d / "tmp").mkdir()
-        for k in [k for k in os.environ if k.startswith("LMCACHE_")]:
-            del os.environ[k]
-        os.environ.update(
-            TMPDIR=str(d / "tmp"),
-            VLLM_CACHE_ROOT=str(d / "vllm-cache"),
-            VLLM_CPU_KVCACHE_SPACE="1",
-            PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [saved.get("PYTHONPATH")])]),
-        )
-        old_tempdir, tempfile.tempdir = tempfile.tempdir, str(d / "tmp")
-        yield d
-        tempfile.tempdir = old_tempdir
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

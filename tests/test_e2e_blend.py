@@ -16,9 +16,7 @@ The model is float32 (token-mappable CPU pages); block 32, chunk 64.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,22 +48,6 @@ DOC_D = _tokens(66, seed=14)
 QUESTION = _tokens(21, seed=15)
 
 
-@pytest.fixture(scope="module")
-def workdir():
-    with tempfile.TemporaryDirectory(prefix="lmct-blend-") as d:
-        d = Path(d)
-        old = {k: os.environ.get(k) for k in ("TMPDIR", "VLLM_CACHE_ROOT")}
-        (d / "tmp").mkdir()
-        os.environ["TMPDIR"] = str(d / "tmp")
-        os.environ["VLLM_CACHE_ROOT"] = str(d / "vllm-cache")
-        old_tempdir, tempfile.tempdir = tempfile.tempdir, str(d / "tmp")
-        yield d
-        tempfile.tempdir = old_tempdir
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _model(workdir: Path, arch: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,24 +53,6 @@ PROMPTS = {
     "restart": RESTART,
     "damaged": DAMAGED,
 }
-
-
-@pytest.fixture(scope="module")
-def workdir():
-    with tempfile.TemporaryDirectory(prefix="lmct-e2e-") as d:
-        d = Path(d)
-        old = {k: os.environ.get(k) for k in ("TMPDIR", "VLLM_CACHE_ROOT")}
-        (d / "tmp").mkdir()
-        os.environ["TMPDIR"] = str(d / "tmp")
-        os.environ["VLLM_CACHE_ROOT"] = str(d / "vllm-cache")
-        old_tempdir, tempfile.tempdir = tempfile.tempdir, str(d / "tmp")
-        yield d
-        tempfile.tempdir = old_tempdir
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

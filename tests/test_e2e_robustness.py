@@ -11,10 +11,7 @@ connector's scheduler holds no per-request state (nothing leaks).
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -32,20 +29,6 @@ LOGPROB_ATOL = 2e-3
 _rng = random.Random(11)
 PROMPTS = [[_rng.randrange(4, 2000) for _ in range(400)] for _ in range(4)]
 ABORTED = [_rng.randrange(4, 2000) for _ in range(600)]
-
-
-@pytest.fixture(scope="module")
-def workdir():
-    with tempfile.TemporaryDirectory(prefix="lmct-robust-") as d:
-        d = Path(d)
-        (d / "tmp").mkdir()
-        old = {k: os.environ.get(k) for k in ("TMPDIR", "VLLM_CACHE_ROOT")}
-        os.environ["TMPDIR"], os.environ["VLLM_CACHE_ROOT"] = str(d / "tmp"), str(d / "vllm-cache")
-        old_tempdir, tempfile.tempdir = tempfile.tempdir, str(d / "tmp")
-        yield d
-        tempfile.tempdir = old_tempdir
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")
