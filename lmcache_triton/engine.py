@@ -9,7 +9,8 @@ Two halves, one per vLLM role, neither imports vLLM:
   The CPU tier lives in the worker processes, so the scheduler keeps a mirror of it, fed by
   the keys the workers report after each step; the disk tier is checked directly (one
   `stat` per chunk and rank), so it is right across processes and restarts without an index.
-* `KVCacheEngine` (worker role): `store` gathers a chunk's pages out of the paged cache in
+* `KVCacheEngine` (worker role): `lookup` counts the cached prefix in this process's tiers;
+  `store` gathers a chunk's pages out of the paged cache in
   one kernel launch for all layers and hands the copy to the tiers; `load` fetches a chunk
   from the tiers and scatters it into the given blocks.
 
@@ -240,6 +241,19 @@ class KVCacheEngine:
 
     def key(self, digest: str) -> str:
         return chunk_key(self.namespace, digest)
+
+    def lookup(self, planner: ChunkPlanner, tokens: Sequence[int], extra: Sequence[str] = ()) -> int:
+        """Cached prefix length of `tokens` in this process's tiers, in tokens (chunk granular).
+
+        The scheduler asks `PrefixIndex` instead (it sees every rank); this is the one-process
+        view, for tools and tests.
+        """
+        n = 0
+        for span in planner.spans(tokens, extra):
+            if not self.storage.contains(self.key(span.digest)):
+                break
+            n = span.end
+        return n
 
     def store(self, digest: str, block_ids: Sequence[int], num_tokens: int) -> bool:
         """Copy the pages of `block_ids` out of the paged cache and hand them to the tiers.

@@ -87,6 +87,23 @@ def test_store_then_load_is_bit_exact(tmp_path, layout, tiers):
     assert eng.stats.loaded_from == {tiers: 1}
 
 
+def test_lookup_counts_the_cached_prefix(tmp_path):
+    c5, views = _cache(page=4, blocks=40)
+    eng = _engine(tmp_path, views, block_size=4)
+    planner = ChunkPlanner(LMCacheConfig(chunk_size=8, save_unfull_chunk=True), 4)
+    tokens = list(range(30))
+    spans = planner.spans(tokens)
+    assert eng.lookup(planner, tokens) == 0
+    eng.store(spans[0].digest, [0, 1], 8)
+    eng.store(spans[2].digest, [4, 5], 8)  # a gap at chunk 1: only chunk 0 counts
+    assert eng.lookup(planner, tokens) == 8
+    eng.store(spans[1].digest, [2, 3], 8)
+    assert eng.lookup(planner, tokens) == 24
+    eng.store(spans[3].digest, [6], 6)  # the partial tail
+    assert eng.lookup(planner, tokens) == 30
+    assert eng.lookup(planner, tokens, extra=("lora:x",)) == 0, "extra keys change every digest"
+
+
 def test_load_skips_leading_blocks_and_maps_manager_blocks(tmp_path):
     c5, views = _cache(page=4)
     eng = _engine(tmp_path, views, block_size=8)  # a manager block = 2 kernel pages
