@@ -29,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -266,18 +267,26 @@ class KVCacheEngine:
             return True
         t0 = time.perf_counter()
         ids = self._page_ids(block_ids)
-        buf = torch.empty(self.chunk_shape(len(block_ids)), dtype=self.flat.dtype, device=self.flat.device)
-        self._gather(self.flat, self.geom, ids, buf)
-        if buf.is_cuda:
-            buf = buf.to("cpu")
-        ok = self.storage.put(key, buf, {**self.meta, "num_tokens": str(num_tokens)})
+        shape = self.chunk_shape(len(block_ids))
+        if self.flat.is_cuda:
+            # Gather on the GPU (one launch, all layers), then one copy into the pinned pool buffer.
+            staged = torch.empty(shape, dtype=self.flat.dtype, device=self.flat.device)
+            self._gather(self.flat, self.geom, ids, staged)
+            fill = lambda dst: dst.copy_(staged)
+        else:
+            # Gather straight into the CPU tier's pooled buffer: one copy, no allocation.
+            fill = lambda dst: self._gather(self.flat, self.geom, ids, dst)
+        ok = self.storage.put_fill(key, self.flat.dtype, shape, fill, self._meta(num_tokens))
         self.stats.store_seconds += time.perf_counter() - t0
         if ok:
             self.stats.stored_chunks += 1
-            self.stats.stored_bytes += buf.numel() * buf.element_size()
+            self.stats.stored_bytes += math.prod(shape) * self.flat.element_size()
         else:
             self.stats.store_errors += 1
         return ok
+
+    def _meta(self, num_tokens: int) -> dict[str, str]:
+        return {**self.meta, "num_tokens": str(num_tokens)}
 
     def load(self, digest: str, block_ids: Sequence[int], skip_blocks: int = 0) -> bool:
         """Fetch a chunk from the tiers and scatter it into `block_ids`.
@@ -291,29 +300,27 @@ class KVCacheEngine:
             False when the chunk is missing, damaged or of another shape: nothing was written.
         """
         t0 = time.perf_counter()
-        got = self.storage.get_with_tier(self.key(digest), expect=self.meta)
-        tensor, tier = got if got is not None else (None, None)
         expected = self.chunk_shape(len(block_ids))
-        if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != self.flat.dtype:
-            if tensor is not None:
-                logger.warning(
-                    "chunk %s has shape %s %s, expected %s %s: not loaded",
-                    digest[:12],
-                    tuple(tensor.shape),
-                    tensor.dtype,
-                    expected,
-                    self.flat.dtype,
-                )
-            self.stats.load_errors += 1
-            return False
-        if skip_blocks:
-            tensor = tensor[:, skip_blocks * self.pages_per_block :].contiguous()
-            block_ids = list(block_ids)[skip_blocks:]
-        if len(block_ids):
-            src = tensor.to(self.flat.device, non_blocking=True) if self.flat.is_cuda else tensor
-            self._scatter(src, self.flat, self.geom, self._page_ids(block_ids))
+        with self.storage.open_chunk(self.key(digest), expect=self.meta) as got:
+            tensor, tier = got if got is not None else (None, None)
+            if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != self.flat.dtype:
+                if tensor is not None:
+                    logger.warning(
+                        "chunk %s has shape %s %s, expected %s %s: not loaded",
+                        digest[:12], tuple(tensor.shape), tensor.dtype, expected, self.flat.dtype,
+                    )
+                self.stats.load_errors += 1
+                return False
+            nbytes = tensor.numel() * tensor.element_size()
+            if skip_blocks:
+                tensor = tensor[:, skip_blocks * self.pages_per_block :].contiguous()
+                block_ids = list(block_ids)[skip_blocks:]
+            if len(block_ids):
+                # Blocking host->device copy: a held CPU-tier buffer may be reused once released.
+                src = tensor.to(self.flat.device) if self.flat.is_cuda else tensor
+                self._scatter(src, self.flat, self.geom, self._page_ids(block_ids))
         self.stats.load_seconds += time.perf_counter() - t0
         self.stats.loaded_chunks += 1
-        self.stats.loaded_bytes += tensor.numel() * tensor.element_size()
+        self.stats.loaded_bytes += nbytes
         self.stats.loaded_from[tier] = self.stats.loaded_from.get(tier, 0) + 1
         return True

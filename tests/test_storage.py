@@ -480,3 +480,41 @@ def test_manager_put_when_cpu_entries_are_held(disk):
     assert all(torch.equal(m.disk.get(key(i)), chunk(i)) for i in range(3))
     assert m.cpu.stats["held"] == 0
     m.close()
+
+
+def test_put_fill_writes_in_place_and_a_failed_fill_stores_nothing():
+    tier = CpuTier(1 << 20)
+    assert tier.put_fill("aa" * 8, torch.float32, (4, 8), lambda dst: dst.copy_(torch.arange(32.0).view(4, 8)))
+    assert torch.equal(tier.get("aa" * 8), torch.arange(32.0).view(4, 8))
+
+    def boom(dst):
+        raise RuntimeError("gather failed")
+
+    with pytest.raises(RuntimeError):
+        tier.put_fill("bb" * 8, torch.float32, (4, 8), boom)
+    assert not tier.contains("bb" * 8)
+    assert tier.stats["errors"] == 1
+
+
+def test_open_chunk_cpu_hit_is_held_not_copied(tmp_path):
+    cpu = CpuTier(3 * 4096)
+    mgr = StorageManager(cpu, DiskTier(tmp_path, 1 << 20))
+    mgr.put("aa" * 8, torch.full((1024,), 7.0))
+    mgr.flush()
+    with mgr.open_chunk("aa" * 8) as got:
+        tensor, tier = got
+        assert tier == "cpu"
+        # Pressure while held: the tier holds 3 chunks, so "dd" fits only by evicting; the held,
+        # least recently used "aa" must survive and "bb" go instead.
+        assert cpu.put("bb" * 8, torch.zeros(1024))
+        assert cpu.put("cc" * 8, torch.zeros(1024))
+        assert cpu.put("dd" * 8, torch.zeros(1024))
+        assert cpu.contains("aa" * 8) and not cpu.contains("bb" * 8)
+        assert torch.equal(tensor, torch.full((1024,), 7.0))
+    cpu.clear()
+    with mgr.open_chunk("aa" * 8) as got:  # CPU gone: read from disk, verified, promoted
+        tensor, tier = got
+        assert tier == "disk" and torch.equal(tensor, torch.full((1024,), 7.0))
+    assert cpu.contains("aa" * 8)
+    with mgr.open_chunk("ee" * 8) as got:
+        assert got is None

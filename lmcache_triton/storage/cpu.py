@@ -23,9 +23,10 @@ Invariants:
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -149,7 +150,20 @@ class CpuTier:
             True when stored (or already present), False when it cannot fit even after evicting
             every unheld entry.
         """
-        nbytes = tensor.numel() * tensor.element_size()
+        return self.put_fill(key, tensor.dtype, tuple(tensor.shape), lambda dst: dst.copy_(tensor), meta)
+
+    def put_fill(
+        self,
+        key: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        fill: Callable[[torch.Tensor], object],
+        meta: dict[str, str] | None = None,
+    ) -> bool:
+        """Store a chunk written in place: `fill(dst)` writes a pooled, contiguous `dst` of
+        `shape` and `dtype` (e.g. a gather kernel straight out of the paged cache: one copy, no
+        allocation). Same return as `put`; if `fill` raises, nothing is stored."""
+        nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -162,9 +176,9 @@ class CpuTier:
             if buf is None:
                 self._s.rejected += 1
                 return False
-            entry = _Entry(buf, tensor.dtype, tuple(tensor.shape), dict(meta or {}))
+            entry = _Entry(buf, dtype, tuple(shape), dict(meta or {}))
             try:
-                entry.view().copy_(tensor)
+                fill(entry.view())
             except Exception:
                 self._recycle(buf)
                 self._s.errors += 1

@@ -4,7 +4,10 @@ Primitives:
   `contains_prefix(keys)`  count of leading keys present in any tier (lookup stops at the first
                            miss: keys are prefix-chained, so a later hit cannot be used anyway).
   `get(key)`               CPU first, then disk; a disk hit is promoted into the CPU tier.
-  `put(key, tensor, meta)` copy into the CPU tier, and write to disk in the background.
+  `put(key, tensor, meta)` copy into the CPU tier, and write to disk in the background;
+  `put_fill(...)`          the same, the chunk written in place into the pooled buffer.
+  `open_chunk(key)`        a context: the CPU tier's own tensor (held, no copy) or a verified
+                           disk read (promoted into CPU).
   `stats()`, `close()`.
 
 Invariants:
@@ -18,6 +21,8 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -90,6 +95,9 @@ class StorageManager:
             t = self.cpu.get(key)
             if t is not None:
                 return t, "cpu"
+        return self._from_disk(key, expect)
+
+    def _from_disk(self, key: str, expect: dict[str, str] | None) -> tuple[torch.Tensor, str] | None:
         if self.disk is None:
             return None
         got = self.disk.get_with_meta(key, expect=expect)
@@ -110,11 +118,23 @@ class StorageManager:
         Returns:
             True when at least one tier took it (CPU stored it, or the disk write was queued).
         """
+        return self.put_fill(key, tensor.dtype, tuple(tensor.shape), lambda dst: dst.copy_(tensor), meta)
+
+    def put_fill(
+        self,
+        key: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        fill: Callable[[torch.Tensor], object],
+        meta: dict[str, str] | None = None,
+    ) -> bool:
+        """Like `put`, with the chunk written in place by `fill(dst)` (see `CpuTier.put_fill`):
+        into a pooled CPU buffer when the CPU tier takes it, else into a fresh tensor for disk."""
         meta = dict(meta or {})
         stored = False
         held = None
         if self.cpu is not None:
-            stored = self.cpu.put(key, tensor, meta)
+            stored = self.cpu.put_fill(key, dtype, shape, fill, meta)
             if stored and self.disk is not None:
                 held = self.cpu.hold(key)
         if self.disk is None:
@@ -131,8 +151,22 @@ class StorageManager:
 
             queued = self.disk.put(key, held, meta, on_done=release)
         else:
-            queued = self.disk.put(key, tensor.detach().to("cpu", copy=True), meta)
+            own = torch.empty(shape, dtype=dtype)
+            fill(own)
+            queued = self.disk.put(key, own, meta)
         return stored or queued
+
+    @contextmanager
+    def open_chunk(self, key: str, expect: dict[str, str] | None = None) -> Iterator[tuple[torch.Tensor, str] | None]:
+        """Context manager: `(chunk, tier)` or None. A CPU hit is the pooled tensor itself, held
+        (unevictable) inside the block and valid only there: no copy on the load path. A disk
+        hit is verified against `expect` and promoted into the CPU tier."""
+        if self.cpu is not None:
+            with self.cpu.acquire(key) as t:
+                if t is not None:
+                    yield t, "cpu"
+                    return
+        yield self._from_disk(key, expect)
 
     def stats(self) -> dict[str, Any]:
         return {
