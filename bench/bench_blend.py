@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,21 +38,14 @@ from lmcache_triton.blend.blender import blend_prefill, prefill_segment
 from lmcache_triton.blend.model import load_hf_weights, prefill
 from lmcache_triton.testing.tiny_model import build_tiny_model, sample_prompt
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name  # noqa: E402
+
 RESULTS_CSV = Path(__file__).with_name("results_blend.csv")
 CSV_FIELDS = ["device", "versions", "date", "op", "impl", "value"]
 RATIOS = [0.0, 0.05, 0.15, 0.3, 1.0]
 MODEL = dict(arch="llama", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
              intermediate_size=512, initializer_range=0.15, seed=0)
-
-
-def _device_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def _time_ms(fn) -> float:
@@ -159,7 +151,7 @@ def main() -> None:
         print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.2f} |")
 
     if not args.no_csv:
-        device = _device_name()
+        device = device_name()
         versions = (f"torch {torch.__version__}; triton {triton.__version__}; "
                     f"python {sys.version.split()[0]}")
         date = dt.date.today().isoformat()

@@ -21,6 +21,7 @@ import csv
 import datetime as dt
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,20 +36,11 @@ from lmcache_triton.kernels.reference import (
 )
 from lmcache_triton.kernels.rope import rerotate_k, rope_inv_freq
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name  # noqa: E402
+
 RESULTS_CSV = Path(__file__).with_name("results_blend_kernels.csv")
 CSV_FIELDS = ["device", "versions", "date", "op", "impl", "value"]
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def _time_ms(fn, device: str, reps: int) -> float:
@@ -122,7 +114,7 @@ def main() -> None:
             ),
         ]
 
-    name = _device_name(device)
+    name = device_name(device)
     versions = f"torch {torch.__version__}; triton {triton.__version__}; python {platform.python_version()}"
     date = dt.date.today().isoformat()
     print(f"{name} | {versions} | {date}")
