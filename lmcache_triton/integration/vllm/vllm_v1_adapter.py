@@ -21,6 +21,8 @@ Worker role (each Worker process):
                               launch for all layers) and hands them to the tiers; returns once
                               the copy is taken, so vLLM may reuse the blocks. Disk writes run
                               in the background.
+  handle_preemptions          not needed: no save is in flight after wait_for_save returns, so
+                              a preempted request's blocks hold nothing of ours.
   get_block_ids_with_load_errors  blocks of chunks that failed to load; run vLLM with
                               kv_load_failure_policy="recompute" so it recomputes them (the
                               default "fail" fails the request).
