@@ -105,16 +105,26 @@ class _Mismatch(Exception):
     """A sound file whose dtype/shape differ from the caller's `out`: a miss, file kept."""
 
 
+def _checksum_start(md: dict[str, str]) -> xxhash.xxh3_64:
+    h = xxhash.xxh3_64()
+    h.update(json.dumps({k: v for k, v in md.items() if k != "checksum"}, sort_keys=True).encode())
+    return h
+
+
 def _checksum(md: dict[str, str], mv: memoryview) -> str:
     """xxh3_64 over the metadata (canonical JSON, minus the checksum itself) and the payload.
 
     Covering the metadata too means a flipped header byte that still parses (say, in the model
     name) is caught, not only damage to the payload.
     """
-    h = xxhash.xxh3_64()
-    h.update(json.dumps({k: v for k, v in md.items() if k != "checksum"}, sort_keys=True).encode())
+    h = _checksum_start(md)
     h.update(mv)
     return "xxh3_64:" + h.hexdigest()
+
+
+# Reads hash each piece right after reading it, while it is still in cache: a whole-payload read
+# then a separate hash pass ran at 0.56 of a page-cache read for 32 MiB chunks (bench_storage).
+_READ_PIECE = 2 << 20
 
 
 def _payload_view(tensor: torch.Tensor) -> memoryview:
@@ -483,8 +493,12 @@ class DiskTier:
         else:
             tensor = out
         mv = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
-        _readinto_all(f, mv)
-        if _checksum(md, mv) != md.get("checksum"):
+        h = _checksum_start(md)
+        for start in range(0, len(mv), _READ_PIECE):
+            piece = mv[start : start + _READ_PIECE]
+            _readinto_all(f, piece)
+            h.update(piece)
+        if "xxh3_64:" + h.hexdigest() != md.get("checksum"):
             raise _Bad("checksum mismatch")
         return tensor, md
 
