@@ -518,3 +518,15 @@ def test_open_chunk_cpu_hit_is_held_not_copied(tmp_path):
     assert cpu.contains("aa" * 8)
     with mgr.open_chunk("ee" * 8) as got:
         assert got is None
+    # A damaged file read straight into a pool buffer: a miss, removed, nothing left in CPU.
+    mgr.put("ff" * 8, torch.full((1024,), 3.0))
+    mgr.flush()
+    cpu.clear()
+    path = next(p for p in tmp_path.iterdir() if p.name.startswith("ff" * 8))
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with mgr.open_chunk("ff" * 8) as got:
+        assert got is None
+    assert not cpu.contains("ff" * 8) and not path.exists()
+    assert cpu.stats["errors"] == 0

@@ -162,7 +162,8 @@ class CpuTier:
     ) -> bool:
         """Store a chunk written in place: `fill(dst)` writes a pooled, contiguous `dst` of
         `shape` and `dtype` (e.g. a gather kernel straight out of the paged cache: one copy, no
-        allocation). Same return as `put`; if `fill` raises, nothing is stored."""
+        allocation). Same return as `put`; if `fill` returns False or raises, nothing is stored
+        (a raise counts as an error and propagates)."""
         nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:
             entry = self._entries.get(key)
@@ -178,11 +179,14 @@ class CpuTier:
                 return False
             entry = _Entry(buf, dtype, tuple(shape), dict(meta or {}))
             try:
-                fill(entry.view())
+                filled = fill(entry.view())
             except Exception:
                 self._recycle(buf)
                 self._s.errors += 1
                 raise
+            if filled is False:  # the source had nothing after all (e.g. a damaged disk file)
+                self._recycle(buf)
+                return False
             self._entries[key] = entry
             return True
 

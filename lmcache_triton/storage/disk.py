@@ -438,6 +438,19 @@ class DiskTier:
         got = self.get_with_meta(key, expect, out)
         return None if got is None else got[0]
 
+    def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]] | None:
+        """`(dtype, shape)` from the file's header alone (no payload read), or None when the file
+        is missing or its header is unusable. Lets a caller read straight into a buffer of its own
+        (`get_with_meta(out=...)`), which then verifies the whole file."""
+        try:
+            with open(self._file(key), "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                hlen, header = _read_header(f, size)
+                _, dtype, shape, _ = _check_header(header, key, hlen, size)
+        except (OSError, _Bad):
+            return None
+        return dtype, tuple(shape)
+
     def get_with_meta(
         self, key: str, expect: dict[str, str] | None = None, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, str]] | None:
