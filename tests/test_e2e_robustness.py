@@ -139,3 +139,18 @@ def test_abort_mid_request_leaks_nothing(llm, baseline):
     r = generate(llm, [ABORTED], MAX_TOKENS)[0]
     _assert_same(r, baseline[-1])
     assert _connector_state(llm) == 0
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"lmcache.chunk_size": "abc"}, "chunk_size: expected a positive integer, got 'abc'"),
+        ({"lmcache.chunk_size": 100}, "chunk_size (100) must be a multiple of vLLM's block size (32)"),
+    ],
+    ids=["not-a-number", "not-a-block-multiple"],
+)
+def test_bad_config_stops_startup_with_a_clear_message(model_dir, bad, message):
+    spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=bad)
+    with pytest.raises(RuntimeError) as err:
+        run_in_subprocess(spec, [[5, 6, 7]], 1, timeout=300)
+    assert message in str(err.value)
