@@ -140,9 +140,9 @@ def _first_engine(spec, prompt: str, tokens: int, warmup: str, log: Callable[[st
         log("request 2: the same prompt again (hit from the CPU tier)")
         cpu_hit = generate(llm, [prompt], MAX_TOKENS, ttft_from_metrics=True)[0]
         log("waiting for the disk writes")
-        from vllm.distributed.kv_transfer import get_kv_transfer_group
+        from lmcache_triton.integration.vllm.vllm_v1_adapter import flush_local_worker
 
-        get_kv_transfer_group()._impl.storage.flush()
+        flush_local_worker()
     finally:
         log("stopping the engine")
         shutdown(llm)

@@ -144,9 +144,9 @@ def _worker(job_path: str) -> int:
             skipped += 1
         emit(done=i + 1, total=len(prompts), skipped=skipped, tokens=tokens, stage="prefill")
     # In-process engine: the worker's tiers live here; wait for the background disk writes.
-    from vllm.distributed.kv_transfer import get_kv_transfer_group
+    from lmcache_triton.integration.vllm.vllm_v1_adapter import flush_local_worker
 
-    get_kv_transfer_group()._impl.storage.flush()
+    flush_local_worker()
     shutdown(llm)
     emit(done=len(prompts), total=len(prompts), skipped=skipped, tokens=tokens, stage="done", finished=True)
     return 0

@@ -186,9 +186,9 @@ def test_multi_turn_hits_decode_chunks(llm, model_dir):
 
 def llm_flush(llm) -> None:
     """Wait for the in-process worker's background disk writes."""
-    from vllm.distributed.kv_transfer import get_kv_transfer_group
+    from lmcache_triton.integration.vllm.vllm_v1_adapter import flush_local_worker
 
-    get_kv_transfer_group()._impl.storage.flush()
+    flush_local_worker()
 
 
 def test_tensor_parallel_two_ranks(model_dir, workdir, baseline):

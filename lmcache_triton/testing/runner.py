@@ -1,5 +1,8 @@
 """Run prompts through a real vLLM engine, with or without the lmcache_triton connector.
 
+It drives vLLM through its public offline API only (`LLM`, `SamplingParams`, `KVTransferConfig`);
+anything that reaches into the connector lives in `integration/vllm/`.
+
 Used by the end-to-end tests, the demo, `lmcache-triton warm` and bench/bench_e2e.py. In a
 separate process (`python -m lmcache_triton.testing.runner SPEC.json OUT.json`) it gives an
 honest "restart": nothing survives but what the disk tier wrote.

@@ -635,3 +635,24 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
 # The name the `vllm.general_plugins` entry point registers.
 LMCacheTritonConnector = LMCacheConnectorV1Dynamic
+
+
+def local_worker() -> LMCacheConnectorV1Impl | None:
+    """The worker-role core of this process's connector (an in-process engine:
+    VLLM_ENABLE_V1_MULTIPROCESSING=0), or None when this process holds none."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    if not has_kv_transfer_group():
+        return None
+    connector = get_kv_transfer_group()
+    impl = getattr(connector, "_impl", None)
+    if isinstance(impl, LMCacheConnectorV1Impl) and impl.role == KVConnectorRole.WORKER:
+        return impl
+    return None
+
+
+def flush_local_worker(timeout: float | None = None) -> bool:
+    """Wait for this process's background disk writes (see `local_worker`); True when none is
+    left or there is no local worker."""
+    impl = local_worker()
+    return True if impl is None else impl.storage.flush(timeout)
