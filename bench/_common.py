@@ -20,3 +20,16 @@ def device_name(device: str = "cpu") -> str:
     except OSError:
         pass
     return f"CPU {platform.processor() or platform.machine()} x{threads} threads"
+
+
+def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Append `rows` to the CSV at `path`, writing the header when the file is new."""
+    import csv
+
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    print(f"appended {len(rows)} rows to {path}")

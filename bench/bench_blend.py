@@ -22,7 +22,6 @@ Appends rows (device, versions, date, op, impl, value) to bench/results_blend.cs
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import statistics
 import sys
@@ -39,7 +38,7 @@ from lmcache_triton.blend.model import load_hf_weights, prefill
 from lmcache_triton.testing.tiny_model import build_tiny_model, sample_prompt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name  # noqa: E402
+from _common import append_csv, device_name  # noqa: E402
 
 RESULTS_CSV = Path(__file__).with_name("results_blend.csv")
 CSV_FIELDS = ["device", "versions", "date", "op", "impl", "value"]
@@ -163,13 +162,7 @@ def main() -> None:
                                 impl=f"ratio={r[0]}", value=f"{value:.4g}"))
         out.append(dict(device=device, versions=versions, date=date, op="blend_full_prefill_ms",
                         impl="prefill", value=f"{full_med:.4g}"))
-        new = not RESULTS_CSV.exists()
-        with RESULTS_CSV.open("a", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            if new:
-                wr.writeheader()
-            wr.writerows(out)
-        print(f"appended {len(out)} rows to {RESULTS_CSV}")
+        append_csv(RESULTS_CSV, CSV_FIELDS, out)
     if tmp is not None:
         tmp.cleanup()
 

@@ -17,7 +17,6 @@ Appends rows (device, versions, date, op, impl, value) to bench/results_blend_ke
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import platform
 import statistics
@@ -37,7 +36,7 @@ from lmcache_triton.kernels.reference import (
 from lmcache_triton.kernels.rope import rerotate_k, rope_inv_freq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name  # noqa: E402
+from _common import append_csv, device_name  # noqa: E402
 
 RESULTS_CSV = Path(__file__).with_name("results_blend_kernels.csv")
 CSV_FIELDS = ["device", "versions", "date", "op", "impl", "value"]
@@ -131,13 +130,7 @@ def main() -> None:
         rows.append(dict(device=name, versions=versions, date=date, op=op, impl=impl, value=f"{gbs:.3f}"))
 
     if not args.no_csv:
-        new = not RESULTS_CSV.exists()
-        with RESULTS_CSV.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
-        print(f"appended {len(rows)} rows to {RESULTS_CSV}")
+        append_csv(RESULTS_CSV, CSV_FIELDS, rows)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,12 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from lmcache_triton.config import LMCacheConfig
-from lmcache_triton.hashing import chunk_hashes, key_namespace
+from lmcache_triton.hashing import chunk_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +97,6 @@ class ChunkPlanner:
                 f"chunk {span.index} needs blocks [{first}, {last}) but the request has {len(block_ids)} blocks"
             )
         return list(block_ids[first:last])
-
-
-def make_namespace(*, model: str, world_size: int, rank: int, kv_dtype: str, chunk_size: int, layout: str) -> str:
-    """The namespace digest of one rank's chunks (see module invariants)."""
-    return key_namespace(model, world_size, rank, kv_dtype, chunk_size, layout)
 
 
 def chunk_key(namespace: str, digest: str) -> str:
@@ -172,18 +167,8 @@ class TransferStats:
     loaded_from: dict[str, int] = field(default_factory=dict)
 
     def take(self) -> dict:
-        out = {
-            "stored_chunks": self.stored_chunks,
-            "stored_bytes": self.stored_bytes,
-            "store_seconds": self.store_seconds,
-            "loaded_chunks": self.loaded_chunks,
-            "loaded_tokens": self.loaded_tokens,
-            "loaded_bytes": self.loaded_bytes,
-            "load_seconds": self.load_seconds,
-            "load_errors": self.load_errors,
-            "store_errors": self.store_errors,
-        }
-        for tier, n in self.loaded_from.items():
+        out = asdict(self)
+        for tier, n in out.pop("loaded_from").items():
             out[f"loaded_chunks_{tier}"] = n
         self.__init__()
         return out
@@ -194,7 +179,7 @@ class KVCacheEngine:
 
     Args:
         storage: the tiers (`storage.manager.StorageManager`).
-        namespace: this rank's namespace digest (`make_namespace`).
+        namespace: this rank's namespace digest (`hashing.key_namespace`).
         meta: header fields stored with every chunk (model, layout fingerprint, ...); a chunk
             whose header disagrees with them is never loaded.
     """
@@ -237,8 +222,7 @@ class KVCacheEngine:
         return ids.to(self.flat.device)
 
     def chunk_shape(self, num_blocks: int) -> tuple[int, ...]:
-        g = self.geom
-        return (g.num_layers, num_blocks * self.pages_per_block, g.num_heads, g.block_size, g.row_size)
+        return self.geom.chunk_shape(num_blocks * self.pages_per_block)
 
     def key(self, digest: str) -> str:
         return chunk_key(self.namespace, digest)
@@ -249,12 +233,9 @@ class KVCacheEngine:
         The scheduler asks `PrefixIndex` instead (it sees every rank); this is the one-process
         view, for tools and tests.
         """
-        n = 0
-        for span in planner.spans(tokens, extra):
-            if not self.storage.contains(self.key(span.digest)):
-                break
-            n = span.end
-        return n
+        spans = planner.spans(tokens, extra)
+        n = self.storage.contains_prefix([self.key(s.digest) for s in spans])
+        return spans[n - 1].end if n else 0
 
     def store(self, digest: str, block_ids: Sequence[int], num_tokens: int) -> bool:
         """Copy the pages of `block_ids` out of the paged cache and hand them to the tiers.

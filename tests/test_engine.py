@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lmcache_triton.config import LMCacheConfig
-from lmcache_triton.engine import ChunkPlanner, KVCacheEngine, PrefixIndex, chunk_key, make_namespace
+from lmcache_triton.engine import ChunkPlanner, KVCacheEngine, PrefixIndex, chunk_key
+from lmcache_triton.hashing import key_namespace
 from lmcache_triton.kernels.geometry import allocate_paged_cache
 from lmcache_triton.storage.cpu import CpuTier
 from lmcache_triton.storage.disk import DiskTier
@@ -54,7 +55,7 @@ def test_planner_spans_partial_and_blocks():
 
 
 def test_prefix_index_needs_every_rank(tmp_path):
-    ns = [make_namespace(model="m", world_size=2, rank=r, kv_dtype="f32", chunk_size=64, layout="x") for r in (0, 1)]
+    ns = [key_namespace("m", 2, r, "f32", 64, "x") for r in (0, 1)]
     assert ns[0] != ns[1]
     idx = PrefixIndex(ns, str(tmp_path))
     planner = ChunkPlanner(LMCacheConfig(chunk_size=64), 32)

@@ -68,14 +68,10 @@ class StorageManager:
             t = self.cpu.get(key, out)
             if t is not None:
                 return t
-        if self.disk is None:
-            return None
-        got = self.disk.get_with_meta(key)
+        got = self._from_disk(key, None)
         if got is None:
             return None
-        tensor, meta = got
-        if self.cpu is not None:
-            self.cpu.put(key, tensor, {k: v for k, v in meta.items() if k not in RESERVED_META})
+        tensor = got[0]
         if out is not None:
             out.copy_(tensor)
             return out

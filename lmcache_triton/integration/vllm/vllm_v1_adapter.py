@@ -53,7 +53,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 
 from lmcache_triton.config import LMCacheConfig, load_config
-from lmcache_triton.engine import ChunkPlanner, ChunkSpan, KVCacheEngine, PrefixIndex, make_namespace
+from lmcache_triton.engine import ChunkPlanner, ChunkSpan, KVCacheEngine, PrefixIndex
+from lmcache_triton.hashing import key_namespace
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -265,14 +266,7 @@ class LMCacheConnectorV1Impl:
             "world_size": str(self.world_size),
         }
         self.namespaces = [
-            make_namespace(
-                model=str(model),
-                world_size=self.world_size,
-                rank=r,
-                kv_dtype=kv_dtype,
-                chunk_size=self.config.chunk_size,
-                layout=self.layout,
-            )
+            key_namespace(str(model), self.world_size, r, kv_dtype, self.config.chunk_size, self.layout)
             for r in range(self.world_size)
         ]
         # The blender slot: CacheBlend halves (blend_connector.py), set per role when
