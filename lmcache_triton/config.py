@@ -188,32 +188,23 @@ def _split_list(raw: Any) -> list[Any] | None:
     return None
 
 
-def _ratios(key: str, raw: Any) -> list[float]:
-    expected = "a non-empty list of numbers in [0, 1] (comma-separated in env)"
-    items = _split_list(raw)
-    if not items:
-        raise _bad(key, expected, raw)
-    out = []
-    for item in items:
-        v = _to_float(item)
-        if v is None or not 0.0 <= v <= 1.0:
+def _list_of(convert: Callable[[Any], Any], ok: Callable[[Any], bool], expected: str):
+    """A parser of non-empty lists whose items `convert` (None on failure) and pass `ok`."""
+
+    def parse(key: str, raw: Any) -> list[Any]:
+        items = _split_list(raw)
+        values = [convert(item) for item in items or ()]
+        if not values or any(v is None or not ok(v) for v in values):
             raise _bad(key, expected, raw)
-        out.append(v)
-    return out
+        return values
+
+    return parse
 
 
-def _layers(key: str, raw: Any) -> list[int]:
-    expected = "a non-empty list of layer indices >= 0 (comma-separated in env)"
-    items = _split_list(raw)
-    if not items:
-        raise _bad(key, expected, raw)
-    out = []
-    for item in items:
-        v = _to_int(item)
-        if v is None or v < 0:
-            raise _bad(key, expected, raw)
-        out.append(v)
-    return out
+_ratios = _list_of(
+    _to_float, lambda v: 0.0 <= v <= 1.0, "a non-empty list of numbers in [0, 1] (comma-separated in env)"
+)
+_layers = _list_of(_to_int, lambda v: v >= 0, "a non-empty list of layer indices >= 0 (comma-separated in env)")
 
 
 def _opt_str(key: str, raw: Any) -> str | None:
