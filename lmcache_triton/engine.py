@@ -31,10 +31,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -105,50 +107,74 @@ def chunk_key(namespace: str, digest: str) -> str:
 
 
 class PrefixIndex:
-    """Scheduler-side view of what every rank can load (see module docstring).
+    """Scheduler-side view of what every rank holds in memory (see module docstring).
+
+    Only chunks a worker reported as held in its CPU tier -- verified, pinned against eviction
+    until the scheduler acknowledges their retirement -- count as cached. A file on disk only
+    makes a chunk worth prefetching.
 
     Args:
         namespaces: one namespace digest per rank.
         disk_dir: the disk tier's directory, or None when there is no disk tier.
+        failed_ttl: seconds a chunk whose prefetch failed is not asked for again; default 30.
     """
 
-    def __init__(self, namespaces: Sequence[str], disk_dir: str | None):
+    def __init__(self, namespaces: Sequence[str], disk_dir: str | None, failed_ttl: float = 30.0):
         self.namespaces = list(namespaces)
         self.disk_dir = disk_dir
-        self._cpu: list[set[str]] = [set() for _ in self.namespaces]
+        self.failed_ttl = failed_ttl
+        self._mem: list[set[str]] = [set() for _ in self.namespaces]
+        self._failed: dict[str, float] = {}  # digest -> monotonic time of the failure
         self._lock = threading.Lock()
 
-    def report(self, rank: int, stored: Sequence[str], evicted: Sequence[str]) -> None:
-        """Apply one worker's report: chunk digests it now holds in, or dropped from, its CPU tier."""
+    def report(self, rank: int, stored: Sequence[str], removed: Sequence[str], failed: Sequence[str] = ()) -> None:
+        """Apply one worker's report: digests it now holds in memory, digests it retired or
+        dropped, and digests it could not fetch from a slower tier."""
         with self._lock:
-            keys = self._cpu[rank]
-            keys.difference_update(evicted)
+            keys = self._mem[rank]
+            keys.difference_update(removed)
             keys.update(stored)
-
-    def _on_disk(self, rank: int, digest: str) -> bool:
-        if self.disk_dir is None:
-            return False
-        name = chunk_key(self.namespaces[rank], digest) + ".safetensors"
-        return os.path.exists(os.path.join(self.disk_dir, name))
+            now = time.monotonic()
+            for d in failed:
+                self._failed[d] = now
 
     def has(self, digest: str) -> bool:
-        """True when every rank holds this chunk in its CPU tier or on disk."""
+        """True when every rank holds this chunk in memory."""
         with self._lock:
-            return all(digest in self._cpu[r] or self._on_disk(r, digest) for r in range(len(self.namespaces)))
+            return all(digest in keys for keys in self._mem)
 
-    def cached_prefix(self, spans: Sequence[ChunkSpan]) -> int:
-        """Number of leading chunks of `spans` that every rank can load."""
+    def cached_prefix(self, spans: Sequence[ChunkSpan], satisfied_tokens: int = 0) -> int:
+        """Number of leading chunks of `spans` that every rank holds in memory; chunks that end
+        within the first `satisfied_tokens` (vLLM already has them) count without being held."""
         n = 0
         for span in spans:
-            if not self.has(span.digest):
+            if span.end > satisfied_tokens and not self.has(span.digest):
                 break
             n += 1
         return n
 
+    def on_disk(self, digest: str) -> bool:
+        """True when every rank has this chunk's file and no recent prefetch of it failed: worth
+        a prefetch, not a promise (the file may be damaged; the worker finds out)."""
+        if self.disk_dir is None:
+            return False
+        with self._lock:
+            t = self._failed.get(digest)
+            if t is not None:
+                if time.monotonic() - t < self.failed_ttl:
+                    return False
+                del self._failed[digest]
+        for ns in self.namespaces:
+            path = os.path.join(self.disk_dir, chunk_key(ns, digest) + ".safetensors")
+            if not os.path.isfile(path):
+                return False
+        return True
+
     def clear(self) -> None:
         with self._lock:
-            for keys in self._cpu:
+            for keys in self._mem:
                 keys.clear()
+            self._failed.clear()
 
 
 @dataclass
@@ -164,6 +190,8 @@ class TransferStats:
     load_seconds: float = 0.0
     load_errors: int = 0
     store_errors: int = 0
+    prefetched_chunks: int = 0
+    prefetch_errors: int = 0
     loaded_from: dict[str, int] = field(default_factory=dict)
 
     def take(self) -> dict:
@@ -174,17 +202,54 @@ class TransferStats:
         return out
 
 
+@dataclass
+class Progress:
+    """What finished in the background since the last `KVCacheEngine.poll()` (digests)."""
+
+    held: list[str] = field(default_factory=list)  # now held in memory: the scheduler may count them
+    failed: list[str] = field(default_factory=list)  # prefetches that found nothing usable
+
+
+@dataclass
+class _InFlight:
+    kind: str  # "store" | "load"
+    digest: str
+    key: str
+    done: Any  # torch.cuda.Event
+    tensor: torch.Tensor | None = None  # the CPU-tier buffer held for the copy
+
+
 class KVCacheEngine:
     """Worker-side mover between one paged KV cache and the storage tiers.
+
+    Protocol with the scheduler (device-agnostic; the vLLM adapter only carries the lists):
+
+    * A chunk is *held* once it sits, complete and verified, in this worker's CPU tier: the
+      engine takes a hold on it (never evicted) and `poll()` reports it. Only held chunks may be
+      promised by the scheduler, so a promised load cannot miss.
+    * To make room the engine picks held chunks to *retire* (`retire()`), reports them, and
+      frees them only when the scheduler acknowledges (`ack_retired`): every load the
+      scheduler planned before it saw the report reaches this worker first.
+    * `prefetch(digests)` reads chunks from the slower tiers (disk) into the CPU tier on a
+      background thread, verified there; completions come out of `poll()`.
+    * `store` / `load` move pages between the paged cache and the CPU tier. On CUDA both run on
+      a dedicated stream: the compute stream waits on events (no host synchronisation); a store
+      only waits for its gather (a device-to-device copy) before vLLM's next kernels may touch
+      the blocks, the device-to-host copy finishes behind. On CPU they are plain copies.
 
     Args:
         storage: the tiers (`storage.manager.StorageManager`).
         namespace: this rank's namespace digest (`hashing.key_namespace`).
         meta: header fields stored with every chunk (model, layout fingerprint, ...); a chunk
             whose header disagrees with them is never loaded.
+        retire_high / retire_low: when held bytes exceed `retire_high` of the CPU tier's bound,
+            the least recently used held chunks are retired down to `retire_low`; defaults
+            0.9 / 0.8.
     """
 
-    def __init__(self, storage, namespace: str, meta: dict[str, str]):
+    def __init__(
+        self, storage, namespace: str, meta: dict[str, str], retire_high: float = 0.9, retire_low: float = 0.8
+    ):
         self.storage = storage
         self.namespace = namespace
         self.meta = {**meta, "format_version": FORMAT_VERSION}
@@ -192,6 +257,20 @@ class KVCacheEngine:
         self.flat: torch.Tensor | None = None
         self.geom = None
         self.pages_per_block = 1
+        self.retire_high, self.retire_low = retire_high, retire_low
+        self._lock = threading.RLock()  # puts + holds of the CPU tier, bookkeeping below
+        self._held: dict[str, torch.Tensor] = {}  # key -> the held CPU-tier tensor
+        self._origin: dict[str, str] = {}  # key -> tier it came from ("cpu", "disk")
+        self._retiring: set[str] = set()
+        self._progress = Progress()
+        self._inflight: list[_InFlight] = []
+        self._stream = None
+        self._prefetch_q: queue.Queue | None = None
+        self._prefetching: set[str] = set()
+        self._prefetch_thread: threading.Thread | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ set-up
 
     def register(self, layer_views: Sequence[torch.Tensor], block_size: int) -> None:
         """Adopt vLLM's per-layer `[B, H, N, C]` views (in layer order) of one backing buffer.
@@ -213,19 +292,28 @@ class KVCacheEngine:
                 f"vLLM block size {block_size} is not a multiple of the cache page size {self.geom.block_size}"
             )
         self.pages_per_block = block_size // self.geom.block_size
+        if self.flat.is_cuda:
+            self._stream = torch.cuda.Stream(device=self.flat.device)
 
     def _page_ids(self, block_ids: Sequence[int]) -> torch.Tensor:
         r = self.pages_per_block
         ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
         if r > 1:
             ids = (ids[:, None] * r + torch.arange(r, dtype=torch.int64)[None, :]).reshape(-1)
-        return ids.to(self.flat.device)
+        if self.flat.is_cuda:
+            # Pinned, so the upload is asynchronous; the caching host allocator keeps the page
+            # until the copy has run.
+            return ids.pin_memory().to(self.flat.device, non_blocking=True)
+        return ids
 
     def chunk_shape(self, num_blocks: int) -> tuple[int, ...]:
         return self.geom.chunk_shape(num_blocks * self.pages_per_block)
 
     def key(self, digest: str) -> str:
         return chunk_key(self.namespace, digest)
+
+    def _meta(self, num_tokens: int) -> dict[str, str]:
+        return {**self.meta, "num_tokens": str(num_tokens)}
 
     def lookup(self, planner: ChunkPlanner, tokens: Sequence[int], extra: Sequence[str] = ()) -> int:
         """Cached prefix length of `tokens` in this process's tiers, in tokens (chunk granular).
@@ -237,27 +325,146 @@ class KVCacheEngine:
         n = self.storage.contains_prefix([self.key(s.digest) for s in spans])
         return spans[n - 1].end if n else 0
 
-    def store(self, digest: str, block_ids: Sequence[int], num_tokens: int) -> bool:
-        """Copy the pages of `block_ids` out of the paged cache and hand them to the tiers.
+    # ------------------------------------------------------------------ holds
 
-        Returns when the copy is taken (vLLM may reuse the blocks then); disk writes go on in
-        the background. Returns False when the tiers refused the chunk.
+    def _hold(self, digest: str, origin: str = "cpu") -> bool:
+        """Take the protocol hold on a chunk now complete in the CPU tier (caller has `_lock`);
+        `origin` names the tier it came from, for the load counters."""
+        key = self.key(digest)
+        if key in self._held:
+            return False
+        cpu = self.storage.cpu
+        if cpu is None or not self.storage.keep_in_cpu and digest not in self._prefetching:
+            return False
+        t = cpu.hold(key)
+        if t is None:
+            return False
+        self._held[key] = t
+        self._origin[key] = origin
+        self._progress.held.append(digest)
+        return True
+
+    def holds(self, digest: str) -> bool:
+        with self._lock:
+            return self.key(digest) in self._held
+
+    def retire(self) -> list[str]:
+        """Held chunks to give up, least recently used first, when held bytes pass the high
+        watermark; they stay loadable until `ack_retired`."""
+        cpu = self.storage.cpu
+        if cpu is None or cpu.max_bytes == 0:
+            return []
+        with self._lock:
+            used = sum(t.nbytes for k, t in self._held.items() if k not in self._retiring)
+            if used <= self.retire_high * cpu.max_bytes:
+                return []
+            out = []
+            for key in cpu.keys():  # noqa: SIM118 -- a CpuTier method (LRU order), not a dict
+                if used <= self.retire_low * cpu.max_bytes:
+                    break
+                t = self._held.get(key)
+                if t is None or key in self._retiring:
+                    continue
+                self._retiring.add(key)
+                used -= t.nbytes
+                out.append(key[len(self.namespace) :])
+            return out
+
+    def ack_retired(self, digests: Sequence[str]) -> None:
+        """The scheduler no longer counts these: release and drop them."""
+        with self._lock:
+            for digest in digests:
+                key = self.key(digest)
+                if key not in self._retiring:
+                    continue
+                self._retiring.discard(key)
+                t = self._held.pop(key, None)
+                self._origin.pop(key, None)
+                if t is not None:
+                    self.storage.cpu.release(key, t)
+                self.storage.cpu.remove(key)
+
+    def drop_all(self) -> list[str]:
+        """Release every hold not yet retiring and report them as retiring (reset)."""
+        with self._lock:
+            out = [k[len(self.namespace) :] for k in self._held if k not in self._retiring]
+            self._retiring.update(self._held)
+            return out
+
+    # ------------------------------------------------------------------ background progress
+
+    def _advance(self) -> None:
+        """Finish the copies on the transfer stream that are done (caller has `_lock`)."""
+        still = []
+        for f in self._inflight:
+            if f.done.query():
+                self._complete(f)
+            else:
+                still.append(f)
+        self._inflight = still
+
+    def poll(self) -> Progress:
+        """Finish what completed in the background (copies on the transfer stream, prefetches)
+        without waiting, and return the chunks now held and the prefetches that failed since
+        the last call."""
+        with self._lock:
+            self._advance()
+            out, self._progress = self._progress, Progress()
+            return out
+
+    def synchronize(self, prefetch_timeout: float | None = 0.0) -> bool:
+        """Wait for every copy on the transfer stream and, up to `prefetch_timeout` seconds
+        (None: no limit), for queued prefetches; what completes is reported by the next `poll`.
+        True when nothing is left in flight."""
+        if self._stream is not None:
+            self._stream.synchronize()
+        deadline = None if prefetch_timeout is None else time.monotonic() + prefetch_timeout
+        while True:
+            with self._lock:
+                self._advance()
+                idle = not self._prefetching and not self._inflight
+            if idle or (deadline is not None and time.monotonic() >= deadline):
+                return idle
+            time.sleep(0.002)
+
+    def _complete(self, f: _InFlight) -> None:
+        cpu = self.storage.cpu
+        if f.kind == "load":
+            cpu.release(f.key, f.tensor)
+            return
+        # A store: the bytes are in the CPU tier now.
+        cpu.release(f.key, f.tensor)
+        self.storage.write_back(f.key)
+        self._hold(f.digest)
+
+    # ------------------------------------------------------------------ store
+
+    def store(self, digest: str, block_ids: Sequence[int], num_tokens: int) -> bool:
+        """Copy the pages of `block_ids` out of the paged cache into the CPU tier.
+
+        vLLM may reuse the blocks as soon as this returns: on CPU the copy is done; on CUDA
+        the compute stream waits for the gather before its next kernel. The chunk is reported
+        held (`poll`) once its bytes are in the CPU tier; the disk write follows in the
+        background. Returns False when the tiers refused the chunk (full of held chunks):
+        a future miss, counted.
         """
         key = self.key(digest)
         if self.storage.contains(key):
             return True
         t0 = time.perf_counter()
-        ids = self._page_ids(block_ids)
         shape = self.chunk_shape(len(block_ids))
         if self.flat.is_cuda:
-            # Gather on the GPU (one launch, all layers), then one copy into the pinned pool buffer.
-            staged = torch.empty(shape, dtype=self.flat.dtype, device=self.flat.device)
-            self._gather(self.flat, self.geom, ids, staged)
-            fill = lambda dst: dst.copy_(staged)
+            ok = self._store_cuda(digest, key, block_ids, shape, num_tokens)
         else:
+            ids = self._page_ids(block_ids)
             # Gather straight into the CPU tier's pooled buffer: one copy, no allocation.
-            fill = lambda dst: self._gather(self.flat, self.geom, ids, dst)
-        ok = self.storage.put_fill(key, self.flat.dtype, shape, fill, self._meta(num_tokens))
+            with self._lock:
+                ok = self.storage.put_fill(
+                    key, self.flat.dtype, shape, lambda dst: self._gather(self.flat, self.geom, ids, dst),
+                    self._meta(num_tokens),
+                )
+                if ok:
+                    self._hold(digest)
         self.stats.store_seconds += time.perf_counter() - t0
         if ok:
             self.stats.stored_chunks += 1
@@ -266,42 +473,154 @@ class KVCacheEngine:
             self.stats.store_errors += 1
         return ok
 
-    def _meta(self, num_tokens: int) -> dict[str, str]:
-        return {**self.meta, "num_tokens": str(num_tokens)}
+    def _store_cuda(self, digest: str, key: str, block_ids, shape, num_tokens: int) -> bool:
+        compute = torch.cuda.current_stream(self.flat.device)
+        side = self._stream
+        side.wait_stream(compute)  # the pages are written by kernels queued so far
+        with torch.cuda.stream(side):
+            ids = self._page_ids(block_ids)
+            staged = torch.empty(shape, dtype=self.flat.dtype, device=self.flat.device)
+            self._gather(self.flat, self.geom, ids, staged)
+            gathered = torch.cuda.Event()
+            gathered.record(side)
+            with self._lock:
+                # The device->host copy lands in the tier's pinned buffer, held until it is
+                # done (never evicted or reused under the DMA); the disk write waits for it.
+                ok = self.storage.put_fill(
+                    key, self.flat.dtype, shape, lambda dst: dst.copy_(staged, non_blocking=True),
+                    self._meta(num_tokens), write_back=False,
+                )
+                held = self.storage.cpu.hold(key) if ok else None
+            done = torch.cuda.Event()
+            done.record(side)
+        # vLLM may hand the blocks to another request: its kernels run after our gather only.
+        compute.wait_event(gathered)
+        if held is None:
+            return False
+        with self._lock:
+            self._inflight.append(_InFlight("store", digest, key, done, held))
+        return True
+
+    # ------------------------------------------------------------------ load
 
     def load(self, digest: str, block_ids: Sequence[int], skip_blocks: int = 0) -> bool:
-        """Fetch a chunk from the tiers and scatter it into `block_ids`.
+        """Scatter a held chunk into `block_ids` (before this step's forward reads them).
 
         Args:
-            digest: the chunk's digest.
+            digest: the chunk's digest; it must be held (the scheduler promised it).
             block_ids: the blocks that hold the chunk's tokens, in order.
             skip_blocks: leading blocks not to overwrite (vLLM already holds them).
 
         Returns:
-            False when the chunk is missing, damaged or of another shape: nothing was written.
+            False when the chunk is not held or is of another shape: nothing was written.
         """
         t0 = time.perf_counter()
+        key = self.key(digest)
         expected = self.chunk_shape(len(block_ids))
-        with self.storage.open_chunk(self.key(digest), expect=self.meta) as got:
-            tensor, tier = got if got is not None else (None, None)
-            if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != self.flat.dtype:
-                if tensor is not None:
-                    logger.warning(
-                        "chunk %s has shape %s %s, expected %s %s: not loaded",
-                        digest[:12], tuple(tensor.shape), tensor.dtype, expected, self.flat.dtype,
-                    )
-                self.stats.load_errors += 1
-                return False
-            nbytes = tensor.numel() * tensor.element_size()
-            if skip_blocks:
-                tensor = tensor[:, skip_blocks * self.pages_per_block :].contiguous()
-                block_ids = list(block_ids)[skip_blocks:]
-            if len(block_ids):
-                # Blocking host->device copy: a held CPU-tier buffer may be reused once released.
-                src = tensor.to(self.flat.device) if self.flat.is_cuda else tensor
+        cpu = self.storage.cpu
+        with self._lock:
+            tensor = cpu.hold(key, count=True) if cpu is not None and key in self._held else None
+        if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != self.flat.dtype:
+            if tensor is not None:
+                logger.warning(
+                    "chunk %s has shape %s %s, expected %s %s: not loaded",
+                    digest[:12], tuple(tensor.shape), tensor.dtype, expected, self.flat.dtype,
+                )
+                cpu.release(key, tensor)
+            self.stats.load_errors += 1
+            return False
+        nbytes = tensor.numel() * tensor.element_size()
+        block_ids = list(block_ids)[skip_blocks:]
+        skip_pages = skip_blocks * self.pages_per_block
+        if not block_ids:
+            cpu.release(key, tensor)
+        elif self.flat.is_cuda:
+            compute = torch.cuda.current_stream(self.flat.device)
+            side = self._stream
+            side.wait_stream(compute)  # blocks freshly handed to this request may still be read
+            with torch.cuda.stream(side):
+                dev = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.flat.device)
+                dev.copy_(tensor, non_blocking=True)  # whole chunk from pinned memory: async
+                src = dev[:, skip_pages:].contiguous() if skip_pages else dev
                 self._scatter(src, self.flat, self.geom, self._page_ids(block_ids))
+                done = torch.cuda.Event()
+                done.record(side)
+            compute.wait_event(done)  # this step's forward reads the loaded pages
+            with self._lock:
+                self._inflight.append(_InFlight("load", digest, key, done, tensor))
+        else:
+            try:
+                src = tensor[:, skip_pages:].contiguous() if skip_pages else tensor
+                self._scatter(src, self.flat, self.geom, self._page_ids(block_ids))
+            finally:
+                cpu.release(key, tensor)
         self.stats.load_seconds += time.perf_counter() - t0
         self.stats.loaded_chunks += 1
         self.stats.loaded_bytes += nbytes
-        self.stats.loaded_from[tier] = self.stats.loaded_from.get(tier, 0) + 1
+        origin = self._origin.get(key, "cpu")
+        self.stats.loaded_from[origin] = self.stats.loaded_from.get(origin, 0) + 1
         return True
+
+    # ------------------------------------------------------------------ prefetch
+
+    def prefetch(self, digests: Sequence[str]) -> None:
+        """Bring these chunks from the slower tiers into the CPU tier, verified, in the
+        background; each ends in `poll()` as held or failed."""
+        todo = []
+        with self._lock:
+            for d in digests:
+                if self.key(d) in self._held or d in self._prefetching:
+                    continue
+                self._prefetching.add(d)
+                todo.append(d)
+            if not todo:
+                return
+            if self._prefetch_q is None:
+                self._prefetch_q = queue.Queue()
+                self._prefetch_thread = threading.Thread(
+                    target=self._prefetcher, name="lmcache-triton-prefetch", daemon=True
+                )
+                self._prefetch_thread.start()
+        for d in todo:
+            self._prefetch_q.put(d)
+
+    def _prefetcher(self) -> None:
+        while True:
+            digest = self._prefetch_q.get()
+            if digest is None:
+                return
+            ok = False
+            try:
+                ok = self._prefetch_one(digest)
+            except Exception:  # a hostile file must never take the worker down
+                logger.exception("lmcache_triton: prefetch of chunk %s failed", digest[:12])
+            with self._lock:
+                self._prefetching.discard(digest)
+                if ok:
+                    self.stats.prefetched_chunks += 1
+                else:
+                    self.stats.prefetch_errors += 1
+                    self._progress.failed.append(digest)
+
+    def _prefetch_one(self, digest: str) -> bool:
+        key = self.key(digest)
+        if self.storage.cpu is None:
+            return False
+        with self._lock:
+            if key in self._held:
+                return True
+            if any(f.key == key for f in self._inflight):
+                return False  # its store is still copying: it is reported held when done
+            if self.storage.cpu.contains(key) and key not in self._retiring:
+                return self._hold(digest) or key in self._held
+        # Read and verify outside the lock (seconds on a slow disk); the put takes it.
+        ok = self.storage.prefetch(
+            key, expect=self.meta, lock=self._lock, on_stored=lambda: self._hold(digest, "disk")
+        )
+        return ok and self.holds(digest)
+
+    def close(self) -> None:
+        if self._prefetch_q is not None:
+            self._prefetch_q.put(None)
+        if self.flat is not None:
+            self.synchronize()

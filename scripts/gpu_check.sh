@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, for a session lent a device machine (see the `device` tool):
-# the kernel tests natively (marker `gpu`, larger shapes) and the kernel benchmarks, everything
-# written under $OUT. Budget: a few minutes; run it with the device tool's timeout_s ~ 420:
+# the GPU-marked tests natively (kernels, the engine's asynchronous store/load on CUDA), the
+# kernel benchmarks, and the worker's store/load path on a vLLM-shaped cache with a matmul
+# loop beside it. Everything is written under $OUT. About 2-3 minutes; run it with the device
+# tool's timeout_s ~ 360:
 #
-#   run(command="bash scripts/gpu_check.sh", timeout_s=420)
+#   run(command="bash scripts/gpu_check.sh", timeout_s=360)
 #
 # The device image has torch, triton, safetensors, pyyaml and pytest but no vLLM: the connector's
 # end-to-end tests stay on CPU CI. Record the numbers in bench/RESULTS.md with the card's name.
@@ -15,10 +17,11 @@ PY=${PY:-python3}
 
 { nvidia-smi -L; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/device.txt"
 
-timeout 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_paged_copy.py tests/test_blend_kernels.py \
-    2>&1 | tee "$OUT/gpu_tests.log"
+timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_paged_copy.py tests/test_blend_kernels.py \
+    tests/test_engine.py 2>&1 | tee "$OUT/gpu_tests.log"
 echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 
-timeout 120 $PY bench/bench_paged_copy.py --csv "$OUT/results_paged_copy.csv" 2>&1 | tee "$OUT/bench_paged_copy.log"
-timeout 90 $PY bench/bench_blend_kernels.py 2>&1 | tee "$OUT/bench_blend_kernels.log"
+timeout 120 $PY bench/bench_transfers_gpu.py --csv "$OUT/results_transfers_gpu.csv" 2>&1 | tee "$OUT/bench_transfers_gpu.log"
+timeout 100 $PY bench/bench_paged_copy.py --csv "$OUT/results_paged_copy.csv" 2>&1 | tee "$OUT/bench_paged_copy.log"
+timeout 60 $PY bench/bench_blend_kernels.py 2>&1 | tee "$OUT/bench_blend_kernels.log"
 cp bench/results_blend_kernels.csv "$OUT/" 2>/dev/null || true

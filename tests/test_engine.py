@@ -27,11 +27,19 @@ def _cache(layout="LBHNC", layers=3, blocks=12, heads=2, page=4, row=16, dtype=t
     return c5, [c5[i] for i in range(layers)]
 
 
-def _engine(tmp_path, views, block_size, cpu=True, disk=True, meta=None):
-    storage = StorageManager(CpuTier(1 << 24) if cpu else None, DiskTier(tmp_path / "disk", 1 << 26) if disk else None)
+def _engine(tmp_path, views, block_size, cpu=True, disk=True, meta=None, cpu_bytes=1 << 24):
+    """An engine over real tiers; `cpu=False` is `local_cpu: false` (the CPU tier only stages)."""
+    tier = CpuTier(cpu_bytes) if (cpu or disk) else None
+    storage = StorageManager(tier, DiskTier(tmp_path / "disk", 1 << 26) if disk else None, keep_in_cpu=cpu)
     eng = KVCacheEngine(storage, "0a" * 16, meta or {"model": "m", "layout": "L"})
     eng.register(views, block_size)
     return eng
+
+
+def _prefetch(eng, *digests):
+    eng.prefetch(list(digests))
+    assert eng.synchronize(prefetch_timeout=30), "prefetch did not finish"
+    return eng.poll()
 
 
 def test_planner_rejects_chunk_not_multiple_of_block():
@@ -65,11 +73,20 @@ def test_prefix_index_needs_every_rank(tmp_path):
     assert idx.cached_prefix(spans) == 0, "rank 1 holds nothing: nothing is loadable"
     idx.report(1, d[:1], [])
     assert idx.cached_prefix(spans) == 1
-    # Rank 1's second chunk on disk (e.g. after a restart) counts too.
-    (tmp_path / (chunk_key(ns[1], d[1]) + ".safetensors")).write_bytes(b"x")
-    assert idx.cached_prefix(spans) == 2
-    idx.report(0, [], [d[0]])  # rank 0 evicted chunk 0: the prefix is broken at 0
+    assert idx.cached_prefix(spans, satisfied_tokens=64) == 1
+    # A file on disk is worth a prefetch, never a promise: it may be damaged.
+    for r in (0, 1):
+        (tmp_path / (chunk_key(ns[r], d[1]) + ".safetensors")).write_bytes(b"x")
+    assert idx.cached_prefix(spans) == 1
+    assert idx.on_disk(d[1]) and not idx.on_disk(d[2])
+    idx.report(0, [], [], failed=[d[1]])  # the prefetch found it damaged: not asked again soon
+    assert not idx.on_disk(d[1])
+    idx.report(0, [], [d[0]])  # rank 0 retired chunk 0: the prefix is broken at 0
     assert idx.cached_prefix(spans) == 0
+    # ... unless vLLM's own prefix cache already has those tokens.
+    idx.report(0, [d[1]], [])
+    idx.report(1, [d[1]], [])
+    assert idx.cached_prefix(spans, satisfied_tokens=64) == 2
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -79,6 +96,12 @@ def test_store_then_load_is_bit_exact(tmp_path, layout, tiers):
     eng = _engine(tmp_path, views, block_size=4, cpu=tiers == "cpu", disk=tiers == "disk")
     assert eng.store("ab" * 16, [5, 2, 9], num_tokens=12)
     eng.storage.flush()
+    if tiers == "disk":
+        # local_cpu off: the chunk left memory once written; a load needs a prefetch first.
+        assert eng.poll().held == [] and not eng.load("ab" * 16, [0, 1, 3])
+        assert _prefetch(eng, "ab" * 16).held == ["ab" * 16]
+    else:
+        assert eng.poll().held == ["ab" * 16]
     before = c5.clone()
     c5[:, [0, 1, 3]] = float("nan")  # poison the destination blocks
     expected = before.clone()
@@ -134,5 +157,72 @@ def test_foreign_layout_on_disk_is_never_loaded(tmp_path):
     writer.storage.flush()
     reader = _engine(tmp_path, views, block_size=4, cpu=False, meta={"model": "m", "layout": "B"})
     before = c5.clone()
+    assert _prefetch(reader, "aa" * 16).failed == ["aa" * 16]
     assert not reader.load("aa" * 16, [5])
     assert torch.equal(c5, before)
+
+
+def test_damaged_file_is_never_held(tmp_path):
+    c5, views = _cache()
+    writer = _engine(tmp_path, views, block_size=4, cpu=False)
+    writer.store("ab" * 16, [0, 1], num_tokens=8)
+    writer.storage.flush()
+    (path,) = (tmp_path / "disk").glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # one payload byte
+    path.write_bytes(bytes(data))
+    reader = _engine(tmp_path, views, block_size=4, cpu=False)
+    progress = _prefetch(reader, "ab" * 16)
+    assert progress.held == [] and progress.failed == ["ab" * 16]
+    assert not reader.holds("ab" * 16)
+    assert not path.exists(), "a damaged file is removed"
+
+
+def test_held_chunks_survive_pressure_until_the_retirement_is_acknowledged(tmp_path):
+    c5, views = _cache(blocks=12)
+    nbytes = 3 * 2 * 4 * 16 * 4  # layers * heads * page * row * fp32, one block
+    eng = _engine(tmp_path, views, block_size=4, disk=False, cpu_bytes=4 * nbytes)
+    for i in range(4):
+        assert eng.store(f"{i:02x}" * 16, [i], num_tokens=4)
+    assert len(eng.poll().held) == 4
+    # Full of held chunks: a new store is refused (a future miss), never an eviction of a
+    # chunk the scheduler may have promised.
+    assert not eng.store("ee" * 16, [5], num_tokens=4)
+    assert eng.stats.store_errors == 1
+    retiring = eng.retire()
+    assert retiring and retiring[0] == "00" * 16, "least recently used first"
+    assert eng.load(retiring[0], [6]), "a retiring chunk stays loadable until acknowledged"
+    eng.ack_retired(retiring)
+    assert not eng.holds(retiring[0]) and not eng.load(retiring[0], [6])
+    assert eng.store("ee" * 16, [5], num_tokens=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["LBNHC", "LBHNC"])
+def test_cuda_store_load_async_round_trip(layout):
+    """On CUDA: stores and loads run on the engine's own stream, ordered against the compute
+    stream by events: the sources are overwritten right after the stores, yet what loads back is
+    the stored bytes, bit-exact; skipped blocks stay untouched."""
+    c5 = allocate_paged_cache(layout, 4, 64, 2, 16, 80, torch.bfloat16, device="cuda")
+    c5.view(torch.int16).random_(-32768, 32767)
+    orig = c5.clone()
+    views = [c5[i] for i in range(4)]
+    storage = StorageManager(CpuTier(64 << 20, pin_memory=True), None)
+    eng = KVCacheEngine(storage, "0b" * 16, {"model": "m"})
+    eng.register(views, block_size=32)  # a manager block = 2 kernel pages
+    digests = [f"{i:02x}" * 16 for i in range(6)]
+    for i, d in enumerate(digests):
+        assert eng.store(d, [2 * i, 2 * i + 1], 64)  # pages 4i .. 4i+3
+    c5[:, :24] = 0  # queued on the compute stream right after the stores
+    eng.synchronize()
+    assert sorted(eng.poll().held) == digests
+    before = c5.clone()
+    for i, d in enumerate(digests):
+        assert eng.load(d, [16 + 2 * i, 17 + 2 * i], skip_blocks=1 if i == 5 else 0)
+    eng.synchronize()
+    expected = before.clone()
+    for i in range(5):
+        expected[:, 32 + 4 * i : 36 + 4 * i] = orig[:, 4 * i : 4 * i + 4]
+    expected[:, 54:56] = orig[:, 22:24]  # chunk 5 skipped its first manager block (pages 52, 53)
+    assert torch.equal(c5.view(torch.int16), expected.view(torch.int16))
+    assert storage.cpu.stats["held"] == len(digests), "only the protocol holds remain"

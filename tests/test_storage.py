@@ -452,34 +452,52 @@ def test_manager_tiers(disk):
 def test_manager_single_tiers(disk):
     only_cpu = StorageManager(CpuTier(1 << 20, pin_memory=False), None)
     assert only_cpu.put(key(1), chunk(1)) and torch.equal(only_cpu.get(key(1)), chunk(1))
-    only_disk = StorageManager(None, disk())
+    # local_cpu off: the CPU tier only stages the write; the chunk leaves memory once on disk.
+    only_disk = StorageManager(CpuTier(1 << 20, pin_memory=False), disk(), keep_in_cpu=False)
     src = chunk(2)
     assert only_disk.put(key(2), src)
     src.fill_(0)
     only_disk.flush(10)
+    assert not only_disk.cpu.contains(key(2)) and only_disk.cpu.stats["held"] == 0
     assert only_disk.contains_prefix([key(2)]) == 1 and torch.equal(only_disk.get(key(2)), chunk(2))
+    assert not StorageManager(None, disk()).put(key(3), chunk(3)), "no memory to stage a write in"
     assert not StorageManager(None, None).put(key(3), chunk(3))
 
 
-def test_manager_put_when_cpu_entries_are_held(disk):
-    # Chunks 0 and 1 are held for the (blocked) disk writer; chunk 2 cannot enter the CPU tier,
-    # so the disk tier gets a private copy: mutating the caller's tensor must not reach disk.
+def test_pending_writes_are_bounded_by_the_cpu_tier(disk):
+    # Chunks 0 and 1 are held for the (blocked) disk writer; chunk 2 finds no free buffer and
+    # is dropped (a future miss, counted), never copied aside: pending writes cannot grow memory.
     size = nbytes(chunk(0))
     m = StorageManager(CpuTier(2 * size, pin_memory=False), disk())
     gate = threading.Event()
     real = m.disk._write
     m.disk._write = lambda *a: gate.wait(10) and real(*a)
     srcs = [chunk(i) for i in range(3)]
-    for i, t in enumerate(srcs):
-        assert m.put(key(i), t)
-    assert not m.cpu.contains(key(2)) and m.cpu.stats["rejected"] == 1
+    assert m.put(key(0), srcs[0]) and m.put(key(1), srcs[1])
+    assert not m.put(key(2), srcs[2])
+    assert m.dropped_writes == 1 and m.cpu.stats["rejected"] == 1
     for t in srcs:
         t.fill_(0)
     gate.set()
     assert m.flush(10)
-    assert all(torch.equal(m.disk.get(key(i)), chunk(i)) for i in range(3))
+    assert all(torch.equal(m.disk.get(key(i)), chunk(i)) for i in range(2))
+    assert not m.disk.contains(key(2))
     assert m.cpu.stats["held"] == 0
     m.close()
+
+
+def test_prefetch_reads_verified_into_the_cpu_tier(disk):
+    m = StorageManager(CpuTier(1 << 20, pin_memory=False), disk(), keep_in_cpu=False)
+    assert m.put(key(4), chunk(4), {"model": "m"})
+    m.flush(10)
+    assert not m.cpu.contains(key(4))
+    calls = []
+    assert m.prefetch(key(4), expect={"model": "m"}, on_stored=lambda: calls.append(1))
+    assert calls == [1] and torch.equal(m.cpu.get(key(4)), chunk(4))
+    m.cpu.clear()
+    assert not m.prefetch(key(4), expect={"model": "other"}), "a header that disagrees is a miss"
+    assert not m.prefetch(key(5)), "no such file"
+    assert not m.cpu.contains(key(4))
 
 
 def test_put_fill_writes_in_place_and_a_failed_fill_stores_nothing():

@@ -21,6 +21,10 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +33,10 @@ import torch
 
 from .cpu import CpuTier
 from .disk import RESERVED_META, DiskTier
+
+# Fault injection for tests and benchmarks: seconds added to every prefetch read, as a slow or
+# remote disk would (read at each prefetch).
+FAULT_READ_DELAY_ENV = "LMCACHE_TRITON_FAULT_READ_DELAY"
 
 
 class StorageManager:
@@ -39,9 +47,14 @@ class StorageManager:
         disk: the disk tier, or None.
     """
 
-    def __init__(self, cpu: CpuTier | None, disk: DiskTier | None) -> None:
+    def __init__(self, cpu: CpuTier | None, disk: DiskTier | None, keep_in_cpu: bool = True) -> None:
         self.cpu = cpu
         self.disk = disk
+        # False (`local_cpu: false`): the CPU tier only stages chunks -- stores on their way to
+        # disk (dropped from memory once written) and prefetched chunks on their way to a load.
+        self.keep_in_cpu = keep_in_cpu
+        self.dropped_writes = 0  # chunks not stored because no CPU buffer was free
+        self._scratch: torch.Tensor | None = None
 
     def contains(self, key: str) -> bool:
         return (self.cpu is not None and self.cpu.contains(key)) or (
@@ -123,34 +136,100 @@ class StorageManager:
         shape: tuple[int, ...],
         fill: Callable[[torch.Tensor], object],
         meta: dict[str, str] | None = None,
+        write_back: bool = True,
     ) -> bool:
-        """Like `put`, with the chunk written in place by `fill(dst)` (see `CpuTier.put_fill`):
-        into a pooled CPU buffer when the CPU tier takes it, else into a fresh tensor for disk."""
+        """Like `put`, with the chunk written in place by `fill(dst)` into a CPU-tier buffer (see
+        `CpuTier.put_fill`).
+
+        Every chunk passes through the CPU tier, so the memory held by pending disk writes is
+        bounded by the tier: when no buffer is free the chunk is dropped (a future miss,
+        counted in `dropped_writes`), never copied aside.
+
+        Args:
+            write_back: queue the disk write now; default True. False when `fill` only starts
+                an asynchronous copy: call `write_back(key)` once it is done.
+        """
         meta = dict(meta or {})
-        stored = False
-        held = None
-        if self.cpu is not None:
-            stored = self.cpu.put_fill(key, dtype, shape, fill, meta)
-            if stored and self.disk is not None:
-                held = self.cpu.hold(key)
-        if self.disk is None:
-            return stored
-        if self.disk.contains(key):
-            if held is not None:
-                self.cpu.release(key, held)
+        if self.cpu is None:
+            return False
+        if self.disk is not None and not self.keep_in_cpu and self.disk.contains(key):
             return True
-        if held is not None:
-            cpu = self.cpu
+        if not self.cpu.put_fill(key, dtype, shape, fill, meta):
+            self.dropped_writes += 1
+            return False
+        if write_back:
+            self.write_back(key)
+        return True
 
-            def release(_ok: bool, _key: str = key, _t: torch.Tensor = held) -> None:
-                cpu.release(_key, _t)
+    def write_back(self, key: str) -> bool:
+        """Queue the disk write of a chunk now complete in the CPU tier. The writer reads the
+        tier's own buffer, held until written; with `keep_in_cpu` off the chunk then leaves
+        memory. False when there is no disk tier or the write was not queued."""
+        if self.disk is None or self.cpu is None:
+            return False
+        if self.disk.contains(key):
+            if not self.keep_in_cpu:
+                self.cpu.remove(key)
+            return True
+        held = self.cpu.hold(key)
+        if held is None:
+            return False
+        meta = self.cpu.meta(key) or {}
+        cpu, keep = self.cpu, self.keep_in_cpu
 
-            queued = self.disk.put(key, held, meta, on_done=release)
-        else:
-            own = torch.empty(shape, dtype=dtype)
-            fill(own)
-            queued = self.disk.put(key, own, meta)
-        return stored or queued
+        def release(_ok: bool, _key: str = key, _t: torch.Tensor = held) -> None:
+            cpu.release(_key, _t)
+            if not keep:
+                cpu.remove(_key)
+
+        return self.disk.put(key, held, meta, on_done=release)
+
+    def prefetch(
+        self,
+        key: str,
+        expect: dict[str, str] | None = None,
+        lock: Any = None,
+        on_stored: Callable[[], object] | None = None,
+    ) -> bool:
+        """Read a chunk from disk into the CPU tier, verified (checksum and `expect`ed header
+        fields), without holding the tier's lock during the read: the read goes into a scratch
+        buffer reused across calls, then one memory copy puts it into the tier.
+
+        Args:
+            key: chunk key.
+            expect: header fields the file must carry; a file that disagrees is a miss.
+            lock: taken around the put and `on_stored` (the engine's bookkeeping lock).
+            on_stored: called under `lock` right after the put succeeded.
+
+        Returns:
+            True when the chunk is in the CPU tier now; False on a miss (no file, damaged,
+            unreadable, or no room).
+        """
+        if self.cpu is None or self.disk is None:
+            return False
+        delay = float(os.environ.get(FAULT_READ_DELAY_ENV) or 0)
+        if delay > 0:  # fault injection: a slow disk (tests, benchmarks)
+            time.sleep(delay)
+        info = self.disk.describe(key)
+        if info is None:
+            return False
+        dtype, shape = info
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > self.cpu.max_bytes:
+            return False
+        if self._scratch is None or self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        buf = self._scratch[:nbytes].view(dtype).view(shape)
+        got = self.disk.get_with_meta(key, expect=expect, out=buf)
+        if got is None:
+            return False
+        meta = {k: v for k, v in got[1].items() if k not in RESERVED_META}
+        with lock if lock is not None else contextlib.nullcontext():
+            if not self.cpu.put(key, buf, meta):
+                return False
+            if on_stored is not None:
+                on_stored()
+        return True
 
     @contextmanager
     def open_chunk(self, key: str, expect: dict[str, str] | None = None) -> Iterator[tuple[torch.Tensor, str] | None]:

@@ -42,6 +42,8 @@ class EngineSpec:
         extra_args: more `vllm.LLM(...)` keyword arguments.
         by_name: name the connector `LMCacheTritonConnector` (registered by our
             `vllm.general_plugins` entry point) instead of giving its module path.
+        failure_policy: vLLM's `kv_load_failure_policy`; default None leaves vLLM's default
+            ("fail", what LMCache's launch line runs): nothing in our tiers may fail a request.
     """
 
     model: str
@@ -53,27 +55,20 @@ class EngineSpec:
     dtype: str = "float32"
     extra_args: dict[str, Any] = field(default_factory=dict)
     by_name: bool = False
+    failure_policy: str | None = None
 
 
-def kv_transfer_config(extra: dict[str, Any], by_name: bool = False):
+def kv_transfer_config(extra: dict[str, Any], by_name: bool = False, failure_policy: str | None = None):
     from vllm.config import KVTransferConfig
 
+    kwargs: dict[str, Any] = dict(kv_role="kv_both", kv_connector_extra_config=dict(extra))
+    if failure_policy is not None:
+        kwargs["kv_load_failure_policy"] = failure_policy
     if by_name:
         from lmcache_triton.integration.vllm.plugin import CONNECTOR_NAME
 
-        return KVTransferConfig(
-            kv_connector=CONNECTOR_NAME,
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config=dict(extra),
-        )
-    return KVTransferConfig(
-        kv_connector=CONNECTOR_CLASS,
-        kv_connector_module_path=CONNECTOR_MODULE,
-        kv_role="kv_both",
-        kv_load_failure_policy="recompute",
-        kv_connector_extra_config=dict(extra),
-    )
+        return KVTransferConfig(kv_connector=CONNECTOR_NAME, **kwargs)
+    return KVTransferConfig(kv_connector=CONNECTOR_CLASS, kv_connector_module_path=CONNECTOR_MODULE, **kwargs)
 
 
 def prepare_env(multiprocess: bool = False) -> None:
@@ -100,7 +95,7 @@ def start_engine(spec: EngineSpec):
     if spec.block_size is not None:
         kwargs["block_size"] = spec.block_size
     if spec.connector is not None:
-        kwargs["kv_transfer_config"] = kv_transfer_config(spec.connector, spec.by_name)
+        kwargs["kv_transfer_config"] = kv_transfer_config(spec.connector, spec.by_name, spec.failure_policy)
     kwargs.update(spec.extra_args)
     return LLM(**kwargs)
 

@@ -68,6 +68,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("lmcache_triton")
 
+# How long a request waits, in all, for its chunks to come from disk into memory before it is
+# scheduled without them (what did not arrive is computed).
+PREFETCH_WAIT_S = 10.0
+
 
 # ---------------------------------------------------------------------------------------------
 # Metadata passed scheduler -> workers and back
@@ -92,20 +96,25 @@ class LMCacheTritonMetadata(KVConnectorMetadata):
     # CacheBlend (blend_connector.py): req -> BlendOp, and SegmentStoreOps.
     blends: dict[str, Any] = field(default_factory=dict)
     segment_stores: list[Any] = field(default_factory=list)
+    # Chunk digests to bring from disk into the workers' CPU tiers (verified) in the background.
+    prefetches: list[str] = field(default_factory=list)
+    # rank -> digests the worker retired and the scheduler no longer counts: free them.
+    retire_acks: dict[int, list[str]] = field(default_factory=dict)
 
 
 @dataclass
 class LMCacheTritonWorkerMetadata(KVConnectorWorkerMetadata):
-    """Per rank: chunk digests now in its CPU tier, and digests it evicted."""
+    """Per rank: (digests now held in its CPU tier, digests it is retiring (to be acknowledged),
+    digests that left its CPU tier, prefetches that failed)."""
 
-    reports: dict[int, tuple[list[str], list[str]]] = field(default_factory=dict)
+    reports: dict[int, tuple[list[str], list[str], list[str], list[str]]] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, LMCacheTritonWorkerMetadata)
         merged = dict(self.reports)
-        for rank, (stored, evicted) in other.reports.items():
-            s0, e0 = merged.get(rank, ([], []))
-            merged[rank] = (s0 + stored, e0 + evicted)
+        for rank, lists in other.reports.items():
+            old = merged.get(rank, ([], [], [], []))
+            merged[rank] = tuple(a + b for a, b in zip(old, lists, strict=True))
         return LMCacheTritonWorkerMetadata(merged)
 
 
@@ -282,8 +291,13 @@ class LMCacheConnectorV1Impl:
     # -- scheduler ------------------------------------------------------------------------------
 
     def _init_scheduler(self) -> None:
-        self.index = PrefixIndex(self.namespaces, self.config.local_disk)
+        disk_dir = self.config.local_disk if self.config.max_local_disk_bytes > 0 else None
+        self.index = PrefixIndex(self.namespaces, disk_dir)
         self._states: dict[str, _RequestState] = {}
+        self._prefetching: dict[str, float] = {}  # digest -> monotonic deadline
+        self._to_prefetch: list[str] = []  # goes out with the next metadata
+        self._waiting: dict[str, float] = {}  # req -> deadline of its wait for prefetches
+        self._acks: dict[int, list[str]] = {}  # rank -> retirements to acknowledge
         self._lookups: dict[str, tuple[int, int]] = {}  # req -> (local tokens, cached tokens)
         self._load_plans: dict[str, tuple[int, int]] = {}  # req -> (first token, end token)
         self._hit_tokens = 0
@@ -307,11 +321,13 @@ class LMCacheConnectorV1Impl:
             self._states[request.request_id] = st
         return st
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if request.prompt_token_ids is None or request.num_prompt_tokens < 2:
             return 0, False
         st = self._state(request)
-        n = self.index.cached_prefix(st.spans)
+        n = self.index.cached_prefix(st.spans, num_computed_tokens)
+        if self._wait_for_prefetch(request.request_id, st.spans[n:], num_computed_tokens):
+            return None, False  # vLLM asks again next step; other requests run meanwhile
         cached = min(st.spans[n - 1].end if n else 0, st.prompt_len - 1)
         if self._blend is not None:
             hit = self._blend.lookup(request, num_computed_tokens, cached)
@@ -323,6 +339,33 @@ class LMCacheConnectorV1Impl:
             return 0, False
         self._lookups[request.request_id] = (num_computed_tokens, cached)
         return cached - num_computed_tokens, False
+
+    def _wait_for_prefetch(self, req_id: str, rest: list[ChunkSpan], num_computed_tokens: int) -> bool:
+        """Start background reads of the leading chunks of `rest` that are on disk, and tell
+        whether the request should wait for them. A request waits at most
+        `PREFETCH_WAIT_S` in all; what is not in memory by then is computed."""
+        now = time.monotonic()
+        want = []
+        for span in rest:
+            if span.end <= num_computed_tokens:
+                continue
+            d = span.digest
+            if d in self._prefetching and self._prefetching[d] > now:
+                want.append(d)
+            elif self.index.on_disk(d):
+                self._prefetching[d] = now + PREFETCH_WAIT_S
+                self._to_prefetch.append(d)
+                want.append(d)
+            else:
+                break
+        if not want:
+            self._waiting.pop(req_id, None)
+            return False
+        deadline = self._waiting.setdefault(req_id, now + PREFETCH_WAIT_S)
+        if now < deadline:
+            return True
+        self._waiting.pop(req_id, None)
+        return False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
         local, _ = self._lookups.pop(request.request_id, (request.num_computed_tokens, 0))
@@ -406,23 +449,33 @@ class LMCacheConnectorV1Impl:
             self._plan_stores(st, computed, meta)
             if self._blend is not None:
                 self._blend.plan_segment_store(req_id, st, computed, meta)
+        if self._to_prefetch:
+            meta.prefetches, self._to_prefetch = self._to_prefetch, []
+        if self._acks:
+            meta.retire_acks, self._acks = self._acks, {}
         self._maybe_log()
         return meta
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         wm = connector_output.kv_connector_worker_meta
         if isinstance(wm, LMCacheTritonWorkerMetadata):
-            for rank, (stored, evicted) in wm.reports.items():
-                self.index.report(rank, stored, evicted)
+            for rank, (held, retiring, removed, failed) in wm.reports.items():
+                self.index.report(rank, held, [*retiring, *removed], failed)
+                if retiring:
+                    self._acks.setdefault(rank, []).extend(retiring)
+                for d in (*held, *failed):
+                    self._prefetching.pop(d, None)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         rid = request.request_id
         self._states.pop(rid, None)
         self._lookups.pop(rid, None)
         self._load_plans.pop(rid, None)
+        self._waiting.pop(rid, None)
         if self._blend is not None:
             self._blend.finished(rid)
-        # Saves are taken synchronously in wait_for_save: nothing holds the blocks.
+        # A save reads the blocks before vLLM's next kernel runs (on CUDA the compute stream
+        # waits for the gather): nothing of ours holds them after this step.
         return False, None
 
     def _maybe_log(self) -> None:
@@ -471,6 +524,8 @@ class LMCacheConnectorV1Impl:
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self.parent._get_connector_metadata()
         assert isinstance(meta, LMCacheTritonMetadata)
+        # Loads read only chunks this worker holds (the scheduler promised nothing else):
+        # CPU-tier copies, asynchronous on CUDA. Disk reads happen in the background only.
         for req_id, ops in meta.loads.items():
             failed = False
             for op in ops:
@@ -483,6 +538,11 @@ class LMCacheConnectorV1Impl:
         for req_id, bop in meta.blends.items():
             if self._blend_worker is None or not self._blend_worker.run(req_id, bop):
                 self._invalid_blocks.update(bop.block_ids)
+        acks = meta.retire_acks.get(self.rank)
+        if acks:
+            self.engine.ack_retired(acks)
+        if meta.prefetches:
+            self.engine.prefetch(meta.prefetches)
 
     def _load_one(self, req_id: str, op: ChunkOp) -> bool:
         try:
@@ -505,8 +565,7 @@ class LMCacheConnectorV1Impl:
         assert isinstance(meta, LMCacheTritonMetadata)
         for op in meta.stores:
             try:
-                if self.engine.store(op.digest, op.block_ids, op.num_tokens):
-                    self._stored.append(op.digest)
+                self.engine.store(op.digest, op.block_ids, op.num_tokens)  # reported once held
             except Exception:
                 logger.exception("lmcache_triton: storing chunk %s failed", op.digest[:12])
                 self.engine.stats.store_errors += 1
@@ -523,11 +582,15 @@ class LMCacheConnectorV1Impl:
         return out
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        evicted = [k[self._ns_len :] for k in self.storage.take_removed_cpu()]
-        if not self._stored and not evicted:
+        progress = self.engine.poll()
+        retiring = self.engine.retire()
+        removed = [k[self._ns_len :] for k in self.storage.take_removed_cpu()]
+        held = progress.held
+        if self._stored:  # CacheBlend segments: present, not held
+            held, self._stored = held + self._stored, []
+        if not (held or retiring or removed or progress.failed):
             return None
-        stored, self._stored = self._stored, []
-        return LMCacheTritonWorkerMetadata({self.rank: (stored, evicted)})
+        return LMCacheTritonWorkerMetadata({self.rank: (held, retiring, removed, progress.failed)})
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self.role != KVConnectorRole.WORKER:
@@ -539,6 +602,7 @@ class LMCacheConnectorV1Impl:
 
     def shutdown(self) -> None:
         if self.role == KVConnectorRole.WORKER:
+            self.engine.close()
             self.storage.close()
 
 
@@ -649,4 +713,7 @@ def flush_local_worker(timeout: float | None = None) -> bool:
     """Wait for this process's background disk writes (see `local_worker`); True when none is
     left or there is no local worker."""
     impl = local_worker()
-    return True if impl is None else impl.storage.flush(timeout)
+    if impl is None:
+        return True
+    impl.engine.synchronize()
+    return impl.storage.flush(timeout)
