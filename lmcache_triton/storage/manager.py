@@ -5,18 +5,24 @@ Primitives:
                            miss: keys are prefix-chained, so a later hit cannot be used anyway).
   `get(key)`               CPU first, then disk; a disk hit is promoted into the CPU tier.
   `put(key, tensor, meta)` copy into the CPU tier, and write to disk in the background;
-  `put_fill(...)`          the same, the chunk written in place into the pooled buffer.
+  `put_fill(...)`          the same, the chunk written in place into the tier's buffer;
+                           `write_back(key)` queues the disk write of a chunk filled asynchronously.
+  `prefetch(key, expect)`  a verified disk read into the CPU tier, the tier's lock not held
+                           during the read (the engine's background prefetcher).
   `open_chunk(key)`        a context: the CPU tier's own tensor (held, no copy) or a verified
                            disk read (promoted into CPU).
   `stats()`, `close()`.
 
 Invariants:
-  * The caller may reuse `tensor` as soon as `put` returns. The disk writer is handed the CPU
-    tier's own buffer, held (unevictable) until the write finishes; only when the CPU tier
-    cannot take the chunk does the disk tier get a private clone.
+  * The caller may reuse `tensor` as soon as `put` returns. Every chunk passes through the CPU
+    tier; the disk writer is handed the tier's own buffer, held (unevictable) until the write
+    finishes. When the tier has no free buffer the chunk is dropped, never copied aside, so the
+    memory held by pending writes is bounded by the CPU tier's size.
+  * `keep_in_cpu=False` (`local_cpu: false`): the CPU tier only stages -- a stored chunk leaves it
+    once written to disk; prefetched chunks stay until the engine releases them.
   * A chunk on disk is a superset guarantee only for what was written: writes may be dropped
     (queue full, disk full), so disk is a cache, never the source of truth.
-  * Every tier may be None (no CPU tier, or no disk tier); with both None nothing is stored.
+  * Either tier may be None; without a CPU tier nothing is stored.
 """
 
 from __future__ import annotations

@@ -6,29 +6,38 @@ registered by our `vllm.general_plugins` entry point); it delegates every call t
 `LMCacheConnectorV1Impl(vllm_config, role, parent)`, the core.
 
 Scheduler role (EngineCore process):
-  get_num_new_matched_tokens  whole cached chunks beyond vLLM's own prefix hit, at least one
-                              prompt token left to compute; no side effects but a memo.
+  get_num_new_matched_tokens  whole chunks beyond vLLM's own prefix hit that EVERY rank holds in
+                              memory (verified, pinned against eviction), at least one prompt
+                              token left to compute. Chunks that are only on disk are prefetched
+                              in the background and the answer is None ("ask again"): the
+                              request waits (at most PREFETCH_WAIT_S) while others run.
   update_state_after_alloc    remembers the load plan of a request that got external tokens.
-  build_connector_meta        per step: loads (chunk -> blocks) and stores (chunks that became
-                              fully computed this step and are not cached yet).
-  update_connector_output     applies the workers' reports (chunks stored in / evicted from
-                              their CPU tiers) to the scheduler's `PrefixIndex`.
+  build_connector_meta        per step: loads (chunk -> blocks), stores (chunks that became fully
+                              computed this step and are not held yet), prefetches, and the
+                              acknowledgements of chunks the workers retire.
+  update_connector_output     applies the workers' reports (chunks now held, retiring, dropped,
+                              prefetches that failed) to the scheduler's `PrefixIndex`.
 Worker role (each Worker process):
   register_kv_caches          adopts the per-layer views of vLLM's one backing buffer.
-  start_load_kv               loads synchronously, before the forward that needs the KV.
+  start_load_kv               copies promised chunks from the CPU tier into the paged cache (on
+                              CUDA on the engine's own stream; the compute stream waits on an
+                              event, the host never does), frees acknowledged retirements, and
+                              queues prefetches. No disk read ever runs in the step.
   save_kv_layer               nothing: all layers are saved in ONE launch in wait_for_save.
   wait_for_save               gathers the pages of the step's completed chunks (one kernel
-                              launch for all layers) and hands them to the tiers; returns once
-                              the copy is taken, so vLLM may reuse the blocks. Disk writes run
-                              in the background.
-  handle_preemptions          not needed: no save is in flight after wait_for_save returns, so
-                              a preempted request's blocks hold nothing of ours.
-  get_block_ids_with_load_errors  blocks of chunks that failed to load; run vLLM with
-                              kv_load_failure_policy="recompute" so it recomputes them (the
-                              default "fail" fails the request).
+                              launch for all layers) into the CPU tier; on CUDA the device-to-host
+                              copy finishes behind on the side stream and vLLM's next kernels
+                              wait only for the gather, so the blocks are free at once. Disk
+                              writes run in the background, bounded by the CPU tier.
+  build_connector_worker_meta reports chunks that became held, retiring and dropped.
+  handle_preemptions          not needed: no copy out of a block outlives the step's gather.
+  get_block_ids_with_load_errors  blocks of chunks that failed to load. Nothing promised can be
+                              missing (the worker holds it), so this is a last safety net: it
+                              stays empty under vLLM's default kv_load_failure_policy ("fail").
 
-Invariants: the scheduler counts a chunk only when every rank holds it (CPU mirror or a file
-on disk); loads never write blocks vLLM already computed; a failed load writes nothing and is
+Invariants: the scheduler counts a chunk only when every rank holds it in memory; a held chunk is
+freed only after the scheduler acknowledged its retirement, so every load planned before reaches
+its bytes; loads never write blocks vLLM already computed; a failed load writes nothing and is
 reported.
 """
 
