@@ -150,6 +150,8 @@ class LMCacheTritonStats(KVConnectorStats):
             "store_ms": round(d.get("store_seconds", 0.0) * 1e3, 2),
             "load_errors": d.get("load_errors", 0),
             "store_errors": d.get("store_errors", 0),
+            "prefetched_chunks": d.get("prefetched_chunks", 0),
+            "prefetch_errors": d.get("prefetch_errors", 0),
         }
         for k, v in d.items():
             if k.startswith("loaded_chunks_"):
@@ -176,7 +178,9 @@ class LMCacheTritonPromMetrics(KVConnectorPromMetrics):
         "load_errors": "Chunks that failed to load (recomputed by vLLM)",
         "store_errors": "Chunks the tiers refused",
         "loaded_chunks_cpu": "Chunks loaded from the CPU tier",
-        "loaded_chunks_disk": "Chunks loaded from the disk tier",
+        "loaded_chunks_disk": "Chunks loaded after a prefetch from the disk tier",
+        "prefetched_chunks": "Chunks read from disk into memory, verified, in the background",
+        "prefetch_errors": "Prefetches that found a missing, damaged or foreign file (a miss)",
     }
 
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
