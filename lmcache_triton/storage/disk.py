@@ -455,6 +455,21 @@ def _read_header(f, file_size: int, key: str, auth: ChunkAuth | None = None) -> 
     return parse_header(raw, key, file_size, auth)
 
 
+def _header_is_ours(f, file_size: int, key: str) -> None:
+    """Raise ChunkError unless the header says this tier wrote the file (format and key), even if
+    the rest is damaged (truncated payload, bad checksum): what `clear` may remove."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ChunkError("shorter than a safetensors header")
+    hlen = int.from_bytes(head, "little")
+    if hlen <= 0 or hlen > min(_MAX_HEADER, file_size - 8):
+        raise ChunkError(f"bad header length {hlen}")
+    header = _load_json(f.read(hlen))
+    md = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(md, dict) or md.get("format") != FORMAT or md.get("key") != key:
+        raise ChunkError(f"not a {FORMAT} chunk for this key")
+
+
 class _AnySeal(ChunkAuth):
     """Header checks for tools (`inspect`, `clear`): any seal we write is ours; none verified."""
 
@@ -1127,13 +1142,11 @@ class DiskTier:
             try:
                 f, st = _open_regular(path)
                 with f:
-                    _read_header(f, st.st_size, key, _ANY_AUTH)
+                    _header_is_ours(f, st.st_size, key)
             except FileNotFoundError:
                 continue
-            except ChunkUnverifiable:
-                pass  # ours, sealed with some secret
             except (ChunkError, _NotRegular, OSError) as e:
-                report["kept"].append({"file": path.name, "reason": f"not ours or unreadable: {e}"})
+                report["kept"].append({"file": path.name, "reason": f"not written by this tier: {e}"})
                 continue
             self._forget(key)
             if self._unlink_if_same(path, st):
