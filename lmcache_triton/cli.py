@@ -447,10 +447,11 @@ def verify(
         finally:
             tier.close()
         for d in report["damaged"]:
-            out.print(f"damaged: {d['file']} ({d['reason']})" + (" - removed" if d["removed"] else ""), markup=False)
+            line = f"damaged: {d['file']} ({d['reason']})" + (" - removed" if d["removed"] else "")
+            out.print(line, markup=False, soft_wrap=True)
         for kind in ("unreadable", "unverified"):
             for d in report[kind]:
-                out.print(f"{kind}: {d['file']} ({d['reason']}) - left in place", markup=False)
+                out.print(f"{kind}: {d['file']} ({d['reason']}) - left in place", markup=False, soft_wrap=True)
         n_bad, n_left = len(report["damaged"]), len(report["unreadable"]) + len(report["unverified"])
         out.print(
             f"checked {report['checked']} files: {report['ok']} ok, {n_bad} damaged"
@@ -491,7 +492,7 @@ def clear(
             tier.close()
         out.print(f"removed {report['removed']} chunk files ({_human(report['bytes'])}) from {disk_dir}")
         for k in report["kept"]:
-            out.print(f"left in place: {k['file']} ({k['reason']})", markup=False)
+            out.print(f"left in place: {k['file']} ({k['reason']})", markup=False, soft_wrap=True)
 
 
 def _scrape(url: str, timeout: float = 3.0) -> list[str] | None:

@@ -107,6 +107,7 @@ _MAX_DIMS = 16
 _MAX_DIM = 1 << 48
 _STALE_TMP_S = 3600.0
 _MAX_KNOWN_BAD = 4096
+_MAX_BAD_WARNINGS = 20  # per tier; then one note and debug level (a hostile directory must not flood logs)
 WRITER_NICE = 10  # the disk writer thread's niceness (see DiskTier._writer)
 _KEY_RE = re.compile(r"^[0-9a-f]{8,256}$")
 _TMP_RE = re.compile(r"^\.([0-9a-f]{8,256})\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]+\.tmp$")
@@ -423,11 +424,12 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _open_regular(path: Path):
+def _open_regular(path: Path, lst: os.stat_result | None = None):
     """`(file, fstat)` of `path` opened read-only, only if it is a regular file: lstat first (a
     FIFO would block open), then O_NOFOLLOW|O_NONBLOCK and fstat (the name may be swapped
     between the two). Raises FileNotFoundError, _NotRegular, or OSError."""
-    lst = os.lstat(path)
+    if lst is None:
+        lst = os.lstat(path)
     if not stat.S_ISREG(lst.st_mode):
         raise _NotRegular(lst)
     try:
@@ -544,6 +546,7 @@ class DiskTier:
             0,
         )
         self._warned: set[str] = set()
+        self._bad_warnings = 0
         self._closed = False
         if reindex:
             self._check_dir()
@@ -622,6 +625,17 @@ class DiskTier:
             self._warned.add(kind)
         logger.warning(msg, *args)
 
+    def _warn_bad(self, msg: str, *args: Any) -> None:
+        with self._lock:
+            self._bad_warnings += 1
+            n = self._bad_warnings
+        if n <= _MAX_BAD_WARNINGS:
+            logger.warning(msg, *args)
+            if n == _MAX_BAD_WARNINGS:
+                logger.warning("lmcache_triton disk tier: further bad files are logged at debug level only")
+        else:
+            logger.debug(msg, *args)
+
     def _forget(self, key: str) -> None:
         with self._lock:
             size = self._index.pop(key, None)
@@ -665,11 +679,10 @@ class DiskTier:
         """`(file, fstat)` of the chunk file; raises FileNotFoundError, _NotRegular, _KnownBad
         (remembered as bad and unchanged), OSError."""
         path = self._file(key)
-        f, st = _open_regular(path)
-        if self._is_known_bad(key, st):
-            f.close()
+        lst = os.lstat(path)
+        if self._is_known_bad(key, lst):
             raise _KnownBad
-        return f, st
+        return _open_regular(path, lst)
 
     def _reject(self, key: str, reason: str, exc: BaseException, st: os.stat_result | None) -> None:
         """Handle a file that must not be used: corrupt files are removed (a symlink: the link
@@ -690,11 +703,11 @@ class DiskTier:
             self._stats["errors"] += 1
         removable = st is None or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)
         if removable:
-            logger.warning("lmcache_triton disk tier: removing bad file %s (%s)", path.name, reason)
+            self._warn_bad("lmcache_triton disk tier: removing bad file %s (%s)", path.name, reason)
             if self._unlink_if_same(path, st):
                 return
         else:
-            logger.warning("lmcache_triton disk tier: ignoring %s (%s)", path.name, reason)
+            self._warn_bad("lmcache_triton disk tier: ignoring %s (%s)", path.name, reason)
         self._count("unremovable")
         if st is not None:
             self._remember_bad(key, st)
@@ -945,9 +958,11 @@ class DiskTier:
 
     # ------------------------------------------------------------ writes
 
-    def check_put(self, dtype: torch.dtype, meta: dict[str, str] | None) -> None:
-        """Raise ValueError for what `put` would refuse (reserved/non-string meta, a dtype with
-        no safetensors code), so a caller can check before taking anything."""
+    def check_put(self, key: str, dtype: torch.dtype, meta: dict[str, str] | None) -> None:
+        """Raise ValueError for what `put` would refuse (a key that is not lower-case hex,
+        reserved/non-string meta, a dtype with no safetensors code), so a caller can check
+        before taking anything."""
+        self._file(key)
         check_meta(dtype, meta)
 
     def put(

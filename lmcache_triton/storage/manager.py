@@ -161,11 +161,11 @@ class StorageManager:
                 an asynchronous copy: call `write_back(key)` once it is done.
 
         Raises:
-            ValueError: meta or dtype the disk tier refuses, before anything is taken.
+            ValueError: a key, meta or dtype the disk tier refuses, before anything is taken.
         """
         meta = dict(meta or {})
         if self.disk is not None:
-            self.disk.check_put(dtype, meta)
+            self.disk.check_put(key, dtype, meta)
         if self.cpu is None:
             return False
         if self.disk is not None and not self.keep_in_cpu and self.disk.contains(key):
