@@ -339,7 +339,7 @@ def warm(
 
         cfg = _config()
         disk_dir = _disk_dir(disk, must_exist=False)
-        disk_dir.mkdir(parents=True, exist_ok=True)
+        disk_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as the tier makes it
         try:
             texts = read_prompts(prompts)
         except WarmError as e:

@@ -1162,8 +1162,11 @@ class DiskTier:
 
     def _chunk_files(self) -> list[tuple[str, Path]]:
         out = []
-        with os.scandir(self.path) as it:
-            names = sorted(de.name for de in it)
+        try:
+            with os.scandir(self.path) as it:
+                names = sorted(de.name for de in it)
+        except FileNotFoundError:  # inspection mode does not create the directory
+            return []
         for name in names:
             if name.endswith(SUFFIX) and _KEY_RE.match(name[: -len(SUFFIX)]):
                 out.append((name[: -len(SUFFIX)], self.path / name))
