@@ -556,7 +556,11 @@ class DiskTier:
         self._closed = False
         if reindex:
             self._check_dir()
-            self._reindex()
+            try:
+                self._reindex()
+            except OSError as e:
+                what = f"cannot list the directory ({e.strerror or e})"
+                raise DiskTierError(f"local_disk {str(self.path)!r}: {what}") from None
         self._q: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._thread = threading.Thread(target=self._writer, name="lmcache-disk-writer", daemon=True)
         self._thread.start()
@@ -946,6 +950,8 @@ class DiskTier:
     ) -> tuple[torch.Tensor, dict[str, str]]:
         hdr = _read_header(f, size, key, self.auth)
         check_expect(hdr.meta, want)
+        if size > self.max_bytes:  # never written by this tier: do not allocate for it
+            raise _Mismatch
         if out is None:
             tensor = torch.empty(hdr.shape, dtype=hdr.dtype)
         elif out.dtype != hdr.dtype or list(out.shape) != hdr.shape:
