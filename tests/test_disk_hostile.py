@@ -382,9 +382,11 @@ def test_unwritable_directory_and_unremovable_bad_file(disk, ro_capable, caplog)
     raw[-3] ^= 0xFF
     (path / f"{key(0)}.safetensors").write_bytes(bytes(raw))
     make_ro()
-    # Start-up on the now read-only directory: a clear error naming local_disk.
+    # Start-up on the now read-only directory (or under it): a clear error naming local_disk.
     with pytest.raises(DiskTierError, match=r"local_disk .*not writable"):
         DiskTier(path, 1 << 20)
+    with pytest.raises(DiskTierError, match=r"local_disk .*/sub': cannot create the directory"):
+        DiskTier(path / "sub", 1 << 20)
     cfg = LMCacheConfig(local_disk=str(path), max_local_disk_size=0.01, max_local_cpu_size=0.01)
     with caplog.at_level(logging.ERROR):
         m = build_storage(cfg)
@@ -404,6 +406,19 @@ def test_unwritable_directory_and_unremovable_bad_file(disk, ro_capable, caplog)
     assert tier.flush(10)
     s = tier.stats
     assert s["write_errors"] == 2 and s["writes"] == 2 and not tier.contains(key(5))
+
+
+def test_local_disk_that_is_a_file_is_a_clear_error(tmp_path, caplog):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for where in (f, f / "kv"):
+        with pytest.raises(DiskTierError, match=r"^local_disk '.*': is not a directory$"):
+            DiskTier(where, 1 << 20)
+    cfg = LMCacheConfig(local_disk=str(f / "kv"), max_local_disk_size=0.01, max_local_cpu_size=0.01)
+    with caplog.at_level(logging.ERROR):
+        m = build_storage(cfg)  # the worker: one error line, no raw FileExistsError
+    assert m.disk is None and m.cpu is not None
+    assert len([r for r in caplog.records if "local_disk" in r.getMessage()]) == 1
 
 
 # ------------------------------------------------------- 6: clear next to foreign files
