@@ -382,16 +382,25 @@ def test_unwritable_directory_and_unremovable_bad_file(disk, ro_capable, caplog)
     raw[-3] ^= 0xFF
     (path / f"{key(0)}.safetensors").write_bytes(bytes(raw))
     make_ro()
-    # Start-up on the now read-only directory (or under it): a clear error naming local_disk.
-    with pytest.raises(DiskTierError, match=r"local_disk .*not writable"):
-        DiskTier(path, 1 << 20)
+    # Under the now read-only directory: a clear error naming local_disk; the worker goes on
+    # with its CPU tier only.
     with pytest.raises(DiskTierError, match=r"local_disk .*/sub': cannot create the directory"):
         DiskTier(path / "sub", 1 << 20)
-    cfg = LMCacheConfig(local_disk=str(path), max_local_disk_size=0.01, max_local_cpu_size=0.01)
+    cfg = LMCacheConfig(local_disk=str(path / "sub"), max_local_disk_size=0.01, max_local_cpu_size=0.01)
     with caplog.at_level(logging.ERROR):
         m = build_storage(cfg)
     assert m.disk is None and m.cpu is not None
-    assert [r.getMessage() for r in caplog.records if "local_disk" in r.getMessage()]
+    assert len([r for r in caplog.records if "local_disk" in r.getMessage()]) == 1
+    # Start-up on the read-only directory itself: one error line naming local_disk and what is
+    # wrong; what is there is still served (verified), every write attempt is a counted error.
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="lmcache_triton.storage.disk"):
+        ro = disk(path)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1 and "local_disk" in lines[0] and "not writable" in lines[0], lines
+    assert not ro.writable and same(ro.get(key(1)), chunk(1))
+    ro.put(key(7), chunk(7))
+    assert ro.flush(10) and ro.stats["write_errors"] == 1 and ro.stats["writes"] == 0
     # The running tier: the damaged file cannot be removed; it is remembered, not re-read.
     assert tier.get(key(0)) is None
     s = tier.stats

@@ -23,9 +23,11 @@ Invariants:
   * Private by default: the directory is created 0700 and files 0600. At open (not for the
     read-only inspection mode) a directory owned by another user or writable by all users is
     refused (`DiskTierError`) unless chunks are authenticated (then a warning); a group-writable
-    one is warned about. An unwritable directory (read-only mount, immutable, not ours) is a
-    `DiskTierError` at open, naming what is wrong; `storage.factory` logs it and runs without
-    the disk tier.
+    one is warned about. A directory that cannot be created or is not a directory is a
+    `DiskTierError`; `storage.factory` logs it (one line naming `local_disk`) and runs without
+    the disk tier. An unwritable directory (read-only mount, immutable, not ours) logs one error
+    line naming `local_disk` at open and `writable` is False: the chunks there are still served,
+    and every failed write counts in `write_errors`.
   * Nothing but a regular file is ever opened: `lstat` first, then `O_NOFOLLOW | O_NONBLOCK`
     and an `fstat` check (a FIFO, socket, device or directory named like a chunk never blocks a
     read; a symlink is never followed: it is a bad file and the link alone is removed).
@@ -505,8 +507,9 @@ class DiskTier:
             unsigned chunks (xxh3 checksum) only.
 
     Raises:
-        DiskTierError: (reindex=True) the directory cannot be created, is not a directory, is not
-            writable, or is unsafe (owned by another user / writable by all) without a secret.
+        DiskTierError: (reindex=True) the directory cannot be created, is not a directory, or is
+            unsafe (owned by another user / writable by all) without a secret. An unwritable one
+            is logged (one error line) and served read-only.
     """
 
     def __init__(
@@ -525,6 +528,7 @@ class DiskTier:
         self.max_bytes = int(max_bytes)
         self.expect = dict(expect or {})
         self.auth = ChunkAuth(secret)
+        self.writable = True  # False when the start-up probe could not create a file
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> file bytes, LRU first
         self._bytes = 0
@@ -611,11 +615,18 @@ class DiskTier:
             if e.errno in _FULL_ERRNOS:  # full is not unwritable: eviction makes room
                 logger.warning("lmcache_triton disk tier: %s is full at start-up", where)
                 return
-            raise DiskTierError(f"{where}: not writable ({e.strerror or e})") from None
-        try:
+            # Read-only mount, immutable, not ours: the chunks already there are still served
+            # (verified), and every write that fails is counted in write_errors.
+            self.writable = False
+            logger.error(
+                "lmcache_triton disk tier: %s is not writable (%s): serving the chunks already there, "
+                "storing nothing new (failed writes are counted as store errors)",
+                where,
+                e.strerror or e,
+            )
+            return
+        with contextlib.suppress(OSError):
             os.unlink(probe)
-        except OSError as e:
-            raise DiskTierError(f"{where}: cannot remove files ({e.strerror or e})") from None
 
     # ------------------------------------------------------------ helpers
 
