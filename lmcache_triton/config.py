@@ -49,7 +49,7 @@ _ENV_NOT_KEYS = frozenset(
 SUPPORTED_CACHE_POLICIES = ("LRU",)
 SUPPORTED_HASH_ALGORITHMS = ("xxh3_128",)
 MIN_SECRET_CHARS = 16
-_MIN_SIZE_BYTES = 1 << 20  # a non-zero tier bound below 1 MiB holds no chunk: surely a typo
+_MIN_SIZE_BYTES = 4096  # a non-zero bound under one page (1e-12 GB is 0 bytes) is surely a typo
 _MAX_SIZE_GB = float(1 << 20)  # 1 PiB
 
 
@@ -192,7 +192,7 @@ def _size_gb(key: str, raw: Any) -> float:
     if v is None or v < 0:
         raise _bad(key, "a size in GB, a number >= 0", raw)
     if 0 < v * (1 << 30) < _MIN_SIZE_BYTES:
-        raise _bad(key, "a size in GB: 0 (off) or at least 0.001 (1 MiB)", raw)
+        raise _bad(key, "a size in GB: 0 (off) or at least 4e-06 (4 KiB)", raw)
     if v > _MAX_SIZE_GB:
         raise _bad(key, f"a size in GB, at most {_MAX_SIZE_GB:.0f} (1 PiB)", raw)
     return v
