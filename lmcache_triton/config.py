@@ -82,7 +82,14 @@ class LMCacheConfig:
         blend_recompute_ratios: fraction(s) of tokens to recompute when blending, each in [0, 1].
         blend_check_layers: layer indices where blending selects the tokens to recompute.
         blend_special_str: separator string marking blendable segments in a prompt.
-        remote_url: reserved (LMCache's remote tier); a set value is ignored with a warning.
+        remote_url: the shared remote tier on Valkey/Redis: `redis://[user:password@]host:port[/db]`,
+            `rediss://...` (TLS), `unix:///path/to/socket[?db=N]` (`valkey[s]://` too); None (default)
+            for none. A malformed one is a ConfigError naming remote_url with the password masked;
+            LMCache's other backends (`lm://`, `mooncakestore://`, ...) are ignored with a warning.
+            Never shown unmasked (left out of `repr(config)`).
+        remote_timeout: seconds bounding a remote presence lookup (the scheduler's batched check);
+            default 0.5. Chunk GET/SET run in the background, bounded by 20x this (at least 10 s).
+            Not an LMCache key.
         hash_algorithm: chunk hash; only "xxh3_128" (see hashing.py for the measurement). Not an
             LMCache key: it is folded into every cache key so a future change cannot alias.
         chunk_secret: secret (>= 16 characters) with which disk-tier chunks are signed and
@@ -106,7 +113,8 @@ class LMCacheConfig:
     blend_recompute_ratios: list[float] = field(default_factory=lambda: [0.15])
     blend_check_layers: list[int] = field(default_factory=lambda: [1])
     blend_special_str: str = " # # "
-    remote_url: str | None = None
+    remote_url: str | None = field(default=None, repr=False)
+    remote_timeout: float = 0.5
     hash_algorithm: str = "xxh3_128"
     chunk_secret: str | None = field(default=None, repr=False)
     chunk_secret_file: str | None = None
@@ -325,6 +333,34 @@ def _read_secret_file(path: str) -> str:
     return secret
 
 
+def _remote_url(key: str, raw: Any) -> str | None:
+    s = _opt_str(key, raw)
+    if s is None:
+        return None
+    from lmcache_triton.storage.remote import SCHEMES, RemoteURLError, check_url, mask_url
+
+    scheme = s.split("://", 1)[0].lower() if "://" in s else ""
+    if scheme and scheme not in SCHEMES:
+        # LMCache's own server (lm://) and other backends: an LMCache config must still start.
+        logger.warning(
+            "lmcache_triton config: remote_url %s is ignored: the remote tier speaks %s",
+            mask_url(s), ", ".join(f"{x}://" for x in SCHEMES),
+        )
+        return None
+    try:
+        check_url(s)
+    except RemoteURLError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    return s
+
+
+def _timeout_s(key: str, raw: Any) -> float:
+    v = _to_float(raw)
+    if v is None or not 0 < v <= 60:
+        raise _bad(key, "seconds, a number in (0, 60]", raw)
+    return v
+
+
 def _choice(choices: tuple[str, ...], canon: Callable[[str], str]) -> Callable[[str, Any], str]:
     def parse(key: str, raw: Any) -> str:
         if isinstance(raw, str) and canon(raw.strip()) in choices:
@@ -348,7 +384,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "blend_recompute_ratios": _ratios,
     "blend_check_layers": _layers,
     "blend_special_str": _str,
-    "remote_url": _opt_str,
+    "remote_url": _remote_url,
+    "remote_timeout": _timeout_s,
     "hash_algorithm": _choice(SUPPORTED_HASH_ALGORITHMS, str.lower),
     "chunk_secret": _secret,
     "chunk_secret_file": _opt_str,
@@ -440,8 +477,6 @@ def load_config(
         )
     cfg = LMCacheConfig(**values)
 
-    if cfg.remote_url is not None:
-        logger.warning("lmcache_triton config: remote_url=%r is ignored (no remote tier yet)", cfg.remote_url)
     if cfg.local_disk is not None and cfg.max_local_disk_size == 0:
         logger.warning(
             "lmcache_triton config: local_disk=%r with max_local_disk_size=0 stores nothing on disk",

@@ -8,7 +8,8 @@ Two halves, one per vLLM role, neither imports vLLM:
 * `PrefixIndex` (scheduler role): answers "how many leading chunks can every rank load?".
   The CPU tier lives in the worker processes, so the scheduler keeps a mirror of it, fed by
   the keys the workers report after each step; the disk tier is checked directly (one
-  `stat` per chunk and rank), so it is right across processes and restarts without an index.
+  `stat` per chunk and rank), so it is right across processes and restarts without an index;
+  the remote tier in one pipelined round trip for all candidate chunks and ranks (`on_remote`).
 * `KVCacheEngine` (worker role): `lookup` counts the cached prefix in this process's tiers;
   `store` gathers a chunk's pages out of the paged cache in
   one kernel launch for all layers and hands the copy to the tiers; `load` fetches a chunk
@@ -117,12 +118,24 @@ class PrefixIndex:
         namespaces: one namespace digest per rank.
         disk_dir: the disk tier's directory, or None when there is no disk tier.
         failed_ttl: seconds a chunk whose prefetch failed is not asked for again; default 30.
+        remote: the remote tier (anything with `contains_many(keys) -> list[bool]`), or None.
+        remote_miss_ttl: seconds a remote miss is remembered (not asked again); default 2.
     """
 
-    def __init__(self, namespaces: Sequence[str], disk_dir: str | None, failed_ttl: float = 30.0):
+    def __init__(
+        self,
+        namespaces: Sequence[str],
+        disk_dir: str | None,
+        failed_ttl: float = 30.0,
+        remote: Any = None,
+        remote_miss_ttl: float = 2.0,
+    ):
         self.namespaces = list(namespaces)
         self.disk_dir = disk_dir
         self.failed_ttl = failed_ttl
+        self.remote = remote
+        self.remote_miss_ttl = remote_miss_ttl
+        self._remote_miss: dict[str, float] = {}  # digest -> monotonic time of the miss
         self._mem: list[set[str]] = [set() for _ in self.namespaces]
         self._failed: dict[str, float] = {}  # digest -> monotonic time of the failure
         self._lock = threading.Lock()
@@ -170,11 +183,45 @@ class PrefixIndex:
                 return False
         return True
 
+    def on_remote(self, digests: Sequence[str]) -> set[str]:
+        """The digests whose chunk every rank's namespace has on the remote server: worth a
+        prefetch, not a promise. One pipelined round trip for all of them (bounded by
+        `remote_timeout`; a down server answers nothing at once). Misses are remembered for
+        `remote_miss_ttl` seconds, recent prefetch failures for `failed_ttl`."""
+        if self.remote is None or not digests:
+            return set()
+        now = time.monotonic()
+        with self._lock:
+            if len(self._remote_miss) > 100_000:  # bounded: drop the expired ones
+                self._remote_miss = {d: t for d, t in self._remote_miss.items() if now - t < self.remote_miss_ttl}
+            ask = []
+            for d in dict.fromkeys(digests):
+                t = self._failed.get(d)
+                if t is not None and now - t < self.failed_ttl:
+                    continue
+                t = self._remote_miss.get(d)
+                if t is not None and now - t < self.remote_miss_ttl:
+                    continue
+                ask.append(d)
+        if not ask:
+            return set()
+        r = len(self.namespaces)
+        got = self.remote.contains_many([chunk_key(ns, d) for d in ask for ns in self.namespaces])
+        present = set()
+        with self._lock:
+            for i, d in enumerate(ask):
+                if all(got[i * r : (i + 1) * r]):
+                    present.add(d)
+                else:
+                    self._remote_miss[d] = now
+        return present
+
     def clear(self) -> None:
         with self._lock:
             for keys in self._mem:
                 keys.clear()
             self._failed.clear()
+            self._remote_miss.clear()
 
 
 @dataclass
@@ -230,7 +277,7 @@ class KVCacheEngine:
     * To make room the engine picks held chunks to *retire* (`retire()`), reports them, and
       frees them only when the scheduler acknowledges (`ack_retired`): every load the
       scheduler planned before it saw the report reaches this worker first.
-    * `prefetch(digests)` reads chunks from the slower tiers (disk) into the CPU tier on a
+    * `prefetch(digests)` reads chunks from the slower tiers (disk, remote) into the CPU tier on a
       background thread, verified there; completions come out of `poll()`.
     * `store` / `load` move pages between the paged cache and the CPU tier. On CUDA both run on
       a dedicated stream: the compute stream waits on events (no host synchronisation); a store
@@ -615,7 +662,7 @@ class KVCacheEngine:
                 return self._hold(digest) or key in self._held
         # Read and verify outside the lock (seconds on a slow disk); the put takes it.
         ok = self.storage.prefetch(
-            key, expect=self.meta, lock=self._lock, on_stored=lambda: self._hold(digest, "disk")
+            key, expect=self.meta, lock=self._lock, on_stored=lambda tier="disk": self._hold(digest, tier)
         )
         return ok and self.holds(digest)
 

@@ -165,11 +165,33 @@ def test_unknown_keys_warn_once_each(tmp_path, caplog):
 
 def test_remote_url_and_zero_disk_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="lmcache_triton.config"):
-        cfg = load_config(env={"LMCACHE_REMOTE_URL": "lm://host:65432", "LMCACHE_LOCAL_DISK": "/tmp/x"})
-    assert cfg.remote_url == "lm://host:65432"
+        cfg = load_config(env={"LMCACHE_REMOTE_URL": "lm://u:pw123@host:65432", "LMCACHE_LOCAL_DISK": "/tmp/x"})
+    assert cfg.remote_url is None  # LMCache's own server: not ours, ignored (an LMCache config still starts)
     msgs = " | ".join(r.getMessage() for r in caplog.records)
-    assert "remote_url='lm://host:65432' is ignored" in msgs
+    assert "remote_url lm://u:***@host:65432 is ignored" in msgs and "pw123" not in msgs
     assert "max_local_disk_size=0 stores nothing" in msgs
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://u:pw123@host:6379/0", "rediss://:pw123@h:6380", "unix:///run/valkey.sock?db=1", "valkey://h"]
+)
+def test_remote_url_forms(url):
+    cfg = load_config(env={"LMCACHE_REMOTE_URL": url, "LMCACHE_REMOTE_TIMEOUT": "0.25"})
+    assert cfg.remote_url == url and cfg.remote_timeout == 0.25
+    assert "pw123" not in repr(cfg)
+
+
+@pytest.mark.parametrize("url", ["redis://u:pw123@host:port/0", "redis://u:pw123@host:6379/x", "redis://", "unix://"])
+def test_bad_remote_url_names_the_key_password_masked(url):
+    with pytest.raises(ConfigError) as e:
+        load_config(env={"LMCACHE_REMOTE_URL": url})
+    assert str(e.value).startswith("remote_url: ") and "pw123" not in str(e.value)
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "abc", "61"])
+def test_bad_remote_timeout(raw):
+    with pytest.raises(ConfigError, match="remote_timeout"):
+        load_config(env={"LMCACHE_REMOTE_TIMEOUT": raw})
 
 
 # ---------------------------------------------------------------- hostile inputs (issue 10)

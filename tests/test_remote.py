@@ -236,3 +236,50 @@ def test_mask_url():
     assert mask_url("rediss://:topsecret@h:1") == "rediss://:***@h:1"
     assert "topsecret" not in mask_url("unix:///s.sock?db=1&password=topsecret")
     assert mask_url("redis://h:1") == "redis://h:1"
+
+
+# ---------------------------------------------------------------- behind the StorageManager
+
+
+def _manager(url, keep_in_cpu=True, **kw):
+    from lmcache_triton.storage.cpu import CpuTier
+    from lmcache_triton.storage.manager import StorageManager
+
+    return StorageManager(CpuTier(64 << 20), None, keep_in_cpu=keep_in_cpu, remote=RemoteTier(url, **kw))
+
+
+@pytest.mark.parametrize("keep_in_cpu", [True, False], ids=["keep", "stage"])
+def test_manager_writes_back_and_prefetches_from_remote(server, keep_in_cpu):
+    a = _manager(server.url, keep_in_cpu, secret=SECRET)
+    t = _chunk(5, shape=(2, 4, 8, 16))
+    assert a.put(KEY, t, META)
+    assert a.flush(10)
+    assert a.cpu.contains(KEY) == keep_in_cpu  # staging only: the chunk left memory once written
+    assert a.cpu.stats["held"] == 0  # the writer's hold was released
+    b = _manager(server.url, secret=SECRET)  # another instance: its own CPU tier, same server
+    assert not b.cpu.contains(KEY)
+    tiers: list[str] = []
+    assert b.prefetch(KEY, expect={"model": "tiny"}, on_stored=tiers.append)
+    assert tiers == ["remote"]
+    with b.cpu.acquire(KEY) as got:
+        assert torch.equal(got.view(torch.int16), t.view(torch.int16))
+    assert b.cpu.meta(KEY)["num_tokens"] == "16"
+    assert not b.prefetch("00" * 32)  # absent: a miss
+    assert not b.prefetch(KEY.replace("ab", "ba"))
+    other = _manager(server.url, secret="another-secret-of-16-chars")
+    assert not other.prefetch(KEY) and not other.cpu.contains(KEY)  # foreign seal: a miss
+    for m in (a, b, other):
+        m.close()
+
+
+def test_manager_remote_down_is_a_miss_and_releases_buffers(server):
+    m = _manager(server.url, timeout=0.3, data_timeout=0.6)
+    server.stop()
+    t = _chunk(6)
+    assert m.put(KEY, t, META) in (True, False)  # never raises
+    assert m.flush(5)
+    assert m.cpu.stats["held"] == 0  # the held buffer was released after the failed write
+    assert not m.prefetch(KEY)
+    st = m.stats()["remote"]
+    assert st["write_errors"] + st["dropped"] >= 1 and st["up"] == 0
+    m.close()

@@ -513,8 +513,8 @@ def test_prefetch_reads_verified_into_the_cpu_tier(disk):
     m.flush(10)
     assert not m.cpu.contains(key(4))
     calls = []
-    assert m.prefetch(key(4), expect={"model": "m"}, on_stored=lambda: calls.append(1))
-    assert calls == [1] and torch.equal(m.cpu.get(key(4)), chunk(4))
+    assert m.prefetch(key(4), expect={"model": "m"}, on_stored=calls.append)
+    assert calls == ["disk"] and torch.equal(m.cpu.get(key(4)), chunk(4))
     m.cpu.clear()
     assert not m.prefetch(key(4), expect={"model": "other"}), "a header that disagrees is a miss"
     assert not m.prefetch(key(5)), "no such file"

@@ -1,4 +1,4 @@
-"""Storage manager: the CPU tier in front of the disk tier.
+"""Storage manager: the CPU tier in front of the disk tier and the remote (Valkey/Redis) tier.
 
 Primitives:
   `contains_prefix(keys)`  count of leading keys present in any tier (lookup stops at the first
@@ -8,7 +8,8 @@ Primitives:
   `put_fill(...)`          the same, the chunk written in place into the tier's buffer;
                            `write_back(key)` queues the disk write of a chunk filled asynchronously.
   `prefetch(key, expect)`  a verified disk read into the CPU tier, the tier's lock not held
-                           during the read (the engine's background prefetcher).
+                           during the read (the engine's background prefetcher); when the disk
+                           has no usable file, a verified GET from the remote tier.
   `open_chunk(key)`        a context: the CPU tier's own tensor (held, no copy) or a verified
                            disk read (promoted into CPU).
   `stats()`, `close()`.
@@ -23,6 +24,9 @@ Invariants:
   * A chunk on disk is a superset guarantee only for what was written: writes may be dropped
     (queue full, disk full), so disk is a cache, never the source of truth.
   * Either tier may be None; without a CPU tier nothing is stored.
+  * The remote tier is written like the disk (in the background, from the held CPU-tier buffer,
+    released when the last writer is done) and read only by `prefetch`; lookups of it are the
+    scheduler's (`PrefixIndex.on_remote`), never in `contains`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +44,7 @@ import torch
 
 from .cpu import CpuTier
 from .disk import RESERVED_META, DiskTier
+from .remote import RemoteTier, copy_payload
 
 # Fault injection for tests and benchmarks: seconds added to every prefetch read, as a slow or
 # remote disk would (read at each prefetch).
@@ -53,9 +59,12 @@ class StorageManager:
         disk: the disk tier, or None.
     """
 
-    def __init__(self, cpu: CpuTier | None, disk: DiskTier | None, keep_in_cpu: bool = True) -> None:
+    def __init__(
+        self, cpu: CpuTier | None, disk: DiskTier | None, keep_in_cpu: bool = True, remote: RemoteTier | None = None
+    ) -> None:
         self.cpu = cpu
         self.disk = disk
+        self.remote = remote
         # False (`local_cpu: false`): the CPU tier only stages chunks -- stores on their way to
         # disk (dropped from memory once written) and prefetched chunks on their way to a load.
         self.keep_in_cpu = keep_in_cpu
@@ -166,6 +175,8 @@ class StorageManager:
         meta = dict(meta or {})
         if self.disk is not None:
             self.disk.check_put(key, dtype, meta)
+        if self.remote is not None:
+            self.remote.check_put(key, dtype, meta)
         if self.cpu is None:
             return False
         if self.disk is not None and not self.keep_in_cpu and self.disk.contains(key):
@@ -178,12 +189,15 @@ class StorageManager:
         return True
 
     def write_back(self, key: str) -> bool:
-        """Queue the disk write of a chunk now complete in the CPU tier. The writer reads the
-        tier's own buffer, held until written; with `keep_in_cpu` off the chunk then leaves
-        memory. False when there is no disk tier or the write was not queued."""
-        if self.disk is None or self.cpu is None:
+        """Queue the disk and remote writes of a chunk now complete in the CPU tier. The writers
+        read the tier's own buffer, held until the last one is done; with `keep_in_cpu` off the
+        chunk then leaves memory. False when there is no slower tier or no write was queued."""
+        if self.cpu is None or (self.disk is None and self.remote is None):
             return False
-        if self.disk.contains(key):
+        targets: list[Any] = [] if self.disk is None or self.disk.contains(key) else [self.disk]
+        if self.remote is not None:
+            targets.append(self.remote)
+        if not targets:  # on disk already, no remote tier
             if not self.keep_in_cpu:
                 self.cpu.remove(key)
             return True
@@ -192,17 +206,27 @@ class StorageManager:
             return False
         meta = self.cpu.meta(key) or {}
         cpu, keep = self.cpu, self.keep_in_cpu
+        left = [len(targets)]
+        left_lock = threading.Lock()
 
         def release(_ok: bool, _key: str = key, _t: torch.Tensor = held) -> None:
+            with left_lock:
+                left[0] -= 1
+                if left[0]:
+                    return
             cpu.release(_key, _t)
             if not keep:
                 cpu.remove(_key)
 
-        try:
-            return self.disk.put(key, held, meta, on_done=release)
-        except BaseException:
-            release(False)  # on_done is not called when put raises
-            raise
+        queued = False
+        for i, tier in enumerate(targets):
+            try:
+                queued = tier.put(key, held, meta, on_done=release) or queued
+            except BaseException:
+                for _ in targets[i:]:  # on_done is not called when put raises
+                    release(False)
+                raise
+        return queued
 
     def prefetch(
         self,
@@ -219,17 +243,38 @@ class StorageManager:
             key: chunk key.
             expect: header fields the file must carry; a file that disagrees is a miss.
             lock: taken around the put and `on_stored` (the engine's bookkeeping lock).
-            on_stored: called under `lock` right after the put succeeded.
+            on_stored: called under `lock` right after the put succeeded, with the tier that served
+                the chunk ("disk" or "remote").
 
         Returns:
             True when the chunk is in the CPU tier now; False on a miss (no file, damaged,
-            unreadable, or no room).
+            unreadable, not on the remote server, or no room).
         """
-        if self.cpu is None or self.disk is None:
+        if self.cpu is None or (self.disk is None and self.remote is None):
             return False
         delay = float(os.environ.get(FAULT_READ_DELAY_ENV) or 0)
         if delay > 0:  # fault injection: a slow disk (tests, benchmarks)
             time.sleep(delay)
+        if self.disk is not None and self._prefetch_disk(key, expect, lock, on_stored):
+            return True
+        return self.remote is not None and self._prefetch_remote(key, expect, lock, on_stored)
+
+    def _prefetch_remote(self, key, expect, lock, on_stored) -> bool:
+        got = self.remote.fetch(key, expect)  # GET + verify, outside every lock
+        if got is None:
+            return False
+        dtype, shape, meta, payload = got
+        if math.prod(shape) * dtype.itemsize > self.cpu.max_bytes:
+            return False
+        meta = {k: v for k, v in meta.items() if k not in RESERVED_META}
+        with lock if lock is not None else contextlib.nullcontext():
+            if not self.cpu.put_fill(key, dtype, shape, lambda dst: copy_payload(payload, dst), meta):
+                return False
+            if on_stored is not None:
+                on_stored("remote")
+        return True
+
+    def _prefetch_disk(self, key, expect, lock, on_stored) -> bool:
         info = self.disk.describe(key)
         if info is None:
             return False
@@ -248,7 +293,7 @@ class StorageManager:
             if not self.cpu.put(key, buf, meta):
                 return False
             if on_stored is not None:
-                on_stored()
+                on_stored("disk")
         return True
 
     @contextmanager
@@ -288,14 +333,22 @@ class StorageManager:
         return {
             "cpu": None if self.cpu is None else self.cpu.stats,
             "disk": None if self.disk is None else self.disk.stats,
+            "remote": None if self.remote is None else self.remote.stats,
         }
 
     def flush(self, timeout: float | None = None) -> bool:
-        return True if self.disk is None else self.disk.flush(timeout)
+        t0 = time.monotonic()
+        ok = True if self.disk is None else self.disk.flush(timeout)
+        if self.remote is not None:
+            left = None if timeout is None else max(timeout - (time.monotonic() - t0), 0.0)
+            ok = self.remote.flush(left) and ok
+        return ok
 
     def close(self) -> None:
-        """Finish queued disk writes, stop the writer, drop CPU entries."""
+        """Finish queued disk and remote writes, stop the writers, drop CPU entries."""
         if self.disk is not None:
             self.disk.close()
+        if self.remote is not None:
+            self.remote.close()
         if self.cpu is not None:
             self.cpu.clear()

@@ -223,7 +223,7 @@ class RemoteTier:
         with self._lock:
             return self._up or time.monotonic() >= self._retry_at
 
-    def _went_down(self, e: BaseException) -> None:
+    def _went_down(self, e: BaseException, log: bool = True) -> None:
         with self._lock:
             self._stats["errors"] += 1
             was_up = self._up
@@ -231,7 +231,7 @@ class RemoteTier:
                 self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
             self._up = False
             self._retry_at = time.monotonic() + self._backoff
-        if was_up:
+        if was_up and log:
             what = "authentication failed" if isinstance(e, self._redis.AuthenticationError) else "unreachable"
             logger.warning(
                 "lmcache_triton remote tier: remote_url %s %s (%s): remote lookups are misses, "
@@ -273,8 +273,13 @@ class RemoteTier:
             self._retry_at = 0.0
         return bool(self._call(self._fast.ping, False))
 
+    def mark_down(self) -> None:
+        """Start in the down state (backing off) without a log line: the caller said why."""
+        self._went_down(OSError("down"), log=False)
+
     def check_connection(self) -> str | None:
-        """None when the server answers PING, else one line naming remote_url (masked) and why."""
+        """None when the server answers PING, else one line naming remote_url (masked) and why
+        ("unreachable" in it when the server may come back)."""
         r = self._redis
         try:
             self._fast.ping()

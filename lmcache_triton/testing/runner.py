@@ -44,6 +44,7 @@ class EngineSpec:
             `vllm.general_plugins` entry point) instead of giving its module path.
         failure_policy: vLLM's `kv_load_failure_policy`; default None leaves vLLM's default
             ("fail", what LMCache's launch line runs): nothing in our tiers may fail a request.
+        kv_role: vLLM's `kv_role`: "kv_both" (default), "kv_producer" or "kv_consumer".
     """
 
     model: str
@@ -56,12 +57,15 @@ class EngineSpec:
     extra_args: dict[str, Any] = field(default_factory=dict)
     by_name: bool = False
     failure_policy: str | None = None
+    kv_role: str = "kv_both"
 
 
-def kv_transfer_config(extra: dict[str, Any], by_name: bool = False, failure_policy: str | None = None):
+def kv_transfer_config(
+    extra: dict[str, Any], by_name: bool = False, failure_policy: str | None = None, kv_role: str = "kv_both"
+):
     from vllm.config import KVTransferConfig
 
-    kwargs: dict[str, Any] = dict(kv_role="kv_both", kv_connector_extra_config=dict(extra))
+    kwargs: dict[str, Any] = dict(kv_role=kv_role, kv_connector_extra_config=dict(extra))
     if failure_policy is not None:
         kwargs["kv_load_failure_policy"] = failure_policy
     if by_name:
@@ -95,7 +99,9 @@ def start_engine(spec: EngineSpec):
     if spec.block_size is not None:
         kwargs["block_size"] = spec.block_size
     if spec.connector is not None:
-        kwargs["kv_transfer_config"] = kv_transfer_config(spec.connector, spec.by_name, spec.failure_policy)
+        kwargs["kv_transfer_config"] = kv_transfer_config(
+            spec.connector, spec.by_name, spec.failure_policy, spec.kv_role
+        )
     kwargs.update(spec.extra_args)
     return LLM(**kwargs)
 

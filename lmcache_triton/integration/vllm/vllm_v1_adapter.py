@@ -8,9 +8,11 @@ registered by our `vllm.general_plugins` entry point); it delegates every call t
 Scheduler role (EngineCore process):
   get_num_new_matched_tokens  whole chunks beyond vLLM's own prefix hit that EVERY rank holds in
                               memory (verified, pinned against eviction), at least one prompt
-                              token left to compute. Chunks that are only on disk are prefetched
-                              in the background and the answer is None ("ask again"): the
-                              request waits (at most PREFETCH_WAIT_S) while others run.
+                              token left to compute. Chunks that are only on disk or on the
+                              remote server (`remote_url`: one pipelined presence check for all of
+                              a request's candidate chunks and ranks) are prefetched in the
+                              background and the answer is None ("ask again"): the request waits
+                              (at most PREFETCH_WAIT_S) while others run.
   update_state_after_alloc    remembers the load plan of a request that got external tokens.
   build_connector_meta        per step: loads (chunk -> blocks), stores (chunks that became fully
                               computed this step and are not held yet), prefetches, and the
@@ -34,6 +36,10 @@ Worker role (each Worker process):
   get_block_ids_with_load_errors  blocks of chunks that failed to load. Nothing promised can be
                               missing (the worker holds it), so this is a last safety net: it
                               stays empty under vLLM's default kv_load_failure_policy ("fail").
+
+kv_role (vLLM's kv_transfer_config): `kv_producer` stores and never loads, `kv_consumer` loads
+and never stores, `kv_both` (default) both: a prefill instance and a decode instance sharing a
+remote tier.
 
 Invariants: the scheduler counts a chunk only when every rank holds it in memory; a held chunk is
 freed only after the scheduler acknowledged its retirement, so every load planned before reaches
@@ -179,6 +185,7 @@ class LMCacheTritonPromMetrics(KVConnectorPromMetrics):
         "store_errors": "Chunks the tiers refused",
         "loaded_chunks_cpu": "Chunks loaded from the CPU tier",
         "loaded_chunks_disk": "Chunks loaded after a prefetch from the disk tier",
+        "loaded_chunks_remote": "Chunks loaded after a prefetch from the remote tier (remote_url)",
         "prefetched_chunks": "Chunks read from disk into memory, verified, in the background",
         "prefetch_errors": "Prefetches that found a missing, damaged or foreign file (a miss)",
     }
@@ -287,6 +294,9 @@ class LMCacheConnectorV1Impl:
             "chunk_size": str(self.config.chunk_size),
             "world_size": str(self.world_size),
         }
+        kv_role = getattr(vllm_config.kv_transfer_config, "kv_role", None) or "kv_both"
+        self.loads_enabled = kv_role != "kv_producer"
+        self.stores_enabled = kv_role != "kv_consumer"
         self.namespaces = [
             key_namespace(str(model), self.world_size, r, kv_dtype, self.config.chunk_size, self.layout)
             for r in range(self.world_size)
@@ -304,8 +314,12 @@ class LMCacheConnectorV1Impl:
     # -- scheduler ------------------------------------------------------------------------------
 
     def _init_scheduler(self) -> None:
+        from lmcache_triton.storage.factory import build_remote
+
         disk_dir = self.config.local_disk if self.config.max_local_disk_bytes > 0 else None
-        self.index = PrefixIndex(self.namespaces, disk_dir)
+        # Lookups only (no writer): the workers read and write chunks.
+        self._remote = build_remote(self.config, writer=False) if self.loads_enabled else None
+        self.index = PrefixIndex(self.namespaces, disk_dir, remote=self._remote)
         self._states: dict[str, _RequestState] = {}
         self._prefetching: dict[str, float] = {}  # digest -> monotonic deadline
         self._to_prefetch: list[str] = []  # goes out with the next metadata
@@ -335,7 +349,7 @@ class LMCacheConnectorV1Impl:
         return st
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if request.prompt_token_ids is None or request.num_prompt_tokens < 2:
+        if request.prompt_token_ids is None or request.num_prompt_tokens < 2 or not self.loads_enabled:
             return 0, False
         st = self._state(request)
         n = self.index.cached_prefix(st.spans, num_computed_tokens)
@@ -354,18 +368,24 @@ class LMCacheConnectorV1Impl:
         return cached - num_computed_tokens, False
 
     def _wait_for_prefetch(self, req_id: str, rest: list[ChunkSpan], num_computed_tokens: int) -> bool:
-        """Start background reads of the leading chunks of `rest` that are on disk, and tell
+        """Start background reads of the leading chunks of `rest` that are on disk or on the
+        remote server (asked once per call, in one round trip, for all the candidates), and tell
         whether the request should wait for them. A request waits at most
         `PREFETCH_WAIT_S` in all; what is not in memory by then is computed."""
         now = time.monotonic()
         want = []
-        for span in rest:
+        remote: set[str] | None = None  # asked once, for all the remaining candidates
+        for i, span in enumerate(rest):
             if span.end <= num_computed_tokens:
                 continue
             d = span.digest
             if d in self._prefetching and self._prefetching[d] > now:
                 want.append(d)
-            elif self.index.on_disk(d):
+                continue
+            on_disk = self.index.on_disk(d)
+            if not on_disk and remote is None and self.index.remote is not None:
+                remote = self.index.on_remote([s.digest for s in rest[i:] if s.digest not in self._prefetching])
+            if on_disk or d in (remote or ()):
                 self._prefetching[d] = now + PREFETCH_WAIT_S
                 self._to_prefetch.append(d)
                 want.append(d)
@@ -423,6 +443,8 @@ class LMCacheConnectorV1Impl:
         st.spans = self.planner.spans(tokens, st.extra)
 
     def _plan_stores(self, st: _RequestState, computed: int, meta: LMCacheTritonMetadata) -> None:
+        if not self.stores_enabled:  # kv_consumer
+            return
         if self.config.save_decode_cache and computed > st.prompt_len:
             self._extend_for_decode(st, computed)
         while st.num_handled < len(st.spans):
@@ -512,6 +534,7 @@ class LMCacheConnectorV1Impl:
         self.rank = get_pp_group().rank_in_group * self.tp_size + get_tensor_model_parallel_rank()
         self.storage = build_storage(self.config, track_cpu_removals=True)
         self._disk_failed_seen = 0  # disk write failures already reported as store_errors
+        self._remote_failed_seen = 0  # the same for the remote tier
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
         self._invalid_blocks: set[int] = set()
         self._stored: list[str] = []
@@ -616,6 +639,12 @@ class LMCacheConnectorV1Impl:
             failed = d["write_errors"] + d["dropped"] + d["rejected"]
             data["store_errors"] += failed - self._disk_failed_seen
             self._disk_failed_seen = failed
+        remote = self.storage.remote
+        if remote is not None:  # remote writes refused, failed or dropped: store errors too
+            r = remote.stats
+            failed = r["write_errors"] + r["dropped"]
+            data["store_errors"] += failed - self._remote_failed_seen
+            self._remote_failed_seen = failed
         if self._blend_worker is not None:
             data.update(self._blend_worker.take_stats())
         return LMCacheTritonStats(data=data) if any(data.values()) else None
@@ -624,6 +653,8 @@ class LMCacheConnectorV1Impl:
         if self.role == KVConnectorRole.WORKER:
             self.engine.close()
             self.storage.close()
+        elif getattr(self, "_remote", None) is not None:
+            self._remote.close()
 
 
 def _extra_keys(request: Request) -> list[str]:
