@@ -349,9 +349,11 @@ class LMCacheConnectorV1Impl:
         return st
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if request.prompt_token_ids is None or request.num_prompt_tokens < 2 or not self.loads_enabled:
+        if request.prompt_token_ids is None or request.num_prompt_tokens < 2:
             return 0, False
-        st = self._state(request)
+        st = self._state(request)  # stores are planned from it
+        if not self.loads_enabled:  # kv_producer
+            return 0, False
         n = self.index.cached_prefix(st.spans, num_computed_tokens)
         if self._wait_for_prefetch(request.request_id, st.spans[n:], num_computed_tokens):
             return None, False  # vLLM asks again next step; other requests run meanwhile
