@@ -475,6 +475,14 @@ def load_config(
             "lmcache_triton config: chunk_secret given in kv_connector_extra_config, which is part of "
             "vLLM's command line and config; prefer LMCACHE_CHUNK_SECRET or chunk_secret_file"
         )
+    if sources.get("remote_url", "").startswith("extra_config") and values.get("remote_url"):
+        from lmcache_triton.storage.remote import mask_url
+
+        if mask_url(values["remote_url"]) != values["remote_url"]:
+            logger.warning(
+                "lmcache_triton config: remote_url with a password given in kv_connector_extra_config, which "
+                "vLLM prints in its start-up log; prefer LMCACHE_REMOTE_URL or the LMCACHE_CONFIG_FILE YAML"
+            )
     cfg = LMCacheConfig(**values)
 
     if cfg.local_disk is not None and cfg.max_local_disk_size == 0:

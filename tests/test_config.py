@@ -278,3 +278,12 @@ def test_chunk_secret_file(tmp_path, caplog):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):
         load_config(env={"LMCACHE_CHUNK_SECRET_FILE": str(tmp_path / "empty")})
+
+
+def test_remote_url_password_in_extra_config_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="lmcache_triton.config"):
+        cfg = load_config({"lmcache.remote_url": "redis://u:pw123@h:6379"}, env={})
+        load_config({"lmcache.remote_url": "redis://h:6379"}, env={})
+    assert cfg.remote_url == "redis://u:pw123@h:6379"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "LMCACHE_REMOTE_URL" in msgs[0] and "pw123" not in msgs[0]

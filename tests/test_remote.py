@@ -283,3 +283,32 @@ def test_manager_remote_down_is_a_miss_and_releases_buffers(server):
     st = m.stats()["remote"]
     assert st["write_errors"] + st["dropped"] >= 1 and st["up"] == 0
     m.close()
+
+
+def test_prefix_index_asks_the_server_once_for_all_candidates_and_ranks(server):
+    from lmcache_triton.engine import PrefixIndex, chunk_key
+
+    writer = RemoteTier(server.url)
+    namespaces = ["11" * 8, "22" * 8]  # two ranks
+    digests = [f"{i:02x}" * 16 for i in range(6)]
+    for d in digests[:3]:  # chunks 0-2 on both ranks, chunk 3 on rank 0 only
+        for ns in namespaces:
+            _put(writer, chunk_key(ns, d), _chunk(), META)
+    _put(writer, chunk_key(namespaces[0], digests[3]), _chunk(), META)
+    lookups = RemoteTier(server.url, writer=False)
+    index = PrefixIndex(namespaces, None, remote=lookups, remote_miss_ttl=60)
+    assert index.on_remote(digests) == set(digests[:3])
+    assert lookups.stats["lookups"] == 1 and lookups.stats["lookup_keys"] == len(digests) * len(namespaces)
+    # Misses are remembered: asking again about them costs no round trip.
+    assert index.on_remote(digests[3:]) == set()
+    assert lookups.stats["lookups"] == 1
+    # A recent prefetch failure is not asked either.
+    index.report(0, [], [], failed=[digests[0]])
+    assert index.on_remote(digests[:2]) == {digests[1]}
+    assert lookups.stats["lookups"] == 2 and lookups.stats["lookup_keys"] == len(digests) * 2 + 2
+    server.stop()  # down: nothing, at once
+    t0 = time.monotonic()
+    assert PrefixIndex(namespaces, None, remote=lookups).on_remote(digests) == set()
+    assert time.monotonic() - t0 < 2
+    writer.close()
+    lookups.close()
