@@ -112,7 +112,7 @@ def test_clear_and_entries_touch_only_our_prefix(server):
         _put(tier, f"{i:02x}" * 32, _chunk(i))
     entries = tier.entries()
     assert sorted(e["key"] for e in entries) == [f"{i:02x}" * 32 for i in range(3)]
-    assert all(e["ok"] and e["model"] == "tiny" and e["size"] > 0 for e in entries)
+    assert all("error" not in e and e["meta"] == META and e["bytes"] > 0 for e in entries)
     assert tier.clear() == 3
     assert tier.scan_keys() == []
     assert raw.get("someone-else") == b"keep me" and raw.get(KEY_PREFIX + "not-hex") == b"keep me too"

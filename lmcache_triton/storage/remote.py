@@ -72,6 +72,7 @@ _KEY_RE = re.compile(r"^[0-9a-f]{8,256}$")
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 30.0
 _READ_SIZE = 1 << 20  # socket reads for large GETs (see module docstring)
+_SHOWN_META = ("model", "layout", "num_tokens", "kv_dtype")  # what `entries` reports of a header
 _MAX_VALUE = 1 << 31  # a value above 2 GiB is no chunk of ours
 
 
@@ -542,25 +543,47 @@ class RemoteTier:
         return out
 
     def entries(self) -> list[dict[str, Any]]:
-        """One record per chunk under our prefix: key, size and the header's model/tokens (the
-        header only: GETRANGE of the first bytes, never the payload)."""
+        """One record per chunk under our prefix: key, bytes and `meta` (the header's model, layout,
+        num_tokens, kv_dtype), or `error` and `file` (the server key) for a value not ours
+        (the header only: GETRANGE of the first 4 KiB, pipelined 256 keys a round trip, never
+        the payload). Raises the client's error when the server cannot be reached."""
+        keys = self.scan_keys()
         out = []
-        for key in self.scan_keys():
-            rk = _remote_key(key)
+        for i in range(0, len(keys), 256):
+            batch = keys[i : i + 256]
             pipe = self._bulk.pipeline(transaction=False)
-            pipe.strlen(rk)
-            pipe.getrange(rk, 0, 4095)
-            size, head = pipe.execute(raise_on_error=False)
-            rec: dict[str, Any] = {"key": key, "size": size if isinstance(size, int) else 0}
-            try:
-                hlen = header_length(bytes(head[:8]), rec["size"])
-                if 8 + hlen <= len(head):
-                    hdr = parse_header(bytes(head[8 : 8 + hlen]), key, rec["size"], _AnyAuth())
-                    rec.update(model=hdr.meta.get("model"), num_tokens=hdr.meta.get("num_tokens"), ok=True)
-            except (ChunkError, ChunkUnverifiable, TypeError):
-                rec["ok"] = False
-            out.append(rec)
+            for key in batch:
+                pipe.strlen(_remote_key(key))
+                pipe.getrange(_remote_key(key), 0, 4095)
+            got = pipe.execute(raise_on_error=False)
+            for j, key in enumerate(batch):
+                size, head = got[2 * j], got[2 * j + 1]
+                rec: dict[str, Any] = {"key": key, "bytes": size if isinstance(size, int) else 0}
+                try:
+                    if not isinstance(head, bytes):
+                        raise ChunkError("gone")
+                    hlen = header_length(head[:8], rec["bytes"])
+                    if 8 + hlen > len(head):
+                        raise ChunkError("header larger than 4 KiB")
+                    hdr = parse_header(head[8 : 8 + hlen], key, rec["bytes"], _AnyAuth())
+                    rec["meta"] = {k: v for k, v in hdr.meta.items() if k in _SHOWN_META}
+                    rec["signed"] = hdr.meta["checksum"].startswith("blake3-mac:")
+                except (ChunkError, ChunkUnverifiable, TypeError, ValueError) as e:
+                    rec["error"] = str(e)[:120]
+                    rec["file"] = KEY_PREFIX + key
+                out.append(rec)
         return out
+
+    def server_info(self) -> dict[str, Any]:
+        """The server's own memory and eviction figures (INFO memory/stats/server)."""
+        info: dict[str, Any] = {}
+        for section in ("server", "memory", "stats"):
+            info.update(self._bulk.info(section))
+        keep = (
+            "redis_version", "valkey_version", "server_name", "used_memory", "maxmemory", "maxmemory_policy",
+            "evicted_keys", "keyspace_hits", "keyspace_misses",
+        )
+        return {k: info[k] for k in keep if k in info}
 
     def clear(self) -> int:
         """Delete every key under our prefix (and nothing else); the number deleted."""
