@@ -46,6 +46,12 @@ METRIC_PREFIXES = ("vllm:lmcache_triton_", "vllm:external_prefix_cache_")
 DiskOpt = Annotated[Path | None, typer.Option("--disk", help="Disk tier directory; default the configured local_disk.")]
 ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", help="lmcache.chunk_size; default configured.")]
 ModelArg = Annotated[str, typer.Argument(help="Model directory or name, as vLLM takes it.")]
+RemoteOpt = Annotated[
+    bool, typer.Option("--remote", help="Work on the remote tier (remote_url, or --remote-url) instead of the disk.")
+]
+RemoteUrlOpt = Annotated[
+    str | None, typer.Option("--remote-url", help="Valkey/Redis URL; default the configured remote_url.")
+]
 
 
 class CliError(Exception):
@@ -135,6 +141,53 @@ def _entries(disk: Path) -> list[dict[str, Any]]:
         return tier.entries()
     finally:
         tier.close()
+
+
+def _open_remote(url: str | None):
+    """The remote tier of `url` (default: the configured remote_url), checked with one PING:
+    CliError (one line, password masked) when it cannot be used."""
+    from lmcache_triton.config import _remote_url
+
+    cfg = _config()
+    url = _remote_url("remote_url", url) if url else cfg.remote_url
+    if not url:
+        raise CliError(
+            "no remote tier: pass --remote-url URL, or configure remote_url "
+            "(LMCACHE_REMOTE_URL or remote_url in LMCACHE_CONFIG_FILE)"
+        )
+    try:
+        from lmcache_triton.storage.remote import RemoteTier
+    except ImportError:
+        raise CliError("the remote tier needs redis-py: pip install 'redis>=5' hiredis") from None
+    tier = RemoteTier(url, timeout=max(cfg.remote_timeout, 2.0), writer=False, secret=cfg.chunk_secret)
+    problem = tier.check_connection()
+    if problem is not None:
+        tier.close()
+        raise CliError(problem)
+    return tier
+
+
+def _remote_summary(tier) -> dict[str, Any]:
+    s = summarize(tier.entries())
+    s.pop("oldest")
+    s.pop("newest")
+    return {"remote": tier.masked, **s, "server": tier.server_info()}
+
+
+def _print_remote(s: dict[str, Any]) -> None:
+    srv = s["server"]
+    maxmem = _human(srv["maxmemory"]) if srv.get("maxmemory") else "none"
+    out.print(
+        f"remote tier {s['remote']}: {s['chunks']} chunks, {_human(s['bytes'])}; server used_memory "
+        f"{_human(srv.get('used_memory', 0))}, maxmemory {maxmem}"
+        f" ({srv.get('maxmemory_policy', '?')}), evicted_keys {srv.get('evicted_keys', '?')}",
+        markup=False,
+        soft_wrap=True,
+    )
+    for name, m in s["models"].items():
+        out.print(f"  {name}: {m['chunks']} chunks, {m['tokens']} tokens, {_human(m['bytes'])}", markup=False)
+    for u in s["unreadable"]:
+        out.print(f"  not ours or damaged: {u['file']} ({u['reason']})", markup=False)
 
 
 def _human(n: float) -> str:
@@ -288,11 +341,16 @@ def serve(
     print_command: Annotated[
         bool, typer.Option("--print-command", help="Print the command instead of running it.")
     ] = False,
+    remote: Annotated[
+        str | None,
+        typer.Option("--remote", help="lmcache.remote_url: a shared Valkey/Redis tier (redis://, rediss://, unix://)."),
+    ] = None,
 ) -> None:
     """Start vLLM's OpenAI server with the connector; other arguments go to vLLM as they are.
 
     LMCACHE_* variables and LMCACHE_CONFIG_FILE reach the server through the environment;
-    these flags become `lmcache.*` extra config, which wins over both.
+    these flags become `lmcache.*` extra config, which wins over both. `--remote` goes to the
+    server as LMCACHE_REMOTE_URL (vLLM prints its command line and config: no password there).
     """
     with _errors():
         cfg = _config()
@@ -300,11 +358,20 @@ def serve(
             disk_size = 10.0  # a zero bound would store nothing: the flag means "use this disk"
         extra = _extra(chunk_size, cpu_size, disk, disk_size)
         _validate(extra)
+        env_shown = ""
+        if remote is not None:
+            from lmcache_triton.config import _remote_url
+            from lmcache_triton.storage.remote import mask_url
+
+            if _remote_url("remote_url", remote) is None:
+                raise CliError(f"--remote {mask_url(remote)}: expected redis://, rediss://, unix:// or valkey://")
+            os.environ["LMCACHE_REMOTE_URL"] = remote
+            env_shown = f"LMCACHE_REMOTE_URL={shlex.quote(mask_url(remote))} "
         cmd = serve_command(model, extra, list(ctx.args))
         if print_command:
-            out.print(shlex.join(cmd), markup=False, soft_wrap=True)
+            out.print(env_shown + shlex.join(cmd), markup=False, soft_wrap=True)
             return
-        err.print(f"lmcache-triton: {shlex.join(cmd)}", markup=False, soft_wrap=True)
+        err.print(f"lmcache-triton: {env_shown}{shlex.join(cmd)}", markup=False, soft_wrap=True)
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sys.executable, cmd)
@@ -402,9 +469,23 @@ def warm(
 def inspect(
     disk: DiskOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    remote: RemoteOpt = False,
+    remote_url: RemoteUrlOpt = None,
 ) -> None:
-    """What the disk tier holds: chunks, bytes, models, layouts, oldest/newest (headers only)."""
+    """What the disk tier holds: chunks, bytes, models, layouts, oldest/newest (headers only).
+    With --remote: the remote tier's chunks (our key prefix only) and the server's memory."""
     with _errors():
+        if remote or remote_url:
+            tier = _open_remote(remote_url)
+            try:
+                s = _remote_summary(tier)
+            finally:
+                tier.close()
+            if as_json:
+                typer.echo(json.dumps(s, indent=2))
+            else:
+                _print_remote(s)
+            return
         disk_dir = _disk_dir(disk)
         s = summarize(_entries(disk_dir))
         if as_json:
@@ -471,10 +552,27 @@ def verify(
 def clear(
     disk: DiskOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    remote: RemoteOpt = False,
+    remote_url: RemoteUrlOpt = None,
 ) -> None:
     """Remove every chunk file of the disk tier: files whose header says this tier wrote them
-    (other files in the directory, even named like a chunk, are left alone)."""
+    (other files in the directory, even named like a chunk, are left alone). With --remote: every
+    key under the remote tier's prefix (lmct:<hex>) and nothing else on the server."""
     with _errors():
+        if remote or remote_url:
+            tier = _open_remote(remote_url)
+            try:
+                n = len(tier.scan_keys())
+                if not n:
+                    out.print(f"remote tier {tier.masked} holds no chunks", markup=False)
+                    return
+                if not yes and not typer.confirm(f"remove {n} chunks from {tier.masked}?"):
+                    out.print("nothing removed")
+                    return
+                out.print(f"removed {tier.clear()} chunks from {tier.masked}", markup=False)
+            finally:
+                tier.close()
+            return
         disk_dir = _disk_dir(disk)
         entries = _entries(disk_dir)
         if not entries:
@@ -512,9 +610,19 @@ def _scrape(url: str, timeout: float = 3.0) -> list[str] | None:
 def stats(
     url: Annotated[str, typer.Option("--url", help="A running `lmcache-triton serve`.")] = "http://localhost:8000",
     disk: DiskOpt = None,
+    remote: RemoteOpt = False,
+    remote_url: RemoteUrlOpt = None,
 ) -> None:
-    """What a running server counted (its /metrics); else the disk tier's own figures."""
+    """What a running server counted (its /metrics: loads per tier, loaded_chunks_remote, store
+    and prefetch errors); else the disk tier's own figures. --remote adds the remote tier's
+    chunks and the server's memory and evictions."""
     with _errors():
+        if remote or remote_url:
+            tier = _open_remote(remote_url)
+            try:
+                _print_remote(_remote_summary(tier))
+            finally:
+                tier.close()
         lines = _scrape(url)
         if lines is not None:
             out.print(f"server {url}:")
@@ -522,6 +630,9 @@ def stats(
                 out.print("  " + ln, markup=False, soft_wrap=True)
             if not lines:
                 out.print("  (no lmcache_triton metrics: is the connector configured?)")
+            return
+        if (remote or remote_url) and disk is None and not _config().local_disk:
+            out.print(f"no server at {url}")
             return
         disk_dir = _disk_dir(disk)
         s = summarize(_entries(disk_dir))
