@@ -312,3 +312,29 @@ def test_prefix_index_asks_the_server_once_for_all_candidates_and_ranks(server):
     assert time.monotonic() - t0 < 2
     writer.close()
     lookups.close()
+
+
+def test_disk_first_then_remote_and_keys_vanishing_between_lookup_and_fetch(server, tmp_path):
+    from lmcache_triton.storage.cpu import CpuTier
+    from lmcache_triton.storage.disk import DiskTier
+    from lmcache_triton.storage.manager import StorageManager
+
+    a = StorageManager(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
+    t = _chunk(7)
+    assert a.put(KEY, t, META) and a.flush(10)
+    assert (tmp_path / "a" / f"{KEY}.safetensors").exists() and a.remote.contains(KEY)  # both written
+    # Another machine: its own (empty) disk; the disk has no file, the remote serves it.
+    b = StorageManager(CpuTier(16 << 20), DiskTier(tmp_path / "b", 1 << 30), remote=RemoteTier(server.url))
+    tiers: list[str] = []
+    assert b.prefetch(KEY, on_stored=tiers.append) and tiers == ["remote"]
+    # Its own disk file wins over the server.
+    c = StorageManager(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
+    tiers.clear()
+    assert c.prefetch(KEY, on_stored=tiers.append) and tiers == ["disk"]
+    # Present at lookup, evicted before the fetch: a clean miss.
+    d = _manager(server.url)
+    assert d.remote.contains_many([KEY]) == [True]
+    _raw(server).delete(KEY_PREFIX + KEY)
+    assert not d.prefetch(KEY) and not d.cpu.contains(KEY)
+    for m in (a, b, c, d):
+        m.close()
