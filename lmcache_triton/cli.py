@@ -126,7 +126,7 @@ def _open_tier(disk: Path):
 
     if not os.access(disk, os.R_OK | os.X_OK):
         raise CliError(f"disk tier directory {str(disk)!r} is not readable")
-    return DiskTier(disk, 1 << 62, reindex=False)
+    return DiskTier(disk, 1 << 62, reindex=False, secret=_config().chunk_secret)
 
 
 def _entries(disk: Path) -> list[dict[str, Any]]:
@@ -339,7 +339,7 @@ def warm(
 
         cfg = _config()
         disk_dir = _disk_dir(disk, must_exist=False)
-        disk_dir.mkdir(parents=True, exist_ok=True)
+        disk_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as the tier makes it
         try:
             texts = read_prompts(prompts)
         except WarmError as e:
@@ -436,6 +436,8 @@ def verify(
     """Read every chunk file and check header and checksum; exit 1 while any damaged file remains.
 
     With --fix the damaged files are removed, and the exit status is 0 when all of them were.
+    Files that cannot be read (permissions, I/O errors, not a regular file) or checked (signed
+    with another secret) are not damaged: they are reported, never removed, and exit 1.
     """
     with _errors():
         disk_dir = _disk_dir(disk)
@@ -445,17 +447,24 @@ def verify(
         finally:
             tier.close()
         for d in report["damaged"]:
-            out.print(f"damaged: {d['file']} ({d['reason']})" + (" - removed" if fix else ""), markup=False)
-        n_bad = len(report["damaged"])
+            line = f"damaged: {d['file']} ({d['reason']})" + (" - removed" if d["removed"] else "")
+            out.print(line, markup=False, soft_wrap=True)
+        for kind in ("unreadable", "unverified"):
+            for d in report[kind]:
+                out.print(f"{kind}: {d['file']} ({d['reason']}) - left in place", markup=False, soft_wrap=True)
+        n_bad, n_left = len(report["damaged"]), len(report["unreadable"]) + len(report["unverified"])
         out.print(
             f"checked {report['checked']} files: {report['ok']} ok, {n_bad} damaged"
             + (f", {report['removed']} removed" if fix else "")
+            + "".join(f", {len(report[k])} {k}" for k in ("unreadable", "unverified") if report[k])
         )
         if n_bad and not fix:
             out.print("run `lmcache-triton verify --fix` to remove them (a removed chunk is only a future miss)")
             raise typer.Exit(1)
         if fix and report["removed"] < n_bad:
             raise CliError(f"{n_bad - report['removed']} damaged files could not be removed")
+        if n_left:
+            raise CliError(f"{n_left} files could not be checked")
 
 
 @app.command()
@@ -463,23 +472,27 @@ def clear(
     disk: DiskOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
-    """Remove every chunk file of the disk tier (other files in the directory are left alone)."""
+    """Remove every chunk file of the disk tier: files whose header says this tier wrote them
+    (other files in the directory, even named like a chunk, are left alone)."""
     with _errors():
         disk_dir = _disk_dir(disk)
         entries = _entries(disk_dir)
         if not entries:
             out.print(f"disk tier {disk_dir} holds no chunks")
             return
-        total = sum(e.get("bytes", 0) for e in entries)
-        if not yes and not typer.confirm(f"remove {len(entries)} chunk files ({_human(total)}) from {disk_dir}?"):
+        ours = [e for e in entries if "error" not in e]
+        total = sum(e.get("bytes", 0) for e in ours)
+        if not yes and not typer.confirm(f"remove {len(ours)} chunk files ({_human(total)}) from {disk_dir}?"):
             out.print("nothing removed")
             return
-        removed = 0
-        for e in entries:
-            with contextlib.suppress(FileNotFoundError):
-                (disk_dir / e["file"]).unlink()
-                removed += 1
-        out.print(f"removed {removed} chunk files ({_human(total)}) from {disk_dir}")
+        tier = _open_tier(disk_dir)
+        try:
+            report = tier.clear_files()
+        finally:
+            tier.close()
+        out.print(f"removed {report['removed']} chunk files ({_human(report['bytes'])}) from {disk_dir}")
+        for k in report["kept"]:
+            out.print(f"left in place: {k['file']} ({k['reason']})", markup=False, soft_wrap=True)
 
 
 def _scrape(url: str, timeout: float = 3.0) -> list[str] | None:

@@ -15,6 +15,10 @@ server). A bad value raises `ConfigError` at load time, naming the key, the valu
 expected form. Environment variables that are not config keys but are LMCache's own switches
 (`LMCACHE_CONFIG_FILE`, `LMCACHE_LOG_LEVEL`, `LMCACHE_USE_EXPERIMENTAL`, `LMCACHE_TRACK_USAGE`)
 are ignored without a warning; see `_ENV_NOT_KEYS`.
+
+`chunk_secret` (or `chunk_secret_file`, a file holding it) authenticates disk-tier chunks (see
+storage/disk.py and README "Security / threat model"). It is never logged, never shown in an error
+message, and left out of `repr(config)`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +48,9 @@ _ENV_NOT_KEYS = frozenset(
 
 SUPPORTED_CACHE_POLICIES = ("LRU",)
 SUPPORTED_HASH_ALGORITHMS = ("xxh3_128",)
+MIN_SECRET_CHARS = 16
+_MIN_SIZE_BYTES = 4096  # a non-zero bound under one page (1e-12 GB is 0 bytes) is surely a typo
+_MAX_SIZE_GB = float(1 << 20)  # 1 PiB
 
 
 class ConfigError(ValueError):
@@ -76,6 +85,12 @@ class LMCacheConfig:
         remote_url: reserved (LMCache's remote tier); a set value is ignored with a warning.
         hash_algorithm: chunk hash; only "xxh3_128" (see hashing.py for the measurement). Not an
             LMCache key: it is folded into every cache key so a future change cannot alias.
+        chunk_secret: secret (>= 16 characters) with which disk-tier chunks are signed and
+            verified (keyed BLAKE3); None (default) means unsigned chunks. Not an LMCache key.
+            Prefer `chunk_secret_file` or the environment over extra_config, which sits in
+            vLLM's command line and config.
+        chunk_secret_file: path of a file holding `chunk_secret` (one line; trailing newline
+            stripped); read at load time. Not an LMCache key.
     """
 
     chunk_size: int = 256
@@ -93,6 +108,8 @@ class LMCacheConfig:
     blend_special_str: str = " # # "
     remote_url: str | None = None
     hash_algorithm: str = "xxh3_128"
+    chunk_secret: str | None = field(default=None, repr=False)
+    chunk_secret_file: str | None = None
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -174,6 +191,25 @@ def _size_gb(key: str, raw: Any) -> float:
     v = _to_float(raw)
     if v is None or v < 0:
         raise _bad(key, "a size in GB, a number >= 0", raw)
+    if 0 < v * (1 << 30) < _MIN_SIZE_BYTES:
+        raise _bad(key, "a size in GB: 0 (off) or at least 4e-06 (4 KiB)", raw)
+    if v > _MAX_SIZE_GB:
+        raise _bad(key, f"a size in GB, at most {_MAX_SIZE_GB:.0f} (1 PiB)", raw)
+    return v
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cpu_size_gb(key: str, raw: Any) -> float:
+    v = _size_gb(key, raw)
+    mem = _physical_memory()
+    if mem and v * (1 << 30) > mem:
+        raise _bad(key, f"a size in GB at most this machine's memory ({mem / (1 << 30):.1f} GB)", raw)
     return v
 
 
@@ -227,10 +263,66 @@ def _local_disk(key: str, raw: Any) -> str | None:
     if s is None:
         return None
     if s.startswith("file://"):
-        s = s[len("file://") :]
+        url = urllib.parse.urlsplit(s)
+        if url.netloc not in ("", "localhost") or url.query or url.fragment:
+            raise _bad(key, "a directory path, file:///path or file://localhost/path (or null)", raw)
+        s = urllib.parse.unquote(url.path)
     if not s or "://" in s:
         raise _bad(key, "a directory path or file:///path (or null)", raw)
-    return os.path.expanduser(s)
+    s = os.path.expanduser(s)
+    # The nearest existing ancestor must be a directory: a regular file there can never become
+    # the tier's directory. (Unwritable directories are reported by the disk tier at start-up,
+    # which then runs without disk.)
+    probe = s
+    while probe and not os.path.lexists(probe):
+        parent = os.path.dirname(probe.rstrip("/"))
+        if parent == probe:
+            break
+        probe = parent
+    if probe and os.path.exists(probe) and not os.path.isdir(probe):
+        what = "is a file" if probe == s else f"is under {probe!r}, which is a file"
+        raise ConfigError(f"{key}: {s!r} {what}, expected a directory")
+    return s
+
+
+def _secret(key: str, raw: Any) -> str | None:
+    # Never echo the value: error messages and logs must not carry the secret.
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise ConfigError(f"{key}: expected a string (value not shown)")
+    if raw.strip() == "":
+        return None
+    if len(raw) < MIN_SECRET_CHARS:
+        raise ConfigError(f"{key}: expected at least {MIN_SECRET_CHARS} characters, got {len(raw)} (value not shown)")
+    return raw
+
+
+def _read_secret_file(path: str) -> str:
+    key = "chunk_secret_file"
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path!r}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{key}: {path!r} is not a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            logger.warning(
+                "lmcache_triton config: chunk_secret_file %r is accessible by other users (mode %o); chmod 600 it",
+                path,
+                stat.S_IMODE(st.st_mode),
+            )
+        data = f.read(1 << 16)
+    try:
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path!r} is not UTF-8 text") from None
+    secret = _secret(key, text)
+    if secret is None:
+        raise ConfigError(f"{key}: {path!r} is empty")
+    return secret
 
 
 def _choice(choices: tuple[str, ...], canon: Callable[[str], str]) -> Callable[[str, Any], str]:
@@ -245,7 +337,7 @@ def _choice(choices: tuple[str, ...], canon: Callable[[str], str]) -> Callable[[
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "chunk_size": _int_parser(1, "a positive integer"),
     "local_cpu": _parse_bool,
-    "max_local_cpu_size": _size_gb,
+    "max_local_cpu_size": _cpu_size_gb,
     "local_disk": _local_disk,
     "max_local_disk_size": _size_gb,
     "save_decode_cache": _parse_bool,
@@ -258,6 +350,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "blend_special_str": _str,
     "remote_url": _opt_str,
     "hash_algorithm": _choice(SUPPORTED_HASH_ALGORITHMS, str.lower),
+    "chunk_secret": _secret,
+    "chunk_secret_file": _opt_str,
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(LMCacheConfig)}
 
@@ -272,6 +366,8 @@ def _from_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"{CONFIG_FILE_ENV}: config file {path!r} does not exist") from None
     except OSError as e:
         raise ConfigError(f"{CONFIG_FILE_ENV}: cannot read config file {path!r}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{CONFIG_FILE_ENV}: {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{CONFIG_FILE_ENV}: {path!r} is not valid YAML: {e}") from None
     if data is None:
@@ -333,6 +429,15 @@ def load_config(
         )
 
     values = {key: _PARSERS[key](key, value) for key, value in raw.items()}
+    if values.get("chunk_secret_file"):
+        if values.get("chunk_secret"):
+            raise ConfigError("chunk_secret_file: set either chunk_secret or chunk_secret_file, not both")
+        values["chunk_secret"] = _read_secret_file(os.path.expanduser(values["chunk_secret_file"]))
+    if sources.get("chunk_secret", "").startswith("extra_config") and values.get("chunk_secret"):
+        logger.warning(
+            "lmcache_triton config: chunk_secret given in kv_connector_extra_config, which is part of "
+            "vLLM's command line and config; prefer LMCACHE_CHUNK_SECRET or chunk_secret_file"
+        )
     cfg = LMCacheConfig(**values)
 
     if cfg.remote_url is not None:

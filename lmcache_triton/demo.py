@@ -105,13 +105,12 @@ def quiet_stderr(log_path: Path):
 
 
 def clear_disk_dir(path: Path) -> None:
-    """Remove the chunk files (and only those) a previous demo left in `path`."""
+    """Remove the chunk files (and only those: headers checked) a previous demo left in `path`."""
     from lmcache_triton.storage.disk import DiskTier
 
     tier = DiskTier(path, 1 << 62, reindex=False)
     try:
-        for _key, p in tier._chunk_files():
-            p.unlink(missing_ok=True)
+        tier.clear_files()
     finally:
         tier.close()
 
@@ -167,7 +166,7 @@ def run_demo(
     from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess
 
     disk_dir = Path(disk) if disk is not None else DEFAULT_DEMO_DISK
-    disk_dir.mkdir(parents=True, exist_ok=True)
+    disk_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     clear_disk_dir(disk_dir)
 
     if model is None:

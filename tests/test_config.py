@@ -1,6 +1,7 @@
 """LMCacheConfig loading: defaults, precedence (YAML < env < extra_config), every error message."""
 
 import logging
+import os
 
 import pytest
 
@@ -169,3 +170,89 @@ def test_remote_url_and_zero_disk_warn(caplog):
     msgs = " | ".join(r.getMessage() for r in caplog.records)
     assert "remote_url='lm://host:65432' is ignored" in msgs
     assert "max_local_disk_size=0 stores nothing" in msgs
+
+
+# ---------------------------------------------------------------- hostile inputs (issue 10)
+
+
+def test_non_utf8_yaml_names_the_file(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("local_disk: /tmp/caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"LMCACHE_CONFIG_FILE: '.*latin1\.yaml' is not UTF-8 text"):
+        load_config(env={"LMCACHE_CONFIG_FILE": str(p)})
+
+
+FILE_URLS = [
+    ("file://localhost/var/kv", "/var/kv"),
+    ("file:///var/kv", "/var/kv"),
+    ("file:///var/kv%20cache", "/var/kv cache"),
+]
+
+
+@pytest.mark.parametrize("url,path", FILE_URLS, ids=[u for u, _ in FILE_URLS])
+def test_file_urls(url, path):
+    assert load_config(env={"LMCACHE_LOCAL_DISK": url}).local_disk == path
+
+
+def test_file_url_with_a_host_is_an_error():
+    with pytest.raises(ConfigError, match="^local_disk: expected a directory path, file:///path or file://localhost"):
+        load_config(env={"LMCACHE_LOCAL_DISK": "file://otherhost/var/kv"})
+
+
+def test_tier_sizes_are_bounded():
+    for key in ("max_local_cpu_size", "max_local_disk_size"):
+        for value in ("1e-12", "1e300"):
+            with pytest.raises(ConfigError, match=f"^{key}: expected a size in GB"):
+                load_config(env={"LMCACHE_" + key.upper(): value})
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    with pytest.raises(ConfigError, match=r"^max_local_cpu_size: expected a size in GB at most this machine's memory"):
+        load_config(env={"LMCACHE_MAX_LOCAL_CPU_SIZE": str(2 * mem_gb)})
+    assert load_config(env={"LMCACHE_MAX_LOCAL_DISK_SIZE": str(2 * mem_gb)}).max_local_disk_size == 2 * mem_gb
+    assert load_config(env={"LMCACHE_MAX_LOCAL_CPU_SIZE": "0"}).max_local_cpu_size == 0  # off: allowed
+
+
+def test_local_disk_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match=r"^local_disk: '.*/file' is a file, expected a directory"):
+        load_config(env={"LMCACHE_LOCAL_DISK": str(f)})
+    with pytest.raises(ConfigError, match=r"^local_disk: '.*/file/kv' is under '.*/file', which is a file"):
+        load_config(env={"LMCACHE_LOCAL_DISK": str(f / "kv")})
+    assert load_config(env={"LMCACHE_LOCAL_DISK": str(tmp_path / "new" / "kv")}).local_disk.endswith("new/kv")
+
+
+SECRET = "s3cr3t-value-0123456789"
+
+
+def test_chunk_secret_is_never_shown(tmp_path, caplog):
+    cfg = load_config(env={"LMCACHE_CHUNK_SECRET": SECRET})
+    assert cfg.chunk_secret == SECRET and SECRET not in repr(cfg)
+    with pytest.raises(ConfigError) as exc:
+        load_config(env={"LMCACHE_CHUNK_SECRET": "short-one"})
+    assert str(exc.value) == "chunk_secret: expected at least 16 characters, got 9 (value not shown)"
+    with pytest.raises(ConfigError, match=r"^chunk_secret: expected a string \(value not shown\)$"):
+        load_config(env={"LMCACHE_CONFIG_FILE": _yaml(tmp_path, "chunk_secret: 1234567890123456789\n")})
+    with caplog.at_level(logging.WARNING, logger="lmcache_triton.config"):
+        assert load_config({"lmcache.chunk_secret": SECRET}, env={}).chunk_secret == SECRET
+    msgs = " | ".join(r.getMessage() for r in caplog.records)
+    assert "kv_connector_extra_config" in msgs and SECRET not in msgs
+
+
+def test_chunk_secret_file(tmp_path, caplog):
+    f = tmp_path / "secret"
+    f.write_text(SECRET + "\n")
+    f.chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="lmcache_triton.config"):
+        cfg = load_config(env={"LMCACHE_CHUNK_SECRET_FILE": str(f)})
+    assert cfg.chunk_secret == SECRET and not caplog.records
+    f.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="lmcache_triton.config"):
+        load_config(env={"LMCACHE_CHUNK_SECRET_FILE": str(f)})
+    assert any("accessible by other users" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="^chunk_secret_file: set either chunk_secret or chunk_secret_file"):
+        load_config(env={"LMCACHE_CHUNK_SECRET_FILE": str(f), "LMCACHE_CHUNK_SECRET": SECRET})
+    with pytest.raises(ConfigError, match=r"^chunk_secret_file: cannot read '.*nope'"):
+        load_config(env={"LMCACHE_CHUNK_SECRET_FILE": str(tmp_path / "nope")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(env={"LMCACHE_CHUNK_SECRET_FILE": str(tmp_path / "empty")})

@@ -288,7 +288,7 @@ def test_local_cpu_off_with_a_full_disk(model_dir, workdir, baseline):
     """A disk that fills after ~3 chunks (a real tmpfs): what fits is served, nothing fails."""
     disk = workdir / "disk-full"
     disk.mkdir()
-    _mount(["-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)])
+    _mount(["-t", "tmpfs", "-o", "size=200k,mode=0700", "tmpfs", str(disk)])  # private: see disk.py
     try:
         spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=_config(disk, local_cpu=False))
         first, second = run_in_subprocess(spec, [PROMPTS["staged"], PROMPTS["staged"]], MAX_TOKENS)

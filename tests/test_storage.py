@@ -377,48 +377,69 @@ def test_two_processes_share_a_directory(disk, tmp_path):
 def _mount_tmpfs(path) -> bool:
     path.mkdir()
     try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(path)], capture_output=True
+        )
     except OSError:
         return False
     return r.returncode == 0
 
 
-def test_disk_full_skips_write_warns_once(disk, tmp_path, monkeypatch, caplog):
+def _fake_full_disk(path, monkeypatch, capacity=1 << 20):
+    """Without a tmpfs (not root / no mount): os.write into `path` raises ENOSPC once the files in
+    `path` (measured on disk, so removing a file frees its space) would exceed `capacity`."""
+    real_write = os.write
+
+    def full_write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(path)):
+            used = sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path))
+            if used + len(data) > capacity:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_write)
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A 1 MiB file system: a real tmpfs where it can be mounted, else injected ENOSPC."""
     path = tmp_path / "small"
     mounted = _mount_tmpfs(path)
     if not mounted:
-        # No tmpfs (not root / no mount in this sandbox): fake ENOSPC for writes into `path`.
-        real_write = os.write
-        used = [0]
-
-        def full_write(fd, data):
-            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(path)):
-                if used[0] + len(data) > 1 << 20:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                used[0] += len(data)
-            return real_write(fd, data)
-
-        monkeypatch.setattr(os, "write", full_write)
+        _fake_full_disk(path, monkeypatch)
     print("disk full via", "a 1 MiB tmpfs mount" if mounted else "a monkeypatched os.write raising ENOSPC")
-    try:
-        tier = disk(path=path)
-        big = lambda i: chunk(i, (600, 512), torch.uint8)  # 300 KiB each: the 4th cannot fit in 1 MiB
-        with caplog.at_level(logging.WARNING, logger="lmcache_triton.storage.disk"):
-            for i in range(6):
-                tier.put(key(i), big(i))
+    yield path
+    if mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_disk_full_evicts_own_lru_and_keeps_caching(disk, small_disk, caplog):
+    tier = disk(path=small_disk)  # bound far above the file system: only ENOSPC limits it
+    big = lambda i: chunk(i, (600, 512), torch.uint8)  # 300 KiB each: the 4th cannot fit in 1 MiB
+    with caplog.at_level(logging.WARNING, logger="lmcache_triton.storage.disk"):
+        for i in range(10):
+            assert tier.put(key(i), big(i))
+            assert tier.flush(20)  # one at a time: the LRU order is the write order
+    s = tier.stats
+    assert s["writes"] == 10 and s["write_errors"] == 0 and s["disk_full"] == 0, s
+    assert s["full_evictions"] >= 7 and s["evictions"] == s["full_evictions"]
+    written = [i for i in range(10) if tier.contains(key(i))]
+    assert written == list(range(10 - len(written), 10)) and len(written) >= 2  # the newest kept
+    assert all(torch.equal(tier.get(key(i)), big(i)) for i in written)
+    assert not [p for p in small_disk.iterdir() if p.name.endswith(".tmp")]  # temp files cleaned
+    # A chunk larger than the whole file system: evicting everything cannot help; counted, warned once.
+    with caplog.at_level(logging.WARNING, logger="lmcache_triton.storage.disk"):
+        for i in (20, 21):
+            tier.put(key(i), chunk(i, (2200, 512), torch.uint8))
             assert tier.flush(20)
-        full = [r for r in caplog.records if "is full" in r.getMessage()]
-        assert len(full) == 1, [r.getMessage() for r in caplog.records]
-        s = tier.stats
-        assert s["disk_full"] >= 1 and s["writes"] + s["disk_full"] == 6
-        assert not [p for p in path.iterdir() if p.name.endswith(".tmp")]  # temp files cleaned
-        written = [i for i in range(6) if tier.contains(key(i))]
-        assert written and all(torch.equal(tier.get(key(i)), big(i)) for i in written)
-        assert tier.stats["corrupt"] == 0
-        tier.close()
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(path)], check=False)
+    s = tier.stats
+    assert s["disk_full"] == 2 and s["write_errors"] == 2 and not tier.contains(key(20))
+    full = [r for r in caplog.records if "is full" in r.getMessage()]
+    assert len(full) == 1, [r.getMessage() for r in caplog.records]
+    assert not [p for p in small_disk.iterdir() if p.name.endswith(".tmp")]
+    tier.put(key(30), big(30))  # and it still caches afterwards
+    assert tier.flush(20) and torch.equal(tier.get(key(30)), big(30)) and tier.stats["corrupt"] == 0
+    tier.close()
 
 
 # -------------------------------------------------------------------------------------- manager

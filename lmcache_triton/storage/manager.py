@@ -92,6 +92,11 @@ class StorageManager:
             return None
         tensor = got[0]
         if out is not None:
+            if out.shape != tensor.shape or out.dtype != tensor.dtype:  # copy_ would broadcast
+                raise ValueError(
+                    f"out: expected shape {tuple(tensor.shape)} dtype {tensor.dtype}, "
+                    f"got {tuple(out.shape)} {out.dtype}"
+                )
             out.copy_(tensor)
             return out
         return tensor
@@ -154,8 +159,13 @@ class StorageManager:
         Args:
             write_back: queue the disk write now; default True. False when `fill` only starts
                 an asynchronous copy: call `write_back(key)` once it is done.
+
+        Raises:
+            ValueError: a key, meta or dtype the disk tier refuses, before anything is taken.
         """
         meta = dict(meta or {})
+        if self.disk is not None:
+            self.disk.check_put(key, dtype, meta)
         if self.cpu is None:
             return False
         if self.disk is not None and not self.keep_in_cpu and self.disk.contains(key):
@@ -188,7 +198,11 @@ class StorageManager:
             if not keep:
                 cpu.remove(_key)
 
-        return self.disk.put(key, held, meta, on_done=release)
+        try:
+            return self.disk.put(key, held, meta, on_done=release)
+        except BaseException:
+            release(False)  # on_done is not called when put raises
+            raise
 
     def prefetch(
         self,

@@ -511,6 +511,7 @@ class LMCacheConnectorV1Impl:
 
         self.rank = get_pp_group().rank_in_group * self.tp_size + get_tensor_model_parallel_rank()
         self.storage = build_storage(self.config, track_cpu_removals=True)
+        self._disk_failed_seen = 0  # disk write failures already reported as store_errors
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
         self._invalid_blocks: set[int] = set()
         self._stored: list[str] = []
@@ -609,6 +610,12 @@ class LMCacheConnectorV1Impl:
         if self.role != KVConnectorRole.WORKER:
             return None  # the scheduler asks too; its counters go to the log line
         data = self.engine.stats.take()
+        disk = self.storage.disk
+        if disk is not None:  # background disk writes that failed (or were dropped) are store errors too
+            d = disk.stats
+            failed = d["write_errors"] + d["dropped"] + d["rejected"]
+            data["store_errors"] += failed - self._disk_failed_seen
+            self._disk_failed_seen = failed
         if self._blend_worker is not None:
             data.update(self._blend_worker.take_stats())
         return LMCacheTritonStats(data=data) if any(data.values()) else None
