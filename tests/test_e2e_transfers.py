@@ -76,10 +76,17 @@ def _flush():
     assert flush_local_worker(30)
 
 
-def _chunk_files(disk, before: set[str]) -> list:
-    """Files written since `before`, oldest first (a prompt's chunks in order)."""
-    new = [p for p in disk.glob("*.safetensors") if p.name not in before]
-    return sorted(new, key=lambda p: p.stat().st_mtime_ns)
+def _chunk_files(disk, tokens: list[int]) -> list:
+    """The chunk files of `tokens`, in chunk order (a file is named namespace + digest)."""
+    from lmcache_triton.config import LMCacheConfig
+    from lmcache_triton.engine import ChunkPlanner
+
+    spans = ChunkPlanner(LMCacheConfig(chunk_size=CHUNK), BLOCK).spans(tokens)
+    files = []
+    for span in spans:
+        (path,) = [p for p in disk.glob("*.safetensors") if p.name.endswith(span.digest + ".safetensors")]
+        files.append(path)
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +99,9 @@ def stored(model_dir, workdir):
     files = {}
     try:
         for name, tokens in PROMPTS.items():
-            before = {p.name for p in disk.glob("*.safetensors")}
             generate(llm, [tokens], 1)
             _flush()
-            files[name] = _chunk_files(disk, before)
+            files[name] = _chunk_files(disk, tokens)
             assert len(files[name]) == 5, f"{name}: 4 whole chunks + the partial one"
     finally:
         shutdown(llm)
