@@ -15,7 +15,9 @@ Client: redis-py with hiredis (measured against valkey-glide, bench/RESULTS.md "
 redis-py's own SET of a 16 MiB value runs at ~0.6 GB/s on loopback because it packs the command
 into one bytes object; this tier writes the RESP header, then the chunk header and the tensor's
 own memory (no intermediate copy) with `send_packed_command`, which measured ~2.2 GB/s (glide
-~1.3 GB/s). GETs read with 1 MiB socket reads (64 KiB default: 1.8 vs 3.1 GB/s at 16 MiB).
+~1.3 GB/s). GETs of chunks receive the value with one blocking `recv_into(MSG_WAITALL)` on
+plain TCP/unix sockets (`_get_direct`: the GIL is released once per value, not per socket read;
+inside vLLM a 6 MB prefetch went from 10-35 ms to 4-11 ms); TLS uses redis-py's reader.
 
 Invariants:
   * Keys are `KEY_PREFIX` + the chunk key, which is lower-case hex (namespace digest + chunk
@@ -44,6 +46,8 @@ import logging
 import math
 import queue
 import re
+import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -74,6 +78,10 @@ _BACKOFF_MAX_S = 30.0
 _READ_SIZE = 1 << 20  # socket reads for large GETs (see module docstring)
 _SHOWN_META = ("model", "layout", "num_tokens", "kv_dtype")  # what `entries` reports of a header
 _MAX_VALUE = 1 << 31  # a value above 2 GiB is no chunk of ours
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
 
 class RemoteURLError(ValueError):
@@ -325,20 +333,77 @@ class RemoteTier:
 
     # ------------------------------------------------------------------ reads
 
-    def _get_raw(self, key: str) -> bytes | None:
+    def _get_direct(self, rkey: str) -> bytes | bytearray | None:
+        """GET with the value received by ONE blocking `recv_into(MSG_WAITALL)` (the GIL is
+        released for the whole value; redis-py's reader takes it back per socket read, and vLLM's
+        engine loop, spinning while a request waits for its prefetch, holds it ~5 ms each time:
+        a 6 MB GET took 10-30 ms that way). The kernel bounds the wait (SO_RCVTIMEO). Plain TCP
+        and unix sockets only; TLS goes through redis-py's reader."""
+        pool = self._bulk.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_command("GET", rkey), check_health=False)
+            sock = conn._sock
+            if sock is None or not isinstance(sock, socket.socket) or type(sock) is not socket.socket:
+                return conn.read_response()  # TLS (SSLSocket) or an unknown transport
+            head = bytearray()
+            while not head.endswith(b"\r\n"):  # "$<n>\r\n", "$-1\r\n" / "_\r\n" (null), "-ERR ...\r\n"
+                b = sock.recv(1)
+                if not b:
+                    raise self._redis.ConnectionError("connection closed by the server")
+                head += b
+                if len(head) > 4096:
+                    raise self._redis.ConnectionError("unexpected reply")
+            if head == b"_\r\n":  # RESP3 null (redis-py 8 speaks RESP3): no such key
+                return None
+            if head[:1] == b"-":
+                raise self._redis.ResponseError(head[1:-2].decode(errors="replace"))
+            if head[:1] != b"$":
+                raise self._redis.ConnectionError(f"unexpected reply {bytes(head[:40])!r}")
+            n = int(head[1:-2])
+            if n < 0:
+                return None
+            if n > _MAX_VALUE:
+                raise self._redis.ConnectionError("value too large for a chunk")
+            buf = bytearray(n + 2)
+            timeout = sock.gettimeout()
+            sock.settimeout(None)  # blocking: MSG_WAITALL waits for it all, the kernel bounds it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout or 10.0))
+            try:
+                view, got = memoryview(buf), 0
+                while got < n + 2:
+                    k = sock.recv_into(view[got:], n + 2 - got, socket.MSG_WAITALL)
+                    if k == 0:
+                        raise self._redis.ConnectionError("connection closed by the server")
+                    got += k
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                raise self._redis.TimeoutError("timeout reading a value") from None
+            finally:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
+                sock.settimeout(timeout)
+            return memoryview(buf)[:n]
+        except BaseException:
+            conn.disconnect()  # a half-read reply must never be reused
+            raise
+        finally:
+            pool.release(conn)
+
+    def _get_raw(self, key: str) -> bytes | memoryview | None:
         rkey = _remote_key(key)
         try:
-            data = self._call(lambda: self._bulk.get(rkey), None)
+            data = self._call(lambda: self._get_direct(rkey), None)
         except self._redis.RedisError as e:
             self._warn_once("get", "lmcache_triton remote tier: GET refused by %s: %s", self.masked, e)
             data = None
-        if not isinstance(data, bytes) or len(data) > _MAX_VALUE:
+        if not isinstance(data, (bytes, memoryview)) or len(data) > _MAX_VALUE:
             self._count("misses")
             return None
         self._count("bytes_read", len(data))
         return data
 
-    def _verify(self, key: str, data: bytes, expect: dict[str, str] | None) -> tuple[ChunkHeader, memoryview] | None:
+    def _verify(
+        self, key: str, data: bytes | memoryview, expect: dict[str, str] | None
+    ) -> tuple[ChunkHeader, memoryview] | None:
         """The checked header and payload view of a value, or None (a miss, counted)."""
         mv = memoryview(data)
         try:
