@@ -162,6 +162,24 @@ def test_hung_server_is_bounded_by_the_timeout(server):
     tier.close()
 
 
+def test_get_from_a_hung_server_is_bounded(server):
+    tier = RemoteTier(server.url, timeout=0.3, data_timeout=0.8)
+    t = _chunk(3, shape=(64, 1024))
+    _put(tier, KEY, t)
+    assert torch.equal(tier.get_with_meta(KEY)[0], t)  # the direct GET path works and is exact
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert tier.get_with_meta(KEY) is None  # the first call waits for the data timeout only
+        assert time.monotonic() - t0 < 3.0
+        assert not tier.up
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    time.sleep(0.6)
+    assert tier.ping() and torch.equal(tier.get_with_meta(KEY)[0], t)  # a fresh connection, exact
+    tier.close()
+
+
 def test_tiny_maxmemory_refuses_and_evicts():
     with ValkeyServer(maxmemory="4mb") as s:
         tier = RemoteTier(s.url)
