@@ -356,3 +356,15 @@ def test_disk_first_then_remote_and_keys_vanishing_between_lookup_and_fetch(serv
     assert not d.prefetch(KEY) and not d.cpu.contains(KEY)
     for m in (a, b, c, d):
         m.close()
+
+
+def test_unix_socket_url(tmp_path):
+    path = tmp_path / "v.sock"
+    with ValkeyServer(extra=["--unixsocket", str(path), "--unixsocketperm", "700"]) as s:
+        assert s.proc is not None
+        tier = RemoteTier(f"unix://{path}?db=1")
+        t = _chunk(8, shape=(32, 1024))
+        assert _put(tier, KEY, t) == [True] and tier.contains_many([KEY]) == [True]
+        assert torch.equal(tier.get_with_meta(KEY)[0], t)
+        assert _raw(s).exists(KEY_PREFIX + KEY) == 0  # db 1, not db 0
+        tier.close()
