@@ -217,6 +217,18 @@ class _RequestState:
     num_handled: int = 0  # leading chunks already stored, loaded or known cached
 
 
+def _producer(vllm_config: VllmConfig) -> tuple[str, str]:
+    """The model's name and a fingerprint of what produces its KV: the weights vLLM loads (a
+    stat of every weight and config file of a local directory, or the hub revision) and the
+    quantisation. Computed alike in the scheduler and the workers."""
+    from lmcache_triton.identity import model_fingerprint
+
+    mc = vllm_config.model_config
+    weights = model_fingerprint(str(mc.model), getattr(mc, "revision", None))
+    quant = getattr(mc, "quantization", None) or "none"
+    return str(mc.model), f"{weights}-q:{quant}"
+
+
 def _layout_fingerprint(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> tuple[str, Any]:
     """A fingerprint of the page layout, computed alike in the scheduler and the workers."""
     from vllm.platforms import current_platform
@@ -278,17 +290,20 @@ class LMCacheConnectorV1Impl:
         pc = vllm_config.parallel_config
         self.world_size = pc.tensor_parallel_size * pc.pipeline_parallel_size
         self.tp_size = pc.tensor_parallel_size
-        model = vllm_config.model_config.model
-        kv_dtype = str(self.spec.dtype).replace("torch.", "")
+        model, producer = _producer(vllm_config)
+        # vLLM stores fp8_e4m3 and fp8_e5m2 alike as uint8: the spec's dtype alone cannot tell them
+        # apart, the configured cache dtype can.
+        kv_dtype = f"{str(self.spec.dtype).replace('torch.', '')}/{vllm_config.cache_config.cache_dtype}"
         self.key_meta = {
             "model": str(model),
+            "producer": producer,
             "layout": self.layout,
             "kv_dtype": kv_dtype,
             "chunk_size": str(self.config.chunk_size),
             "world_size": str(self.world_size),
         }
         self.namespaces = [
-            key_namespace(str(model), self.world_size, r, kv_dtype, self.config.chunk_size, self.layout)
+            key_namespace(f"{model}@{producer}", self.world_size, r, kv_dtype, self.config.chunk_size, self.layout)
             for r in range(self.world_size)
         ]
         # The blender slot: CacheBlend halves (blend_connector.py), set per role when
@@ -529,6 +544,10 @@ class LMCacheConnectorV1Impl:
             names.extend(n for n in t.layers if n in kv_caches and n not in names)
         names.extend(n for n in kv_caches if n not in names)
         self.engine.register([kv_caches[n] for n in names], self.block_size)
+        # The attention kernel's page size (FlashInfer splits 128-token blocks into 64-token
+        # pages on sm90): part of every chunk's header, so a chunk cut into other pages is a
+        # verified miss, never a load.
+        self.engine.meta["kernel_page"] = str(self.engine.geom.block_size)
         logger.info(
             "lmcache_triton: registered %d layers, geometry %s", len(names), self.engine.geom
         )
