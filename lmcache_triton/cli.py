@@ -519,7 +519,7 @@ def serve(
         port = _flag(passthrough, "--port") or "8000"
         if not port.isdigit():
             raise CliError(f"--port {port!r} is not a port number")
-        if not print_command:
+        if int(port):  # also with --print-command: the command printed must be able to start
             check_port(_flag(passthrough, "--host") or "0.0.0.0", int(port))
         if not any(a.startswith("--enable-prompt-tokens-details") for a in passthrough):
             passthrough.append("--enable-prompt-tokens-details")

@@ -72,14 +72,12 @@ def choose_lmcache_name_impl(env: dict[str, str] | None = None) -> tuple[str, st
 class _ToVllmHandlers(logging.Handler):
     """Hands each record to the handlers the `vllm` logger has at that moment: vLLM (re)configures
     its logging after the plugins load (dictConfig replaces the handler), so they are looked up
-    at emit time. Without vLLM handlers (VLLM_CONFIGURE_LOGGING=0) the root logger's rule."""
+    at emit time. Records still propagate to the root logger, which has no handler in vLLM's
+    processes (vLLM's own loggers do not propagate); with VLLM_CONFIGURE_LOGGING=0 the root
+    logger's configuration is all there is."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        vllm_logger = logging.getLogger("vllm")
-        handlers = vllm_logger.handlers or logging.getLogger().handlers
-        if not handlers and logging.lastResort is not None:
-            handlers = [logging.lastResort]
-        for h in handlers:
+        for h in logging.getLogger("vllm").handlers:
             if record.levelno >= h.level:
                 h.handle(record)
 
@@ -102,7 +100,6 @@ def _route_logging() -> None:
         return
     ours.addHandler(_ToVllmHandlers())
     ours.setLevel(_level())
-    ours.propagate = False  # printed once by vLLM's handler, never again by the root logger
     logging.getLogger("lmcache_triton.config").addFilter(OnceFilter())
 
 
