@@ -309,3 +309,25 @@ def test_plugin_registers_the_name_and_routes_logging(monkeypatch):
         KVConnectorFactory._registry.update(saved)
         ours.handlers[:], config_log.filters[:] = saved_log[0], saved_log[2]
         ours.setLevel(saved_log[1])
+
+
+# ------------------------------------------------------------------------------------- demo
+
+
+def test_demo_model_gets_a_chat_template(tmp_path):
+    pytest.importorskip("transformers", reason="transformers (a vLLM dependency) is not installed")
+    from transformers import AutoTokenizer
+
+    from lmcache_triton.demo import ensure_chat_template
+    from lmcache_triton.testing import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m", hidden_size=64, num_heads=2, num_kv_heads=1, num_layers=1)
+    messages = [{"role": "user", "content": "the quiet library"}]
+    with pytest.raises(ValueError, match="chat_template"):  # what vLLM's 400 comes from
+        AutoTokenizer.from_pretrained(model).apply_chat_template(messages, tokenize=False)
+    assert ensure_chat_template(model) is True
+    text = AutoTokenizer.from_pretrained(model).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert text == "user: the quiet library\nassistant:"
+    assert ensure_chat_template(model) is False  # a template is never replaced
