@@ -377,8 +377,22 @@ def _check_sizes(cfg: LMCacheConfig, env: Mapping[str, str]) -> None:
             )
 
 
+def _warn_values(cfg: LMCacheConfig, env: Mapping[str, str]) -> None:
+    """Warnings about values that are accepted but will not do what the user may expect."""
+    if cfg.remote_url is not None:
+        logger.warning("lmcache_triton config: remote_url=%r is ignored (no remote tier yet)", cfg.remote_url)
+    if cfg.local_disk is not None and cfg.max_local_disk_size == 0:
+        logger.warning(
+            "lmcache_triton config: local_disk=%r with max_local_disk_size=0 stores nothing on disk "
+            "(LMCache's default bound is 0): set max_local_disk_size (LMCACHE_MAX_LOCAL_DISK_SIZE, in GB), "
+            "or `lmcache-triton serve --disk DIR`, which defaults to 10 GB",
+            cfg.local_disk,
+        )
+    _check_sizes(cfg, env)
+
+
 def load_config(
-    extra_config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    extra_config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, *, warn: bool = True
 ) -> LMCacheConfig:
     """Build the config from YAML, then `LMCACHE_*` env, then `lmcache.*` extra config.
 
@@ -386,6 +400,9 @@ def load_config(
         extra_config: vLLM's `kv_connector_extra_config`; only `"lmcache.<key>"` entries are read.
             Default None (none).
         env: environment to read; default None means `os.environ`.
+        warn: log the warnings (unknown keys, ignored values, impossible bounds). Default True;
+            the connector's worker role passes False, so a server says each once (its
+            scheduler), not once per process.
 
     Returns:
         The validated `LMCacheConfig`.
@@ -400,7 +417,8 @@ def load_config(
     def take(items: dict[str, Any], where: str) -> None:
         for key, value in items.items():
             if key not in _PARSERS:
-                logger.warning("lmcache_triton config: %s", unknown_key_message(key, where))
+                if warn:
+                    logger.warning("lmcache_triton config: %s", unknown_key_message(key, where))
                 continue
             raw[key] = value
             sources[key] = where
@@ -429,16 +447,8 @@ def load_config(
     values = {key: _PARSERS[key](key, value) for key, value in raw.items()}
     cfg = LMCacheConfig(**values)
 
-    if cfg.remote_url is not None:
-        logger.warning("lmcache_triton config: remote_url=%r is ignored (no remote tier yet)", cfg.remote_url)
-    if cfg.local_disk is not None and cfg.max_local_disk_size == 0:
-        logger.warning(
-            "lmcache_triton config: local_disk=%r with max_local_disk_size=0 stores nothing on disk "
-            "(LMCache's default bound is 0): set max_local_disk_size (LMCACHE_MAX_LOCAL_DISK_SIZE, in GB), "
-            "or `lmcache-triton serve --disk DIR`, which defaults to 10 GB",
-            cfg.local_disk,
-        )
-    _check_sizes(cfg, env)
+    if warn:
+        _warn_values(cfg, env)
     if cfg.enable_blending and not cfg.blend_special_str:
         raise ConfigError(
             "blend_special_str: expected a non-empty string when enable_blending is true, got ''"

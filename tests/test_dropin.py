@@ -331,3 +331,13 @@ def test_demo_model_gets_a_chat_template(tmp_path):
     )
     assert text == "user: the quiet library\nassistant:"
     assert ensure_chat_template(model) is False  # a template is never replaced
+
+
+def test_quiet_load_config_still_validates(caplog):
+    from lmcache_triton.config import ConfigError
+
+    with caplog.at_level(logging.WARNING, logger="lmcache_triton.config"):
+        cfg = load_config(env={"LMCACHE_USE_LAYERWISE": "1", "LMCACHE_LOCAL_DISK": "/tmp/x"}, warn=False)
+    assert cfg.local_disk == "/tmp/x" and caplog.records == []
+    with pytest.raises(ConfigError, match="chunk_size"):
+        load_config(env={"LMCACHE_CHUNK_SIZE": "abc"}, warn=False)

@@ -78,6 +78,7 @@ def test_seed_command_line_restart_hits_from_disk(workdir, model_dir, tmp_path):
         LMCACHE_MAX_LOCAL_DISK_SIZE="1",
         VLLM_LOGGING_LEVEL="INFO",
         VLLM_SERVER_DEV_MODE="1",  # /reset_prefix_cache
+        LMCACHE_USE_LAYERWISE="True",  # common in LMCache scripts; not implemented here
     )
     body = {"model": model_dir, "prompt": _prompt(11), "temperature": 0, "max_tokens": 8}
 
@@ -144,3 +145,6 @@ def test_seed_command_line_restart_hits_from_disk(workdir, model_dir, tmp_path):
         # Our start-up line, in vLLM's format (process, level, time), at vLLM's INFO level.
         startup = [ln for ln in text.splitlines() if "lmcache_triton scheduler: chunk_size=64" in ln]
         assert len(startup) == 1 and " INFO " in startup[0], startup
+        # A configuration warning: once (scheduler and worker both read the config), formatted.
+        layerwise = [ln for ln in text.splitlines() if "LMCache key 'use_layerwise'" in ln]
+        assert len(layerwise) == 1 and " WARNING " in layerwise[0], layerwise

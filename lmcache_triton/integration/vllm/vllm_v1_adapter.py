@@ -271,7 +271,8 @@ class LMCacheConnectorV1Impl:
         self.vllm_config = vllm_config
         kv_cache_config = parent._kv_cache_config
         extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
-        self.config: LMCacheConfig = load_config(extra)
+        # Warnings once per server: the scheduler's; the workers (own processes) stay quiet.
+        self.config: LMCacheConfig = load_config(extra, warn=role == KVConnectorRole.SCHEDULER)
 
         self.layout, self.spec = _layout_fingerprint(vllm_config, kv_cache_config)
         self.block_size = self.spec.block_size
