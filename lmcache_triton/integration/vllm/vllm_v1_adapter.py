@@ -15,6 +15,11 @@ Scheduler role (EngineCore process):
   build_connector_meta        per step: loads (chunk -> blocks), stores (chunks that became fully
                               computed this step and are not held yet), prefetches, and the
                               acknowledgements of chunks the workers retire.
+  get_external_cache_hit_sources  labels a hit "disk" (the request waited for those chunks to be
+                              read from disk) or "host" (they were in the CPU tier).
+  reset_cache                 /reset_prefix_cache?reset_external=true: later keys carry a new
+                              epoch, so nothing stored before is served after.
+  (kv_transfer_params {"lmcache.skip_save": true} on a request: nothing of it is stored.)
   update_connector_output     applies the workers' reports (chunks now held, retiring, dropped,
                               prefetches that failed) to the scheduler's `PrefixIndex`.
 Worker role (each Worker process):
