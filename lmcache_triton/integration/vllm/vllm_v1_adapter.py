@@ -223,6 +223,26 @@ class _RequestState:
     skip_save: bool = False  # kv_transfer_params {"lmcache.skip_save": true}: never stored
 
 
+def kv_replicas(vllm_config: VllmConfig) -> int:
+    """How many tensor-parallel ranks hold the same KV: all of them for MLA (one latent vector
+    per token, not split by heads), `tp // KV heads` when there are more ranks than KV heads
+    (vLLM gives each head to that many consecutive ranks), else 1."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp <= 1:
+        return 1
+    mc = vllm_config.model_config
+    if getattr(mc, "use_mla", False):
+        return tp
+    heads = mc.get_total_num_kv_heads()
+    return tp // heads if 0 < heads < tp else 1
+
+
+def first_replica(rank: int, tp_size: int, replicas: int) -> int:
+    """The rank whose keys (and disk files) `rank` shares: the first of its group of `replicas`
+    consecutive tensor-parallel ranks in its pipeline stage (ranks are `pp * tp_size + tp`)."""
+    return rank - (rank % tp_size) % replicas
+
+
 def _layout_fingerprint(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> tuple[str, Any]:
     """A fingerprint of the page layout, computed alike in the scheduler and the workers."""
     from vllm.platforms import current_platform
@@ -285,6 +305,7 @@ class LMCacheConnectorV1Impl:
         pc = vllm_config.parallel_config
         self.world_size = pc.tensor_parallel_size * pc.pipeline_parallel_size
         self.tp_size = pc.tensor_parallel_size
+        self.kv_replicas = kv_replicas(vllm_config)
         model = vllm_config.model_config.model
         kv_dtype = str(self.spec.dtype).replace("torch.", "")
         self.key_meta = {
@@ -295,7 +316,11 @@ class LMCacheConnectorV1Impl:
             "world_size": str(self.world_size),
         }
         self.namespaces = [
-            key_namespace(str(model), self.world_size, r, kv_dtype, self.config.chunk_size, self.layout)
+            # Ranks holding the same KV share the first replica's keys: one file on disk, not one per rank.
+            key_namespace(
+                str(model), self.world_size, first_replica(r, self.tp_size, self.kv_replicas), kv_dtype,
+                self.config.chunk_size, self.layout,
+            )
             for r in range(self.world_size)
         ]
         # The blender slot: CacheBlend halves (blend_connector.py), set per role when
@@ -559,6 +584,8 @@ class LMCacheConnectorV1Impl:
 
         self.rank = get_pp_group().rank_in_group * self.tp_size + get_tensor_model_parallel_rank()
         self.storage = build_storage(self.config, track_cpu_removals=True)
+        if first_replica(self.rank, self.tp_size, self.kv_replicas) != self.rank:
+            self.storage.write_disk = False  # the first replica writes the shared file
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
         self._invalid_blocks: set[int] = set()
         self._stored: list[str] = []
