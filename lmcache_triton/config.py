@@ -329,6 +329,11 @@ def unknown_key_message(key: str, where: str) -> str:
     of one of ours (with the close match), or simply unknown."""
     import difflib
 
+    if key == "save_only_first_rank":
+        return (
+            f"LMCache key {key!r} in {where} is not needed here and is ignored: KV that several "
+            "ranks hold (MLA, or more TP ranks than KV heads) is written to disk by the first of them only"
+        )
     if key in LMCACHE_ONLY_KEYS:
         return f"LMCache key {key!r} in {where} is not supported here and is ignored"
     close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.75)

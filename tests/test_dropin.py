@@ -402,3 +402,8 @@ def test_no_disk_writes_on_a_replica(tmp_path):
         assert len(list(d.glob("*.safetensors"))) == files
         assert torch.equal(m.get("ab" * 32), chunk)  # the CPU copy is there either way
         m.close()
+
+
+def test_save_only_first_rank_is_automatic(caplog):
+    _, msgs = _warnings(caplog, LMCACHE_SAVE_ONLY_FIRST_RANK="True")
+    assert len(msgs) == 1 and "not needed here" in msgs[0] and "first of them only" in msgs[0]
