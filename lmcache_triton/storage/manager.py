@@ -60,6 +60,10 @@ class StorageManager:
         # disk (dropped from memory once written) and prefetched chunks on their way to a load.
         self.keep_in_cpu = keep_in_cpu
         self.dropped_writes = 0  # chunks not stored because no CPU buffer was free
+        # False on a rank whose KV another rank also holds (MLA, or more TP ranks than KV heads):
+        # the first replica writes the shared file, the others only read it (LMCache's
+        # save_only_first_rank, automatic here).
+        self.write_disk = True
         self._scratch: torch.Tensor | None = None
 
     def contains(self, key: str) -> bool:
@@ -181,7 +185,7 @@ class StorageManager:
         """Queue the disk write of a chunk now complete in the CPU tier. The writer reads the
         tier's own buffer, held until written; with `keep_in_cpu` off the chunk then leaves
         memory. False when there is no disk tier or the write was not queued."""
-        if self.disk is None or self.cpu is None:
+        if self.disk is None or self.cpu is None or not self.write_disk:
             return False
         if self.disk.contains(key):
             if not self.keep_in_cpu:

@@ -15,6 +15,11 @@ Scheduler role (EngineCore process):
   build_connector_meta        per step: loads (chunk -> blocks), stores (chunks that became fully
                               computed this step and are not held yet), prefetches, and the
                               acknowledgements of chunks the workers retire.
+  get_external_cache_hit_sources  labels a hit "disk" (the request waited for those chunks to be
+                              read from disk) or "host" (they were in the CPU tier).
+  reset_cache                 /reset_prefix_cache?reset_external=true: later keys carry a new
+                              epoch, so nothing stored before is served after.
+  (kv_transfer_params {"lmcache.skip_save": true} on a request: nothing of it is stored.)
   update_connector_output     applies the workers' reports (chunks now held, retiring, dropped,
                               prefetches that failed) to the scheduler's `PrefixIndex`.
 Worker role (each Worker process):
@@ -215,6 +220,27 @@ class _RequestState:
     extra: list[str] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_handled: int = 0  # leading chunks already stored, loaded or known cached
+    skip_save: bool = False  # kv_transfer_params {"lmcache.skip_save": true}: never stored
+
+
+def kv_replicas(vllm_config: VllmConfig) -> int:
+    """How many tensor-parallel ranks hold the same KV: all of them for MLA (one latent vector
+    per token, not split by heads), `tp // KV heads` when there are more ranks than KV heads
+    (vLLM gives each head to that many consecutive ranks), else 1."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp <= 1:
+        return 1
+    mc = vllm_config.model_config
+    if getattr(mc, "use_mla", False):
+        return tp
+    heads = mc.get_total_num_kv_heads()
+    return tp // heads if 0 < heads < tp else 1
+
+
+def first_replica(rank: int, tp_size: int, replicas: int) -> int:
+    """The rank whose keys (and disk files) `rank` shares: the first of its group of `replicas`
+    consecutive tensor-parallel ranks in its pipeline stage (ranks are `pp * tp_size + tp`)."""
+    return rank - (rank % tp_size) % replicas
 
 
 def _producer(vllm_config: VllmConfig) -> tuple[str, str]:
@@ -282,7 +308,8 @@ class LMCacheConnectorV1Impl:
         self.vllm_config = vllm_config
         kv_cache_config = parent._kv_cache_config
         extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
-        self.config: LMCacheConfig = load_config(extra)
+        # Warnings once per server: the scheduler's; the workers (own processes) stay quiet.
+        self.config: LMCacheConfig = load_config(extra, warn=role == KVConnectorRole.SCHEDULER)
 
         self.layout, self.spec = _layout_fingerprint(vllm_config, kv_cache_config)
         self.block_size = self.spec.block_size
@@ -290,6 +317,7 @@ class LMCacheConnectorV1Impl:
         pc = vllm_config.parallel_config
         self.world_size = pc.tensor_parallel_size * pc.pipeline_parallel_size
         self.tp_size = pc.tensor_parallel_size
+        self.kv_replicas = kv_replicas(vllm_config)
         model, producer = _producer(vllm_config)
         # vLLM stores fp8_e4m3 and fp8_e5m2 alike as uint8: the spec's dtype alone cannot tell them
         # apart, the configured cache dtype can.
@@ -303,7 +331,11 @@ class LMCacheConnectorV1Impl:
             "world_size": str(self.world_size),
         }
         self.namespaces = [
-            key_namespace(f"{model}@{producer}", self.world_size, r, kv_dtype, self.config.chunk_size, self.layout)
+            # Ranks holding the same KV share the first replica's keys: one file on disk, not one per rank.
+            key_namespace(
+                f"{model}@{producer}", self.world_size, first_replica(r, self.tp_size, self.kv_replicas), kv_dtype,
+                self.config.chunk_size, self.layout,
+            )
             for r in range(self.world_size)
         ]
         # The blender slot: CacheBlend halves (blend_connector.py), set per role when
@@ -331,6 +363,8 @@ class LMCacheConnectorV1Impl:
         self._hit_tokens = 0
         self._query_tokens = 0
         self._last_log = time.monotonic()
+        self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
+        self._disk_waits: dict[str, set[str]] = {}  # req -> digests it waited for from disk
         logger.info(
             "lmcache_triton scheduler: chunk_size=%d block_size=%d world_size=%d layout=%s disk=%s",
             self.config.chunk_size, self.block_size, self.world_size, self.layout, self.config.local_disk,
@@ -345,7 +379,10 @@ class LMCacheConnectorV1Impl:
         if st is None:
             tokens = list(request.prompt_token_ids or [])
             extra = _extra_keys(request)
+            if self._epoch:
+                extra.append(f"epoch:{self._epoch}")
             st = _RequestState(self.planner.spans(tokens, extra), len(tokens), request, extra)
+            st.skip_save = skip_save_requested(request)
             self._states[request.request_id] = st
         return st
 
@@ -389,6 +426,7 @@ class LMCacheConnectorV1Impl:
         if not want:
             self._waiting.pop(req_id, None)
             return False
+        self._disk_waits.setdefault(req_id, set()).update(want)  # hit-source labels
         deadline = self._waiting.setdefault(req_id, now + PREFETCH_WAIT_S)
         if now < deadline:
             return True
@@ -438,6 +476,8 @@ class LMCacheConnectorV1Impl:
         st.spans = self.planner.spans(tokens, st.extra)
 
     def _plan_stores(self, st: _RequestState, computed: int, meta: LMCacheTritonMetadata) -> None:
+        if st.skip_save:
+            return
         if self.config.save_decode_cache and computed > st.prompt_len:
             self._extend_for_decode(st, computed)
         while st.num_handled < len(st.spans):
@@ -460,7 +500,7 @@ class LMCacheConnectorV1Impl:
                 self._plan_load(new.req_id, st, meta)
             computed = new.num_computed_tokens + sched.get(new.req_id, 0)
             self._plan_stores(st, computed, meta)
-            if self._blend is not None:
+            if self._blend is not None and not st.skip_save:
                 self._blend.plan_segment_store(new.req_id, st, computed, meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -475,7 +515,7 @@ class LMCacheConnectorV1Impl:
                 st.block_ids.extend(new_blocks[0])
             computed = cached.num_computed_tokens[i] + sched.get(req_id, 0)
             self._plan_stores(st, computed, meta)
-            if self._blend is not None:
+            if self._blend is not None and not st.skip_save:
                 self._blend.plan_segment_store(req_id, st, computed, meta)
         if self._to_prefetch:
             meta.prefetches, self._to_prefetch = self._to_prefetch, []
@@ -497,6 +537,7 @@ class LMCacheConnectorV1Impl:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         rid = request.request_id
         self._states.pop(rid, None)
+        self._disk_waits.pop(rid, None)
         self._lookups.pop(rid, None)
         self._load_plans.pop(rid, None)
         self._waiting.pop(rid, None)
@@ -505,6 +546,38 @@ class LMCacheConnectorV1Impl:
         # A save reads the blocks before vLLM's next kernel runs (on CUDA the compute stream
         # waits for the gather): nothing of ours holds them after this step.
         return False, None
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        """vLLM's hit-source labels: tokens of chunks this request waited for from disk are
+        "disk", the others were in the CPU tier already: "host"."""
+        if num_external_tokens <= 0:
+            return {}
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        rid = request.request_id
+        disk, st, plan = self._disk_waits.get(rid), self._states.get(rid), self._load_plans.get(rid)
+        from_disk = 0
+        if disk and st is not None and plan is not None:
+            first, end = plan
+            for span in st.spans:
+                if span.digest in disk and span.end > first and span.start < end:
+                    from_disk += min(span.end, end) - max(span.start, first)
+        from_disk = min(from_disk, num_external_tokens)
+        sources = {CacheHitSource.DISK: from_disk, CacheHitSource.HOST: num_external_tokens - from_disk}
+        return {k: v for k, v in sources.items() if v}
+
+    def reset_cache(self) -> bool | None:
+        """vLLM's `reset_prefix_cache(reset_connector=True)` (`POST /reset_prefix_cache?
+        reset_external=true`, e.g. after a weight update): no chunk stored before it is served
+        after it. Every later key carries a new epoch, so old chunks never match again and age
+        out of the tiers by LRU; no file is deleted (`lmcache-triton clear` does that). The epoch
+        is not persisted: after a restart the model is loaded from its files again and the
+        chunks of epoch 0 (computed with those weights) are valid again."""
+        if self.role != KVConnectorRole.SCHEDULER:
+            return None
+        self._epoch += 1
+        logger.info("lmcache_triton: cache reset (epoch %d): earlier chunks are not served again", self._epoch)
+        return True
 
     def _maybe_log(self) -> None:
         now = time.monotonic()
@@ -527,6 +600,8 @@ class LMCacheConnectorV1Impl:
         self.rank = get_pp_group().rank_in_group * self.tp_size + get_tensor_model_parallel_rank()
         self.storage = build_storage(self.config, track_cpu_removals=True)
         self._disk_failed_seen = 0  # disk write failures already reported as store_errors
+        if first_replica(self.rank, self.tp_size, self.kv_replicas) != self.rank:
+            self.storage.write_disk = False  # the first replica writes the shared file
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
         self._invalid_blocks: set[int] = set()
         self._stored: list[str] = []
@@ -645,6 +720,19 @@ class LMCacheConnectorV1Impl:
             self.storage.close()
 
 
+SKIP_SAVE_PARAM = "lmcache.skip_save"  # LMCache's spelling of the per-request opt-out
+
+
+def skip_save_requested(request: Any) -> bool:
+    """Whether the request's `kv_transfer_params` ask that its KV is never stored (LMCache's
+    `{"lmcache.skip_save": true}`; true, "true", 1 and "1" count). Loads still happen."""
+    params = getattr(request, "kv_transfer_params", None)
+    if not isinstance(params, dict):
+        return False
+    v = params.get(SKIP_SAVE_PARAM, False)
+    return v is True or v == 1 or (isinstance(v, str) and v.strip().lower() in ("true", "1", "yes"))
+
+
 def _extra_keys(request: Request) -> list[str]:
     """What besides the tokens decides the KV: LoRA adapter, cache salt, multimodal inputs."""
     extra = []
@@ -720,6 +808,12 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._impl.request_finished(request, block_ids)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        return self._impl.get_external_cache_hit_sources(request, num_external_tokens)
+
+    def reset_cache(self) -> bool | None:
+        return self._impl.reset_cache()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
