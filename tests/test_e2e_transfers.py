@@ -317,3 +317,20 @@ def test_local_cpu_off_with_a_read_only_disk(model_dir, workdir, baseline):
         _assert_same(got[1], want)
     finally:
         _umount(ro)
+
+
+def test_new_weights_under_the_same_path_are_a_miss(workdir):
+    """A model directory updated in place: the old model's KV is never served to the new one."""
+    path = workdir / "model-swapped"
+    build_tiny_model(path, hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2, seed=0)
+    disk = workdir / "disk-swapped"
+    spec = EngineSpec(model=str(path), block_size=BLOCK, connector=_config(disk))
+    prompt = PROMPTS["intact"]
+    old = run_in_subprocess(spec, [prompt, prompt], MAX_TOKENS)
+    assert old[1]["num_cached_tokens"] == len(prompt) - 1, "the old model's chunks are on disk"
+    build_tiny_model(path, hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2, seed=1, force=True)
+    new = run_in_subprocess(spec, [prompt], MAX_TOKENS)[0]
+    want = run_in_subprocess(EngineSpec(model=str(path), block_size=BLOCK), [prompt], MAX_TOKENS)[0]
+    assert new["num_cached_tokens"] == 0
+    _assert_same(new, want)
+    assert want["token_ids"] != old[0]["token_ids"], "the swap must change the model's output"

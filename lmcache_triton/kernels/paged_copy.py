@@ -91,7 +91,7 @@ def _page_tile_copy(
         tl.store(cache_ptr + cache_offs, vals, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_ids"])  # one compile serves every chunk length
 def _paged_to_chunk_kernel(
     cache_ptr,  # [*] flat backing storage, integer view
     chunk_ptr,  # [L, K, A, R, W] contiguous (the [L, K, H, N, C] chunk with runs merged)
@@ -114,7 +114,7 @@ def _paged_to_chunk_kernel(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_ids"])  # one compile serves every chunk length
 def _chunk_to_paged_kernel(
     cache_ptr,  # [*] flat backing storage, integer view
     chunk_ptr,  # [L, K, A, R, W] contiguous

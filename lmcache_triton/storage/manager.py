@@ -69,6 +69,10 @@ class StorageManager:
         # disk (dropped from memory once written) and prefetched chunks on their way to a load.
         self.keep_in_cpu = keep_in_cpu
         self.dropped_writes = 0  # chunks not stored because no CPU buffer was free
+        # False on a rank whose KV another rank also holds (MLA, or more TP ranks than KV heads):
+        # the first replica writes the shared file, the others only read it (LMCache's
+        # save_only_first_rank, automatic here).
+        self.write_disk = True
         self._scratch: torch.Tensor | None = None
 
     def contains(self, key: str) -> bool:
@@ -191,8 +195,9 @@ class StorageManager:
     def write_back(self, key: str) -> bool:
         """Queue the disk and remote writes of a chunk now complete in the CPU tier. The writers
         read the tier's own buffer, held until the last one is done; with `keep_in_cpu` off the
-        chunk then leaves memory. False when there is no slower tier or no write was queued."""
-        if self.cpu is None or (self.disk is None and self.remote is None):
+        chunk then leaves memory. False when there is no slower tier, this rank is a replica
+        (`write_disk` off: the first replica writes the shared key), or no write was queued."""
+        if self.cpu is None or (self.disk is None and self.remote is None) or not self.write_disk:
             return False
         targets: list[Any] = [] if self.disk is None or self.disk.contains(key) else [self.disk]
         if self.remote is not None:

@@ -37,7 +37,7 @@ class EngineSpec:
         prefix_caching: vLLM's own prefix cache (off by default so hits come from us).
         multiprocess: vLLM's default multi-process engine (EngineCore in its own process)
             instead of the in-process one.
-        max_model_len: context length.
+        max_model_len: context length; None is the model's.
         block_size: vLLM block size; None lets vLLM choose (CPU needs a multiple of 32).
         extra_args: more `vllm.LLM(...)` keyword arguments.
         by_name: name the connector `LMCacheTritonConnector` (registered by our
@@ -51,7 +51,7 @@ class EngineSpec:
     connector: dict[str, Any] | None = None
     prefix_caching: bool = False
     multiprocess: bool = False
-    max_model_len: int = 4096
+    max_model_len: int | None = 4096
     block_size: int | None = None
     dtype: str = "float32"
     extra_args: dict[str, Any] = field(default_factory=dict)

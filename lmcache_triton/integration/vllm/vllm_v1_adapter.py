@@ -17,6 +17,11 @@ Scheduler role (EngineCore process):
   build_connector_meta        per step: loads (chunk -> blocks), stores (chunks that became fully
                               computed this step and are not held yet), prefetches, and the
                               acknowledgements of chunks the workers retire.
+  get_external_cache_hit_sources  labels a hit "disk" (the request waited for those chunks to be
+                              read from disk) or "host" (they were in the CPU tier).
+  reset_cache                 /reset_prefix_cache?reset_external=true: later keys carry a new
+                              epoch, so nothing stored before is served after.
+  (kv_transfer_params {"lmcache.skip_save": true} on a request: nothing of it is stored.)
   update_connector_output     applies the workers' reports (chunks now held, retiring, dropped,
                               prefetches that failed) to the scheduler's `PrefixIndex`.
 Worker role (each Worker process):
@@ -222,6 +227,39 @@ class _RequestState:
     extra: list[str] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_handled: int = 0  # leading chunks already stored, loaded or known cached
+    skip_save: bool = False  # kv_transfer_params {"lmcache.skip_save": true}: never stored
+
+
+def kv_replicas(vllm_config: VllmConfig) -> int:
+    """How many tensor-parallel ranks hold the same KV: all of them for MLA (one latent vector
+    per token, not split by heads), `tp // KV heads` when there are more ranks than KV heads
+    (vLLM gives each head to that many consecutive ranks), else 1."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp <= 1:
+        return 1
+    mc = vllm_config.model_config
+    if getattr(mc, "use_mla", False):
+        return tp
+    heads = mc.get_total_num_kv_heads()
+    return tp // heads if 0 < heads < tp else 1
+
+
+def first_replica(rank: int, tp_size: int, replicas: int) -> int:
+    """The rank whose keys (and disk files) `rank` shares: the first of its group of `replicas`
+    consecutive tensor-parallel ranks in its pipeline stage (ranks are `pp * tp_size + tp`)."""
+    return rank - (rank % tp_size) % replicas
+
+
+def _producer(vllm_config: VllmConfig) -> tuple[str, str]:
+    """The model's name and a fingerprint of what produces its KV: the weights vLLM loads (a
+    stat of every weight and config file of a local directory, or the hub revision) and the
+    quantisation. Computed alike in the scheduler and the workers."""
+    from lmcache_triton.identity import model_fingerprint
+
+    mc = vllm_config.model_config
+    weights = model_fingerprint(str(mc.model), getattr(mc, "revision", None))
+    quant = getattr(mc, "quantization", None) or "none"
+    return str(mc.model), f"{weights}-q:{quant}"
 
 
 def _layout_fingerprint(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> tuple[str, Any]:
@@ -277,7 +315,8 @@ class LMCacheConnectorV1Impl:
         self.vllm_config = vllm_config
         kv_cache_config = parent._kv_cache_config
         extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
-        self.config: LMCacheConfig = load_config(extra)
+        # Warnings once per server: the scheduler's; the workers (own processes) stay quiet.
+        self.config: LMCacheConfig = load_config(extra, warn=role == KVConnectorRole.SCHEDULER)
 
         self.layout, self.spec = _layout_fingerprint(vllm_config, kv_cache_config)
         self.block_size = self.spec.block_size
@@ -285,10 +324,14 @@ class LMCacheConnectorV1Impl:
         pc = vllm_config.parallel_config
         self.world_size = pc.tensor_parallel_size * pc.pipeline_parallel_size
         self.tp_size = pc.tensor_parallel_size
-        model = vllm_config.model_config.model
-        kv_dtype = str(self.spec.dtype).replace("torch.", "")
+        self.kv_replicas = kv_replicas(vllm_config)
+        model, producer = _producer(vllm_config)
+        # vLLM stores fp8_e4m3 and fp8_e5m2 alike as uint8: the spec's dtype alone cannot tell them
+        # apart, the configured cache dtype can.
+        kv_dtype = f"{str(self.spec.dtype).replace('torch.', '')}/{vllm_config.cache_config.cache_dtype}"
         self.key_meta = {
             "model": str(model),
+            "producer": producer,
             "layout": self.layout,
             "kv_dtype": kv_dtype,
             "chunk_size": str(self.config.chunk_size),
@@ -298,7 +341,11 @@ class LMCacheConnectorV1Impl:
         self.loads_enabled = kv_role != "kv_producer"
         self.stores_enabled = kv_role != "kv_consumer"
         self.namespaces = [
-            key_namespace(str(model), self.world_size, r, kv_dtype, self.config.chunk_size, self.layout)
+            # Ranks holding the same KV share the first replica's keys: one file on disk, not one per rank.
+            key_namespace(
+                f"{model}@{producer}", self.world_size, first_replica(r, self.tp_size, self.kv_replicas), kv_dtype,
+                self.config.chunk_size, self.layout,
+            )
             for r in range(self.world_size)
         ]
         # The blender slot: CacheBlend halves (blend_connector.py), set per role when
@@ -330,6 +377,8 @@ class LMCacheConnectorV1Impl:
         self._hit_tokens = 0
         self._query_tokens = 0
         self._last_log = time.monotonic()
+        self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
+        self._disk_waits: dict[str, set[str]] = {}  # req -> digests it waited for from disk
         logger.info(
             "lmcache_triton scheduler: chunk_size=%d block_size=%d world_size=%d layout=%s disk=%s",
             self.config.chunk_size, self.block_size, self.world_size, self.layout, self.config.local_disk,
@@ -344,7 +393,10 @@ class LMCacheConnectorV1Impl:
         if st is None:
             tokens = list(request.prompt_token_ids or [])
             extra = _extra_keys(request)
+            if self._epoch:
+                extra.append(f"epoch:{self._epoch}")
             st = _RequestState(self.planner.spans(tokens, extra), len(tokens), request, extra)
+            st.skip_save = skip_save_requested(request)
             self._states[request.request_id] = st
         return st
 
@@ -396,6 +448,7 @@ class LMCacheConnectorV1Impl:
         if not want:
             self._waiting.pop(req_id, None)
             return False
+        self._disk_waits.setdefault(req_id, set()).update(want)  # hit-source labels
         deadline = self._waiting.setdefault(req_id, now + PREFETCH_WAIT_S)
         if now < deadline:
             return True
@@ -445,7 +498,7 @@ class LMCacheConnectorV1Impl:
         st.spans = self.planner.spans(tokens, st.extra)
 
     def _plan_stores(self, st: _RequestState, computed: int, meta: LMCacheTritonMetadata) -> None:
-        if not self.stores_enabled:  # kv_consumer
+        if st.skip_save or not self.stores_enabled:  # per-request opt-out, or kv_consumer
             return
         if self.config.save_decode_cache and computed > st.prompt_len:
             self._extend_for_decode(st, computed)
@@ -469,7 +522,7 @@ class LMCacheConnectorV1Impl:
                 self._plan_load(new.req_id, st, meta)
             computed = new.num_computed_tokens + sched.get(new.req_id, 0)
             self._plan_stores(st, computed, meta)
-            if self._blend is not None:
+            if self._blend is not None and not st.skip_save:
                 self._blend.plan_segment_store(new.req_id, st, computed, meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -484,7 +537,7 @@ class LMCacheConnectorV1Impl:
                 st.block_ids.extend(new_blocks[0])
             computed = cached.num_computed_tokens[i] + sched.get(req_id, 0)
             self._plan_stores(st, computed, meta)
-            if self._blend is not None:
+            if self._blend is not None and not st.skip_save:
                 self._blend.plan_segment_store(req_id, st, computed, meta)
         if self._to_prefetch:
             meta.prefetches, self._to_prefetch = self._to_prefetch, []
@@ -506,6 +559,7 @@ class LMCacheConnectorV1Impl:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         rid = request.request_id
         self._states.pop(rid, None)
+        self._disk_waits.pop(rid, None)
         self._lookups.pop(rid, None)
         self._load_plans.pop(rid, None)
         self._waiting.pop(rid, None)
@@ -514,6 +568,38 @@ class LMCacheConnectorV1Impl:
         # A save reads the blocks before vLLM's next kernel runs (on CUDA the compute stream
         # waits for the gather): nothing of ours holds them after this step.
         return False, None
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        """vLLM's hit-source labels: tokens of chunks this request waited for from disk are
+        "disk", the others were in the CPU tier already: "host"."""
+        if num_external_tokens <= 0:
+            return {}
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        rid = request.request_id
+        disk, st, plan = self._disk_waits.get(rid), self._states.get(rid), self._load_plans.get(rid)
+        from_disk = 0
+        if disk and st is not None and plan is not None:
+            first, end = plan
+            for span in st.spans:
+                if span.digest in disk and span.end > first and span.start < end:
+                    from_disk += min(span.end, end) - max(span.start, first)
+        from_disk = min(from_disk, num_external_tokens)
+        sources = {CacheHitSource.DISK: from_disk, CacheHitSource.HOST: num_external_tokens - from_disk}
+        return {k: v for k, v in sources.items() if v}
+
+    def reset_cache(self) -> bool | None:
+        """vLLM's `reset_prefix_cache(reset_connector=True)` (`POST /reset_prefix_cache?
+        reset_external=true`, e.g. after a weight update): no chunk stored before it is served
+        after it. Every later key carries a new epoch, so old chunks never match again and age
+        out of the tiers by LRU; no file is deleted (`lmcache-triton clear` does that). The epoch
+        is not persisted: after a restart the model is loaded from its files again and the
+        chunks of epoch 0 (computed with those weights) are valid again."""
+        if self.role != KVConnectorRole.SCHEDULER:
+            return None
+        self._epoch += 1
+        logger.info("lmcache_triton: cache reset (epoch %d): earlier chunks are not served again", self._epoch)
+        return True
 
     def _maybe_log(self) -> None:
         now = time.monotonic()
@@ -537,6 +623,8 @@ class LMCacheConnectorV1Impl:
         self.storage = build_storage(self.config, track_cpu_removals=True)
         self._disk_failed_seen = 0  # disk write failures already reported as store_errors
         self._remote_failed_seen = 0  # the same for the remote tier
+        if first_replica(self.rank, self.tp_size, self.kv_replicas) != self.rank:
+            self.storage.write_disk = False  # the first replica writes the shared file (and remote key)
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
         self._invalid_blocks: set[int] = set()
         self._stored: list[str] = []
@@ -554,6 +642,10 @@ class LMCacheConnectorV1Impl:
             names.extend(n for n in t.layers if n in kv_caches and n not in names)
         names.extend(n for n in kv_caches if n not in names)
         self.engine.register([kv_caches[n] for n in names], self.block_size)
+        # The attention kernel's page size (FlashInfer splits 128-token blocks into 64-token
+        # pages on sm90): part of every chunk's header, so a chunk cut into other pages is a
+        # verified miss, never a load.
+        self.engine.meta["kernel_page"] = str(self.engine.geom.block_size)
         logger.info(
             "lmcache_triton: registered %d layers, geometry %s", len(names), self.engine.geom
         )
@@ -659,6 +751,19 @@ class LMCacheConnectorV1Impl:
             self._remote.close()
 
 
+SKIP_SAVE_PARAM = "lmcache.skip_save"  # LMCache's spelling of the per-request opt-out
+
+
+def skip_save_requested(request: Any) -> bool:
+    """Whether the request's `kv_transfer_params` ask that its KV is never stored (LMCache's
+    `{"lmcache.skip_save": true}`; true, "true", 1 and "1" count). Loads still happen."""
+    params = getattr(request, "kv_transfer_params", None)
+    if not isinstance(params, dict):
+        return False
+    v = params.get(SKIP_SAVE_PARAM, False)
+    return v is True or v == 1 or (isinstance(v, str) and v.strip().lower() in ("true", "1", "yes"))
+
+
 def _extra_keys(request: Request) -> list[str]:
     """What besides the tokens decides the KV: LoRA adapter, cache salt, multimodal inputs."""
     extra = []
@@ -734,6 +839,12 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._impl.request_finished(request, block_ids)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        return self._impl.get_external_cache_hit_sources(request, num_external_tokens)
+
+    def reset_cache(self) -> bool | None:
+        return self._impl.reset_cache()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
