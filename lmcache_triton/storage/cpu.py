@@ -101,8 +101,10 @@ class FreeList:
         """Offset of a block of `reserve_size(nbytes)` bytes, or None when no free block fits."""
         size = self.reserve_size(nbytes)
         best = self._best(size)
-        if best < 0:
-            return None
+        return None if best < 0 else self._take(best, size)
+
+    def _take(self, best: int, size: int) -> int:
+        """Cut `size` (already rounded) bytes from free block number `best`."""
         off = self._starts[best]
         if self._sizes[best] == size:
             del self._starts[best], self._sizes[best]
@@ -164,10 +166,6 @@ def slab_sizes(max_bytes: int, slab_bytes: int, pinned: bool) -> list[int]:
     return sizes
 
 
-def _reserved(entry: _Entry) -> int:
-    return max(ALIGN, _round_up(entry.buf.numel(), ALIGN))
-
-
 class _Slab:
     __slots__ = ("size", "buf", "free", "used")
 
@@ -186,6 +184,7 @@ class _Entry:
     meta: dict[str, str]
     slab: int = 0
     off: int = 0
+    size: int = 0  # bytes reserved in the slab: nbytes rounded up to ALIGN
     refs: int = 0
     dead: bool = False  # removed from the index while held; freed on last release
     _view: torch.Tensor | None = None
@@ -242,34 +241,33 @@ class CpuTier:
 
     # ---------------------------------------------------------------- arena
 
-    def _alloc(self, nbytes: int) -> tuple[int, int] | None:
-        """(slab, offset) of the best-fitting free block over the allocated slabs, or None."""
-        best, best_size = None, None
-        size = max(ALIGN, _round_up(nbytes, ALIGN))
+    def _alloc(self, size: int) -> tuple[int, int] | None:
+        """(slab, offset) of the best-fitting free block of `size` (a reserved size, rounded) over
+        the allocated slabs, or None."""
+        best = best_block = best_size = None
         for i, slab in enumerate(self._slabs):
-            if slab.buf is None or slab.free.free_bytes < size:
+            fl = slab.free
+            if slab.buf is None or fl.free_bytes < size:
                 continue
-            fit = slab.free.fit(size)
-            if fit is not None and (best_size is None or fit < best_size):
-                best, best_size = i, fit
-                if fit == size:
+            j = fl._best(size)
+            if j >= 0 and (best_size is None or fl._sizes[j] < best_size):
+                best, best_block, best_size = i, j, fl._sizes[j]
+                if best_size == size:
                     break
         if best is None:
             return None
         slab = self._slabs[best]
-        off = slab.free.alloc(nbytes)
         slab.used += 1
-        return best, off
+        return best, slab.free._take(best_block, size)
 
     def _free_block(self, entry: _Entry) -> None:
         slab = self._slabs[entry.slab]
-        slab.free.free(entry.off, entry.buf.numel())
+        slab.free.free(entry.off, entry.size)
         slab.used -= 1
         self._used -= entry.buf.numel()
 
-    def _slab_to_grow(self, nbytes: int) -> int | None:
-        """Index of the largest unallocated slab that could hold `nbytes`, or None."""
-        size = max(ALIGN, _round_up(nbytes, ALIGN))
+    def _slab_to_grow(self, size: int) -> int | None:
+        """Index of the largest unallocated slab that could hold `size` bytes, or None."""
         for i, slab in enumerate(self._slabs):  # largest first
             if slab.buf is None and slab.size >= size:
                 return i
@@ -295,7 +293,7 @@ class CpuTier:
             if slab.buf is not None:
                 runs[i] = [(off, n, True) for off, n in slab.free.blocks()]
         for entry in self._entries.values():
-            runs[entry.slab].append((entry.off, _reserved(entry), entry.refs == 0))
+            runs[entry.slab].append((entry.off, entry.size, entry.refs == 0))
         for dead in self._dead.values():
             for entry in dead:
                 runs[entry.slab].append((entry.off, 0, False))
@@ -313,23 +311,21 @@ class CpuTier:
                     return True
         return False
 
-    def _alloc_evicting(self, nbytes: int) -> tuple[int, int] | None:
-        """A block for `nbytes` after evicting LRU unheld entries; None (nothing evicted) when no
-        slab could fit it even with every unheld entry gone."""
-        size = max(ALIGN, _round_up(nbytes, ALIGN))
+    def _alloc_evicting(self, size: int) -> tuple[int, int] | None:
+        """A block of `size` (rounded) after evicting LRU unheld entries (the caller found no free
+        block); None, with nothing evicted, when no slab could fit it even with every unheld
+        entry gone."""
         checked = False
         while True:
-            got = self._alloc(nbytes)
-            if got is not None:
-                return got
-            victim = next(((k, e) for k, e in self._entries.items() if e.refs == 0), None)
-            if victim is None:
+            for key, entry in self._entries.items():  # noqa: B007 - used after the break; oldest first
+                if entry.refs == 0:
+                    break
+            else:
                 return None
-            key, entry = victim
             # Evicting a block at least as large surely makes room (the steady state with uniform
             # chunks): only otherwise check, once, that evicting can succeed at all, so a put
             # that cannot fit evicts nothing. Holds cannot change while we hold the lock.
-            if not checked and _reserved(entry) < size:
+            if not checked and entry.size < size:
                 if not self._could_fit(size):
                     return None
                 checked = True
@@ -338,6 +334,9 @@ class CpuTier:
             self._s.evictions += 1
             if self._removed is not None:
                 self._removed.append(key)
+            got = self._alloc(size)
+            if got is not None:
+                return got
 
     # ---------------------------------------------------------------- API
 
@@ -368,31 +367,32 @@ class CpuTier:
         allocation). Same return as `put`; if `fill` returns False or raises, nothing is stored
         (a raise counts as an error and propagates)."""
         nbytes = math.prod(shape) * dtype.itemsize
+        size = max(ALIGN, _round_up(nbytes, ALIGN))
         while True:
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is not None:
                     self._entries.move_to_end(key)
                     return True
-                if nbytes > self.max_bytes or max(ALIGN, _round_up(nbytes, ALIGN)) > self._largest:
+                if nbytes > self.max_bytes or size > self._largest:
                     self._s.rejected += 1
                     return False
-                got = self._alloc(nbytes)
-                grow = None if got is not None else self._slab_to_grow(nbytes)
+                got = self._alloc(size)
+                grow = None if got is not None else self._slab_to_grow(size)
                 if got is None and grow is None:
-                    got = self._alloc_evicting(nbytes)
+                    got = self._alloc_evicting(size)
                     if got is None:
                         self._s.rejected += 1
                         return False
                 if got is not None:
-                    return self._fill(key, got, nbytes, dtype, shape, fill, meta)
+                    return self._fill(key, got, nbytes, size, dtype, shape, fill, meta)
             self._grow(grow)  # outside the lock; then retry (another thread may have raced us)
 
-    def _fill(self, key, got, nbytes, dtype, shape, fill, meta) -> bool:
+    def _fill(self, key, got, nbytes, size, dtype, shape, fill, meta) -> bool:
         slab, off = got
         buf = self._slabs[slab].buf.narrow(0, off, nbytes)
         self._used += nbytes
-        entry = _Entry(buf, dtype, tuple(shape), dict(meta or {}), slab, off)
+        entry = _Entry(buf, dtype, tuple(shape), dict(meta or {}), slab, off, size)
         try:
             filled = fill(entry.view())
         except Exception:
