@@ -241,6 +241,30 @@ def _boom():
     raise RuntimeError("fill failed")
 
 
+def test_a_slab_that_cannot_be_allocated_leaves_a_smaller_working_tier(monkeypatch, caplog):
+    real_empty, calls = torch.empty, []
+
+    def empty(*args, **kw):  # fault injection: pinnable memory runs out after the first slab
+        if kw.get("pin_memory") is not None:
+            calls.append(args)
+            if len(calls) > 1:
+                raise RuntimeError("CUDA error: out of memory (injected)")
+        return real_empty(*args, **kw)
+
+    tier = CpuTier(3 * 8 * A, pin_memory=False, slab_bytes=8 * A)
+    monkeypatch.setattr(torch, "empty", empty)
+    with caplog.at_level("WARNING"):
+        for i in range(10):
+            assert tier.put(key(i), fill(2 * A, i))
+    monkeypatch.undo()
+    s = tier.stats
+    assert s["pool_bytes"] == 8 * A and s["entries"] == 4 and s["evictions"] == 6
+    assert s["errors"] == 2 and len(calls) == 3, "each failed slab is tried once"
+    assert "cannot allocate" in caplog.text
+    for k in tier.keys():  # noqa: SIM118
+        assert torch.equal(tier.get(k), fill(2 * A, int(k, 16)))
+
+
 def test_threads_growing_slabs():
     tier = CpuTier(64 * A, pin_memory=False, slab_bytes=8 * A)
     errors = []

@@ -15,11 +15,12 @@ Invariants:
     outside the tier's lock). Slabs are `slab_bytes` (default 1 GiB) each plus the remainder of
     the bound. Pinned slabs come from `torch.empty(pin_memory=True)`, whose caching host allocator
     rounds every request up to a power of two, so the pinned remainder is cut into power-of-two
-    slabs (binary digits of the remainder): the pinned total is exactly the bound rounded to 512 B.
-    Unpinned, the remainder is one slab. Bytes of all slabs (`pool_bytes`) never exceed
-    `max_bytes` rounded up to `ALIGN`; on CPU the process's resident growth stays within it too
-    (each slab is one mmap that glibc returns to the OS on free; per-entry buffers left 2.2x the
-    bound resident under churn).
+    slabs (its binary digits), and nothing is pinned beyond the slabs themselves. Unpinned, the
+    remainder is one slab. The remainder is rounded down to `ALIGN`, so bytes of all slabs
+    (`pool_bytes`, pinned or not) never exceed `max_bytes` (a bound under 512 B stores nothing).
+    Memory is reused in place, never handed back to malloc between puts, so the process's
+    resident growth stays within the bound too (per-entry buffers freed to glibc left 1.4-1.6x
+    the bound resident under mixed-size churn, 2.2x in issue 10).
   * Entries are views into a slab at offsets aligned to `ALIGN` (512 B); each slab keeps a
     best-fit free list of (offset, size) blocks that coalesces on free. A chunk must fit in one
     slab: a chunk larger than the largest slab is rejected (counted), as is one larger than the
@@ -31,7 +32,9 @@ Invariants:
     evicted and the put is rejected (counted in `rejected`).
   * An entry with a positive hold count is never evicted and its block is never reused; a
     `remove`/`clear` of a held entry unlinks it at once and frees its block on last release.
-  * `clear` frees the slabs it leaves empty (slabs with held blocks stay until reused).
+  * `clear` frees the slabs it leaves empty (slabs with held blocks stay until reused). A slab
+    whose allocation fails (no pinnable memory left) is logged, counted in `errors` and never
+    retried: the tier works on the slabs it has.
   * Keys are content addresses: a put of a present key only refreshes recency.
   * Every public method takes one lock; copies run under it (they are memcpy-bound and the
     engine has one writer thread, so finer locking would buy nothing measurable). Slab
@@ -41,6 +44,7 @@ Invariants:
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -49,6 +53,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 ALIGN = 512  # entry offsets and reservations; a sector, so O_DIRECT reads could land in place
 SLAB_BYTES = 1 << 30  # default slab: 32 chunks of 32 MiB, waste per slab < one chunk
@@ -152,7 +158,7 @@ class FreeList:
 
 def slab_sizes(max_bytes: int, slab_bytes: int, pinned: bool) -> list[int]:
     """The arena's slab sizes, largest first: `max_bytes // slab_bytes` full slabs, then the
-    remainder rounded up to `ALIGN`, as one slab or (pinned) as its power-of-two digits."""
+    remainder rounded down to `ALIGN`, as one slab or (pinned) as its power-of-two digits."""
     full, rest = divmod(int(max_bytes), slab_bytes)
     sizes = [slab_bytes] * full
     rest = rest // ALIGN * ALIGN
@@ -167,13 +173,14 @@ def slab_sizes(max_bytes: int, slab_bytes: int, pinned: bool) -> list[int]:
 
 
 class _Slab:
-    __slots__ = ("size", "buf", "free", "used")
+    __slots__ = ("size", "buf", "free", "used", "failed")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.buf: torch.Tensor | None = None  # [size] uint8, None until allocated
         self.free = FreeList(size)
         self.used = 0  # blocks handed out (live or held-dead entries)
+        self.failed = False  # its allocation failed once: never retried
 
 
 @dataclass
@@ -209,8 +216,7 @@ class CpuTier:
     """Byte-bounded LRU of chunk tensors in CPU memory, sub-allocated from one lazily grown arena.
 
     Args:
-        max_bytes: bound on bytes of the arena (all slabs, in use and free), give or take
-            `ALIGN`.
+        max_bytes: bound on bytes of the arena (all slabs, in use and free); never exceeded.
         pin_memory: allocate page-locked slabs for fast host->device copies; default True
             when CUDA is available.
         slab_bytes: slab size, a power of two >= `ALIGN`; default `SLAB_BYTES` (1 GiB). A chunk
@@ -269,7 +275,7 @@ class CpuTier:
     def _slab_to_grow(self, size: int) -> int | None:
         """Index of the largest unallocated slab that could hold `size` bytes, or None."""
         for i, slab in enumerate(self._slabs):  # largest first
-            if slab.buf is None and slab.size >= size:
+            if slab.buf is None and not slab.failed and slab.size >= size:
                 return i
         return None
 
@@ -280,7 +286,20 @@ class CpuTier:
                 if self._slabs[index].buf is not None:
                     return  # another thread grew it meanwhile
                 size = self._slabs[index].size
-            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+            try:
+                buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+            except (RuntimeError, MemoryError) as e:  # out of (pinnable) memory: work with less
+                logger.warning(
+                    "CPU tier: cannot allocate a %d MiB %s slab (%s); the tier keeps %d MiB",
+                    size >> 20,
+                    "pinned" if self.pin_memory else "memory",
+                    e,
+                    self._allocated >> 20,
+                )
+                with self._lock:
+                    self._slabs[index].failed = True
+                    self._s.errors += 1
+                return
             with self._lock:
                 slab = self._slabs[index]
                 slab.buf, slab.free, slab.used = buf, FreeList(size), 0
