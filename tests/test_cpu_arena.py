@@ -294,14 +294,15 @@ def test_threads_growing_slabs():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for pinned slabs")
 def test_pinned_slabs_are_exact_powers_of_two():
-    bound = (1 << 28) + (5 << 20) + 3 * A  # 256 MiB slab + 4 MiB + 1 MiB + A + 2A
+    bound = (1 << 28) + (5 << 20) + 3 * A  # slabs: 256 MiB, 4 MiB, 1 MiB, 2A, A
     tier = CpuTier(bound, pin_memory=True, slab_bytes=1 << 28)
-    for i in range(40):
-        assert tier.put(key(i), fill(7 << 20, i))
-    assert tier.put(key(99), fill(3 << 20, 99))  # goes into the 4 MiB slab
+    for i in range(40):  # 32 fill the 256 MiB slab exactly, then evictions (8 MiB fits no other)
+        assert tier.put(key(i), fill(8 << 20, i))
+    assert tier.stats["pool_bytes"] == 1 << 28 and tier.stats["evictions"] == 8
+    assert tier.put(key(99), fill(3 << 20, 99))  # grows the 4 MiB slab
     with tier.acquire(key(99)) as t:
-        assert t.is_pinned()
-    assert tier.stats["pool_bytes"] == (1 << 28) + (4 << 20)
+        assert t.is_pinned() and torch.equal(t, fill(3 << 20, 99))
+    assert tier.stats["pool_bytes"] == (1 << 28) + (4 << 20) and tier.stats["evictions"] == 8
 
 
 # ------------------------------------------------------------------------------ resident memory
