@@ -127,6 +127,24 @@ def bench_cpu(shape, reps, rows):
     rows.append(("cpu", "CpuTier.get(out=)", gbs(get_out), "GB/s", ceil))
     rows.append(("cpu", "CpuTier.get() (new tensor)", gbs(get_new), "GB/s", ceil))
 
+    # Mixed sizes: full chunks and partial ones (a prompt's last chunk) churn through the full
+    # tier, so a put may evict several entries before a block fits. Ceiling: the same copies.
+    g = torch.Generator().manual_seed(0)
+    flat, flat_dst = src.view(-1).view(torch.uint8), dst.view(-1).view(torch.uint8)
+    sizes = [n if i % 2 else int(torch.randint(n // 16, n, (), generator=g)) for i in range(8)]
+
+    def put_mixed():
+        for m in sizes:
+            assert tier.put(f"{next(counter):064x}", flat[:m])
+
+    def copy_mixed():
+        for m in sizes:
+            flat_dst[:m].copy_(flat[:m])
+
+    memcpy_m, t = interleaved_s(copy_mixed, {"put": put_mixed}, reps)
+    mixed = 2 * sum(sizes) / 1e9
+    rows.append(("cpu", "CpuTier.put mixed sizes (evict until fit)", mixed / t["put"], "GB/s", mixed / memcpy_m))
+
 
 def bench_disk(shape, reps, rows, root: Path):
     src = torch.randn(shape).to(torch.bfloat16)

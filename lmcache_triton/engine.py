@@ -309,6 +309,7 @@ class KVCacheEngine:
         self._held: dict[str, torch.Tensor] = {}  # key -> the held CPU-tier tensor
         self._origin: dict[str, str] = {}  # key -> tier it came from ("cpu", "disk")
         self._retiring: set[str] = set()
+        self._rejected_seen = 0  # the CPU tier's refused puts already answered by `retire`
         self._progress = Progress()
         self._inflight: list[_InFlight] = []
         self._stream = None
@@ -416,12 +417,15 @@ class KVCacheEngine:
             return []
         with self._lock:
             used = sum(t.nbytes for k, t in self._held.items() if k not in self._retiring)
-            if used <= self.retire_high * cpu.max_bytes:
+            # A put refused for want of a block (the arena fragments) also asks for room.
+            rejected = cpu.stats["rejected"]
+            refused, self._rejected_seen = rejected > self._rejected_seen, rejected
+            if used <= self.retire_high * cpu.max_bytes and not refused:
                 return []
             out = []
             for key in cpu.keys():  # noqa: SIM118 -- a CpuTier method (LRU order), not a dict
-                if used <= self.retire_low * cpu.max_bytes:
-                    break
+                if used <= self.retire_low * cpu.max_bytes and (out or not refused):
+                    break  # (after a refused put, at least one chunk goes)
                 t = self._held.get(key)
                 if t is None or key in self._retiring:
                     continue

@@ -18,7 +18,7 @@ PY=${PY:-python3}
 { nvidia-smi -L; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/device.txt"
 
 timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_paged_copy.py tests/test_blend_kernels.py \
-    tests/test_engine.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests/test_engine.py tests/test_cpu_arena.py 2>&1 | tee "$OUT/gpu_tests.log"
 echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 
 timeout 120 $PY bench/bench_transfers_gpu.py --csv "$OUT/results_transfers_gpu.csv" 2>&1 | tee "$OUT/bench_transfers_gpu.log"

@@ -1,28 +1,50 @@
-"""CPU-memory tier: a byte-bounded LRU of KV chunks held in pooled (pinned when CUDA) buffers.
+"""CPU-memory tier: a byte-bounded LRU of KV chunks held in one arena (pinned when CUDA).
 
 Primitives:
   `put(key, tensor, meta)`   copy a chunk in; False when it cannot fit even after eviction.
+  `put_fill(key, dtype, shape, fill, meta)`  the same, written in place by `fill(dst)`.
   `get(key, out=None)`       copy a chunk out (into `out` if given); touches LRU.
-  `acquire(key)`             context manager yielding the pooled tensor itself, zero-copy;
+  `acquire(key)`             context manager yielding the arena view itself, zero-copy;
                              `hold(key)` / `release(key)` are the same as two calls.
-  `contains`, `meta`, `remove`, `clear`, `keys`, `stats`.
+  `contains`, `meta`, `remove`, `clear`, `keys`, `stats`, `track_removals` / `take_removed`.
+  `FreeList`                 the offset allocator the arena uses (best fit, coalescing).
 
 Invariants:
-  * Pool: a buffer is a uint8 tensor of exactly an entry's nbytes, recycled through a free list
-    per size (size class = nbytes). With uniform chunk shapes (the normal case) the hot path
-    allocates nothing after warm-up: an evicted entry's buffer is reused by the next put.
-    Pinned allocation costs milliseconds per buffer, which is why it is pooled.
-  * Bytes of all buffers, in use or free, never exceed `max_bytes`. Free buffers of other sizes
-    are dropped before any entry is evicted.
-  * An entry with a positive hold count is never evicted and its buffer is never reused; a
-    `remove`/`clear` of a held entry unlinks it at once and recycles its buffer on last release.
+  * Arena: the bound is cut into slabs, allocated lazily as the tier fills (a 20 GB bound does
+    not pin 20 GB at start-up, and pinning 1 GiB costs a few hundred ms of `cudaHostAlloc`, paid
+    outside the tier's lock). Slabs are `slab_bytes` (default 1 GiB) each plus the remainder of
+    the bound. Pinned slabs come from `torch.empty(pin_memory=True)`, whose caching host allocator
+    rounds every request up to a power of two, so the pinned remainder is cut into power-of-two
+    slabs (its binary digits), and nothing is pinned beyond the slabs themselves. Unpinned, the
+    remainder is one slab. The remainder is rounded down to `ALIGN`, so bytes of all slabs
+    (`pool_bytes`, pinned or not) never exceed `max_bytes` (a bound under 512 B stores nothing).
+    Memory is reused in place, never handed back to malloc between puts, so the process's
+    resident growth stays within the bound too (per-entry buffers freed to glibc left 1.4-1.6x
+    the bound resident under mixed-size churn, 2.2x in issue 10).
+  * Entries are views into a slab at offsets aligned to `ALIGN` (512 B); each slab keeps a
+    best-fit free list of (offset, size) blocks that coalesces on free. A chunk must fit in one
+    slab: a chunk larger than the largest slab is rejected (counted), as is one larger than the
+    bound. With uniform chunk shapes (the normal case) the hot path allocates nothing: an evicted
+    entry's block is the next put's exact fit.
+  * A put that finds no free block grows the arena by a slab that fits it if the bound allows,
+    else evicts least recently used unheld entries (freed neighbours coalesce) until a block
+    fits. When no run of free and unheld blocks in any slab could ever fit it, nothing is
+    evicted and the put is rejected (counted in `rejected`).
+  * An entry with a positive hold count is never evicted and its block is never reused; a
+    `remove`/`clear` of a held entry unlinks it at once and frees its block on last release.
+  * `clear` frees the slabs it leaves empty (slabs with held blocks stay until reused). A slab
+    whose allocation fails (no pinnable memory left) is logged, counted in `errors` and never
+    retried: the tier works on the slabs it has.
   * Keys are content addresses: a put of a present key only refreshes recency.
   * Every public method takes one lock; copies run under it (they are memcpy-bound and the
-    engine has one writer thread, so finer locking would buy nothing measurable).
+    engine has one writer thread, so finer locking would buy nothing measurable). Slab
+    allocation runs outside it, under a second lock that serializes growth.
 """
 
 from __future__ import annotations
 
+import bisect
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -32,15 +54,146 @@ from dataclasses import dataclass
 
 import torch
 
+logger = logging.getLogger(__name__)
+
+ALIGN = 512  # entry offsets and reservations; a sector, so O_DIRECT reads could land in place
+SLAB_BYTES = 1 << 30  # default slab: 32 chunks of 32 MiB, waste per slab < one chunk
+
+
+def _round_up(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+class FreeList:
+    """Best-fit allocator over the offsets `[0, capacity)`, coalescing freed neighbours.
+
+    Sizes are rounded up to `align` (a zero-byte request reserves `align`, so every block has a
+    distinct offset). Free blocks are kept sorted by offset in two parallel lists: allocation
+    scans them (a handful in practice: chunks are mostly one size), free is a bisect.
+
+    Args:
+        capacity: bytes managed; rounded down to `align`.
+        align: granularity of offsets and sizes; default `ALIGN`.
+    """
+
+    def __init__(self, capacity: int, align: int = ALIGN) -> None:
+        if align <= 0 or capacity < 0:
+            raise ValueError(f"FreeList: expected capacity >= 0 and align > 0, got {capacity}, {align}")
+        self.align = align
+        self.capacity = capacity // align * align
+        self._starts: list[int] = [0] if self.capacity else []
+        self._sizes: list[int] = [self.capacity] if self.capacity else []
+        self.free_bytes = self.capacity
+
+    def reserve_size(self, nbytes: int) -> int:
+        """Bytes a request of `nbytes` reserves."""
+        return max(self.align, _round_up(nbytes, self.align))
+
+    def _best(self, size: int) -> int:
+        best, best_size = -1, self.capacity + 1
+        for i, s in enumerate(self._sizes):
+            if size <= s < best_size:
+                best, best_size = i, s
+                if s == size:
+                    break
+        return best
+
+    def fit(self, nbytes: int) -> int | None:
+        """Size of the free block `alloc(nbytes)` would cut from, or None."""
+        best = self._best(self.reserve_size(nbytes))
+        return None if best < 0 else self._sizes[best]
+
+    def alloc(self, nbytes: int) -> int | None:
+        """Offset of a block of `reserve_size(nbytes)` bytes, or None when no free block fits."""
+        size = self.reserve_size(nbytes)
+        best = self._best(size)
+        return None if best < 0 else self._take(best, size)
+
+    def _take(self, best: int, size: int) -> int:
+        """Cut `size` (already rounded) bytes from free block number `best`."""
+        off = self._starts[best]
+        if self._sizes[best] == size:
+            del self._starts[best], self._sizes[best]
+        else:
+            self._starts[best] += size
+            self._sizes[best] -= size
+        self.free_bytes -= size
+        return off
+
+    def free(self, off: int, nbytes: int) -> None:
+        """Return the block `alloc(nbytes)` gave at `off`; raises on a block that is not wholly
+        allocated (a double free or a wrong size would corrupt other entries)."""
+        size = self.reserve_size(nbytes)
+        starts, sizes = self._starts, self._sizes
+        i = bisect.bisect_left(starts, off)
+        if (
+            off < 0
+            or off % self.align
+            or off + size > self.capacity
+            or (i > 0 and starts[i - 1] + sizes[i - 1] > off)
+            or (i < len(starts) and off + size > starts[i])
+        ):
+            raise ValueError(f"FreeList.free: [{off}, {off + size}) is not an allocated block")
+        if i > 0 and starts[i - 1] + sizes[i - 1] == off:  # merge with the block before
+            i -= 1
+            sizes[i] += size
+            if i + 1 < len(starts) and starts[i] + sizes[i] == starts[i + 1]:  # and after
+                sizes[i] += sizes[i + 1]
+                del starts[i + 1], sizes[i + 1]
+        elif i < len(starts) and off + size == starts[i]:  # merge with the block after
+            starts[i] = off
+            sizes[i] += size
+        else:
+            starts.insert(i, off)
+            sizes.insert(i, size)
+        self.free_bytes += size
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """Free blocks as (offset, size), by offset."""
+        return list(zip(self._starts, self._sizes, strict=True))
+
+    def largest(self) -> int:
+        return max(self._sizes, default=0)
+
+
+def slab_sizes(max_bytes: int, slab_bytes: int, pinned: bool) -> list[int]:
+    """The arena's slab sizes, largest first: `max_bytes // slab_bytes` full slabs, then the
+    remainder rounded down to `ALIGN`, as one slab or (pinned) as its power-of-two digits."""
+    full, rest = divmod(int(max_bytes), slab_bytes)
+    sizes = [slab_bytes] * full
+    rest = rest // ALIGN * ALIGN
+    if not pinned:
+        return sizes + ([rest] if rest else [])
+    bit = slab_bytes
+    while bit >= ALIGN:
+        if rest & bit:
+            sizes.append(bit)
+        bit >>= 1
+    return sizes
+
+
+class _Slab:
+    __slots__ = ("size", "buf", "free", "used", "failed")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buf: torch.Tensor | None = None  # [size] uint8, None until allocated
+        self.free = FreeList(size)
+        self.used = 0  # blocks handed out (live or held-dead entries)
+        self.failed = False  # its allocation failed once: never retried
+
 
 @dataclass
 class _Entry:
-    buf: torch.Tensor  # [nbytes] uint8 pooled buffer
+    buf: torch.Tensor  # [nbytes] uint8 view into a slab
     dtype: torch.dtype
     shape: tuple[int, ...]
     meta: dict[str, str]
+    slab: int = 0
+    off: int = 0
+    size: int = 0  # bytes reserved in the slab: nbytes rounded up to ALIGN
     refs: int = 0
-    dead: bool = False  # removed from the index while held; recycled on last release
+    dead: bool = False  # removed from the index while held; freed on last release
     _view: torch.Tensor | None = None
 
     def view(self) -> torch.Tensor:
@@ -60,81 +213,149 @@ class _Stats:
 
 
 class CpuTier:
-    """Byte-bounded LRU of chunk tensors in CPU memory.
+    """Byte-bounded LRU of chunk tensors in CPU memory, sub-allocated from one lazily grown arena.
 
     Args:
-        max_bytes: bound on bytes of all pooled buffers (in use and free).
-        pin_memory: allocate page-locked buffers for fast host->device copies; default True
+        max_bytes: bound on bytes of the arena (all slabs, in use and free); never exceeded.
+        pin_memory: allocate page-locked slabs for fast host->device copies; default True
             when CUDA is available.
+        slab_bytes: slab size, a power of two >= `ALIGN`; default `SLAB_BYTES` (1 GiB). A chunk
+            larger than the largest slab cannot be stored.
     """
 
-    def __init__(self, max_bytes: int, pin_memory: bool | None = None) -> None:
+    def __init__(self, max_bytes: int, pin_memory: bool | None = None, slab_bytes: int = SLAB_BYTES) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes: expected >= 0, got {max_bytes}")
+        if slab_bytes < ALIGN or slab_bytes & (slab_bytes - 1):
+            raise ValueError(f"slab_bytes: expected a power of two >= {ALIGN}, got {slab_bytes}")
         self.max_bytes = int(max_bytes)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.slab_bytes = int(slab_bytes)
         self._lock = threading.RLock()
+        self._grow_lock = threading.Lock()  # one slab allocation at a time, outside `_lock`
+        self._slabs = [_Slab(n) for n in slab_sizes(self.max_bytes, self.slab_bytes, self.pin_memory)]
+        self._largest = max((s.size for s in self._slabs), default=0)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._allocated = 0  # bytes of every buffer we own, used or free
-        self._used = 0  # bytes of buffers backing entries (live or dead-but-held)
+        self._allocated = 0  # bytes of allocated slabs
+        self._used = 0  # bytes of entries (live or dead-but-held), unrounded
         self._s = _Stats()
-        # Entries removed while held: key -> entries, recycled on their last release.
+        # Entries removed while held: key -> entries, freed on their last release.
         self._dead: dict[str, list[_Entry]] = {}
         # Keys dropped by eviction, remove or clear, oldest first, while a caller wants them
         # (`track_removals()`): the vLLM connector reports them to the scheduler's index.
         self._removed: list[str] | None = None
 
-    # ---------------------------------------------------------------- pool
+    # ---------------------------------------------------------------- arena
 
-    def _alloc(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
-
-    def _recycle(self, buf: torch.Tensor) -> None:
-        self._used -= buf.numel()
-        self._free.setdefault(buf.numel(), []).append(buf)
-
-    def _drop_free_other_than(self, nbytes: int, need: int) -> None:
-        for size in list(self._free):
-            if size == nbytes:
+    def _alloc(self, size: int) -> tuple[int, int] | None:
+        """(slab, offset) of the best-fitting free block of `size` (a reserved size, rounded) over
+        the allocated slabs, or None."""
+        best = best_block = best_size = None
+        for i, slab in enumerate(self._slabs):
+            fl = slab.free
+            if slab.buf is None or fl.free_bytes < size:
                 continue
-            bufs = self._free[size]
-            while bufs and self._allocated + need > self.max_bytes:
-                bufs.pop()
-                self._allocated -= size
-            if not bufs:
-                del self._free[size]
-            if self._allocated + need <= self.max_bytes:
+            j = fl._best(size)
+            if j >= 0 and (best_size is None or fl._sizes[j] < best_size):
+                best, best_block, best_size = i, j, fl._sizes[j]
+                if best_size == size:
+                    break
+        if best is None:
+            return None
+        slab = self._slabs[best]
+        slab.used += 1
+        return best, slab.free._take(best_block, size)
+
+    def _free_block(self, entry: _Entry) -> None:
+        slab = self._slabs[entry.slab]
+        slab.free.free(entry.off, entry.size)
+        slab.used -= 1
+        self._used -= entry.buf.numel()
+
+    def _slab_to_grow(self, size: int) -> int | None:
+        """Index of the largest unallocated slab that could hold `size` bytes, or None."""
+        for i, slab in enumerate(self._slabs):  # largest first
+            if slab.buf is None and not slab.failed and slab.size >= size:
+                return i
+        return None
+
+    def _grow(self, index: int) -> None:
+        """Allocate slab `index` (without `_lock`: pinning a GiB takes ~100s of ms)."""
+        with self._grow_lock:
+            with self._lock:
+                if self._slabs[index].buf is not None:
+                    return  # another thread grew it meanwhile
+                size = self._slabs[index].size
+            try:
+                buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+            except (RuntimeError, MemoryError) as e:  # out of (pinnable) memory: work with less
+                logger.warning(
+                    "CPU tier: cannot allocate a %d MiB %s slab (%s); the tier keeps %d MiB",
+                    size >> 20,
+                    "pinned" if self.pin_memory else "memory",
+                    e,
+                    self._allocated >> 20,
+                )
+                with self._lock:
+                    self._slabs[index].failed = True
+                    self._s.errors += 1
                 return
+            with self._lock:
+                slab = self._slabs[index]
+                slab.buf, slab.free, slab.used = buf, FreeList(size), 0
+                self._allocated += size
 
-    def _take_buffer(self, nbytes: int) -> torch.Tensor | None:
-        """A buffer of `nbytes`: free list, new allocation, or by evicting LRU entries."""
-        while True:
-            free = self._free.get(nbytes)
-            if free:
-                buf = free.pop()
-                self._used += nbytes
-                return buf
-            if self._allocated + nbytes > self.max_bytes:
-                self._drop_free_other_than(nbytes, nbytes)
-            if self._allocated + nbytes <= self.max_bytes:
-                buf = self._alloc(nbytes)
-                self._allocated += nbytes
-                self._used += nbytes
-                return buf
-            if not self._evict_one():
-                return None
-
-    def _evict_one(self) -> bool:
-        for key, entry in self._entries.items():  # oldest first
-            if entry.refs == 0:
-                del self._entries[key]
-                self._recycle(entry.buf)
-                self._s.evictions += 1
-                if self._removed is not None:
-                    self._removed.append(key)
-                return True
+    def _could_fit(self, size: int) -> bool:
+        """Whether some slab has a run of free blocks and unheld entries of `size` bytes."""
+        runs: dict[int, list[tuple[int, int, bool]]] = {}
+        for i, slab in enumerate(self._slabs):
+            if slab.buf is not None:
+                runs[i] = [(off, n, True) for off, n in slab.free.blocks()]
+        for entry in self._entries.values():
+            runs[entry.slab].append((entry.off, entry.size, entry.refs == 0))
+        for dead in self._dead.values():
+            for entry in dead:
+                runs[entry.slab].append((entry.off, 0, False))
+        for blocks in runs.values():
+            blocks.sort()
+            run_start = end = None
+            for off, n, avail in blocks:
+                if not avail:
+                    run_start = None
+                    continue
+                if run_start is None or off != end:
+                    run_start = off
+                end = off + n
+                if end - run_start >= size:
+                    return True
         return False
+
+    def _alloc_evicting(self, size: int) -> tuple[int, int] | None:
+        """A block of `size` (rounded) after evicting LRU unheld entries (the caller found no free
+        block); None, with nothing evicted, when no slab could fit it even with every unheld
+        entry gone."""
+        checked = False
+        while True:
+            for key, entry in self._entries.items():  # noqa: B007 - used after the break; oldest first
+                if entry.refs == 0:
+                    break
+            else:
+                return None
+            # Evicting a block at least as large surely makes room (the steady state with uniform
+            # chunks): only otherwise check, once, that evicting can succeed at all, so a put
+            # that cannot fit evicts nothing. Holds cannot change while we hold the lock.
+            if not checked and entry.size < size:
+                if not self._could_fit(size):
+                    return None
+                checked = True
+            del self._entries[key]
+            self._free_block(entry)
+            self._s.evictions += 1
+            if self._removed is not None:
+                self._removed.append(key)
+            got = self._alloc(size)
+            if got is not None:
+                return got
 
     # ---------------------------------------------------------------- API
 
@@ -160,35 +381,48 @@ class CpuTier:
         fill: Callable[[torch.Tensor], object],
         meta: dict[str, str] | None = None,
     ) -> bool:
-        """Store a chunk written in place: `fill(dst)` writes a pooled, contiguous `dst` of
+        """Store a chunk written in place: `fill(dst)` writes a contiguous arena view `dst` of
         `shape` and `dtype` (e.g. a gather kernel straight out of the paged cache: one copy, no
         allocation). Same return as `put`; if `fill` returns False or raises, nothing is stored
         (a raise counts as an error and propagates)."""
         nbytes = math.prod(shape) * dtype.itemsize
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                return True
-            if nbytes > self.max_bytes:
-                self._s.rejected += 1
-                return False
-            buf = self._take_buffer(nbytes)
-            if buf is None:
-                self._s.rejected += 1
-                return False
-            entry = _Entry(buf, dtype, tuple(shape), dict(meta or {}))
-            try:
-                filled = fill(entry.view())
-            except Exception:
-                self._recycle(buf)
-                self._s.errors += 1
-                raise
-            if filled is False:  # the source had nothing after all (e.g. a damaged disk file)
-                self._recycle(buf)
-                return False
-            self._entries[key] = entry
-            return True
+        size = max(ALIGN, _round_up(nbytes, ALIGN))
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    return True
+                if nbytes > self.max_bytes or size > self._largest:
+                    self._s.rejected += 1
+                    return False
+                got = self._alloc(size)
+                grow = None if got is not None else self._slab_to_grow(size)
+                if got is None and grow is None:
+                    got = self._alloc_evicting(size)
+                    if got is None:
+                        self._s.rejected += 1
+                        return False
+                if got is not None:
+                    return self._fill(key, got, nbytes, size, dtype, shape, fill, meta)
+            self._grow(grow)  # outside the lock; then retry (another thread may have raced us)
+
+    def _fill(self, key, got, nbytes, size, dtype, shape, fill, meta) -> bool:
+        slab, off = got
+        buf = self._slabs[slab].buf.narrow(0, off, nbytes)
+        self._used += nbytes
+        entry = _Entry(buf, dtype, tuple(shape), dict(meta or {}), slab, off, size)
+        try:
+            filled = fill(entry.view())
+        except Exception:
+            self._free_block(entry)
+            self._s.errors += 1
+            raise
+        if filled is False:  # the source had nothing after all (e.g. a damaged disk file)
+            self._free_block(entry)
+            return False
+        self._entries[key] = entry
+        return True
 
     def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """A copy of the chunk (into `out` when given), or None; touches LRU.
@@ -217,7 +451,7 @@ class CpuTier:
             return out
 
     def hold(self, key: str, count: bool = False) -> torch.Tensor | None:
-        """The pooled tensor itself, protected from eviction until `release(key)`; touches LRU.
+        """The arena view itself, protected from eviction until `release(key)`; touches LRU.
 
         Args:
             key: chunk key.
@@ -252,7 +486,7 @@ class CpuTier:
                 dead.remove(entry)
                 if not dead:
                     del self._dead[key]
-                self._recycle(entry.buf)
+                self._free_block(entry)
 
     def _held_entry(self, key: str, tensor: torch.Tensor | None) -> _Entry | None:
         ptr = None if tensor is None else tensor.data_ptr()
@@ -265,9 +499,9 @@ class CpuTier:
 
     @contextmanager
     def acquire(self, key: str) -> Iterator[torch.Tensor | None]:
-        """Context manager: the pooled tensor (or None on a miss), unevictable inside the block.
+        """Context manager: the arena view (or None on a miss), unevictable inside the block.
 
-        The tensor is valid only inside the block: afterwards its buffer may hold another chunk.
+        The tensor is valid only inside the block: afterwards its memory may hold another chunk.
         """
         t = self.hold(key, count=True)
         try:
@@ -286,7 +520,7 @@ class CpuTier:
             return None if entry is None else dict(entry.meta)
 
     def remove(self, key: str) -> bool:
-        """Drop `key`; a held entry's buffer is recycled on its last release. True if present."""
+        """Drop `key`; a held entry's block is freed on its last release. True if present."""
         with self._lock:
             entry = self._entries.pop(key, None)
             if entry is None:
@@ -295,14 +529,15 @@ class CpuTier:
             return True
 
     def clear(self) -> None:
-        """Drop every entry and every free buffer (held buffers go on their last release)."""
+        """Drop every entry and free the slabs left empty (held blocks go on their last release)."""
         with self._lock:
             for key, entry in list(self._entries.items()):
                 self._retire(key, entry)
             self._entries.clear()
-            for size, bufs in self._free.items():
-                self._allocated -= size * len(bufs)
-            self._free.clear()
+            for slab in self._slabs:
+                if slab.buf is not None and slab.used == 0:
+                    self._allocated -= slab.size
+                    slab.buf = None
 
     def keys(self) -> list[str]:
         """Keys, least recently used first."""
@@ -345,4 +580,4 @@ class CpuTier:
             entry.dead = True
             self._dead.setdefault(key, []).append(entry)
         else:
-            self._recycle(entry.buf)
+            self._free_block(entry)
