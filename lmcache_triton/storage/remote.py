@@ -346,31 +346,35 @@ class RemoteTier:
             sock = conn._sock
             if sock is None or not isinstance(sock, socket.socket) or type(sock) is not socket.socket:
                 return conn.read_response()  # TLS (SSLSocket) or an unknown transport
+            # The reply's first bytes in one receive (a byte-at-a-time header read cost one GIL
+            # hand-off per byte), then the rest of the value in one blocking receive.
             head = bytearray()
-            while not head.endswith(b"\r\n"):  # "$<n>\r\n", "$-1\r\n" / "_\r\n" (null), "-ERR ...\r\n"
-                b = sock.recv(1)
-                if not b:
+            while b"\r\n" not in head:  # "$<n>\r\n", "$-1\r\n" / "_\r\n" (null), "-ERR ...\r\n"
+                more = sock.recv(1 << 16)
+                if not more:
                     raise self._redis.ConnectionError("connection closed by the server")
-                head += b
-                if len(head) > 4096:
+                head += more
+                if len(head) > 1 << 17:
                     raise self._redis.ConnectionError("unexpected reply")
-            if head == b"_\r\n":  # RESP3 null (redis-py 8 speaks RESP3): no such key
+            end = head.index(b"\r\n") + 2
+            line, rest = bytes(head[:end]), head[end:]
+            if line == b"_\r\n" or line == b"$-1\r\n":  # null (RESP3 / RESP2): no such key
                 return None
-            if head[:1] == b"-":
-                raise self._redis.ResponseError(head[1:-2].decode(errors="replace"))
-            if head[:1] != b"$":
-                raise self._redis.ConnectionError(f"unexpected reply {bytes(head[:40])!r}")
-            n = int(head[1:-2])
-            if n < 0:
-                return None
-            if n > _MAX_VALUE:
-                raise self._redis.ConnectionError("value too large for a chunk")
+            if line[:1] == b"-":
+                raise self._redis.ResponseError(line[1:-2].decode(errors="replace"))
+            if line[:1] != b"$":
+                raise self._redis.ConnectionError(f"unexpected reply {line[:40]!r}")
+            n = int(line[1:-2])
+            if n < 0 or n > _MAX_VALUE or len(rest) > n + 2:
+                raise self._redis.ConnectionError("unexpected reply length")
             buf = bytearray(n + 2)
+            buf[: len(rest)] = rest
+            got0 = len(rest)
             timeout = sock.gettimeout()
             sock.settimeout(None)  # blocking: MSG_WAITALL waits for it all, the kernel bounds it
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout or 10.0))
             try:
-                view, got = memoryview(buf), 0
+                view, got = memoryview(buf), got0
                 while got < n + 2:
                     k = sock.recv_into(view[got:], n + 2 - got, socket.MSG_WAITALL)
                     if k == 0:
