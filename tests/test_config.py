@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 
 import pytest
 
@@ -256,3 +257,18 @@ def test_chunk_secret_file(tmp_path, caplog):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):
         load_config(env={"LMCACHE_CHUNK_SECRET_FILE": str(tmp_path / "empty")})
+
+
+@pytest.mark.parametrize(
+    "ratios,layers,message",
+    [
+        ("0.15,0.1", "1", "blend_recompute_ratios / blend_check_layers: expected one ratio, or one per check layer"),
+        ("0.15", "2,1", "blend_check_layers: expected distinct, ascending"),
+    ],
+)
+def test_blend_keys_checked_together_at_start_up(monkeypatch, ratios, layers, message):
+    monkeypatch.setenv("LMCACHE_ENABLE_BLENDING", "true")
+    monkeypatch.setenv("LMCACHE_BLEND_RECOMPUTE_RATIOS", ratios)
+    monkeypatch.setenv("LMCACHE_BLEND_CHECK_LAYERS", layers)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config({})
