@@ -352,7 +352,14 @@ class BlendWorker:
         if kv.is_cuda:
             kv = kv.to("cpu")
         meta = {**self._meta(), "num_tokens": str(op.num_tokens - op.src_start)}
-        return storage.put(key, kv.contiguous(), meta)
+        eng = self.impl.engine
+        with eng._lock:
+            if not storage.put(key, kv.contiguous(), meta):
+                return False
+            # Held like a prefix chunk (reported by the engine's poll, retired only once the
+            # scheduler acknowledges): a segment promised to a blend is still there to load.
+            eng._hold(op.digest)
+        return True
 
     def weights(self):
         if self._weights is None:
@@ -405,18 +412,36 @@ class BlendWorker:
         except Exception as e:
             if not self._warned:
                 logger.warning(
-                    "lmcache_triton CacheBlend: blending %s failed (%s); vLLM recomputes it", req_id, e,
-                    exc_info=not isinstance(e, (KeyError, NotImplementedError)),
+                    "lmcache_triton CacheBlend: blending %s failed (%s); computing its prompt in full instead",
+                    req_id, e, exc_info=not isinstance(e, (KeyError, NotImplementedError)),
                 )
                 self._warned = True
             self._add("blend_errors", 1)
-            return False
+            # vLLM was told these tokens are cached: under its default kv_load_failure_policy
+            # ("fail") a reported error fails the request. Fill the blocks with a full prefill
+            # of the reference forward instead (what ratio 1 computes); report an error only
+            # when even that cannot run (no model in this worker).
+            return self._full_prefill(req_id, op)
         cached = res.cached_idx.numel()
         recomputed_cached = int(torch.isin(res.recompute_idx, res.cached_idx).sum())
         self._add("blend_requests", 1)
         self._add("blend_reused_tokens", cached - recomputed_cached)
         self._add("blend_recomputed_tokens", len(op.token_ids) - (cached - recomputed_cached))
         self._add("blend_seconds", time.perf_counter() - t0)
+        return True
+
+    def _full_prefill(self, req_id: str, op: BlendOp) -> bool:
+        from lmcache_triton.blend.model import prefill
+
+        try:
+            w = self.weights()
+            _, kv = prefill(w, torch.as_tensor(op.token_ids))
+            n = len(op.token_ids) - 1
+            self._write([k[:n] for k, _ in kv], [v[:n] for _, v in kv], self._slots(op.block_ids, 0, n))
+        except Exception:
+            logger.exception("lmcache_triton CacheBlend: full prefill of %s failed too", req_id)
+            return False
+        self._add("blend_fallbacks", 1)
         return True
 
     def _add(self, k: str, v: float) -> None:
