@@ -606,4 +606,20 @@ def load_config(
         raise ConfigError(
             "blend_special_str: expected a non-empty string when enable_blending is true, got ''"
         )
+    if cfg.enable_blending:
+        _check_blend(cfg)
     return cfg
+
+
+def _check_blend(cfg: LMCacheConfig) -> None:
+    """Blend keys that only make sense together, checked at start-up (not at every blend)."""
+    layers, ratios = list(cfg.blend_check_layers), list(cfg.blend_recompute_ratios)
+    if not layers or layers != sorted(set(layers)) or layers[0] < 0:
+        raise ConfigError(
+            f"blend_check_layers: expected distinct, ascending layer indices >= 0, got {layers}"
+        )
+    if len(ratios) not in (1, len(layers)):
+        raise ConfigError(
+            f"blend_recompute_ratios / blend_check_layers: expected one ratio, or one per check layer "
+            f"({len(layers)}), got {len(ratios)} ratios {ratios} for check layers {layers}"
+        )

@@ -22,13 +22,13 @@ from lmcache_triton.testing.tiny_model import build_tiny_model
 
 # name -> build_tiny_model kwargs. qwen2: hidden 128 / 4 heads = head 32 (vLLM's CPU minimum).
 MODELS = {
-    "llama": dict(arch="llama", hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2),
+    "llama": dict(arch="llama", hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2),
     "llama3rope": dict(
         arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
     ),
-    "qwen2": dict(arch="qwen2", hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2),
+    "qwen2": dict(arch="qwen2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2),
 }
 BLEND_MODELS = ["llama", "qwen2"]
 NUM_TOKENS = 67  # odd, several segments of odd lengths
@@ -123,6 +123,21 @@ def test_ratio_one_is_full_prefill(model_dirs, name):
     assert logit_err < 1e-4, f"logit error {logit_err:.3e}"
 
 
+@pytest.mark.parametrize("check", [1, 2, 3])
+@pytest.mark.parametrize("name", BLEND_MODELS)
+def test_ratio_one_is_full_prefill_at_every_check_layer(model_dirs, name, check):
+    """Layers before the check layer compute every token anyway: their KV must be the fresh KV,
+    or a later check layer starts from stale rows and ratio 1 no longer equals a full prefill."""
+    w, ids, segs, full_logits, full_kv = _blend_case(model_dirs, name)
+    if check >= len(w.layers):
+        pytest.skip(f"the test model has {len(w.layers)} layers")
+    res = blend_prefill(w, ids, segs, ratio=1.0, check_layers=(check,))
+    kv_err = _kv_rel_err(res.kv, full_kv)
+    logit_err = (res.logits_last - full_logits).abs().max().item()
+    assert kv_err < 1e-5, f"check layer {check}: KV relative error {kv_err:.3e}"
+    assert logit_err < 1e-4, f"check layer {check}: logit error {logit_err:.3e}"
+
+
 @pytest.mark.parametrize("name", BLEND_MODELS)
 def test_ratio_zero_is_full_reuse(model_dirs, name):
     w, ids, segs, _, _ = _blend_case(model_dirs, name)
@@ -137,8 +152,13 @@ def test_ratio_zero_is_full_reuse(model_dirs, name):
         dst = torch.arange(seg.start, seg.end)
         for i in range(w.num_layers):
             k_moved = rerotate_k(seg.kv[i][0], torch.arange(n), dst, inv_freq=inv)
-            assert torch.equal(res.kv[i][0][seg.start : seg.end], k_moved), f"layer {i} K not the reused K"
-            assert torch.equal(res.kv[i][1][seg.start : seg.end], seg.kv[i][1]), f"layer {i} V not reused"
+            k_got, v_got = res.kv[i][0][seg.start : seg.end], res.kv[i][1][seg.start : seg.end]
+            if i < 1:  # before the check layer every token is computed: fresh K/V, equal up to rounding
+                assert torch.allclose(k_got, k_moved, atol=1e-4), f"layer {i} K differs beyond rounding"
+                assert torch.allclose(v_got, seg.kv[i][1], atol=1e-4), f"layer {i} V differs beyond rounding"
+            else:  # from the check layer on, dropped tokens keep the reused K/V exactly
+                assert torch.equal(k_got, k_moved), f"layer {i} K not the reused K"
+                assert torch.equal(v_got, seg.kv[i][1]), f"layer {i} V not reused"
 
 
 @pytest.mark.parametrize("name", BLEND_MODELS)

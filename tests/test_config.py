@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 
 import pytest
 
@@ -287,3 +288,18 @@ def test_remote_url_password_in_extra_config_warns(caplog):
     assert cfg.remote_url == "redis://u:pw123@h:6379"
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "LMCACHE_REMOTE_URL" in msgs[0] and "pw123" not in msgs[0]
+
+
+@pytest.mark.parametrize(
+    "ratios,layers,message",
+    [
+        ("0.15,0.1", "1", "blend_recompute_ratios / blend_check_layers: expected one ratio, or one per check layer"),
+        ("0.15", "2,1", "blend_check_layers: expected distinct, ascending"),
+    ],
+)
+def test_blend_keys_checked_together_at_start_up(monkeypatch, ratios, layers, message):
+    monkeypatch.setenv("LMCACHE_ENABLE_BLENDING", "true")
+    monkeypatch.setenv("LMCACHE_BLEND_RECOMPUTE_RATIOS", ratios)
+    monkeypatch.setenv("LMCACHE_BLEND_CHECK_LAYERS", layers)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config({})

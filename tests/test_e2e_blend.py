@@ -46,6 +46,8 @@ DOC_B = _tokens(97, seed=12)
 DOC_C = _tokens(75, seed=13)
 DOC_D = _tokens(66, seed=14)
 QUESTION = _tokens(21, seed=15)
+DOC_E = _tokens(83, seed=16)
+DOC_F = _tokens(70, seed=17)
 
 
 
@@ -168,24 +170,42 @@ def test_blend_default_ratio_reuses(llm, sep, blend_counters):
     assert blend_counters["blend_recomputed_tokens"] == len(prompt) - blend_counters["blend_reused_tokens"]
 
 
-def test_worker_failure_falls_back(llm, sep, baseline, blend_counters):
-    """A blend the worker cannot run writes nothing; vLLM recomputes the prompt: exact output."""
-    from vllm.distributed.kv_transfer import get_kv_transfer_group
+def test_segments_are_isolated_by_cache_salt(llm, sep, blend_counters):
+    """Documents cached under one tenant's cache_salt are never blended into another tenant's
+    request (nor into an unsalted one); the same tenant reuses them."""
+    from vllm import SamplingParams
 
-    from lmcache_triton.blend.model import BlendUnsupported
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+
+    def run(tokens, salt=None):
+        prompt = {"prompt_token_ids": tokens} | ({"cache_salt": salt} if salt else {})
+        return llm.generate([prompt], params, use_tqdm=False)[0]
+
+    run(DOC_E, "tenant-a")
+    run(DOC_F, "tenant-a")
+    prompt = joined(sep, DOC_F, DOC_E)
+    assert run(prompt, "tenant-b").num_cached_tokens == 0
+    assert run(prompt).num_cached_tokens == 0
+    assert not blend_counters.get("blend_requests"), blend_counters
+    assert run(prompt, "tenant-a").num_cached_tokens == len(prompt) - 1
+    assert blend_counters.get("blend_requests") == 1, blend_counters
+
+
+def test_worker_failure_falls_back(llm, sep, baseline, blend_counters, monkeypatch):
+    """A blend that fails in the worker (here: the blend itself raises) never fails the request
+    under vLLM's default policy: the worker fills the blocks with a full prefill of the reference
+    forward instead, and the output is that of a run without the cache."""
+    import lmcache_triton.blend.blender as blender
 
     generate(llm, [DOC_C, DOC_D], MAX_TOKENS)
-    bw = get_kv_transfer_group()._impl._blend_worker
 
-    def refuse():
-        raise BlendUnsupported("test: model refused")
+    def boom(*a, **k):
+        raise RuntimeError("test: blend failed")
 
-    bw.weights, orig = refuse, bw.weights
-    try:
-        r = generate(llm, [joined(sep, DOC_D, DOC_C)], MAX_TOKENS)[0]
-    finally:
-        bw.weights = orig
+    monkeypatch.setattr(blender, "blend_prefill", boom)
+    r = generate(llm, [joined(sep, DOC_D, DOC_C)], MAX_TOKENS)[0]
     assert blend_counters.get("blend_errors") == 1, blend_counters
+    assert blend_counters.get("blend_fallbacks") == 1, blend_counters
     assert_same(r, baseline["DC"])
 
 

@@ -10,10 +10,11 @@ logits, recomputing only a `ratio` fraction of the cached tokens:
     The blended KV of every layer starts as: re-rotated cached K/V on cached tokens, empty
     elsewhere.
  2. Layers before the first check layer: Q/K/V for all tokens (every hidden state is needed to
-    reach the check layer); fresh K/V are written only for non-cached tokens, cached tokens keep
-    the cached K/V; every token attends over the blended KV. On layer 0 the two agree up to
-    rounding (layer-0 K/V depend only on the token and its position), which is why the default
-    check layer is 1.
+    reach the check layer), and since every token is computed there, the fresh K/V of every
+    token replace the cached rows (no extra cost); every token attends over that KV. With the
+    check layer at 1 this changes nothing measurable (layer-0 K/V depend only on the token and
+    its position); at a deeper check layer it keeps the tokens' hidden states exact up to it,
+    so ratio 1 equals a full prefill at any check layer.
  3. Check layer(s): fresh Q/K/V for every token still carried; `token_deviation` (squared L2 of
     K and V across heads) between fresh and cached on the carried cached tokens; `select_tokens`
     keeps the `ceil(ratio * num_cached)` most deviating ones. The recompute set becomes the kept
@@ -23,9 +24,8 @@ logits, recomputing only a `ratio` fraction of the cached tokens:
     and MLP only for the recompute set; its fresh K/V overwrite the cached rows.
 
 Invariants (asserted in tests/test_blend_algorithm.py):
-  * ratio 1 with the first check layer <= 1 reproduces a full prefill (KV and logits) up to float
-    rounding: every token is recomputed from the check layer on, and before it only layer 0 used
-    cached KV, which equals fresh KV up to re-rotation rounding.
+  * ratio 1 reproduces a full prefill (KV and logits) up to float rounding at any check layer:
+    every token is computed, and its fresh K/V used, on every layer.
   * ratio 0 is full reuse: only non-cached tokens (and the last token) are recomputed.
   * Non-cached tokens are recomputed on every layer; a cached token once dropped is never
     recomputed again (later check layers only choose among the tokens still carried, with their
@@ -268,10 +268,11 @@ def blend_prefill(
             keep[is_c.nonzero().flatten()[keep_rows]] = True
             keep[-1] = True  # active is sorted and always holds T - 1: its logits are the output
             active, h, q, k, v = active[keep], h[keep], q[keep], k[keep], v[keep]
-        # 2./4. Fresh K/V into the blended KV: before the first check only for non-cached tokens.
-        write = ~cached[active] if i < checks[0] else torch.ones_like(active, dtype=torch.bool)
-        kv[i][0][active[write]] = k[write]
-        kv[i][1][active[write]] = v[write]
+        # 2./4. Fresh K/V of every token computed on this layer into the blended KV: before the
+        # first check that is every token (computed anyway to reach it), afterwards the
+        # recompute set. Cached rows survive only where a token is no longer computed.
+        kv[i][0][active] = k
+        kv[i][1][active] = v
         h = layer_out(w, i, h, attention(q, pos[active], kv[i][0], kv[i][1], pos))
         result.computed_token_layers += active.numel()
 

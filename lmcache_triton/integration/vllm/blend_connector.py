@@ -36,6 +36,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,15 @@ def segment_digest(key: bytes, src_start: int) -> str:
     if not 0 <= src_start < 16:
         raise ValueError(f"src_start must be one hex digit, got {src_start}")
     return f"{SEG_PREFIX}{src_start:x}{key.hex()}"
+
+
+def _with_extra(key: bytes, extra: list[str]) -> bytes:
+    """A segment key that carries what else decides the KV, as the prefix keys do: cache salt
+    (tenant isolation), LoRA, multimodal inputs, the reset epoch. The model identity is in the
+    storage namespace already."""
+    if not extra:
+        return key
+    return hashlib.blake2b(key + "\0".join(extra).encode(), digest_size=len(key)).digest()
 
 
 def segment_src_start(digest: str) -> int:
@@ -158,14 +168,15 @@ class BlendScheduler:
             "lmcache_triton CacheBlend: on, separator %r = tokens %s", impl.config.blend_special_str, self.sep
         )
 
-    def _analyse(self, tokens: list[int]) -> _PromptInfo:
+    def _analyse(self, tokens: list[int], extra: list[str]) -> _PromptInfo:
         spans = split_segments(tokens, self.sep)
+        keyed = lambda key: _with_extra(key, extra)
         text = [(s, e) for s, e in spans if tokens[s:e] != self.sep]
         info = _PromptInfo()
         if len(text) == 1 and len(spans) == 1:
             s = 1 if self.bos is not None and tokens[0] == self.bos and len(tokens) > 1 else 0
             (key,) = segment_hashes(tokens, [(s, len(tokens))])
-            info.doc_digest, info.doc_start = segment_digest(key, s), s
+            info.doc_digest, info.doc_start = segment_digest(keyed(key), s), s
             return info
         plan = []
         for s, e in text[:-1]:  # the last text span is the question: never reused
@@ -174,6 +185,7 @@ class BlendScheduler:
             if e <= s:
                 continue
             (key,) = segment_hashes(tokens, [(s, e)])
+            key = keyed(key)
             for src in (1, 0):
                 d = segment_digest(key, src)
                 if self.impl.index.has(d):
@@ -185,10 +197,16 @@ class BlendScheduler:
     def lookup(self, request: Request, num_computed_tokens: int, prefix_hit: int) -> int:
         """External tokens to claim for a blend (`T - 1`), or 0 for the normal path."""
         rid = request.request_id
+        if getattr(request, "lora_request", None) is not None:
+            # The reference forward would compute with the base weights: never blend (nor store
+            # segments) for a LoRA request.
+            self._info.pop(rid, None)
+            return 0
         tokens = list(request.prompt_token_ids or [])
         info = self._info.get(rid)
         if info is None or info.plan is not None:  # re-check the cache on every lookup
-            info = self._analyse(tokens)
+            st = self.impl._states.get(rid)
+            info = self._analyse(tokens, st.extra if st is not None else [])
             self._info[rid] = info
         self._ready.pop(rid, None)
         if not info.plan or num_computed_tokens > 0 or request.num_output_tokens > 0:
@@ -334,7 +352,14 @@ class BlendWorker:
         if kv.is_cuda:
             kv = kv.to("cpu")
         meta = {**self._meta(), "num_tokens": str(op.num_tokens - op.src_start)}
-        return storage.put(key, kv.contiguous(), meta)
+        eng = self.impl.engine
+        with eng._lock:
+            if not storage.put(key, kv.contiguous(), meta):
+                return False
+            # Held like a prefix chunk (reported by the engine's poll, retired only once the
+            # scheduler acknowledges): a segment promised to a blend is still there to load.
+            eng._hold(op.digest)
+        return True
 
     def weights(self):
         if self._weights is None:
@@ -387,18 +412,36 @@ class BlendWorker:
         except Exception as e:
             if not self._warned:
                 logger.warning(
-                    "lmcache_triton CacheBlend: blending %s failed (%s); vLLM recomputes it", req_id, e,
-                    exc_info=not isinstance(e, (KeyError, NotImplementedError)),
+                    "lmcache_triton CacheBlend: blending %s failed (%s); computing its prompt in full instead",
+                    req_id, e, exc_info=not isinstance(e, (KeyError, NotImplementedError)),
                 )
                 self._warned = True
             self._add("blend_errors", 1)
-            return False
+            # vLLM was told these tokens are cached: under its default kv_load_failure_policy
+            # ("fail") a reported error fails the request. Fill the blocks with a full prefill
+            # of the reference forward instead (what ratio 1 computes); report an error only
+            # when even that cannot run (no model in this worker).
+            return self._full_prefill(req_id, op)
         cached = res.cached_idx.numel()
         recomputed_cached = int(torch.isin(res.recompute_idx, res.cached_idx).sum())
         self._add("blend_requests", 1)
         self._add("blend_reused_tokens", cached - recomputed_cached)
         self._add("blend_recomputed_tokens", len(op.token_ids) - (cached - recomputed_cached))
         self._add("blend_seconds", time.perf_counter() - t0)
+        return True
+
+    def _full_prefill(self, req_id: str, op: BlendOp) -> bool:
+        from lmcache_triton.blend.model import prefill
+
+        try:
+            w = self.weights()
+            _, kv = prefill(w, torch.as_tensor(op.token_ids))
+            n = len(op.token_ids) - 1
+            self._write([k[:n] for k, _ in kv], [v[:n] for _, v in kv], self._slots(op.block_ids, 0, n))
+        except Exception:
+            logger.exception("lmcache_triton CacheBlend: full prefill of %s failed too", req_id)
+            return False
+        self._add("blend_fallbacks", 1)
         return True
 
     def _add(self, k: str, v: float) -> None:

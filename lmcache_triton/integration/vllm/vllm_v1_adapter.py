@@ -193,6 +193,12 @@ class LMCacheTritonPromMetrics(KVConnectorPromMetrics):
         "loaded_chunks_remote": "Chunks loaded after a prefetch from the remote tier (remote_url)",
         "prefetched_chunks": "Chunks read from disk into memory, verified, in the background",
         "prefetch_errors": "Prefetches that found a missing, damaged or foreign file (a miss)",
+        "blend_requests": "Requests prefilled by CacheBlend",
+        "blend_reused_tokens": "Prompt tokens whose cached KV CacheBlend reused (not recomputed)",
+        "blend_recomputed_tokens": "Prompt tokens CacheBlend recomputed (selected cached tokens and new text)",
+        "blend_errors": "Blends that failed in the worker (the prompt was computed in full instead)",
+        "blend_fallbacks": "Failed blends whose prompt the worker computed in full",
+        "blend_seconds": "Seconds spent blending in the worker",
     }
 
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
@@ -702,8 +708,8 @@ class LMCacheConnectorV1Impl:
                 self.engine.stats.store_errors += 1
         for sop in meta.segment_stores:
             try:
-                if self._blend_worker is not None and self._blend_worker.store_segment(sop):
-                    self._stored.append(sop.digest)
+                if self._blend_worker is not None:
+                    self._blend_worker.store_segment(sop)  # reported once held (engine.poll)
             except Exception:
                 logger.exception("lmcache_triton: storing segment %s failed", sop.digest[:16])
                 self.engine.stats.store_errors += 1
