@@ -457,6 +457,10 @@ class LMCacheConnectorV1Impl:
         self._disk_waits.setdefault(req_id, set()).update(want)  # hit-source labels
         deadline = self._waiting.setdefault(req_id, now + PREFETCH_WAIT_S)
         if now < deadline:
+            # vLLM asks again at once, and an in-process worker's prefetch thread needs the GIL
+            # to make progress: hand it over (a no-op when no other thread wants it). Measured:
+            # a 4k-token disk hit waited 1.1-1.5 s for its chunks without this.
+            time.sleep(0)
             return True
         self._waiting.pop(req_id, None)
         return False
