@@ -490,7 +490,23 @@ class _AnySeal(ChunkAuth):
 _ANY_AUTH = _AnySeal()
 
 
-class DiskTier:
+class TierCounters:
+    """Counters and once-only warnings shared by the disk and remote tiers; the tier provides
+    `_lock`, `_stats` (a dict of counts) and `_warned` (a set of warning kinds)."""
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._stats[name] += n
+
+    def _warn_once(self, kind: str, msg: str, *args: Any) -> None:
+        with self._lock:
+            if kind in self._warned:
+                return
+            self._warned.add(kind)
+        logging.getLogger(type(self).__module__).warning(msg, *args)
+
+
+class DiskTier(TierCounters):
     """Safetensors-file tier with a background writer.
 
     Args:
@@ -634,17 +650,6 @@ class DiskTier:
         if not isinstance(key, str) or not _KEY_RE.match(key):
             raise ValueError(f"key: expected lower-case hex (CacheKey.hex), got {key!r}")
         return self.path / (key + SUFFIX)
-
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._stats[name] += n
-
-    def _warn_once(self, kind: str, msg: str, *args: Any) -> None:
-        with self._lock:
-            if kind in self._warned:
-                return
-            self._warned.add(kind)
-        logger.warning(msg, *args)
 
     def _warn_bad(self, msg: str, *args: Any) -> None:
         with self._lock:

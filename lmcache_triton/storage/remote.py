@@ -61,6 +61,7 @@ from .disk import (
     ChunkError,
     ChunkHeader,
     ChunkUnverifiable,
+    TierCounters,
     check_expect,
     check_meta,
     encode_chunk,
@@ -144,7 +145,7 @@ def _remote_key(key: str) -> str:
     return KEY_PREFIX + key
 
 
-class RemoteTier:
+class RemoteTier(TierCounters):
     """Chunks on a Valkey/Redis server (see module docstring).
 
     Args:
@@ -216,17 +217,6 @@ class RemoteTier:
         return f"RemoteTier({self.masked})"
 
     # ------------------------------------------------------------------ connection state
-
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._stats[name] += n
-
-    def _warn_once(self, kind: str, msg: str, *args: Any) -> None:
-        with self._lock:
-            if kind in self._warned:
-                return
-            self._warned.add(kind)
-        logger.warning(msg, *args)
 
     def _may_try(self) -> bool:
         with self._lock:
