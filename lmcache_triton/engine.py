@@ -349,6 +349,9 @@ class KVCacheEngine:
         page 0 and scatter the same bytes back (the cache holds nothing yet). The chunk length
         is not a specialisation key (`do_not_specialize`), so these two compiles serve every
         chunk."""
+        # After whatever vLLM queued on the cache (e.g. zeroing it): the scatter writes back
+        # exactly the bytes the gather read.
+        self._stream.wait_stream(torch.cuda.current_stream(self.flat.device))
         with torch.cuda.stream(self._stream):
             ids = torch.zeros(1, dtype=torch.int64, device=self.flat.device)
             scratch = torch.empty(self.geom.chunk_shape(1), dtype=self.flat.dtype, device=self.flat.device)
