@@ -637,7 +637,6 @@ class LMCacheConnectorV1Impl:
             self.storage.write_disk = False  # the first replica writes the shared file (and remote key)
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
         self._invalid_blocks: set[int] = set()
-        self._stored: list[str] = []
         self._ns_len = len(self.namespaces[self.rank])
         logger.info("lmcache_triton worker rank %d: %s", self.rank, self.storage)
         if self.config.enable_blending:
@@ -726,9 +725,7 @@ class LMCacheConnectorV1Impl:
         progress = self.engine.poll()
         retiring = self.engine.retire()
         removed = [k[self._ns_len :] for k in self.storage.take_removed_cpu()]
-        held = progress.held
-        if self._stored:  # CacheBlend segments: present, not held
-            held, self._stored = held + self._stored, []
+        held = progress.held  # prefix chunks and CacheBlend segments alike
         if not (held or retiring or removed or progress.failed):
             return None
         return LMCacheTritonWorkerMetadata({self.rank: (held, retiring, removed, progress.failed)})
