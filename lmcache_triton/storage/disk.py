@@ -764,11 +764,18 @@ class DiskTier(TierCounters):
     def _check_file(self, key: str) -> tuple[int, float] | None:
         """`(size, mtime)` when the file's header is ours and usable (header read only), else
         None; a bad file is handled by `_reject`."""
+        got = self._header(key, count_errors=True)
+        return None if got is None else (got[1].st_size, got[1].st_mtime)
+
+    def _header(self, key: str, count_errors: bool = False):
+        """`(header, stat)` of `key`'s file, reading the header alone; None when the file is
+        missing, known bad, not a regular file or damaged (the last two handled by `_reject`), or
+        unreadable (counted in `errors` when `count_errors`)."""
         st = None
         try:
             f, st = self._open(key)
             with f:
-                _read_header(f, st.st_size, key, self.auth)
+                return _read_header(f, st.st_size, key, self.auth), st
         except (FileNotFoundError, _KnownBad):
             return None
         except _NotRegular as e:
@@ -778,10 +785,10 @@ class DiskTier(TierCounters):
             self._reject(key, str(e), e, st)
             return None
         except OSError as e:
-            self._count("errors")
-            logger.debug("skip %s: %s", key, e)
+            if count_errors:
+                self._count("errors")
+                logger.debug("skip %s: %s", key, e)
             return None
-        return st.st_size, st.st_mtime
 
     def _maybe_remove_tmp(self, de: os.DirEntry, now: float) -> None:
         m = _TMP_RE.match(de.name)
@@ -901,22 +908,8 @@ class DiskTier(TierCounters):
         is missing or its header is unusable (then handled as in `get`). Lets a caller read
         straight into a buffer of its own (`get_with_meta(out=...)`), which then verifies the
         whole file."""
-        st = None
-        try:
-            f, st = self._open(key)
-            with f:
-                hdr = _read_header(f, st.st_size, key, self.auth)
-        except (FileNotFoundError, _KnownBad):
-            return None
-        except _NotRegular as e:
-            self._reject(key, str(e), e, e.st)
-            return None
-        except (ChunkError, ChunkUnverifiable) as e:
-            self._reject(key, str(e), e, st)
-            return None
-        except OSError:
-            return None
-        return hdr.dtype, tuple(hdr.shape)
+        got = self._header(key)
+        return None if got is None else (got[0].dtype, tuple(got[0].shape))
 
     def get_with_meta(
         self, key: str, expect: dict[str, str] | None = None, out: torch.Tensor | None = None
