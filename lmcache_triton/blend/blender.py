@@ -184,7 +184,8 @@ def blend_prefill(
         check_layers: layers where tokens are scored and selected, ascending, each in `[0, L)`.
             Default `(1,)`.
         positions: `[T]` prompt positions; default None = `0..T-1`.
-        deviation_on: `"kv"` (default) scores K and V together, `"k"` K only.
+        deviation_on: `"kv"` (default) scores K and V together, `"k"` K only (LMCache v1),
+            `"v"` V only (the paper); see kernels/blend.py for the choice.
         select_fn: for ablations only: `(deviation [n], budget k) -> [k]` row indices replacing
             `select_tokens` (e.g. a random choice, to see what the deviation ranking buys).
             Default None.
@@ -203,8 +204,8 @@ def blend_prefill(
     ratios = [float(ratio)] * len(checks) if isinstance(ratio, (int, float)) else [float(r) for r in ratio]
     if len(ratios) != len(checks) or not all(0.0 <= r <= 1.0 for r in ratios):
         raise ValueError(f"ratio must be in [0, 1], one value or one per check layer: got {ratio}")
-    if deviation_on not in ("k", "kv"):
-        raise ValueError(f"deviation_on must be 'k' or 'kv', got {deviation_on!r}")
+    if deviation_on not in ("k", "v", "kv"):
+        raise ValueError(f"deviation_on must be 'k', 'v' or 'kv', got {deviation_on!r}")
     segs = _check_segments(w, t, segments)
 
     cached = torch.zeros(t, dtype=torch.bool, device=dev_)
@@ -251,8 +252,10 @@ def blend_prefill(
                 k_cached, v_cached = kv[i][0][cand], kv[i][1][cand]
                 if deviation_on == "kv":
                     d = token_deviation(torch.stack([k_cached, v_cached]), torch.stack([k[is_c], v[is_c]]))
-                else:
+                elif deviation_on == "k":
                     d = token_deviation(k_cached, k[is_c])
+                else:
+                    d = token_deviation(v_cached, v[is_c])
                 # Budget counted on all cached tokens of the prompt, chosen among the candidates.
                 budget = min(num_selected_tokens(n_cached, r, always_last=False), cand.numel())
                 if select_fn is not None:

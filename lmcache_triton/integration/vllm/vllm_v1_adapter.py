@@ -113,9 +113,8 @@ class ChunkOp:
 class LMCacheTritonMetadata(KVConnectorMetadata):
     loads: dict[str, list[ChunkOp]] = field(default_factory=dict)
     stores: list[ChunkOp] = field(default_factory=list)
-    # CacheBlend (blend_connector.py): req -> BlendOp, and SegmentStoreOps.
+    # CacheBlend (blend_connector.py): req -> BlendOp.
     blends: dict[str, Any] = field(default_factory=dict)
-    segment_stores: list[Any] = field(default_factory=list)
     # Chunk digests to bring from disk into the workers' CPU tiers (verified) in the background.
     prefetches: list[str] = field(default_factory=list)
     # rank -> digests the worker retired and the scheduler no longer counts: free them.
@@ -533,7 +532,7 @@ class LMCacheConnectorV1Impl:
             computed = new.num_computed_tokens + sched.get(new.req_id, 0)
             self._plan_stores(st, computed, meta)
             if self._blend is not None and not st.skip_save:
-                self._blend.plan_segment_store(new.req_id, st, computed, meta)
+                self._blend.register_segments(new.req_id, st, computed)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._states.get(req_id)
@@ -548,7 +547,7 @@ class LMCacheConnectorV1Impl:
             computed = cached.num_computed_tokens[i] + sched.get(req_id, 0)
             self._plan_stores(st, computed, meta)
             if self._blend is not None and not st.skip_save:
-                self._blend.plan_segment_store(req_id, st, computed, meta)
+                self._blend.register_segments(req_id, st, computed)
         if self._to_prefetch:
             meta.prefetches, self._to_prefetch = self._to_prefetch, []
         if self._acks:
@@ -637,7 +636,6 @@ class LMCacheConnectorV1Impl:
             self.storage.write_disk = False  # the first replica writes the shared file (and remote key)
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
         self._invalid_blocks: set[int] = set()
-        self._stored: list[str] = []
         self._ns_len = len(self.namespaces[self.rank])
         logger.info("lmcache_triton worker rank %d: %s", self.rank, self.storage)
         if self.config.enable_blending:
@@ -710,13 +708,6 @@ class LMCacheConnectorV1Impl:
             except Exception:
                 logger.exception("lmcache_triton: storing chunk %s failed", op.digest[:12])
                 self.engine.stats.store_errors += 1
-        for sop in meta.segment_stores:
-            try:
-                if self._blend_worker is not None:
-                    self._blend_worker.store_segment(sop)  # reported once held (engine.poll)
-            except Exception:
-                logger.exception("lmcache_triton: storing segment %s failed", sop.digest[:16])
-                self.engine.stats.store_errors += 1
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._invalid_blocks = self._invalid_blocks, set()
@@ -727,8 +718,6 @@ class LMCacheConnectorV1Impl:
         retiring = self.engine.retire()
         removed = [k[self._ns_len :] for k in self.storage.take_removed_cpu()]
         held = progress.held
-        if self._stored:  # CacheBlend segments: present, not held
-            held, self._stored = held + self._stored, []
         if not (held or retiring or removed or progress.failed):
             return None
         return LMCacheTritonWorkerMetadata({self.rank: (held, retiring, removed, progress.failed)})
