@@ -315,3 +315,93 @@ def test_qwen2_ratio_one_matches_full_prefill(workdir):
     *_, r = run_in_subprocess(spec, [DOC_A, DOC_B, prompt], MAX_TOKENS, env=NO_GUARD)
     assert r["num_cached_tokens"] == len(prompt) - 1
     assert_same(r, want)
+
+
+_LORA_CHILD = r"""
+import json, sys
+from vllm import SamplingParams
+from vllm.lora.request import LoRARequest
+from lmcache_triton.testing.runner import EngineSpec, shutdown, start_engine
+from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+job = json.load(open(sys.argv[1]))
+llm = start_engine(EngineSpec(**job["spec"]))
+bw = get_kv_transfer_group()._impl._blend_worker
+seen = {}
+orig = bw._add
+bw._add = lambda k, v: (seen.__setitem__(k, seen.get(k, 0) + v), orig(k, v))
+lora = LoRARequest("adapter", 1, job["lora"])
+params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0)
+out = []
+for tokens, with_lora in job["steps"]:
+    r = llm.generate([{"prompt_token_ids": tokens}], params, use_tqdm=False,
+                     lora_request=lora if with_lora else None)[0]
+    out.append({"token_ids": list(r.outputs[0].token_ids), "cached": r.num_cached_tokens})
+shutdown(llm)
+json.dump({"out": out, "blend": seen}, open(sys.argv[2], "w"))
+"""
+
+
+def _lora_adapter(path: Path, model_dir: str) -> str:
+    """A rank-8 LoRA on q_proj/v_proj of the tiny llama, with weights large enough to change
+    its output (PEFT's file layout, built here)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    head = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    out = {"q_proj": cfg["num_attention_heads"] * head, "v_proj": cfg["num_key_value_heads"] * head}
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(layers):
+        for mod, n_out in out.items():
+            p = f"base_model.model.model.layers.{i}.self_attn.{mod}"
+            tensors[f"{p}.lora_A.weight"] = torch.randn(8, hidden, generator=g) * 0.3
+            tensors[f"{p}.lora_B.weight"] = torch.randn(n_out, 8, generator=g) * 0.3
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"], "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": model_dir, "modules_to_save": None,
+    }))
+    return str(path)
+
+
+def test_lora_requests_never_blend(model_dir, sep, workdir):
+    """The reference forward has only the base weights: a LoRA request is never blended, neither
+    from documents cached under the same adapter nor from base-model documents, and its output
+    is the adapter's (the normal path), not the base model's."""
+    import json
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    lora = _lora_adapter(workdir / "lora", model_dir)
+    spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=blend_config(blend_recompute_ratios=1.0),
+                      extra_args={"enable_lora": True, "max_loras": 1, "max_lora_rank": 8})
+    prompt = joined(sep, DOC_B, DOC_A)
+    steps = [
+        (DOC_A, True), (DOC_B, True), (prompt, True),  # documents cached under the adapter
+        (DOC_C, False), (DOC_D, False), (joined(sep, DOC_D, DOC_C), True),  # base-model documents
+        (joined(sep, DOC_D, DOC_C), False),  # the base model blends the same prompt (the path works)
+    ]
+    job, res = workdir / "lora-job.json", workdir / "lora-out.json"
+    job.write_text(json.dumps({"spec": asdict(spec), "lora": lora, "steps": steps, "max_tokens": MAX_TOKENS}))
+    child = workdir / "lora_child.py"
+    child.write_text(_LORA_CHILD)
+    p = subprocess.run([sys.executable, str(child), str(job), str(res)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, **NO_GUARD, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    got = json.loads(res.read_text())
+    out = got["out"]
+    # LoRA prompts: only the normal path's exact prefix chunks cached under the same adapter
+    # (DOC_B starts the prompt); base-model chunks are not the adapter's (the LoRA is in the key).
+    assert out[2]["cached"] == len(DOC_B) // CHUNK * CHUNK, out[2]
+    assert out[5]["cached"] == 0, out[5]
+    assert out[6]["cached"] == len(steps[6][0]) - 1, "the base model should blend the same prompt"
+    assert got["blend"].get("blend_requests") == 1, got["blend"]
+    assert out[5]["token_ids"] != out[6]["token_ids"], "the adapter does not change the output: test is void"

@@ -510,6 +510,9 @@ def layer_qkv(
     return apply_rope(q, pos, w.inv_freq, cs), apply_rope(k, pos, w.inv_freq, cs), v
 
 
+_QUERY_GROUP = 128  # queries per attention call over a position-sorted subset (see `attention`)
+
+
 def attention(
     q: torch.Tensor,
     q_positions: torch.Tensor,
@@ -528,13 +531,33 @@ def attention(
         `[N, H * D]` attention output (before o_proj).
     """
     n, h, d = q.shape
-    groups = h // k.shape[1]
-    # Query head j reads KV head j // groups (HF repeat_kv / vLLM's GQA layout).
-    kk = k.repeat_interleave(groups, dim=1).transpose(0, 1)  # [H, S, D]
-    vv = v.repeat_interleave(groups, dim=1).transpose(0, 1)
-    mask = kv_positions.to(q.device)[None, :] <= q_positions.to(q.device)[:, None]  # [N, S]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask, scale=d**-0.5)
-    return out.transpose(0, 1).reshape(n, h * d)
+    qp, kp = q_positions.to(q.device), kv_positions.to(q.device)
+    # [1, H, N, D] / [1, H_kv, S, D] views: torch's CPU flash kernel needs the batch dimension (3-D
+    # inputs take the math path: 4k tokens, 8 heads of 64, one thread: 1.17 s vs 0.21 s causal).
+    qt, kt, vt = (x[None].transpose(1, 2) for x in (q, k, v))
+    gqa = h != k.shape[1]  # query head j reads KV head j // (H / H_kv) (HF repeat_kv / vLLM's GQA)
+    if n == k.shape[0] and (n < 2 or bool((kp[1:] > kp[:-1]).all())) and torch.equal(qp, kp):
+        # Every token attends over every token, in position order: plain causal attention, which
+        # the flash kernel runs without a mask and skips the upper triangle (0.21 s vs 0.47 s with
+        # the equivalent boolean mask).
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=d**-0.5, enable_gqa=gqa)
+    elif n >= 2 * _QUERY_GROUP and bool((kp[1:] > kp[:-1]).all()) and bool((qp[1:] >= qp[:-1]).all()):
+        # A subset of queries in position order (CacheBlend's recompute set) over keys in position
+        # order: each group of queries reads only the keys up to its last position, which skips
+        # most of the masked-out half (the kernel does not skip masked blocks by itself).
+        # Measured (4k keys, 654 spread queries, 8 heads of 64, one thread): 0.071 s in one call.
+        outs = []
+        for a in range(0, n, _QUERY_GROUP):
+            b = min(a + _QUERY_GROUP, n)
+            end = int(torch.searchsorted(kp, qp[b - 1], right=True))
+            mask = kp[None, :end] <= qp[a:b, None]
+            outs.append(F.scaled_dot_product_attention(
+                qt[:, :, a:b], kt[:, :, :end], vt[:, :, :end], attn_mask=mask, scale=d**-0.5, enable_gqa=gqa))
+        out = torch.cat(outs, dim=2)
+    else:
+        mask = kp[None, :] <= qp[:, None]  # [N, S]
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=d**-0.5, enable_gqa=gqa)
+    return out[0].transpose(0, 1).reshape(n, h * d)
 
 
 def layer_out(w: TransformerWeights, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:

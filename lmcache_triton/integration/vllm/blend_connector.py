@@ -402,6 +402,7 @@ class BlendWorker:
         self._warned = False
         self._row_index: torch.Tensor | None = None
         self.stats: dict[str, float] = {}
+        self.last_timing: dict[str, float] = {}
         score = os.environ.get(SCORE_ENV, "kv").strip().lower()
         if score not in ("k", "v", "kv", "random"):
             logger.warning("lmcache_triton CacheBlend: %s=%r is not k, v, kv or random; using kv", SCORE_ENV, score)
@@ -517,15 +518,22 @@ class BlendWorker:
             if self.reason is not None:
                 raise RuntimeError(self.reason)
             w = self.weights()
+            t1 = time.perf_counter()
             segs = [self.load_segment(ref, w.num_layers) for ref in op.segments]
             cfg = self.impl.config
             ratios = cfg.blend_recompute_ratios
             ratio: Any = ratios[0] if len(ratios) == 1 else ratios
             n = len(op.token_ids) - 1
+            t2 = time.perf_counter()
             res = blend_prefill(w, torch.as_tensor(op.token_ids), segs, ratio=ratio,
                                 check_layers=cfg.blend_check_layers,
                                 **self._blend_kwargs())
+            t3 = time.perf_counter()
             self._write([k[:n] for k, _ in res.kv], [v[:n] for _, v in res.kv], self._slots(op.block_ids, 0, n))
+            # Where a blend's time goes (bench_blend_e2e.py prints it; debug log).
+            self.last_timing = {"weights": t1 - t0, "read_rows": t2 - t1, "blend_prefill": t3 - t2,
+                                "write": time.perf_counter() - t3}
+            logger.debug("lmcache_triton CacheBlend %s: %s", req_id, self.last_timing)
         except Exception as e:
             if not self._warned:
                 logger.warning(
