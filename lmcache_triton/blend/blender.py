@@ -170,6 +170,7 @@ def blend_prefill(
     positions: torch.Tensor | None = None,
     deviation_on: str = "kv",
     select_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    causal_attention: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> BlendResult:
     """CacheBlend prefill of one prompt (see the module docstring for the algorithm).
 
@@ -189,6 +190,11 @@ def blend_prefill(
         select_fn: for ablations only: `(deviation [n], budget k) -> [k]` row indices replacing
             `select_tokens` (e.g. a random choice, to see what the deviation ranking buys).
             Default None.
+        causal_attention: `(layer, q [T, H, D], k [T, H_kv, D], v [T, H_kv, D]) -> [T, H * D]`,
+            plain causal attention of ALL tokens at positions `0..T-1`, used for the layers
+            before the first check layer instead of `model.attention` (the connector passes vLLM's
+            own CPU attention kernel, which also writes those K/V into the request's pages).
+            Only used when `positions` is None. Default None.
 
     Returns:
         `BlendResult`.
@@ -276,7 +282,11 @@ def blend_prefill(
         # recompute set. Cached rows survive only where a token is no longer computed.
         kv[i][0][active] = k
         kv[i][1][active] = v
-        h = layer_out(w, i, h, attention(q, pos[active], kv[i][0], kv[i][1], pos))
+        if causal_attention is not None and positions is None and active.numel() == t:
+            o = causal_attention(i, q, k, v)
+        else:
+            o = attention(q, pos[active], kv[i][0], kv[i][1], pos)
+        h = layer_out(w, i, h, o)
         result.computed_token_layers += active.numel()
 
     result.recompute_idx = active
