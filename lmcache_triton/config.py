@@ -54,7 +54,7 @@ _ENV_OWN_PREFIX = "LMCACHE_TRITON_"
 LMCACHE_ONLY_KEYS = frozenset(
     {
         "local_device", "remote_serde", "use_layerwise", "pre_caching_hash_algorithm",
-        "blend_thresholds", "blend_min_tokens", "enable_p2p", "lookup_url", "distributed_url",
+        "blend_thresholds", "enable_p2p", "lookup_url", "distributed_url",
         "enable_controller", "lmcache_instance_id", "controller_url", "lmcache_worker_port",
         "lmcache_worker_ports", "enable_nixl", "nixl_role", "nixl_receiver_host", "nixl_receiver_port",
         "nixl_buffer_size", "nixl_buffer_device", "nixl_enable_gc", "enable_xpyd", "enable_pd",
@@ -123,6 +123,8 @@ class LMCacheConfig:
         blend_recompute_ratios: fraction(s) of tokens to recompute when blending, each in [0, 1].
         blend_check_layers: layer indices where blending selects the tokens to recompute.
         blend_special_str: separator string marking blendable segments in a prompt.
+        blend_min_tokens: a prompt is blended only when its cached segments hold at least this
+            many tokens (LMCache's key and default, 256); fewer go through the normal path.
         remote_url: the shared remote tier on Valkey/Redis: `redis://[user:password@]host:port[/db]`,
             `rediss://...` (TLS), `unix:///path/to/socket[?db=N]` (`valkey[s]://` too); None (default)
             for none. A malformed one is a ConfigError naming remote_url with the password masked;
@@ -154,6 +156,7 @@ class LMCacheConfig:
     blend_recompute_ratios: list[float] = field(default_factory=lambda: [0.15])
     blend_check_layers: list[int] = field(default_factory=lambda: [1])
     blend_special_str: str = " # # "
+    blend_min_tokens: int = 256
     remote_url: str | None = field(default=None, repr=False)
     remote_timeout: float = 0.5
     hash_algorithm: str = "xxh3_128"
@@ -425,6 +428,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "blend_recompute_ratios": _ratios,
     "blend_check_layers": _layers,
     "blend_special_str": _str,
+    "blend_min_tokens": _int_parser(0, "an integer >= 0"),
     "remote_url": _remote_url,
     "remote_timeout": _timeout_s,
     "hash_algorithm": _choice(SUPPORTED_HASH_ALGORITHMS, str.lower),

@@ -302,3 +302,38 @@ def test_from_vllm_model_standin(model_dirs, name):
         layer.self_attn.num_heads //= 2
     with pytest.raises(BlendUnsupported, match="tensor parallelism"):
         from_vllm_model(model)
+
+
+def _attention_f64(q, qp, k, v, kp):
+    """Plain softmax attention in float64, causal by position, GQA by head groups."""
+    q, k, v = q.double(), k.double(), v.double()
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = torch.einsum("nhd,shd->hns", q, k) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~(kp[None, None, :] <= qp[None, :, None]), float("-inf"))
+    return torch.einsum("hns,shd->nhd", s.softmax(-1), v).reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize("case", ["causal_all", "sorted_subset", "unsorted_subset"])
+def test_attention_paths_match_float64(case):
+    """The three attention paths of the reference forward (plain causal, a position-sorted
+    subset split into query groups, a general masked call) against float64 softmax attention.
+    Sizes make the grouped path run several groups (300 queries, 128 a group)."""
+    from lmcache_triton.blend import model as m
+
+    g = torch.Generator().manual_seed(0)
+    s, h, hk, d = 701, 4, 2, 32
+    k, v = torch.randn(s, hk, d, generator=g), torch.randn(s, hk, d, generator=g)
+    kp = torch.arange(s) + 5
+    if case == "causal_all":
+        qp = kp.clone()
+    else:
+        qp = torch.sort(torch.randperm(s, generator=g)[:300]).values + 5
+        if case == "unsorted_subset":
+            qp = qp[torch.randperm(300, generator=g)]
+    assert case != "sorted_subset" or qp.numel() >= 2 * m._QUERY_GROUP
+    q = torch.randn(qp.numel(), h, d, generator=g)
+    got = m.attention(q, qp, k, v, kp)
+    want = _attention_f64(q, qp, k, v, kp)
+    err = (got.double() - want).abs().max().item()
+    assert err < 1e-5, f"{case}: max error {err:.2e}"

@@ -170,6 +170,7 @@ def blend_prefill(
     positions: torch.Tensor | None = None,
     deviation_on: str = "kv",
     select_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    causal_attention: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> BlendResult:
     """CacheBlend prefill of one prompt (see the module docstring for the algorithm).
 
@@ -184,10 +185,16 @@ def blend_prefill(
         check_layers: layers where tokens are scored and selected, ascending, each in `[0, L)`.
             Default `(1,)`.
         positions: `[T]` prompt positions; default None = `0..T-1`.
-        deviation_on: `"kv"` (default) scores K and V together, `"k"` K only.
+        deviation_on: `"kv"` (default) scores K and V together, `"k"` K only (LMCache v1),
+            `"v"` V only (the paper); see kernels/blend.py for the choice.
         select_fn: for ablations only: `(deviation [n], budget k) -> [k]` row indices replacing
             `select_tokens` (e.g. a random choice, to see what the deviation ranking buys).
             Default None.
+        causal_attention: `(layer, q [T, H, D], k [T, H_kv, D], v [T, H_kv, D]) -> [T, H * D]`,
+            plain causal attention of ALL tokens at positions `0..T-1`, used for the layers
+            before the first check layer instead of `model.attention` (the connector passes vLLM's
+            own CPU attention kernel, which also writes those K/V into the request's pages).
+            Only used when `positions` is None. Default None.
 
     Returns:
         `BlendResult`.
@@ -203,8 +210,8 @@ def blend_prefill(
     ratios = [float(ratio)] * len(checks) if isinstance(ratio, (int, float)) else [float(r) for r in ratio]
     if len(ratios) != len(checks) or not all(0.0 <= r <= 1.0 for r in ratios):
         raise ValueError(f"ratio must be in [0, 1], one value or one per check layer: got {ratio}")
-    if deviation_on not in ("k", "kv"):
-        raise ValueError(f"deviation_on must be 'k' or 'kv', got {deviation_on!r}")
+    if deviation_on not in ("k", "v", "kv"):
+        raise ValueError(f"deviation_on must be 'k', 'v' or 'kv', got {deviation_on!r}")
     segs = _check_segments(w, t, segments)
 
     cached = torch.zeros(t, dtype=torch.bool, device=dev_)
@@ -251,8 +258,10 @@ def blend_prefill(
                 k_cached, v_cached = kv[i][0][cand], kv[i][1][cand]
                 if deviation_on == "kv":
                     d = token_deviation(torch.stack([k_cached, v_cached]), torch.stack([k[is_c], v[is_c]]))
-                else:
+                elif deviation_on == "k":
                     d = token_deviation(k_cached, k[is_c])
+                else:
+                    d = token_deviation(v_cached, v[is_c])
                 # Budget counted on all cached tokens of the prompt, chosen among the candidates.
                 budget = min(num_selected_tokens(n_cached, r, always_last=False), cand.numel())
                 if select_fn is not None:
@@ -273,7 +282,11 @@ def blend_prefill(
         # recompute set. Cached rows survive only where a token is no longer computed.
         kv[i][0][active] = k
         kv[i][1][active] = v
-        h = layer_out(w, i, h, attention(q, pos[active], kv[i][0], kv[i][1], pos))
+        if causal_attention is not None and positions is None and active.numel() == t:
+            o = causal_attention(i, q, k, v)
+        else:
+            o = attention(q, pos[active], kv[i][0], kv[i][1], pos)
+        h = layer_out(w, i, h, o)
         result.computed_token_layers += active.numel()
 
     result.recompute_idx = active

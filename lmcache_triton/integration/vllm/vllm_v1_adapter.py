@@ -113,9 +113,8 @@ class ChunkOp:
 class LMCacheTritonMetadata(KVConnectorMetadata):
     loads: dict[str, list[ChunkOp]] = field(default_factory=dict)
     stores: list[ChunkOp] = field(default_factory=list)
-    # CacheBlend (blend_connector.py): req -> BlendOp, and SegmentStoreOps.
+    # CacheBlend (blend_connector.py): req -> BlendOp.
     blends: dict[str, Any] = field(default_factory=dict)
-    segment_stores: list[Any] = field(default_factory=list)
     # Chunk digests to bring from disk into the workers' CPU tiers (verified) in the background.
     prefetches: list[str] = field(default_factory=list)
     # rank -> digests the worker retired and the scheduler no longer counts: free them.
@@ -533,7 +532,7 @@ class LMCacheConnectorV1Impl:
             computed = new.num_computed_tokens + sched.get(new.req_id, 0)
             self._plan_stores(st, computed, meta)
             if self._blend is not None and not st.skip_save:
-                self._blend.plan_segment_store(new.req_id, st, computed, meta)
+                self._blend.register_segments(new.req_id, st, computed)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._states.get(req_id)
@@ -548,7 +547,7 @@ class LMCacheConnectorV1Impl:
             computed = cached.num_computed_tokens[i] + sched.get(req_id, 0)
             self._plan_stores(st, computed, meta)
             if self._blend is not None and not st.skip_save:
-                self._blend.plan_segment_store(req_id, st, computed, meta)
+                self._blend.register_segments(req_id, st, computed)
         if self._to_prefetch:
             meta.prefetches, self._to_prefetch = self._to_prefetch, []
         if self._acks:
@@ -708,13 +707,6 @@ class LMCacheConnectorV1Impl:
                 self.engine.store(op.digest, op.block_ids, op.num_tokens)  # reported once held
             except Exception:
                 logger.exception("lmcache_triton: storing chunk %s failed", op.digest[:12])
-                self.engine.stats.store_errors += 1
-        for sop in meta.segment_stores:
-            try:
-                if self._blend_worker is not None:
-                    self._blend_worker.store_segment(sop)  # reported once held (engine.poll)
-            except Exception:
-                logger.exception("lmcache_triton: storing segment %s failed", sop.digest[:16])
                 self.engine.stats.store_errors += 1
 
     def get_block_ids_with_load_errors(self) -> set[int]:
