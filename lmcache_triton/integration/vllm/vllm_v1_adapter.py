@@ -75,6 +75,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 from lmcache_triton.config import LMCacheConfig, load_config
 from lmcache_triton.engine import ChunkPlanner, ChunkSpan, KVCacheEngine, PrefixIndex
 from lmcache_triton.hashing import key_namespace
+from lmcache_triton.integration.vllm.kv_events import kv_events_enabled
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -384,6 +385,13 @@ class LMCacheConnectorV1Impl:
         self._last_log = time.monotonic()
         self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
         self._disk_waits: dict[str, set[str]] = {}  # req -> digests it waited for from disk
+        self._events = None  # vLLM KV events for our tiers (kv_events.py), when the user enabled them
+        if kv_events_enabled(self.vllm_config):
+            from lmcache_triton.integration.vllm.kv_events import DiskState, TierEvents
+
+            hbs = getattr(self.parent._kv_cache_config, "hash_block_size", None) or self.block_size
+            self._events = TierEvents(hbs, self.config.chunk_size)
+            self._disk_state = DiskState(self.namespaces)
         logger.info(
             "lmcache_triton scheduler: chunk_size=%d block_size=%d world_size=%d layout=%s disk=%s",
             self.config.chunk_size, self.block_size, self.world_size, self.layout, self.config.local_disk,
@@ -445,6 +453,8 @@ class LMCacheConnectorV1Impl:
             if not on_disk and remote is None and self.index.remote is not None:
                 remote = self.index.on_remote([s.digest for s in rest[i:] if s.digest not in self._prefetching])
             if on_disk or d in (remote or ()):
+                if self._events is not None and req_id in self._states:
+                    self._events.remember(self._states[req_id].request, span.start, span.end, d)
                 self._prefetching[d] = now + PREFETCH_WAIT_S
                 self._to_prefetch.append(d)
                 want.append(d)
@@ -517,6 +527,8 @@ class LMCacheConnectorV1Impl:
                 break
             if not self.index.has(span.digest):
                 meta.stores.append(ChunkOp(span.digest, self.planner.blocks_of(span, st.block_ids), span.num_tokens))
+                if self._events is not None:
+                    self._events.remember(st.request, span.start, span.end, span.digest)
             st.num_handled += 1
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -564,6 +576,25 @@ class LMCacheConnectorV1Impl:
                     self._acks.setdefault(rank, []).extend(retiring)
                 for d in (*held, *failed):
                     self._prefetching.pop(d, None)
+        if self._events is not None:
+            self._update_events(wm, connector_output.kv_cache_events)
+
+    def _update_events(self, wm: Any, disk_writes: Any) -> None:
+        """Turn this step's worker reports into vLLM KV events (kv_events.py): chunks every rank
+        now holds in its CPU tier / has on disk, and chunks that left."""
+        from lmcache_triton.integration.vllm.kv_events import MEDIUM_CPU, MEDIUM_DISK, DiskWrites
+
+        if isinstance(wm, LMCacheTritonWorkerMetadata):
+            touched = [d for lists in wm.reports.values() for part in lists[:3] for d in part]
+            if touched:
+                self._events.sync(MEDIUM_CPU, touched, self.index.has)
+        if isinstance(disk_writes, DiskWrites) and disk_writes.items:
+            touched = self._disk_state.apply(disk_writes.items)
+            self._events.sync(MEDIUM_DISK, touched, self._disk_state.present)
+
+    def take_events(self) -> list:
+        """vLLM's scheduler publishes these after each step (through its own publisher)."""
+        return self._events.take() if getattr(self, "_events", None) is not None else []
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         rid = request.request_id
@@ -607,6 +638,8 @@ class LMCacheConnectorV1Impl:
         if self.role != KVConnectorRole.SCHEDULER:
             return None
         self._epoch += 1
+        if self._events is not None:
+            self._events.reset()
         logger.info("lmcache_triton: cache reset (epoch %d): earlier chunks are not served again", self._epoch)
         return True
 
@@ -635,6 +668,10 @@ class LMCacheConnectorV1Impl:
         if first_replica(self.rank, self.tp_size, self.kv_replicas) != self.rank:
             self.storage.write_disk = False  # the first replica writes the shared file (and remote key)
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
+        # vLLM KV events (kv_events.py): this rank reports its disk tier's writes and evictions.
+        self._disk_events = kv_events_enabled(self.vllm_config) and self.storage.disk is not None
+        if self._disk_events:
+            self.storage.disk.track_changes()
         self._invalid_blocks: set[int] = set()
         self._ns_len = len(self.namespaces[self.rank])
         logger.info("lmcache_triton worker rank %d: %s", self.rank, self.storage)
@@ -721,6 +758,21 @@ class LMCacheConnectorV1Impl:
         if not (held or retiring or removed or progress.failed):
             return None
         return LMCacheTritonWorkerMetadata({self.rank: (held, retiring, removed, progress.failed)})
+
+    def get_kv_connector_kv_cache_events(self) -> Any:
+        """The chunks this rank's disk tier wrote and dropped since the last step, for the
+        scheduler (kv_events.py: it alone knows their block hashes and publishes)."""
+        if self.role != KVConnectorRole.WORKER or not self._disk_events:
+            return None
+        from lmcache_triton.integration.vllm.kv_events import DiskWrites
+
+        try:
+            ns = self.namespaces[self.rank]
+            items = [(ns, op, k[self._ns_len :]) for op, k in self.storage.disk.take_changes() if k.startswith(ns)]
+            return DiskWrites(items) if items else None
+        except Exception:  # never into the step
+            logger.exception("lmcache_triton: collecting disk-tier KV events failed")
+            return None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self.role != KVConnectorRole.WORKER:
@@ -820,6 +872,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         return self._impl.get_kv_connector_stats()
 
+    def get_kv_connector_kv_cache_events(self) -> Any:
+        return self._impl.get_kv_connector_kv_cache_events()
+
     def shutdown(self):
         self._impl.shutdown()
 
@@ -844,6 +899,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     def reset_cache(self) -> bool | None:
         return self._impl.reset_cache()
+
+    def take_events(self) -> Any:
+        return self._impl.take_events()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:

