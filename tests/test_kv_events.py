@@ -26,11 +26,9 @@ from vllm.v1.request import Request  # noqa: E402
 
 from lmcache_triton.engine import PrefixIndex  # noqa: E402
 from lmcache_triton.integration.vllm.kv_events import (  # noqa: E402
-    MEDIUM_CPU,
-    MEDIUM_DISK,
-    DiskState,
-    DiskWrites,
     TierEvents,
+    TierState,
+    TierWrites,
     kv_events_enabled,
 )
 
@@ -70,26 +68,26 @@ def test_stored_once_when_every_rank_holds_removed_when_one_lets_go(request_):
     ev.remember(request_, 3 * CHUNK, len(request_.prompt_token_ids), d[3])  # partial: never announced
 
     index.report(0, d, [])
-    ev.sync(MEDIUM_CPU, d, index.has)
+    ev.sync("cpu", d, index.has)
     assert ev.take() == []  # rank 1 does not hold them yet
     index.report(1, d, [])
-    ev.sync(MEDIUM_CPU, d, index.has)
+    ev.sync("cpu", d, index.has)
     stored = ev.take()
     assert [type(e) for e in stored] == [BlockStored] * 3
     hashes = [maybe_convert_block_hash(h) for h in request_.block_hashes]
     for i, e in enumerate(stored):
-        assert e.medium == "CPU" and e.block_size == BLOCK
+        assert (e.medium, e.locality) == ("CPU", "LOCAL") and e.block_size == BLOCK
         assert e.block_hashes == hashes[3 * i : 3 * i + 3]
         assert e.parent_block_hash == (hashes[3 * i - 1] if i else None)
         assert e.token_ids == request_.prompt_token_ids[i * CHUNK : (i + 1) * CHUNK]
     index.report(1, d[:1], [])  # a repeated report announces nothing
-    ev.sync(MEDIUM_CPU, d[:1], index.has)
+    ev.sync("cpu", d[:1], index.has)
     assert ev.take() == []
 
     index.report(1, [], [d[1]])  # rank 1 retires chunk 1: gone for routers
-    ev.sync(MEDIUM_CPU, [d[1]], index.has)
+    ev.sync("cpu", [d[1]], index.has)
     index.report(0, [], [d[1]])  # rank 0 follows: nothing more to say
-    ev.sync(MEDIUM_CPU, [d[1]], index.has)
+    ev.sync("cpu", [d[1]], index.has)
     removed = ev.take()
     assert len(removed) == 1 and isinstance(removed[0], BlockRemoved)
     assert removed[0].medium == "CPU" and removed[0].block_hashes == hashes[3:6]
@@ -102,24 +100,38 @@ def test_stored_once_when_every_rank_holds_removed_when_one_lets_go(request_):
 def test_disk_replicas_share_one_file(request_):
     # Ranks 0 and 1 hold the same KV (MLA): one namespace, one file, announced once.
     ev = TierEvents(BLOCK, CHUNK)
-    disk = DiskState(["nsA", "nsA", "nsB", "nsB"])
+    disk = TierState(["nsA", "nsA", "nsB", "nsB"])
     d = _digests(1)[0]
     ev.remember(request_, 0, CHUNK, d)
-    writes = DiskWrites([("nsA", "+", d)])
-    writes.add_events([("nsOther", "+", d)])  # another instance's files in a shared directory
-    ev.sync(MEDIUM_DISK, disk.apply(writes.get_all_events()), disk.present)
+    writes = TierWrites([("disk", "nsA", "+", d)])
+    writes.add_events([("disk", "nsOther", "+", d)])  # another instance's files in a shared directory
+    ev.sync("disk", disk.apply(it[1:] for it in writes.get_all_events()), disk.present)
     assert ev.take() == []  # nsB has not written it
-    ev.sync(MEDIUM_DISK, disk.apply([("nsB", "+", d)]), disk.present)
+    ev.sync("disk", disk.apply([("nsB", "+", d)]), disk.present)
     (e,) = ev.take()
-    assert isinstance(e, BlockStored) and e.medium == "STORAGE"
-    ev.sync(MEDIUM_DISK, disk.apply([("nsB", "-", d)]), disk.present)
+    assert isinstance(e, BlockStored) and (e.medium, e.locality) == ("STORAGE", "LOCAL")
+    ev.sync("disk", disk.apply([("nsB", "-", d)]), disk.present)
     (e,) = ev.take()
-    assert isinstance(e, BlockRemoved) and e.medium == "STORAGE"
+    assert isinstance(e, BlockRemoved) and (e.medium, e.locality) == ("STORAGE", "LOCAL")
+
+
+def test_remote_found_missing_is_removed(request_):
+    ev = TierEvents(BLOCK, CHUNK)
+    remote = TierState(["ns0"])
+    d = _digests(2)
+    ev.remember(request_, 0, CHUNK, d[0])
+    ev.sync("remote", remote.apply([("ns0", "+", d[0])]), remote.present)
+    (e,) = ev.take()
+    assert (e.medium, e.locality) == ("STORAGE", "REMOTE")
+    assert remote.drop([d[0], d[1]]) == [d[0]]  # d[1] was never written by us
+    ev.sync("remote", [d[0]], remote.present)
+    (e,) = ev.take()
+    assert isinstance(e, BlockRemoved) and (e.medium, e.locality) == ("STORAGE", "REMOTE")
 
 
 def test_bad_input_is_no_event_and_no_error():
     ev = TierEvents(BLOCK, CHUNK)
     ev.remember(SimpleNamespace(block_hashes=None, all_token_ids=[]), 0, CHUNK, "a")  # not hashed
     ev.remember(object(), 0, CHUNK, "b")  # not a request at all: dropped
-    ev.sync(MEDIUM_CPU, ["a", "b", "c"], lambda _d: True)
+    ev.sync("cpu", ["a", "b", "c"], lambda _d: True)
     assert ev.take() == []

@@ -10,23 +10,28 @@ Primitives:
                                     adapter builds none of this (no cost).
   `TierEvents` (scheduler role)     `remember(request, span)` snapshots a chunk's payload (vLLM's
                                     block hashes of its tokens, the parent hash, token ids, LoRA)
-                                    while the request is alive; `sync(medium, digests, present)`
+                                    while the request is alive; `sync(tier, digests, present)`
                                     turns changes of what the tiers hold into `BlockStored` /
                                     `BlockRemoved`; `reset()` removes everything announced;
                                     `take()` hands the events to vLLM.
-  `DiskWrites` (worker role)        a `KVConnectorKVEvents` that carries the digests this rank's
-                                    disk tier wrote and evicted to the scheduler through vLLM's
-                                    worker -> scheduler events channel (`get_kv_connector_kv_cache_events`);
-                                    the scheduler, which alone knows the block hashes, turns them
-                                    into events.
+  `TierWrites` (worker role)        a `KVConnectorKVEvents` that carries the digests this rank's
+                                    disk and remote tiers wrote and dropped to the scheduler
+                                    through vLLM's worker -> scheduler events channel
+                                    (`get_kv_connector_kv_cache_events`); the scheduler, which
+                                    alone knows the block hashes, turns them into events.
+  `TierState` (scheduler role)      which chunks every rank group has written to a tier.
 
-Media (vLLM's strings, as its own offloading connector sends them): "CPU" for our CPU tier,
-"STORAGE" for the disk tier.
+Media and localities (vLLM's strings, as its own offloading tiers send them: `MEDIUM_CPU`,
+`MEDIUM_STORAGE`, `Locality`): our CPU tier is medium "CPU", the disk tier "STORAGE", both
+locality "LOCAL"; the remote tier (`remote_url`, Valkey/Redis) is medium "STORAGE" with locality
+"REMOTE", as vLLM's object-store tier reports itself.
 
 Invariants:
   * Only the scheduler publishes, once per change of the whole instance's state: a chunk is
-    "stored" in a medium when EVERY rank holds it there (`PrefixIndex.has` for CPU; every
-    rank's namespace written for disk) and "removed" when the first rank lets it go. With
+    "stored" in a tier when EVERY rank holds it there (`PrefixIndex.has` for CPU; every
+    rank's namespace written for disk and remote) and "removed" when the first rank lets it go
+    (remote: also when the scheduler finds it missing on the server, which evicts without
+    telling anyone). With
     tensor parallelism the ranks' reports are never published one by one, so nothing is
     announced twice.
   * Only whole chunks of a request (chunk_size tokens) are announced, with the hashes vLLM
@@ -53,11 +58,16 @@ from vllm.distributed.kv_events import (
     KVConnectorKVEvents,
 )
 
-__all__ = ["MEDIUM_CPU", "MEDIUM_DISK", "DiskState", "DiskWrites", "TierEvents", "kv_events_enabled"]
+__all__ = ["TIERS", "TierEvents", "TierState", "TierWrites", "kv_events_enabled"]
 
 logger = logging.getLogger("lmcache_triton")
 
-MEDIUM_DISK = MEDIUM_STORAGE  # vLLM's offloading connector reports its file tier as "STORAGE"
+# Our tier -> (medium, locality) in the events.
+TIERS: dict[str, tuple[str, str]] = {
+    "cpu": (MEDIUM_CPU, "LOCAL"),
+    "disk": (MEDIUM_STORAGE, "LOCAL"),  # vLLM's file tier reports "STORAGE"
+    "remote": (MEDIUM_STORAGE, "REMOTE"),  # vLLM's object-store tier: "STORAGE", locality REMOTE
+}
 # Payloads remembered for chunks that were planned but are not (yet) in any tier; the oldest go
 # first beyond this (a store the tiers refused never reports back).
 MAX_PENDING = 65536
@@ -97,7 +107,7 @@ class TierEvents:
         self.chunk_size = chunk_size
         self.max_pending = max_pending
         self._payloads: OrderedDict[str, _Payload] = OrderedDict()  # digest -> payload
-        self._announced: dict[str, set[str]] = {}  # medium -> digests announced as stored
+        self._announced: dict[str, set[str]] = {}  # tier -> digests announced as stored
         self._events: list[KVCacheEvent] = []
         self._failed = False
 
@@ -126,11 +136,12 @@ class TierEvents:
         except Exception:
             self._fail("remembering a chunk")
 
-    def sync(self, medium: str, digests: Iterable[str], present: Callable[[str], bool]) -> None:
-        """Announce the changes among `digests` in `medium`: `present(d)` says whether the whole
-        instance holds chunk `d` there now."""
+    def sync(self, tier: str, digests: Iterable[str], present: Callable[[str], bool]) -> None:
+        """Announce the changes among `digests` in `tier` (a key of `TIERS`): `present(d)` says
+        whether the whole instance holds chunk `d` there now."""
         try:
-            announced = self._announced.setdefault(medium, set())
+            medium, locality = TIERS[tier]
+            announced = self._announced.setdefault(tier, set())
             stored, removed = [], []
             for d in dict.fromkeys(digests):
                 now = present(d)
@@ -153,24 +164,27 @@ class TierEvents:
                         medium=medium,
                         lora_name=p.lora_name,
                         group_idx=0,
+                        locality=locality,
                     )
                 )
             if removed:
                 hashes = [h for d in removed for h in self._payloads[d].block_hashes]
-                self._events.append(BlockRemoved(block_hashes=hashes, medium=medium, group_idx=0))
+                self._events.append(
+                    BlockRemoved(block_hashes=hashes, medium=medium, group_idx=0, locality=locality)
+                )
                 for d in removed:
                     if not any(d in a for a in self._announced.values()):
                         self._payloads.pop(d, None)
         except Exception:
-            self._fail(f"tracking {medium} chunks")
+            self._fail(f"tracking {tier} chunks")
 
     def reset(self) -> None:
         """Everything announced is gone for routers (a cache reset: no chunk stored before is
         served again)."""
         try:
-            for medium, announced in self._announced.items():
+            for tier, announced in self._announced.items():
                 if announced:
-                    self.sync(medium, list(announced), lambda _d: False)
+                    self.sync(tier, list(announced), lambda _d: False)
             self._payloads.clear()
         except Exception:
             self._fail("resetting")
@@ -197,20 +211,20 @@ class TierEvents:
             self._failed = True
 
 
-class DiskWrites(KVConnectorKVEvents):
-    """Worker -> scheduler: chunk digests written to and evicted from the ranks' disk tiers,
-    carried through vLLM's `kv_cache_events` channel (vLLM merges the ranks' objects with
-    `add_events`). Items are `(namespace, "+" | "-", digest)`; the scheduler turns them into
-    events (`TierEvents`), it never publishes them as they are."""
+class TierWrites(KVConnectorKVEvents):
+    """Worker -> scheduler: chunk digests written to and dropped from the ranks' disk and remote
+    tiers, carried through vLLM's `kv_cache_events` channel (vLLM merges the ranks' objects with
+    `add_events`). Items are `(tier, namespace, "+" | "-", digest)`; the scheduler turns them
+    into events (`TierEvents`), it never publishes them as they are."""
 
-    def __init__(self, items: list[tuple[str, str, str]] | None = None) -> None:
-        self.items: list[tuple[str, str, str]] = list(items or [])
+    def __init__(self, items: list[tuple[str, str, str, str]] | None = None) -> None:
+        self.items: list[tuple[str, str, str, str]] = list(items or [])
         self._workers = 1
 
     def add_events(self, events: list[Any]) -> None:
         self.items.extend(events)
 
-    def aggregate(self) -> DiskWrites:
+    def aggregate(self) -> TierWrites:
         return self
 
     def increment_workers(self, count: int = 1) -> None:
@@ -230,9 +244,9 @@ class DiskWrites(KVConnectorKVEvents):
         return bool(self.items)
 
 
-class DiskState:
-    """Scheduler-side: which chunks every distinct namespace (rank group) has on disk, as the
-    workers' `DiskWrites` say (files written by this instance; `present` feeds `TierEvents.sync`).
+class TierState:
+    """Scheduler-side: which chunks every distinct namespace (rank group) has written to one
+    tier, as the workers' `TierWrites` say (`present` feeds `TierEvents.sync`).
 
     Args:
         namespaces: one namespace per rank (replicas share their first replica's).
@@ -242,7 +256,8 @@ class DiskState:
         self._have: dict[str, set[str]] = {ns: set() for ns in dict.fromkeys(namespaces)}
 
     def apply(self, items: Iterable[tuple[str, str, str]]) -> list[str]:
-        """Apply reported writes and evictions; returns the digests they touched."""
+        """Apply reported `(namespace, "+" | "-", digest)` writes and drops; returns the digests
+        they touched."""
         touched = []
         for ns, op, digest in items:
             have = self._have.get(ns)
@@ -251,6 +266,19 @@ class DiskState:
             (have.add if op == "+" else have.discard)(digest)
             touched.append(digest)
         return touched
+
+    def drop(self, digests: Iterable[str]) -> list[str]:
+        """Forget these digests in every namespace (found missing); returns those known."""
+        out = []
+        for d in digests:
+            known = False
+            for have in self._have.values():
+                if d in have:
+                    have.discard(d)
+                    known = True
+            if known:
+                out.append(d)
+        return out
 
     def present(self, digest: str) -> bool:
         return all(digest in have for have in self._have.values())

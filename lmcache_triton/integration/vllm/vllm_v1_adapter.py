@@ -387,11 +387,11 @@ class LMCacheConnectorV1Impl:
         self._disk_waits: dict[str, set[str]] = {}  # req -> digests it waited for from disk
         self._events = None  # vLLM KV events for our tiers (kv_events.py), when the user enabled them
         if kv_events_enabled(self.vllm_config):
-            from lmcache_triton.integration.vllm.kv_events import DiskState, TierEvents
+            from lmcache_triton.integration.vllm.kv_events import TierEvents, TierState
 
             hbs = getattr(self.parent._kv_cache_config, "hash_block_size", None) or self.block_size
             self._events = TierEvents(hbs, self.config.chunk_size)
-            self._disk_state = DiskState(self.namespaces)
+            self._tier_state = {"disk": TierState(self.namespaces), "remote": TierState(self.namespaces)}
         logger.info(
             "lmcache_triton scheduler: chunk_size=%d block_size=%d world_size=%d layout=%s disk=%s",
             self.config.chunk_size, self.block_size, self.world_size, self.layout, self.config.local_disk,
@@ -451,7 +451,11 @@ class LMCacheConnectorV1Impl:
                 continue
             on_disk = self.index.on_disk(d)
             if not on_disk and remote is None and self.index.remote is not None:
-                remote = self.index.on_remote([s.digest for s in rest[i:] if s.digest not in self._prefetching])
+                asked = [s.digest for s in rest[i:] if s.digest not in self._prefetching]
+                remote = self.index.on_remote(asked)
+                if self._events is not None:  # the server evicted them (or they are unusable)
+                    gone = self._tier_state["remote"].drop(d for d in asked if d not in remote)
+                    self._events.sync("remote", gone, self._tier_state["remote"].present)
             if on_disk or d in (remote or ()):
                 if self._events is not None and req_id in self._states:
                     self._events.remember(self._states[req_id].request, span.start, span.end, d)
@@ -579,18 +583,21 @@ class LMCacheConnectorV1Impl:
         if self._events is not None:
             self._update_events(wm, connector_output.kv_cache_events)
 
-    def _update_events(self, wm: Any, disk_writes: Any) -> None:
+    def _update_events(self, wm: Any, tier_writes: Any) -> None:
         """Turn this step's worker reports into vLLM KV events (kv_events.py): chunks every rank
-        now holds in its CPU tier / has on disk, and chunks that left."""
-        from lmcache_triton.integration.vllm.kv_events import MEDIUM_CPU, MEDIUM_DISK, DiskWrites
+        now holds in its CPU tier / has written to disk or the remote server, and chunks that
+        left."""
+        from lmcache_triton.integration.vllm.kv_events import TierWrites
 
         if isinstance(wm, LMCacheTritonWorkerMetadata):
             touched = [d for lists in wm.reports.values() for part in lists[:3] for d in part]
             if touched:
-                self._events.sync(MEDIUM_CPU, touched, self.index.has)
-        if isinstance(disk_writes, DiskWrites) and disk_writes.items:
-            touched = self._disk_state.apply(disk_writes.items)
-            self._events.sync(MEDIUM_DISK, touched, self._disk_state.present)
+                self._events.sync("cpu", touched, self.index.has)
+        if isinstance(tier_writes, TierWrites) and tier_writes.items:
+            for tier, state in self._tier_state.items():
+                touched = state.apply(it[1:] for it in tier_writes.items if it[0] == tier)
+                if touched:
+                    self._events.sync(tier, touched, state.present)
 
     def take_events(self) -> list:
         """vLLM's scheduler publishes these after each step (through its own publisher)."""
@@ -668,10 +675,12 @@ class LMCacheConnectorV1Impl:
         if first_replica(self.rank, self.tp_size, self.kv_replicas) != self.rank:
             self.storage.write_disk = False  # the first replica writes the shared file (and remote key)
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
-        # vLLM KV events (kv_events.py): this rank reports its disk tier's writes and evictions.
-        self._disk_events = kv_events_enabled(self.vllm_config) and self.storage.disk is not None
-        if self._disk_events:
-            self.storage.disk.track_changes()
+        # vLLM KV events (kv_events.py): this rank reports its disk and remote tiers' writes and drops.
+        self._tier_events = []
+        if kv_events_enabled(self.vllm_config):
+            self._tier_events = [(n, t) for n, t in (("disk", self.storage.disk), ("remote", self.storage.remote)) if t]
+            for _, tier in self._tier_events:
+                tier.track_changes()
         self._invalid_blocks: set[int] = set()
         self._ns_len = len(self.namespaces[self.rank])
         logger.info("lmcache_triton worker rank %d: %s", self.rank, self.storage)
@@ -760,16 +769,21 @@ class LMCacheConnectorV1Impl:
         return LMCacheTritonWorkerMetadata({self.rank: (held, retiring, removed, progress.failed)})
 
     def get_kv_connector_kv_cache_events(self) -> Any:
-        """The chunks this rank's disk tier wrote and dropped since the last step, for the
-        scheduler (kv_events.py: it alone knows their block hashes and publishes)."""
-        if self.role != KVConnectorRole.WORKER or not self._disk_events:
+        """The chunks this rank's disk and remote tiers wrote and dropped since the last step,
+        for the scheduler (kv_events.py: it alone knows their block hashes and publishes)."""
+        if self.role != KVConnectorRole.WORKER or not self._tier_events:
             return None
-        from lmcache_triton.integration.vllm.kv_events import DiskWrites
+        from lmcache_triton.integration.vllm.kv_events import TierWrites
 
         try:
             ns = self.namespaces[self.rank]
-            items = [(ns, op, k[self._ns_len :]) for op, k in self.storage.disk.take_changes() if k.startswith(ns)]
-            return DiskWrites(items) if items else None
+            items = [
+                (name, ns, op, k[self._ns_len :])
+                for name, tier in self._tier_events
+                for op, k in tier.take_changes()
+                if k.startswith(ns)
+            ]
+            return TierWrites(items) if items else None
         except Exception:  # never into the step
             logger.exception("lmcache_triton: collecting disk-tier KV events failed")
             return None
