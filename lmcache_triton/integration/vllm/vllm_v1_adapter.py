@@ -459,6 +459,10 @@ class LMCacheConnectorV1Impl:
             if on_disk or d in (remote or ()):
                 if self._events is not None and req_id in self._states:
                     self._events.remember(self._states[req_id].request, span.start, span.end, d)
+                    # Found there (e.g. written before a restart, or by another instance): announced.
+                    state = self._tier_state["disk" if on_disk else "remote"]
+                    state.apply((ns, "+", d) for ns in self.namespaces)
+                    self._events.sync("disk" if on_disk else "remote", [d], state.present)
                 self._prefetching[d] = now + PREFETCH_WAIT_S
                 self._to_prefetch.append(d)
                 want.append(d)
@@ -589,15 +593,18 @@ class LMCacheConnectorV1Impl:
         left."""
         from lmcache_triton.integration.vllm.kv_events import TierWrites
 
-        if isinstance(wm, LMCacheTritonWorkerMetadata):
-            touched = [d for lists in wm.reports.values() for part in lists[:3] for d in part]
-            if touched:
-                self._events.sync("cpu", touched, self.index.has)
-        if isinstance(tier_writes, TierWrites) and tier_writes.items:
-            for tier, state in self._tier_state.items():
-                touched = state.apply(it[1:] for it in tier_writes.items if it[0] == tier)
+        try:
+            if isinstance(wm, LMCacheTritonWorkerMetadata):
+                touched = [d for lists in wm.reports.values() for part in lists[:3] for d in part]
                 if touched:
-                    self._events.sync(tier, touched, state.present)
+                    self._events.sync("cpu", touched, self.index.has)
+            if isinstance(tier_writes, TierWrites) and tier_writes.items:
+                for tier, state in self._tier_state.items():
+                    touched = state.apply(it[1:] for it in tier_writes.items if it[0] == tier)
+                    if touched:
+                        self._events.sync(tier, touched, state.present)
+        except Exception:  # events are best effort: never into the step
+            logger.exception("lmcache_triton: KV events for this step failed")
 
     def take_events(self) -> list:
         """vLLM's scheduler publishes these after each step (through its own publisher)."""
