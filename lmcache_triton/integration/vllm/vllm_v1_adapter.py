@@ -24,6 +24,9 @@ Scheduler role (EngineCore process):
   (kv_transfer_params {"lmcache.skip_save": true} on a request: nothing of it is stored.)
   update_connector_output     applies the workers' reports (chunks now held, retiring, dropped,
                               prefetches that failed) to the scheduler's `PrefixIndex`.
+  take_events                 with vLLM's KV events on (`--kv-events-config`): BlockStored /
+                              BlockRemoved for chunks in our tiers, published by vLLM's
+                              scheduler (kv_events.py).
 Worker role (each Worker process):
   register_kv_caches          adopts the per-layer views of vLLM's one backing buffer.
   start_load_kv               copies promised chunks from the CPU tier into the paged cache (on
@@ -37,6 +40,8 @@ Worker role (each Worker process):
                               wait only for the gather, so the blocks are free at once. Disk
                               writes run in the background, bounded by the CPU tier.
   build_connector_worker_meta reports chunks that became held, retiring and dropped.
+  get_kv_connector_kv_cache_events  (KV events on) chunks this rank's disk and remote tiers wrote
+                              and dropped, for the scheduler to announce (kv_events.py).
   handle_preemptions          not needed: no copy out of a block outlives the step's gather.
   get_block_ids_with_load_errors  blocks of chunks that failed to load. Nothing promised can be
                               missing (the worker holds it), so this is a last safety net: it
