@@ -135,3 +135,32 @@ def test_bad_input_is_no_event_and_no_error():
     ev.remember(object(), 0, CHUNK, "b")  # not a request at all: dropped
     ev.sync("cpu", ["a", "b", "c"], lambda _d: True)
     assert ev.take() == []
+
+
+def test_disk_tier_records_writes_and_drops(tmp_path):
+    """What the worker forwards: the disk tier's own record of files written, evicted, cleared."""
+    import torch
+
+    from lmcache_triton.storage.disk import DiskTier
+
+    def key(i):
+        return f"{i:064x}"
+
+    t = torch.arange(4096, dtype=torch.float32)  # 16 KiB: two fit in the bound below, not three
+    tier = DiskTier(tmp_path / "kv", 40 << 10)
+    try:
+        tier.put(key(9), t)
+        assert tier.flush(10)
+        assert tier.take_changes() == []  # not tracked: nothing recorded, nothing kept
+        tier.track_changes()
+        for i in range(3):
+            tier.put(key(i), t)
+            assert tier.flush(10)
+        changes = tier.take_changes()
+        assert [c for c in changes if c[0] == "+"] == [("+", key(i)) for i in range(3)]
+        assert {c for c in changes if c[0] == "-"} == {("-", key(9)), ("-", key(0))}  # LRU evicted
+        assert tier.take_changes() == []
+        tier.clear()
+        assert sorted(tier.take_changes()) == [("-", key(1)), ("-", key(2))]
+    finally:
+        tier.close()
