@@ -116,3 +116,92 @@ class ValkeyServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ValkeyCluster:
+    """A local cluster of `n` primaries (no replicas) on free loopback ports: each node a
+    `ValkeyServer` with `cluster-enabled yes`, the 16384 slots split evenly with
+    CLUSTER ADDSLOTSRANGE, the nodes joined with CLUSTER MEET; `start()` waits until every node
+    reports `cluster_state:ok` and knows every slot's owner. `cluster-require-full-coverage no`:
+    with a node killed the others keep serving their own slots (a cluster without replicas
+    would otherwise refuse every command once it notices).
+
+    Args:
+        n: nodes; default 3.
+        password: `requirepass` on every node (and `masterauth`); None: no auth.
+    """
+
+    SLOTS = 16384
+
+    def __init__(self, n: int = 3, password: str | None = None):
+        extra = [
+            "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+            "--cluster-require-full-coverage", "no", "--cluster-allow-reads-when-down", "no",
+        ]
+        if password:
+            extra += ["--masterauth", password]
+        self.password = password
+        self.nodes = [ValkeyServer(password=password, extra=list(extra)) for _ in range(n)]
+        self.bus_ports = [free_port() for _ in self.nodes]
+        for node, bus in zip(self.nodes, self.bus_ports, strict=True):
+            # Its own state file; the cluster bus on a free port (port + 10000 may be taken or > 65535).
+            node.extra += ["--cluster-config-file", os.path.join(node.dir, "nodes.conf"), "--cluster-port", str(bus)]
+
+    @property
+    def url(self) -> str:
+        """`redis+cluster://[:password@]127.0.0.1:P1,127.0.0.1:P2,...` (every node a seed)."""
+        auth = f":{self.password}@" if self.password else ""
+        return "redis+cluster://" + auth + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def client(self, node: int):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.nodes[node].port, password=self.password, socket_timeout=5)
+
+    def start(self, timeout: float = 20.0) -> ValkeyCluster:
+        try:
+            for node in self.nodes:
+                node.start()
+            n = len(self.nodes)
+            bounds = [self.SLOTS * i // n for i in range(n + 1)]
+            clients = [self.client(i) for i in range(n)]
+            for i, c in enumerate(clients):
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
+            for c in clients[1:]:
+                c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.bus_ports[0])
+            deadline = time.monotonic() + timeout
+            while True:
+                ok = all(self._settled(c) for c in clients)
+                if ok:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster did not reach cluster_state:ok within {timeout} s")
+                time.sleep(0.05)
+            for c in clients:
+                c.close()
+            return self
+        except BaseException:
+            self.close()
+            raise
+
+    def _settled(self, c) -> bool:
+        info = c.execute_command("CLUSTER", "INFO")
+        info = info.decode() if isinstance(info, bytes) else str(info)
+        if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.nodes)}" not in info:
+            return False
+        # Every node must know every slot's owner (gossip spreads the assignments).
+        return f"cluster_slots_assigned:{self.SLOTS}" in info
+
+    def kill(self, node: int) -> None:
+        """SIGKILL one node (its keys are gone with it)."""
+        self.nodes[node].stop()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> ValkeyCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
