@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import queue
 import re
 import socket
@@ -91,6 +92,7 @@ _REFRESH_MIN_S = 1.0  # cluster: at most one topology refresh (CLUSTER SLOTS) a 
 _READ_SIZE = 1 << 20  # socket reads for large GETs (see module docstring)
 _SHOWN_META = ("model", "layout", "num_tokens", "kv_dtype")  # what `entries` reports of a header
 _MAX_VALUE = 1 << 31  # a value above 2 GiB is no chunk of ours
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")  # URL query options
 
 
 def _timeval(seconds: float) -> bytes:
@@ -262,7 +264,7 @@ class RemoteTier(TierCounters):
                 self._fast, self._bulk = self._single.fast, self._single.bulk
                 self._nodes = {"": self._single}
         except (ValueError, TypeError) as e:  # redis-py's own URL checks (bad db, options)
-            raise RemoteURLError(f"{self.masked}: {self._scrub(e)}") from None
+            raise RemoteURLError(f"remote_url {self.masked}: {self._scrub(e)}") from None
         self._stats = dict.fromkeys(
             (
                 "lookups", "lookup_keys", "hits", "misses", "corrupt", "unauthenticated", "mismatch", "writes",
@@ -281,7 +283,7 @@ class RemoteTier(TierCounters):
 
     def _client(self, url: str, t: float):
         # No retries inside redis-py: one bounded attempt per call; this tier backs off itself.
-        return self._redis.Redis.from_url(
+        c = self._redis.Redis.from_url(
             url,
             socket_timeout=t,
             socket_connect_timeout=min(t, self.timeout * 4),
@@ -290,6 +292,16 @@ class RemoteTier(TierCounters):
             retry_on_timeout=False,
             health_check_interval=0,
         )
+        pool = c.connection_pool
+        # redis-py hands unknown query parameters (a typo: `ssl_ca_cert`) to the connection's
+        # constructor at the first command: a TypeError there would reach the caller. Build one
+        # now (no connect) so it is a RemoteURLError at start-up.
+        pool.connection_class(**pool.connection_kwargs)
+        for opt in _TLS_FILES:
+            path = pool.connection_kwargs.get(opt)
+            if path is not None and not os.path.exists(path):
+                raise ValueError(f"{opt}: no such file {path!r}")
+        return c
 
     def _scrub(self, e: BaseException) -> str:
         """An error's text with any URL of ours masked."""
