@@ -263,7 +263,7 @@ class RemoteTier(TierCounters):
                 )
                 self._fast, self._bulk = self._single.fast, self._single.bulk
                 self._nodes = {"": self._single}
-        except (ValueError, TypeError) as e:  # redis-py's own URL checks (bad db, options)
+        except (ValueError, TypeError, redis.RedisError) as e:  # redis-py's own URL checks (db, options)
             raise RemoteURLError(f"remote_url {self.masked}: {self._scrub(e)}") from None
         self._stats = dict.fromkeys(
             (
