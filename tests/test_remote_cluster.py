@@ -197,3 +197,35 @@ def test_wrong_password_is_one_masked_line(cluster):
     assert problem is not None and problem.startswith("remote_url redis+cluster://:***@127.0.0.1:")
     assert "unreachable" not in problem and "wrong-cluster-pw" not in problem
     tier.close()
+
+
+def test_a_moved_slot_is_a_miss_then_found_at_its_new_owner(empty):
+    """The cluster moves a slot after the tier read the slot map: MOVED replies are misses and
+    counted write errors (never an exception), then the refreshed map sends the key to its new
+    owner."""
+    from redis.crc import key_slot
+
+    key = KEYS[0]
+    slot = key_slot((KEY_PREFIX + key).encode())
+    tier = RemoteTier(empty.url)
+    assert tier.contains_many([key]) == [False]  # the slot map is read
+    ids = [empty.client(i).execute_command("CLUSTER", "MYID") for i in range(3)]
+    ids = [x.decode() if isinstance(x, bytes) else x for x in ids]
+    old = next(i for i in range(3) if empty.client(i).execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+               and tier._owners([KEY_PREFIX + key])[0].name.endswith(f":{empty.nodes[i].port}"))
+    new = (old + 1) % 3
+    for i in range(3):  # an empty slot: reassigned on every node at once
+        empty.client(i).execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[new])
+    t = _chunk(7)
+    done: list[bool] = []
+    tier.put(key, t, META, on_done=done.append)  # still sent to the old owner: MOVED
+    assert tier.flush(10) and done == [False] and tier.stats["write_errors"] == 1
+    assert tier.contains_many([key]) == [False]
+    time.sleep(1.1)  # the slot map is refreshed at most once a second
+    tier.put(key, t, META, on_done=done.append)
+    assert tier.flush(10) and done == [False, True]
+    assert empty.client(new).dbsize() == 1 and empty.client(old).dbsize() == 0
+    got = tier.get_with_meta(key)
+    assert got is not None and torch.equal(got[0].view(torch.int16), t.view(torch.int16))
+    assert tier.up
+    tier.close()

@@ -125,3 +125,31 @@ def test_plain_tcp_to_a_tls_port_is_a_bounded_miss(server):
     assert line is not None and "remote_url redis://alice:***@" in line and PASSWORD not in line
     assert tier.contains_many(KEYS) == [False] * len(KEYS)
     tier.close()
+
+
+def test_tls_acl_cluster(caplog):
+    """rediss+cluster://: three TLS-only nodes (the cluster bus too), an ACL user on each."""
+    from lmcache_triton.testing.valkey import ValkeyCluster
+
+    caplog.set_level(logging.DEBUG)
+    keys = [f"{i:02x}" * 32 for i in range(24)]
+    with ValkeyCluster(tls=True, user="alice", password=PASSWORD) as c:
+        assert c.url.startswith("rediss+cluster://alice:")
+        tier = RemoteTier(c.url)
+        assert tier.check_connection() is None
+        chunks = {k: _chunk(i, shape=(8, 257 + i)) for i, k in enumerate(keys)}
+        done: list[bool] = []
+        for k, t in chunks.items():
+            tier.put(k, t, META, on_done=done.append)
+        assert tier.flush(20) and done == [True] * len(keys)
+        assert all(c.client(i).dbsize() > 0 for i in range(3))
+        assert tier.contains_many(keys) == [True] * len(keys)
+        for k, t in chunks.items():
+            got = tier.get_with_meta(k)
+            assert got is not None and torch.equal(got[0].view(torch.int16), t.view(torch.int16)), k
+        assert tier.clear() == len(keys)
+        line = RemoteTier(c.url.replace(PASSWORD, WRONG)).check_connection()
+        assert line is not None and "authentication failed" in line and "alice:***@" in line and WRONG not in line
+        shown = repr(tier) + str(tier.stats) + caplog.text
+        tier.close()
+    assert PASSWORD not in shown

@@ -458,7 +458,9 @@ class RemoteTier(TierCounters):
 
     def _redirected(self, e: BaseException) -> None:
         """A MOVED/ASK/CLUSTERDOWN reply: refresh the slot map soon."""
-        if self.cluster and str(e).split(" ", 1)[0] in ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"):
+        x = self._redis.exceptions
+        # redis-py strips the reply's first word ("MOVED 7798 h:p" is MovedError("7798 h:p")).
+        if self.cluster and isinstance(e, (x.AskError, x.ClusterDownError, x.TryAgainError)):
             with self._lock:
                 self._stale = True
 

@@ -136,7 +136,7 @@ class ValkeyServer:
         extra: list[str] | None = None,
         *,
         binary: str | None = None,
-        tls: bool = False,
+        tls: bool | dict[str, str] = False,
         users: list[str] | None = None,
     ):
         binary = binary or (tls_server_binary() if tls else server_binary())
@@ -152,7 +152,8 @@ class ValkeyServer:
         self.password = password
         self.extra = list(extra or [])
         self.users = list(users or [])
-        self.tls = make_tls_files(self.dir) if tls else None
+        # TLS: files made here, or shared ones (`make_tls_files`: a cluster's nodes trust one CA).
+        self.tls = (dict(tls) if isinstance(tls, dict) else make_tls_files(self.dir)) if tls else None
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -243,19 +244,35 @@ class ValkeyCluster:
     Args:
         n: nodes; default 3.
         password: `requirepass` on every node (and `masterauth`); None: no auth.
+        tls: every node TLS only (the cluster bus too), one throwaway CA; needs a TLS-capable
+            binary (`tls_server_binary`).
+        user: with `password` and TLS: an ACL user `user` with that password and the default
+            user off, instead of `requirepass`.
     """
 
     SLOTS = 16384
 
-    def __init__(self, n: int = 3, password: str | None = None):
+    def __init__(self, n: int = 3, password: str | None = None, *, tls: bool = False, user: str | None = None):
         extra = [
             "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
             "--cluster-require-full-coverage", "no", "--cluster-allow-reads-when-down", "no",
         ]
-        if password:
-            extra += ["--masterauth", password]
         self.password = password
-        self.nodes = [ValkeyServer(password=password, extra=list(extra)) for _ in range(n)]
+        self.user = user
+        users = [f"{user} on >{password} ~* +@all", "default off"] if user else None
+        if password and not user:
+            extra += ["--masterauth", password]
+        files: dict[str, str] | bool = False
+        self._tls_dir = None
+        if tls:
+            extra += ["--tls-cluster", "yes"]
+            self._tls_dir = tempfile.mkdtemp(prefix="lmct-tls-")
+            files = make_tls_files(self._tls_dir)
+        self.tls = files or None
+        self.nodes = [
+            ValkeyServer(password=None if user else password, extra=list(extra), tls=files, users=users)
+            for _ in range(n)
+        ]
         self.bus_ports = [free_port() for _ in self.nodes]
         for node, bus in zip(self.nodes, self.bus_ports, strict=True):
             # Its own state file; the cluster bus on a free port (port + 10000 may be taken or > 65535).
@@ -263,14 +280,20 @@ class ValkeyCluster:
 
     @property
     def url(self) -> str:
-        """`redis+cluster://[:password@]127.0.0.1:P1,127.0.0.1:P2,...` (every node a seed)."""
-        auth = f":{self.password}@" if self.password else ""
-        return "redis+cluster://" + auth + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        """`redis+cluster://[[user]:password@]127.0.0.1:P1,127.0.0.1:P2,...` (every node a seed);
+        with TLS `rediss+cluster://...?ssl_ca_certs=CA`."""
+        auth = f"{self.user or ''}:{self.password}@" if self.password else ""
+        scheme, query = ("rediss+cluster", f"?ssl_ca_certs={self.tls['ca']}") if self.tls else ("redis+cluster", "")
+        return f"{scheme}://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes) + query
 
     def client(self, node: int):
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.nodes[node].port, password=self.password, socket_timeout=5)
+        tls = {"ssl": True, "ssl_ca_certs": self.tls["ca"]} if self.tls else {}
+        return redis.Redis(
+            host="127.0.0.1", port=self.nodes[node].port, username=self.user, password=self.password,
+            socket_timeout=5, **tls,
+        )
 
     def start(self, timeout: float = 20.0) -> ValkeyCluster:
         try:
@@ -313,6 +336,8 @@ class ValkeyCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
+        if self._tls_dir:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)
 
     def __enter__(self) -> ValkeyCluster:
         return self.start()
