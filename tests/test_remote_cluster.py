@@ -229,3 +229,51 @@ def test_a_moved_slot_is_a_miss_then_found_at_its_new_owner(empty):
     assert got is not None and torch.equal(got[0].view(torch.int16), t.view(torch.int16))
     assert tier.up
     tier.close()
+
+
+def test_a_hung_node_is_bounded_by_the_timeouts(empty):
+    """One node stopped (SIGSTOP: it accepts connections, never answers): its keys miss within
+    the lookup / data timeouts, the other nodes' keys still hit."""
+    import signal
+
+    tier = RemoteTier(empty.url, timeout=0.3, data_timeout=0.6)
+    chunks = _put_all(tier, KEYS[:12])
+    owner = _owners(empty)
+    hung = owner[KEYS[0]]
+    empty.nodes[hung].proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert tier.contains_many(KEYS[:12]) == [owner[k] != hung for k in KEYS[:12]]
+        assert time.monotonic() - t0 < 1.0  # one timeout for all the pipelines together
+        t0 = time.monotonic()
+        for k, t in chunks.items():
+            got = tier.get_with_meta(k)
+            assert (got is None) if owner[k] == hung else torch.equal(got[0].view(torch.int16), t.view(torch.int16))
+        assert time.monotonic() - t0 < 1.5  # backing off: the hung node is not asked again
+    finally:
+        empty.nodes[hung].proc.send_signal(signal.SIGCONT)
+    tier.close()
+
+
+def test_cli_inspect_clear_and_serve_with_a_cluster(cluster, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lmcache_triton.cli import app
+
+    for k in ("LMCACHE_CONFIG_FILE", "LMCACHE_REMOTE_URL", "LMCACHE_LOCAL_DISK", "LMCACHE_CHUNK_SECRET"):
+        monkeypatch.delenv(k, raising=False)
+    for i in range(3):
+        cluster.client(i).flushall()
+    tier = RemoteTier(cluster.url)
+    _put_all(tier, KEYS[:9])
+    tier.close()
+    runner = CliRunner()
+    r = runner.invoke(app, ["inspect", "--remote-url", cluster.url])
+    assert r.exit_code == 0 and "9 chunks" in r.output, r.output
+    r = runner.invoke(app, ["clear", "--remote-url", cluster.url, "--yes"])
+    assert r.exit_code == 0 and "removed 9 chunks" in r.output, r.output
+    assert sum(cluster.client(i).dbsize() for i in range(3)) == 0
+    (tmp_path / "config.json").write_text("{}")
+    r = runner.invoke(app, ["serve", str(tmp_path), "--remote", cluster.url, "--print-command", "--port", "0"])
+    assert r.exit_code == 0 and "LMCACHE_REMOTE_URL=" in r.output and "redis+cluster://:***@" in r.output
+    assert PASSWORD not in r.output

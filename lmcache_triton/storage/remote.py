@@ -996,7 +996,8 @@ class RemoteTier(TierCounters):
 
     @property
     def stats(self) -> dict[str, int]:
-        out = dict(self._stats)
+        with self._lock:
+            out = dict(self._stats)
         out["up"] = int(self.up)
         out["pending"] = 0 if self._q is None else self._q.qsize()
         return out
