@@ -523,7 +523,7 @@ def serve(
     ] = False,
     remote: Annotated[
         str | None,
-        typer.Option("--remote", help="lmcache.remote_url: a shared Valkey/Redis tier (redis://, rediss://, unix://)."),
+        typer.Option("--remote", help="lmcache.remote_url: a shared Valkey/Redis tier (redis://, rediss://, unix://, redis+cluster://)."),
     ] = None,
 ) -> None:
     """Start vLLM's OpenAI server with the connector; other arguments go to vLLM as they are.
@@ -577,7 +577,7 @@ def serve(
             from lmcache_triton.storage.remote import mask_url
 
             if _remote_url("remote_url", remote) is None:
-                raise CliError(f"--remote {mask_url(remote)}: expected redis://, rediss://, unix:// or valkey://")
+                raise CliError(f"--remote {mask_url(remote)}: expected redis://, rediss://, unix://, valkey:// or redis+cluster://")
             env["LMCACHE_REMOTE_URL"] = remote  # the environment, not vLLM's (logged) command line
             kv_space += f"LMCACHE_REMOTE_URL={shlex.quote(mask_url(remote))} "
         cmd = serve_command(model, extra, passthrough)
