@@ -229,7 +229,7 @@ def test_inspect_table_and_json(filled, model_dir):
     m = s["models"][model_dir]
     assert m["chunks"] == len(files)
     assert m["tokens"] >= 3 * 3 * CHUNK
-    assert len(m["layouts"]) == 1 and f"bs{BLOCK}" in m["layouts"][0]
+    assert m["layouts"] == ["rows-FullAttentionSpec-h2-d32-float32"], m["layouts"]  # token rows: no block size
     assert s["oldest"] <= s["newest"] and not s["unreadable"]
 
     r = cli("inspect", "--disk", filled)
