@@ -14,8 +14,17 @@ with the remote tier and no disk computes each prompt (miss) and stores it; a NE
 empty CPU tier, runs the same prompts: remote hit (prefetch from the server, verified, then load).
 Target: remote-hit TTFT <= 10% of the miss (aim 5%).
 
+Part 3, a shared-prefix fleet (`--shared`): 20 requests sharing a 3k-token system prompt, each with
+its own 200-token question, split over two instances (even requests to A, odd to B; A's process
+runs first, then B's, each its own CPU tier, vLLM's prefix cache ON as vLLM serves by default).
+Total prefill time (sum of the requests' TTFTs) of the two instances: without our connector,
+with the connector and a private CPU tier per instance, and with the shared tier (each instance
+its own CPU tier plus one Valkey server): what the second instance saves by reusing the first's
+system prompt.
+
 Usage: python bench/bench_remote.py [--reps 9] [--secret]
        python bench/bench_remote.py --ttft [--tokens 4096] [--quick]
+       python bench/bench_remote.py --shared [--quick]
 """
 
 from __future__ import annotations
@@ -161,6 +170,58 @@ def ttft(tokens: int, reps: int, quick: bool) -> list[dict]:
     return rows
 
 
+def shared_prefix(quick: bool) -> list[dict]:
+    from bench.bench_e2e import BENCH_MODEL
+    from lmcache_triton.testing import build_tiny_model
+    from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess
+
+    params = dict(BENCH_MODEL)
+    if quick:
+        params.update(hidden_size=256, num_layers=4)
+    name = "bench-e2e-q" if quick else "bench-e2e"
+    model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / name, **params))
+    work = Path(tempfile.mkdtemp(prefix="lmct-bench-shared-"))
+    (work / "tmp").mkdir()
+    env = {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
+    rng = random.Random(11)
+    n_req, sys_len, q_len = (8, 1024, 100) if quick else (20, 3072, 200)
+    system = [rng.randrange(4, 2600) for _ in range(sys_len)]
+    prompts = [system + [rng.randrange(4, 2600) for _ in range(q_len)] for _ in range(n_req)]
+    halves = {"A": prompts[0::2], "B": prompts[1::2]}
+    max_len = sys_len + q_len + 64
+    base = dict(model=model, block_size=32, max_model_len=max_len, prefix_caching=True,
+                extra_args={"max_num_batched_tokens": max_len})
+    totals: dict[str, dict[str, float]] = {}
+    with ValkeyServer() as server:
+        configs = {
+            "no connector (vLLM prefix cache only)": None,
+            "connector, private CPU tier per instance": {"lmcache.chunk_size": 256, "lmcache.max_local_cpu_size": 2},
+            "connector + shared Valkey tier": {
+                "lmcache.chunk_size": 256, "lmcache.max_local_cpu_size": 2, "lmcache.remote_url": server.url,
+            },
+        }
+        for label, connector in configs.items():
+            totals[label] = {}
+            for inst, ps in halves.items():
+                print(f"{label}: instance {inst} ...", flush=True)
+                out = run_in_subprocess(EngineSpec(**base, connector=connector), ps, 1, measure_ttft=True, env=env)
+                totals[label][inst] = sum(r["ttft"] for r in out)
+    print(f"\n{n_req} requests, {sys_len}-token system prompt + {q_len}-token question, split over 2 instances")
+    print(f"{'':44}{'A (s)':>8}{'B (s)':>8}{'total (s)':>11}")
+    ref = sum(totals["connector, private CPU tier per instance"].values())
+    rows = []
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    dev = f"{platform.machine()} x{os.cpu_count()} (CPU), loopback"
+    for label, t in totals.items():
+        total = t["A"] + t["B"]
+        print(f"{label:44}{t['A']:>8.2f}{t['B']:>8.2f}{total:>11.2f}")
+        rows.append(dict(device=dev, versions=_versions(), date=now,
+                         bench=f"bench_remote shared {n_req} req {sys_len}+{q_len} tok {name}",
+                         op=f"total prefill time: {label}", value=f"{total:.3f}", unit="s",
+                         baseline=f"{ref:.3f}", fraction=f"{total / ref:.3f}"))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=7)
@@ -168,9 +229,12 @@ def main() -> None:
     ap.add_argument("--ttft", action="store_true", help="the TTFT part instead (starts two vLLM engines)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--quick", action="store_true", help="TTFT on a smaller model, 1k tokens, 1 prompt")
+    ap.add_argument("--shared", action="store_true", help="the shared-prefix two-instance workload (6 engines)")
     args = ap.parse_args()
     print(f"device: {device_name()}")
-    if args.ttft:
+    if args.shared:
+        rows = shared_prefix(args.quick)
+    elif args.ttft:
         tokens, reps = (1024, 1) if args.quick else (args.tokens, 3)
         rows = ttft(tokens, reps, args.quick)
     else:

@@ -480,7 +480,7 @@ def _same_model(a: str, b: str) -> bool:
 
 def record_server(disk: Path, model: str, block_size: int | None, dtype: str | None, max_len: str | None) -> None:
     """Note the flags `serve` started vLLM with beside the chunks, so `warm` fills the cache this
-    server reads (chunks are keyed by block size, among others). Best effort: a read-only
+    server reads (chunks are keyed by the KV dtype, among others). Best effort: a read-only
     directory only loses the note."""
     rec = {"model": model, "block_size": block_size, "dtype": dtype, "max_model_len": max_len}
     with contextlib.suppress(OSError):
@@ -493,20 +493,6 @@ def read_server_record(disk: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return rec if isinstance(rec, dict) else None
-
-
-def chunk_block_sizes(disk: Path, model: str) -> set[int]:
-    """The vLLM block sizes of the chunks held for `model` (read from the layout in each header)."""
-    import re
-
-    sizes = set()
-    for e in _entries(disk):
-        md = e.get("meta") or {}
-        if _same_model(str(md.get("model", "")), model):
-            m = re.search(r"-bs(\d+)-", str(md.get("layout", "")))
-            if m:
-                sizes.add(int(m.group(1)))
-    return sizes
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -537,7 +523,7 @@ def serve(
     ] = False,
     remote: Annotated[
         str | None,
-        typer.Option("--remote", help="lmcache.remote_url: a shared Valkey/Redis tier (redis://, rediss://, unix://)."),
+        typer.Option("--remote", help="lmcache.remote_url: a shared Valkey/Redis tier (redis://, rediss://, unix://, redis+cluster://)."),
     ] = None,
 ) -> None:
     """Start vLLM's OpenAI server with the connector; other arguments go to vLLM as they are.
@@ -591,7 +577,7 @@ def serve(
             from lmcache_triton.storage.remote import mask_url
 
             if _remote_url("remote_url", remote) is None:
-                raise CliError(f"--remote {mask_url(remote)}: expected redis://, rediss://, unix:// or valkey://")
+                raise CliError(f"--remote {mask_url(remote)}: expected redis://, rediss://, unix://, valkey:// or redis+cluster://")
             env["LMCACHE_REMOTE_URL"] = remote  # the environment, not vLLM's (logged) command line
             kv_space += f"LMCACHE_REMOTE_URL={shlex.quote(mask_url(remote))} "
         cmd = serve_command(model, extra, passthrough)
@@ -612,40 +598,19 @@ def serve(
 
 
 def _warm_geometry(disk: Path, model: str, block_size: int | None, dtype: str | None) -> tuple[int | None, str | None]:
-    """The block size and dtype warm must use so the server reads its chunks: the server's
-    (recorded by `serve`), else the chunks already held; a given value that differs is refused."""
+    """The dtype warm must use so the server reads its chunks (the KV dtype keys them): the
+    server's, recorded by `serve`; a given value that differs is refused. The block size does not
+    key chunks (they are token rows): the given one, else the server's, else vLLM's default."""
     rec = read_server_record(disk)
     if rec is not None and _same_model(str(rec.get("model", "")), model):
         where = f"the server `lmcache-triton serve` started on {disk}"
-        served_bs, served_dtype = rec.get("block_size"), rec.get("dtype")
-        if block_size is not None and served_bs is not None and block_size != served_bs:
-            raise CliError(
-                f"--block-size {block_size} differs from {where} (--block-size {served_bs}): it would never "
-                f"read these chunks; pass --block-size {served_bs}"
-            )
+        served_dtype = rec.get("dtype")
         if dtype is not None and served_dtype is not None and dtype != served_dtype:
             raise CliError(
                 f"--dtype {dtype} differs from {where} (--dtype {served_dtype}): it would never read these "
                 f"chunks; pass --dtype {served_dtype}"
             )
-        return block_size or served_bs, dtype or served_dtype
-    held = chunk_block_sizes(disk, model)
-    if block_size is None and len(held) == 1:
-        block_size = next(iter(held))
-        out.print(f"block size {block_size}, as the chunks already in {disk}", markup=False)
-    elif block_size is None:
-        err.print(
-            "warning: no block size given and no server recorded in this disk directory: warming with vLLM's "
-            "default block size; a server started with another --block-size will not read these chunks",
-            markup=False,
-        )
-    elif held and block_size not in held:
-        err.print(
-            f"warning: --block-size {block_size} differs from the chunks already in {disk} "
-            f"(block size {', '.join(map(str, sorted(held)))}): only a server with --block-size {block_size} "
-            "will read the new ones",
-            markup=False,
-        )
+        return block_size or rec.get("block_size"), dtype or served_dtype
     return block_size, dtype
 
 
@@ -663,8 +628,8 @@ def warm(
         int | None,
         typer.Option(
             "--block-size",
-            help="vLLM block size; must be the server's. Default: the one `serve` recorded in the disk "
-            "directory, else that of the chunks already there, else vLLM's default.",
+            help="vLLM block size (any: chunks load at every block size). Default: the one `serve` "
+            "recorded in the disk directory, else vLLM's default.",
         ),
     ] = None,
     max_model_len: Annotated[
@@ -675,8 +640,8 @@ def warm(
 ) -> None:
     """Prefill prompts (max_tokens=1) through vLLM with the connector, so their KV is on disk.
 
-    Chunks are keyed by the vLLM block size and dtype: warm uses the server's (recorded by
-    `lmcache-triton serve` in the disk directory) and refuses values that differ from it.
+    Chunks are keyed by the KV dtype (not the block size): warm uses the server's dtype (recorded
+    by `lmcache-triton serve` in the disk directory) and refuses one that differs from it.
     """
     with _errors():
         from lmcache_triton.warm import WarmError, read_prompts

@@ -126,8 +126,10 @@ class LMCacheConfig:
         blend_min_tokens: a prompt is blended only when its cached segments hold at least this
             many tokens (LMCache's key and default, 256); fewer go through the normal path.
         remote_url: the shared remote tier on Valkey/Redis: `redis://[user:password@]host:port[/db]`,
-            `rediss://...` (TLS), `unix:///path/to/socket[?db=N]` (`valkey[s]://` too); None (default)
-            for none. A malformed one is a ConfigError naming remote_url with the password masked;
+            `rediss://...` (TLS; `?ssl_ca_certs=PATH&ssl_certfile=...&ssl_keyfile=...`),
+            `unix:///path/to/socket[?db=N]` (`valkey[s]://` too), a cluster's
+            `redis+cluster://[user:password@]host:port[,host:port...]` (`rediss+cluster://` with TLS);
+            None (default) for none. A malformed one is a ConfigError naming remote_url with the password masked;
             LMCache's other backends (`lm://`, `mooncakestore://`, ...) are ignored with a warning.
             Never shown unmasked (left out of `repr(config)`).
         remote_timeout: seconds bounding a remote presence lookup (the scheduler's batched check);

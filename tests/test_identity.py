@@ -59,3 +59,39 @@ def test_stable_across_processes(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"})
     assert out.stdout.strip() == model_fingerprint(str(d))
+
+
+def test_remote_code_is_part_of_the_model(tmp_path):
+    d = _model(tmp_path / "m")
+    (d / "modeling_tiny.py").write_text("x = 1\n")
+    a = model_fingerprint(str(d))
+    (d / "modeling_tiny.py").write_text("x = 22\n")
+    assert model_fingerprint(str(d)) != a
+
+
+def test_hub_code_revision():
+    assert model_fingerprint("org/model", "abc", "c1") == model_fingerprint("org/model", "abc", "c1")
+    assert model_fingerprint("org/model", "abc", "c1") != model_fingerprint("org/model", "abc", "c2")
+    assert model_fingerprint("org/model", "abc", "c1") != model_fingerprint("org/model", "abc")
+
+
+def test_hub_branch_that_moved_in_the_local_cache(tmp_path, monkeypatch):
+    """`main` pointing at another commit in the Hugging Face cache: another model."""
+    cache = tmp_path / "hub"
+    refs = cache / "models--org--model" / "refs"
+    refs.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    unknown = model_fingerprint("org/model")
+    (refs / "main").write_text("a" * 40)
+    one = model_fingerprint("org/model")
+    assert one != unknown
+    assert model_fingerprint("org/model", "main") == one
+    assert model_fingerprint("org/model", "a" * 40) != one  # keyed by what was asked, too
+    (refs / "main").write_text("b" * 40)
+    assert model_fingerprint("org/model") != one
+    # vLLM's --download-dir is searched first
+    other = tmp_path / "dl" / "models--org--model" / "refs"
+    other.mkdir(parents=True)
+    (other / "main").write_text("c" * 40)
+    assert model_fingerprint("org/model", download_dir=str(tmp_path / "dl")) != model_fingerprint("org/model")
+

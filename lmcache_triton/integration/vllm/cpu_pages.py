@@ -72,6 +72,13 @@ def probe_page_map(
     return where.view(2, n, h, d)
 
 
+def cpu_attn_isa(spec, vllm_config) -> str:
+    """The ISA string vLLM's CPU attention backend picks for this KV cache spec."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(spec.dtype, spec.block_size, spec.head_size, vllm_config.cache_config.cache_dtype)
+
+
 def slot_offsets(
     page_map: torch.Tensor, slots: torch.Tensor, block_size: int, block_stride: int
 ) -> torch.Tensor:

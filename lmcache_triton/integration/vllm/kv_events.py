@@ -124,9 +124,9 @@ class TierEvents:
         """Snapshot the payload of the chunk `[start, end)` of `request` (keyed `digest`), while
         the request is alive: its tier reports may come after it finished."""
         try:
-            if digest in self._payloads or end - start != self.chunk_size or start % self.block_size:
-                return
             bs = self.block_size
+            if digest in self._payloads or end - start != self.chunk_size or start % bs or end % bs:
+                return  # only whole chunks, made of whole blocks
             first, last = start // bs, end // bs
             hashes = getattr(request, "block_hashes", None) or ()  # sliced, never copied whole
             if len(hashes) < last:

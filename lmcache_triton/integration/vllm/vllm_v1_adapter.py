@@ -268,15 +268,23 @@ def _producer(vllm_config: VllmConfig) -> tuple[str, str]:
     from lmcache_triton.identity import model_fingerprint
 
     mc = vllm_config.model_config
-    weights = model_fingerprint(str(mc.model), getattr(mc, "revision", None))
+    weights = model_fingerprint(
+        str(mc.model),
+        getattr(mc, "revision", None),
+        getattr(mc, "code_revision", None),
+        getattr(getattr(vllm_config, "load_config", None), "download_dir", None),
+    )
     quant = getattr(mc, "quantization", None) or "none"
     return str(mc.model), f"{weights}-q:{quant}"
 
 
 def _layout_fingerprint(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> tuple[str, Any]:
-    """A fingerprint of the page layout, computed alike in the scheduler and the workers."""
-    from vllm.platforms import current_platform
+    """The shape of a token row (attention kind, KV heads, head size, dtype), computed alike in
+    the scheduler and the workers.
 
+    Chunks are stored as token rows (engine.py), so neither vLLM's block size nor the attention
+    backend's page size or layout is part of it: a chunk stored at block size 128 loads at 32.
+    """
     groups = [g for g in kv_cache_config.kv_cache_groups if getattr(g, "enable_kv_transfer", True)]
     if len(groups) != 1:
         raise ValueError(
@@ -284,30 +292,44 @@ def _layout_fingerprint(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig)
             "(hybrid attention). Run without the connector."
         )
     spec = groups[0].kv_cache_spec
-    layout = kv_cache_config.kv_cache_layout or "LBHNC"
-    backend = current_platform.device_name
-    if current_platform.is_cpu():
-        # The CPU attention kernel packs pages per ISA (AMX for bf16 ...): part of the layout.
-        try:
-            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-            cache_dtype = vllm_config.cache_config.cache_dtype
-            backend = "cpu-" + _get_attn_isa(spec.dtype, spec.block_size, spec.head_size, cache_dtype)
-        except Exception:  # a private helper: if it moves, the dtype and block size still key the packing
-            backend = f"cpu-{platform.machine()}"
-            if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
-                backend += "-amx"  # AMX packs bf16 pages differently from the vector kernels
     parts = [
-        layout,
-        backend,
+        "rows",
         type(spec).__name__,
-        f"bs{spec.block_size}",
         f"h{getattr(spec, 'num_kv_heads', 1)}",
         f"d{spec.head_size}",
         str(spec.dtype).replace("torch.", ""),
-        f"p{spec.page_size_bytes}",
     ]
     return "-".join(parts), spec
+
+
+def _row_form(spec: Any, views: list[torch.Tensor], vllm_config: VllmConfig) -> dict[str, Any]:
+    """How the engine reaches token rows in this cache: `engine.register`'s keyword arguments.
+
+    GPU layouts are token-addressable. The CPU attention backend packs each page per ISA; its
+    packing is probed from vLLM's own cache-write op (`cpu_pages.probe_page_map`). A packing
+    that cannot be mapped falls back to whole-page chunks that only an identically packed cache
+    loads (logged once).
+    """
+    from vllm.platforms import current_platform
+
+    kv_split = 1 if "MLA" in type(spec).__name__ else 2
+    if not current_platform.is_cpu():
+        return {"kv_split": kv_split}
+    from lmcache_triton.integration.vllm.cpu_pages import cpu_attn_isa, probe_page_map
+
+    _, h, n, c = views[0].shape
+    isa = "unknown"
+    try:
+        isa = cpu_attn_isa(spec, vllm_config)
+        return {"kv_split": kv_split, "page_map": probe_page_map(isa, views[0].dtype, n, h, c // kv_split)}
+    except Exception as e:  # PackingUnsupported, or a private vLLM helper that moved
+        logger.warning(
+            "lmcache_triton: the CPU attention backend's page packing (%s, %s) could not be mapped to "
+            "token rows (%s): chunks are stored as whole pages that only a server with the same "
+            "packing and block size loads",
+            isa, views[0].dtype, e,
+        )
+        return {"kv_split": kv_split, "opaque_packing": f"cpu-{isa}-{platform.machine()}"}
 
 
 class LMCacheConnectorV1Impl:
@@ -707,11 +729,8 @@ class LMCacheConnectorV1Impl:
         for t in kv_cache_config.kv_cache_tensors:
             names.extend(n for n in t.layers if n in kv_caches and n not in names)
         names.extend(n for n in kv_caches if n not in names)
-        self.engine.register([kv_caches[n] for n in names], self.block_size)
-        # The attention kernel's page size (FlashInfer splits 128-token blocks into 64-token
-        # pages on sm90): part of every chunk's header, so a chunk cut into other pages is a
-        # verified miss, never a load.
-        self.engine.meta["kernel_page"] = str(self.engine.geom.block_size)
+        views = [kv_caches[n] for n in names]
+        self.engine.register(views, self.block_size, **_row_form(self.spec, views, self.vllm_config))
         logger.info(
             "lmcache_triton: registered %d layers, geometry %s", len(names), self.engine.geom
         )
