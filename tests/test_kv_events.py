@@ -164,3 +164,22 @@ def test_disk_tier_records_writes_and_drops(tmp_path):
         assert sorted(tier.take_changes()) == [("-", key(1)), ("-", key(2))]
     finally:
         tier.close()
+
+
+def test_pending_payloads_are_bounded(request_):
+    """Payloads of chunks never reported (a store the tiers refused) are dropped, oldest first;
+    announced ones stay until their last tier lets them go."""
+    ev = TierEvents(BLOCK, CHUNK, max_pending=2)
+    d = _digests(3)
+    ev.remember(request_, 0, CHUNK, d[0])
+    ev.sync("cpu", [d[0]], lambda _d: True)  # announced: no longer pending
+    assert len(ev.take()) == 1
+    ev.remember(request_, CHUNK, 2 * CHUNK, d[1])
+    ev.remember(request_, 2 * CHUNK, 3 * CHUNK, d[2])
+    ev.remember(request_, 0, CHUNK, "f" * 64)  # a third pending one: d[1] goes
+    ev.sync("cpu", d, lambda _d: True)
+    (e,) = ev.take()
+    assert e.token_ids == request_.prompt_token_ids[2 * CHUNK : 3 * CHUNK]
+    ev.sync("cpu", [d[0]], lambda _d: False)
+    (e,) = ev.take()
+    assert isinstance(e, BlockRemoved) and len(e.block_hashes) == CHUNK // BLOCK

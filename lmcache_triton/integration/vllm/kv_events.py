@@ -8,9 +8,10 @@ GPU prefix cache's own events, into the same `KVEventBatch`.
 Primitives:
   `kv_events_enabled(vllm_config)`  whether the user turned vLLM's KV events on; when off, the
                                     adapter builds none of this (no cost).
-  `TierEvents` (scheduler role)     `remember(request, span)` snapshots a chunk's payload (vLLM's
-                                    block hashes of its tokens, the parent hash, token ids, LoRA)
-                                    while the request is alive; `sync(tier, digests, present)`
+  `TierEvents` (scheduler role)     `remember(request, start, end, digest)` snapshots a chunk's
+                                    payload (vLLM's block hashes of its tokens, the parent hash,
+                                    token ids, LoRA, per-block extra keys) while the request is
+                                    alive; `sync(tier, digests, present)`
                                     turns changes of what the tiers hold into `BlockStored` /
                                     `BlockRemoved`; `reset()` removes everything announced;
                                     `take()` hands the events to vLLM.
@@ -31,13 +32,13 @@ Invariants:
     "stored" in a tier when EVERY rank holds it there (`PrefixIndex.has` for CPU; every
     rank's namespace written for disk and remote) and "removed" when the first rank lets it go
     (remote: also when the scheduler finds it missing on the server, which evicts without
-    telling anyone). With
-    tensor parallelism the ranks' reports are never published one by one, so nothing is
-    announced twice.
+    telling anyone). With tensor parallelism the ranks' reports are never published one by
+    one, so nothing is announced twice.
   * Only whole chunks of a request (chunk_size tokens) are announced, with the hashes vLLM
     computes for those tokens (`request.block_hashes`): a router that sees them routes the
-    request whose prompt starts with those tokens here. A partial last chunk, a CacheBlend
-    segment, and chunks found in the tiers at start-up (their tokens are unknown) are not.
+    request whose prompt starts with those tokens here. A partial last chunk and a CacheBlend
+    segment are not; chunks already in the tiers at start-up (their tokens are unknown) only
+    once a request finds them there.
   * Nothing here raises into a step: a failure is logged once and drops events.
 """
 
@@ -113,7 +114,8 @@ class TierEvents:
         self.block_size = block_size
         self.chunk_size = chunk_size
         self.max_pending = max_pending
-        self._payloads: OrderedDict[str, _Payload] = OrderedDict()  # digest -> payload
+        self._payloads: dict[str, _Payload] = {}  # digest -> payload, until no tier holds it
+        self._pending: OrderedDict[str, None] = OrderedDict()  # remembered, not (yet) announced
         self._announced: dict[str, set[str]] = {}  # tier -> digests announced as stored
         self._events: list[KVCacheEvent] = []
         self._failed = False
@@ -145,7 +147,10 @@ class TierEvents:
                 extra_keys=self._event_extra_keys(extra),
                 session_id=getattr(request, "session_id", None),
             )
-            self._trim()
+            self._pending[digest] = None
+            while len(self._pending) > self.max_pending:  # oldest first: a refused store never reports
+                old, _ = self._pending.popitem(last=False)
+                self._payloads.pop(old, None)
         except Exception:
             self._fail("remembering a chunk")
 
@@ -166,7 +171,7 @@ class TierEvents:
                     removed.append(d)
             for d in stored:
                 p = self._payloads[d]
-                self._payloads.move_to_end(d)
+                self._pending.pop(d, None)
                 self._events.append(
                     BlockStored(
                         block_hashes=list(p.block_hashes),
@@ -201,6 +206,7 @@ class TierEvents:
                 if announced:
                     self.sync(tier, list(announced), lambda _d: False)
             self._payloads.clear()
+            self._pending.clear()
         except Exception:
             self._fail("resetting")
 
@@ -209,16 +215,6 @@ class TierEvents:
         return out
 
     # -- internals ----------------------------------------------------------------------------
-
-    def _trim(self) -> None:
-        if len(self._payloads) <= self.max_pending:
-            return
-        held = set().union(*self._announced.values()) if self._announced else set()
-        for d in list(self._payloads):
-            if len(self._payloads) <= self.max_pending:
-                break
-            if d not in held:
-                del self._payloads[d]
 
     def _fail(self, what: str) -> None:
         if not self._failed:
