@@ -249,6 +249,13 @@ def _run(llm, sub, server, tiers, flush_local_worker):
     ), "the reset did not remove every announced block"
 
 
+def _too_few_gpus() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() < 2
+
+
+@pytest.mark.skipif(_too_few_gpus(), reason="tensor parallel 2 needs two GPUs on a CUDA machine")
 def test_tensor_parallel_announces_each_chunk_once(model_dir, workdir, monkeypatch):
     """TP=2 (vLLM's multi-process engine, one worker process per rank): both ranks hold their
     shard of every chunk, and each chunk is announced ONCE per tier, by the scheduler."""
