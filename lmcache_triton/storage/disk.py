@@ -574,6 +574,7 @@ class DiskTier(TierCounters):
         self._bad_warnings = 0
         self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
+        self._changes: list[tuple[str, str]] | None = None  # ("+" | "-", key), see track_changes
         if reindex:
             self._check_dir()
             try:
@@ -662,11 +663,28 @@ class DiskTier(TierCounters):
         else:
             logger.debug(msg, *args)
 
+    def track_changes(self) -> None:
+        """From now on record the keys this tier writes (`("+", key)`) and drops (`("-", key)`:
+        evicted, damaged, cleared), for `take_changes` (vLLM's KV events for routers)."""
+        with self._lock:
+            if self._changes is None:
+                self._changes = []
+
+    def take_changes(self) -> list[tuple[str, str]]:
+        """The changes recorded since the last call (empty unless `track_changes()`)."""
+        with self._lock:
+            if not self._changes:
+                return []
+            out, self._changes = self._changes, []
+            return out
+
     def _forget(self, key: str) -> None:
         with self._lock:
             size = self._index.pop(key, None)
             if size is not None:
                 self._bytes -= size
+                if self._changes is not None:
+                    self._changes.append(("-", key))
 
     def _remember_bad(self, key: str, st: os.stat_result) -> None:
         with self._lock:
@@ -827,6 +845,8 @@ class DiskTier(TierCounters):
                 self._bytes -= self._index.pop(key)
                 self._stats["evictions"] += 1
                 victims.append(key)
+            if self._changes is not None:
+                self._changes.extend(("-", k) for k in victims)
         self._remove_own(victims)
 
     def _remove_own(self, keys: list[str]) -> None:
@@ -856,6 +876,8 @@ class DiskTier(TierCounters):
                 self._stats["evictions"] += 1
                 self._stats["full_evictions"] += 1
                 victims.append(key)
+            if self._changes is not None:
+                self._changes.extend(("-", k) for k in victims)
         self._remove_own(victims)
         return freed
 
@@ -1081,6 +1103,8 @@ class DiskTier(TierCounters):
         final = self._file(key)
         with self._lock:
             if key in self._index:
+                if self._changes is not None:
+                    self._changes.append(("+", key))
                 return True
         header, payload = encode_chunk(key, tensor, meta, self.auth)
         size = len(header) + len(payload)
@@ -1117,6 +1141,8 @@ class DiskTier(TierCounters):
                 self._bytes += size
             self._index[key] = size
             self._known_bad.pop(key, None)
+            if self._changes is not None:
+                self._changes.append(("+", key))
             self._stats["writes"] += 1
             self._stats["bytes_written"] += size
         return True
@@ -1173,6 +1199,8 @@ class DiskTier(TierCounters):
             keys = list(self._index)
             self._index.clear()
             self._bytes = 0
+            if self._changes is not None:
+                self._changes.extend(("-", k) for k in keys)
         self._remove_own(keys)
 
     def _chunk_files(self) -> list[tuple[str, Path]]:

@@ -274,6 +274,7 @@ class RemoteTier(TierCounters):
         )
         self._warned: set[str] = set()
         self._closed = False
+        self._changes: list[tuple[str, str]] | None = None  # ("+" | "-", key), see track_changes
         self._q: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         if writer:
@@ -682,6 +683,7 @@ class RemoteTier(TierCounters):
                 node = self._owners([rkey])[0]
                 if node is not None:
                     self._call(lambda: node.bulk.delete(rkey), None, node)
+            self._changed("-", key)
             return None
         try:  # sound and ours, for another configuration (e.g. format_version): a miss, kept
             check_expect(hdr.meta, expect or {})
@@ -834,6 +836,8 @@ class RemoteTier(TierCounters):
                 try:
                     if self._may_try(self._known_owner(key)):
                         ok = self.write(key, tensor, meta)
+                        if ok:
+                            self._changed("+", key)
                     else:  # backing off: skipped, a counted store error
                         self._count("write_errors")
                 except Exception as e:  # never kill the writer thread
@@ -846,6 +850,29 @@ class RemoteTier(TierCounters):
                         logger.exception("remote tier on_done callback failed")
             finally:
                 self._q.task_done()
+
+    # ------------------------------------------------------------------ change tracking
+
+    def track_changes(self) -> None:
+        """From now on record the keys this process wrote (`("+", key)`) and deleted as damaged
+        (`("-", key)`), for `take_changes` (vLLM's KV events for routers). The server's own
+        evictions are not seen."""
+        with self._lock:
+            if self._changes is None:
+                self._changes = []
+
+    def take_changes(self) -> list[tuple[str, str]]:
+        """The changes recorded since the last call (empty unless `track_changes()`)."""
+        with self._lock:
+            if not self._changes:
+                return []
+            out, self._changes = self._changes, []
+            return out
+
+    def _changed(self, op: str, key: str) -> None:
+        with self._lock:
+            if self._changes is not None:
+                self._changes.append((op, key))
 
     # ------------------------------------------------------------------ maintenance
 

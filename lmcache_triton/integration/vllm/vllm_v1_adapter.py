@@ -24,6 +24,9 @@ Scheduler role (EngineCore process):
   (kv_transfer_params {"lmcache.skip_save": true} on a request: nothing of it is stored.)
   update_connector_output     applies the workers' reports (chunks now held, retiring, dropped,
                               prefetches that failed) to the scheduler's `PrefixIndex`.
+  take_events                 with vLLM's KV events on (`--kv-events-config`): BlockStored /
+                              BlockRemoved for chunks in our tiers, published by vLLM's
+                              scheduler (kv_events.py).
 Worker role (each Worker process):
   register_kv_caches          adopts the per-layer views of vLLM's one backing buffer.
   start_load_kv               copies promised chunks from the CPU tier into the paged cache (on
@@ -37,6 +40,8 @@ Worker role (each Worker process):
                               wait only for the gather, so the blocks are free at once. Disk
                               writes run in the background, bounded by the CPU tier.
   build_connector_worker_meta reports chunks that became held, retiring and dropped.
+  get_kv_connector_kv_cache_events  (KV events on) chunks this rank's disk and remote tiers wrote
+                              and dropped, for the scheduler to announce (kv_events.py).
   handle_preemptions          not needed: no copy out of a block outlives the step's gather.
   get_block_ids_with_load_errors  blocks of chunks that failed to load. Nothing promised can be
                               missing (the worker holds it), so this is a last safety net: it
@@ -75,6 +80,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 from lmcache_triton.config import LMCacheConfig, load_config
 from lmcache_triton.engine import ChunkPlanner, ChunkSpan, KVCacheEngine, PrefixIndex
 from lmcache_triton.hashing import key_namespace
+from lmcache_triton.integration.vllm.kv_events import kv_events_enabled
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -406,6 +412,13 @@ class LMCacheConnectorV1Impl:
         self._last_log = time.monotonic()
         self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
         self._disk_waits: dict[str, set[str]] = {}  # req -> digests it waited for from disk
+        self._events = None  # vLLM KV events for our tiers (kv_events.py), when the user enabled them
+        if kv_events_enabled(self.vllm_config):
+            from lmcache_triton.integration.vllm.kv_events import TierEvents, TierState
+
+            hbs = getattr(self.parent._kv_cache_config, "hash_block_size", None) or self.block_size
+            self._events = TierEvents(hbs, self.config.chunk_size)
+            self._tier_state = {"disk": TierState(self.namespaces), "remote": TierState(self.namespaces)}
         logger.info(
             "lmcache_triton scheduler: chunk_size=%d block_size=%d world_size=%d layout=%s disk=%s",
             self.config.chunk_size, self.block_size, self.world_size, self.layout, self.config.local_disk,
@@ -465,8 +478,18 @@ class LMCacheConnectorV1Impl:
                 continue
             on_disk = self.index.on_disk(d)
             if not on_disk and remote is None and self.index.remote is not None:
-                remote = self.index.on_remote([s.digest for s in rest[i:] if s.digest not in self._prefetching])
+                asked = [s.digest for s in rest[i:] if s.digest not in self._prefetching]
+                remote = self.index.on_remote(asked)
+                if self._events is not None:  # the server evicted them (or they are unusable)
+                    gone = self._tier_state["remote"].drop(d for d in asked if d not in remote)
+                    self._events.sync("remote", gone, self._tier_state["remote"].present)
             if on_disk or d in (remote or ()):
+                if self._events is not None and req_id in self._states:
+                    self._events.remember(self._states[req_id].request, span.start, span.end, d)
+                    # Found there (e.g. written before a restart, or by another instance): announced.
+                    state = self._tier_state["disk" if on_disk else "remote"]
+                    state.apply((ns, "+", d) for ns in self.namespaces)
+                    self._events.sync("disk" if on_disk else "remote", [d], state.present)
                 self._prefetching[d] = now + PREFETCH_WAIT_S
                 self._to_prefetch.append(d)
                 want.append(d)
@@ -539,6 +562,8 @@ class LMCacheConnectorV1Impl:
                 break
             if not self.index.has(span.digest):
                 meta.stores.append(ChunkOp(span.digest, self.planner.blocks_of(span, st.block_ids), span.num_tokens))
+                if self._events is not None:
+                    self._events.remember(st.request, span.start, span.end, span.digest)
             st.num_handled += 1
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -586,6 +611,31 @@ class LMCacheConnectorV1Impl:
                     self._acks.setdefault(rank, []).extend(retiring)
                 for d in (*held, *failed):
                     self._prefetching.pop(d, None)
+        if self._events is not None:
+            self._update_events(wm, connector_output.kv_cache_events)
+
+    def _update_events(self, wm: Any, tier_writes: Any) -> None:
+        """Turn this step's worker reports into vLLM KV events (kv_events.py): chunks every rank
+        now holds in its CPU tier / has written to disk or the remote server, and chunks that
+        left."""
+        from lmcache_triton.integration.vllm.kv_events import TierWrites
+
+        try:
+            if isinstance(wm, LMCacheTritonWorkerMetadata):
+                touched = [d for lists in wm.reports.values() for part in lists[:3] for d in part]
+                if touched:
+                    self._events.sync("cpu", touched, self.index.has)
+            if isinstance(tier_writes, TierWrites) and tier_writes.items:
+                for tier, state in self._tier_state.items():
+                    touched = state.apply(it[1:] for it in tier_writes.items if it[0] == tier)
+                    if touched:
+                        self._events.sync(tier, touched, state.present)
+        except Exception:  # events are best effort: never into the step
+            logger.exception("lmcache_triton: KV events for this step failed")
+
+    def take_events(self) -> list:
+        """vLLM's scheduler publishes these after each step (through its own publisher)."""
+        return self._events.take() if getattr(self, "_events", None) is not None else []
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         rid = request.request_id
@@ -629,6 +679,8 @@ class LMCacheConnectorV1Impl:
         if self.role != KVConnectorRole.SCHEDULER:
             return None
         self._epoch += 1
+        if self._events is not None:
+            self._events.reset()
         logger.info("lmcache_triton: cache reset (epoch %d): earlier chunks are not served again", self._epoch)
         return True
 
@@ -657,6 +709,12 @@ class LMCacheConnectorV1Impl:
         if first_replica(self.rank, self.tp_size, self.kv_replicas) != self.rank:
             self.storage.write_disk = False  # the first replica writes the shared file (and remote key)
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
+        # vLLM KV events (kv_events.py): this rank reports its disk and remote tiers' writes and drops.
+        self._tier_events = []
+        if kv_events_enabled(self.vllm_config):
+            self._tier_events = [(n, t) for n, t in (("disk", self.storage.disk), ("remote", self.storage.remote)) if t]
+            for _, tier in self._tier_events:
+                tier.track_changes()
         self._invalid_blocks: set[int] = set()
         self._ns_len = len(self.namespaces[self.rank])
         logger.info("lmcache_triton worker rank %d: %s", self.rank, self.storage)
@@ -740,6 +798,26 @@ class LMCacheConnectorV1Impl:
         if not (held or retiring or removed or progress.failed):
             return None
         return LMCacheTritonWorkerMetadata({self.rank: (held, retiring, removed, progress.failed)})
+
+    def get_kv_connector_kv_cache_events(self) -> Any:
+        """The chunks this rank's disk and remote tiers wrote and dropped since the last step,
+        for the scheduler (kv_events.py: it alone knows their block hashes and publishes)."""
+        if self.role != KVConnectorRole.WORKER or not self._tier_events:
+            return None
+        from lmcache_triton.integration.vllm.kv_events import TierWrites
+
+        try:
+            ns = self.namespaces[self.rank]
+            items = [
+                (name, ns, op, k[self._ns_len :])
+                for name, tier in self._tier_events
+                for op, k in tier.take_changes()
+                if k.startswith(ns)
+            ]
+            return TierWrites(items) if items else None
+        except Exception:  # never into the step
+            logger.exception("lmcache_triton: collecting disk-tier KV events failed")
+            return None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self.role != KVConnectorRole.WORKER:
@@ -839,6 +917,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         return self._impl.get_kv_connector_stats()
 
+    def get_kv_connector_kv_cache_events(self) -> Any:
+        return self._impl.get_kv_connector_kv_cache_events()
+
     def shutdown(self):
         self._impl.shutdown()
 
@@ -863,6 +944,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     def reset_cache(self) -> bool | None:
         return self._impl.reset_cache()
+
+    def take_events(self) -> Any:
+        return self._impl.take_events()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
