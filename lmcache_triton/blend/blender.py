@@ -37,13 +37,13 @@ Cost: `computed_token_layers = T * first_check + sum over later layers of |recom
 FLOP proxy `flop_fraction = computed_token_layers / (L * T)` ignores that attention of the
 recomputed queries still reads all T keys.
 
-vLLM integration (not done here): build `from_vllm_model(model)` once per worker (views, no copy);
-in the connector's `start_load_kv`, for a request whose prompt holds cached segments, load each
-segment's `[L, n, H_kv, D]` K/V (stored at positions 0..n-1 under `segment_hashes`), call
-`blend_prefill`, and scatter rows `0..T-2` of `kv[i]` into layer i's paged cache through the
-request's slot mapping; the scheduler reports `T - 1` external tokens so that
-vLLM itself computes the last token over the blended KV (the same computation `blend_prefill`
-does for it, so `logits_last` is only a cross-check).
+vLLM integration (integration/vllm/blend_connector.py, not here): the worker builds
+`from_vllm_model(model)` once (views, no copy); for a planned blend it reads each segment's K/V
+rows out of the prefix chunks that hold them (a document sent alone, or a separated segment of
+an earlier prompt, at the positions recorded with it), calls `blend_prefill`, and writes rows
+`0..T-2` of `kv[i]` into layer i's paged cache through the request's slot mapping; the scheduler
+reports `T - 1` external tokens so that vLLM itself computes the last token over the blended KV
+(the same computation `blend_prefill` does for it, so `logits_last` is only a cross-check).
 
 Tensor parallelism: not here (the reference forward refuses TP); a TP version must all-reduce the
 `[T]` deviation across ranks before selecting (see kernels/blend.py).
