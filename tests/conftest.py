@@ -30,6 +30,26 @@ def pytest_collection_modifyitems(config, items):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _our_logging_per_module():
+    """Undo, after each module, what an in-process vLLM engine did to our loggers: the plugin
+    routes `lmcache_triton` through vLLM's handler at vLLM's level and makes config warnings
+    once-per-process (plugin.py). Left in place, a later module's log assertions would depend on
+    which modules ran before it. Autouse and module-scoped, so it is set up before the module's
+    own fixtures start engines."""
+    import logging
+
+    names = ("lmcache_triton", "lmcache_triton.config")
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), list(logging.getLogger(n).filters))
+             for n in names}  # fmt: skip
+    yield
+    for n, (level, handlers, filters) in saved.items():
+        lg = logging.getLogger(n)
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.filters[:] = filters
+
+
 @pytest.fixture(scope="module")
 def workdir():
     """A temp dir for one module's vLLM engines, and the environment they need.
