@@ -132,19 +132,26 @@ def throughput(reps: int, secret: str | None) -> list[dict]:
     return rows
 
 
-def ttft(tokens: int, reps: int, quick: bool) -> list[dict]:
+def _engine_setup(quick: bool, what: str) -> tuple[str, str, dict[str, str]]:
+    """bench_e2e's model (a smaller one with `quick`), built once under ~/.cache, and an
+    environment that keeps vLLM's sockets and caches in a fresh temp dir."""
     from bench.bench_e2e import BENCH_MODEL
     from lmcache_triton.testing import build_tiny_model
-    from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess
 
     params = dict(BENCH_MODEL)
     if quick:
         params.update(hidden_size=256, num_layers=4)
     name = "bench-e2e-q" if quick else "bench-e2e"
     model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / name, **params))
-    work = Path(tempfile.mkdtemp(prefix="lmct-bench-remote-"))
+    work = Path(tempfile.mkdtemp(prefix=f"lmct-bench-{what}-"))
     (work / "tmp").mkdir()
-    env = {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
+    return name, model, {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
+
+
+def ttft(tokens: int, reps: int, quick: bool) -> list[dict]:
+    from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess
+
+    name, model, env = _engine_setup(quick, "remote")
     rng = random.Random(7)
     prompts = [[rng.randrange(4, 2600) for _ in range(tokens - 1)] for _ in range(reps)]
     max_len = tokens + 64
@@ -171,18 +178,9 @@ def ttft(tokens: int, reps: int, quick: bool) -> list[dict]:
 
 
 def shared_prefix(quick: bool) -> list[dict]:
-    from bench.bench_e2e import BENCH_MODEL
-    from lmcache_triton.testing import build_tiny_model
     from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess
 
-    params = dict(BENCH_MODEL)
-    if quick:
-        params.update(hidden_size=256, num_layers=4)
-    name = "bench-e2e-q" if quick else "bench-e2e"
-    model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / name, **params))
-    work = Path(tempfile.mkdtemp(prefix="lmct-bench-shared-"))
-    (work / "tmp").mkdir()
-    env = {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
+    name, model, env = _engine_setup(quick, "shared")
     rng = random.Random(11)
     n_req, sys_len, q_len = (8, 1024, 100) if quick else (20, 3072, 200)
     system = [rng.randrange(4, 2600) for _ in range(sys_len)]

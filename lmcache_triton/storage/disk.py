@@ -491,8 +491,9 @@ _ANY_AUTH = _AnySeal()
 
 
 class TierCounters:
-    """Counters and once-only warnings shared by the disk and remote tiers; the tier provides
-    `_lock`, `_stats` (a dict of counts) and `_warned` (a set of warning kinds)."""
+    """Counters, once-only warnings and the change log shared by the disk and remote tiers; the
+    tier provides `_lock`, `_stats` (a dict of counts), `_warned` (a set of warning kinds) and
+    `_changes`."""
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -504,6 +505,25 @@ class TierCounters:
                 return
             self._warned.add(kind)
         logging.getLogger(type(self).__module__).warning(msg, *args)
+
+    # Change log for vLLM's KV events (routers): the tier also provides `_changes`, None until
+    # `track_changes()`.
+
+    def track_changes(self) -> None:
+        """From now on record the keys this tier writes (`("+", key)`) and drops (`("-", key)`:
+        evicted, damaged, cleared), for `take_changes`. A remote tier sees only what this
+        process wrote and deleted, not the server's own evictions."""
+        with self._lock:
+            if self._changes is None:
+                self._changes = []
+
+    def take_changes(self) -> list[tuple[str, str]]:
+        """The changes recorded since the last call (empty unless `track_changes()`)."""
+        with self._lock:
+            if not self._changes:
+                return []
+            out, self._changes = self._changes, []
+            return out
 
 
 class DiskTier(TierCounters):
@@ -662,21 +682,6 @@ class DiskTier(TierCounters):
                 logger.warning("lmcache_triton disk tier: further bad files are logged at debug level only")
         else:
             logger.debug(msg, *args)
-
-    def track_changes(self) -> None:
-        """From now on record the keys this tier writes (`("+", key)`) and drops (`("-", key)`:
-        evicted, damaged, cleared), for `take_changes` (vLLM's KV events for routers)."""
-        with self._lock:
-            if self._changes is None:
-                self._changes = []
-
-    def take_changes(self) -> list[tuple[str, str]]:
-        """The changes recorded since the last call (empty unless `track_changes()`)."""
-        with self._lock:
-            if not self._changes:
-                return []
-            out, self._changes = self._changes, []
-            return out
 
     def _forget(self, key: str) -> None:
         with self._lock:

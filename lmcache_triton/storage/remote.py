@@ -853,22 +853,6 @@ class RemoteTier(TierCounters):
 
     # ------------------------------------------------------------------ change tracking
 
-    def track_changes(self) -> None:
-        """From now on record the keys this process wrote (`("+", key)`) and deleted as damaged
-        (`("-", key)`), for `take_changes` (vLLM's KV events for routers). The server's own
-        evictions are not seen."""
-        with self._lock:
-            if self._changes is None:
-                self._changes = []
-
-    def take_changes(self) -> list[tuple[str, str]]:
-        """The changes recorded since the last call (empty unless `track_changes()`)."""
-        with self._lock:
-            if not self._changes:
-                return []
-            out, self._changes = self._changes, []
-            return out
-
     def _changed(self, op: str, key: str) -> None:
         with self._lock:
             if self._changes is not None:
