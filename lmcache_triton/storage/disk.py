@@ -525,6 +525,11 @@ class TierCounters:
             out, self._changes = self._changes, []
             return out
 
+    def _record(self, op: str, keys: list[str]) -> None:
+        """Log `op` ("+" written, "-" dropped) for `keys` when tracking (caller has `_lock`)."""
+        if self._changes is not None:
+            self._changes.extend((op, k) for k in keys)
+
 
 class DiskTier(TierCounters):
     """Safetensors-file tier with a background writer.
@@ -688,8 +693,7 @@ class DiskTier(TierCounters):
             size = self._index.pop(key, None)
             if size is not None:
                 self._bytes -= size
-                if self._changes is not None:
-                    self._changes.append(("-", key))
+                self._record("-", [key])
 
     def _remember_bad(self, key: str, st: os.stat_result) -> None:
         with self._lock:
@@ -850,8 +854,7 @@ class DiskTier(TierCounters):
                 self._bytes -= self._index.pop(key)
                 self._stats["evictions"] += 1
                 victims.append(key)
-            if self._changes is not None:
-                self._changes.extend(("-", k) for k in victims)
+            self._record("-", victims)
         self._remove_own(victims)
 
     def _remove_own(self, keys: list[str]) -> None:
@@ -881,8 +884,7 @@ class DiskTier(TierCounters):
                 self._stats["evictions"] += 1
                 self._stats["full_evictions"] += 1
                 victims.append(key)
-            if self._changes is not None:
-                self._changes.extend(("-", k) for k in victims)
+            self._record("-", victims)
         self._remove_own(victims)
         return freed
 
@@ -1108,8 +1110,7 @@ class DiskTier(TierCounters):
         final = self._file(key)
         with self._lock:
             if key in self._index:
-                if self._changes is not None:
-                    self._changes.append(("+", key))
+                self._record("+", [key])
                 return True
         header, payload = encode_chunk(key, tensor, meta, self.auth)
         size = len(header) + len(payload)
@@ -1146,8 +1147,7 @@ class DiskTier(TierCounters):
                 self._bytes += size
             self._index[key] = size
             self._known_bad.pop(key, None)
-            if self._changes is not None:
-                self._changes.append(("+", key))
+            self._record("+", [key])
             self._stats["writes"] += 1
             self._stats["bytes_written"] += size
         return True
@@ -1204,8 +1204,7 @@ class DiskTier(TierCounters):
             keys = list(self._index)
             self._index.clear()
             self._bytes = 0
-            if self._changes is not None:
-                self._changes.extend(("-", k) for k in keys)
+            self._record("-", keys)
         self._remove_own(keys)
 
     def _chunk_files(self) -> list[tuple[str, Path]]:

@@ -855,8 +855,7 @@ class RemoteTier(TierCounters):
 
     def _changed(self, op: str, key: str) -> None:
         with self._lock:
-            if self._changes is not None:
-                self._changes.append((op, key))
+            self._record(op, [key])
 
     # ------------------------------------------------------------------ maintenance
 
