@@ -406,7 +406,7 @@ class KVCacheEngine:
         self._stream.wait_stream(torch.cuda.current_stream(self.flat.device))
         with torch.cuda.stream(self._stream):
             ids = self._ids([0], self.block_size)
-            scratch = torch.empty(self._shape(1, self.block_size), dtype=self.flat.dtype, device=self.flat.device)
+            scratch = torch.empty(self.chunk_shape(1), dtype=self.flat.dtype, device=self.flat.device)
             self._gather(self.flat, self.geom, ids, scratch)
             self._scatter(scratch, self.flat, self.geom, ids)
         self._stream.synchronize()
@@ -433,13 +433,6 @@ class KVCacheEngine:
             # until the copy has run.
             return ids.pin_memory().to(self.flat.device, non_blocking=True)
         return ids
-
-    def _shape(self, num_blocks: int, num_tokens: int) -> tuple[int, ...]:
-        """Shape of the chunk of `num_tokens` tokens held by `num_blocks` manager blocks."""
-        g = self.geom
-        if self._opaque:
-            return g.chunk_shape(num_blocks * self.pages_per_block)
-        return (self.kv_split, g.num_layers, num_tokens, g.num_heads, g.row_size // self.kv_split)
 
     # Packed pages (the CPU backend): torch indexing with the probed map, straight between the
     # cache and the chunk, one call per layer and K/V half over a contiguous 1-D slice of the
@@ -482,8 +475,13 @@ class KVCacheEngine:
         return (num_blocks - 1) * self.block_size < num_tokens <= num_blocks * self.block_size
 
     def chunk_shape(self, num_blocks: int, num_tokens: int | None = None) -> tuple[int, ...]:
-        """Shape of a stored chunk of `num_tokens` tokens (default: all of `num_blocks`)."""
-        return self._shape(num_blocks, num_blocks * self.block_size if num_tokens is None else num_tokens)
+        """Shape of a stored chunk of `num_tokens` tokens (default: all) held by `num_blocks`
+        manager blocks."""
+        g = self.geom
+        if self._opaque:
+            return g.chunk_shape(num_blocks * self.pages_per_block)
+        t = num_blocks * self.block_size if num_tokens is None else num_tokens
+        return (self.kv_split, g.num_layers, t, g.num_heads, g.row_size // self.kv_split)
 
     def key(self, digest: str) -> str:
         return chunk_key(self.namespace, digest)
