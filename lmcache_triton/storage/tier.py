@@ -1,0 +1,92 @@
+"""The seam every slow tier implements (disk, remote, and whatever comes next).
+
+The hierarchy (`storage.hierarchy`) holds the CPU tier and an ordered list of `SlowTier`s
+(fastest first) and talks to them only through this protocol; the scheduler's prefix index asks
+every tier the same batched question (`contains_many`); the vLLM integration reads `name`,
+`medium` and `locality` for KV events and `stats` for metrics. A new tier is one file that
+implements `SlowTier` plus one registration line in `storage.builder` (see docs/architecture.md).
+
+Primitives:
+  `contains_many(keys)`     batched presence: one round trip (remote) or one stat each (disk).
+                            Worth a prefetch, never a promise: the read verifies.
+  `open_read(key, expect)`  a context manager yielding a `ChunkReader` (header parsed and
+                            checked against `expect`) or None on a miss; `reader.read_into(out)`
+                            writes the payload into the caller's buffer and verifies it there (one
+                            copy: the hierarchy passes a CPU-arena view).
+  `check_put(key, dtype, meta)`  raises ValueError for a put the tier would refuse, before the
+                            caller reserves anything.
+  `put(key, tensor, meta, on_done)`  queue a background write and return at once; `on_done(ok)` is
+                            called exactly once when the writer is done with `tensor` (also when
+                            the write failed), and never when `put` returns False or raises.
+  `flush(timeout)`, `close()`, `stats` (a property), `track_changes()`/`take_changes()` (KV events).
+
+Invariants:
+  * A tier never raises on a damaged, foreign, truncated or hostile chunk: that is a miss,
+    counted in its stats. Only caller errors (a bad key or meta) raise.
+  * `read_into` returns False (nothing usable in `out`) rather than leaving a half-verified
+    chunk; the caller must not use `out` then.
+  * The tier keeps a reference to a queued tensor until `on_done`: the caller must not reuse it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+# vLLM's KV-event vocabulary for where a block lives (vllm.distributed.kv_events: medium strings
+# as its offloading tiers spell them).
+Medium = Literal["CPU", "STORAGE"]
+Locality = Literal["LOCAL", "REMOTE"]
+
+OnDone = Callable[[bool], object]
+
+
+@runtime_checkable
+class ChunkReader(Protocol):
+    """One chunk opened for reading: header verified, payload not read yet."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    meta: dict[str, str]  # the writer's meta, without the format's reserved fields
+
+    def read_into(self, out: torch.Tensor) -> bool:
+        """Read the payload into `out` (contiguous, `shape`/`dtype` as above) and verify it.
+
+        Returns:
+            True when `out` holds the verified chunk; False on a damaged or vanished chunk
+            (the tier counts it, and removes it where it owns it).
+        """
+        ...
+
+
+@runtime_checkable
+class SlowTier(Protocol):
+    """A tier below the CPU arena: written in the background, read by the prefetcher."""
+
+    name: str  # config/metrics/CLI name: "disk", "remote", ...
+    medium: Medium
+    locality: Locality
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]: ...
+
+    def open_read(
+        self, key: str, expect: Mapping[str, str] | None = None
+    ) -> AbstractContextManager[ChunkReader | None]: ...
+
+    def check_put(self, key: str, dtype: torch.dtype, meta: Mapping[str, str] | None) -> None: ...
+
+    def put(self, key: str, tensor: torch.Tensor, meta: Mapping[str, str], on_done: OnDone | None = None) -> bool: ...
+
+    def flush(self, timeout: float | None = None) -> bool: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def stats(self) -> dict[str, int]: ...
+
+    def track_changes(self) -> None: ...
+
+    def take_changes(self) -> list[tuple[str, str]]: ...
