@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench._common import append_csv, device_name  # noqa: E402
-from lmcache_triton.storage.remote import KEY_PREFIX, RemoteTier  # noqa: E402
+from lmcache_triton.storage.remote import RemoteTier  # noqa: E402
 from lmcache_triton.testing.valkey import ValkeyServer  # noqa: E402
 
 CSV = Path(__file__).with_name("results_remote.csv")
@@ -100,7 +100,7 @@ def _one_size(tier: RemoteTier, mib: int, reps: int) -> dict[str, float]:
         reps,
     )
     assert torch.equal(out.view(torch.int16), t.view(torch.int16))
-    raw.delete("bench:raw", KEY_PREFIX + key)
+    raw.delete("bench:raw", tier.keys.server_key(key))
     return sec
 
 

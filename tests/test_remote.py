@@ -56,9 +56,9 @@ def test_roundtrip_bit_exact(server, secret):
     got = tier.get_into(KEY, out, expect={"model": "tiny"})
     assert got is not None and got[0] is out and torch.equal(out.view(torch.int16), t.view(torch.int16))
     assert got[1]["num_tokens"] == "16"
-    # The stored value is the disk tier's file format, byte for byte, under our prefix.
+    # The stored value is the disk tier's file format, byte for byte, in our key space.
     header, payload = encode_chunk(KEY, t, META, tier.auth)
-    assert _raw(server).get(KEY_PREFIX + KEY) == header + bytes(payload)
+    assert _raw(server).get(tier.keys.server_key(KEY)) == header + bytes(payload)
     # A header field that disagrees: a miss, the value kept.
     assert tier.get_into(KEY, None, expect={"model": "other"}) is None
     assert tier.contains(KEY)
@@ -71,20 +71,26 @@ def test_foreign_and_damaged_values_are_misses(server):
     unsigned = RemoteTier(server.url, writer=False)
     t = _chunk(1)
     assert _put(signed, KEY, t) == [True]
-    assert other.get_with_meta(KEY) is None and other.stats["unauthenticated"] == 1
-    assert unsigned.get_with_meta(KEY) is None and unsigned.stats["unauthenticated"] == 1
-    assert signed.contains(KEY)  # left in place for its owner
-    # Flip one payload byte: the MAC fails, the value is removed.
+    # Another secret (or none) looks in its own key space: a clean miss.
+    assert other.get_with_meta(KEY) is None and unsigned.get_with_meta(KEY) is None
     raw = _raw(server)
-    v = bytearray(raw.get(KEY_PREFIX + KEY))
+    skey = signed.keys.server_key(KEY)
+    # The signed value copied into their spaces: a seal they cannot check, left in place.
+    for tier in (other, unsigned):
+        raw.set(tier.keys.server_key(KEY), raw.get(skey))
+        assert tier.get_with_meta(KEY) is None and tier.stats["unauthenticated"] == 1
+        assert tier.contains(KEY)
+    assert signed.contains(KEY)
+    # Flip one payload byte: the MAC fails, the value is removed.
+    v = bytearray(raw.get(skey))
     v[-3] ^= 0x40
-    raw.set(KEY_PREFIX + KEY, bytes(v))
+    raw.set(skey, bytes(v))
     assert signed.get_with_meta(KEY) is None
     assert signed.stats["corrupt"] == 1 and not signed.contains(KEY)
     # Garbage and a truncated value under a chunk key.
-    raw.set(KEY_PREFIX + KEY, b"\x10" + b"\0" * 7 + b"{}")
+    raw.set(skey, b"\x10" + b"\0" * 7 + b"{}")
     assert signed.get_with_meta(KEY) is None
-    raw.set(KEY_PREFIX + "ef" * 32, b"x")
+    raw.set(signed.keys.server_key("ef" * 32), b"x")
     assert signed.get_with_meta("ef" * 32) is None
     for tier in (signed, other, unsigned):
         tier.close()
@@ -353,7 +359,7 @@ def test_disk_first_then_remote_and_keys_vanishing_between_lookup_and_fetch(serv
     # Present at lookup, evicted before the fetch: a clean miss.
     d = _manager(server.url)
     assert d.remote.contains_many([KEY]) == [True]
-    _raw(server).delete(KEY_PREFIX + KEY)
+    _raw(server).delete(d.remote.keys.server_key(KEY))
     assert not d.prefetch(KEY) and not d.cpu.contains(KEY)
     for m in (a, b, c, d):
         m.close()
@@ -367,5 +373,5 @@ def test_unix_socket_url(tmp_path):
         t = _chunk(8, shape=(32, 1024))
         assert _put(tier, KEY, t) == [True] and tier.contains_many([KEY]) == [True]
         assert torch.equal(tier.get_with_meta(KEY)[0], t)
-        assert _raw(s).exists(KEY_PREFIX + KEY) == 0  # db 1, not db 0
+        assert _raw(s).exists(tier.keys.server_key(KEY)) == 0  # db 1, not db 0
         tier.close()

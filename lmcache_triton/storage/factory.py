@@ -27,6 +27,8 @@ def build_remote(config: LMCacheConfig, *, writer: bool = True) -> RemoteTier | 
             data_timeout=max(10.0, 20 * config.remote_timeout),
             secret=config.chunk_secret,
             writer=writer,
+            # No usable chunk is larger than the CPU tier it is fetched into (issue 21).
+            max_value_bytes=min(config.max_local_cpu_bytes, 1 << 31) + (1 << 20),
         )
     except ImportError:
         logger.error("lmcache_triton: remote tier disabled: remote_url needs redis-py (pip install 'redis>=5' hiredis)")

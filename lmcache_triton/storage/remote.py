@@ -30,20 +30,28 @@ server_info` walk every primary that answers (one that does not is skipped with 
 A node down or a slot without an owner: misses (and counted write errors) for those keys only.
 
 Invariants:
-  * Keys are `KEY_PREFIX` + the chunk key, which is lower-case hex (namespace digest + chunk
-    digest: model, world size, rank, KV dtype, chunk size and page layout are in the namespace).
-    Nothing from user input reaches a key; any other key string raises ValueError.
+  * Chunk keys are lower-case hex (namespace digest + chunk digest: model, world size, rank, KV
+    dtype, chunk size and page layout are in the namespace); any other key string raises
+    ValueError. Nothing from user input reaches a server key (`server_key`):
+    without `chunk_secret` it is `KEY_PREFIX` + the chunk key; with one, every secret has its
+    own key space, `KEY_PREFIX` + the secret's public key id + ":" + a BLAKE3 digest of the
+    chunk key keyed by a key derived from the secret. Tenants with different secrets never
+    overwrite each other's chunks, and one cannot tell from the server which prompts another
+    has cached (it cannot compute the other's server keys).
   * Values are byte-identical to the disk tier's files (`disk.encode_chunk`): safetensors with
     a checksum (xxh3_64) or, with `chunk_secret`, a keyed BLAKE3 MAC over header and payload.
     A value is used only once verified; a damaged one is a miss, counted and deleted; one signed
     with another (or no) secret is a miss left in place (another fleet may own it).
   * Never an exception into the caller for anything the server or network does: server down,
-    slow (socket timeouts bound every call), restarted empty or evicting (a key gone between
+    slow (every reply has one overall deadline, `ReplyReader`), restarted empty or evicting (a key gone between
     lookup and fetch) are misses; a write the server refuses (OOM under maxmemory, READONLY
     replica, no permission) is counted in `stats["refused"]` and `write_errors`, warned once.
   * Connection state (per cluster node): after a connection error or timeout the tier is *down*: calls are
     immediate misses until a backoff (0.5 s doubling to 30 s) expires, then one call probes.
     One log line per state change (down / up again), the URL always with its password masked.
+  * A reply never makes the tier allocate by the server's word: a value claiming more than
+    `max_value_bytes` is a miss (connection dropped, value kept, `stats["oversized"]`), and a
+    value's buffer grows as its bytes arrive.
   * Writes: a bounded queue (`max_pending` chunks); a full queue drops the write (counted in
     `dropped`). The writer keeps a reference to the queued tensor until written: the caller must
     not mutate it (the manager hands over a held CPU-tier buffer, released by `on_done`).
@@ -52,6 +60,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -65,6 +74,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+import blake3
 import torch
 
 from .disk import (
@@ -86,12 +96,16 @@ KEY_PREFIX = "lmct:"
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster", "valkey+cluster", "valkeys+cluster")
 SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", *CLUSTER_SCHEMES)
 _KEY_RE = re.compile(r"^[0-9a-f]{8,256}$")
+_SPACE_CONTEXT = "lmcache_triton 2026-12 remote key space v1"
 _BACKOFF_MIN_S = 0.5
+_REDIRECTS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
 _BACKOFF_MAX_S = 30.0
 _REFRESH_MIN_S = 1.0  # cluster: at most one topology refresh (CLUSTER SLOTS) a second
 _READ_SIZE = 1 << 20  # socket reads for large GETs (see module docstring)
 _SHOWN_META = ("model", "layout", "num_tokens", "kv_dtype")  # what `entries` reports of a header
-_MAX_VALUE = 1 << 31  # a value above 2 GiB is no chunk of ours
+DEFAULT_MAX_VALUE = 1 << 30  # bytes a value may claim when the caller names no bound
+_MAX_LINE = 1 << 16  # a RESP header line longer than this is no reply of ours
+_EAGER_BYTES = 8 << 20  # a value's buffer starts at this (or its size), then doubles as it arrives
 _TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")  # URL query options
 
 
@@ -189,10 +203,39 @@ def check_url(url: str) -> str:
     return url
 
 
-def _remote_key(key: str) -> str:
+def _check_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise ValueError(f"remote tier: key must be lower-case hex, got {str(key)[:80]!r}")
-    return KEY_PREFIX + key
+    return key
+
+
+class KeySpace:
+    """Where one `chunk_secret` keeps its chunks on a shared server (see module docstring).
+
+    Args:
+        secret: `chunk_secret` (None or empty: the unsigned space `KEY_PREFIX` + chunk key).
+    """
+
+    def __init__(self, secret: bytes | str | None) -> None:
+        if isinstance(secret, str):
+            secret = secret.encode()
+        auth = ChunkAuth(secret)
+        # Its own derivation context: the MAC key (ChunkAuth) and this one are independent.
+        self._key = blake3.blake3(secret, derive_key_context=_SPACE_CONTEXT).digest() if secret else None
+        self.prefix = KEY_PREFIX if auth.key_id is None else f"{KEY_PREFIX}{auth.key_id}:"
+        self.keyed = self._key is not None
+
+    def server_key(self, key: str) -> str:
+        """The server key of chunk `key`; ValueError for a key that is not lower-case hex."""
+        _check_key(key)
+        if self._key is None:
+            return KEY_PREFIX + key
+        return self.prefix + blake3.blake3(key.encode(), key=self._key).hexdigest()
+
+    def owns(self, server_key: str) -> bool:
+        """True for a server key of this space (`SCAN` matches more: another secret's keys under
+        the unsigned prefix, foreign keys)."""
+        return server_key.startswith(self.prefix) and bool(_KEY_RE.match(server_key[len(self.prefix) :]))
 
 
 class _Node:
@@ -218,6 +261,9 @@ class RemoteTier(TierCounters):
         secret: `chunk_secret` (None: xxh3 checksums, no authentication).
         max_pending: chunks queued for writing at most; default 64.
         writer: start the background writer (False for a scheduler that only looks up).
+        max_value_bytes: bytes a stored value may have at most (the largest chunk this tier
+            could have stored: the builder passes the CPU tier's size); a reply claiming more is
+            a miss. Default `DEFAULT_MAX_VALUE` (1 GiB).
     """
 
     def __init__(
@@ -228,6 +274,7 @@ class RemoteTier(TierCounters):
         secret: bytes | str | None = None,
         max_pending: int = 64,
         writer: bool = True,
+        max_value_bytes: int = DEFAULT_MAX_VALUE,
     ) -> None:
         import redis  # imported here: the CLI and tiers import without the client installed
         from redis.backoff import NoBackoff
@@ -240,6 +287,8 @@ class RemoteTier(TierCounters):
         self.timeout = timeout
         self.data_timeout = max(data_timeout, timeout)
         self.auth = ChunkAuth(secret)
+        self.keys = KeySpace(secret)
+        self.max_value_bytes = max(1, int(max_value_bytes))
         self.cluster = urllib.parse.urlsplit(self.url).scheme.lower() in CLUSTER_SCHEMES
         self._lock = threading.Lock()
         try:
@@ -269,6 +318,7 @@ class RemoteTier(TierCounters):
             (
                 "lookups", "lookup_keys", "hits", "misses", "corrupt", "unauthenticated", "mismatch", "writes",
                 "bytes_written", "bytes_read", "write_errors", "refused", "dropped", "errors", "reconnects",
+                "oversized",
             ),
             0,
         )
@@ -460,8 +510,10 @@ class RemoteTier(TierCounters):
     def _redirected(self, e: BaseException) -> None:
         """A MOVED/ASK/CLUSTERDOWN reply: refresh the slot map soon."""
         x = self._redis.exceptions
-        # redis-py strips the reply's first word ("MOVED 7798 h:p" is MovedError("7798 h:p")).
-        if self.cluster and isinstance(e, (x.AskError, x.ClusterDownError, x.TryAgainError)):
+        # redis-py strips the reply's first word ("MOVED 7798 h:p" is MovedError("7798 h:p"));
+        # our own reader (ServerError) keeps it.
+        moved = isinstance(e, ServerError) and str(e).split(" ", 1)[0] in _REDIRECTS
+        if self.cluster and (moved or isinstance(e, (x.AskError, x.ClusterDownError, x.TryAgainError))):
             with self._lock:
                 self._stale = True
 
@@ -529,7 +581,7 @@ class RemoteTier(TierCounters):
         """Presence of each key, in one pipelined round trip (a cluster: one pipeline per primary,
         all sent before any reply is read); False for keys whose server is down, slow (past
         `timeout`) or refuses, or whose slot has no owner."""
-        rkeys = [_remote_key(k) for k in keys]
+        rkeys = [self.keys.server_key(k) for k in keys]
         if not rkeys:
             return []
         out = [False] * len(rkeys)
@@ -553,19 +605,22 @@ class RemoteTier(TierCounters):
                     conn.disconnect()
                     pool.release(conn)
                 self._went_down(e, node=node)
+        deadline = time.monotonic() + self.timeout  # all replies of all nodes: one deadline
         for node, idx, conn in sent:
             got: list[Any] = []
             try:
-                for _ in idx:
-                    try:
-                        got.append(conn.read_response())
-                    except r.ResponseError as e:  # NOAUTH, NOPERM, MOVED ...: a miss, warned once
-                        self._redirected(e)
-                        self._warn_once(
-                            "lookup", "lmcache_triton remote tier: lookup refused by %s: %s", self.masked, e
-                        )
-                        got.append(0)
-            except (r.ConnectionError, r.TimeoutError, OSError) as e:
+                with ReplyReader(conn._sock, deadline, _MAX_LINE) as rd:
+                    for _ in idx:
+                        try:
+                            got.append(rd.reply())
+                        except ServerError as e:  # NOAUTH, NOPERM, MOVED ...: a miss, warned once
+                            self._redirected(e)
+                            self._warn_once(
+                                "lookup", "lmcache_triton remote tier: lookup refused by %s: %s", self.masked, e
+                            )
+                            got.append(0)
+                    rd.done()
+            except (r.ConnectionError, r.TimeoutError, OSError, ReplyTooLarge) as e:
                 conn.disconnect()  # a half-read pipeline must never be reused
                 self._went_down(e, node=node)
                 continue
@@ -581,60 +636,26 @@ class RemoteTier(TierCounters):
 
     # ------------------------------------------------------------------ reads
 
-    def _get_direct(self, node: _Node, rkey: str) -> bytes | bytearray | None:
-        """GET with the value received by ONE blocking `recv_into(MSG_WAITALL)` (the GIL is
-        released for the whole value; redis-py's reader takes it back per socket read, and vLLM's
-        engine loop, spinning while a request waits for its prefetch, holds it ~5 ms each time:
-        a 6 MB GET took 10-30 ms that way). The kernel bounds the wait (SO_RCVTIMEO). Plain TCP
-        and unix sockets only; TLS goes through redis-py's reader. A cluster: the connection of
-        the primary owning the key's slot (`node`)."""
+    def _get_direct(self, node: _Node, rkey: str) -> memoryview | None:
+        """GET with the reply read by `ReplyReader`: one overall deadline (`data_timeout`), a
+        value claiming more than `max_value_bytes` refused before a byte of it is read, the
+        buffer grown as bytes arrive. On a plain socket the value arrives in one blocking
+        `recv_into(MSG_WAITALL)` (the GIL is released for the whole value; redis-py's reader
+        takes it back per socket read, and vLLM's engine loop, spinning while a request waits
+        for its prefetch, holds it ~5 ms each time: a 6 MB GET took 10-30 ms that way). A
+        cluster: the connection of the primary owning the key's slot (`node`)."""
         pool = node.bulk.connection_pool
         conn = pool.get_connection()
         try:
+            deadline = time.monotonic() + self.data_timeout
             conn.send_packed_command(conn.pack_command("GET", rkey), check_health=False)
             sock = conn._sock
-            if sock is None or not isinstance(sock, socket.socket) or type(sock) is not socket.socket:
-                return conn.read_response()  # TLS (SSLSocket) or an unknown transport
-            # The reply's first bytes in one receive (a byte-at-a-time header read cost one GIL
-            # hand-off per byte), then the rest of the value in one blocking receive.
-            head = bytearray()
-            while b"\r\n" not in head:  # "$<n>\r\n", "$-1\r\n" / "_\r\n" (null), "-ERR ...\r\n"
-                more = sock.recv(1 << 16)
-                if not more:
-                    raise self._redis.ConnectionError("connection closed by the server")
-                head += more
-                if len(head) > 1 << 17:
-                    raise self._redis.ConnectionError("unexpected reply")
-            end = head.index(b"\r\n") + 2
-            line, rest = bytes(head[:end]), head[end:]
-            if line == b"_\r\n" or line == b"$-1\r\n":  # null (RESP3 / RESP2): no such key
-                return None
-            if line[:1] == b"-":
-                raise self._redis.ResponseError(line[1:-2].decode(errors="replace"))
-            if line[:1] != b"$":
-                raise self._redis.ConnectionError(f"unexpected reply {line[:40]!r}")
-            n = int(line[1:-2])
-            if n < 0 or n > _MAX_VALUE or len(rest) > n + 2:
-                raise self._redis.ConnectionError("unexpected reply length")
-            buf = bytearray(n + 2)
-            buf[: len(rest)] = rest
-            got0 = len(rest)
-            timeout = sock.gettimeout()
-            sock.settimeout(None)  # blocking: MSG_WAITALL waits for it all, the kernel bounds it
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout or 10.0))
-            try:
-                view, got = memoryview(buf), got0
-                while got < n + 2:
-                    k = sock.recv_into(view[got:], n + 2 - got, socket.MSG_WAITALL)
-                    if k == 0:
-                        raise self._redis.ConnectionError("connection closed by the server")
-                    got += k
-            except BlockingIOError:  # SO_RCVTIMEO expired
-                raise self._redis.TimeoutError("timeout reading a value") from None
-            finally:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
-                sock.settimeout(timeout)
-            return memoryview(buf)[:n]
+            if not isinstance(sock, socket.socket):  # an unknown transport: redis-py's reader
+                return conn.read_response()
+            with ReplyReader(sock, deadline, self.max_value_bytes) as rd:
+                value = rd.bulk()
+                rd.done()
+            return value
         except BaseException:
             conn.disconnect()  # a half-read reply must never be reused
             raise
@@ -642,15 +663,22 @@ class RemoteTier(TierCounters):
             pool.release(conn)
 
     def _get_raw(self, key: str) -> bytes | memoryview | None:
-        rkey = _remote_key(key)
+        rkey = self.keys.server_key(key)
         node = self._owners([rkey])[0]
         try:
             data = None if node is None else self._call(lambda: self._get_direct(node, rkey), None, node)
-        except self._redis.RedisError as e:
+        except (self._redis.RedisError, ServerError) as e:
             self._redirected(e)
             self._warn_once("get", "lmcache_triton remote tier: GET refused by %s: %s", self.masked, e)
             data = None
-        if not isinstance(data, (bytes, memoryview)) or len(data) > _MAX_VALUE:
+        except ReplyTooLarge as e:  # not ours to use (another configuration, or hostile): kept
+            self._count("oversized")
+            self._warn_once(
+                "oversized", "lmcache_triton remote tier: chunk %s not read from %s: %s (warned once)",
+                key[:24], self.masked, e,
+            )
+            data = None
+        if not isinstance(data, (bytes, memoryview)) or len(data) > self.max_value_bytes:
             self._count("misses")
             return None
         self._count("bytes_read", len(data))
@@ -679,7 +707,7 @@ class RemoteTier(TierCounters):
             self._count("misses")
             self._warn_once("corrupt", "lmcache_triton remote tier: chunk %s rejected: %s (warned once)", key[:24], e)
             with contextlib.suppress(Exception):  # ours by prefix and damaged: remove it
-                rkey = _remote_key(key)
+                rkey = self.keys.server_key(key)
                 node = self._owners([rkey])[0]
                 if node is not None:
                     self._call(lambda: node.bulk.delete(rkey), None, node)
@@ -740,7 +768,7 @@ class RemoteTier(TierCounters):
         from redis.crc import key_slot
 
         try:
-            cn = cl.nodes_manager.get_node_from_slot(key_slot(_remote_key(key).encode()))
+            cn = cl.nodes_manager.get_node_from_slot(key_slot(self.keys.server_key(key).encode()))
         except Exception:  # no owner: the topology's state decides
             return None
         with self._lock:
@@ -748,7 +776,7 @@ class RemoteTier(TierCounters):
 
     def check_put(self, key: str, dtype: torch.dtype, meta: dict[str, str] | None) -> None:
         """ValueError for what `put` would refuse (bad key, reserved meta, unknown dtype)."""
-        _remote_key(key)
+        self.keys.server_key(key)
         check_meta(dtype, meta)
 
     def put(
@@ -781,7 +809,7 @@ class RemoteTier(TierCounters):
     def write(self, key: str, tensor: torch.Tensor, meta: dict[str, str] | None = None) -> bool:
         """Seal and SET one chunk now (the writer thread's step); False on any failure (counted)."""
         header, payload = encode_chunk(key, tensor, meta, self.auth)
-        rkey = _remote_key(key).encode()
+        rkey = self.keys.server_key(key).encode()
         size = len(header) + len(payload)
         resp = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(rkey), rkey, size)
         r = self._redis
@@ -796,7 +824,10 @@ class RemoteTier(TierCounters):
             try:
                 # Header and the tensor's own memory go out as they are: no joined copy.
                 conn.send_packed_command([resp + header, payload, b"\r\n"], check_health=False)
-                return conn.read_response()
+                with ReplyReader(conn._sock, time.monotonic() + self.data_timeout, _MAX_LINE) as rd:
+                    reply = rd.reply()
+                    rd.done()
+                return reply
             except BaseException:
                 conn.disconnect()  # a half-written command must never be reused
                 raise
@@ -805,7 +836,7 @@ class RemoteTier(TierCounters):
 
         try:
             reply = self._call(run, None, node)
-        except r.ResponseError as e:  # OOM under maxmemory, READONLY replica, NOPERM, MOVED ...
+        except (r.ResponseError, ServerError) as e:  # OOM under maxmemory, READONLY replica, NOPERM, MOVED
             self._redirected(e)
             self._count("refused")
             self._count("write_errors")
@@ -917,20 +948,22 @@ class RemoteTier(TierCounters):
 
     def _scan(self, node: _Node, count: int) -> list[str]:
         out = []
-        for k in node.bulk.scan_iter(match=KEY_PREFIX + "*", count=count):
+        for k in node.bulk.scan_iter(match=self.keys.prefix + "*", count=count):
             s = k.decode() if isinstance(k, bytes) else str(k)
-            tail = s[len(KEY_PREFIX) :]
-            if _KEY_RE.match(tail):
-                out.append(tail)
+            if self.keys.owns(s):
+                out.append(s)
         return out
 
     def scan_keys(self, count: int = 1000) -> list[str]:
-        """Chunk keys (without the prefix) under our prefix, on every cluster primary; SCAN, never
-        KEYS. Raises the client's error when the server cannot be reached (the CLI reports it)."""
-        return [k for n in self._reachable() for k in self._scan(n, count)]
+        """The names in our key space (this `chunk_secret`'s, see `KeySpace`) on every cluster
+        primary, without the space's prefix: the chunk keys without a secret, their keyed
+        digests with one. SCAN, never KEYS. Raises the client's error when the server cannot be
+        reached (the CLI reports it)."""
+        cut = len(self.keys.prefix)
+        return [k[cut:] for n in self._reachable() for k in self._scan(n, count)]
 
     def entries(self) -> list[dict[str, Any]]:
-        """One record per chunk under our prefix: key, bytes and `meta` (the header's model, layout,
+        """One record per chunk in our key space: key, bytes and `meta` (the header's model, layout,
         num_tokens, kv_dtype), or `error` and `file` (the server key) for a value not ours
         (the header only: GETRANGE of the first 4 KiB, pipelined 256 keys a round trip per
         server, never the payload). Raises the client's error when the server cannot be reached."""
@@ -940,16 +973,16 @@ class RemoteTier(TierCounters):
             for i in range(0, len(keys), 256):
                 batch = keys[i : i + 256]
                 pipe = node.bulk.pipeline(transaction=False)
-                for key in batch:
-                    pipe.strlen(_remote_key(key))
-                    pipe.getrange(_remote_key(key), 0, 4095)
+                for skey in batch:
+                    pipe.strlen(skey)
+                    pipe.getrange(skey, 0, 4095)
                 got = pipe.execute(raise_on_error=False)
                 for j, key in enumerate(batch):
                     out.append(self._entry(key, got[2 * j], got[2 * j + 1]))
         return out
 
-    @staticmethod
-    def _entry(key: str, size: Any, head: Any) -> dict[str, Any]:
+    def _entry(self, skey: str, size: Any, head: Any) -> dict[str, Any]:
+        key = skey[len(self.keys.prefix) :]  # the chunk key in the unsigned space
         rec: dict[str, Any] = {"key": key, "bytes": size if isinstance(size, int) else 0}
         try:
             if not isinstance(head, bytes):
@@ -957,12 +990,17 @@ class RemoteTier(TierCounters):
             hlen = header_length(head[:8], rec["bytes"])
             if 8 + hlen > len(head):
                 raise ChunkError("header larger than 4 KiB")
+            if self.keys.keyed:  # the server key is a digest: the chunk names its key, checked here
+                named = (json.loads(head[8 : 8 + hlen]).get("__metadata__") or {}).get("key")
+                if not isinstance(named, str) or not _KEY_RE.match(named) or self.keys.server_key(named) != skey:
+                    raise ChunkError("the chunk's key does not match its server key")
+                rec["key"] = key = named
             hdr = parse_header(head[8 : 8 + hlen], key, rec["bytes"], _AnyAuth())
             rec["meta"] = {k: v for k, v in hdr.meta.items() if k in _SHOWN_META}
             rec["signed"] = hdr.meta["checksum"].startswith("blake3-mac:")
         except (ChunkError, ChunkUnverifiable, TypeError, ValueError) as e:
             rec["error"] = str(e)[:120]
-            rec["file"] = KEY_PREFIX + key
+            rec["file"] = skey
         return rec
 
     def server_info(self) -> dict[str, Any]:
@@ -999,8 +1037,8 @@ class RemoteTier(TierCounters):
             keys = self._scan(node, 1000)
             for i in range(0, len(keys), 500):
                 pipe = node.bulk.pipeline(transaction=False)
-                for key in keys[i : i + 500]:
-                    pipe.unlink(_remote_key(key))
+                for skey in keys[i : i + 500]:
+                    pipe.unlink(skey)
                 n += sum(int(v) for v in pipe.execute(raise_on_error=False) if isinstance(v, int))
         return n
 
@@ -1011,6 +1049,164 @@ class RemoteTier(TierCounters):
         out["up"] = int(self.up)
         out["pending"] = 0 if self._q is None else self._q.qsize()
         return out
+
+
+# ---------------------------------------------------------------------- RESP replies, bounded
+
+
+class ServerError(Exception):
+    """The server's error reply (`-ERR ...`, `-MOVED ...`): the text without the dash."""
+
+
+class ReplyTooLarge(Exception):
+    """A reply claims more bytes than any chunk this tier could have stored (`max_value_bytes`)."""
+
+
+class ReplyReader:
+    """Reads RESP replies off one socket, every receive bounded by ONE overall deadline.
+
+    A per-receive timeout does not bound a reply: a server trickling a byte per receive keeps
+    it going forever (issue 21: a GET still read 45 s later). Each receive here waits at most
+    the time left until `deadline`; then TimeoutError. A bulk reply longer than `max_bulk` is
+    ReplyTooLarge before a byte of it is read, and a value is held in memory as it arrives
+    (`bulk`), never allocated by the server's word.
+
+    Plain TCP/unix sockets are read blocking with SO_RCVTIMEO and MSG_WAITALL (the GIL is
+    released once per value, not per socket read); TLS sockets with the socket timeout.
+    Use as a context manager: the socket's timeout settings are restored on exit.
+
+    Args:
+        sock: the connection's socket (after the command was sent).
+        deadline: `time.monotonic()` value by which the replies must be complete.
+        max_bulk: bytes a bulk string may claim at most.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float, max_bulk: int) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.max_bulk = max_bulk
+        self.pending = bytearray()  # received, not yet consumed
+        self.plain = type(sock) is socket.socket
+        self._timeout = sock.gettimeout()
+
+    def __enter__(self) -> ReplyReader:
+        if self.plain:
+            self.sock.settimeout(None)  # blocking: SO_RCVTIMEO bounds each receive
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            if self.plain:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
+            self.sock.settimeout(self._timeout)
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("reply not complete within the deadline")
+        return max(left, 0.001)  # SO_RCVTIMEO 0 would mean "forever"
+
+    def _recv_into(self, view: memoryview, wait_all: bool = True) -> int:
+        """One receive into `view`: all of it on a plain socket with `wait_all` unless the time
+        runs out, else whatever has arrived (header lines: never wait for 64 KiB)."""
+        left = self._left()
+        try:
+            if self.plain:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
+                k = self.sock.recv_into(view, len(view), socket.MSG_WAITALL if wait_all else 0)
+            else:
+                self.sock.settimeout(left)
+                k = self.sock.recv_into(view, len(view))
+        except (TimeoutError, BlockingIOError):  # the socket timeout / SO_RCVTIMEO expired
+            raise TimeoutError("reply not complete within the deadline") from None
+        if k == 0:
+            raise ConnectionError("connection closed by the server")
+        return k
+
+    def _line(self) -> bytes:
+        """One CRLF-terminated line, without the CRLF."""
+        while (i := self.pending.find(b"\r\n")) < 0:
+            if len(self.pending) > _MAX_LINE:
+                raise ConnectionError("unexpected reply (no line end)")
+            more = bytearray(1 << 16)
+            k = self._recv_into(memoryview(more), wait_all=False)
+            self.pending += more[:k]
+        line = bytes(self.pending[:i])
+        del self.pending[: i + 2]
+        return line
+
+    def read_exact(self, view: memoryview) -> None:
+        """Fill `view` with the next `len(view)` bytes of the stream."""
+        got = min(len(self.pending), len(view))
+        if got:
+            view[:got] = self.pending[:got]
+            del self.pending[:got]
+        while got < len(view):
+            got += self._recv_into(view[got:])
+
+    def bulk_length(self) -> int | None:
+        """The length of the bulk string that follows (None: a null reply); ServerError for an
+        error reply, ReplyTooLarge past `max_bulk`, ConnectionError for anything else."""
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if line in (b"_", b"$-1"):  # null (RESP3 / RESP2): no such key
+            return None
+        if kind == b"-":
+            raise ServerError(rest.decode(errors="replace"))
+        if kind != b"$" or not rest.isdigit():
+            raise ConnectionError(f"unexpected reply {line[:40]!r}")
+        n = int(rest)
+        if n > self.max_bulk:
+            raise ReplyTooLarge(f"a reply of {n} bytes (at most {self.max_bulk} expected)")
+        return n
+
+    def end_bulk(self) -> None:
+        crlf = bytearray(2)
+        self.read_exact(memoryview(crlf))
+        if crlf != b"\r\n":
+            raise ConnectionError("unexpected reply (bulk string not terminated)")
+
+    def bulk(self) -> memoryview | None:
+        """A whole bulk reply (None: null). Memory grows with the bytes received: the first
+        `_EAGER_BYTES` at once, then doubling, so a server announcing a huge value and sending
+        little costs little."""
+        n = self.bulk_length()
+        if n is None:
+            return None
+        buf = bytearray(min(n, max(_EAGER_BYTES, len(self.pending))))
+        got = 0
+        while True:
+            self.read_exact(memoryview(buf)[got:])
+            got = len(buf)
+            if got == n:
+                break
+            buf += bytes(min(n, 2 * got) - got)  # realloc (mremap for large buffers): no copy
+        self.end_bulk()
+        return memoryview(buf)
+
+    def reply(self) -> bytes | int | None:
+        """One non-array reply: a simple string, an integer, a bulk string or null."""
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest
+        if kind == b":":
+            try:
+                return int(rest)
+            except ValueError:
+                raise ConnectionError(f"unexpected reply {line[:40]!r}") from None
+        if kind == b"-":
+            raise ServerError(rest.decode(errors="replace"))
+        if kind in (b"$", b"_"):
+            self.pending[:0] = line + b"\r\n"
+            got = self.bulk()
+            return None if got is None else bytes(got)
+        raise ConnectionError(f"unexpected reply {line[:40]!r}")
+
+    def done(self) -> None:
+        """ConnectionError when the server sent more than the replies read (never reuse it)."""
+        if self.pending:
+            raise ConnectionError("unexpected bytes after the reply")
 
 
 class _AnyAuth(ChunkAuth):
