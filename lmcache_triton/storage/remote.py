@@ -67,18 +67,20 @@ from typing import Any
 
 import torch
 
-from .disk import (
+from lmcache_triton.chunk.format import ANY_SEAL as _ANY_SEAL
+from lmcache_triton.chunk.format import (
     ChunkAuth,
     ChunkError,
     ChunkHeader,
     ChunkUnverifiable,
-    TierCounters,
     check_expect,
     check_meta,
     encode_chunk,
     header_length,
     parse_header,
 )
+
+from .counters import TierCounters
 
 logger = logging.getLogger(__name__)
 
@@ -957,7 +959,7 @@ class RemoteTier(TierCounters):
             hlen = header_length(head[:8], rec["bytes"])
             if 8 + hlen > len(head):
                 raise ChunkError("header larger than 4 KiB")
-            hdr = parse_header(head[8 : 8 + hlen], key, rec["bytes"], _AnyAuth())
+            hdr = parse_header(head[8 : 8 + hlen], key, rec["bytes"], _ANY_SEAL)
             rec["meta"] = {k: v for k, v in hdr.meta.items() if k in _SHOWN_META}
             rec["signed"] = hdr.meta["checksum"].startswith("blake3-mac:")
         except (ChunkError, ChunkUnverifiable, TypeError, ValueError) as e:
@@ -1011,13 +1013,6 @@ class RemoteTier(TierCounters):
         out["up"] = int(self.up)
         out["pending"] = 0 if self._q is None else self._q.qsize()
         return out
-
-
-class _AnyAuth(ChunkAuth):
-    """Reads any seal's header (inspection only: nothing is verified or used)."""
-
-    def check_scheme(self, md: dict[str, str]) -> None:
-        return
 
 
 def copy_payload(payload: memoryview, out: torch.Tensor) -> None:
