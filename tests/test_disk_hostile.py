@@ -19,18 +19,12 @@ import safetensors.torch
 import torch
 from typer.testing import CliRunner
 
+from lmcache_triton.chunk import format as fmt
+from lmcache_triton.chunk.format import ChunkAuth, ChunkError, ChunkUnverifiable, decode_chunk, encode_chunk
 from lmcache_triton.cli import app
 from lmcache_triton.config import LMCacheConfig
 from lmcache_triton.storage import CpuTier, DiskTier, StorageManager
-from lmcache_triton.storage import disk as disk_mod
-from lmcache_triton.storage.disk import (
-    ChunkAuth,
-    ChunkError,
-    ChunkUnverifiable,
-    DiskTierError,
-    decode_chunk,
-    encode_chunk,
-)
+from lmcache_triton.storage.disk import DiskTierError
 from lmcache_triton.storage.factory import build_storage
 
 SECRET = "correct horse battery staple"
@@ -93,7 +87,7 @@ def write_chunk(path: Path, k: str, tensor: torch.Tensor, meta=None, secret=None
 
 def raw_header(md_extra=None, info=None, key_=None) -> bytes:
     """A safetensors file with a hand-made header (8-byte length + JSON) and a 16-byte payload."""
-    md = {"format": disk_mod.FORMAT, "key": key_ or key(1), "checksum": "xxh3_64:0", "dtype": "uint8", "shape": "16"}
+    md = {"format": fmt.FORMAT, "key": key_ or key(1), "checksum": "xxh3_64:0", "dtype": "uint8", "shape": "16"}
     md.update(md_extra or {})
     header = {"__metadata__": md, "kv": info or {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]}}
     raw = json.dumps(header).encode()
@@ -127,7 +121,7 @@ CRAFTED = {
     "checksum-missing": _len_prefixed(
         json.dumps(
             {
-                "__metadata__": {"format": disk_mod.FORMAT, "key": key(1), "dtype": "uint8", "shape": "16"},
+                "__metadata__": {"format": fmt.FORMAT, "key": key(1), "dtype": "uint8", "shape": "16"},
                 "kv": {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]},
             }
         ).encode()

@@ -7,16 +7,7 @@ Primitives:
   `contains(key)`   index lookup; on a miss one header read discovers files other processes wrote.
   `flush(timeout)`, `close()`, `clear()`, `clear_files()`, `verify(fix)`, `entries()`, `stats`.
 
-Chunk format (file-system free, shared with network tiers): `encode_chunk` / `parse_header` /
-`decode_chunk` / `ChunkAuth`. A chunk is a standard safetensors file (loadable by
-`safetensors.torch`) holding one tensor "kv" and `__metadata__` with `format` (FORMAT), `key`,
-`checksum`, `dtype`, `shape`, plus the caller's `meta` (model, layout fingerprint, ...).
-`checksum` is either `xxh3_64:<hex>` (no secret: detects damage, not an adversary) or
-`blake3-mac:<key id>:<hex>` (with `chunk_secret`: keyed BLAKE3, a MAC), in both cases over the
-metadata (canonical JSON minus `checksum`) and the payload. The header is written by this module
-(8-byte little-endian length + JSON, space-padded to 8 bytes) so the payload goes from the
-tensor's memory to the file with no intermediate bytes object, and the read lands straight in the
-returned tensor.
+Chunk format: `lmcache_triton.chunk.format` (the same bytes as the remote tier's values).
 
 Invariants:
   * Only `key` strings of lower-case hex become file names (`CacheKey.hex`).
@@ -63,14 +54,7 @@ Invariants:
   * The writer keeps a reference to the queued tensor until written: the caller must not
     mutate it after `put` (the manager hands over a held CPU-tier buffer, released by `on_done`).
 
-Checksum: xxh3_64, measured on this sandbox over a 32 MiB buffer: xxh3_64 29-45 GB/s, xxh3_128
-31 GB/s, blake3 4.6 GB/s (single-threaded), zlib.crc32 4.2 GB/s. The checksum must not cost
-more than the disk, so xxh3_64 (64 bits is plenty to detect corruption, not an adversary).
-MAC (with a secret): keyed BLAKE3 8.4 GB/s single-threaded on a 32 MiB buffer, against
-HMAC-SHA256 2.1 GB/s, keyed BLAKE2b 1.45 GB/s, Poly1305 14.6 GB/s (needs a one-time key per
-message and the `cryptography` package); a MAC over header + xxh3 digest would not do (xxh3
-collisions can be forged). BLAKE3 keyed mode is a PRF, so it is a sound MAC, and at 8 GB/s it
-stays under the ~1.7 GB/s of the disk (bench_storage).
+Checksum and MAC choice (and their measured speeds): `chunk.format`.
 """
 
 from __future__ import annotations
@@ -78,7 +62,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
-import json
 import logging
 import os
 import queue
@@ -90,67 +73,43 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import blake3
 import torch
 import xxhash
 
+from lmcache_triton.chunk.format import (
+    ANY_SEAL,
+    FORMAT,
+    MAX_HEADER,
+    ChunkAuth,
+    ChunkError,
+    ChunkHeader,
+    ChunkUnverifiable,
+    check_expect,
+    check_meta,
+    encode_chunk,
+    header_length,
+    load_json,
+    parse_header,
+)
+
+from .counters import TierCounters
+
 logger = logging.getLogger(__name__)
 
-FORMAT = "lmcache_triton.kv/1"
-TENSOR_NAME = "kv"
 SUFFIX = ".safetensors"
-RESERVED_META = ("format", "key", "checksum", "dtype", "shape")
-_MAX_HEADER = 1 << 20  # our headers are < 4 KiB; anything above 1 MiB is not ours
-_MAX_OPENERS = 16  # '{' + '[' outside strings: ours has 5; bounds JSON nesting before json.loads
-_MAX_DIMS = 16
-_MAX_DIM = 1 << 48
 _STALE_TMP_S = 3600.0
 _MAX_KNOWN_BAD = 4096
 _MAX_BAD_WARNINGS = 20  # per tier; then one note and debug level (a hostile directory must not flood logs)
 WRITER_NICE = 10  # the disk writer thread's niceness (see DiskTier._writer)
 _KEY_RE = re.compile(r"^[0-9a-f]{8,256}$")
 _TMP_RE = re.compile(r"^\.([0-9a-f]{8,256})\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]+\.tmp$")
-_JSON_STR_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _HOST_TAG = xxhash.xxh32_hexdigest(socket.gethostname().encode())
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _FULL_RETRIES = 3
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-_XXH = "xxh3_64:"
-_MAC = "blake3-mac:"
-_KDF_CONTEXT = "lmcache_triton 2026-11 chunk MAC v1"
-
-_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        _DTYPES[getattr(torch, _name)] = _code
-_FROM_CODE = {v: k for k, v in _DTYPES.items()}
-
-
-class ChunkError(Exception):
-    """A chunk that must never be returned (damaged, forged, foreign): removed, counted."""
-
-
-_Bad = ChunkError
-
-
-class ChunkUnverifiable(Exception):
-    """A sound-looking chunk this reader cannot authenticate (signed with another or no secret,
-    or signed while we have none): a miss, left in place for whoever owns it."""
 
 
 class _Mismatch(Exception):
@@ -171,234 +130,6 @@ class _KnownBad(Exception):
 
 class DiskTierError(OSError):
     """The disk tier cannot run on this directory (unwritable, unsafe, not a directory)."""
-
-
-# ------------------------------------------------------------------------------ chunk format
-# Nothing here touches the file system: a network tier encodes and verifies chunks with these.
-
-
-class ChunkAuth:
-    """How chunks are sealed: an xxh3_64 checksum (no secret) or a keyed BLAKE3 MAC (secret).
-
-    Args:
-        secret: bytes or str; None or empty means no authentication. The MAC key is derived from
-            it with BLAKE3's key-derivation mode, so any length works (config asks >= 16 chars).
-    """
-
-    def __init__(self, secret: bytes | str | None = None) -> None:
-        if isinstance(secret, str):
-            secret = secret.encode()
-        self._key = blake3.blake3(secret, derive_key_context=_KDF_CONTEXT).digest() if secret else None
-        # Names the key in headers so a reader tells "another server's secret" (a miss, file
-        # kept) from "forged with our id" (corrupt, removed). A hash of the key: reveals nothing.
-        self.key_id = blake3.blake3(b"key id", key=self._key).hexdigest()[:16] if self._key else None
-
-    @property
-    def signed(self) -> bool:
-        return self._key is not None
-
-    def __repr__(self) -> str:  # never the secret
-        return f"ChunkAuth(key_id={self.key_id})"
-
-    def start(self, md: dict[str, str]):
-        """A hasher primed with the metadata (canonical JSON minus `checksum`); feed the payload."""
-        h = xxhash.xxh3_64() if self._key is None else blake3.blake3(key=self._key)
-        h.update(json.dumps({k: v for k, v in md.items() if k != "checksum"}, sort_keys=True).encode())
-        return h
-
-    def seal(self, h) -> str:
-        """The `checksum` value for a finished hasher from `start`."""
-        if self._key is None:
-            return _XXH + h.hexdigest()
-        return f"{_MAC}{self.key_id}:{h.hexdigest()}"
-
-    def check_scheme(self, md: dict[str, str]) -> None:
-        """Raises ChunkUnverifiable when this reader cannot (or must not) check the chunk's seal,
-        ChunkError when the seal is not one we know. Cheap: header only, before the payload."""
-        c = md["checksum"]
-        if c.startswith(_XXH):
-            if self._key is not None:
-                raise ChunkUnverifiable("unsigned chunk (chunk_secret is set: only signed chunks are used)")
-            return
-        if c.startswith(_MAC):
-            if self._key is None:
-                raise ChunkUnverifiable("signed chunk (no chunk_secret configured)")
-            if not c.startswith(f"{_MAC}{self.key_id}:"):
-                raise ChunkUnverifiable("chunk signed with another chunk_secret")
-            return
-        raise ChunkError("unknown checksum scheme")
-
-
-@dataclass
-class ChunkHeader:
-    """A parsed, schema-checked chunk header (see `parse_header`)."""
-
-    meta: dict[str, str]
-    dtype: torch.dtype
-    shape: list[int]
-    nbytes: int  # payload bytes
-    hlen: int  # JSON length (the payload starts at 8 + hlen)
-
-
-def _payload_view(tensor: torch.Tensor) -> memoryview:
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
-def check_meta(dtype: torch.dtype, meta: dict[str, str] | None) -> dict[str, str]:
-    """Validate what `encode_chunk` would refuse, before anything is taken (ValueError)."""
-    meta = dict(meta or {})
-    clash = [k for k in meta if k in RESERVED_META]
-    if clash:
-        raise ValueError(f"meta: keys {clash} are reserved by the disk format")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise ValueError("meta: expected dict[str, str]")
-    if dtype not in _DTYPES:
-        raise ValueError(f"tensor: dtype {dtype} has no safetensors code (supported: {sorted(_DTYPES.values())})")
-    return meta
-
-
-def encode_chunk(
-    key: str, tensor: torch.Tensor, meta: dict[str, str] | None = None, auth: ChunkAuth | None = None
-) -> tuple[bytes, memoryview]:
-    """`(header, payload)`: the 8-byte length + JSON header, and a view of the tensor's bytes.
-
-    Writing `header` then `payload` gives a safetensors file; the checksum or MAC in the header
-    covers the metadata and the payload.
-    """
-    meta = check_meta(tensor.dtype, meta)
-    auth = auth or ChunkAuth()
-    payload = _payload_view(tensor)
-    md = dict(meta)
-    md.update(
-        format=FORMAT,
-        key=key,
-        dtype=str(tensor.dtype).removeprefix("torch."),
-        shape=",".join(map(str, tensor.shape)),
-    )
-    h = auth.start(md)
-    h.update(payload)
-    md["checksum"] = auth.seal(h)
-    header = {
-        "__metadata__": md,
-        TENSOR_NAME: {
-            "dtype": _DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [0, len(payload)],
-        },
-    }
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors: payload starts 8-aligned
-    return len(raw).to_bytes(8, "little") + raw, payload
-
-
-def header_length(head: bytes, total_size: int) -> int:
-    """The JSON length from a chunk's first 8 bytes; ChunkError when implausible."""
-    if len(head) < 8:
-        raise ChunkError("shorter than a safetensors header")
-    hlen = int.from_bytes(head[:8], "little")
-    if hlen <= 0 or hlen > _MAX_HEADER or 8 + hlen > total_size:
-        raise ChunkError(f"bad header length {hlen}")
-    return hlen
-
-
-def _load_json(raw: bytes) -> Any:
-    """json.loads with the nesting bounded first: a 100k-deep `[[[...` raises RecursionError."""
-    skeleton = _JSON_STR_RE.sub(b"", raw)
-    if skeleton.count(b"{") + skeleton.count(b"[") > _MAX_OPENERS:
-        raise ChunkError("header nests too deep for a chunk header")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ChunkError("header is not JSON") from None
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def parse_header(raw: bytes, key: str, total_size: int, auth: ChunkAuth | None = None) -> ChunkHeader:
-    """Parse and check the JSON header of the chunk `key` whose whole size is `total_size`.
-
-    Any header this parser has not seen before raises ChunkError (never TypeError, OverflowError,
-    RecursionError, ...); a header sealed in a way `auth` cannot check raises ChunkUnverifiable.
-    """
-    auth = auth or ChunkAuth()
-    hlen = len(raw)
-    header = _load_json(raw)
-    if not isinstance(header, dict):
-        raise ChunkError("header is not a JSON object")
-    md = header.get("__metadata__")
-    if not isinstance(md, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in md.items()):
-        raise ChunkError("no __metadata__ of strings")
-    if md.get("format") != FORMAT:
-        raise ChunkError(f"format {str(md.get('format'))[:64]!r}, expected {FORMAT!r}")
-    if md.get("key") != key:
-        raise ChunkError(f"key {str(md.get('key'))[:80]!r} does not match the file name")
-    if "checksum" not in md:
-        raise ChunkError("no checksum")
-    info = header.get(TENSOR_NAME)
-    if not isinstance(info, dict) or set(header) != {"__metadata__", TENSOR_NAME}:
-        raise ChunkError(f"expected exactly one tensor {TENSOR_NAME!r}")
-    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    dtype = _FROM_CODE.get(code) if isinstance(code, str) else None
-    if (
-        dtype is None
-        or not isinstance(shape, list)
-        or len(shape) > _MAX_DIMS
-        or not all(_is_int(d) and 0 <= d < _MAX_DIM for d in shape)
-    ):
-        raise ChunkError("bad dtype or shape")
-    numel = 1
-    for d in shape:
-        numel *= d
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if not isinstance(offsets, list) or len(offsets) != 2 or offsets != [0, nbytes]:
-        raise ChunkError("data_offsets disagree with dtype and shape")
-    if md.get("shape") != ",".join(map(str, shape)) or md.get("dtype") != str(dtype).removeprefix("torch."):
-        raise ChunkError("metadata dtype/shape disagree with the tensor entry")
-    if total_size != 8 + hlen + nbytes:
-        raise ChunkError(f"size {total_size}, expected {8 + hlen + nbytes} (truncated or padded)")
-    auth.check_scheme(md)
-    return ChunkHeader(md, dtype, list(shape), nbytes, hlen)
-
-
-def check_expect(md: dict[str, str], want: dict[str, str]) -> None:
-    for k, v in want.items():
-        if md.get(k) != v:
-            raise ChunkError(f"metadata {k}={str(md.get(k))[:80]!r}, expected {v!r}")
-
-
-def decode_chunk(
-    key: str,
-    data: bytes | memoryview,
-    auth: ChunkAuth | None = None,
-    expect: dict[str, str] | None = None,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, str]]:
-    """The verified `(tensor, metadata)` of a whole chunk held in memory (e.g. from a network
-    tier). Raises ChunkError (damaged, forged, wrong `expect`), ChunkUnverifiable, or ValueError
-    when `out` has another dtype/shape."""
-    auth = auth or ChunkAuth()
-    mv = memoryview(data).cast("B")
-    hlen = header_length(bytes(mv[:8]), len(mv))
-    hdr = parse_header(bytes(mv[8 : 8 + hlen]), key, len(mv), auth)
-    check_expect(hdr.meta, expect or {})
-    payload = mv[8 + hlen :]
-    h = auth.start(hdr.meta)
-    h.update(payload)
-    if auth.seal(h) != hdr.meta["checksum"]:
-        raise ChunkError("checksum mismatch" if not auth.signed else "MAC mismatch")
-    if out is None:
-        out = torch.empty(hdr.shape, dtype=hdr.dtype)
-    elif out.dtype != hdr.dtype or list(out.shape) != hdr.shape or not out.is_contiguous():
-        raise ValueError(f"out: expected contiguous {hdr.dtype} {tuple(hdr.shape)}, got {out.dtype} {tuple(out.shape)}")
-    if hdr.nbytes:
-        memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")[:] = payload
-    return out, hdr.meta
 
 
 # ------------------------------------------------------------------------------ file helpers
@@ -471,64 +202,12 @@ def _header_is_ours(f, file_size: int, key: str) -> None:
     if len(head) < 8:
         raise ChunkError("shorter than a safetensors header")
     hlen = int.from_bytes(head, "little")
-    if hlen <= 0 or hlen > min(_MAX_HEADER, file_size - 8):
+    if hlen <= 0 or hlen > min(MAX_HEADER, file_size - 8):
         raise ChunkError(f"bad header length {hlen}")
-    header = _load_json(f.read(hlen))
+    header = load_json(f.read(hlen))
     md = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(md, dict) or md.get("format") != FORMAT or md.get("key") != key:
         raise ChunkError(f"not a {FORMAT} chunk for this key")
-
-
-class _AnySeal(ChunkAuth):
-    """Header checks for tools (`inspect`, `clear`): any seal we write is ours; none verified."""
-
-    def check_scheme(self, md: dict[str, str]) -> None:
-        if not md["checksum"].startswith((_XXH, _MAC)):
-            raise ChunkError("unknown checksum scheme")
-
-
-_ANY_AUTH = _AnySeal()
-
-
-class TierCounters:
-    """Counters, once-only warnings and the change log shared by the disk and remote tiers; the
-    tier provides `_lock`, `_stats` (a dict of counts), `_warned` (a set of warning kinds) and
-    `_changes`."""
-
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._stats[name] += n
-
-    def _warn_once(self, kind: str, msg: str, *args: Any) -> None:
-        with self._lock:
-            if kind in self._warned:
-                return
-            self._warned.add(kind)
-        logging.getLogger(type(self).__module__).warning(msg, *args)
-
-    # Change log for vLLM's KV events (routers): the tier also provides `_changes`, None until
-    # `track_changes()`.
-
-    def track_changes(self) -> None:
-        """From now on record the keys this tier writes (`("+", key)`) and drops (`("-", key)`:
-        evicted, damaged, cleared), for `take_changes`. A remote tier sees only what this
-        process wrote and deleted, not the server's own evictions."""
-        with self._lock:
-            if self._changes is None:
-                self._changes = []
-
-    def take_changes(self) -> list[tuple[str, str]]:
-        """The changes recorded since the last call (empty unless `track_changes()`)."""
-        with self._lock:
-            if not self._changes:
-                return []
-            out, self._changes = self._changes, []
-            return out
-
-    def _record(self, op: str, keys: list[str]) -> None:
-        """Log `op` ("+" written, "-" dropped) for `keys` when tracking (caller has `_lock`)."""
-        if self._changes is not None:
-            self._changes.extend((op, k) for k in keys)
 
 
 class DiskTier(TierCounters):
@@ -1305,9 +984,9 @@ class DiskTier(TierCounters):
                 f, st = _open_regular(path)
                 with f:
                     row.update(bytes=st.st_size, mtime=st.st_mtime)
-                    hdr = _read_header(f, st.st_size, key, _ANY_AUTH)
+                    hdr = _read_header(f, st.st_size, key, ANY_SEAL)
                 row["meta"] = hdr.meta
-                row["dtype"], row["shape"] = _DTYPES[hdr.dtype], hdr.shape
+                row["dtype"], row["shape"] = hdr.code, hdr.shape
             except FileNotFoundError:
                 continue
             except (ChunkError, _NotRegular, OSError) as e:

@@ -42,8 +42,10 @@ from typing import Any
 
 import torch
 
+from lmcache_triton.chunk.format import RESERVED_META
+
 from .cpu import CpuTier
-from .disk import RESERVED_META, DiskTier
+from .disk import DiskTier
 from .remote import RemoteTier, copy_payload
 
 # Fault injection for tests and benchmarks: seconds added to every prefetch read, as a slow or

@@ -77,18 +77,20 @@ from typing import Any
 import blake3
 import torch
 
-from .disk import (
+from lmcache_triton.chunk.format import ANY_SEAL as _ANY_SEAL
+from lmcache_triton.chunk.format import (
     ChunkAuth,
     ChunkError,
     ChunkHeader,
     ChunkUnverifiable,
-    TierCounters,
     check_expect,
     check_meta,
     encode_chunk,
     header_length,
     parse_header,
 )
+
+from .counters import TierCounters
 
 logger = logging.getLogger(__name__)
 
@@ -995,7 +997,7 @@ class RemoteTier(TierCounters):
                 if not isinstance(named, str) or not _KEY_RE.match(named) or self.keys.server_key(named) != skey:
                     raise ChunkError("the chunk's key does not match its server key")
                 rec["key"] = key = named
-            hdr = parse_header(head[8 : 8 + hlen], key, rec["bytes"], _AnyAuth())
+            hdr = parse_header(head[8 : 8 + hlen], key, rec["bytes"], _ANY_SEAL)
             rec["meta"] = {k: v for k, v in hdr.meta.items() if k in _SHOWN_META}
             rec["signed"] = hdr.meta["checksum"].startswith("blake3-mac:")
         except (ChunkError, ChunkUnverifiable, TypeError, ValueError) as e:
@@ -1207,13 +1209,6 @@ class ReplyReader:
         """ConnectionError when the server sent more than the replies read (never reuse it)."""
         if self.pending:
             raise ConnectionError("unexpected bytes after the reply")
-
-
-class _AnyAuth(ChunkAuth):
-    """Reads any seal's header (inspection only: nothing is verified or used)."""
-
-    def check_scheme(self, md: dict[str, str]) -> None:
-        return
 
 
 def copy_payload(payload: memoryview, out: torch.Tensor) -> None:
