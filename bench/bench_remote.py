@@ -82,7 +82,7 @@ def _interleaved(fns: dict, reps: int) -> dict[str, float]:
 
 
 def _one_size(tier: RemoteTier, mib: int, reps: int) -> dict[str, float]:
-    raw = tier._bulk  # the same client (pool, socket read size, timeouts)
+    raw = tier.router.nodes()[0].bulk  # the same client (pool, socket read size, timeouts)
     n = mib << 20
     t = torch.randint(-(2**15), 2**15, (n // 2,), dtype=torch.int16).view(torch.bfloat16).view(-1, 1024)
     data = bytes(t.view(torch.uint8).reshape(-1).numpy())

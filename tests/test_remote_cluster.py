@@ -215,7 +215,7 @@ def test_a_moved_slot_is_a_miss_then_found_at_its_new_owner(empty):
     ids = [empty.client(i).execute_command("CLUSTER", "MYID") for i in range(3)]
     ids = [x.decode() if isinstance(x, bytes) else x for x in ids]
     old = next(i for i in range(3) if empty.client(i).execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
-               and tier._owners([KEY_PREFIX + key])[0].name.endswith(f":{empty.nodes[i].port}"))
+               and tier.router.owners([KEY_PREFIX + key])[0].name.endswith(f":{empty.nodes[i].port}"))
     new = (old + 1) % 3
     for i in range(3):  # an empty slot: reassigned on every node at once
         empty.client(i).execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[new])
