@@ -375,3 +375,69 @@ def test_unix_socket_url(tmp_path):
         assert torch.equal(tier.get_with_meta(KEY)[0], t)
         assert _raw(s).exists(tier.keys.server_key(KEY)) == 0  # db 1, not db 0
         tier.close()
+
+
+# ---------------------------------------------------------------- the SlowTier seam
+
+SHAPES = [(2, 3, 5, 7), (63, 80)]  # odd sizes: 63 tokens, head size 80
+
+
+def test_remote_tier_is_a_slow_tier(server):
+    from lmcache_triton.storage.tier import SlowTier
+
+    tier = RemoteTier(server.url, writer=False)
+    assert isinstance(tier, SlowTier)
+    assert (tier.name, tier.medium, tier.locality) == ("remote", "STORAGE", "REMOTE")
+    tier.close()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["xxh3", "mac"])
+def test_open_read_streams_into_the_callers_buffer(server, secret, shape):
+    tier = RemoteTier(server.url, secret=secret)
+    t = _chunk(9, shape=shape)
+    assert _put(tier, KEY, t) == [True]
+    with tier.open_read(KEY, expect={"model": "tiny"}) as rd:
+        assert rd is not None and rd.dtype == t.dtype and rd.shape == tuple(shape)
+        assert rd.meta == META  # the writer's meta, no reserved fields
+        out = torch.full_like(t, float("nan"))
+        assert rd.read_into(out)
+    assert torch.equal(out.view(torch.int16), t.view(torch.int16))
+    # The connection went back clean: the next read on it is exact too.
+    with tier.open_read(KEY) as rd:
+        out2 = torch.full_like(t, float("nan"))
+        assert rd is not None and rd.read_into(out2) and torch.equal(out2.view(torch.int16), t.view(torch.int16))
+    # Absent, and another configuration's header (kept): misses.
+    with tier.open_read("00" * 32) as rd:
+        assert rd is None
+    with tier.open_read(KEY, expect={"model": "other"}) as rd:
+        assert rd is None
+    assert tier.contains(KEY) and tier.stats["mismatch"] == 1 and tier.stats["hits"] == 2
+    # Opened, not read: the half-read reply is dropped, the tier serves on.
+    with tier.open_read(KEY) as rd:
+        assert rd is not None
+    assert torch.equal(tier.get_with_meta(KEY)[0].view(torch.int16), t.view(torch.int16))
+    tier.close()
+
+
+def test_open_read_of_a_damaged_payload_is_false_and_removed(server):
+    tier = RemoteTier(server.url, secret=SECRET)
+    t = _chunk(10)
+    assert _put(tier, KEY, t) == [True]
+    raw = _raw(server)
+    skey = tier.keys.server_key(KEY)
+    v = bytearray(raw.get(skey))
+    v[-1] ^= 0x01
+    raw.set(skey, bytes(v))
+    with tier.open_read(KEY) as rd:
+        assert rd is not None  # the header is sound
+        with pytest.raises(ValueError):
+            rd.read_into(torch.empty(3, dtype=t.dtype))  # a wrong buffer is the caller's error
+        assert not rd.read_into(torch.empty_like(t))
+    assert tier.stats["corrupt"] == 1 and not tier.contains(KEY)
+    # A damaged header: a miss at open, removed.
+    raw.set(skey, b"\x10" + b"\0" * 7 + b"{}")
+    with tier.open_read(KEY) as rd:
+        assert rd is None
+    assert tier.stats["corrupt"] == 2 and not tier.contains(KEY)
+    tier.close()

@@ -229,3 +229,34 @@ def test_tenants_with_different_secrets_keep_their_own_chunks():
         assert plain.clear() == 1 and b.contains(KEY)
         for tier in (a, b, plain):
             tier.close()
+
+
+def _opened(tier: RemoteTier) -> object:
+    with tier.open_read(KEY) as rd:
+        return rd
+
+
+def test_open_read_is_bounded_too():
+    """The SlowTier read path: the same deadline and bound as GET."""
+    with FakeServer() as fake:
+        tier = RemoteTier(fake.url, timeout=0.2, data_timeout=1.0, max_value_bytes=1 << 20)
+        t = _chunk(4, shape=(63, 80))
+        assert _put(tier, KEY, t) == [True]
+        fake.announce = 1536 << 20
+        got, peak = _peak_bytes(lambda: _opened(tier))
+        assert got is None and peak < 4 << 20 and tier.stats["oversized"] == 1
+        assert fake.hung_up.wait(10)
+        fake.hung_up.clear()
+        fake.trickle = 0.02  # header and payload a byte at a time
+        out = torch.empty_like(t)
+        with tier.open_read(KEY) as rd:
+            assert rd is None or not rd.read_into(out)  # the deadline hits in the header or payload
+        assert fake.hung_up.wait(60) and 0 < fake.sent < fake.total
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # backing off, then served again, exact
+            with tier.open_read(KEY) as rd:
+                if rd is not None and rd.read_into(out):
+                    break
+            time.sleep(0.1)
+        assert torch.equal(out.view(torch.int16), t.view(torch.int16))
+        tier.close()
