@@ -54,6 +54,7 @@ _MAX_OPENERS = 16  # '{' + '[' outside strings: ours has 5; bounds JSON nesting 
 _MAX_DIMS = 16
 _MAX_DIM = 1 << 48
 _JSON_STR_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+KEY_RE = re.compile(r"^[0-9a-f]{8,256}$")  # chunk keys: lower-case hex (`CacheKey.hex`)
 XXH = "xxh3_64:"
 MAC = "blake3-mac:"
 _KDF_CONTEXT = "lmcache_triton 2026-11 chunk MAC v1"
@@ -75,6 +76,14 @@ DTYPE_CODES: dict[str, tuple[str, int]] = {
     "float8_e5m2": ("F8_E5M2", 1),
 }
 _NAME_OF_CODE = {code: name for name, (code, _) in DTYPE_CODES.items()}
+
+
+def check_key(key: str) -> str:
+    """`key` itself when it is a chunk key (lower-case hex, safe as a file name or server key),
+    else ValueError: nothing from user input may become a key."""
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise ValueError(f"key: expected lower-case hex (CacheKey.hex), got {key!r}")
+    return key
 
 
 def dtype_name(dtype: torch.dtype) -> str:
