@@ -39,7 +39,7 @@ Invariants:
     once. Connection state and backoff per server: `cluster.Router`.
   * A reply never makes the tier allocate by the server's word: a value claiming more than
     `max_value_bytes` is a miss (connection dropped, value kept, `stats["oversized"]`), and a
-    value's buffer grows as its bytes arrive.
+    value's memory follows the bytes that arrived.
   * Writes: a bounded queue (`max_pending` chunks); a full queue drops the write (counted in
     `dropped`). The writer keeps a reference to the queued tensor until written: the caller must
     not mutate it (the manager hands over a held CPU-tier buffer, released by `on_done`).
