@@ -263,14 +263,14 @@ def test_mask_url():
     assert mask_url("redis://h:1") == "redis://h:1"
 
 
-# ---------------------------------------------------------------- behind the StorageManager
+# ---------------------------------------------------------------- behind the StorageHierarchy
 
 
 def _manager(url, keep_in_cpu=True, **kw):
     from lmcache_triton.storage.cpu import CpuTier
-    from lmcache_triton.storage.manager import StorageManager
+    from lmcache_triton.storage.hierarchy import StorageHierarchy
 
-    return StorageManager(CpuTier(64 << 20), None, keep_in_cpu=keep_in_cpu, remote=RemoteTier(url, **kw))
+    return StorageHierarchy(CpuTier(64 << 20), [RemoteTier(url, **kw)], keep_in_cpu=keep_in_cpu)
 
 
 @pytest.mark.parametrize("keep_in_cpu", [True, False], ids=["keep", "stage"])
@@ -342,18 +342,21 @@ def test_prefix_index_asks_the_server_once_for_all_candidates_and_ranks(server):
 def test_disk_first_then_remote_and_keys_vanishing_between_lookup_and_fetch(server, tmp_path):
     from lmcache_triton.storage.cpu import CpuTier
     from lmcache_triton.storage.disk import DiskTier
-    from lmcache_triton.storage.manager import StorageManager
+    from lmcache_triton.storage.hierarchy import StorageHierarchy
 
-    a = StorageManager(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
+    def disk_then_remote(cpu, disk, remote):
+        return StorageHierarchy(cpu, [disk, remote])
+
+    a = disk_then_remote(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
     t = _chunk(7)
     assert a.put(KEY, t, META) and a.flush(10)
     assert (tmp_path / "a" / f"{KEY}.safetensors").exists() and a.remote.contains(KEY)  # both written
     # Another machine: its own (empty) disk; the disk has no file, the remote serves it.
-    b = StorageManager(CpuTier(16 << 20), DiskTier(tmp_path / "b", 1 << 30), remote=RemoteTier(server.url))
+    b = disk_then_remote(CpuTier(16 << 20), DiskTier(tmp_path / "b", 1 << 30), remote=RemoteTier(server.url))
     tiers: list[str] = []
     assert b.prefetch(KEY, on_stored=tiers.append) and tiers == ["remote"]
     # Its own disk file wins over the server.
-    c = StorageManager(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
+    c = disk_then_remote(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
     tiers.clear()
     assert c.prefetch(KEY, on_stored=tiers.append) and tiers == ["disk"]
     # Present at lookup, evicted before the fetch: a clean miss.
