@@ -79,8 +79,9 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from io import FileIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 import xxhash
@@ -146,7 +147,7 @@ _PIPELINE_MIN = 8 << 20
 class _DiskReader:
     """`ChunkReader` over one open chunk file whose header was checked (`DiskTier.open_read`)."""
 
-    def __init__(self, tier: DiskTier, key: str, f: BinaryIO, st: os.stat_result, hdr: ChunkHeader) -> None:
+    def __init__(self, tier: DiskTier, key: str, f: FileIO, st: os.stat_result, hdr: ChunkHeader) -> None:
         self.dtype: torch.dtype = hdr.dtype
         self.shape: tuple[int, ...] = tuple(hdr.shape)
         self.meta: dict[str, str] = {k: v for k, v in hdr.meta.items() if k not in RESERVED_META}
@@ -390,9 +391,9 @@ class DiskTier(TierCounters):
                 if not name.endswith(SUFFIX) or not KEY_RE.match(name[: -len(SUFFIX)]):
                     continue
                 key = name[: -len(SUFFIX)]
-                size = self._check_file(key)
-                if size is not None:
-                    found.append((size[1], key, size[0]))
+                got = self._check_file(key)
+                if got is not None:
+                    found.append((got[1], key, got[0]))
         found.sort()
         with self._lock:
             for _, key, size in found:
@@ -595,7 +596,7 @@ class DiskTier(TierCounters):
             os.utime(r.path, follow_symlinks=False)
         return True
 
-    def _read_verified(self, f: BinaryIO, hdr: ChunkHeader, mv: memoryview) -> None:
+    def _read_verified(self, f: FileIO, hdr: ChunkHeader, mv: memoryview) -> None:
         """Read the payload after the header into `mv`, hashing each piece as it lands."""
         h = self.auth.start(hdr.meta)
         if len(mv) < _PIPELINE_MIN or not self.auth.signed:
@@ -646,7 +647,7 @@ class DiskTier(TierCounters):
 
     # ------------------------------------------------------------ writes
 
-    def check_put(self, key: str, dtype: torch.dtype, meta: dict[str, str] | None) -> None:
+    def check_put(self, key: str, dtype: torch.dtype, meta: Mapping[str, str] | None) -> None:
         """Raise ValueError for what `put` would refuse (a key that is not lower-case hex,
         reserved/non-string meta, a dtype with no safetensors code), so a caller can check
         before taking anything."""
@@ -657,7 +658,7 @@ class DiskTier(TierCounters):
         self,
         key: str,
         tensor: torch.Tensor,
-        meta: dict[str, str] | None = None,
+        meta: Mapping[str, str] | None = None,
         on_done: OnDone | None = None,
     ) -> bool:
         """Queue `tensor` for writing under `key`; returns at once.
