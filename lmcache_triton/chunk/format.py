@@ -234,7 +234,7 @@ def check_meta(dtype: torch.dtype, meta: Mapping[str, str] | None) -> dict[str, 
 
 
 def encode_chunk(
-    key: str, tensor: torch.Tensor, meta: dict[str, str] | None = None, auth: ChunkAuth | None = None
+    key: str, tensor: torch.Tensor, meta: Mapping[str, str] | None = None, auth: ChunkAuth | None = None
 ) -> tuple[bytes, memoryview]:
     """`(header, payload)`: the 8-byte length + JSON header, and a view of the tensor's bytes.
 
