@@ -16,17 +16,10 @@ Chunk format: `lmcache_triton.chunk.format` (the same bytes as the remote tier's
 
 Invariants:
   * Only `key` strings of lower-case hex become file names (`CacheKey.hex`).
-  * Private by default: the directory is created 0700 and files 0600. At open (not for the
-    read-only inspection mode) a directory owned by another user or writable by all users is
-    refused (`DiskTierError`) unless chunks are authenticated (then a warning); a group-writable
-    one is warned about. A directory that cannot be created or is not a directory is a
-    `DiskTierError`; `storage.builder` logs it (one line naming `local_disk`) and runs without
-    the disk tier. An unwritable directory (read-only mount, immutable, not ours) logs one error
-    line naming `local_disk` at open and `writable` is False: the chunks there are still served,
-    and every failed write counts in `write_errors`.
-  * Nothing but a regular file is ever opened: `lstat` first, then `O_NOFOLLOW | O_NONBLOCK`
-    and an `fstat` check (a FIFO, socket, device or directory named like a chunk never blocks a
-    read; a symlink is never followed: it is a bad file and the link alone is removed).
+  * The directory: private by default (0700 directory, 0600 files), an unsafe one refused or
+    warned about, an unwritable one served read-only (`writable` False): `storage.disk_dir`.
+  * Nothing but a regular file is ever opened, a symlink never followed (`storage.safe_file`):
+    a FIFO, socket, device or directory named like a chunk never blocks a read.
   * All-or-nothing files: the writer thread writes `.<key>.<host>.<pid>.<rand>.tmp` in the same
     directory, fsyncs it, then `os.replace`s it to the final name. Readers (this or another
     process) see a whole file or none. The directory is not fsynced: after a crash a rename may
@@ -57,7 +50,7 @@ Invariants:
     not fit is skipped (`disk_full`, `write_errors`), its temp file removed, ONE warning logged.
     Every failed write counts in `write_errors`.
   * The writer keeps a reference to the queued tensor until written: the caller must not
-    mutate it after `put` (the manager hands over a held CPU-tier buffer, released by `on_done`).
+    mutate it after `put` (the hierarchy hands over a held CPU-tier buffer, released by `on_done`).
 
 Checksum and MAC choice (and their measured speeds): `chunk.format`.
 """

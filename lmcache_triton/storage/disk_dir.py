@@ -1,8 +1,16 @@
 """The disk tier's directory: the safety checks at open, temp-file names, stale temp files.
 
-Torch-free. Invariants (see `storage.disk`): the directory is created 0700; one owned by another
-user or writable by all is refused unless chunks are authenticated; an unwritable one is served
-read-only; temp files are `.<key>.<host>.<pid>.<rand>.tmp` in the same directory.
+Torch-free. Invariants:
+  * Private by default: the directory is created 0700 and files 0600. At open (not for the
+    read-only inspection mode) a directory owned by another user or writable by all users is
+    refused (`DiskTierError`) unless chunks are authenticated (then a warning); a group-writable
+    one is warned about. A directory that cannot be created or is not a directory is a
+    `DiskTierError`; `storage.builder` logs it (one line naming `local_disk`) and runs without
+    the disk tier. An unwritable directory (read-only mount, immutable, not ours) logs one error
+    line naming `local_disk` at open and `writable` is False: the chunks there are still served,
+    and every failed write counts in `write_errors`.
+  * Temp files are `.<key>.<host>.<pid>.<rand>.tmp` in the same directory; start-up removes
+    those of this host's dead processes and any older than an hour.
 """
 
 from __future__ import annotations
