@@ -275,6 +275,7 @@ class CpuTier:
                     break
         if best is None:
             return None
+        assert best_block is not None
         slab = self._slabs[best]
         slab.used += 1
         return best, slab.free._take(best_block, size)
@@ -400,37 +401,38 @@ class CpuTier:
         (a raise counts as an error and propagates)."""
         nbytes = math.prod(shape) * dtype.itemsize
         size = max(ALIGN, _round_up(nbytes, ALIGN))
-        with self._block(key, nbytes, size) as got:
-            if isinstance(got, bool):
-                return got
-            return self._fill(key, got, nbytes, size, dtype, shape, fill, meta)
-
-    @contextmanager
-    def _block(self, key: str, nbytes: int, size: int) -> Iterator[tuple[int, int] | bool]:
-        """Under the lock (held inside the block): `(slab, offset)` of a block of `size` for `key`,
-        True when `key` is present (its recency refreshed), False when it cannot fit (counted)."""
         while True:
             with self._lock:
-                if key in self._entries:
-                    self._entries.move_to_end(key)
-                    yield True
-                    return
-                if nbytes > self.max_bytes or size > self._largest:
-                    self._s.rejected += 1
-                    yield False
-                    return
-                got = self._alloc(size)
-                grow = None if got is not None else self._slab_to_grow(size)
-                if got is None and grow is None:
-                    got = self._alloc_evicting(size)
-                    if got is None:
-                        self._s.rejected += 1
-                        yield False
-                        return
-                if got is not None:
-                    yield got
-                    return
-            self._grow(grow)  # outside the lock; then retry (another thread may have raced us)
+                got = self._place(key, nbytes, size)
+                if isinstance(got, tuple):
+                    return self._fill(key, got, nbytes, size, dtype, shape, fill, meta)
+                if isinstance(got, bool):
+                    return got
+            self._grow(got)  # outside the lock; then retry (another thread may have raced us)
+
+    def _place(self, key: str, nbytes: int, size: int) -> tuple[int, int] | bool | int:
+        """Where a chunk of `size` reserved bytes for `key` goes (caller holds `_lock`):
+        `(slab, offset)` of a block taken for it; True when `key` is present (its recency
+        refreshed); False when it cannot fit (counted); an int: the slab to grow first (outside
+        the lock), then ask again. (A plain method, not a context manager: that cost 4 us a put,
+        25% of a 256 KiB put.)"""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return True
+        if nbytes > self.max_bytes or size > self._largest:
+            self._s.rejected += 1
+            return False
+        got = self._alloc(size)
+        if got is not None:
+            return got
+        grow = self._slab_to_grow(size)
+        if grow is not None:
+            return grow
+        got = self._alloc_evicting(size)
+        if got is None:
+            self._s.rejected += 1
+            return False
+        return got
 
     def reserve(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Reservation | None:
         """Take a block for a chunk the caller fills outside the tier's lock (a disk read of
@@ -442,13 +444,19 @@ class CpuTier:
         """
         nbytes = math.prod(shape) * dtype.itemsize
         size = max(ALIGN, _round_up(nbytes, ALIGN))
-        with self._block(key, nbytes, size) as got:
-            if isinstance(got, bool):
-                return None
-            slab, off = got
-            self._used += nbytes
-            entry = _Entry(self._slabs[slab].buf.narrow(0, off, nbytes), dtype, tuple(shape), {}, slab, off, size)
-            return Reservation(key, entry.view(), entry)
+        while True:
+            with self._lock:
+                got = self._place(key, nbytes, size)
+                if isinstance(got, tuple):
+                    slab, off = got
+                    self._used += nbytes
+                    arena = self._slabs[slab].buf
+                    assert arena is not None
+                    entry = _Entry(arena.narrow(0, off, nbytes), dtype, tuple(shape), {}, slab, off, size)
+                    return Reservation(key, entry.view(), entry)
+                if isinstance(got, bool):
+                    return None
+            self._grow(got)
 
     def publish(self, r: Reservation, meta: dict[str, str] | None = None) -> bool:
         """Make a filled reservation an entry (most recently used). False, with the block given
