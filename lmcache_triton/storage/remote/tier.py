@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import queue
 import socket
 import threading
 import time
@@ -74,6 +73,7 @@ from lmcache_triton.chunk.format import (
 
 from ..counters import TierCounters
 from ..tier import ChunkReader, Locality, Medium, OnDone
+from ..writer import WriteQueue
 from .admin import RemoteAdmin
 from .cluster import Node, Router
 from .keys import KeySpace
@@ -90,8 +90,6 @@ _STATS = (
     "lookups", "lookup_keys", "hits", "misses", "corrupt", "unauthenticated", "mismatch", "writes",
     "bytes_written", "bytes_read", "write_errors", "refused", "dropped", "oversized",
 )  # fmt: skip
-
-_Item = tuple[str, torch.Tensor, dict[str, str], OnDone | None]
 
 
 def _socket(conn: AbstractConnection) -> socket.socket:
@@ -158,12 +156,11 @@ class RemoteTier(TierCounters):
         self._warned: set[str] = set()
         self._closed = False
         self._changes: list[tuple[str, str]] | None = None  # ("+" | "-", key), see track_changes
-        self._q: queue.Queue[_Item | None] | None = None
-        self._thread: threading.Thread | None = None
+        self._writer: WriteQueue | None = None
         if writer:
-            self._q = queue.Queue(maxsize=max(1, max_pending))
-            self._thread = threading.Thread(target=self._writer, name="lmcache-triton-remote-writer", daemon=True)
-            self._thread.start()
+            self._writer = WriteQueue(
+                self._write_queued, "lmcache-triton-remote-writer", max_pending, on_error=self._write_raised
+            )
 
     def __repr__(self) -> str:  # never the password
         return f"RemoteTier({self.masked})"
@@ -444,14 +441,10 @@ class RemoteTier(TierCounters):
                 (`on_done` is not called).
         """
         self.check_put(key, tensor.dtype, meta)
-        if self._q is not None and not self._closed:
+        if self._writer is not None and not self._closed:
             owner = self.router.known_owner(self.keys.server_key(key))
-            if self.router.may_try(owner):
-                try:
-                    self._q.put_nowait((key, tensor, dict(meta or {}), on_done))
-                    return True
-                except queue.Full:
-                    pass
+            if self.router.may_try(owner) and self._writer.submit(key, tensor, dict(meta or {}), on_done):
+                return True
         self._count("dropped")
         if on_done is not None:
             on_done(False)
@@ -503,32 +496,19 @@ class RemoteTier(TierCounters):
             self._stats["bytes_written"] += size
         return True
 
-    def _writer(self) -> None:
-        assert self._q is not None
-        while True:
-            item = self._q.get()
-            try:
-                if item is None:
-                    return
-                key, tensor, meta, on_done = item
-                ok = False
-                try:
-                    if self.router.may_try(self.router.known_owner(self.keys.server_key(key))):
-                        ok = self.write(key, tensor, meta)
-                        if ok:
-                            self._changed("+", key)
-                    else:  # backing off: skipped, a counted store error
-                        self._count("write_errors")
-                except Exception as e:  # never kill the writer thread
-                    self._count("write_errors")
-                    self._warn_once("write-bug", "lmcache_triton remote tier: write of %s failed: %r", key[:24], e)
-                if on_done is not None:
-                    try:
-                        on_done(ok)
-                    except Exception:
-                        logger.exception("remote tier on_done callback failed")
-            finally:
-                self._q.task_done()
+    def _write_queued(self, key: str, tensor: torch.Tensor, meta: Mapping[str, str]) -> bool:
+        """The writer thread's step: skipped (a counted store error) while the server backs off."""
+        if not self.router.may_try(self.router.known_owner(self.keys.server_key(key))):
+            self._count("write_errors")
+            return False
+        ok = self.write(key, tensor, meta)
+        if ok:
+            self._changed("+", key)
+        return ok
+
+    def _write_raised(self, key: str, e: Exception) -> None:
+        self._count("write_errors")
+        self._warn_once("write-bug", "lmcache_triton remote tier: write of %s failed: %r", key[:24], e)
 
     def _changed(self, op: str, key: str) -> None:
         with self._lock:
@@ -538,26 +518,15 @@ class RemoteTier(TierCounters):
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued writes are done; False on timeout."""
-        if self._q is None:
-            return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cond = self._q.all_tasks_done
-        with cond:
-            while self._q.unfinished_tasks:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                cond.wait(left)
-        return True
+        return True if self._writer is None else self._writer.flush(timeout)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish queued writes (up to `timeout`), stop the writer, close the connections."""
         if self._closed:
             return
         self._closed = True
-        if self._q is not None and self._thread is not None:
-            self._q.put(None)
-            self._thread.join(timeout)
+        if self._writer is not None:
+            self._writer.close(timeout)
         self.router.close()
 
     def scan_keys(self, count: int = 1000) -> list[str]:
@@ -583,7 +552,7 @@ class RemoteTier(TierCounters):
         out["errors"] = self.router.errors
         out["reconnects"] = self.router.reconnects
         out["up"] = int(self.up)
-        out["pending"] = 0 if self._q is None else self._q.qsize()
+        out["pending"] = 0 if self._writer is None else self._writer.qsize()
         return out
 
 
