@@ -11,22 +11,14 @@ compute the other's server keys. Nothing from user input reaches a server key.
 
 from __future__ import annotations
 
-import re
-
 import blake3
 
-from lmcache_triton.chunk.format import ChunkAuth
+from lmcache_triton.chunk.format import KEY_RE, ChunkAuth, check_key
+
+__all__ = ["KEY_PREFIX", "KEY_RE", "KeySpace", "check_key"]
 
 KEY_PREFIX = "lmct:"
-KEY_RE = re.compile(r"^[0-9a-f]{8,256}$")
 _SPACE_CONTEXT = "lmcache_triton 2026-12 remote key space v1"
-
-
-def check_key(key: str) -> str:
-    """`key` when it is a chunk key (lower-case hex, 8-256 digits), else ValueError."""
-    if not isinstance(key, str) or not KEY_RE.match(key):
-        raise ValueError(f"remote tier: key must be lower-case hex, got {str(key)[:80]!r}")
-    return key
 
 
 class KeySpace:
