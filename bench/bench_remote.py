@@ -5,8 +5,9 @@ Part 1, throughput for 1-32 MiB chunks, medians over `--reps`:
                          with the same client (the baseline a user would write)
   tier write             `RemoteTier.write`: seal (xxh3 checksum, or keyed BLAKE3 with --secret)
                          + SET from the tensor's own memory (what the background writer runs)
-  tier get_into          `RemoteTier.get_into`: GET + verify + copy into a preallocated tensor
-                         (what the prefetcher runs before the chunk enters the CPU tier)
+  tier read_into         `RemoteTier.open_read` + `read_into`: GET, header checked, the payload
+                         received straight into a preallocated tensor and verified there (what
+                         the hierarchy's prefetch runs into a CPU-arena block)
 GB/s count the chunk's bytes once (bytes over the socket). Target (issue 11): tier >= 0.80 of raw.
 
 Part 2, TTFT (`--ttft`): a local ~40M-parameter model (bench_e2e's), prompts of `--tokens`; process A
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench._common import append_csv, device_name  # noqa: E402
-from lmcache_triton.storage.remote import KEY_PREFIX, RemoteTier  # noqa: E402
+from lmcache_triton.storage.remote import RemoteTier  # noqa: E402
 from lmcache_triton.testing.valkey import ValkeyServer  # noqa: E402
 
 CSV = Path(__file__).with_name("results_remote.csv")
@@ -81,8 +82,13 @@ def _interleaved(fns: dict, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
+def _read_into(tier: RemoteTier, key: str, out: torch.Tensor) -> None:
+    with tier.open_read(key) as rd:
+        assert rd is not None and rd.read_into(out)
+
+
 def _one_size(tier: RemoteTier, mib: int, reps: int) -> dict[str, float]:
-    raw = tier._bulk  # the same client (pool, socket read size, timeouts)
+    raw = tier.router.nodes()[0].bulk  # the same client (pool, socket read size, timeouts)
     n = mib << 20
     t = torch.randint(-(2**15), 2**15, (n // 2,), dtype=torch.int16).view(torch.bfloat16).view(-1, 1024)
     data = bytes(t.view(torch.uint8).reshape(-1).numpy())
@@ -95,12 +101,12 @@ def _one_size(tier: RemoteTier, mib: int, reps: int) -> dict[str, float]:
             "raw_set": lambda: raw.set("bench:raw", data),
             "ours_set": lambda: tier.write(key, t, {"model": "bench"}),
             "raw_get": lambda: raw.get("bench:raw"),
-            "ours_get": lambda: tier.get_into(key, out),
+            "ours_get": lambda: _read_into(tier, key, out),
         },
         reps,
     )
     assert torch.equal(out.view(torch.int16), t.view(torch.int16))
-    raw.delete("bench:raw", KEY_PREFIX + key)
+    raw.delete("bench:raw", tier.keys.server_key(key))
     return sec
 
 
@@ -124,7 +130,7 @@ def throughput(reps: int, secret: str | None) -> list[dict]:
                 ("raw SET (redis-py set)", "raw_set", "raw_set"),
                 ("tier write (seal + SET)", "ours_set", "raw_set"),
                 ("raw GET (redis-py get)", "raw_get", "raw_get"),
-                ("tier get_into (GET + verify + copy)", "ours_get", "raw_get"),
+                ("tier read_into (GET + verify in place)", "ours_get", "raw_get"),
             ):
                 rows.append(dict(device=dev, versions=ver, date=now, bench=bench, op=op, value=f"{g[k]:.3f}",
                                  unit="GB/s", baseline=f"{g[base]:.3f}", fraction=f"{g[k] / g[base]:.3f}"))

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from lmcache_triton.storage.disk import encode_chunk
+from lmcache_triton.chunk.format import encode_chunk
 from lmcache_triton.storage.remote import KEY_PREFIX, RemoteTier, RemoteURLError, check_url, mask_url
 from lmcache_triton.testing.valkey import ValkeyServer, server_binary
 
@@ -56,9 +56,9 @@ def test_roundtrip_bit_exact(server, secret):
     got = tier.get_into(KEY, out, expect={"model": "tiny"})
     assert got is not None and got[0] is out and torch.equal(out.view(torch.int16), t.view(torch.int16))
     assert got[1]["num_tokens"] == "16"
-    # The stored value is the disk tier's file format, byte for byte, under our prefix.
+    # The stored value is the disk tier's file format, byte for byte, in our key space.
     header, payload = encode_chunk(KEY, t, META, tier.auth)
-    assert _raw(server).get(KEY_PREFIX + KEY) == header + bytes(payload)
+    assert _raw(server).get(tier.keys.server_key(KEY)) == header + bytes(payload)
     # A header field that disagrees: a miss, the value kept.
     assert tier.get_into(KEY, None, expect={"model": "other"}) is None
     assert tier.contains(KEY)
@@ -71,20 +71,26 @@ def test_foreign_and_damaged_values_are_misses(server):
     unsigned = RemoteTier(server.url, writer=False)
     t = _chunk(1)
     assert _put(signed, KEY, t) == [True]
-    assert other.get_with_meta(KEY) is None and other.stats["unauthenticated"] == 1
-    assert unsigned.get_with_meta(KEY) is None and unsigned.stats["unauthenticated"] == 1
-    assert signed.contains(KEY)  # left in place for its owner
-    # Flip one payload byte: the MAC fails, the value is removed.
+    # Another secret (or none) looks in its own key space: a clean miss.
+    assert other.get_with_meta(KEY) is None and unsigned.get_with_meta(KEY) is None
     raw = _raw(server)
-    v = bytearray(raw.get(KEY_PREFIX + KEY))
+    skey = signed.keys.server_key(KEY)
+    # The signed value copied into their spaces: a seal they cannot check, left in place.
+    for tier in (other, unsigned):
+        raw.set(tier.keys.server_key(KEY), raw.get(skey))
+        assert tier.get_with_meta(KEY) is None and tier.stats["unauthenticated"] == 1
+        assert tier.contains(KEY)
+    assert signed.contains(KEY)
+    # Flip one payload byte: the MAC fails, the value is removed.
+    v = bytearray(raw.get(skey))
     v[-3] ^= 0x40
-    raw.set(KEY_PREFIX + KEY, bytes(v))
+    raw.set(skey, bytes(v))
     assert signed.get_with_meta(KEY) is None
     assert signed.stats["corrupt"] == 1 and not signed.contains(KEY)
     # Garbage and a truncated value under a chunk key.
-    raw.set(KEY_PREFIX + KEY, b"\x10" + b"\0" * 7 + b"{}")
+    raw.set(skey, b"\x10" + b"\0" * 7 + b"{}")
     assert signed.get_with_meta(KEY) is None
-    raw.set(KEY_PREFIX + "ef" * 32, b"x")
+    raw.set(signed.keys.server_key("ef" * 32), b"x")
     assert signed.get_with_meta("ef" * 32) is None
     for tier in (signed, other, unsigned):
         tier.close()
@@ -257,14 +263,14 @@ def test_mask_url():
     assert mask_url("redis://h:1") == "redis://h:1"
 
 
-# ---------------------------------------------------------------- behind the StorageManager
+# ---------------------------------------------------------------- behind the StorageHierarchy
 
 
 def _manager(url, keep_in_cpu=True, **kw):
     from lmcache_triton.storage.cpu import CpuTier
-    from lmcache_triton.storage.manager import StorageManager
+    from lmcache_triton.storage.hierarchy import StorageHierarchy
 
-    return StorageManager(CpuTier(64 << 20), None, keep_in_cpu=keep_in_cpu, remote=RemoteTier(url, **kw))
+    return StorageHierarchy(CpuTier(64 << 20), [RemoteTier(url, **kw)], keep_in_cpu=keep_in_cpu)
 
 
 @pytest.mark.parametrize("keep_in_cpu", [True, False], ids=["keep", "stage"])
@@ -336,24 +342,27 @@ def test_prefix_index_asks_the_server_once_for_all_candidates_and_ranks(server):
 def test_disk_first_then_remote_and_keys_vanishing_between_lookup_and_fetch(server, tmp_path):
     from lmcache_triton.storage.cpu import CpuTier
     from lmcache_triton.storage.disk import DiskTier
-    from lmcache_triton.storage.manager import StorageManager
+    from lmcache_triton.storage.hierarchy import StorageHierarchy
 
-    a = StorageManager(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
+    def disk_then_remote(cpu, disk, remote):
+        return StorageHierarchy(cpu, [disk, remote])
+
+    a = disk_then_remote(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
     t = _chunk(7)
     assert a.put(KEY, t, META) and a.flush(10)
     assert (tmp_path / "a" / f"{KEY}.safetensors").exists() and a.remote.contains(KEY)  # both written
     # Another machine: its own (empty) disk; the disk has no file, the remote serves it.
-    b = StorageManager(CpuTier(16 << 20), DiskTier(tmp_path / "b", 1 << 30), remote=RemoteTier(server.url))
+    b = disk_then_remote(CpuTier(16 << 20), DiskTier(tmp_path / "b", 1 << 30), remote=RemoteTier(server.url))
     tiers: list[str] = []
     assert b.prefetch(KEY, on_stored=tiers.append) and tiers == ["remote"]
     # Its own disk file wins over the server.
-    c = StorageManager(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
+    c = disk_then_remote(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
     tiers.clear()
     assert c.prefetch(KEY, on_stored=tiers.append) and tiers == ["disk"]
     # Present at lookup, evicted before the fetch: a clean miss.
     d = _manager(server.url)
     assert d.remote.contains_many([KEY]) == [True]
-    _raw(server).delete(KEY_PREFIX + KEY)
+    _raw(server).delete(d.remote.keys.server_key(KEY))
     assert not d.prefetch(KEY) and not d.cpu.contains(KEY)
     for m in (a, b, c, d):
         m.close()
@@ -367,5 +376,71 @@ def test_unix_socket_url(tmp_path):
         t = _chunk(8, shape=(32, 1024))
         assert _put(tier, KEY, t) == [True] and tier.contains_many([KEY]) == [True]
         assert torch.equal(tier.get_with_meta(KEY)[0], t)
-        assert _raw(s).exists(KEY_PREFIX + KEY) == 0  # db 1, not db 0
+        assert _raw(s).exists(tier.keys.server_key(KEY)) == 0  # db 1, not db 0
         tier.close()
+
+
+# ---------------------------------------------------------------- the SlowTier seam
+
+SHAPES = [(2, 3, 5, 7), (63, 80)]  # odd sizes: 63 tokens, head size 80
+
+
+def test_remote_tier_is_a_slow_tier(server):
+    from lmcache_triton.storage.tier import SlowTier
+
+    tier = RemoteTier(server.url, writer=False)
+    assert isinstance(tier, SlowTier)
+    assert (tier.name, tier.medium, tier.locality) == ("remote", "STORAGE", "REMOTE")
+    tier.close()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["xxh3", "mac"])
+def test_open_read_streams_into_the_callers_buffer(server, secret, shape):
+    tier = RemoteTier(server.url, secret=secret)
+    t = _chunk(9, shape=shape)
+    assert _put(tier, KEY, t) == [True]
+    with tier.open_read(KEY, expect={"model": "tiny"}) as rd:
+        assert rd is not None and rd.dtype == t.dtype and rd.shape == tuple(shape)
+        assert rd.meta == META  # the writer's meta, no reserved fields
+        out = torch.full_like(t, float("nan"))
+        assert rd.read_into(out)
+    assert torch.equal(out.view(torch.int16), t.view(torch.int16))
+    # The connection went back clean: the next read on it is exact too.
+    with tier.open_read(KEY) as rd:
+        out2 = torch.full_like(t, float("nan"))
+        assert rd is not None and rd.read_into(out2) and torch.equal(out2.view(torch.int16), t.view(torch.int16))
+    # Absent, and another configuration's header (kept): misses.
+    with tier.open_read("00" * 32) as rd:
+        assert rd is None
+    with tier.open_read(KEY, expect={"model": "other"}) as rd:
+        assert rd is None
+    assert tier.contains(KEY) and tier.stats["mismatch"] == 1 and tier.stats["hits"] == 2
+    # Opened, not read: the half-read reply is dropped, the tier serves on.
+    with tier.open_read(KEY) as rd:
+        assert rd is not None
+    assert torch.equal(tier.get_with_meta(KEY)[0].view(torch.int16), t.view(torch.int16))
+    tier.close()
+
+
+def test_open_read_of_a_damaged_payload_is_false_and_removed(server):
+    tier = RemoteTier(server.url, secret=SECRET)
+    t = _chunk(10)
+    assert _put(tier, KEY, t) == [True]
+    raw = _raw(server)
+    skey = tier.keys.server_key(KEY)
+    v = bytearray(raw.get(skey))
+    v[-1] ^= 0x01
+    raw.set(skey, bytes(v))
+    with tier.open_read(KEY) as rd:
+        assert rd is not None  # the header is sound
+        with pytest.raises(ValueError):
+            rd.read_into(torch.empty(3, dtype=t.dtype))  # a wrong buffer is the caller's error
+        assert not rd.read_into(torch.empty_like(t))
+    assert tier.stats["corrupt"] == 1 and not tier.contains(KEY)
+    # A damaged header: a miss at open, removed.
+    raw.set(skey, b"\x10" + b"\0" * 7 + b"{}")
+    with tier.open_read(KEY) as rd:
+        assert rd is None
+    assert tier.stats["corrupt"] == 2 and not tier.contains(KEY)
+    tier.close()

@@ -1,0 +1,550 @@
+"""The worker's cache engine: moves chunks between vLLM's paged KV cache and the storage tiers.
+
+`KVCacheEngine` (worker role; the scheduler's half is `engine.index.PrefixIndex`, the chunk
+planning `chunk.planner`): `store` gathers a chunk's token rows out of the paged cache in one
+kernel launch for all layers straight into the CPU tier and hands it to the slower tiers; `load`
+scatters a held chunk into the given blocks; `prefetch` brings chunks from the slower tiers into
+the CPU tier in the background; `open_held` lends a held chunk to a reader (CacheBlend). How the
+bytes move is the copy path chosen at `register` (`engine.copy_paths`); where they are kept is
+the storage hierarchy's (`storage.hierarchy`). Imports no vLLM.
+
+Invariants:
+* A chunk is keyed by (namespace, prefix-chained token hash). The namespace names the model and
+  what produced its weights, world size, rank, KV dtype, chunk size and the shape of a token
+  row (attention kind, heads, head size), so a chunk is never loaded into a cache of another
+  model or row shape.
+* A stored chunk is token rows `[S, L, T, H, C / S]` (S = 2: K then V, LMCache's KV_2LTD order;
+  1 for an MLA latent row) of the cache dtype, bit-exact, with exactly its `T` tokens: it does
+  not depend on vLLM's block size, the attention backend's page size or the page layout, so a
+  chunk stored by one server loads into any other of the same model and KV dtype
+  (`copy_paths.TokenRows` / `PackedPages`; `OpaquePages` is the one non-portable exception).
+* `store` returns only after the pages are copied out, so vLLM may reuse the blocks at once;
+  the slower tiers are written in the background.
+* A chunk that fails to load (missing, damaged, wrong shape) is reported, never half-used:
+  the caller tells vLLM to recompute its blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from lmcache_triton.chunk.planner import chunk_key
+from lmcache_triton.kernels.geometry import PagedKVGeometry
+from lmcache_triton.storage.hierarchy import StorageHierarchy
+
+from .copy_paths import CopyPath, make_copy_path
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = "2"
+
+
+@dataclass
+class TransferStats:
+    """Counters of one worker, reset by `take()` at each vLLM stats interval."""
+
+    stored_chunks: int = 0
+    stored_bytes: int = 0
+    store_seconds: float = 0.0
+    loaded_chunks: int = 0
+    loaded_tokens: int = 0
+    loaded_bytes: int = 0
+    load_seconds: float = 0.0
+    load_errors: int = 0
+    store_errors: int = 0
+    prefetched_chunks: int = 0
+    prefetch_errors: int = 0
+    loaded_from: dict[str, int] = field(default_factory=dict)
+
+    def take(self) -> dict[str, Any]:
+        out = asdict(self)
+        for tier, n in out.pop("loaded_from").items():
+            out[f"loaded_chunks_{tier}"] = n
+        self.__dict__.update(TransferStats().__dict__)
+        return out
+
+
+@dataclass
+class Progress:
+    """What finished in the background since the last `KVCacheEngine.poll()` (digests)."""
+
+    held: list[str] = field(default_factory=list)  # now held in memory: the scheduler may count them
+    failed: list[str] = field(default_factory=list)  # prefetches that found nothing usable
+
+
+@dataclass
+class _InFlight:
+    kind: str  # "store" | "load"
+    digest: str
+    key: str
+    done: torch.cuda.Event
+    tensor: torch.Tensor | None = None  # the CPU-tier buffer held for the copy
+
+
+class KVCacheEngine:
+    """Worker-side mover between one paged KV cache and the storage tiers.
+
+    Protocol with the scheduler (device-agnostic; the vLLM adapter only carries the lists):
+
+    * A chunk is *held* once it sits, complete and verified, in this worker's CPU tier: the
+      engine takes a hold on it (never evicted) and `poll()` reports it. Only held chunks may be
+      promised by the scheduler, so a promised load cannot miss.
+    * To make room the engine picks held chunks to *retire* (`retire()`), reports them, and
+      frees them only when the scheduler acknowledges (`ack_retired`): every load the
+      scheduler planned before it saw the report reaches this worker first.
+    * `prefetch(digests)` reads chunks from the slower tiers (disk, remote) into the CPU tier on a
+      background thread, verified there; completions come out of `poll()`.
+    * `store` / `load` move pages between the paged cache and the CPU tier. On CUDA both run on
+      a dedicated stream: the compute stream waits on events (no host synchronisation); a store
+      only waits for its gather (a device-to-device copy) before vLLM's next kernels may touch
+      the blocks, the device-to-host copy finishes behind. On CPU they are plain copies.
+
+    Args:
+        storage: the tiers (`storage.hierarchy.StorageHierarchy`, from `storage.builder`).
+        namespace: this rank's namespace digest (`hashing.key_namespace`).
+        meta: header fields stored with every chunk (model, layout fingerprint, ...); a chunk
+            whose header disagrees with them is never loaded.
+        retire_high / retire_low: when held bytes exceed `retire_high` of the CPU tier's bound,
+            the least recently used held chunks are retired down to `retire_low`; defaults
+            0.9 / 0.8.
+    """
+
+    def __init__(
+        self,
+        storage: StorageHierarchy,
+        namespace: str,
+        meta: dict[str, str],
+        retire_high: float = 0.9,
+        retire_low: float = 0.8,
+    ) -> None:
+        self.storage = storage
+        self.namespace = namespace
+        self.meta = {**meta, "format_version": FORMAT_VERSION}
+        self.stats = TransferStats()
+        self.path: CopyPath | None = None  # how chunks move (`register`)
+        self.flat: torch.Tensor | None = None
+        self.geom: PagedKVGeometry | None = None
+        self.pages_per_block = 1
+        self.block_size = 0
+        self.kv_split = 2
+        self.retire_high, self.retire_low = retire_high, retire_low
+        self._lock = threading.RLock()  # puts + holds of the CPU tier, bookkeeping below
+        self._held: dict[str, torch.Tensor] = {}  # key -> the held CPU-tier tensor
+        self._origin: dict[str, str] = {}  # key -> tier it came from ("cpu", "disk")
+        self._retiring: set[str] = set()
+        self._rejected_seen = 0  # the CPU tier's refused puts already answered by `retire`
+        self._progress = Progress()
+        self._inflight: list[_InFlight] = []
+        self._stream: torch.cuda.Stream | None = None
+        self._prefetch_q: queue.Queue[str | None] | None = None
+        self._prefetching: set[str] = set()
+        self._prefetch_thread: threading.Thread | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ set-up
+
+    def register(
+        self,
+        layer_views: Sequence[torch.Tensor],
+        block_size: int,
+        page_map: torch.Tensor | None = None,
+        kv_split: int = 2,
+        opaque_packing: str | None = None,
+    ) -> None:
+        """Adopt vLLM's per-layer `[B, H, N, C]` views (in layer order) of one backing buffer.
+
+        Chunks are stored as token rows `[S, L, T, H, C / S]` (`S` = 2: K then V; 1: an MLA
+        latent row), whatever the cache's block size, page layout or attention backend: a chunk
+        written by one server loads into any other of the same model and KV dtype.
+
+        Args:
+            layer_views: the views vLLM registered, one per attention layer.
+            block_size: tokens per vLLM (manager) block; a manager block may span several
+                kernel pages (`N` divides it).
+            page_map: for caches whose pages are packed (the CPU attention backend), where
+                token element `(s, n, h, e)` of a page sits among one block's `H * N * C`
+                elements, `[S, N, H, C / S]` int64; None for token-addressable layouts.
+            kv_split: `S`.
+            opaque_packing: the pages are packed in a way nobody could map to token rows: move
+                whole pages (`[L, pages, H, N, C]`, never portable) and name the packing in every
+                chunk header, so only a cache packed alike loads them.
+        """
+        from lmcache_triton.kernels.geometry import geometry_from_layer_views
+
+        flat, geom = geometry_from_layer_views(list(layer_views))
+        self.path = make_copy_path(flat, geom, block_size, kv_split, page_map, opaque_packing)
+        self.flat, self.geom = flat, geom
+        self.block_size = block_size
+        self.pages_per_block = self.path.pages_per_block
+        self.kv_split = kv_split
+        self.meta["rows"] = self.path.rows
+        if self.flat.is_cuda:
+            self._stream = torch.cuda.Stream(device=self.flat.device)
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """JIT-compile the copy kernels at start-up, not on the first request's step: gather
+        one page's rows and scatter the same bytes back (the cache holds nothing yet). The
+        chunk length is not a specialisation key (`do_not_specialize`), so these two compiles
+        serve every chunk."""
+        # After whatever vLLM queued on the cache (e.g. zeroing it): the scatter writes back
+        # exactly the bytes the gather read.
+        path, side = self._path(), self._side()
+        side.wait_stream(torch.cuda.current_stream(path.flat.device))
+        with torch.cuda.stream(side):
+            ids = path.ids([0], self.block_size)
+            scratch = torch.empty(self.chunk_shape(1), dtype=path.flat.dtype, device=path.flat.device)
+            path.gather(ids, scratch)
+            path.scatter(scratch, ids)
+        side.synchronize()
+
+    def chunk_shape(self, num_blocks: int, num_tokens: int | None = None) -> tuple[int, ...]:
+        """Shape of a stored chunk of `num_tokens` tokens (default: all) held by `num_blocks`
+        manager blocks."""
+        return self._path().chunk_shape(num_blocks, num_tokens)
+
+    def _path(self) -> CopyPath:
+        if self.path is None:
+            raise RuntimeError("KVCacheEngine: register() the paged cache first")
+        return self.path
+
+    def _side(self) -> torch.cuda.Stream:
+        """The transfer stream (CUDA caches only)."""
+        assert self._stream is not None, "a CUDA cache has a transfer stream from register()"
+        return self._stream
+
+    def key(self, digest: str) -> str:
+        return chunk_key(self.namespace, digest)
+
+    def _meta(self, num_tokens: int) -> dict[str, str]:
+        return {**self.meta, "num_tokens": str(num_tokens)}
+
+    # ------------------------------------------------------------------ holds
+
+    def _hold(self, digest: str, origin: str = "cpu") -> bool:
+        """Take the protocol hold on a chunk now complete in the CPU tier (caller has `_lock`);
+        `origin` names the tier it came from, for the load counters."""
+        key = self.key(digest)
+        if key in self._held:
+            return False
+        if not self.storage.keep_in_cpu and digest not in self._prefetching:
+            return False
+        t = self.storage.hold(key)
+        if t is None:
+            return False
+        self._held[key] = t
+        self._origin[key] = origin
+        self._progress.held.append(digest)
+        return True
+
+    def holds(self, digest: str) -> bool:
+        with self._lock:
+            return self.key(digest) in self._held
+
+    def retire(self) -> list[str]:
+        """Held chunks to give up, least recently used first, when held bytes pass the high
+        watermark; they stay loadable until `ack_retired`."""
+        bound = self.storage.memory_bound
+        if bound == 0:
+            return []
+        with self._lock:
+            used = sum(t.nbytes for k, t in self._held.items() if k not in self._retiring)
+            # A put refused for want of a block (the arena fragments) also asks for room.
+            rejected = self.storage.memory_rejected()
+            refused, self._rejected_seen = rejected > self._rejected_seen, rejected
+            if used <= self.retire_high * bound and not refused:
+                return []
+            out: list[str] = []
+            for key in self.storage.memory_keys():  # LRU first
+                if used <= self.retire_low * bound and (out or not refused):
+                    break  # (after a refused put, at least one chunk goes)
+                t = self._held.get(key)
+                if t is None or key in self._retiring:
+                    continue
+                self._retiring.add(key)
+                used -= t.nbytes
+                out.append(key[len(self.namespace) :])
+            return out
+
+    def ack_retired(self, digests: Sequence[str]) -> None:
+        """The scheduler no longer counts these: release and drop them."""
+        with self._lock:
+            for digest in digests:
+                key = self.key(digest)
+                if key not in self._retiring:
+                    continue
+                self._retiring.discard(key)
+                t = self._held.pop(key, None)
+                self._origin.pop(key, None)
+                if t is not None:
+                    self.storage.release(key, t)
+                self.storage.remove(key)
+
+    @contextmanager
+    def open_held(self, digest: str) -> Iterator[torch.Tensor | None]:
+        """Context manager: the CPU-tier tensor of a chunk this engine holds (no copy), held for
+        the block and valid only inside it; None when the chunk is not held (CacheBlend reads
+        its segments' rows this way)."""
+        key = self.key(digest)
+        with self._lock:
+            t = self.storage.hold(key, count=True) if key in self._held else None
+        try:
+            yield t
+        finally:
+            if t is not None:
+                self.storage.release(key, t)
+
+    # ------------------------------------------------------------------ background progress
+
+    def _advance(self) -> None:
+        """Finish the copies on the transfer stream that are done (caller has `_lock`)."""
+        still = []
+        for f in self._inflight:
+            if f.done.query():
+                self._complete(f)
+            else:
+                still.append(f)
+        self._inflight = still
+
+    def poll(self) -> Progress:
+        """Finish what completed in the background (copies on the transfer stream, prefetches)
+        without waiting, and return the chunks now held and the prefetches that failed since
+        the last call."""
+        with self._lock:
+            self._advance()
+            out, self._progress = self._progress, Progress()
+            return out
+
+    def synchronize(self, prefetch_timeout: float | None = 0.0) -> bool:
+        """Wait for every copy on the transfer stream and, up to `prefetch_timeout` seconds
+        (None: no limit), for queued prefetches; what completes is reported by the next `poll`.
+        True when nothing is left in flight."""
+        if self._stream is not None:
+            self._stream.synchronize()
+        deadline = None if prefetch_timeout is None else time.monotonic() + prefetch_timeout
+        while True:
+            with self._lock:
+                self._advance()
+                idle = not self._prefetching and not self._inflight
+            if idle or (deadline is not None and time.monotonic() >= deadline):
+                return idle
+            time.sleep(0.002)
+
+    def _complete(self, f: _InFlight) -> None:
+        self.storage.release(f.key, f.tensor)
+        if f.kind == "load":
+            return
+        # A store: the bytes are in the CPU tier now.
+        self.storage.write_back(f.key)
+        self._hold(f.digest)
+
+    # ------------------------------------------------------------------ store
+
+    def store(self, digest: str, block_ids: Sequence[int], num_tokens: int) -> bool:
+        """Copy the pages of `block_ids` out of the paged cache into the CPU tier.
+
+        vLLM may reuse the blocks as soon as this returns: on CPU the copy is done; on CUDA
+        the compute stream waits for the gather before its next kernel. The chunk is reported
+        held (`poll`) once its bytes are in the CPU tier; the disk write follows in the
+        background. Returns False when the tiers refused the chunk (full of held chunks):
+        a future miss, counted.
+        """
+        n = len(block_ids)
+        path = self._path()
+        if not path.fills(n, num_tokens):
+            raise ValueError(f"{num_tokens} tokens do not fill {n} blocks of {self.block_size}")
+        key = self.key(digest)
+        if self.storage.contains(key):
+            return True
+        t0 = time.perf_counter()
+        shape = self.chunk_shape(n, num_tokens)
+        if path.flat.is_cuda:
+            ok = self._store_cuda(digest, key, block_ids, shape, num_tokens)
+        else:
+            ids = path.ids(block_ids, num_tokens)
+            # Gather straight into the CPU tier's pooled buffer: one copy, no allocation.
+            with self._lock:
+                ok = self.storage.put_fill(
+                    key, path.flat.dtype, shape, lambda dst: path.gather(ids, dst),
+                    self._meta(num_tokens),
+                )
+                if ok:
+                    self._hold(digest)
+        self.stats.store_seconds += time.perf_counter() - t0
+        if ok:
+            self.stats.stored_chunks += 1
+            self.stats.stored_bytes += math.prod(shape) * path.flat.element_size()
+        else:
+            self.stats.store_errors += 1
+        return ok
+
+    def _store_cuda(
+        self, digest: str, key: str, block_ids: Sequence[int], shape: tuple[int, ...], num_tokens: int
+    ) -> bool:
+        path = self._path()
+        compute = torch.cuda.current_stream(path.flat.device)
+        side = self._side()
+        side.wait_stream(compute)  # the pages are written by kernels queued so far
+        with torch.cuda.stream(side):
+            ids = path.ids(block_ids, num_tokens)
+            staged = torch.empty(shape, dtype=path.flat.dtype, device=path.flat.device)
+            path.gather(ids, staged)
+            gathered = torch.cuda.Event()
+            gathered.record(side)
+            with self._lock:
+                # The device->host copy lands in the tier's pinned buffer, held until it is
+                # done (never evicted or reused under the DMA); the disk write waits for it.
+                ok = self.storage.put_fill(
+                    key, path.flat.dtype, shape, lambda dst: dst.copy_(staged, non_blocking=True),
+                    self._meta(num_tokens), write_back=False,
+                )
+                held = self.storage.hold(key) if ok else None
+            done = torch.cuda.Event()
+            done.record(side)
+        # vLLM may hand the blocks to another request: its kernels run after our gather only.
+        compute.wait_event(gathered)
+        if held is None:
+            return False
+        with self._lock:
+            self._inflight.append(_InFlight("store", digest, key, done, held))
+        return True
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, digest: str, block_ids: Sequence[int], skip_blocks: int = 0) -> bool:
+        """Scatter a held chunk into `block_ids` (before this step's forward reads them).
+
+        Args:
+            digest: the chunk's digest; it must be held (the scheduler promised it).
+            block_ids: the blocks that hold the chunk's tokens, in order.
+            skip_blocks: leading blocks not to overwrite (vLLM already holds them).
+
+        Returns:
+            False when the chunk is not held or is of another shape: nothing was written.
+        """
+        t0 = time.perf_counter()
+        key = self.key(digest)
+        path = self._path()
+        with self._lock:
+            tensor = self.storage.hold(key, count=True) if key in self._held else None
+        expected, num_tokens = None, 0
+        if tensor is not None:
+            n = len(block_ids)
+            num_tokens = path.tokens_in(tensor, n)
+            if path.fills(n, num_tokens):
+                expected = self.chunk_shape(n, num_tokens)
+        if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != path.flat.dtype:
+            if tensor is not None:
+                logger.warning(
+                    "chunk %s has shape %s %s, expected %s %s: not loaded",
+                    digest[:12], tuple(tensor.shape), tensor.dtype, expected, path.flat.dtype,
+                )
+                self.storage.release(key, tensor)
+            self.stats.load_errors += 1
+            return False
+        nbytes = tensor.numel() * tensor.element_size()
+        skip_tokens = skip_blocks * self.block_size
+        if skip_tokens >= num_tokens:
+            self.storage.release(key, tensor)
+        elif path.flat.is_cuda:
+            compute = torch.cuda.current_stream(path.flat.device)
+            side = self._side()
+            side.wait_stream(compute)  # blocks freshly handed to this request may still be read
+            with torch.cuda.stream(side):
+                dev = torch.empty(tensor.shape, dtype=tensor.dtype, device=path.flat.device)
+                dev.copy_(tensor, non_blocking=True)  # whole chunk from pinned memory: async
+                ids = path.ids(block_ids, num_tokens, skip_tokens)
+                path.scatter(path.skipped(dev, skip_blocks), ids)
+                done = torch.cuda.Event()
+                done.record(side)
+            compute.wait_event(done)  # this step's forward reads the loaded pages
+            with self._lock:
+                self._inflight.append(_InFlight("load", digest, key, done, tensor))
+        else:
+            try:
+                ids = path.ids(block_ids, num_tokens, skip_tokens)
+                path.scatter(path.skipped(tensor, skip_blocks), ids)
+            finally:
+                self.storage.release(key, tensor)
+        self.stats.load_seconds += time.perf_counter() - t0
+        self.stats.loaded_chunks += 1
+        self.stats.loaded_bytes += nbytes
+        origin = self._origin.get(key, "cpu")
+        self.stats.loaded_from[origin] = self.stats.loaded_from.get(origin, 0) + 1
+        return True
+
+    # ------------------------------------------------------------------ prefetch
+
+    def prefetch(self, digests: Sequence[str]) -> None:
+        """Bring these chunks from the slower tiers into the CPU tier, verified, in the
+        background; each ends in `poll()` as held or failed."""
+        todo = []
+        with self._lock:
+            for d in digests:
+                if self.key(d) in self._held or d in self._prefetching:
+                    continue
+                self._prefetching.add(d)
+                todo.append(d)
+            if not todo:
+                return
+            q = self._prefetch_q
+            if q is None:
+                q = self._prefetch_q = queue.Queue()
+                self._prefetch_thread = threading.Thread(
+                    target=self._prefetcher, args=(q,), name="lmcache-triton-prefetch", daemon=True
+                )
+                self._prefetch_thread.start()
+        for d in todo:
+            q.put(d)
+
+    def _prefetcher(self, q: queue.Queue[str | None]) -> None:
+        while True:
+            digest = q.get()
+            if digest is None:
+                return
+            ok = False
+            try:
+                ok = self._prefetch_one(digest)
+            except Exception:  # a hostile file must never take the worker down
+                logger.exception("lmcache_triton: prefetch of chunk %s failed", digest[:12])
+            with self._lock:
+                self._prefetching.discard(digest)
+                if ok:
+                    self.stats.prefetched_chunks += 1
+                else:
+                    self.stats.prefetch_errors += 1
+                    self._progress.failed.append(digest)
+
+    def _prefetch_one(self, digest: str) -> bool:
+        key = self.key(digest)
+        if not self.storage.memory_bound:
+            return False
+        with self._lock:
+            if key in self._held:
+                return True
+            if any(f.key == key for f in self._inflight):
+                return False  # its store is still copying: it is reported held when done
+            if self.storage.in_memory(key) and key not in self._retiring:
+                return self._hold(digest) or key in self._held
+        # Read and verify outside the lock (seconds on a slow disk); the put takes it.
+        def stored(tier: str) -> None:  # under `_lock`, the chunk just published
+            self._hold(digest, tier)
+
+        ok = self.storage.prefetch(key, expect=self.meta, lock=self._lock, on_stored=stored)
+        return ok and self.holds(digest)
+
+    def close(self) -> None:
+        if self._prefetch_q is not None:
+            self._prefetch_q.put(None)
+        if self.flat is not None:
+            self.synchronize()
