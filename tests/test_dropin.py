@@ -67,6 +67,33 @@ def test_help_has_no_bool_placeholder(command):
     assert "--help" in r.stdout
 
 
+COMMANDS = ["demo", "serve", "warm", "inspect", "verify", "clear", "stats"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_paragraphs_are_not_cut_mid_sentence(command):
+    """On a terminal wide enough for any paragraph, each paragraph of a command's description is
+    one line ending a sentence: a docstring's source line breaks must not reach the user."""
+    r = cli(command, "--help", env={"COLUMNS": "1000"})
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip().startswith("Usage:")) + 1
+    end = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("\u256d"))  # the first panel
+    paragraphs = [ln.strip() for ln in lines[start:end] if ln.strip()]
+    assert paragraphs, r.stdout
+    cut = [p for p in paragraphs if p[-1] not in ".):"]
+    assert not cut, f"{command} --help breaks a sentence: {cut}"
+
+
+def test_command_list_has_one_line_per_command():
+    r = cli("--help", env={"COLUMNS": "1000"})
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if "Commands" in ln) + 1
+    rows = [ln.strip("\u2502 ").split(" ", 1)[0] for ln in lines[start:] if ln.startswith("\u2502")]
+    assert sorted(rows) == sorted(COMMANDS), r.stdout
+
+
 def test_piped_output_is_not_wrapped(tmp_path):
     deep = tmp_path / ("d" * 90) / "disk"  # the one line is longer than 80 columns
     line = one_line_error(cli("inspect", "--disk", deep))

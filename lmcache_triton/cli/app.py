@@ -35,6 +35,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Docstrings are wrapped at the source's line length: markdown joins a paragraph's lines where
+    # "rich" would keep each break (help text cut mid-sentence).
+    rich_markup_mode="markdown",
 )
 
 

@@ -38,7 +38,9 @@ def inspect(
     remote_url: RemoteUrlOpt = None,
 ) -> None:
     """What the disk tier holds: chunks, bytes, models, layouts, oldest/newest (headers only).
-    With --remote: the remote tier's chunks (our key prefix only) and the server's memory."""
+
+    With --remote: the remote tier's chunks (our key prefix only) and the server's memory.
+    """
     with errors():
         if remote or remote_url:
             tier = open_remote(remote_url)
@@ -120,9 +122,12 @@ def clear(
     remote: RemoteOpt = False,
     remote_url: RemoteUrlOpt = None,
 ) -> None:
-    """Remove every chunk file of the disk tier: files whose header says this tier wrote them
-    (other files in the directory, even named like a chunk, are left alone). With --remote: every
-    key under the remote tier's prefix (lmct:<hex>) and nothing else on the server."""
+    """Remove every chunk file of the disk tier (asks first unless --yes).
+
+    Only files whose header says this tier wrote them go; other files in the directory, even
+    named like a chunk, are left alone. With --remote: every key under the remote tier's prefix
+    (`lmct:` and a hex digest) and nothing else on the server.
+    """
     with errors():
         if remote or remote_url:
             tier = open_remote(remote_url)

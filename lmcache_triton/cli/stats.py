@@ -101,9 +101,12 @@ def stats(
     remote: RemoteOpt = False,
     remote_url: RemoteUrlOpt = None,
 ) -> None:
-    """What a running server counted (its /metrics, summed since start: loads per tier with
-    loaded_chunks_remote, store and prefetch errors); else the disk tier's figures. --remote adds
-    the remote tier's chunks and the server's memory and evictions."""
+    """What a running server counted (its /metrics); without a server, the disk tier's figures.
+
+    The server's counters are summed since it started: loads per tier (loaded_chunks_remote for
+    the remote tier), store and prefetch errors. --remote adds the remote tier's chunks and the
+    server's memory and evictions.
+    """
     with errors():
         url = normalize_url(url)
         if remote or remote_url:
