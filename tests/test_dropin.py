@@ -100,6 +100,21 @@ def test_piped_output_is_not_wrapped(tmp_path):
     assert str(deep) in line and len(line) > 100
 
 
+# --------------------------------------------------------------------------------- disk tools
+
+
+def test_verify_hint_keeps_the_disk_flag(tmp_path):
+    disk = tmp_path / "my disk"
+    disk.mkdir()
+    (disk / ("ab" * 16 + ".safetensors")).write_bytes(b"not a chunk")
+    r = cli("verify", "--disk", disk)
+    assert r.exit_code == 1, r.output
+    assert f"lmcache-triton verify --fix --disk {shlex.quote(str(disk))}" in r.stdout, r.stdout
+    r = cli("inspect", "--disk", disk)
+    assert r.exit_code == 0, r.output
+    assert f"lmcache-triton verify --fix --disk {shlex.quote(str(disk))}" in r.stdout, r.stdout
+
+
 # ------------------------------------------------------------------------ serve's pre-flight
 
 
@@ -159,6 +174,13 @@ def test_serve_chunk_not_multiple_of_block(model, args, expect):
 def test_serve_env_chunk_size_checked_too(model):
     line = one_line_error(serve(model, "--block-size", "32", "--port", "0", env={"LMCACHE_CHUNK_SIZE": "100"}))
     assert "chunk_size 100" in line
+
+
+def test_serve_creates_a_private_disk_dir(model, tmp_path):
+    disk = tmp_path / "new" / "disk"
+    r = serve(model, "--disk", disk, "--port", "0")
+    assert r.exit_code == 0, r.output
+    assert disk.stat().st_mode & 0o777 == 0o700  # README: the chunks are private to the user
 
 
 def test_serve_cpu_kv_space(model):

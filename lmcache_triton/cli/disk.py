@@ -5,6 +5,8 @@ second."""
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -28,6 +30,11 @@ from lmcache_triton.cli.app import (
     summarize,
     when,
 )
+
+
+def fix_command(disk: Path | None) -> str:
+    """The `verify --fix` line to suggest: with the `--disk` the user passed, if any."""
+    return "lmcache-triton verify --fix" + (f" --disk {shlex.quote(str(disk))}" if disk is not None else "")
 
 
 @app.command()
@@ -71,7 +78,7 @@ def inspect(
             out.print(table)
         for u in s["unreadable"]:
             out.print(
-                f"unreadable: {u['file']} ({u['reason']}); `lmcache-triton verify --fix` removes it",
+                f"unreadable: {u['file']} ({u['reason']}); `{fix_command(disk)}` removes it",
                 markup=False,
             )
 
@@ -107,7 +114,11 @@ def verify(
             + "".join(f", {len(report[k])} {k}" for k in ("unreadable", "unverified") if report[k])
         )
         if n_bad and not fix:
-            out.print("run `lmcache-triton verify --fix` to remove them (a removed chunk is only a future miss)")
+            out.print(
+                f"run `{fix_command(disk)}` to remove them (a removed chunk is only a future miss)",
+                markup=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(1)
         if fix and report["removed"] < n_bad:
             raise CliError(f"{n_bad - report['removed']} damaged files could not be removed")

@@ -108,11 +108,12 @@ def check_port(host: str, port: int) -> None:
 
 
 def check_disk_dir(disk: Path) -> None:
-    """The disk tier directory: created if missing; a file or an unwritable place is an error."""
+    """The disk tier directory: created private (0700, as the tier makes it) if missing; a file or
+    an unwritable place is an error."""
     if disk.exists() and not disk.is_dir():
         raise CliError(f"--disk {str(disk)!r} is a file, not a directory")
     try:
-        disk.mkdir(parents=True, exist_ok=True)
+        disk.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise CliError(f"cannot create disk tier directory {str(disk)!r}: {e.strerror or e}") from None
     if not os.access(disk, os.W_OK | os.X_OK):
