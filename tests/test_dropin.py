@@ -127,6 +127,20 @@ def test_serve_missing_model_path(tmp_path):
     assert "does not exist" in line and "no-such-model" in line
 
 
+@pytest.mark.parametrize("built", [False, True], ids=["demo-model-not-built", "demo-model-built"])
+def test_missing_model_says_where_to_get_one(tmp_path, monkeypatch, built):
+    from lmcache_triton import demo
+
+    monkeypatch.setattr(demo, "CACHE_ROOT", tmp_path / "cache")
+    if built:
+        demo.demo_model_dir().mkdir(parents=True)
+        (demo.demo_model_dir() / "config.json").write_text("{}")
+    for r in (serve(tmp_path / "no-such-model"), cli("demo", "--model", tmp_path / "no-such-model")):
+        line = one_line_error(r)
+        assert "does not exist" in line and str(demo.demo_model_dir()) in line
+        assert ("the demo's model is" in line) == built and ("lmcache-triton demo" in line) != built
+
+
 def test_serve_model_dir_without_config(tmp_path):
     line = one_line_error(serve(tmp_path))
     assert "config.json" in line

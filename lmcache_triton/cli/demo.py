@@ -31,7 +31,9 @@ def demo(
     """Miss, hit from the CPU tier, restart, hit from disk: on a real vLLM engine, timed."""
     with errors():
         if model is not None and not model.is_dir():
-            raise CliError(f"model directory {str(model)!r} does not exist")
+            from lmcache_triton.cli.serve import missing_model
+
+            raise missing_model(str(model))
         from lmcache_triton import demo as demo_mod
 
         disk_dir = (disk or demo_mod.DEFAULT_DEMO_DISK).expanduser()

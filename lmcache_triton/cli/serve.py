@@ -76,6 +76,20 @@ def vllm_flag(args: list[str], name: str) -> str | None:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def missing_model(model: str) -> CliError:
+    """`model directory ... does not exist`, saying where a model comes from: the demo's model
+    (built by `lmcache-triton demo`, cached) or a Hugging Face id."""
+    from lmcache_triton.demo import demo_model_dir
+
+    demo_dir = demo_model_dir()
+    where = (
+        f"the demo's model is {shlex.quote(str(demo_dir))}"
+        if (demo_dir / "config.json").is_file()
+        else f"`lmcache-triton demo` builds a small test model in {shlex.quote(str(demo_dir))}"
+    )
+    return CliError(f"model directory {model!r} does not exist ({where}; or pass a Hugging Face id like org/name)")
+
+
 def check_model(model: str) -> None:
     """A local model directory must exist and hold config.json; anything else must read as a
     hub id (`org/name`), which vLLM resolves through the Hugging Face cache."""
@@ -88,7 +102,7 @@ def check_model(model: str) -> None:
         return
     looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.sep + os.sep in model
     if looks_like_path:
-        raise CliError(f"model directory {model!r} does not exist")
+        raise missing_model(model)
     if not _HUB_ID.match(model):
         raise CliError(f"model {model!r} is neither a local directory nor a model id like org/name")
 
