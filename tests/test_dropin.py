@@ -471,3 +471,17 @@ def test_no_disk_writes_on_a_replica(tmp_path):
 def test_save_only_first_rank_is_automatic(caplog):
     _, msgs = _warnings(caplog, LMCACHE_SAVE_ONLY_FIRST_RANK="True")
     assert len(msgs) == 1 and "not needed here" in msgs[0] and "first of them only" in msgs[0]
+
+
+# ---------------------------------------------------------------------------------- packaging
+
+
+def test_pyproject_license_is_an_spdx_string():
+    """A license table makes setuptools >= 77 print three deprecation boxes on every install (and
+    stop building it after 2027-02-18): the SPDX string needs a setuptools that takes it."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in pyproject["build-system"]["requires"]
