@@ -485,3 +485,41 @@ def test_pyproject_license_is_an_spdx_string():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert pyproject["project"]["license"] == "Apache-2.0"
     assert "setuptools>=77" in pyproject["build-system"]["requires"]
+
+
+def _stub(path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("as_root", [True, False], ids=["root", "user-with-sudo"])
+def test_install_touches_no_system_package(tmp_path, as_root):
+    """`bash scripts/install.sh` (README's one-liner before the demo) installs into the virtual
+    environment only: no apt-get, even where it would work. Run with stubs: a venv whose python
+    only records what it was asked, and apt-get/sudo that record being called."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    calls = tmp_path / "calls.log"
+    bin_dir = tmp_path / "bin"
+    venv_bin = tmp_path / "venv" / "bin"
+    bin_dir.mkdir()
+    venv_bin.mkdir(parents=True)
+    for tool in ("dirname", "grep", "cat", "env"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    _stub(bin_dir / "id", f'echo {0 if as_root else 1000}')
+    _stub(bin_dir / "apt-get", f'echo "apt-get $*" >> {calls}')
+    _stub(bin_dir / "sudo", f'[ "$1" = -n ] && shift; echo "sudo $*" >> {calls}; exec "$@"')
+    _stub(venv_bin / "python", f'echo "python $*" >> {calls}')
+    (venv_bin / "activate").write_text(f'PATH="{venv_bin}:$PATH"\n')
+    env = {"PATH": str(bin_dir), "VENV": str(tmp_path / "venv"), "HOME": str(tmp_path)}
+    r = subprocess.run(
+        [shutil.which("bash"), str(repo / "scripts" / "install.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = calls.read_text()
+    assert "pip install" in log, log  # the stubs were used: the script did install
+    assert "apt-get" not in log and "sudo" not in log, log
