@@ -510,14 +510,18 @@ def test_install_touches_no_system_package(tmp_path, as_root):
     venv_bin.mkdir(parents=True)
     for tool in ("dirname", "grep", "cat", "env"):
         os.symlink(shutil.which(tool), bin_dir / tool)
-    _stub(bin_dir / "id", f'echo {0 if as_root else 1000}')
+    _stub(bin_dir / "id", f"echo {0 if as_root else 1000}")
     _stub(bin_dir / "apt-get", f'echo "apt-get $*" >> {calls}')
     _stub(bin_dir / "sudo", f'[ "$1" = -n ] && shift; echo "sudo $*" >> {calls}; exec "$@"')
     _stub(venv_bin / "python", f'echo "python $*" >> {calls}')
     (venv_bin / "activate").write_text(f'PATH="{venv_bin}:$PATH"\n')
     env = {"PATH": str(bin_dir), "VENV": str(tmp_path / "venv"), "HOME": str(tmp_path)}
     r = subprocess.run(
-        [shutil.which("bash"), str(repo / "scripts" / "install.sh")], env=env, capture_output=True, text=True, timeout=60
+        [shutil.which("bash"), str(repo / "scripts" / "install.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     log = calls.read_text()
