@@ -24,7 +24,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -49,11 +48,11 @@ app = typer.Typer(
 _display_type_rich = typer.core.TyperOption.display_type_rich
 
 
-def _flag_type(self: typer.core.TyperOption, ctx: click.Context) -> str | None:
+def _flag_type(self: typer.core.TyperOption, ctx: typer.Context) -> str | None:
     return None if self.is_flag else _display_type_rich(self, ctx)
 
 
-typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign,assignment]
 
 
 def _console(stderr: bool = False) -> Console:

@@ -62,7 +62,7 @@ def lmcache_installed() -> bool:
         return False
 
 
-def choose_lmcache_name_impl(env: dict[str, str] | None = None) -> tuple[str, str]:
+def choose_lmcache_name_impl(env: Mapping[str, str] | None = None) -> tuple[str, str]:
     """Who serves `LMCacheConnectorV1`: ("lmcache_triton" | "lmcache", the reason, one phrase).
 
     Raises:
