@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lmcache_triton.cli.app import CliError, app, err, errors, human, out
+from lmcache_triton.cli.app import app, err, errors, human, out
+from lmcache_triton.cli.serve import missing_model
 
 
 @app.command()
@@ -31,8 +32,6 @@ def demo(
     """Miss, hit from the CPU tier, restart, hit from disk: on a real vLLM engine, timed."""
     with errors():
         if model is not None and not model.is_dir():
-            from lmcache_triton.cli.serve import missing_model
-
             raise missing_model(str(model))
         from lmcache_triton import demo as demo_mod
 
