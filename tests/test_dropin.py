@@ -501,6 +501,56 @@ def test_demo_model_gets_a_chat_template(tmp_path):
     assert ensure_chat_template(model) is False  # a template is never replaced
 
 
+def test_demo_model_is_built_in_the_dtype_vllm_cpu_serves(tmp_path):
+    """vLLM on CPU serves a model in bfloat16 when the dtype is left to it (`lmcache-triton serve`
+    on the demo's model): float32 weights made it print 33 "Attempted to load weight ...
+    torch.float32 into parameter with dtype torch.bfloat16" warnings at every start."""
+    import json
+    import struct
+
+    from lmcache_triton.demo import DEMO_MODEL_SPEC
+    from lmcache_triton.testing import build_tiny_model
+
+    spec = {**DEMO_MODEL_SPEC, "num_layers": 1}  # the demo's model, one layer deep: the dtype is the point
+    model = build_tiny_model(tmp_path / "m", **spec)
+    assert json.loads((model / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    dtypes = set()
+    for f in model.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    assert dtypes == {"BF16"}
+
+
+def test_demo_says_the_prompt_length_its_table_shows(tmp_path, monkeypatch):
+    """The demo's "request 1: a N-token prompt" line counts as vLLM does (special tokens included),
+    the count its table shows, not the --tokens asked for (4000 said, 4001 shown)."""
+    pytest.importorskip("transformers", reason="transformers (a vLLM dependency) is not installed")
+    from transformers import AutoTokenizer
+
+    from lmcache_triton import demo
+    from lmcache_triton.testing import build_tiny_model, runner
+
+    model = str(build_tiny_model(tmp_path / "m", hidden_size=64, num_heads=2, num_kv_heads=1, num_layers=1))
+    prompt = demo._prompt(model, 300)
+    tokenizer = AutoTokenizer.from_pretrained(model)  # what vLLM tokenizes a text prompt with
+
+    class Engine:
+        def get_tokenizer(self):
+            return tokenizer
+
+    monkeypatch.setattr(runner, "start_engine", lambda spec: Engine())
+    monkeypatch.setattr(runner, "generate", lambda llm, prompts, n, **kw: [{"prompt": p} for p in prompts])
+    monkeypatch.setattr(runner, "shutdown", lambda llm: None)
+    adapter = pytest.importorskip("lmcache_triton.integration.vllm.vllm_v1_adapter", reason="vLLM is not installed")
+    monkeypatch.setattr(adapter, "flush_local_worker", lambda: None)
+    said: list[str] = []
+    demo._first_engine(None, prompt, "warm-up", said.append)
+    counted = len(tokenizer(prompt)["input_ids"])
+    assert f"request 1: a {counted}-token prompt" in "\n".join(said), said
+
+
 def test_quiet_load_config_still_validates(caplog):
     from lmcache_triton.config import ConfigError
 
