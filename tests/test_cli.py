@@ -218,9 +218,6 @@ def test_serve_bad_flag_is_one_line():
     [(["inspect"], "3 chunks"), (["verify"], "3 ok, 0 damaged"), (["clear", "--yes"], "removed 3 chunk files")],
     ids=["inspect", "verify", "clear"],
 )
-@pytest.mark.xfail(
-    strict=True, reason="storage/disk.py imports torch; torch-free disk admin comes with branch `storage` (issue 21 #7)"
-)
 def test_disk_tools_do_not_import_torch(tmp_path, command, says):
     """inspect / verify / clear read chunk headers (and checksums) only: importing torch for them
     took 3-6 s of each command's start."""

@@ -96,11 +96,7 @@ def verify(
     """
     with errors():
         disk_dir = disk_dir_of(disk)
-        tier = open_tier(disk_dir)
-        try:
-            report = tier.verify(fix=fix)
-        finally:
-            tier.close()
+        report = open_tier(disk_dir).verify(fix=fix)
         for d in report["damaged"]:
             line = f"damaged: {d['file']} ({d['reason']})" + (" - removed" if d["removed"] else "")
             out.print(line, markup=False, soft_wrap=True)
@@ -164,11 +160,7 @@ def clear(
         if not yes and not typer.confirm(f"remove {len(ours)} chunk files ({human(total)}) from {disk_dir}?"):
             out.print("nothing removed")
             return
-        tier = open_tier(disk_dir)
-        try:
-            report = tier.clear_files()
-        finally:
-            tier.close()
+        report = open_tier(disk_dir).clear_files()
         out.print(f"removed {report['removed']} chunk files ({human(report['bytes'])}) from {disk_dir}")
         for k in report["kept"]:
             out.print(f"left in place: {k['file']} ({k['reason']})", markup=False, soft_wrap=True)
