@@ -176,11 +176,16 @@ def check_config_early(
 
     extra = kv.get("kv_connector_extra_config")
     # vLLM configures its logging after parsing its arguments: until then the warnings would
-    # reach no handler (vLLM's has none yet), so they go to stderr directly.
+    # reach no handler (vLLM's has none yet), so they go to stderr directly, looking like vLLM's.
     config_log = logging.getLogger("lmcache_triton.config")
     direct = None if logging.getLogger("vllm").handlers else logging.StreamHandler(sys.stderr)
     if direct is not None:
-        direct.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        direct.setFormatter(
+            logging.Formatter(
+                "(%(processName)s pid=%(process)d) %(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s",
+                datefmt="%m-%d %H:%M:%S",
+            )
+        )
         config_log.addHandler(direct)
     try:
         load_config(extra if isinstance(extra, dict) else None, env)
