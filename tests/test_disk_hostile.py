@@ -661,3 +661,26 @@ def test_fuzz_random_and_mutated_files(disk, tmp_path):
             look.close()
     assert returned > 0  # the valid files did come back
     assert corrupt > FUZZ_ROUNDS // 4 and unauthenticated > 0  # the tier did see and refuse them
+
+
+def test_disk_tools_and_header_parsing_import_without_torch(tmp_path):
+    # `lmcache-triton inspect/verify/clear` must run where torch is absent (issue 21): the tools
+    # and the header parser import none of it, and work on a real chunk file.
+    import subprocess
+    import sys
+
+    write_chunk(tmp_path, key(1), chunk(1))
+    code = (
+        "import sys\n"
+        "from lmcache_triton.storage.disk_admin import DiskAdmin\n"
+        f"a = DiskAdmin({str(tmp_path)!r})\n"
+        "rows, report = a.entries(), a.verify()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert rows[0]['dtype'] == 'BF16' and report['ok'] == 1, (rows, report)\n"
+        "assert a.clear_files()['removed'] == 1\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.glob("*.safetensors"))

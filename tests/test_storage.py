@@ -11,8 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from lmcache_triton.storage import CpuTier, DiskTier, StorageHierarchy
-from lmcache_triton.storage import disk as disk_mod
+from lmcache_triton.storage import CpuTier, DiskTier, StorageHierarchy, disk_dir
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.uint8]
 SHAPES = [(2, 3, 5, 80), (63,), (4, 1, 7)]  # odd sizes, head size 80
@@ -275,7 +274,7 @@ def test_disk_damage_found_at_restart_and_by_verify(disk):
     tier.close()
     _truncate(_file(tier, 0))  # header-level damage: caught by the re-index (size check)
     _flip(offset_from_end=5)(_file(tier, 1))  # payload damage: only a full read sees it
-    stale = tier.path / f".{key(9)}.{disk_mod._HOST_TAG}.999999999.abc.tmp"
+    stale = tier.path / f".{key(9)}.{disk_dir.HOST_TAG}.999999999.abc.tmp"
     stale.write_bytes(b"partial")
     again = disk()
     assert not _file(tier, 0).exists() and again.stats["corrupt"] == 1

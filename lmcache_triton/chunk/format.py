@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -204,7 +205,7 @@ def _payload_view(tensor: torch.Tensor) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    return memoryview(t.reshape(-1).view(_uint8(t)).numpy()).cast("B")
+    return t.reshape(-1).view(_uint8(t)).numpy().data.cast("B")
 
 
 def _uint8(t: torch.Tensor) -> torch.dtype:
@@ -215,10 +216,10 @@ def _uint8(t: torch.Tensor) -> torch.dtype:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
-    return memoryview(t.reshape(-1).view(_uint8(t)).numpy()).cast("B")
+    return t.reshape(-1).view(_uint8(t)).numpy().data.cast("B")
 
 
-def check_meta(dtype: torch.dtype, meta: dict[str, str] | None) -> dict[str, str]:
+def check_meta(dtype: torch.dtype, meta: Mapping[str, str] | None) -> dict[str, str]:
     """Validate what `encode_chunk` would refuse, before anything is taken (ValueError)."""
     meta = dict(meta or {})
     clash = [k for k in meta if k in RESERVED_META]
@@ -233,7 +234,7 @@ def check_meta(dtype: torch.dtype, meta: dict[str, str] | None) -> dict[str, str
 
 
 def encode_chunk(
-    key: str, tensor: torch.Tensor, meta: dict[str, str] | None = None, auth: ChunkAuth | None = None
+    key: str, tensor: torch.Tensor, meta: Mapping[str, str] | None = None, auth: ChunkAuth | None = None
 ) -> tuple[bytes, memoryview]:
     """`(header, payload)`: the 8-byte length + JSON header, and a view of the tensor's bytes.
 

@@ -66,11 +66,11 @@ class TransferStats:
     prefetch_errors: int = 0
     loaded_from: dict[str, int] = field(default_factory=dict)
 
-    def take(self) -> dict:
+    def take(self) -> dict[str, Any]:
         out = asdict(self)
         for tier, n in out.pop("loaded_from").items():
             out[f"loaded_chunks_{tier}"] = n
-        self.__init__()
+        self.__dict__.update(TransferStats().__dict__)
         return out
 
 
@@ -87,7 +87,7 @@ class _InFlight:
     kind: str  # "store" | "load"
     digest: str
     key: str
-    done: Any  # torch.cuda.Event
+    done: torch.cuda.Event
     tensor: torch.Tensor | None = None  # the CPU-tier buffer held for the copy
 
 
@@ -199,13 +199,14 @@ class KVCacheEngine:
         serve every chunk."""
         # After whatever vLLM queued on the cache (e.g. zeroing it): the scatter writes back
         # exactly the bytes the gather read.
-        self._stream.wait_stream(torch.cuda.current_stream(self.flat.device))
-        with torch.cuda.stream(self._stream):
-            ids = self.path.ids([0], self.block_size)
-            scratch = torch.empty(self.chunk_shape(1), dtype=self.flat.dtype, device=self.flat.device)
-            self.path.gather(ids, scratch)
-            self.path.scatter(scratch, ids)
-        self._stream.synchronize()
+        path, side = self._path(), self._side()
+        side.wait_stream(torch.cuda.current_stream(path.flat.device))
+        with torch.cuda.stream(side):
+            ids = path.ids([0], self.block_size)
+            scratch = torch.empty(self.chunk_shape(1), dtype=path.flat.dtype, device=path.flat.device)
+            path.gather(ids, scratch)
+            path.scatter(scratch, ids)
+        side.synchronize()
 
     def chunk_shape(self, num_blocks: int, num_tokens: int | None = None) -> tuple[int, ...]:
         """Shape of a stored chunk of `num_tokens` tokens (default: all) held by `num_blocks`
@@ -216,6 +217,11 @@ class KVCacheEngine:
         if self.path is None:
             raise RuntimeError("KVCacheEngine: register() the paged cache first")
         return self.path
+
+    def _side(self) -> torch.cuda.Stream:
+        """The transfer stream (CUDA caches only)."""
+        assert self._stream is not None, "a CUDA cache has a transfer stream from register()"
+        return self._stream
 
     def key(self, digest: str) -> str:
         return chunk_key(self.namespace, digest)
@@ -258,7 +264,7 @@ class KVCacheEngine:
             refused, self._rejected_seen = rejected > self._rejected_seen, rejected
             if used <= self.retire_high * bound and not refused:
                 return []
-            out = []
+            out: list[str] = []
             for key in self.storage.memory_keys():  # LRU first
                 if used <= self.retire_low * bound and (out or not refused):
                     break  # (after a refused put, at least one chunk goes)
@@ -362,14 +368,14 @@ class KVCacheEngine:
             return True
         t0 = time.perf_counter()
         shape = self.chunk_shape(n, num_tokens)
-        if self.flat.is_cuda:
+        if path.flat.is_cuda:
             ok = self._store_cuda(digest, key, block_ids, shape, num_tokens)
         else:
             ids = path.ids(block_ids, num_tokens)
             # Gather straight into the CPU tier's pooled buffer: one copy, no allocation.
             with self._lock:
                 ok = self.storage.put_fill(
-                    key, self.flat.dtype, shape, lambda dst: path.gather(ids, dst),
+                    key, path.flat.dtype, shape, lambda dst: path.gather(ids, dst),
                     self._meta(num_tokens),
                 )
                 if ok:
@@ -377,26 +383,29 @@ class KVCacheEngine:
         self.stats.store_seconds += time.perf_counter() - t0
         if ok:
             self.stats.stored_chunks += 1
-            self.stats.stored_bytes += math.prod(shape) * self.flat.element_size()
+            self.stats.stored_bytes += math.prod(shape) * path.flat.element_size()
         else:
             self.stats.store_errors += 1
         return ok
 
-    def _store_cuda(self, digest: str, key: str, block_ids, shape, num_tokens: int) -> bool:
-        compute = torch.cuda.current_stream(self.flat.device)
-        side = self._stream
+    def _store_cuda(
+        self, digest: str, key: str, block_ids: Sequence[int], shape: tuple[int, ...], num_tokens: int
+    ) -> bool:
+        path = self._path()
+        compute = torch.cuda.current_stream(path.flat.device)
+        side = self._side()
         side.wait_stream(compute)  # the pages are written by kernels queued so far
         with torch.cuda.stream(side):
-            ids = self._path().ids(block_ids, num_tokens)
-            staged = torch.empty(shape, dtype=self.flat.dtype, device=self.flat.device)
-            self._path().gather(ids, staged)
+            ids = path.ids(block_ids, num_tokens)
+            staged = torch.empty(shape, dtype=path.flat.dtype, device=path.flat.device)
+            path.gather(ids, staged)
             gathered = torch.cuda.Event()
             gathered.record(side)
             with self._lock:
                 # The device->host copy lands in the tier's pinned buffer, held until it is
                 # done (never evicted or reused under the DMA); the disk write waits for it.
                 ok = self.storage.put_fill(
-                    key, self.flat.dtype, shape, lambda dst: dst.copy_(staged, non_blocking=True),
+                    key, path.flat.dtype, shape, lambda dst: dst.copy_(staged, non_blocking=True),
                     self._meta(num_tokens), write_back=False,
                 )
                 held = self.storage.hold(key) if ok else None
@@ -434,11 +443,11 @@ class KVCacheEngine:
             num_tokens = path.tokens_in(tensor, n)
             if path.fills(n, num_tokens):
                 expected = self.chunk_shape(n, num_tokens)
-        if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != self.flat.dtype:
+        if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != path.flat.dtype:
             if tensor is not None:
                 logger.warning(
                     "chunk %s has shape %s %s, expected %s %s: not loaded",
-                    digest[:12], tuple(tensor.shape), tensor.dtype, expected, self.flat.dtype,
+                    digest[:12], tuple(tensor.shape), tensor.dtype, expected, path.flat.dtype,
                 )
                 self.storage.release(key, tensor)
             self.stats.load_errors += 1
@@ -447,12 +456,12 @@ class KVCacheEngine:
         skip_tokens = skip_blocks * self.block_size
         if skip_tokens >= num_tokens:
             self.storage.release(key, tensor)
-        elif self.flat.is_cuda:
-            compute = torch.cuda.current_stream(self.flat.device)
-            side = self._stream
+        elif path.flat.is_cuda:
+            compute = torch.cuda.current_stream(path.flat.device)
+            side = self._side()
             side.wait_stream(compute)  # blocks freshly handed to this request may still be read
             with torch.cuda.stream(side):
-                dev = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.flat.device)
+                dev = torch.empty(tensor.shape, dtype=tensor.dtype, device=path.flat.device)
                 dev.copy_(tensor, non_blocking=True)  # whole chunk from pinned memory: async
                 ids = path.ids(block_ids, num_tokens, skip_tokens)
                 path.scatter(path.skipped(dev, skip_blocks), ids)
@@ -488,18 +497,19 @@ class KVCacheEngine:
                 todo.append(d)
             if not todo:
                 return
-            if self._prefetch_q is None:
-                self._prefetch_q = queue.Queue()
+            q = self._prefetch_q
+            if q is None:
+                q = self._prefetch_q = queue.Queue()
                 self._prefetch_thread = threading.Thread(
-                    target=self._prefetcher, name="lmcache-triton-prefetch", daemon=True
+                    target=self._prefetcher, args=(q,), name="lmcache-triton-prefetch", daemon=True
                 )
                 self._prefetch_thread.start()
         for d in todo:
-            self._prefetch_q.put(d)
+            q.put(d)
 
-    def _prefetcher(self) -> None:
+    def _prefetcher(self, q: queue.Queue[str | None]) -> None:
         while True:
-            digest = self._prefetch_q.get()
+            digest = q.get()
             if digest is None:
                 return
             ok = False
@@ -527,9 +537,10 @@ class KVCacheEngine:
             if self.storage.in_memory(key) and key not in self._retiring:
                 return self._hold(digest) or key in self._held
         # Read and verify outside the lock (seconds on a slow disk); the put takes it.
-        ok = self.storage.prefetch(
-            key, expect=self.meta, lock=self._lock, on_stored=lambda tier="disk": self._hold(digest, tier)
-        )
+        def stored(tier: str) -> None:  # under `_lock`, the chunk just published
+            self._hold(digest, tier)
+
+        ok = self.storage.prefetch(key, expect=self.meta, lock=self._lock, on_stored=stored)
         return ok and self.holds(digest)
 
     def close(self) -> None:

@@ -275,6 +275,7 @@ class CpuTier:
                     break
         if best is None:
             return None
+        assert best_block is not None
         slab = self._slabs[best]
         slab.used += 1
         return best, slab.free._take(best_block, size)
@@ -449,8 +450,9 @@ class CpuTier:
                 if isinstance(got, tuple):
                     slab, off = got
                     self._used += nbytes
-                    buf = self._slabs[slab].buf.narrow(0, off, nbytes)
-                    entry = _Entry(buf, dtype, tuple(shape), {}, slab, off, size)
+                    arena = self._slabs[slab].buf
+                    assert arena is not None
+                    entry = _Entry(arena.narrow(0, off, nbytes), dtype, tuple(shape), {}, slab, off, size)
                     return Reservation(key, entry.view(), entry)
                 if isinstance(got, bool):
                     return None

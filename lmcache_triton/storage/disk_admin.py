@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from io import FileIO
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ class DiskAdmin:
                 report["kept"].append({"file": path.name, "reason": "could not be removed"})
         return report
 
-    def _check(self, f: Any, key: str, size: int) -> None:
+    def _check(self, f: FileIO, key: str, size: int) -> None:
         """Read and verify one whole file (ChunkError / ChunkUnverifiable / OSError)."""
         hdr = read_header(f, size, key, self.auth)
         check_expect(hdr.meta, self.expect)
@@ -148,7 +149,7 @@ class DiskAdmin:
                 continue
             except ChunkError as e:
                 report["checked"] += 1
-                row = {"file": path.name, "reason": str(e), "removed": False}
+                row: dict[str, Any] = {"file": path.name, "reason": str(e), "removed": False}
                 report["damaged"].append(row)
                 if fix:
                     self._removed(key)

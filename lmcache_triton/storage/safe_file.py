@@ -16,8 +16,8 @@ import errno
 import logging
 import os
 import stat
+from io import FileIO
 from pathlib import Path
-from typing import BinaryIO
 
 from lmcache_triton.chunk.format import (
     MAX_HEADER,
@@ -53,7 +53,7 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
         mv = mv[n:]
 
 
-def readinto_all(f: BinaryIO, mv: memoryview) -> None:
+def readinto_all(f: FileIO, mv: memoryview) -> None:
     """Fill `mv` from `f`; ChunkError when the file ends first."""
     while mv:
         n = f.readinto(mv)
@@ -67,7 +67,7 @@ def identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def open_regular(path: Path, lst: os.stat_result | None = None) -> tuple[BinaryIO, os.stat_result]:
+def open_regular(path: Path, lst: os.stat_result | None = None) -> tuple[FileIO, os.stat_result]:
     """`(file, fstat)` of `path` opened read-only, only if it is a regular file: lstat first (a
     FIFO would block open), then O_NOFOLLOW|O_NONBLOCK and fstat (the name may be swapped
     between the two). Raises FileNotFoundError, NotRegular, or OSError."""
@@ -85,13 +85,15 @@ def open_regular(path: Path, lst: os.stat_result | None = None) -> tuple[BinaryI
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotRegular(st)
-        return os.fdopen(fd, "rb", buffering=0), st
+        f = os.fdopen(fd, "rb", buffering=0)
+        assert isinstance(f, FileIO)
+        return f, st
     except BaseException:
         os.close(fd)
         raise
 
 
-def read_header(f: BinaryIO, file_size: int, key: str, auth: ChunkAuth | None = None) -> ChunkHeader:
+def read_header(f: FileIO, file_size: int, key: str, auth: ChunkAuth | None = None) -> ChunkHeader:
     """The checked header of an open chunk file; raises ChunkError / ChunkUnverifiable."""
     hlen = header_length(f.read(8), file_size)
     raw = f.read(hlen)
@@ -100,7 +102,7 @@ def read_header(f: BinaryIO, file_size: int, key: str, auth: ChunkAuth | None = 
     return parse_header(raw, key, file_size, auth)
 
 
-def header_is_ours(f: BinaryIO, file_size: int, key: str, fmt: str) -> None:
+def header_is_ours(f: FileIO, file_size: int, key: str, fmt: str) -> None:
     """Raise ChunkError unless the header says this format wrote the file for `key` (format and
     key), even if the rest is damaged (truncated payload, bad checksum): what `clear` removes."""
     head = f.read(8)
