@@ -7,7 +7,7 @@ Modules (each with one job):
   storage/          CPU (LRU, bounded) and safetensors disk tiers.
   engine.py         lookup/store/retrieve between vLLM's paged cache and the tiers.
   integration/vllm  the vLLM V1 KV connector (the only place that imports vLLM).
-  cli.py            the `lmcache-triton` command.
+  cli/              the `lmcache-triton` command, one module per command.
 """
 
 __version__ = "0.1.0"

@@ -47,6 +47,9 @@ _ENV_NOT_KEYS = frozenset(
 )
 # Our own switches (LMCACHE_TRITON_DEBUG, LMCACHE_TRITON_SERVE_LMCACHE_NAME, ...) are not keys.
 _ENV_OWN_PREFIX = "LMCACHE_TRITON_"
+# Set by the vLLM plugin (integration/vllm/plugin.py) once it checked the configuration in the
+# server's first process: the processes vLLM starts after it do not repeat the warnings.
+CHECKED_ENV = "LMCACHE_TRITON_CONFIG_CHECKED"
 
 
 # LMCache's own config keys that lmcache_triton does not implement: seen in a user's YAML or
@@ -544,7 +547,8 @@ def load_config(
         env: environment to read; default None means `os.environ`.
         warn: log the warnings (unknown keys, ignored values, impossible bounds). Default True;
             the connector's worker role passes False, so a server says each once (its
-            scheduler), not once per process.
+            scheduler), not once per process. Off when `env` has `CHECKED_ENV`: the vLLM plugin
+            checked this configuration and said its warnings in the server's first process.
 
     Returns:
         The validated `LMCacheConfig`.
@@ -553,6 +557,7 @@ def load_config(
         ConfigError: a missing/unreadable/non-mapping YAML file, or a bad value for any key.
     """
     env = os.environ if env is None else env
+    warn = warn and not env.get(CHECKED_ENV)
     raw: dict[str, Any] = {}
     sources: dict[str, str] = {}
 

@@ -133,10 +133,13 @@ def _worker(job_path: str) -> int:
     llm = start_engine(spec)
     from vllm import SamplingParams
 
+    rejected: type[Exception] = ValueError
     try:  # vLLM 0.32 rejects a too-long prompt with this, not with ValueError
-        from vllm.exceptions import VLLMValidationError as rejected
+        from vllm.exceptions import VLLMValidationError
+
+        rejected = VLLMValidationError
     except ImportError:
-        rejected = ValueError
+        pass
     params = SamplingParams(max_tokens=1, temperature=0.0)
     max_len = llm.llm_engine.model_config.max_model_len
     tokenizer = llm.get_tokenizer()

