@@ -16,16 +16,16 @@ Primitives:
                                     `BlockRemoved`; `reset()` removes everything announced;
                                     `take()` hands the events to vLLM.
   `TierWrites` (worker role)        a `KVConnectorKVEvents` that carries the digests this rank's
-                                    disk and remote tiers wrote and dropped to the scheduler
+                                    slow tiers wrote and dropped to the scheduler
                                     through vLLM's worker -> scheduler events channel
                                     (`get_kv_connector_kv_cache_events`); the scheduler, which
                                     alone knows the block hashes, turns them into events.
   `TierState` (scheduler role)      which chunks every rank group has written to a tier.
 
 Media and localities (vLLM's strings, as its own offloading tiers send them: `MEDIUM_CPU`,
-`MEDIUM_STORAGE`, `Locality`): our CPU tier is medium "CPU", the disk tier "STORAGE", both
-locality "LOCAL"; the remote tier (`remote_url`, Valkey/Redis) is medium "STORAGE" with locality
-"REMOTE", as vLLM's object-store tier reports itself.
+`MEDIUM_STORAGE`, `Locality`) come from the tier list (tiers.py): our CPU tier is medium "CPU",
+the disk tier "STORAGE", both locality "LOCAL"; the remote tier (`remote_url`, Valkey/Redis) is
+medium "STORAGE" with locality "REMOTE", as vLLM's object-store tier reports itself.
 
 Invariants:
   * Only the scheduler publishes, once per change of the whole instance's state: a chunk is
@@ -51,24 +51,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_events import (
-    MEDIUM_CPU,
-    MEDIUM_STORAGE,
     BlockRemoved,
     BlockStored,
     KVCacheEvent,
     KVConnectorKVEvents,
 )
 
+from lmcache_triton.integration.vllm.tiers import tier_media
+
 __all__ = ["TIERS", "TierEvents", "TierState", "TierWrites", "kv_events_enabled"]
 
 logger = logging.getLogger("lmcache_triton")
 
-# Our tier -> (medium, locality) in the events.
-TIERS: dict[str, tuple[str, str]] = {
-    "cpu": (MEDIUM_CPU, "LOCAL"),
-    "disk": (MEDIUM_STORAGE, "LOCAL"),  # vLLM's file tier reports "STORAGE"
-    "remote": (MEDIUM_STORAGE, "REMOTE"),  # vLLM's object-store tier: "STORAGE", locality REMOTE
-}
+# Our tier -> (medium, locality) in the events, from the tier list (tiers.py): the CPU tier is
+# ("CPU", "LOCAL"), each slow tier says its own.
+TIERS: dict[str, tuple[str, str]] = tier_media()
 # Payloads remembered for chunks that were planned but are not (yet) in any tier; the oldest go
 # first beyond this (a store the tiers refused never reports back).
 MAX_PENDING = 65536
