@@ -36,7 +36,7 @@ from _common import append_csv, device_name  # noqa: E402
 from lmcache_triton.engine import KVCacheEngine  # noqa: E402
 from lmcache_triton.kernels.geometry import LAYOUTS  # noqa: E402
 from lmcache_triton.storage.cpu import CpuTier  # noqa: E402
-from lmcache_triton.storage.manager import StorageManager  # noqa: E402
+from lmcache_triton.storage.hierarchy import StorageHierarchy  # noqa: E402
 
 L, H, N, D = 32, 8, 16, 128  # Llama-3.1-8B: 32 layers, 8 KV heads, head 128; 16-token blocks
 C = 2 * D  # a token row of one head: K then V
@@ -84,7 +84,8 @@ def main() -> None:
     digests = [f"{i:064x}" for i in range(n)]
 
     tier = CpuTier(total + (64 << 20), pin_memory=True)
-    eng = KVCacheEngine(StorageManager(tier, None), "ab" * 16, {"model": "bench"})
+    # Watermarks 0: `retire()` gives up every held chunk (the reset between reps).
+    eng = KVCacheEngine(StorageHierarchy(tier), "ab" * 16, {"model": "bench"}, retire_high=0.0, retire_low=0.0)
     eng.register(views, block_size=N)
 
     def store_all():
@@ -95,7 +96,7 @@ def main() -> None:
     def reset():
         eng.synchronize()
         eng.poll()
-        eng.ack_retired(eng.drop_all())
+        eng.ack_retired(eng.retire())
 
     store_all()  # warm-up: kernel compile, pinned buffers
     reset()

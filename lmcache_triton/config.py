@@ -383,7 +383,7 @@ def _remote_url(key: str, raw: Any) -> str | None:
     s = _opt_str(key, raw)
     if s is None:
         return None
-    from lmcache_triton.storage.remote import SCHEMES, RemoteURLError, check_url, mask_url
+    from lmcache_triton.remote_url import SCHEMES, RemoteURLError, check_url, mask_url
 
     scheme = s.split("://", 1)[0].lower() if "://" in s else ""
     if scheme and scheme not in SCHEMES:
@@ -597,7 +597,7 @@ def load_config(
             "vLLM's command line and config; prefer LMCACHE_CHUNK_SECRET or chunk_secret_file"
         )
     if warn and sources.get("remote_url", "").startswith("extra_config") and values.get("remote_url"):
-        from lmcache_triton.storage.remote import mask_url
+        from lmcache_triton.remote_url import mask_url
 
         if mask_url(values["remote_url"]) != values["remote_url"]:
             logger.warning(

@@ -19,19 +19,13 @@ import safetensors.torch
 import torch
 from typer.testing import CliRunner
 
+from lmcache_triton.chunk import format as fmt
+from lmcache_triton.chunk.format import ChunkAuth, ChunkError, ChunkUnverifiable, decode_chunk, encode_chunk
 from lmcache_triton.cli import app
 from lmcache_triton.config import LMCacheConfig
-from lmcache_triton.storage import CpuTier, DiskTier, StorageManager
-from lmcache_triton.storage import disk as disk_mod
-from lmcache_triton.storage.disk import (
-    ChunkAuth,
-    ChunkError,
-    ChunkUnverifiable,
-    DiskTierError,
-    decode_chunk,
-    encode_chunk,
-)
-from lmcache_triton.storage.factory import build_storage
+from lmcache_triton.storage import CpuTier, DiskTier, StorageHierarchy
+from lmcache_triton.storage.builder import build_storage
+from lmcache_triton.storage.disk import DiskTierError
 
 SECRET = "correct horse battery staple"
 IS_ROOT = os.geteuid() == 0
@@ -65,6 +59,29 @@ def disk(tmp_path):
         t.close()
 
 
+def describe(tier, k):
+    """`(dtype, shape)` from the header alone (`open_read`, no payload read), or None."""
+    with tier.open_read(k) as r:
+        return None if r is None else (r.dtype, r.shape)
+
+
+def read_with_meta(tier, k):
+    """`(tensor, meta)` through `open_read` + `read_into`, or None."""
+    with tier.open_read(k) as r:
+        if r is None:
+            return None
+        out = torch.empty(r.shape, dtype=r.dtype)
+        return (out, r.meta) if r.read_into(out) else None
+
+
+def read(m, k):
+    """A chunk through the hierarchy's real path: prefetched when not in memory, read under a hold."""
+    if not m.in_memory(k) and not m.prefetch(k):
+        return None
+    with m.acquire(k) as t:
+        return None if t is None else t.clone()
+
+
 def within(seconds: float, fn, *args):
     """fn(*args) in a thread; fails (instead of hanging the suite) when it does not return."""
     box: dict = {}
@@ -93,7 +110,7 @@ def write_chunk(path: Path, k: str, tensor: torch.Tensor, meta=None, secret=None
 
 def raw_header(md_extra=None, info=None, key_=None) -> bytes:
     """A safetensors file with a hand-made header (8-byte length + JSON) and a 16-byte payload."""
-    md = {"format": disk_mod.FORMAT, "key": key_ or key(1), "checksum": "xxh3_64:0", "dtype": "uint8", "shape": "16"}
+    md = {"format": fmt.FORMAT, "key": key_ or key(1), "checksum": "xxh3_64:0", "dtype": "uint8", "shape": "16"}
     md.update(md_extra or {})
     header = {"__metadata__": md, "kv": info or {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]}}
     raw = json.dumps(header).encode()
@@ -127,7 +144,7 @@ CRAFTED = {
     "checksum-missing": _len_prefixed(
         json.dumps(
             {
-                "__metadata__": {"format": disk_mod.FORMAT, "key": key(1), "dtype": "uint8", "shape": "16"},
+                "__metadata__": {"format": fmt.FORMAT, "key": key(1), "dtype": "uint8", "shape": "16"},
                 "kv": {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]},
             }
         ).encode()
@@ -151,13 +168,13 @@ def test_crafted_header_is_a_counted_miss_and_removed(disk, tmp_path, name):
     bad = path / f"{key(1)}.safetensors"
     bad.write_bytes(CRAFTED[name])
     good = write_chunk(path, key(2), chunk(2))
-    # Inspection first (nothing removed at open): entries / verify / describe / get never raise.
+    # Inspection first (nothing removed at open): entries / verify / open_read / get never raise.
     look = disk(path, reindex=False)
     rows = {r["key"]: r for r in look.entries()}
     assert "error" in rows[key(1)] and "error" not in rows[key(2)]
     report = look.verify()
     assert [d["file"] for d in report["damaged"]] == [bad.name] and report["ok"] == 1
-    assert look.describe(key(1)) is None and bad.exists() is False  # describe judged it: removed
+    assert describe(look, key(1)) is None and bad.exists() is False  # describe judged it: removed
     bad.write_bytes(CRAFTED[name])
     assert look.get(key(1)) is None and not bad.exists()
     bad.write_bytes(CRAFTED[name])
@@ -198,7 +215,7 @@ def test_fifo_socket_and_directory_named_like_chunks_never_block(disk, tmp_path)
         assert tier.stats["corrupt"] == 3 and tier.stats["unremovable"] == 3  # not ours to remove
         for k in (key(1), key(2), "0000000c"):
             assert within(10, tier.get, k) is None
-            assert within(10, tier.describe, k) is None
+            assert within(10, describe, tier, k) is None
             assert not within(10, tier.contains, k)
         assert tier.stats["corrupt"] == 3  # remembered: not judged (or logged) again
         assert same(tier.get(key(4)), chunk(4))
@@ -272,8 +289,8 @@ def test_unsafe_directory_refused_without_secret(disk, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         m = build_storage(cfg)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert m.disk is None and len(errors) == 1 and "local_disk" in errors[0] and str(shared) in errors[0]
-    assert m.put(key(2), chunk(2)) and same(m.get(key(2)), chunk(2))
+    assert m.tier("disk") is None and len(errors) == 1 and "local_disk" in errors[0] and str(shared) in errors[0]
+    assert m.put(key(2), chunk(2)) and same(read(m, key(2)), chunk(2))
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="chown to another user needs root")
@@ -389,7 +406,7 @@ def test_unwritable_directory_and_unremovable_bad_file(disk, ro_capable, caplog)
     cfg = LMCacheConfig(local_disk=str(path / "sub"), max_local_disk_size=0.01, max_local_cpu_size=0.01)
     with caplog.at_level(logging.ERROR):
         m = build_storage(cfg)
-    assert m.disk is None and m.cpu is not None
+    assert m.tier("disk") is None and m.memory_bound > 0
     assert len([r for r in caplog.records if "local_disk" in r.getMessage()]) == 1
     # Start-up on the read-only directory itself: one error line naming local_disk and what is
     # wrong; what is there is still served (verified), every write attempt is a counted error.
@@ -426,7 +443,7 @@ def test_local_disk_that_is_a_file_is_a_clear_error(tmp_path, caplog):
     cfg = LMCacheConfig(local_disk=str(f / "kv"), max_local_disk_size=0.01, max_local_cpu_size=0.01)
     with caplog.at_level(logging.ERROR):
         m = build_storage(cfg)  # the worker: one error line, no raw FileExistsError
-    assert m.disk is None and m.cpu is not None
+    assert m.tier("disk") is None and m.memory_bound > 0
     assert len([r for r in caplog.records if "local_disk" in r.getMessage()]) == 1
 
 
@@ -516,8 +533,8 @@ def test_verify_fix_unreadable_is_not_damage(disk, tmp_path):
 # ------------------------------------------------------------------- 8: manager errors
 
 
-def test_manager_error_paths_release_and_check_shapes(disk):
-    m = StorageManager(CpuTier(1 << 20, pin_memory=False), disk())
+def test_hierarchy_error_paths_release_and_take_nothing(disk):
+    m = StorageHierarchy(CpuTier(1 << 20, pin_memory=False), [disk()])
     refused = [torch.uint16] + ([torch.float8_e4m3fnuz] if hasattr(torch, "float8_e4m3fnuz") else [])
     for bad_dtype in refused:
         with pytest.raises(ValueError, match="no safetensors code"):
@@ -526,17 +543,12 @@ def test_manager_error_paths_release_and_check_shapes(disk):
         m.put(key(2), chunk(2), {"checksum": "x"})
     with pytest.raises(ValueError, match="lower-case hex"):
         m.put("not-a-hex-key", chunk(2))  # the CPU tier takes it, the disk refuses the key
-    assert m.cpu.stats["held"] == 0 and not m.cpu.contains(key(1)) and not m.cpu.contains(key(2))
+    assert m.cpu.stats["held"] == 0 and not m.in_memory(key(1)) and not m.in_memory(key(2))
     m.put(key(3), chunk(3))
     assert m.flush(10)
-    with pytest.raises(ValueError, match="out: expected shape"):
-        m.get(key(3), out=torch.empty(16, 80, dtype=torch.bfloat16))  # CPU hit
     m.cpu.clear()
-    with pytest.raises(ValueError, match="out: expected shape"):
-        m.get(key(3), out=torch.empty(16, 80, dtype=torch.bfloat16))  # disk hit: would broadcast
-    out = torch.empty(4, 16, 80, dtype=torch.bfloat16)
-    assert m.get(key(3), out=out) is out and same(out, chunk(3))
-    assert m.cpu.stats["held"] == 0
+    assert same(read(m, key(3)), chunk(3))  # from disk, read once into the CPU tier
+    assert m.cpu.stats["held"] == 0 and m.store_errors() == 0
     m.close()
 
 
@@ -614,19 +626,19 @@ def test_fuzz_random_and_mutated_files(disk, tmp_path):
             assert same(t, originals[k]) and md["model"] == "m"
         except (ChunkError, ChunkUnverifiable):
             pass
-        # On disk: get / describe / contains / get(out=) never raise and return only originals.
+        # On disk: get / open_read / contains / get(out=) never raise and return only originals.
         op = rng.randrange(4)
         if op == 0:
             got = tier.get(k, expect={"model": "m"})
         elif op == 1:
             got = None
-            info = tier.describe(k)
+            info = describe(tier, k)
             assert info is None or info == (originals[k].dtype, tuple(originals[k].shape))
             tier.contains(k)
         elif op == 2:
             got = tier.get(k, out=torch.empty_like(originals[k]))
         else:
-            got = tier.get_with_meta(k)
+            got = read_with_meta(tier, k)
             if got is not None:
                 assert got[1]["model"] == "m"
                 got = got[0]

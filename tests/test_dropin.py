@@ -387,21 +387,18 @@ def test_kv_replicas(use_mla, tp, heads, replicas):
 def test_no_disk_writes_on_a_replica(tmp_path):
     import torch
 
-    from lmcache_triton.storage import CpuTier, DiskTier, StorageManager
-
-    def manager(d):
-        return StorageManager(CpuTier(1 << 20), DiskTier(d, 1 << 30))
+    from lmcache_triton.storage import CpuTier, DiskTier, StorageHierarchy
 
     chunk = torch.arange(64, dtype=torch.float32)
-    for write_disk, files in ((True, 1), (False, 0)):
-        d = tmp_path / f"disk-{write_disk}"
-        m = manager(d)
-        m.write_disk = write_disk
+    for replica, files in ((False, 1), (True, 0)):
+        d = tmp_path / f"disk-{replica}"
+        m = StorageHierarchy(CpuTier(1 << 20), [DiskTier(d, 1 << 30)], write_slow_tiers=not replica)
         assert m.put("ab" * 32, chunk) is True
         m.write_back("ab" * 32)
         assert m.flush(10)
         assert len(list(d.glob("*.safetensors"))) == files
-        assert torch.equal(m.get("ab" * 32), chunk)  # the CPU copy is there either way
+        with m.acquire("ab" * 32) as t:  # the CPU copy is there either way
+            assert torch.equal(t, chunk)
         m.close()
 
 

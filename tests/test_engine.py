@@ -13,9 +13,10 @@ from lmcache_triton.config import LMCacheConfig
 from lmcache_triton.engine import ChunkPlanner, KVCacheEngine, PrefixIndex, chunk_key
 from lmcache_triton.hashing import key_namespace
 from lmcache_triton.kernels.geometry import allocate_paged_cache
+from lmcache_triton.storage.builder import TierView, disk_view
 from lmcache_triton.storage.cpu import CpuTier
 from lmcache_triton.storage.disk import DiskTier
-from lmcache_triton.storage.manager import StorageManager
+from lmcache_triton.storage.hierarchy import StorageHierarchy
 
 LAYOUTS = ["LBHNC", "LHBNC", "BLNHC"]
 
@@ -30,7 +31,8 @@ def _cache(layout="LBHNC", layers=3, blocks=12, heads=2, page=4, row=16, dtype=t
 def _engine(tmp_path, views, block_size, cpu=True, disk=True, meta=None, cpu_bytes=1 << 24):
     """An engine over real tiers; `cpu=False` is `local_cpu: false` (the CPU tier only stages)."""
     tier = CpuTier(cpu_bytes) if (cpu or disk) else None
-    storage = StorageManager(tier, DiskTier(tmp_path / "disk", 1 << 26) if disk else None, keep_in_cpu=cpu)
+    slow = [DiskTier(tmp_path / "disk", 1 << 26)] if disk else []
+    storage = StorageHierarchy(tier, slow, keep_in_cpu=cpu)
     eng = KVCacheEngine(storage, "0a" * 16, meta or {"model": "m", "layout": "L"})
     eng.register(views, block_size)
     return eng
@@ -65,7 +67,7 @@ def test_planner_spans_partial_and_blocks():
 def test_prefix_index_needs_every_rank(tmp_path):
     ns = [key_namespace("m", 2, r, "f32", 64, "x") for r in (0, 1)]
     assert ns[0] != ns[1]
-    idx = PrefixIndex(ns, str(tmp_path))
+    idx = PrefixIndex(ns, [disk_view(str(tmp_path))])
     planner = ChunkPlanner(LMCacheConfig(chunk_size=64), 32)
     spans = planner.spans(list(range(200)))
     d = [s.digest for s in spans]
@@ -78,9 +80,9 @@ def test_prefix_index_needs_every_rank(tmp_path):
     for r in (0, 1):
         (tmp_path / (chunk_key(ns[r], d[1]) + ".safetensors")).write_bytes(b"x")
     assert idx.cached_prefix(spans) == 1
-    assert idx.on_disk(d[1]) and not idx.on_disk(d[2])
+    assert idx.locate(d) == {d[1]: "disk"} and idx.on_disk(d[1]) and not idx.on_disk(d[2])
     idx.report(0, [], [], failed=[d[1]])  # the prefetch found it damaged: not asked again soon
-    assert not idx.on_disk(d[1])
+    assert not idx.on_disk(d[1]) and idx.locate(d) == {}
     idx.report(0, [], [d[0]])  # rank 0 retired chunk 0: the prefix is broken at 0
     assert idx.cached_prefix(spans) == 0
     # ... unless vLLM's own prefix cache already has those tokens.
@@ -111,21 +113,60 @@ def test_store_then_load_is_bit_exact(tmp_path, layout, tiers):
     assert eng.stats.loaded_from == {tiers: 1}
 
 
-def test_lookup_counts_the_cached_prefix(tmp_path):
+class _DictView:
+    """A presence-only tier view over a set of keys, counting the questions."""
+
+    def __init__(self, name, keys, miss_ttl=0.0):
+        self.keys, self.asked = set(keys), []
+        self.view = TierView(name, self.contains_many, miss_ttl)
+
+    def contains_many(self, keys):
+        self.asked.append(list(keys))
+        return [k in self.keys for k in keys]
+
+
+def test_locate_asks_each_tier_once_in_order_for_every_rank():
+    ns = ["aa" * 8, "bb" * 8]
+    d = [f"{i:02x}" * 16 for i in range(5)]
+    both = lambda *ds: {chunk_key(n, x) for x in ds for n in ns}  # noqa: E731
+    fast = _DictView("fast", both(d[0], d[1]) | {chunk_key(ns[0], d[2])})  # d2: rank 0 only
+    slow = _DictView("slow", both(d[1], d[2], d[3]), miss_ttl=60)
+    idx = PrefixIndex(ns, [fast.view, slow.view])
+    assert idx.locate(d + d[:1]) == {d[0]: "fast", d[1]: "fast", d[2]: "slow", d[3]: "slow"}
+    assert len(fast.asked) == 1 and len(fast.asked[0]) == 2 * 5  # every rank's key, once each
+    assert slow.asked == [[chunk_key(n, x) for x in d[2:] for n in ns]]  # only what fast lacked
+    assert idx.locate([d[4]]) == {} and len(slow.asked) == 1  # slow's miss is remembered...
+    assert len(fast.asked) == 2  # ... fast's (a stat) is not
+    assert idx.locate([d[4]], only=("fast",)) == {} and len(fast.asked) == 3 and len(slow.asked) == 1
+    idx.report(1, [], [], failed=[d[3]])
+    assert idx.locate([d[3]]) == {}  # a recent prefetch failure is not located
+
+
+def test_held_chunks_reported_make_the_cached_prefix(tmp_path):
     c5, views = _cache(page=4, blocks=40)
     eng = _engine(tmp_path, views, block_size=4)
+    idx = PrefixIndex([eng.namespace])
     planner = ChunkPlanner(LMCacheConfig(chunk_size=8, save_unfull_chunk=True), 4)
     tokens = list(range(30))
     spans = planner.spans(tokens)
-    assert eng.lookup(planner, tokens) == 0
+    assert idx.cached_prefix(spans) == 0
     eng.store(spans[0].digest, [0, 1], 8)
     eng.store(spans[2].digest, [4, 5], 8)  # a gap at chunk 1: only chunk 0 counts
-    assert eng.lookup(planner, tokens) == 8
+    idx.report(0, eng.poll().held, [])
+    assert idx.cached_prefix(spans) == 1
     eng.store(spans[1].digest, [2, 3], 8)
-    assert eng.lookup(planner, tokens) == 24
+    idx.report(0, eng.poll().held, [])
+    assert idx.cached_prefix(spans) == 3
     eng.store(spans[3].digest, [6, 7], 6)  # the partial tail
-    assert eng.lookup(planner, tokens) == 30
-    assert eng.lookup(planner, tokens, extra=("lora:x",)) == 0, "extra keys change every digest"
+    idx.report(0, eng.poll().held, [])
+    assert idx.cached_prefix(spans) == 4 and spans[3].end == 30
+    assert idx.cached_prefix(planner.spans(tokens, extra=("lora:x",))) == 0, "extra keys change every digest"
+    # A held chunk is lent to a reader (CacheBlend) without a copy, and unevictable meanwhile.
+    with eng.open_held(spans[0].digest) as t:
+        assert t is not None and tuple(t.shape) == eng.chunk_shape(2, 8)
+        assert eng.storage.cpu.stats["held"] >= 1
+    with eng.open_held("ff" * 16) as t:
+        assert t is None
 
 
 def test_load_skips_leading_blocks_and_maps_manager_blocks(tmp_path):
@@ -207,7 +248,7 @@ def test_cuda_store_load_async_round_trip(layout):
     c5.view(torch.int16).random_(-32768, 32767)
     orig = c5.clone()
     views = [c5[i] for i in range(4)]
-    storage = StorageManager(CpuTier(64 << 20, pin_memory=True), None)
+    storage = StorageHierarchy(CpuTier(64 << 20, pin_memory=True))
     eng = KVCacheEngine(storage, "0b" * 16, {"model": "m"})
     eng.register(views, block_size=32)  # a manager block = 2 kernel pages
     digests = [f"{i:02x}" * 16 for i in range(6)]
@@ -295,7 +336,7 @@ def test_packed_pages_store_token_rows_and_load_into_any_layout(tmp_path):
     describes them): stored chunks are plain token rows, which load into a GPU layout of other
     block size, and back into a packed cache skipping its first block; untouched blocks stay."""
     src, src_views, pmap = _packed_cache()
-    eng = KVCacheEngine(StorageManager(CpuTier(1 << 24), None), "0c" * 16, {"model": "m"})
+    eng = KVCacheEngine(StorageHierarchy(CpuTier(1 << 24)), "0c" * 16, {"model": "m"})
     eng.register(src_views, block_size=8, page_map=pmap)
     assert eng.store("ba" * 16, [4, 1, 2], num_tokens=20)
     held = eng.storage.cpu.hold(eng.key("ba" * 16))
@@ -344,3 +385,30 @@ def test_store_refuses_a_token_count_its_blocks_cannot_hold(tmp_path):
     eng = _engine(tmp_path, views, block_size=4)
     with pytest.raises(ValueError, match="do not fill"):
         eng.store("cb" * 16, [1], num_tokens=6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_copy_path_over_a_layer_range_moves_those_layers_alone(layout):
+    from lmcache_triton.engine import make_copy_path
+    from lmcache_triton.kernels.geometry import geometry_from_layer_views
+
+    c5, views = _cache(layout, layers=5)
+    flat, geom = geometry_from_layer_views(views)
+    whole = make_copy_path(flat, geom, block_size=8)
+    part = whole.for_layers(1, 4)
+    ids = whole.ids([3, 0], num_tokens=13)
+    full = torch.full(whole.chunk_shape(2, 13), float("nan"))
+    whole.gather(ids, full)
+    rows = torch.full(part.chunk_shape(2, 13), float("nan"))
+    part.gather(ids, rows)
+    assert torch.equal(rows, full[:, 1:4])
+    before = c5.clone()
+    part.scatter(torch.zeros_like(rows), ids)  # only layers 1-3 of those slots change
+    expected = before.clone()
+    for layer in range(1, 4):
+        for slot in ids.tolist():
+            b, n = divmod(slot, 4)
+            expected[layer, b, :, n] = 0
+    assert torch.equal(c5, expected)
+    with pytest.raises(ValueError, match="outside"):
+        whole.for_layers(2, 6)

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from lmcache_triton.storage.disk import encode_chunk
+from lmcache_triton.chunk.format import encode_chunk
 from lmcache_triton.storage.remote import KEY_PREFIX, RemoteTier, RemoteURLError, check_url, mask_url
 from lmcache_triton.testing.valkey import ValkeyServer, server_binary
 

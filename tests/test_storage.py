@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from lmcache_triton.storage import CpuTier, DiskTier, StorageManager
+from lmcache_triton.storage import CpuTier, DiskTier, StorageHierarchy
 from lmcache_triton.storage import disk as disk_mod
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.uint8]
@@ -339,10 +339,10 @@ def test_disk_other_process_file_discovered_and_eviction_under_reader(disk):
     # unlink while a reader has the file open: the read still completes with the right bytes
     a.put(key(2), chunk(2))
     a.flush(10)
-    with open(_file(a, 2), "rb", buffering=0) as f:
+    with a.open_read(key(2)) as reader:
         os.unlink(_file(a, 2))
-        st = os.fstat(f.fileno())
-        tensor, _ = a._read(f, key(2), st.st_size, {})
+        tensor = torch.empty(reader.shape, dtype=reader.dtype)
+        assert reader.read_into(tensor)
     assert torch.equal(tensor, chunk(2))
 
 
@@ -447,9 +447,17 @@ def test_disk_full_evicts_own_lru_and_keeps_caching(disk, small_disk, caplog):
 # -------------------------------------------------------------------------------------- manager
 
 
-def test_manager_tiers(disk):
+def read(m, k):
+    """A chunk through the hierarchy's real path: prefetched when not in memory, read under a hold."""
+    if not m.in_memory(k) and not m.prefetch(k):
+        return None
+    with m.acquire(k) as t:
+        return None if t is None else t.clone()
+
+
+def test_hierarchy_tiers(disk):
     size = nbytes(chunk(0))
-    m = StorageManager(CpuTier(2 * size, pin_memory=False), disk())
+    m = StorageHierarchy(CpuTier(2 * size, pin_memory=False), [disk()])
     keys = [key(i) for i in range(5)]
     srcs = [chunk(i) for i in range(3)]
     for k, t in zip(keys, srcs, strict=False):
@@ -458,43 +466,56 @@ def test_manager_tiers(disk):
     for t in srcs:
         t.fill_(0)  # caller reuses its buffers at once: stored data must not change
     assert m.flush(10)
-    assert m.contains_prefix(keys) == 3 and m.contains_prefix([keys[1], keys[4], keys[2]]) == 1
-    assert m.contains_prefix([]) == 0
-    assert not m.cpu.contains(keys[0])  # evicted from CPU (bound 2 chunks) but on disk
-    got = m.get(keys[0])
-    assert torch.equal(got, chunk(0)) and m.cpu.contains(keys[0])  # promoted
+    assert [m.contains(k) for k in keys] == [True, True, True, False, False]
+    assert not m.in_memory(keys[0])  # evicted from CPU (bound 2 chunks) but on disk
+    got = read(m, keys[0])
+    assert torch.equal(got, chunk(0)) and m.in_memory(keys[0])  # promoted
     assert m.cpu.meta(keys[0]) == {"layout": "L"}
-    assert torch.equal(m.get(keys[0]), chunk(0)) and m.stats()["cpu"]["hits"] == 1
-    assert m.get(keys[4]) is None
+    assert torch.equal(read(m, keys[0]), chunk(0)) and m.stats()["cpu"]["hits"] == 2
+    assert read(m, keys[4]) is None
     for i in range(3):
-        assert torch.equal(m.disk.get(keys[i]), chunk(i))
+        assert torch.equal(m.tier("disk").get(keys[i]), chunk(i))
     assert m.stats()["cpu"]["held"] == 0  # disk hand-over holds were all released
+    assert m.store_errors() == 0
     m.close()
 
 
-def test_manager_single_tiers(disk):
-    only_cpu = StorageManager(CpuTier(1 << 20, pin_memory=False), None)
-    assert only_cpu.put(key(1), chunk(1)) and torch.equal(only_cpu.get(key(1)), chunk(1))
+def test_hierarchy_single_tiers(disk):
+    only_cpu = StorageHierarchy(CpuTier(1 << 20, pin_memory=False))
+    assert only_cpu.put(key(1), chunk(1)) and torch.equal(read(only_cpu, key(1)), chunk(1))
     # local_cpu off: the CPU tier only stages the write; the chunk leaves memory once on disk.
-    only_disk = StorageManager(CpuTier(1 << 20, pin_memory=False), disk(), keep_in_cpu=False)
+    only_disk = StorageHierarchy(CpuTier(1 << 20, pin_memory=False), [disk()], keep_in_cpu=False)
     src = chunk(2)
     assert only_disk.put(key(2), src)
     src.fill_(0)
     only_disk.flush(10)
-    assert not only_disk.cpu.contains(key(2)) and only_disk.cpu.stats["held"] == 0
-    assert only_disk.contains_prefix([key(2)]) == 1 and torch.equal(only_disk.get(key(2)), chunk(2))
-    assert not StorageManager(None, disk()).put(key(3), chunk(3)), "no memory to stage a write in"
-    assert not StorageManager(None, None).put(key(3), chunk(3))
+    assert not only_disk.in_memory(key(2)) and only_disk.cpu.stats["held"] == 0
+    assert only_disk.contains(key(2)) and torch.equal(read(only_disk, key(2)), chunk(2))
+    assert not StorageHierarchy(None, [disk()]).put(key(3), chunk(3)), "no memory to stage a write in"
+    assert not StorageHierarchy(None).put(key(3), chunk(3))
+
+
+def test_replica_writes_no_slow_tier(disk):
+    # A KV replica rank (`build_storage(replica=True)`) writes neither disk nor any other slow
+    # tier; it keeps its CPU copy and still reads the tiers.
+    tier = disk()
+    m = StorageHierarchy(CpuTier(1 << 20, pin_memory=False), [tier], write_slow_tiers=False)
+    assert m.put(key(1), chunk(1)) and not m.write_back(key(1))
+    assert m.flush(10) and tier.keys() == [] and m.in_memory(key(1))
+    tier.put(key(2), chunk(2))
+    assert tier.flush(10) and m.prefetch(key(2))
+    m.close()
 
 
 def test_pending_writes_are_bounded_by_the_cpu_tier(disk):
     # Chunks 0 and 1 are held for the (blocked) disk writer; chunk 2 finds no free buffer and
     # is dropped (a future miss, counted), never copied aside: pending writes cannot grow memory.
     size = nbytes(chunk(0))
-    m = StorageManager(CpuTier(2 * size, pin_memory=False), disk())
+    tier = disk()
+    m = StorageHierarchy(CpuTier(2 * size, pin_memory=False), [tier])
     gate = threading.Event()
-    real = m.disk._write
-    m.disk._write = lambda *a: gate.wait(10) and real(*a)
+    real = tier._write
+    tier._write = lambda *a: gate.wait(10) and real(*a)
     srcs = [chunk(i) for i in range(3)]
     assert m.put(key(0), srcs[0]) and m.put(key(1), srcs[1])
     assert not m.put(key(2), srcs[2])
@@ -503,24 +524,80 @@ def test_pending_writes_are_bounded_by_the_cpu_tier(disk):
         t.fill_(0)
     gate.set()
     assert m.flush(10)
-    assert all(torch.equal(m.disk.get(key(i)), chunk(i)) for i in range(2))
-    assert not m.disk.contains(key(2))
+    assert all(torch.equal(tier.get(key(i)), chunk(i)) for i in range(2))
+    assert not tier.contains(key(2))
     assert m.cpu.stats["held"] == 0
     m.close()
 
 
+def test_failed_slow_tier_writes_are_store_errors(disk):
+    tier = disk(max_bytes=1 << 10)  # smaller than a chunk: the disk refuses every write
+    m = StorageHierarchy(CpuTier(1 << 20, pin_memory=False), [tier])
+    assert m.put(key(1), chunk(1)) and m.put(key(2), chunk(2)) and m.flush(10)
+    assert m.store_errors() == 2 == tier.stats["rejected"] and m.cpu.stats["held"] == 0
+    m.close()
+
+
 def test_prefetch_reads_verified_into_the_cpu_tier(disk):
-    m = StorageManager(CpuTier(1 << 20, pin_memory=False), disk(), keep_in_cpu=False)
+    m = StorageHierarchy(CpuTier(1 << 20, pin_memory=False), [disk()], keep_in_cpu=False)
     assert m.put(key(4), chunk(4), {"model": "m"})
     m.flush(10)
-    assert not m.cpu.contains(key(4))
+    assert not m.in_memory(key(4))
     calls = []
     assert m.prefetch(key(4), expect={"model": "m"}, on_stored=calls.append)
     assert calls == ["disk"] and torch.equal(m.cpu.get(key(4)), chunk(4))
+    assert m.cpu.meta(key(4)) == {"model": "m"}  # the writer's meta, without the format's fields
     m.cpu.clear()
     assert not m.prefetch(key(4), expect={"model": "other"}), "a header that disagrees is a miss"
     assert not m.prefetch(key(5)), "no such file"
-    assert not m.cpu.contains(key(4))
+    assert not m.in_memory(key(4)) and m.cpu.stats["bytes"] == 0  # reservations given back
+
+
+def test_prefetch_reads_the_file_once_into_the_arena_outside_the_cpu_lock(disk, monkeypatch):
+    # The read lands straight in a reserved arena block (no scratch buffer, one open of the
+    # file), and the CPU tier stays usable meanwhile: a put from another thread completes while
+    # the read is blocked.
+    tier = disk()
+    m = StorageHierarchy(CpuTier(1 << 20, pin_memory=False), [tier])
+    assert m.put(key(1), chunk(1)) and m.flush(10)
+    m.cpu.clear()
+    opened, gate, reading = [], threading.Event(), threading.Event()
+    real_open, real_read = tier._open, tier._read_verified
+
+    def count_open(k):
+        opened.append(k)
+        return real_open(k)
+
+    def slow_read(f, hdr, mv):
+        reading.set()
+        assert gate.wait(10)
+        return real_read(f, hdr, mv)
+
+    monkeypatch.setattr(tier, "_open", count_open)
+    monkeypatch.setattr(tier, "_read_verified", slow_read)
+    done = []
+    th = threading.Thread(target=lambda: done.append(m.prefetch(key(1))))
+    th.start()
+    assert reading.wait(10)
+    assert m.cpu.put(key(2), chunk(2)), "the CPU tier's lock is not held during the read"
+    assert not m.in_memory(key(1)), "not visible before it is verified"
+    gate.set()
+    th.join(10)
+    assert done == [True] and opened == [key(1)]
+    with m.acquire(key(1)) as t:
+        assert torch.equal(t, chunk(1))
+    # A damaged file read into a reserved block: a miss, removed, the block given back.
+    monkeypatch.undo()
+    assert m.put(key(3), chunk(3)) and m.flush(10)
+    m.cpu.clear()
+    path = tier.path / f"{key(3)}.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert not m.prefetch(key(3))
+    assert not m.in_memory(key(3)) and not path.exists() and m.cpu.stats["bytes"] == 0
+    assert m.cpu.stats["errors"] == 0
+    m.close()
 
 
 def test_put_fill_writes_in_place_and_a_failed_fill_stores_nothing():
@@ -537,14 +614,12 @@ def test_put_fill_writes_in_place_and_a_failed_fill_stores_nothing():
     assert tier.stats["errors"] == 1
 
 
-def test_open_chunk_cpu_hit_is_held_not_copied(tmp_path):
+def test_acquire_holds_the_cpu_tensor_under_pressure(tmp_path):
     cpu = CpuTier(3 * 4096)
-    mgr = StorageManager(cpu, DiskTier(tmp_path, 1 << 20))
-    mgr.put("aa" * 8, torch.full((1024,), 7.0))
-    mgr.flush()
-    with mgr.open_chunk("aa" * 8) as got:
-        tensor, tier = got
-        assert tier == "cpu"
+    m = StorageHierarchy(cpu, [DiskTier(tmp_path, 1 << 20)])
+    m.put("aa" * 8, torch.full((1024,), 7.0))
+    m.flush()
+    with m.acquire("aa" * 8) as tensor:
         # Pressure while held: the tier holds 3 chunks, so "dd" fits only by evicting; the held,
         # least recently used "aa" must survive and "bb" go instead.
         assert cpu.put("bb" * 8, torch.zeros(1024))
@@ -553,21 +628,9 @@ def test_open_chunk_cpu_hit_is_held_not_copied(tmp_path):
         assert cpu.contains("aa" * 8) and not cpu.contains("bb" * 8)
         assert torch.equal(tensor, torch.full((1024,), 7.0))
     cpu.clear()
-    with mgr.open_chunk("aa" * 8) as got:  # CPU gone: read from disk, verified, promoted
-        tensor, tier = got
-        assert tier == "disk" and torch.equal(tensor, torch.full((1024,), 7.0))
-    assert cpu.contains("aa" * 8)
-    with mgr.open_chunk("ee" * 8) as got:
-        assert got is None
-    # A damaged file read straight into a pool buffer: a miss, removed, nothing left in CPU.
-    mgr.put("ff" * 8, torch.full((1024,), 3.0))
-    mgr.flush()
-    cpu.clear()
-    path = next(p for p in tmp_path.iterdir() if p.name.startswith("ff" * 8))
-    raw = bytearray(path.read_bytes())
-    raw[-10] ^= 0xFF
-    path.write_bytes(bytes(raw))
-    with mgr.open_chunk("ff" * 8) as got:
-        assert got is None
-    assert not cpu.contains("ff" * 8) and not path.exists()
-    assert cpu.stats["errors"] == 0
+    assert m.prefetch("aa" * 8)  # CPU gone: read from disk, verified, in the CPU tier again
+    with m.acquire("aa" * 8) as tensor:
+        assert torch.equal(tensor, torch.full((1024,), 7.0))
+    with m.acquire("ee" * 8) as tensor:
+        assert tensor is None
+    m.close()

@@ -1,22 +1,18 @@
 """Disk tier: one safetensors file per chunk, written in the background, verified on read.
 
-Primitives:
+Primitives (the `SlowTier` protocol of `storage.tier`, plus `get` and `clear`):
   `put(key, tensor, meta, on_done=None)`  enqueue a write and return at once; False when the
                                           queue is full (the write is dropped and counted).
-  `get(key, expect=None)` / `get_with_meta`  read + verify; any bad file is a miss, never raised.
-  `contains(key)`   index lookup; on a miss one header read discovers files other processes wrote.
-  `flush(timeout)`, `close()`, `clear()`, `clear_files()`, `verify(fix)`, `entries()`, `stats`.
+  `open_read(key, expect)`  the file opened once, its header checked; `reader.read_into(out)`
+                    reads the payload straight into the caller's buffer and verifies it there.
+  `get(key, expect=None, out=None)`  `open_read` + `read_into` a new (or the given) tensor; any
+                    bad file is a miss, never raised.
+  `contains(key)` / `contains_many(keys)`  index lookup; on a miss one header read discovers
+                    files other processes wrote.
+  `flush(timeout)`, `close()`, `clear()`, `stats`; `clear_files()`, `verify(fix)`, `entries()`
+                    run the tools of `storage.disk_admin` on a live tier.
 
-Chunk format (file-system free, shared with network tiers): `encode_chunk` / `parse_header` /
-`decode_chunk` / `ChunkAuth`. A chunk is a standard safetensors file (loadable by
-`safetensors.torch`) holding one tensor "kv" and `__metadata__` with `format` (FORMAT), `key`,
-`checksum`, `dtype`, `shape`, plus the caller's `meta` (model, layout fingerprint, ...).
-`checksum` is either `xxh3_64:<hex>` (no secret: detects damage, not an adversary) or
-`blake3-mac:<key id>:<hex>` (with `chunk_secret`: keyed BLAKE3, a MAC), in both cases over the
-metadata (canonical JSON minus `checksum`) and the payload. The header is written by this module
-(8-byte little-endian length + JSON, space-padded to 8 bytes) so the payload goes from the
-tensor's memory to the file with no intermediate bytes object, and the read lands straight in the
-returned tensor.
+Chunk format: `lmcache_triton.chunk.format` (the same bytes as the remote tier's values).
 
 Invariants:
   * Only `key` strings of lower-case hex become file names (`CacheKey.hex`).
@@ -24,7 +20,7 @@ Invariants:
     read-only inspection mode) a directory owned by another user or writable by all users is
     refused (`DiskTierError`) unless chunks are authenticated (then a warning); a group-writable
     one is warned about. A directory that cannot be created or is not a directory is a
-    `DiskTierError`; `storage.factory` logs it (one line naming `local_disk`) and runs without
+    `DiskTierError`; `storage.builder` logs it (one line naming `local_disk`) and runs without
     the disk tier. An unwritable directory (read-only mount, immutable, not ours) logs one error
     line naming `local_disk` at open and `writable` is False: the chunks there are still served,
     and every failed write counts in `write_errors`.
@@ -63,14 +59,7 @@ Invariants:
   * The writer keeps a reference to the queued tensor until written: the caller must not
     mutate it after `put` (the manager hands over a held CPU-tier buffer, released by `on_done`).
 
-Checksum: xxh3_64, measured on this sandbox over a 32 MiB buffer: xxh3_64 29-45 GB/s, xxh3_128
-31 GB/s, blake3 4.6 GB/s (single-threaded), zlib.crc32 4.2 GB/s. The checksum must not cost
-more than the disk, so xxh3_64 (64 bits is plenty to detect corruption, not an adversary).
-MAC (with a secret): keyed BLAKE3 8.4 GB/s single-threaded on a 32 MiB buffer, against
-HMAC-SHA256 2.1 GB/s, keyed BLAKE2b 1.45 GB/s, Poly1305 14.6 GB/s (needs a one-time key per
-message and the `cryptography` package); a MAC over header + xxh3 digest would not do (xxh3
-collisions can be forged). BLAKE3 keyed mode is a PRF, so it is a sound MAC, and at 8 GB/s it
-stays under the ~1.7 GB/s of the disk (bench_storage).
+Checksum and MAC choice (and their measured speeds): `chunk.format`.
 """
 
 from __future__ import annotations
@@ -78,7 +67,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
-import json
 import logging
 import os
 import queue
@@ -89,80 +77,56 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-import blake3
 import torch
 import xxhash
 
+from lmcache_triton.chunk.format import (
+    KEY_RE,
+    RESERVED_META,
+    ChunkAuth,
+    ChunkError,
+    ChunkHeader,
+    ChunkUnverifiable,
+    check_expect,
+    check_key,
+    check_meta,
+    encode_chunk,
+    tensor_bytes,
+)
+
+from .counters import TierCounters
+from .disk_admin import SUFFIX, DiskAdmin
+from .safe_file import (
+    READ_PIECE,
+    NotRegular,
+    identity,
+    open_regular,
+    read_header,
+    readinto_all,
+    unlink_if_same,
+    write_all,
+)
+from .tier import ChunkReader, Locality, Medium, OnDone
+
 logger = logging.getLogger(__name__)
 
-FORMAT = "lmcache_triton.kv/1"
-TENSOR_NAME = "kv"
-SUFFIX = ".safetensors"
-RESERVED_META = ("format", "key", "checksum", "dtype", "shape")
-_MAX_HEADER = 1 << 20  # our headers are < 4 KiB; anything above 1 MiB is not ours
-_MAX_OPENERS = 16  # '{' + '[' outside strings: ours has 5; bounds JSON nesting before json.loads
-_MAX_DIMS = 16
-_MAX_DIM = 1 << 48
 _STALE_TMP_S = 3600.0
 _MAX_KNOWN_BAD = 4096
 _MAX_BAD_WARNINGS = 20  # per tier; then one note and debug level (a hostile directory must not flood logs)
 WRITER_NICE = 10  # the disk writer thread's niceness (see DiskTier._writer)
-_KEY_RE = re.compile(r"^[0-9a-f]{8,256}$")
 _TMP_RE = re.compile(r"^\.([0-9a-f]{8,256})\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]+\.tmp$")
-_JSON_STR_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _HOST_TAG = xxhash.xxh32_hexdigest(socket.gethostname().encode())
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _FULL_RETRIES = 3
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-_XXH = "xxh3_64:"
-_MAC = "blake3-mac:"
-_KDF_CONTEXT = "lmcache_triton 2026-11 chunk MAC v1"
-
-_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        _DTYPES[getattr(torch, _name)] = _code
-_FROM_CODE = {v: k for k, v in _DTYPES.items()}
-
-
-class ChunkError(Exception):
-    """A chunk that must never be returned (damaged, forged, foreign): removed, counted."""
-
-
-_Bad = ChunkError
-
-
-class ChunkUnverifiable(Exception):
-    """A sound-looking chunk this reader cannot authenticate (signed with another or no secret,
-    or signed while we have none): a miss, left in place for whoever owns it."""
 
 
 class _Mismatch(Exception):
     """A sound file whose dtype/shape differ from the caller's `out`: a miss, file kept."""
-
-
-class _NotRegular(Exception):
-    """Not a regular file (FIFO, socket, device, directory, symlink): never opened."""
-
-    def __init__(self, st: os.stat_result) -> None:
-        super().__init__("not a regular file" + (" (symlink)" if stat.S_ISLNK(st.st_mode) else ""))
-        self.st = st
 
 
 class _KnownBad(Exception):
@@ -173,366 +137,29 @@ class DiskTierError(OSError):
     """The disk tier cannot run on this directory (unwritable, unsafe, not a directory)."""
 
 
-# ------------------------------------------------------------------------------ chunk format
-# Nothing here touches the file system: a network tier encodes and verifies chunks with these.
-
-
-class ChunkAuth:
-    """How chunks are sealed: an xxh3_64 checksum (no secret) or a keyed BLAKE3 MAC (secret).
-
-    Args:
-        secret: bytes or str; None or empty means no authentication. The MAC key is derived from
-            it with BLAKE3's key-derivation mode, so any length works (config asks >= 16 chars).
-    """
-
-    def __init__(self, secret: bytes | str | None = None) -> None:
-        if isinstance(secret, str):
-            secret = secret.encode()
-        self._key = blake3.blake3(secret, derive_key_context=_KDF_CONTEXT).digest() if secret else None
-        # Names the key in headers so a reader tells "another server's secret" (a miss, file
-        # kept) from "forged with our id" (corrupt, removed). A hash of the key: reveals nothing.
-        self.key_id = blake3.blake3(b"key id", key=self._key).hexdigest()[:16] if self._key else None
-
-    @property
-    def signed(self) -> bool:
-        return self._key is not None
-
-    def __repr__(self) -> str:  # never the secret
-        return f"ChunkAuth(key_id={self.key_id})"
-
-    def start(self, md: dict[str, str]):
-        """A hasher primed with the metadata (canonical JSON minus `checksum`); feed the payload."""
-        h = xxhash.xxh3_64() if self._key is None else blake3.blake3(key=self._key)
-        h.update(json.dumps({k: v for k, v in md.items() if k != "checksum"}, sort_keys=True).encode())
-        return h
-
-    def seal(self, h) -> str:
-        """The `checksum` value for a finished hasher from `start`."""
-        if self._key is None:
-            return _XXH + h.hexdigest()
-        return f"{_MAC}{self.key_id}:{h.hexdigest()}"
-
-    def check_scheme(self, md: dict[str, str]) -> None:
-        """Raises ChunkUnverifiable when this reader cannot (or must not) check the chunk's seal,
-        ChunkError when the seal is not one we know. Cheap: header only, before the payload."""
-        c = md["checksum"]
-        if c.startswith(_XXH):
-            if self._key is not None:
-                raise ChunkUnverifiable("unsigned chunk (chunk_secret is set: only signed chunks are used)")
-            return
-        if c.startswith(_MAC):
-            if self._key is None:
-                raise ChunkUnverifiable("signed chunk (no chunk_secret configured)")
-            if not c.startswith(f"{_MAC}{self.key_id}:"):
-                raise ChunkUnverifiable("chunk signed with another chunk_secret")
-            return
-        raise ChunkError("unknown checksum scheme")
-
-
-@dataclass
-class ChunkHeader:
-    """A parsed, schema-checked chunk header (see `parse_header`)."""
-
-    meta: dict[str, str]
-    dtype: torch.dtype
-    shape: list[int]
-    nbytes: int  # payload bytes
-    hlen: int  # JSON length (the payload starts at 8 + hlen)
-
-
-def _payload_view(tensor: torch.Tensor) -> memoryview:
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
-def check_meta(dtype: torch.dtype, meta: dict[str, str] | None) -> dict[str, str]:
-    """Validate what `encode_chunk` would refuse, before anything is taken (ValueError)."""
-    meta = dict(meta or {})
-    clash = [k for k in meta if k in RESERVED_META]
-    if clash:
-        raise ValueError(f"meta: keys {clash} are reserved by the disk format")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise ValueError("meta: expected dict[str, str]")
-    if dtype not in _DTYPES:
-        raise ValueError(f"tensor: dtype {dtype} has no safetensors code (supported: {sorted(_DTYPES.values())})")
-    return meta
-
-
-def encode_chunk(
-    key: str, tensor: torch.Tensor, meta: dict[str, str] | None = None, auth: ChunkAuth | None = None
-) -> tuple[bytes, memoryview]:
-    """`(header, payload)`: the 8-byte length + JSON header, and a view of the tensor's bytes.
-
-    Writing `header` then `payload` gives a safetensors file; the checksum or MAC in the header
-    covers the metadata and the payload.
-    """
-    meta = check_meta(tensor.dtype, meta)
-    auth = auth or ChunkAuth()
-    payload = _payload_view(tensor)
-    md = dict(meta)
-    md.update(
-        format=FORMAT,
-        key=key,
-        dtype=str(tensor.dtype).removeprefix("torch."),
-        shape=",".join(map(str, tensor.shape)),
-    )
-    h = auth.start(md)
-    h.update(payload)
-    md["checksum"] = auth.seal(h)
-    header = {
-        "__metadata__": md,
-        TENSOR_NAME: {
-            "dtype": _DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [0, len(payload)],
-        },
-    }
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors: payload starts 8-aligned
-    return len(raw).to_bytes(8, "little") + raw, payload
-
-
-def header_length(head: bytes, total_size: int) -> int:
-    """The JSON length from a chunk's first 8 bytes; ChunkError when implausible."""
-    if len(head) < 8:
-        raise ChunkError("shorter than a safetensors header")
-    hlen = int.from_bytes(head[:8], "little")
-    if hlen <= 0 or hlen > _MAX_HEADER or 8 + hlen > total_size:
-        raise ChunkError(f"bad header length {hlen}")
-    return hlen
-
-
-def _load_json(raw: bytes) -> Any:
-    """json.loads with the nesting bounded first: a 100k-deep `[[[...` raises RecursionError."""
-    skeleton = _JSON_STR_RE.sub(b"", raw)
-    if skeleton.count(b"{") + skeleton.count(b"[") > _MAX_OPENERS:
-        raise ChunkError("header nests too deep for a chunk header")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ChunkError("header is not JSON") from None
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def parse_header(raw: bytes, key: str, total_size: int, auth: ChunkAuth | None = None) -> ChunkHeader:
-    """Parse and check the JSON header of the chunk `key` whose whole size is `total_size`.
-
-    Any header this parser has not seen before raises ChunkError (never TypeError, OverflowError,
-    RecursionError, ...); a header sealed in a way `auth` cannot check raises ChunkUnverifiable.
-    """
-    auth = auth or ChunkAuth()
-    hlen = len(raw)
-    header = _load_json(raw)
-    if not isinstance(header, dict):
-        raise ChunkError("header is not a JSON object")
-    md = header.get("__metadata__")
-    if not isinstance(md, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in md.items()):
-        raise ChunkError("no __metadata__ of strings")
-    if md.get("format") != FORMAT:
-        raise ChunkError(f"format {str(md.get('format'))[:64]!r}, expected {FORMAT!r}")
-    if md.get("key") != key:
-        raise ChunkError(f"key {str(md.get('key'))[:80]!r} does not match the file name")
-    if "checksum" not in md:
-        raise ChunkError("no checksum")
-    info = header.get(TENSOR_NAME)
-    if not isinstance(info, dict) or set(header) != {"__metadata__", TENSOR_NAME}:
-        raise ChunkError(f"expected exactly one tensor {TENSOR_NAME!r}")
-    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    dtype = _FROM_CODE.get(code) if isinstance(code, str) else None
-    if (
-        dtype is None
-        or not isinstance(shape, list)
-        or len(shape) > _MAX_DIMS
-        or not all(_is_int(d) and 0 <= d < _MAX_DIM for d in shape)
-    ):
-        raise ChunkError("bad dtype or shape")
-    numel = 1
-    for d in shape:
-        numel *= d
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if not isinstance(offsets, list) or len(offsets) != 2 or offsets != [0, nbytes]:
-        raise ChunkError("data_offsets disagree with dtype and shape")
-    if md.get("shape") != ",".join(map(str, shape)) or md.get("dtype") != str(dtype).removeprefix("torch."):
-        raise ChunkError("metadata dtype/shape disagree with the tensor entry")
-    if total_size != 8 + hlen + nbytes:
-        raise ChunkError(f"size {total_size}, expected {8 + hlen + nbytes} (truncated or padded)")
-    auth.check_scheme(md)
-    return ChunkHeader(md, dtype, list(shape), nbytes, hlen)
-
-
-def check_expect(md: dict[str, str], want: dict[str, str]) -> None:
-    for k, v in want.items():
-        if md.get(k) != v:
-            raise ChunkError(f"metadata {k}={str(md.get(k))[:80]!r}, expected {v!r}")
-
-
-def decode_chunk(
-    key: str,
-    data: bytes | memoryview,
-    auth: ChunkAuth | None = None,
-    expect: dict[str, str] | None = None,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, str]]:
-    """The verified `(tensor, metadata)` of a whole chunk held in memory (e.g. from a network
-    tier). Raises ChunkError (damaged, forged, wrong `expect`), ChunkUnverifiable, or ValueError
-    when `out` has another dtype/shape."""
-    auth = auth or ChunkAuth()
-    mv = memoryview(data).cast("B")
-    hlen = header_length(bytes(mv[:8]), len(mv))
-    hdr = parse_header(bytes(mv[8 : 8 + hlen]), key, len(mv), auth)
-    check_expect(hdr.meta, expect or {})
-    payload = mv[8 + hlen :]
-    h = auth.start(hdr.meta)
-    h.update(payload)
-    if auth.seal(h) != hdr.meta["checksum"]:
-        raise ChunkError("checksum mismatch" if not auth.signed else "MAC mismatch")
-    if out is None:
-        out = torch.empty(hdr.shape, dtype=hdr.dtype)
-    elif out.dtype != hdr.dtype or list(out.shape) != hdr.shape or not out.is_contiguous():
-        raise ValueError(f"out: expected contiguous {hdr.dtype} {tuple(hdr.shape)}, got {out.dtype} {tuple(out.shape)}")
-    if hdr.nbytes:
-        memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")[:] = payload
-    return out, hdr.meta
-
-
-# ------------------------------------------------------------------------------ file helpers
-
-# Reads hash each piece right after reading it, while it is still in cache: a whole-payload read
-# then a separate hash pass ran at 0.56 of a page-cache read for 32 MiB chunks (bench_storage).
-_READ_PIECE = 2 << 20
 # From this payload size on, pieces are hashed on a helper thread while the next piece is read
 # (hashing releases the GIL): the MAC (BLAKE3, ~8 GB/s) then overlaps the disk instead of adding
 # to it. Below it a thread hand-off per piece costs more than it saves.
 _PIPELINE_MIN = 8 << 20
 
 
-def _write_all(fd: int, data: memoryview | bytes) -> None:
-    mv = memoryview(data).cast("B")
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
+class _DiskReader:
+    """`ChunkReader` over one open chunk file whose header was checked (`DiskTier.open_read`)."""
 
+    def __init__(self, tier: DiskTier, key: str, f: BinaryIO, st: os.stat_result, hdr: ChunkHeader) -> None:
+        self.dtype: torch.dtype = hdr.dtype
+        self.shape: tuple[int, ...] = tuple(hdr.shape)
+        self.meta: dict[str, str] = {k: v for k, v in hdr.meta.items() if k not in RESERVED_META}
+        self.key, self.file, self.stat, self.header = key, f, st, hdr
+        self.path = tier.path / (key + SUFFIX)
+        self._tier = tier
 
-def _readinto_all(f, mv: memoryview) -> None:
-    while mv:
-        n = f.readinto(mv)
-        if not n:
-            raise ChunkError("truncated payload")
-        mv = mv[n:]
-
-
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _open_regular(path: Path, lst: os.stat_result | None = None):
-    """`(file, fstat)` of `path` opened read-only, only if it is a regular file: lstat first (a
-    FIFO would block open), then O_NOFOLLOW|O_NONBLOCK and fstat (the name may be swapped
-    between the two). Raises FileNotFoundError, _NotRegular, or OSError."""
-    if lst is None:
-        lst = os.lstat(path)
-    if not stat.S_ISREG(lst.st_mode):
-        raise _NotRegular(lst)
-    try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError as e:
-        if e.errno == errno.ELOOP:  # swapped for a symlink since the lstat
-            raise _NotRegular(os.lstat(path)) from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _NotRegular(st)
-        return os.fdopen(fd, "rb", buffering=0), st
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _read_header(f, file_size: int, key: str, auth: ChunkAuth | None = None) -> ChunkHeader:
-    """The checked header of an open chunk file; raises ChunkError / ChunkUnverifiable."""
-    hlen = header_length(f.read(8), file_size)
-    raw = f.read(hlen)
-    if len(raw) != hlen:
-        raise ChunkError("truncated header")
-    return parse_header(raw, key, file_size, auth)
-
-
-def _header_is_ours(f, file_size: int, key: str) -> None:
-    """Raise ChunkError unless the header says this tier wrote the file (format and key), even if
-    the rest is damaged (truncated payload, bad checksum): what `clear` may remove."""
-    head = f.read(8)
-    if len(head) < 8:
-        raise ChunkError("shorter than a safetensors header")
-    hlen = int.from_bytes(head, "little")
-    if hlen <= 0 or hlen > min(_MAX_HEADER, file_size - 8):
-        raise ChunkError(f"bad header length {hlen}")
-    header = _load_json(f.read(hlen))
-    md = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(md, dict) or md.get("format") != FORMAT or md.get("key") != key:
-        raise ChunkError(f"not a {FORMAT} chunk for this key")
-
-
-class _AnySeal(ChunkAuth):
-    """Header checks for tools (`inspect`, `clear`): any seal we write is ours; none verified."""
-
-    def check_scheme(self, md: dict[str, str]) -> None:
-        if not md["checksum"].startswith((_XXH, _MAC)):
-            raise ChunkError("unknown checksum scheme")
-
-
-_ANY_AUTH = _AnySeal()
-
-
-class TierCounters:
-    """Counters, once-only warnings and the change log shared by the disk and remote tiers; the
-    tier provides `_lock`, `_stats` (a dict of counts), `_warned` (a set of warning kinds) and
-    `_changes`."""
-
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._stats[name] += n
-
-    def _warn_once(self, kind: str, msg: str, *args: Any) -> None:
-        with self._lock:
-            if kind in self._warned:
-                return
-            self._warned.add(kind)
-        logging.getLogger(type(self).__module__).warning(msg, *args)
-
-    # Change log for vLLM's KV events (routers): the tier also provides `_changes`, None until
-    # `track_changes()`.
-
-    def track_changes(self) -> None:
-        """From now on record the keys this tier writes (`("+", key)`) and drops (`("-", key)`:
-        evicted, damaged, cleared), for `take_changes`. A remote tier sees only what this
-        process wrote and deleted, not the server's own evictions."""
-        with self._lock:
-            if self._changes is None:
-                self._changes = []
-
-    def take_changes(self) -> list[tuple[str, str]]:
-        """The changes recorded since the last call (empty unless `track_changes()`)."""
-        with self._lock:
-            if not self._changes:
-                return []
-            out, self._changes = self._changes, []
-            return out
-
-    def _record(self, op: str, keys: list[str]) -> None:
-        """Log `op` ("+" written, "-" dropped) for `keys` when tracking (caller has `_lock`)."""
-        if self._changes is not None:
-            self._changes.extend((op, k) for k in keys)
+    def read_into(self, out: torch.Tensor) -> bool:
+        return self._tier._read_payload(self, out)
 
 
 class DiskTier(TierCounters):
-    """Safetensors-file tier with a background writer.
+    """Safetensors-file tier with a background writer; a `SlowTier` (`storage.tier`).
 
     Args:
         path: directory (created 0700 if missing); shared directories are supported.
@@ -553,9 +180,13 @@ class DiskTier(TierCounters):
             is logged (one error line) and served read-only.
     """
 
+    name = "disk"
+    medium: Medium = "STORAGE"
+    locality: Locality = "LOCAL"
+
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         max_bytes: int,
         *,
         queue_size: int = 64,
@@ -648,7 +279,7 @@ class DiskTier(TierCounters):
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, b"\0")
+                write_all(fd, b"\0")
             finally:
                 os.close(fd)
         except OSError as e:
@@ -673,9 +304,7 @@ class DiskTier(TierCounters):
     # ------------------------------------------------------------ helpers
 
     def _file(self, key: str) -> Path:
-        if not isinstance(key, str) or not _KEY_RE.match(key):
-            raise ValueError(f"key: expected lower-case hex (CacheKey.hex), got {key!r}")
-        return self.path / (key + SUFFIX)
+        return self.path / (check_key(key) + SUFFIX)
 
     def _warn_bad(self, msg: str, *args: Any) -> None:
         with self._lock:
@@ -697,7 +326,7 @@ class DiskTier(TierCounters):
 
     def _remember_bad(self, key: str, st: os.stat_result) -> None:
         with self._lock:
-            self._known_bad[key] = _identity(st)
+            self._known_bad[key] = identity(st)
             self._known_bad.move_to_end(key)
             while len(self._known_bad) > _MAX_KNOWN_BAD:
                 self._known_bad.popitem(last=False)
@@ -707,35 +336,19 @@ class DiskTier(TierCounters):
             ident = self._known_bad.get(key)
             if ident is None:
                 return False
-            if ident == _identity(st):
+            if ident == identity(st):
                 return True
             del self._known_bad[key]  # replaced since: look again
             return False
 
-    def _unlink_if_same(self, path: Path, st: os.stat_result | None) -> bool:
-        """Remove `path` (the name itself, never a symlink's target) unless it was replaced since
-        `st` (another process rewrote it). True when it is gone."""
-        try:
-            if st is not None:
-                now = os.lstat(path)
-                if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
-                    return True  # not the file we judged: leave it
-            os.unlink(path)
-            return True
-        except FileNotFoundError:
-            return True
-        except OSError as e:
-            logger.debug("cannot remove %s: %s", path, e)
-            return False
-
     def _open(self, key: str):
-        """`(file, fstat)` of the chunk file; raises FileNotFoundError, _NotRegular, _KnownBad
+        """`(file, fstat)` of the chunk file; raises FileNotFoundError, NotRegular, _KnownBad
         (remembered as bad and unchanged), OSError."""
         path = self._file(key)
         lst = os.lstat(path)
         if self._is_known_bad(key, lst):
             raise _KnownBad
-        return _open_regular(path, lst)
+        return open_regular(path, lst)
 
     def _reject(self, key: str, reason: str, exc: BaseException, st: os.stat_result | None) -> None:
         """Handle a file that must not be used: corrupt files are removed (a symlink: the link
@@ -757,7 +370,7 @@ class DiskTier(TierCounters):
         removable = st is None or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)
         if removable:
             self._warn_bad("lmcache_triton disk tier: removing bad file %s (%s)", path.name, reason)
-            if self._unlink_if_same(path, st):
+            if unlink_if_same(path, st):
                 return
         else:
             self._warn_bad("lmcache_triton disk tier: ignoring %s (%s)", path.name, reason)
@@ -774,7 +387,7 @@ class DiskTier(TierCounters):
                 if name.endswith(".tmp"):
                     self._maybe_remove_tmp(de, now)
                     continue
-                if not name.endswith(SUFFIX) or not _KEY_RE.match(name[: -len(SUFFIX)]):
+                if not name.endswith(SUFFIX) or not KEY_RE.match(name[: -len(SUFFIX)]):
                     continue
                 key = name[: -len(SUFFIX)]
                 size = self._check_file(key)
@@ -802,10 +415,10 @@ class DiskTier(TierCounters):
         try:
             f, st = self._open(key)
             with f:
-                return _read_header(f, st.st_size, key, self.auth), st
+                return read_header(f, st.st_size, key, self.auth), st
         except (FileNotFoundError, _KnownBad):
             return None
-        except _NotRegular as e:
+        except NotRegular as e:
             self._reject(key, str(e), e, e.st)
             return None
         except (ChunkError, ChunkUnverifiable) as e:
@@ -916,6 +529,94 @@ class DiskTier(TierCounters):
                 return True
         return self._discover(key)
 
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """`contains` of each key (an index lookup; one header read on an index miss)."""
+        return [self.contains(k) for k in keys]
+
+    @contextmanager
+    def open_read(self, key: str, expect: Mapping[str, str] | None = None) -> Iterator[ChunkReader | None]:
+        """Context manager: a `ChunkReader` over `key`'s file (opened once, header checked
+        against the tier's and this call's `expect`), or None on a miss. A bad file is handled
+        as in `get` (removed or remembered). The file is closed when the block ends."""
+        path = self._file(key)
+        want = {**self.expect, **(expect or {})}
+        st = None
+        reader = None
+        try:
+            f, st = self._open(key)
+        except (FileNotFoundError, _KnownBad, NotRegular, OSError) as e:
+            self._miss(key, path, e, None)
+            yield None
+            return
+        with f:
+            try:
+                hdr = read_header(f, st.st_size, key, self.auth)
+                check_expect(hdr.meta, want)
+                if st.st_size > self.max_bytes:  # never written by this tier: do not allocate for it
+                    raise _Mismatch
+                reader = _DiskReader(self, key, f, st, hdr)
+            except Exception as e:
+                self._miss(key, path, e, st)
+            yield reader
+
+    def _miss(self, key: str, path: Path, e: BaseException, st: os.stat_result | None) -> None:
+        """Count a failed read of `key` as a miss and deal with the file."""
+        if isinstance(e, FileNotFoundError):
+            self._forget(key)
+        elif isinstance(e, NotRegular):
+            self._reject(key, str(e), e, e.st)
+        elif isinstance(e, (ChunkError, ChunkUnverifiable)):
+            self._reject(key, str(e), e, st)
+        elif not isinstance(e, (_Mismatch, _KnownBad)):  # EIO, EMFILE, EACCES: the file is left alone
+            self._count("errors")
+            self._warn_once("read", "lmcache_triton disk tier: read of %s failed (%s)", path.name, e)
+        self._count("misses")
+
+    def _read_payload(self, r: _DiskReader, out: torch.Tensor) -> bool:
+        """`_DiskReader.read_into`: the payload into `out`, verified there."""
+        if out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError("out: expected a contiguous CPU tensor")
+        if out.dtype != r.dtype or tuple(out.shape) != r.shape:
+            self._count("misses")  # a sound file of another shape: a miss, kept
+            return False
+        try:
+            self._read_verified(r.file, r.header, tensor_bytes(out))
+        except Exception as e:
+            self._miss(r.key, r.path, e, r.stat)
+            return False
+        key, size = r.key, r.stat.st_size
+        with self._lock:
+            if key not in self._index:
+                self._bytes += size
+            self._index[key] = size
+            self._index.move_to_end(key)
+            self._stats["hits"] += 1
+        with contextlib.suppress(OSError):  # restart LRU order; best effort
+            os.utime(r.path, follow_symlinks=False)
+        return True
+
+    def _read_verified(self, f: BinaryIO, hdr: ChunkHeader, mv: memoryview) -> None:
+        """Read the payload after the header into `mv`, hashing each piece as it lands."""
+        h = self.auth.start(hdr.meta)
+        if len(mv) < _PIPELINE_MIN or not self.auth.signed:
+            for start in range(0, len(mv), READ_PIECE):
+                piece = mv[start : start + READ_PIECE]
+                readinto_all(f, piece)
+                h.update(piece)
+        else:
+            pool = self._hasher()
+            last = None
+            try:
+                for start in range(0, len(mv), READ_PIECE):
+                    piece = mv[start : start + READ_PIECE]
+                    readinto_all(f, piece)
+                    last = pool.submit(h.update, piece)  # one worker: pieces hashed in order
+            finally:
+                if last is not None:
+                    last.result()
+        if self.auth.seal(h) != hdr.meta["checksum"]:
+            raise ChunkError("MAC mismatch" if self.auth.signed else "checksum mismatch")
+
     def get(
         self, key: str, expect: dict[str, str] | None = None, out: torch.Tensor | None = None
     ) -> torch.Tensor | None:
@@ -929,94 +630,13 @@ class DiskTier(TierCounters):
                 than the read). A file of another dtype/shape is then a miss (not removed).
                 On a miss or bad file `out` may hold partial data. Default None allocates.
         """
-        got = self.get_with_meta(key, expect, out)
-        return None if got is None else got[0]
-
-    def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]] | None:
-        """`(dtype, shape)` from the file's header alone (no payload read), or None when the file
-        is missing or its header is unusable (then handled as in `get`). Lets a caller read
-        straight into a buffer of its own (`get_with_meta(out=...)`), which then verifies the
-        whole file."""
-        got = self._header(key)
-        return None if got is None else (got[0].dtype, tuple(got[0].shape))
-
-    def get_with_meta(
-        self, key: str, expect: dict[str, str] | None = None, out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, str]] | None:
-        """Like `get`, also returning the file's metadata (caller's meta plus reserved keys)."""
         if out is not None and (out.device.type != "cpu" or not out.is_contiguous()):
             raise ValueError("out: expected a contiguous CPU tensor")
-        path = self._file(key)
-        want = {**self.expect, **(expect or {})}
-        st = None
-        try:
-            f, st = self._open(key)
-            with f:
-                tensor, md = self._read(f, key, st.st_size, want, out)
-        except (_Mismatch, _KnownBad):
-            self._count("misses")
-            return None
-        except FileNotFoundError:
-            self._forget(key)
-            self._count("misses")
-            return None
-        except _NotRegular as e:
-            self._reject(key, str(e), e, e.st)
-            self._count("misses")
-            return None
-        except (ChunkError, ChunkUnverifiable) as e:
-            self._reject(key, str(e), e, st)
-            self._count("misses")
-            return None
-        except Exception as e:  # EIO, EMFILE, EACCES, ...: a miss, the file is left alone
-            self._count("errors")
-            self._count("misses")
-            self._warn_once("read", "lmcache_triton disk tier: read of %s failed (%s)", path.name, e)
-            return None
-        with self._lock:
-            if key not in self._index:
-                self._bytes += st.st_size
-            self._index[key] = st.st_size
-            self._index.move_to_end(key)
-            self._stats["hits"] += 1
-        with contextlib.suppress(OSError):  # restart LRU order; best effort
-            os.utime(path, follow_symlinks=False)
-        return tensor, md
-
-    def _read(
-        self, f, key: str, size: int, want: dict[str, str], out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, str]]:
-        hdr = _read_header(f, size, key, self.auth)
-        check_expect(hdr.meta, want)
-        if size > self.max_bytes:  # never written by this tier: do not allocate for it
-            raise _Mismatch
-        if out is None:
-            tensor = torch.empty(hdr.shape, dtype=hdr.dtype)
-        elif out.dtype != hdr.dtype or list(out.shape) != hdr.shape:
-            raise _Mismatch
-        else:
-            tensor = out
-        mv = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
-        h = self.auth.start(hdr.meta)
-        if len(mv) < _PIPELINE_MIN or not self.auth.signed:
-            for start in range(0, len(mv), _READ_PIECE):
-                piece = mv[start : start + _READ_PIECE]
-                _readinto_all(f, piece)
-                h.update(piece)
-        else:
-            pool = self._hasher()
-            last = None
-            try:
-                for start in range(0, len(mv), _READ_PIECE):
-                    piece = mv[start : start + _READ_PIECE]
-                    _readinto_all(f, piece)
-                    last = pool.submit(h.update, piece)  # one worker: pieces hashed in order
-            finally:
-                if last is not None:
-                    last.result()
-        if self.auth.seal(h) != hdr.meta["checksum"]:
-            raise ChunkError("MAC mismatch" if self.auth.signed else "checksum mismatch")
-        return tensor, hdr.meta
+        with self.open_read(key, expect) as r:
+            if r is None:
+                return None
+            dst = torch.empty(r.shape, dtype=r.dtype) if out is None else out
+            return dst if r.read_into(dst) else None
 
     def _hasher(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
@@ -1038,7 +658,7 @@ class DiskTier(TierCounters):
         key: str,
         tensor: torch.Tensor,
         meta: dict[str, str] | None = None,
-        on_done: Callable[[bool], None] | None = None,
+        on_done: OnDone | None = None,
     ) -> bool:
         """Queue `tensor` for writing under `key`; returns at once.
 
@@ -1157,8 +777,8 @@ class DiskTier(TierCounters):
         fd = -1
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            _write_all(fd, header)
-            _write_all(fd, payload)
+            write_all(fd, header)
+            write_all(fd, payload)
             os.fsync(fd)
             os.close(fd)
             fd = -1
@@ -1207,113 +827,24 @@ class DiskTier(TierCounters):
             self._record("-", keys)
         self._remove_own(keys)
 
-    def _chunk_files(self) -> list[tuple[str, Path]]:
-        out = []
-        try:
-            with os.scandir(self.path) as it:
-                names = sorted(de.name for de in it)
-        except FileNotFoundError:  # inspection mode does not create the directory
-            return []
-        for name in names:
-            if name.endswith(SUFFIX) and _KEY_RE.match(name[: -len(SUFFIX)]):
-                out.append((name[: -len(SUFFIX)], self.path / name))
-        return out
+    # The tools (`lmcache-triton inspect/verify/clear`) use `disk_admin.DiskAdmin` directly,
+    # without torch; these run them on a live tier (queued writes first, the index kept in step).
+
+    def _admin(self) -> DiskAdmin:
+        self.flush()
+        return DiskAdmin(self.path, self.auth, self.expect, on_remove=self._forget)
 
     def clear_files(self) -> dict[str, Any]:
-        """Remove every chunk file of this tier's format in the directory (what `lmcache-triton
-        clear` does): regular files named like a chunk whose header is ours (format and key; a
-        damaged payload or another secret's chunk is still ours). Anything else is left alone.
-
-        Returns:
-            {"removed": int, "bytes": int, "kept": [{"file": name, "reason": str}]}
-        """
-        self.flush()
-        report: dict[str, Any] = {"removed": 0, "bytes": 0, "kept": []}
-        for key, path in self._chunk_files():
-            try:
-                f, st = _open_regular(path)
-                with f:
-                    _header_is_ours(f, st.st_size, key)
-            except FileNotFoundError:
-                continue
-            except (ChunkError, _NotRegular, OSError) as e:
-                report["kept"].append({"file": path.name, "reason": f"not written by this tier: {e}"})
-                continue
-            self._forget(key)
-            if self._unlink_if_same(path, st):
-                report["removed"] += 1
-                report["bytes"] += st.st_size
-            else:
-                report["kept"].append({"file": path.name, "reason": "could not be removed"})
-        return report
+        """`DiskAdmin.clear_files` on this tier's directory."""
+        return self._admin().clear_files()
 
     def verify(self, fix: bool = False) -> dict[str, Any]:
-        """Read every chunk file fully and check it.
-
-        Args:
-            fix: remove damaged files (and drop them from the index). Default False. Files that
-                cannot be read (EACCES, EIO, not a regular file) or checked (signed with another
-                or no secret) are not damaged: they are reported and never removed.
-
-        Returns:
-            {"checked": int, "ok": int, "damaged": [{"file", "reason", "removed": bool}],
-             "removed": int, "unreadable": [{"file", "reason"}], "unverified": [{"file", "reason"}]}
-        """
-        self.flush()
-        report: dict[str, Any] = {
-            "checked": 0, "ok": 0, "damaged": [], "removed": 0, "unreadable": [], "unverified": []
-        }
-        for key, path in self._chunk_files():
-            st = None
-            try:
-                f, st = _open_regular(path)
-                with f:
-                    self._read(f, key, st.st_size, self.expect)
-            except FileNotFoundError:
-                continue
-            except ChunkUnverifiable as e:
-                report["checked"] += 1
-                report["unverified"].append({"file": path.name, "reason": str(e)})
-                continue
-            except ChunkError as e:
-                report["checked"] += 1
-                row = {"file": path.name, "reason": str(e), "removed": False}
-                report["damaged"].append(row)
-                if fix:
-                    self._forget(key)
-                    if self._unlink_if_same(path, st):
-                        row["removed"] = True
-                        report["removed"] += 1
-                    else:
-                        row["reason"] += "; could not be removed"
-                continue
-            except (_NotRegular, OSError) as e:
-                report["checked"] += 1
-                reason = str(e) if isinstance(e, _NotRegular) else (e.strerror or str(e))
-                report["unreadable"].append({"file": path.name, "reason": reason})
-                continue
-            report["checked"] += 1
-            report["ok"] += 1
-        return report
+        """`DiskAdmin.verify` on this tier's directory."""
+        return self._admin().verify(fix)
 
     def entries(self) -> list[dict[str, Any]]:
-        """Per-file header metadata (header reads only), for `lmcache-triton inspect`."""
-        out = []
-        for key, path in self._chunk_files():
-            row: dict[str, Any] = {"file": path.name, "key": key}
-            try:
-                f, st = _open_regular(path)
-                with f:
-                    row.update(bytes=st.st_size, mtime=st.st_mtime)
-                    hdr = _read_header(f, st.st_size, key, _ANY_AUTH)
-                row["meta"] = hdr.meta
-                row["dtype"], row["shape"] = _DTYPES[hdr.dtype], hdr.shape
-            except FileNotFoundError:
-                continue
-            except (ChunkError, _NotRegular, OSError) as e:
-                row["error"] = str(e)
-            out.append(row)
-        return out
+        """`DiskAdmin.entries` of this tier's directory."""
+        return self._admin().entries()
 
     def keys(self) -> list[str]:
         """Indexed keys, least recently used first."""

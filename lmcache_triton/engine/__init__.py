@@ -1,0 +1,32 @@
+"""The cache engine, one room per job (see docs/architecture.md):
+
+* `engine.engine.KVCacheEngine` (worker role): store / load / prefetch / holds / retirements.
+* `engine.copy_paths`: how chunk bytes move between the paged cache and a chunk tensor.
+* `engine.index.PrefixIndex` (scheduler role): what every rank holds, and where else a chunk is.
+* `chunk.planner` (both roles): chunks of a prompt, their keys, their blocks.
+
+The names below keep `from lmcache_triton.engine import ...` working as before the split.
+"""
+
+from lmcache_triton.chunk.planner import ChunkPlanner, ChunkSpan, chunk_key
+
+from .copy_paths import ROWS_FORM, CopyPath, OpaquePages, PackedPages, TokenRows, make_copy_path
+from .engine import FORMAT_VERSION, KVCacheEngine, Progress, TransferStats
+from .index import PrefixIndex
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ROWS_FORM",
+    "ChunkPlanner",
+    "ChunkSpan",
+    "CopyPath",
+    "KVCacheEngine",
+    "OpaquePages",
+    "PackedPages",
+    "PrefixIndex",
+    "Progress",
+    "TokenRows",
+    "TransferStats",
+    "chunk_key",
+    "make_copy_path",
+]
