@@ -144,7 +144,7 @@ def test_miss_logs_no_hit_line(tmp_path, caplog):
 
 
 def test_startup_line_names_tiers_and_bounds(tmp_path):
-    from lmcache_triton.storage.factory import build_storage
+    from lmcache_triton.storage.builder import build_storage
 
     disk = tmp_path / "chunks"
     cfg = load_config({"lmcache.local_disk": str(disk), "lmcache.max_local_disk_size": 100,
@@ -159,16 +159,19 @@ def test_startup_line_names_tiers_and_bounds(tmp_path):
 
 
 def test_startup_line_masks_the_remote_password():
-    cfg = load_config({"lmcache.max_local_cpu_size": 0.5, "lmcache.local_cpu": False}, warn=False)
-    storage = SimpleNamespace(cpu=object(), disk=None, remote=SimpleNamespace(masked="redis://app:***@cache:6379"))
+    """The remote tier needs a server to be built: its stand-in is a tier named "remote"."""
+    cfg = load_config({"lmcache.max_local_cpu_size": 0.5, "lmcache.local_cpu": False,
+                       "lmcache.remote_url": "redis://app:s3cret@cache:6379"}, warn=False)
+    storage = SimpleNamespace(cpu=object(), memory_bound=cfg.max_local_cpu_bytes,
+                              tiers=[SimpleNamespace(name="remote"), SimpleNamespace(name="dict")])
     line = describe_tiers(cfg, storage)  # type: ignore[arg-type]
-    assert line == "CPU 0.5 GB (staging only: local_cpu is off), remote redis://app:***@cache:6379"
-    assert "secret" not in line
+    assert line == "CPU 0.5 GB (staging only: local_cpu is off), remote redis://app:***@cache:6379, dict"
+    assert "s3cret" not in line
 
 
 def test_startup_line_without_tiers():
     cfg = load_config({"lmcache.max_local_cpu_size": 0}, warn=False)
-    storage = SimpleNamespace(cpu=None, disk=None, remote=None)
+    storage = SimpleNamespace(cpu=None, memory_bound=0, tiers=[])
     assert describe_tiers(cfg, storage).startswith("none")  # type: ignore[arg-type]
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,31 +17,6 @@ if TYPE_CHECKING:
     from lmcache_triton.integration.vllm.worker import WorkerConnector
 
 logger = logging.getLogger("lmcache_triton")
-
-
-@contextmanager
-def _open_held(impl: WorkerConnector, digest: str) -> Iterator[torch.Tensor | None]:
-    """The held CPU chunk `digest` (pinned while the block runs), or None when this worker does
-    not hold it: `KVCacheEngine.open_held`."""
-    eng = impl.engine
-    open_held = getattr(eng, "open_held", None)
-    if open_held is not None:
-        with open_held(digest) as t:
-            yield t
-        return
-    # TODO(storage merge): remove this fallback once the engine has `open_held` (the storage
-    # helper adds it, issue 17); until then the engine's lock and held set, as before.
-    key = eng.key(digest)
-    cpu = impl.storage.cpu
-    with eng._lock:
-        t = cpu.hold(key, count=True) if cpu is not None and key in eng._held else None
-    if t is None or cpu is None:
-        yield None
-        return
-    try:
-        yield t
-    finally:
-        cpu.release(key, t)
 
 
 class BlendWorker:
@@ -91,7 +64,7 @@ class BlendWorker:
         """Token rows `[2, L, T, H, D]` (K then V; a copy) of a chunk this worker holds
         (KeyError if it does not, ValueError if it has another shape)."""
         eng = self.impl.engine
-        with _open_held(self.impl, digest) as t:
+        with eng.open_held(digest) as t:
             if t is None:
                 raise KeyError(f"chunk {digest[:12]} is not held")
             g = eng.geom

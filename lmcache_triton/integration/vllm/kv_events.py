@@ -64,7 +64,7 @@ __all__ = ["TIERS", "TierEvents", "TierState", "TierWrites", "kv_events_enabled"
 logger = logging.getLogger("lmcache_triton")
 
 # Our tier -> (medium, locality) in the events, from the tier list (tiers.py): the CPU tier is
-# ("CPU", "LOCAL"), each slow tier says its own.
+# ("CPU", "LOCAL"), each slow tier says its own. `TierEvents` reads the list when it is built.
 TIERS: dict[str, tuple[str, str]] = tier_media()
 # Payloads remembered for chunks that were planned but are not (yet) in any tier; the oldest go
 # first beyond this (a store the tiers refused never reports back).
@@ -111,6 +111,7 @@ class TierEvents:
         self.block_size = block_size
         self.chunk_size = chunk_size
         self.max_pending = max_pending
+        self._media = tier_media()  # tier -> (medium, locality), as registered when the server started
         self._payloads: dict[str, _Payload] = {}  # digest -> payload, until no tier holds it
         self._pending: OrderedDict[str, None] = OrderedDict()  # remembered, not (yet) announced
         self._announced: dict[str, set[str]] = {}  # tier -> digests announced as stored
@@ -152,10 +153,10 @@ class TierEvents:
             self._fail("remembering a chunk")
 
     def sync(self, tier: str, digests: Iterable[str], present: Callable[[str], bool]) -> None:
-        """Announce the changes among `digests` in `tier` (a key of `TIERS`): `present(d)` says
+        """Announce the changes among `digests` in `tier` (a name of `tiers.tier_names()`): `present(d)` says
         whether the whole instance holds chunk `d` there now."""
         try:
-            medium, locality = TIERS[tier]
+            medium, locality = self._media[tier]
             announced = self._announced.setdefault(tier, set())
             stored, removed = [], []
             for d in dict.fromkeys(digests):

@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
     from lmcache_triton.integration.vllm.blend_scheduler import BlendScheduler
-    from lmcache_triton.storage.remote import RemoteTier
 
 logger = logging.getLogger("lmcache_triton")
 
@@ -180,12 +179,12 @@ class SchedulerConnector(ConnectorCore):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, parent: KVConnectorBase_V1):
         super().__init__(vllm_config, role, parent)
-        from lmcache_triton.storage.factory import build_remote
+        from lmcache_triton.storage.builder import build_views
 
-        disk_dir = self.config.local_disk if self.config.max_local_disk_bytes > 0 else None
-        # Lookups only (no writer): the workers read and write chunks.
-        self._remote: RemoteTier | None = build_remote(self.config, writer=False) if self.loads_enabled else None
-        self.index = PrefixIndex(self.namespaces, disk_dir, remote=self._remote)
+        # Presence-only views of the slow tiers (no writer, no tier): the workers read and write
+        # chunks. Only a server that loads asks them.
+        self._views = build_views(self.config) if self.loads_enabled else []
+        self.index = PrefixIndex(self.namespaces, self._views)
         self._states: dict[str, RequestState] = {}
         self._prefetching: dict[str, tuple[float, str]] = {}  # digest -> (monotonic deadline, slow tier)
         self._to_prefetch: list[str] = []  # goes out with the next metadata
@@ -258,18 +257,6 @@ class SchedulerConnector(ConnectorCore):
         self._lookups[request.request_id] = (num_computed_tokens, cached)
         return cached - num_computed_tokens, False
 
-    def _locate(self, digests: list[str]) -> dict[str, str]:
-        """digest -> the first slow tier that has it for every rank (a prefetch candidate, not a
-        promise): one batched question per tier, each tier asked only about what the faster
-        ones lack."""
-        # TODO(storage merge): PrefixIndex.locate(digests) answers this over the hierarchy's tier
-        # list; until it lands, the two slow tiers the index knows today.
-        where = {d: "disk" for d in digests if self.index.on_disk(d)}
-        rest = [d for d in digests if d not in where]
-        if rest and self.index.remote is not None:
-            where.update((d, "remote") for d in self.index.on_remote(rest))
-        return where
-
     def _wait_for_prefetch(self, req_id: str, rest: list[ChunkSpan], num_computed_tokens: int) -> bool:
         """Start background reads of the leading chunks of `rest` that are in a slow tier (asked
         once per call, in one round trip per tier, for all the candidates), and tell whether the
@@ -279,7 +266,8 @@ class SchedulerConnector(ConnectorCore):
         live = [s for s in rest if s.end > num_computed_tokens]
         in_flight = {s.digest for s in live if self._prefetching.get(s.digest, (0.0, ""))[0] > now}
         asked = [s.digest for s in live if s.digest not in in_flight]
-        where = self._locate(asked) if asked else {}
+        # digest -> the first slow tier that has it for every rank: one batched question per tier.
+        where = self.index.locate(asked) if asked else {}
         if self._events is not None and asked:
             self._forget_evicted(asked, where)
         want = []
@@ -527,5 +515,5 @@ class SchedulerConnector(ConnectorCore):
         return True
 
     def shutdown(self) -> None:
-        if self._remote is not None:
-            self._remote.close()
+        for view in self._views:
+            view.close()

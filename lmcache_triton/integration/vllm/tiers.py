@@ -1,7 +1,8 @@
 """The tiers the integration knows by name: "cpu" and the registered slow tiers.
 
-Per-tier code in the connector (prefetch waits, KV events, counters) loops over this list; a new
-tier registered with the storage builder appears here with no edit in the integration.
+Per-tier code in the connector (prefetch waits, KV events, counters, the hit line) loops over
+this list; a tier registered with the storage builder (`storage.builder.TIERS`, one line)
+appears here with no edit in the integration.
 
 Primitives:
   `SlowTierInfo`, `slow_tiers()`  name, medium and locality of every slow tier the storage
@@ -27,18 +28,27 @@ class SlowTierInfo(NamedTuple):
     doc: str  # what a hit from it means, for /metrics
 
 
-# The slow tiers the storage builder builds, in the hierarchy's order (fastest first). This is the
-# one place the integration names them; when the builder exports its registry of `SlowTier`
-# classes (storage/builder.py, issue 17), `slow_tiers()` reads it instead.
-_SLOW_TIERS = (
-    SlowTierInfo("disk", "STORAGE", "LOCAL", "the disk tier"),  # vLLM's file tier reports "STORAGE"
-    SlowTierInfo("remote", "STORAGE", "REMOTE", "the remote tier (remote_url)"),  # as vLLM's object store
-)
+# vLLM's KV-event medium and locality of the shipped slow tiers (their classes say the same:
+# `DiskTier.medium`, ...). The scheduler holds presence-only views (`storage.builder.TierView`),
+# which do not carry them yet; when they do, this table goes. A tier not named here (a new or a
+# test-only one) is announced as local storage.
+_MEDIA = {
+    "disk": ("STORAGE", "LOCAL", "the disk tier"),  # vLLM's file tier reports "STORAGE"
+    "remote": ("STORAGE", "REMOTE", "the remote tier (remote_url)"),  # as vLLM's object store
+}
+_DEFAULT_MEDIUM = ("STORAGE", "LOCAL")
 
 
 def slow_tiers() -> tuple[SlowTierInfo, ...]:
-    """Every registered slow tier, fastest first."""
-    return _SLOW_TIERS
+    """Every slow tier registered with the storage builder (`storage.builder.TIERS`), fastest
+    first."""
+    from lmcache_triton.storage.builder import TIERS
+
+    out = []
+    for name in TIERS:
+        medium, locality, doc = _MEDIA.get(name, (*_DEFAULT_MEDIUM, f"the {name} tier"))
+        out.append(SlowTierInfo(name, medium, locality, doc))
+    return tuple(out)
 
 
 def tier_names() -> list[str]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,7 +43,6 @@ from lmcache_triton.integration.vllm.core import ConnectorCore, first_replica
 from lmcache_triton.integration.vllm.kv_events import TierWrites, kv_events_enabled
 from lmcache_triton.integration.vllm.metadata import ChunkOp, LMCacheTritonMetadata, LMCacheTritonWorkerMetadata
 from lmcache_triton.integration.vllm.metrics import LMCacheTritonStats
-from lmcache_triton.integration.vllm.tiers import slow_tiers
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -53,32 +53,40 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import AttentionSpec
 
     from lmcache_triton.integration.vllm.blend_worker import BlendWorker
-    from lmcache_triton.storage.disk import DiskTier
-    from lmcache_triton.storage.manager import StorageManager
-    from lmcache_triton.storage.remote import RemoteTier
+    from lmcache_triton.storage.hierarchy import StorageHierarchy
+    from lmcache_triton.storage.tier import SlowTier
 
 logger = logging.getLogger("lmcache_triton")
-
-# A slow tier's counters of writes that never landed (a tier without one counts 0): each is a
-# store error in the stats, as a refused put is.
-WRITE_FAILURES = ("write_errors", "dropped", "rejected")
-
 
 def _gb(n_bytes: float) -> str:
     return f"{n_bytes / (1 << 30):.1f} GB"
 
 
-def describe_tiers(config: LMCacheConfig, storage: StorageManager) -> str:
+def _masked_remote(config: LMCacheConfig) -> str:
+    from lmcache_triton.remote_url import mask_url
+
+    return mask_url(config.remote_url or "")
+
+
+# What the start-up line says of a slow tier beside its name: its bound and place, from the config
+# (a tier not named here is listed by name).
+_WHERE: dict[str, Callable[[LMCacheConfig], str]] = {
+    "disk": lambda c: f"{_gb(c.max_local_disk_bytes)} at {c.local_disk}",
+    "remote": _masked_remote,
+}
+
+
+def describe_tiers(config: LMCacheConfig, storage: StorageHierarchy) -> str:
     """The tiers a worker runs and their bounds, for the start-up line: "CPU 5.0 GB, disk
-    100.0 GB at /path, remote redis://user:***@host:6379" (password masked)."""
+    100.0 GB at /path, remote redis://user:***@host:6379" (password masked), in the hierarchy's
+    order."""
     parts = []
     if storage.cpu is not None:
         staging = "" if config.local_cpu else " (staging only: local_cpu is off)"
-        parts.append(f"CPU {_gb(config.max_local_cpu_bytes)}{staging}")
-    if storage.disk is not None:
-        parts.append(f"disk {_gb(config.max_local_disk_bytes)} at {config.local_disk}")
-    if storage.remote is not None:
-        parts.append(f"remote {storage.remote.masked}")
+        parts.append(f"CPU {_gb(storage.memory_bound)}{staging}")
+    for tier in storage.tiers:
+        where = _WHERE.get(tier.name)
+        parts.append(f"{tier.name} {where(config)}" if where is not None else tier.name)
     return ", ".join(parts) or "none (nothing is cached: max_local_cpu_size is 0)"
 
 
@@ -123,21 +131,19 @@ class WorkerConnector(ConnectorCore):
         super().__init__(vllm_config, role, parent)
         from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
-        from lmcache_triton.storage.factory import build_storage
+        from lmcache_triton.storage.builder import build_storage
 
         self.rank: int = get_pp_group().rank_in_group * self.tp_size + get_tensor_model_parallel_rank()
-        self.storage = build_storage(self.config, track_cpu_removals=True)
-        if first_replica(self.rank, self.tp_size, self.kv_replicas) != self.rank:
-            self.storage.write_disk = False  # the first replica writes the shared file (and remote key)
+        # A KV replica writes no slow tier: the first replica writes the shared file (and remote key).
+        replica = first_replica(self.rank, self.tp_size, self.kv_replicas) != self.rank
+        self.storage = build_storage(self.config, replica=replica, track_cpu_removals=True)
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
-        self._slow = self._slow_tier_objects()
-        # Write failures already reported as store errors, per slow tier.
-        self._failed_seen: dict[str, int] = {name: 0 for name, _ in self._slow}
+        self._store_errors_seen = 0  # slow-tier writes that did not happen, already reported
         # vLLM KV events (kv_events.py): this rank reports its slow tiers' writes and drops.
-        self._tier_events: list[tuple[str, DiskTier | RemoteTier]] = []
+        self._tier_events: list[SlowTier] = []
         if kv_events_enabled(vllm_config):
-            self._tier_events = list(self._slow)
-            for _, tier in self._tier_events:
+            self._tier_events = list(self.storage.tiers)
+            for tier in self._tier_events:
                 tier.track_changes()
         self._invalid_blocks: set[int] = set()
         self._ns_len = len(self.namespaces[self.rank])
@@ -148,17 +154,6 @@ class WorkerConnector(ConnectorCore):
             from lmcache_triton.integration.vllm.blend_worker import BlendWorker
 
             self._blend_worker = BlendWorker(self)
-
-    def _slow_tier_objects(self) -> list[tuple[str, DiskTier | RemoteTier]]:
-        """This rank's slow tiers, fastest first, by their registered names (tiers.py)."""
-        # TODO(storage merge): the hierarchy's ordered tier list replaces the two named slots.
-        present: dict[str, DiskTier | RemoteTier | None] = {"disk": self.storage.disk, "remote": self.storage.remote}
-        out: list[tuple[str, DiskTier | RemoteTier]] = []
-        for t in slow_tiers():
-            obj = present.get(t.name)
-            if obj is not None:
-                out.append((t.name, obj))
-        return out
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names: list[str] = []
@@ -245,8 +240,8 @@ class WorkerConnector(ConnectorCore):
         try:
             ns = self.namespaces[self.rank]
             items = [
-                (name, ns, op, k[self._ns_len :])
-                for name, tier in self._tier_events
+                (tier.name, ns, op, k[self._ns_len :])
+                for tier in self._tier_events
                 for op, k in tier.take_changes()
                 if k.startswith(ns)
             ]
@@ -257,11 +252,10 @@ class WorkerConnector(ConnectorCore):
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         data = self.engine.stats.take()
-        for name, tier in self._slow:  # background writes that failed (or were dropped): store errors too
-            s = tier.stats
-            failed = sum(s.get(k, 0) for k in WRITE_FAILURES)
-            data["store_errors"] += failed - self._failed_seen[name]
-            self._failed_seen[name] = failed
+        # Background slow-tier writes that did not happen (refused, failed, dropped): store errors too.
+        failed = self.storage.store_errors()
+        data["store_errors"] += failed - self._store_errors_seen
+        self._store_errors_seen = failed
         if self._blend_worker is not None:
             data.update(self._blend_worker.take_stats())
         return LMCacheTritonStats(data=data) if any(data.values()) else None
