@@ -80,6 +80,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 from lmcache_triton.config import LMCacheConfig, load_config
 from lmcache_triton.engine import ChunkPlanner, ChunkSpan, KVCacheEngine, PrefixIndex
 from lmcache_triton.hashing import key_namespace
+from lmcache_triton.integration.vllm import compat
 from lmcache_triton.integration.vllm.kv_events import kv_events_enabled
 
 if TYPE_CHECKING:
@@ -587,7 +588,7 @@ class LMCacheConnectorV1Impl:
             if st is None:
                 continue
             new_blocks = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
+            if req_id in compat.resumed_req_ids(cached):  # 0.34: resumed ones come as new
                 st.block_ids = list(new_blocks[0]) if new_blocks is not None else []
                 self._plan_load(req_id, st, meta)
             elif new_blocks is not None:
@@ -890,6 +891,8 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a dropped save is only a future miss
+
+    supports_sleep_mode = classmethod(compat.supports_sleep_mode)  # 0.33+: vLLM asks at config time
 
     # worker
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
