@@ -73,7 +73,11 @@ def test_separate_storages_make_a_layer_table():
     flat, geom = geometry_from_layer_views(views)
     assert isinstance(flat, LayerTable) and geom.per_layer and len(flat) == LAYERS
     assert (geom.num_layers, geom.num_blocks, geom.num_heads, geom.block_size, geom.row_size) == (
-        LAYERS, BLOCKS, HEADS, 16, 128,
+        LAYERS,
+        BLOCKS,
+        HEADS,
+        16,
+        128,
     )
     for layer, view in enumerate(views):
         assert flat.layers[layer].data_ptr() == view.data_ptr(), layer

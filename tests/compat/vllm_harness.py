@@ -96,7 +96,9 @@ class Harness:
             **(extra or {}),
         }
         model_config = ModelConfig(
-            **_kwargs(ModelConfig, model=str(model), dtype="float32", seed=0, skip_tokenizer_init=True, max_model_len=1024)
+            **_kwargs(
+                ModelConfig, model=str(model), dtype="float32", seed=0, skip_tokenizer_init=True, max_model_len=1024
+            )
         )
         scheduler_config = SchedulerConfig(
             **_kwargs(
@@ -105,7 +107,13 @@ class Harness:
             )
         )  # fmt: skip
         cache_config = CacheConfig(
-            **_kwargs(CacheConfig, block_size=block_size, gpu_memory_utilization=0.9, cache_dtype="auto", enable_prefix_caching=False)
+            **_kwargs(
+                CacheConfig,
+                block_size=block_size,
+                gpu_memory_utilization=0.9,
+                cache_dtype="auto",
+                enable_prefix_caching=False,
+            )
         )
         kv_transfer_config = KVTransferConfig(
             kv_connector=CONNECTOR_CLASS, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both",
@@ -144,14 +152,18 @@ class Harness:
             block_size=self.block_size, num_kv_heads=mc.get_num_kv_heads(self.vllm_config.parallel_config),
             head_size=mc.get_head_size(), dtype=torch.float32,
         )  # fmt: skip
-        layers = [f"model.layers.{i}.self_attn.attn" for i in range(mc.get_num_layers(self.vllm_config.parallel_config))]
+        layers = [
+            f"model.layers.{i}.self_attn.attn" for i in range(mc.get_num_layers(self.vllm_config.parallel_config))
+        ]
         groups = [KVCacheGroupSpec(layers, spec)]
         self.spec, self.layer_names = spec, layers
         # What the engine core does once at start-up; every worker reports the default
         # preference here (a backend that declares nothing). 0.34 narrows it to block-compact
         # layouts when the extensible KV cache meets a connector.
         self.layout = resolve_kv_cache_layout(self.vllm_config, [list(self.LAYOUTS)], [spec])
-        return get_kv_cache_config_from_groups(self.vllm_config, groups, num_blocks * len(layers) * spec.page_size_bytes)
+        return get_kv_cache_config_from_groups(
+            self.vllm_config, groups, num_blocks * len(layers) * spec.page_size_bytes
+        )
 
     def _allocate(self, per_layer: bool) -> dict[str, torch.Tensor]:
         from vllm.v1.kv_cache_interface import create_kv_cache_views
@@ -175,11 +187,10 @@ class Harness:
         return caches
 
     def _worker(self):
-        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-
         # The worker role asks vLLM's parallel state for its rank; one rank, no process group.
         import vllm.distributed.parallel_state as ps
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
         ps_get_pp, ps_get_tp = ps.get_pp_group, ps.get_tensor_model_parallel_rank
         ps.get_pp_group = lambda: types.SimpleNamespace(rank_in_group=0, world_size=1)
