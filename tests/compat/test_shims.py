@@ -139,3 +139,11 @@ def test_resumed_req_ids_across_releases():
         empty.resumed_req_ids = {"r"}
         assert compat.resumed_req_ids(empty) == {"r"}
     assert compat.resumed_req_ids(types.SimpleNamespace(req_ids=["a"])) == set()
+
+
+def test_kv_tp_replicas_prefers_vllms_count():
+    """0.33+ computes the ranks holding identical KV itself (decode context parallelism
+    included); 0.32's config has no such field and our own count stands."""
+    assert compat.kv_tp_replicas(types.SimpleNamespace(kv_tp_replicas=4), 2) == 4
+    assert compat.kv_tp_replicas(types.SimpleNamespace(), 2) == 2
+    assert compat.kv_tp_replicas(types.SimpleNamespace(kv_tp_replicas=None), 3) == 3

@@ -210,6 +210,20 @@ def test_finish_with_store_in_flight_keeps_the_bytes(h):
     assert h.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == h.kv_cache_config.num_blocks - 1
 
 
+def test_speculative_call_order(h):
+    """With a drafter, 0.33+ builds the worker meta before `wait_for_save` (post_forward with
+    defer_finalize, then finalize_step): stores are reported one step later, and still land."""
+    toks = _tokens(2000, 64)
+    h.defer_finalize = True
+    try:
+        h.add(h.request("spec", toks, max_tokens=3))
+        _run(h, "spec")
+        _settle(h)
+        assert _stored(h, toks) == 64
+    finally:
+        h.defer_finalize = False
+
+
 def test_sleep_mode_refused(h):
     cls = type(h.connector)
     if hasattr(cls.__mro__[1], "supports_sleep_mode"):

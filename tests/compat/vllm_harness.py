@@ -134,6 +134,7 @@ class Harness:
         self._runner_connector = self._active_connector()
         self.steps: list[Any] = []  # every SchedulerOutput
         self.load_kwargs: list[dict[str, Any]] = []  # what start_load_kv received
+        self.defer_finalize = False  # MRv2's order with a speculative drafter (0.33+)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -269,9 +270,13 @@ class Harness:
             ac.pre_forward(out)
         self._forward(out)
         ac.finish_forward()
-        kv_out = ac.post_forward(out.finished_req_ids)
-        if hasattr(ac, "finalize_step") and "defer_finalize" in inspect.signature(ac.post_forward).parameters:
-            pass  # post_forward already waited for the save (defer_finalize defaults to False)
+        if self.defer_finalize and "defer_finalize" in inspect.signature(ac.post_forward).parameters:
+            # 0.33+ with a speculative drafter: the worker meta is built before wait_for_save,
+            # which runs in finalize_step after the drafter.
+            kv_out = ac.post_forward(out.finished_req_ids, defer_finalize=True)
+            ac.finalize_step()
+        else:
+            kv_out = ac.post_forward(out.finished_req_ids)
         req_ids = list(out.num_scheduled_tokens)
         sampled = []
         for rid in req_ids:

@@ -7,8 +7,8 @@ and tests/compat/ drives our connector with each release's own classes.
 
   resumed_req_ids       0.34 dropped `CachedRequestData.resumed_req_ids`: a resumed request
                         arrives in `scheduled_new_reqs`, like a new one, with its new blocks.
-  prompt_tokens         0.34's `Request.prompt_token_ids` is a `TokenBuffer` (an `array` of
-                        int64): a plain list of ints for hashing.
+  kv_tp_replicas        0.33 counts the tensor-parallel ranks that hold identical KV
+                        (`KVCacheConfig.kv_tp_replicas`); 0.32 has no such field.
   supports_sleep_mode   0.33 asks a connector whether it follows sleep mode's KV cache remap
                         (`unregister_kv_caches` / `restore_kv_caches`); we do not (our views
                         and in-flight gathers would point at freed memory), so vLLM refuses
@@ -50,12 +50,12 @@ def resumed_req_ids(cached_reqs: Any) -> set[str]:
     return getattr(cached_reqs, "resumed_req_ids", None) or set()
 
 
-def prompt_tokens(request: Any) -> list[int]:
-    """The request's prompt token ids as a list of ints (0.34: `TokenBuffer`, an `array`)."""
-    tokens = request.prompt_token_ids
-    if tokens is None:
-        return []
-    return [int(t) for t in tokens] if not isinstance(tokens, list) else list(tokens)
+def kv_tp_replicas(kv_cache_config: Any, fallback: int) -> int:
+    """Consecutive tensor-parallel ranks holding identical KV: vLLM's own count
+    (`KVCacheConfig.kv_tp_replicas`, 0.33+, which also knows decode context parallelism) where
+    the config carries it, else `fallback` (our count from the model config, 0.32)."""
+    n = getattr(kv_cache_config, "kv_tp_replicas", None)
+    return n if isinstance(n, int) and n >= 1 else fallback
 
 
 def supports_sleep_mode(cls: type, kv_transfer_config: Any = None) -> bool:

@@ -358,7 +358,7 @@ class LMCacheConnectorV1Impl:
         pc = vllm_config.parallel_config
         self.world_size = pc.tensor_parallel_size * pc.pipeline_parallel_size
         self.tp_size = pc.tensor_parallel_size
-        self.kv_replicas = kv_replicas(vllm_config)
+        self.kv_replicas = compat.kv_tp_replicas(kv_cache_config, kv_replicas(vllm_config))  # 0.33+: vLLM's
         model, producer = _producer(vllm_config)
         # vLLM stores fp8_e4m3 and fp8_e5m2 alike as uint8: the spec's dtype alone cannot tell them
         # apart, the configured cache dtype can.
