@@ -131,8 +131,9 @@ class BlendWorker:
         attention ~0.11 s with torch's flash kernel -> ~0.045 s."""
         if not self.is_cpu:
             return None
-        from vllm import _custom_ops as ops
+        from lmcache_triton.integration.vllm.cpu_pages import cpu_attn_ops
 
+        ops = cpu_attn_ops()  # vllm._cpu_ops (0.34) or vllm._custom_ops (0.32, 0.33)
         c = w.config
         t = len(op.token_ids)
         bs = self.impl.block_size

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
+from lmcache_triton.integration.vllm import compat
 from lmcache_triton.integration.vllm.metrics import LMCacheTritonPromMetrics, LMCacheTritonStats
 from lmcache_triton.integration.vllm.scheduler import SchedulerConnector
 from lmcache_triton.integration.vllm.worker import WorkerConnector
@@ -85,6 +86,8 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a dropped save is only a future miss
+
+    supports_sleep_mode = classmethod(compat.supports_sleep_mode)  # 0.33+: vLLM asks at config time
 
     # worker
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

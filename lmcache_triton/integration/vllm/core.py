@@ -27,6 +27,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from lmcache_triton.config import LMCacheConfig, load_config
 from lmcache_triton.engine import ChunkPlanner
 from lmcache_triton.hashing import key_namespace
+from lmcache_triton.integration.vllm import compat
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -132,7 +133,7 @@ class ConnectorCore:
         pc = vllm_config.parallel_config
         self.world_size: int = pc.tensor_parallel_size * pc.pipeline_parallel_size
         self.tp_size: int = pc.tensor_parallel_size
-        self.kv_replicas = kv_replicas(vllm_config)
+        self.kv_replicas = compat.kv_tp_replicas(kv_cache_config, kv_replicas(vllm_config))  # 0.33+: vLLM's
         model, fingerprint = producer(vllm_config)
         # vLLM stores fp8_e4m3 and fp8_e5m2 alike as uint8: the spec's dtype alone cannot tell them
         # apart, the configured cache dtype can.

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
 from lmcache_triton.engine import ChunkSpan, PrefixIndex
+from lmcache_triton.integration.vllm import compat
 from lmcache_triton.integration.vllm.core import ConnectorCore
 from lmcache_triton.integration.vllm.kv_events import TierEvents, TierState, TierWrites, kv_events_enabled
 from lmcache_triton.integration.vllm.metadata import ChunkOp, LMCacheTritonMetadata, LMCacheTritonWorkerMetadata
@@ -418,7 +419,7 @@ class SchedulerConnector(ConnectorCore):
             if st is None:
                 continue
             new_blocks = cached.new_block_ids[i]
-            resumed = req_id in cached.resumed_req_ids
+            resumed = req_id in compat.resumed_req_ids(cached)  # 0.34: resumed ones come as new
             if resumed:
                 st.block_ids = list(new_blocks[0]) if new_blocks is not None else []
             elif new_blocks is not None:
