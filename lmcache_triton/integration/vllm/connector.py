@@ -87,7 +87,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def requires_kv_delivery(self) -> bool:
         return False  # a dropped save is only a future miss
 
-    supports_sleep_mode = classmethod(compat.supports_sleep_mode)  # 0.33+: vLLM asks at config time
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: object = None) -> bool:
+        return compat.supports_sleep_mode(cls, kv_transfer_config)  # 0.33+: vLLM asks at config time
 
     # worker
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
