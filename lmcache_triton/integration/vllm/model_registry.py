@@ -15,16 +15,17 @@ import importlib.util
 import logging
 from typing import Any
 
+from lmcache_triton.integration.vllm.compat import MODEL_RUNNERS
+
 logger = logging.getLogger("lmcache_triton")
 
 _model: Any = None
 _WRAPPED = "_lmcache_triton_wrapped"
 
-# Model runner classes whose `load_model` sets `self.model` (vLLM 0.32).
-_RUNNERS = (
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
-    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
-)
+# Model runner classes whose `load_model` sets `self.model`: the V1 runners and Model Runner V2's
+# (compat.MODEL_RUNNERS says which release has which). Hooking only the V1 runners left CacheBlend
+# without a model on every GPU vLLM, where Model Runner V2 is the default.
+_RUNNERS = MODEL_RUNNERS
 
 
 def set_model(model: Any) -> None:

@@ -1,0 +1,520 @@
+"""The connector's scheduler side (EngineCore process): what is cached, what to load and store.
+
+vLLM's hooks, in the order one request meets them:
+  get_num_new_matched_tokens  whole chunks beyond vLLM's own prefix hit that EVERY rank holds in
+                              memory (verified, pinned against eviction), at least one prompt
+                              token left to compute. Chunks that are only in a slow tier (disk,
+                              the remote server: `PrefixIndex` asks each tier one batched
+                              question for all of a request's candidate chunks and ranks) are
+                              prefetched in the background and the answer is None ("ask again"):
+                              the request waits (at most PREFETCH_WAIT_S) while others run.
+  update_state_after_alloc    remembers the load plan of a request that got external tokens, and
+                              logs the hit (one INFO line, rate-limited: `HitLog`).
+  build_connector_meta        per step: loads (chunk -> blocks), stores (chunks that became fully
+                              computed this step and are not held yet), prefetches, and the
+                              acknowledgements of chunks the workers retire.
+  get_external_cache_hit_sources  labels a hit "disk" (the request waited for those chunks to be
+                              read from a slow tier) or "host" (they were in the CPU tier).
+  update_connector_output     applies the workers' reports (chunks now held, retiring, dropped,
+                              prefetches that failed) to the `PrefixIndex`.
+  request_finished            forgets the request (nothing of ours holds its blocks).
+  reset_cache                 /reset_prefix_cache?reset_external=true: later keys carry a new
+                              epoch, so nothing stored before is served after.
+  take_events                 with vLLM's KV events on (`--kv-events-config`): BlockStored /
+                              BlockRemoved for chunks in our tiers (kv_events.py).
+(kv_transfer_params {"lmcache.skip_save": true} on a request: nothing of it is stored.)
+
+Invariants: a chunk is counted only when every rank holds it in memory; loads never write blocks
+vLLM already computed; per-tier code loops over the tier list (tiers.py), never over names.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+
+from lmcache_triton.engine import ChunkSpan, PrefixIndex
+from lmcache_triton.integration.vllm import compat
+from lmcache_triton.integration.vllm.core import ConnectorCore
+from lmcache_triton.integration.vllm.kv_events import TierEvents, TierState, TierWrites, kv_events_enabled
+from lmcache_triton.integration.vllm.metadata import ChunkOp, LMCacheTritonMetadata, LMCacheTritonWorkerMetadata
+from lmcache_triton.integration.vllm.tiers import CPU_TIER, slow_tiers
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent, KVConnectorKVEvents
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+    from lmcache_triton.integration.vllm.blend_scheduler import BlendScheduler
+
+logger = logging.getLogger("lmcache_triton")
+
+# How long a request waits, in all, for its chunks to come from a slow tier into memory before it
+# is scheduled without them (what did not arrive is computed).
+PREFETCH_WAIT_S = 10.0
+# The periodic hit-rate summary: at most one line per this many seconds, on a scheduler step.
+SUMMARY_INTERVAL_S = 10.0
+# A request's hit line: at most one per this many seconds; the hits in between are counted in the
+# next line (a restart plus one request logs the hit at once).
+HIT_LOG_INTERVAL_S = 1.0
+
+SKIP_SAVE_PARAM = "lmcache.skip_save"  # LMCache's spelling of the per-request opt-out
+
+
+def skip_save_requested(request: Request) -> bool:
+    """Whether the request's `kv_transfer_params` ask that its KV is never stored (LMCache's
+    `{"lmcache.skip_save": true}`; true, "true", 1 and "1" count). Loads still happen."""
+    params = getattr(request, "kv_transfer_params", None)
+    if not isinstance(params, dict):
+        return False
+    v = params.get(SKIP_SAVE_PARAM, False)
+    return v is True or v == 1 or (isinstance(v, str) and v.strip().lower() in ("true", "1", "yes"))
+
+
+def extra_keys(request: Request) -> list[str]:
+    """What besides the tokens decides the KV: LoRA adapter, cache salt, multimodal inputs."""
+    extra = []
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        extra.append(f"lora:{lora.lora_name}")
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        extra.append(f"salt:{salt}")
+    for f in getattr(request, "mm_features", None) or []:
+        extra.append(f"mm:{f.identifier}")
+    return extra
+
+
+@dataclass
+class RequestState:
+    """The scheduler's view of one live request (CacheBlend's planner reads and updates it)."""
+
+    spans: list[ChunkSpan]
+    prompt_len: int
+    request: Request | None = None  # vLLM's Request (its all_token_ids grows while decoding)
+    extra: list[str] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    num_handled: int = 0  # leading chunks already stored, loaded or known cached
+    skip_save: bool = False  # kv_transfer_params {"lmcache.skip_save": true}: never stored
+
+
+class HitLog:
+    """The scheduler's log lines about hits: one per request hit (rate-limited) and a periodic
+    summary of the hit rate beyond vLLM's own prefix cache.
+
+    Args:
+        tiers: the tier names a hit line counts chunks for, fastest first ("cpu" first).
+        hit_interval: seconds between two request lines; default `HIT_LOG_INTERVAL_S`.
+        summary_interval: seconds between two summaries; default `SUMMARY_INTERVAL_S`.
+    """
+
+    def __init__(
+        self,
+        tiers: list[str],
+        hit_interval: float = HIT_LOG_INTERVAL_S,
+        summary_interval: float = SUMMARY_INTERVAL_S,
+    ):
+        self.tiers = list(tiers)
+        self.hit_interval = hit_interval
+        self.summary_interval = summary_interval
+        self.hit_tokens = 0  # since the last summary
+        self.query_tokens = 0
+        self._last_summary = time.monotonic()
+        self._last_hit: float | None = None
+        self._unlogged = 0  # request hits not logged since the last hit line
+
+    def query(self, tokens: int, hit: int) -> None:
+        """A request was scheduled with `tokens` prompt tokens beyond vLLM's prefix hit, `hit` of
+        them from our cache."""
+        self.query_tokens += max(tokens, 0)
+        self.hit_tokens += max(hit, 0)
+
+    def request_hit(
+        self, req_id: str, hit_tokens: int, prompt_tokens: int, chunks: Mapping[str, int], how: str = ""
+    ) -> None:
+        """One INFO line for a request that got `hit_tokens` of its `prompt_tokens` from our cache,
+        `chunks` per tier name; at most one per `hit_interval` (the others are counted in it)."""
+        now = time.monotonic()
+        if self._last_hit is not None and now - self._last_hit < self.hit_interval:
+            self._unlogged += 1
+            return
+        where = how or ", ".join(
+            f"{t} {chunks.get(t, 0)}{' chunks' if i == 0 else ''}" for i, t in enumerate(self.tiers)
+        )
+        more = f"; {self._unlogged} more request hits since the last line" if self._unlogged else ""
+        logger.info(
+            "lmcache_triton: request %s: %d/%d tokens from cache (%s)%s",
+            req_id, hit_tokens, prompt_tokens, where, more,
+        )
+        self._last_hit, self._unlogged = now, 0
+
+    def maybe_summary(self) -> None:
+        """The hit-rate summary, when `summary_interval` has passed and a request came."""
+        now = time.monotonic()
+        if now - self._last_summary < self.summary_interval or not self.query_tokens:
+            return
+        logger.info(
+            "lmcache_triton: %d of %d prompt tokens beyond vLLM's prefix cache hit the cache (%.1f%%)",
+            self.hit_tokens, self.query_tokens, 100.0 * self.hit_tokens / self.query_tokens,
+        )
+        self.hit_tokens = self.query_tokens = 0
+        self._last_summary = now
+
+
+class SchedulerConnector(ConnectorCore):
+    """The scheduler side of the connector (module docstring).
+
+    Args:
+        vllm_config, role, parent: as `ConnectorCore`.
+    """
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, parent: KVConnectorBase_V1):
+        super().__init__(vllm_config, role, parent)
+        from lmcache_triton.storage.builder import build_views
+
+        # Presence-only views of the slow tiers (no writer, no tier): the workers read and write
+        # chunks. Only a server that loads asks them.
+        self._views = build_views(self.config) if self.loads_enabled else []
+        self.index = PrefixIndex(self.namespaces, self._views)
+        self._states: dict[str, RequestState] = {}
+        self._prefetching: dict[str, tuple[float, str]] = {}  # digest -> (monotonic deadline, slow tier)
+        self._to_prefetch: list[str] = []  # goes out with the next metadata
+        self._waiting: dict[str, float] = {}  # req -> deadline of its wait for prefetches
+        self._acks: dict[int, list[str]] = {}  # rank -> retirements to acknowledge
+        self._lookups: dict[str, tuple[int, int]] = {}  # req -> (local tokens, cached tokens)
+        self._load_plans: dict[str, tuple[int, int]] = {}  # req -> (first token, end token)
+        self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
+        self._slow_waits: dict[str, dict[str, str]] = {}  # req -> {digest: slow tier it waited for}
+        self._slow_tiers = slow_tiers()
+        self.hits = HitLog([CPU_TIER, *(t.name for t in self._slow_tiers)])
+        # vLLM KV events for our tiers (kv_events.py), when the user enabled them.
+        self._events: TierEvents | None = None
+        self._tier_state: dict[str, TierState] = {}
+        if kv_events_enabled(vllm_config):
+            hbs = getattr(self.kv_cache_config, "hash_block_size", None) or self.block_size
+            self._events = TierEvents(hbs, self.config.chunk_size)
+            self._tier_state = {t.name: TierState(self.namespaces) for t in self._slow_tiers}
+        logger.info(
+            "lmcache_triton scheduler: chunk_size=%d block_size=%d world_size=%d layout=%s disk=%s",
+            self.config.chunk_size, self.block_size, self.world_size, self.layout, self.config.local_disk,
+        )
+        # CacheBlend's planner (blend_scheduler.py), when enable_blending is on and supported.
+        self._blend: BlendScheduler | None = None
+        if self.config.enable_blending:
+            from lmcache_triton.integration.vllm.blend_scheduler import make_blend_scheduler
+
+            self._blend = make_blend_scheduler(self)
+
+    # -- public, for CacheBlend's planner ---------------------------------------------------------
+
+    def request_extra_keys(self, req_id: str) -> list[str]:
+        """What besides the tokens decides a live request's KV (LoRA, salt, multimodal ids, the
+        reset epoch): the extras its chunk keys carry; [] for an unknown request."""
+        st = self._states.get(req_id)
+        return list(st.extra) if st is not None else []
+
+    # -- lookups ----------------------------------------------------------------------------------
+
+    def _state(self, request: Request) -> RequestState:
+        st = self._states.get(request.request_id)
+        if st is None:
+            tokens = list(request.prompt_token_ids or [])
+            extra = extra_keys(request)
+            if self._epoch:
+                extra.append(f"epoch:{self._epoch}")
+            st = RequestState(self.planner.spans(tokens, extra), len(tokens), request, extra)
+            st.skip_save = skip_save_requested(request)
+            self._states[request.request_id] = st
+        return st
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if request.prompt_token_ids is None or request.num_prompt_tokens < 2:
+            return 0, False
+        st = self._state(request)  # stores are planned from it
+        if not self.loads_enabled:  # kv_producer
+            return 0, False
+        n = self.index.cached_prefix(st.spans, num_computed_tokens)
+        if self._wait_for_prefetch(request.request_id, st.spans[n:], num_computed_tokens):
+            return None, False  # vLLM asks again next step; other requests run meanwhile
+        cached = min(st.spans[n - 1].end if n else 0, st.prompt_len - 1)
+        if self._blend is not None:
+            hit = self._blend.lookup(request, num_computed_tokens, cached)
+            if hit > 0:
+                self._lookups[request.request_id] = (num_computed_tokens, num_computed_tokens + hit)
+                return hit, False
+        if cached < max(self.config.min_retrieve_tokens, 1) or cached <= num_computed_tokens:
+            self._lookups.pop(request.request_id, None)
+            return 0, False
+        self._lookups[request.request_id] = (num_computed_tokens, cached)
+        return cached - num_computed_tokens, False
+
+    def _wait_for_prefetch(self, req_id: str, rest: list[ChunkSpan], num_computed_tokens: int) -> bool:
+        """Start background reads of the leading chunks of `rest` that are in a slow tier (asked
+        once per call, in one round trip per tier, for all the candidates), and tell whether the
+        request should wait for them. A request waits at most `PREFETCH_WAIT_S` in all; what is
+        not in memory by then is computed."""
+        now = time.monotonic()
+        live = [s for s in rest if s.end > num_computed_tokens]
+        in_flight = {s.digest for s in live if self._prefetching.get(s.digest, (0.0, ""))[0] > now}
+        asked = [s.digest for s in live if s.digest not in in_flight]
+        # digest -> the first slow tier that has it for every rank: one batched question per tier.
+        where = self.index.locate(asked) if asked else {}
+        if self._events is not None and asked:
+            self._forget_evicted(asked, where)
+        want = []
+        for span in rest:
+            if span.end <= num_computed_tokens:
+                continue
+            d = span.digest
+            if d in in_flight:
+                self._slow_waits.setdefault(req_id, {})[d] = self._prefetching[d][1]
+                want.append(d)
+                continue
+            tier = where.get(d)
+            if tier is None:
+                break
+            if self._events is not None and req_id in self._states:
+                self._events.remember(self._states[req_id].request, span.start, span.end, d)
+                # Found there (e.g. written before a restart, or by another instance): announced.
+                state = self._tier_state[tier]
+                state.apply((ns, "+", d) for ns in self.namespaces)
+                self._events.sync(tier, [d], state.present)
+            self._prefetching[d] = (now + PREFETCH_WAIT_S, tier)
+            self._to_prefetch.append(d)
+            self._slow_waits.setdefault(req_id, {})[d] = tier  # hit-source labels, the hit line
+            want.append(d)
+        if not want:
+            self._waiting.pop(req_id, None)
+            return False
+        deadline = self._waiting.setdefault(req_id, now + PREFETCH_WAIT_S)
+        if now < deadline:
+            # vLLM asks again at once, and an in-process worker's prefetch thread needs the GIL
+            # to make progress: hand it over (a no-op when no other thread wants it). Measured:
+            # a 4k-token disk hit waited 1.1-1.5 s for its chunks without this.
+            time.sleep(0)
+            return True
+        self._waiting.pop(req_id, None)
+        return False
+
+    def _forget_evicted(self, asked: list[str], where: dict[str, str]) -> None:
+        """A remote server evicts without telling anyone: chunks it was asked about and lacks
+        (every remote tier faster than where each was found) are removed in the events. Local
+        tiers' drops come from their writers, the workers (`TierWrites`)."""
+        assert self._events is not None
+        order = [t.name for t in self._slow_tiers]
+        for i, t in enumerate(self._slow_tiers):
+            if t.locality != "REMOTE" or t.name not in self._tier_state:
+                continue
+            missing = [d for d in asked if d not in where or order.index(where[d]) > i]
+            state = self._tier_state[t.name]
+            gone = state.drop(missing)
+            self._events.sync(t.name, gone, state.present)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        rid = request.request_id
+        local, _ = self._lookups.pop(rid, (request.num_computed_tokens, 0))
+        self.hits.query(request.num_prompt_tokens - local, num_external_tokens)
+        if num_external_tokens > 0:
+            self._load_plans[rid] = (local, local + num_external_tokens)
+        blended = self._blend is not None and self._blend.after_alloc(request, num_external_tokens)
+        if num_external_tokens > 0:
+            self._log_hit(request, local, num_external_tokens, blended)
+
+    def _log_hit(self, request: Request, local: int, num_external_tokens: int, blended: bool) -> None:
+        rid = request.request_id
+        st = self._states.get(rid)
+        chunks: dict[str, int] = {}
+        if st is not None and not blended:
+            waited = self._slow_waits.get(rid, {})
+            end = local + num_external_tokens
+            for span in st.spans:
+                if span.end > local and span.start < end:
+                    tier = waited.get(span.digest, CPU_TIER)
+                    chunks[tier] = chunks.get(tier, 0) + 1
+        self.hits.request_hit(
+            rid, num_external_tokens, request.num_prompt_tokens, chunks, "CacheBlend" if blended else ""
+        )
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def _plan_load(self, req_id: str, st: RequestState, meta: LMCacheTritonMetadata) -> None:
+        plan = self._load_plans.pop(req_id, None)
+        if plan is None:
+            return
+        first, end = plan
+        ops = []
+        for span in st.spans:
+            if span.end <= first or span.start >= end:
+                continue
+            blocks = self.planner.blocks_of(span, st.block_ids)
+            skip = max(first - span.start, 0) // self.block_size
+            ops.append(ChunkOp(span.digest, blocks, span.num_tokens, skip))
+        if ops:
+            meta.loads[req_id] = ops
+            # Loaded chunks are cached: never store them again.
+            st.num_handled = max(st.num_handled, sum(1 for s in st.spans if s.start < end))
+
+    def _extend_for_decode(self, st: RequestState, computed: int) -> None:
+        """save_decode_cache: add the whole chunks that decoding has filled (prompt + output
+        tokens), so a follow-up turn that repeats the conversation hits them too."""
+        cs = self.config.chunk_size
+        n_full = computed // cs
+        have_full = sum(1 for s in st.spans if s.num_tokens == cs)
+        if n_full <= have_full or st.request is None:
+            return
+        tokens = list(st.request.all_token_ids[: n_full * cs])
+        if len(tokens) < n_full * cs:
+            return
+        # The prompt's partial chunk (already stored under its own key) gives way to the
+        # whole chunk that now covers those tokens.
+        st.num_handled = min(st.num_handled, have_full)
+        st.spans = self.planner.spans(tokens, st.extra)
+
+    def _plan_stores(self, st: RequestState, computed: int, meta: LMCacheTritonMetadata) -> None:
+        if st.skip_save or not self.stores_enabled:  # per-request opt-out, or kv_consumer
+            return
+        if self.config.save_decode_cache and computed > st.prompt_len:
+            self._extend_for_decode(st, computed)
+        while st.num_handled < len(st.spans):
+            span = st.spans[st.num_handled]
+            if span.end > computed:
+                break
+            if not self.index.has(span.digest):
+                meta.stores.append(ChunkOp(span.digest, self.planner.blocks_of(span, st.block_ids), span.num_tokens))
+                if self._events is not None:
+                    self._events.remember(st.request, span.start, span.end, span.digest)
+            st.num_handled += 1
+
+    def _plan(self, req_id: str, st: RequestState, meta: LMCacheTritonMetadata, computed: int, load: bool) -> None:
+        if load and (self._blend is None or not self._blend.plan_blend(req_id, st, meta)):
+            self._plan_load(req_id, st, meta)
+        elif load:
+            self._load_plans.pop(req_id, None)  # blended: its tokens come from the blend
+        self._plan_stores(st, computed, meta)
+        if self._blend is not None and not st.skip_save:
+            self._blend.register_segments(req_id, st, computed)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = LMCacheTritonMetadata()
+        sched = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            st = self._states.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            self._plan(new.req_id, st, meta, new.num_computed_tokens + sched.get(new.req_id, 0), load=True)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._states.get(req_id)
+            if st is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            resumed = req_id in compat.resumed_req_ids(cached)  # 0.34: resumed ones come as new
+            if resumed:
+                st.block_ids = list(new_blocks[0]) if new_blocks is not None else []
+            elif new_blocks is not None:
+                st.block_ids.extend(new_blocks[0])
+            computed = cached.num_computed_tokens[i] + sched.get(req_id, 0)
+            if resumed:
+                self._plan_load(req_id, st, meta)
+            self._plan(req_id, st, meta, computed, load=False)
+        if self._to_prefetch:
+            meta.prefetches, self._to_prefetch = self._to_prefetch, []
+        if self._acks:
+            meta.retire_acks, self._acks = self._acks, {}
+        self.hits.maybe_summary()
+        return meta
+
+    # -- what the workers report ------------------------------------------------------------------
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        wm = connector_output.kv_connector_worker_meta
+        if isinstance(wm, LMCacheTritonWorkerMetadata):
+            for rank, (held, retiring, removed, failed) in wm.reports.items():
+                self.index.report(rank, held, [*retiring, *removed], failed)
+                if retiring:
+                    self._acks.setdefault(rank, []).extend(retiring)
+                for d in (*held, *failed):
+                    self._prefetching.pop(d, None)
+        if self._events is not None:
+            self._update_events(wm, connector_output.kv_cache_events)
+
+    def _update_events(self, wm: object, tier_writes: KVConnectorKVEvents | None) -> None:
+        """Turn this step's worker reports into vLLM KV events (kv_events.py): chunks every rank
+        now holds in its CPU tier / has written to a slow tier, and chunks that left."""
+        assert self._events is not None
+        try:
+            if isinstance(wm, LMCacheTritonWorkerMetadata):
+                touched = [d for lists in wm.reports.values() for part in lists[:3] for d in part]
+                if touched:
+                    self._events.sync(CPU_TIER, touched, self.index.has)
+            if isinstance(tier_writes, TierWrites) and tier_writes.items:
+                for tier, state in self._tier_state.items():
+                    touched = state.apply(it[1:] for it in tier_writes.items if it[0] == tier)
+                    if touched:
+                        self._events.sync(tier, touched, state.present)
+        except Exception:  # events are best effort: never into the step
+            logger.exception("lmcache_triton: KV events for this step failed")
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """vLLM's scheduler publishes these after each step (through its own publisher)."""
+        return self._events.take() if self._events is not None else []
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        rid = request.request_id
+        self._states.pop(rid, None)
+        self._slow_waits.pop(rid, None)
+        self._lookups.pop(rid, None)
+        self._load_plans.pop(rid, None)
+        self._waiting.pop(rid, None)
+        if self._blend is not None:
+            self._blend.finished(rid)
+        # A save reads the blocks before vLLM's next kernel runs (on CUDA the compute stream
+        # waits for the gather): nothing of ours holds them after this step.
+        return False, None
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        """vLLM's hit-source labels: tokens of chunks this request waited for from a slow tier
+        are "disk", the others were in the CPU tier already: "host"."""
+        if num_external_tokens <= 0:
+            return {}
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        rid = request.request_id
+        slow, st, plan = self._slow_waits.get(rid), self._states.get(rid), self._load_plans.get(rid)
+        from_slow = 0
+        if slow and st is not None and plan is not None:
+            first, end = plan
+            for span in st.spans:
+                if span.digest in slow and span.end > first and span.start < end:
+                    from_slow += min(span.end, end) - max(span.start, first)
+        from_slow = min(from_slow, num_external_tokens)
+        sources = {CacheHitSource.DISK: from_slow, CacheHitSource.HOST: num_external_tokens - from_slow}
+        return {k: v for k, v in sources.items() if v}
+
+    def reset_cache(self) -> bool | None:
+        """vLLM's `reset_prefix_cache(reset_connector=True)` (`POST /reset_prefix_cache?
+        reset_external=true`, e.g. after a weight update): no chunk stored before it is served
+        after it. Every later key carries a new epoch, so old chunks never match again and age
+        out of the tiers by LRU; no file is deleted (`lmcache-triton clear` does that). The epoch
+        is not persisted: after a restart the model is loaded from its files again and the
+        chunks of epoch 0 (computed with those weights) are valid again."""
+        self._epoch += 1
+        if self._events is not None:
+            self._events.reset()
+        logger.info("lmcache_triton: cache reset (epoch %d): earlier chunks are not served again", self._epoch)
+        return True
+
+    def shutdown(self) -> None:
+        for view in self._views:
+            view.close()
