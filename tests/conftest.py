@@ -187,19 +187,25 @@ def tiny_tokenizer(tiny_model):
 class Reference:
     """No-cache outputs of one (model, block size): `generate(prompts, max_tokens)` gives what
     `runner.generate` gives on an engine without the connector. Each prompt is computed once per
-    session (then remembered), on one long-lived engine in a child process."""
+    session (then remembered): on one long-lived engine in a child process when `shared` (a
+    (model, block size) several modules use), else by one engine run per call."""
 
-    def __init__(self, pool, model: str, block_size: int):
-        self._pool, self.model, self.block_size = pool, model, block_size
+    def __init__(self, pool, model: str, block_size: int, shared: bool):
+        self._pool, self.model, self.block_size, self.shared = pool, model, block_size, shared
         self._memo: dict[tuple, dict] = {}
 
     def generate(self, prompts, max_tokens: int = 8) -> list[dict]:
         keys = [(p if isinstance(p, str) else tuple(p), max_tokens) for p in prompts]
         todo = list(dict.fromkeys(k for k in keys if k not in self._memo))
         if todo:
-            out = self._pool.engine(self.model, self.block_size).generate(
-                [p if isinstance(p, str) else list(p) for p, _ in todo], max_tokens
-            )
+            todo_prompts = [p if isinstance(p, str) else list(p) for p, _ in todo]
+            if self.shared:
+                out = self._pool.engine(self.model, self.block_size).generate(todo_prompts, max_tokens)
+            else:
+                from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess
+
+                out = run_in_subprocess(EngineSpec(model=self.model, block_size=self.block_size), todo_prompts,
+                                        max_tokens)  # fmt: skip
             self._memo.update(zip(todo, out, strict=True))
         return [dict(self._memo[k]) for k in keys]
 
@@ -212,10 +218,10 @@ class _ReferencePool:
         self._engines: dict[tuple, object] = {}  # insertion order = least recently used first
         self._refs: dict[tuple, Reference] = {}
 
-    def reference(self, model: str, block_size: int) -> Reference:
+    def reference(self, model: str, block_size: int, shared: bool) -> Reference:
         key = (str(model), block_size)
         if key not in self._refs:
-            self._refs[key] = Reference(self, str(model), block_size)
+            self._refs[key] = Reference(self, str(model), block_size, shared)
         return self._refs[key]
 
     def engine(self, model: str, block_size: int):
@@ -243,11 +249,13 @@ class _ReferencePool:
 
 @pytest.fixture(scope="session")
 def reference(e2e_root):
-    """`reference(model_dir, block_size=32) -> Reference`: the session's no-cache baselines."""
+    """`reference(model_dir, block_size=32, shared=True) -> Reference`: the session's no-cache
+    baselines. `shared=False` for a (model, block size) only one test uses: a long-lived engine
+    (a new interpreter) would cost more than one run through the fork server."""
     d = e2e_root / "references"
     d.mkdir()
     pool = _ReferencePool(d)
-    yield lambda model, block_size=32: pool.reference(model, block_size)
+    yield lambda model, block_size=32, shared=True: pool.reference(model, block_size, shared)
     pool.close()
 
 
