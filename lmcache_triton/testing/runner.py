@@ -297,6 +297,7 @@ class ForkServer:
         self.log_path = log_path
         self._proc = None
         self._results = None
+        self._child: int | None = None  # the running child, if a run was interrupted
         self.broken = False
 
     def accepts(self, env: dict[str, str]) -> bool:
@@ -353,8 +354,9 @@ class ForkServer:
                               f"{self._log_tail()[-1000:]}", stacklevel=3)  # fmt: skip
                 self.broken = True
                 return None
-            pid = started["pid"]
+            pid = self._child = started["pid"]
             done = self._read(timeout)
+            self._child = None
             if done is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)  # the child leads its own process group
@@ -372,6 +374,12 @@ class ForkServer:
             return f.read()[-4000:]
 
     def close(self) -> None:
+        import signal
+
+        if self._child is not None:  # a run interrupted (e.g. by pytest-timeout): stop its child
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._child, signal.SIGKILL)
+            self._child = None
         if self._proc is not None:
             assert self._proc.stdin is not None
             try:
