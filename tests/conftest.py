@@ -28,6 +28,67 @@ def pytest_collection_modifyitems(config, items):
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ENGINE_LOG_ENV = "LMCT_TEST_ENGINE_LOG"  # = lmcache_triton.testing.runner.ENGINE_LOG_ENV
+
+
+_FORK_SERVER_ENV = "LMCT_TEST_FORK_SERVER"  # "0": engine runs start new interpreters
+
+
+def pytest_configure(config):
+    """Count vLLM engine starts (runner.start_engine and testing.server.served note each one,
+    in this process and in child processes): the suite's cost, shown in the session summary.
+    And route `runner.run_in_subprocess` through a fork server (started on first use): a fresh
+    process per run without importing torch and vLLM each time (see runner.ForkServer)."""
+    import tempfile
+
+    if _ENGINE_LOG_ENV not in os.environ:
+        fd, path = tempfile.mkstemp(prefix="lmct-engines-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[_ENGINE_LOG_ENV] = path
+        config._lmct_engine_log = path
+    if os.environ.get(_FORK_SERVER_ENV, "1") != "0":
+        from pathlib import Path
+
+        from lmcache_triton.testing import runner
+
+        d = Path(tempfile.mkdtemp(prefix="lmct-fork-server-"))
+        config._lmct_fork_server_dir = d
+        runner.use_fork_server(runner.ForkServer(engine_env(d), log_path=str(d / "server.log")))
+
+
+def pytest_terminal_summary(terminalreporter):
+    import collections
+    import json
+
+    path = os.environ.get(_ENGINE_LOG_ENV)
+    if not path or not os.path.exists(path):
+        return
+    with open(path) as f:
+        starts = [json.loads(ln) for ln in f if ln.strip()]
+    if not starts:
+        return
+    per_module = collections.Counter(s["test"].split("::")[0] or "?" for s in starts)
+    terminalreporter.write_sep("-", f"vLLM engine starts: {len(starts)}")
+    for module, n in sorted(per_module.items()):
+        terminalreporter.write_line(f"{n:4d}  {module}")
+
+
+def pytest_unconfigure(config):
+    d = getattr(config, "_lmct_fork_server_dir", None)
+    if d is not None:
+        import shutil
+
+        from lmcache_triton.testing import runner
+
+        server = runner.use_fork_server(None)
+        if server is not None:
+            server.close()
+        shutil.rmtree(d, ignore_errors=True)
+    path = getattr(config, "_lmct_engine_log", None)
+    if path:
+        os.environ.pop(_ENGINE_LOG_ENV, None)
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,6 +109,154 @@ def _our_logging_per_module():
         lg.setLevel(level)
         lg.handlers[:] = handlers
         lg.filters[:] = filters
+
+
+# ------------------------------------------------------------------------------------------
+# Session-wide end-to-end resources. Engines are the suite's cost (15-20 s each on 2 cores):
+# each tiny model is built once, and each no-cache baseline comes from one long-lived engine
+# per (model, block size), shared by every module.
+# ------------------------------------------------------------------------------------------
+
+# The caller's environment and temp root, before any module's `workdir` points them elsewhere:
+# session-lived engine processes must not live in a module's directory.
+_BASE_ENV = dict(os.environ)
+_BASE_TMP = __import__("tempfile").gettempdir()
+
+# The model every end-to-end module uses unless it says otherwise: 2 layers, 2 KV heads of 32.
+TINY_MODEL = dict(hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2)
+
+
+def engine_env(root) -> dict[str, str]:
+    """The environment of an engine child process living under `root`: like `workdir`'s."""
+    env = {k: v for k, v in _BASE_ENV.items() if not k.startswith("LMCACHE_")}
+    if _ENGINE_LOG_ENV in os.environ:
+        env[_ENGINE_LOG_ENV] = os.environ[_ENGINE_LOG_ENV]
+    (root / "tmp").mkdir(exist_ok=True)
+    env.update(
+        TMPDIR=str(root / "tmp"),
+        VLLM_CACHE_ROOT=str(root / "vllm-cache"),
+        VLLM_CPU_KVCACHE_SPACE="1",
+        PYTHONPATH=os.pathsep.join([REPO, *filter(None, [_BASE_ENV.get("PYTHONPATH")])]),
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def e2e_root():
+    """A directory for the session's models and long-lived engines, removed at the end."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="lmct-session-", dir=_BASE_TMP))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(e2e_root):
+    """`tiny_models(**build_kwargs) -> model dir`: each distinct model built once per session.
+    Tests must not write into these directories (a test that changes its model builds its own)."""
+    import hashlib
+    import json
+
+    from lmcache_triton.testing import build_tiny_model
+
+    def get(**kwargs) -> str:
+        kw = {**TINY_MODEL, **kwargs}
+        name = hashlib.sha256(json.dumps(kw, sort_keys=True).encode()).hexdigest()[:12]
+        return str(build_tiny_model(e2e_root / "models" / f"{kw.get('arch', 'llama')}-{name}", **kw))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models) -> str:
+    """The suite's standard tiny llama (TINY_MODEL), built once."""
+    return tiny_models()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    """The standard tiny model's tokenizer (transformers), loaded once."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+class Reference:
+    """No-cache outputs of one (model, block size): `generate(prompts, max_tokens)` gives what
+    `runner.generate` gives on an engine without the connector. Each prompt is computed once per
+    session (then remembered): on one long-lived engine in a child process when `shared` (a
+    (model, block size) several modules use), else by one engine run per call."""
+
+    def __init__(self, pool, model: str, block_size: int, shared: bool):
+        self._pool, self.model, self.block_size, self.shared = pool, model, block_size, shared
+        self._memo: dict[tuple, dict] = {}
+
+    def generate(self, prompts, max_tokens: int = 8) -> list[dict]:
+        keys = [(p if isinstance(p, str) else tuple(p), max_tokens) for p in prompts]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._memo))
+        if todo:
+            todo_prompts = [p if isinstance(p, str) else list(p) for p, _ in todo]
+            if self.shared:
+                out = self._pool.engine(self.model, self.block_size).generate(todo_prompts, max_tokens)
+            else:
+                from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess
+
+                out = run_in_subprocess(EngineSpec(model=self.model, block_size=self.block_size), todo_prompts,
+                                        max_tokens)  # fmt: skip
+            self._memo.update(zip(todo, out, strict=True))
+        return [dict(self._memo[k]) for k in keys]
+
+
+class _ReferencePool:
+    """At most `keep` reference engines alive at once (each holds a model and a KV cache)."""
+
+    def __init__(self, root, keep: int = 2):
+        self.root, self.keep = root, keep
+        self._engines: dict[tuple, object] = {}  # insertion order = least recently used first
+        self._refs: dict[tuple, Reference] = {}
+
+    def reference(self, model: str, block_size: int, shared: bool) -> Reference:
+        key = (str(model), block_size)
+        if key not in self._refs:
+            self._refs[key] = Reference(self, str(model), block_size, shared)
+        return self._refs[key]
+
+    def engine(self, model: str, block_size: int):
+        from lmcache_triton.testing.runner import EngineProcess, EngineSpec
+
+        key = (model, block_size)
+        if key in self._engines:
+            self._engines[key] = self._engines.pop(key)
+            return self._engines[key]
+        while len(self._engines) >= self.keep:
+            self._engines.pop(next(iter(self._engines))).close()
+        d = self.root / f"reference-{len(list(self.root.glob('reference-*')))}"
+        d.mkdir()
+        spec = EngineSpec(model=model, block_size=block_size)
+        env = engine_env(d)
+        env["PYTEST_CURRENT_TEST"] = os.environ.get("PYTEST_CURRENT_TEST", "")  # the engine count's label
+        self._engines[key] = EngineProcess(spec, env=env, log_path=str(d / "engine.log"))
+        return self._engines[key]
+
+    def close(self) -> None:
+        for e in self._engines.values():
+            e.close()
+        self._engines.clear()
+
+
+@pytest.fixture(scope="session")
+def reference(e2e_root):
+    """`reference(model_dir, block_size=32, shared=True) -> Reference`: the session's no-cache
+    baselines. `shared=False` for a (model, block size) only one test uses: a long-lived engine
+    (a new interpreter) would cost more than one run through the fork server."""
+    d = e2e_root / "references"
+    d.mkdir()
+    pool = _ReferencePool(d)
+    yield lambda model, block_size=32, shared=True: pool.reference(model, block_size, shared)
+    pool.close()
 
 
 @pytest.fixture(scope="module")

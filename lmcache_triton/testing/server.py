@@ -55,6 +55,9 @@ def group_alive(pgid: int) -> bool:
 @contextlib.contextmanager
 def served(cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, timeout: float = 240):
     """Run `cmd` (a server listening on 127.0.0.1:`port`), logging to `log_path`; yield its URL."""
+    from lmcache_triton.testing.runner import note_engine_start
+
+    note_engine_start("server")
     with open(log_path, "w") as log:  # the server keeps its own copy of the handle
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env or dict(os.environ), start_new_session=True
