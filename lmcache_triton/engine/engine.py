@@ -84,11 +84,13 @@ class Progress:
 
 @dataclass
 class _InFlight:
-    kind: str  # "store" | "load"
+    kind: str  # "store" | "load" | "gather" (a store the CPU tier refused: only its gather)
     digest: str
     key: str
     done: torch.cuda.Event
     tensor: torch.Tensor | None = None  # the CPU-tier buffer held for the copy
+    seq: int = 0  # a store's number (`store_fence`)
+    gathered: torch.cuda.Event | None = None  # a store: its gather read the blocks
 
 
 class KVCacheEngine:
@@ -145,6 +147,7 @@ class KVCacheEngine:
         self._rejected_seen = 0  # the CPU tier's refused puts already answered by `retire`
         self._progress = Progress()
         self._inflight: list[_InFlight] = []
+        self._stores_issued = 0  # stores queued on the transfer stream so far (`store_fence`)
         self._stream: torch.cuda.Stream | None = None
         self._prefetch_q: queue.Queue[str | None] | None = None
         self._prefetching: set[str] = set()
@@ -325,6 +328,24 @@ class KVCacheEngine:
             out, self._progress = self._progress, Progress()
             return out
 
+    def store_fence(self) -> int:
+        """A mark after every store queued so far: `stores_read(mark)` says when their gathers
+        have read vLLM's blocks (the connector's `get_finished`)."""
+        with self._lock:
+            return self._stores_issued
+
+    def stores_read(self, fence: int) -> bool:
+        """Whether every store queued before `fence` (`store_fence()`) has read its blocks
+        (its gather completed); the device-to-host copies may still run. Never waits."""
+        with self._lock:
+            self._advance()
+            for f in self._inflight:
+                if f.kind in ("store", "gather") and f.seq < fence:
+                    ev = f.gathered if f.gathered is not None else f.done
+                    if not ev.query():
+                        return False
+            return True
+
     def synchronize(self, prefetch_timeout: float | None = 0.0) -> bool:
         """Wait for every copy on the transfer stream and, up to `prefetch_timeout` seconds
         (None: no limit), for queued prefetches; what completes is reported by the next `poll`.
@@ -341,6 +362,8 @@ class KVCacheEngine:
             time.sleep(0.002)
 
     def _complete(self, f: _InFlight) -> None:
+        if f.kind == "gather":  # a refused store: nothing of ours holds anything
+            return
         self.storage.release(f.key, f.tensor)
         if f.kind == "load":
             return
@@ -413,11 +436,12 @@ class KVCacheEngine:
             done.record(side)
         # vLLM may hand the blocks to another request: its kernels run after our gather only.
         compute.wait_event(gathered)
-        if held is None:
-            return False
         with self._lock:
-            self._inflight.append(_InFlight("store", digest, key, done, held))
-        return True
+            # A refused store's gather still reads the blocks: tracked (kind "gather") until done.
+            kind = "store" if held is not None else "gather"
+            self._inflight.append(_InFlight(kind, digest, key, done, held, self._stores_issued, gathered))
+            self._stores_issued += 1
+        return held is not None
 
     # ------------------------------------------------------------------ load
 

@@ -4,7 +4,8 @@ Primitives:
   `ChunkOp`                       move one chunk between the CPU tier and a request's blocks.
   `SegmentRef`, `BlendOp`         CacheBlend: where a segment's rows are, and one blend to run.
   `LMCacheTritonMetadata`         scheduler -> workers (loads, stores, blends, prefetches,
-                                  acknowledged retirements), one per step.
+                                  acknowledged retirements, finished requests awaiting their
+                                  stores), one per step.
   `LMCacheTritonWorkerMetadata`   workers -> scheduler (per rank: held, retiring, removed,
                                   failed prefetches), merged across ranks by `aggregate`.
 """
@@ -60,6 +61,9 @@ class LMCacheTritonMetadata(KVConnectorMetadata):
     prefetches: list[str] = field(default_factory=list)
     # rank -> digests the worker retired and the scheduler no longer counts: free them.
     retire_acks: dict[int, list[str]] = field(default_factory=dict)
+    # Finished requests whose blocks vLLM keeps (request_finished said True) until every worker
+    # reports, through get_finished, that the gathers of their stores have read them.
+    await_stores: list[str] = field(default_factory=list)
 
 
 # One rank's report: (digests now held in its CPU tier, digests it is retiring (to be

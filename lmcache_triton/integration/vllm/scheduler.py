@@ -17,7 +17,13 @@ vLLM's hooks, in the order one request meets them:
                               read from a slow tier) or "host" (they were in the CPU tier).
   update_connector_output     applies the workers' reports (chunks now held, retiring, dropped,
                               prefetches that failed) to the `PrefixIndex`.
-  request_finished            forgets the request (nothing of ours holds its blocks).
+  request_finished            forgets the request. On CUDA, where a store's gather runs behind on
+                              the transfer stream, a request with stores planned answers True
+                              (vLLM keeps its blocks) and goes to the workers in the next
+                              metadata (`await_stores`); vLLM frees the blocks once every worker
+                              reported it through get_finished (its gathers have read them). On
+                              CPU a store has copied the blocks before wait_for_save returns:
+                              False, as vLLM frees the blocks at once.
   reset_cache                 /reset_prefix_cache?reset_external=true: later keys carry a new
                               epoch, so nothing stored before is served after.
   take_events                 with vLLM's KV events on (`--kv-events-config`): BlockStored /
@@ -71,6 +77,13 @@ HIT_LOG_INTERVAL_S = 1.0
 SKIP_SAVE_PARAM = "lmcache.skip_save"  # LMCache's spelling of the per-request opt-out
 
 
+def async_saves(vllm_config: VllmConfig) -> bool:
+    """Whether the workers' stores finish after wait_for_save returns: on CUDA the gather runs
+    on the engine's transfer stream; on CPU (and a config without a device) it is done."""
+    device = getattr(vllm_config, "device_config", None)
+    return str(getattr(device, "device_type", "cpu")) == "cuda"
+
+
 def skip_save_requested(request: Request) -> bool:
     """Whether the request's `kv_transfer_params` ask that its KV is never stored (LMCache's
     `{"lmcache.skip_save": true}`; true, "true", 1 and "1" count). Loads still happen."""
@@ -106,6 +119,7 @@ class RequestState:
     block_ids: list[int] = field(default_factory=list)
     num_handled: int = 0  # leading chunks already stored, loaded or known cached
     skip_save: bool = False  # kv_transfer_params {"lmcache.skip_save": true}: never stored
+    stores_planned: int = 0  # stores of its blocks sent to the workers
 
 
 class HitLog:
@@ -191,6 +205,10 @@ class SchedulerConnector(ConnectorCore):
         self._to_prefetch: list[str] = []  # goes out with the next metadata
         self._waiting: dict[str, float] = {}  # req -> deadline of its wait for prefetches
         self._acks: dict[int, list[str]] = {}  # rank -> retirements to acknowledge
+        # Stores complete behind wait_for_save (CUDA: the gather runs on the transfer stream), so
+        # a finished request's blocks wait for the workers' get_finished (request_finished).
+        self.async_saves = async_saves(vllm_config)
+        self._await_stores: list[str] = []  # finished requests to name in the next metadata
         self._lookups: dict[str, tuple[int, int]] = {}  # req -> (local tokens, cached tokens)
         self._load_plans: dict[str, tuple[int, int]] = {}  # req -> (first token, end token)
         self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
@@ -391,6 +409,7 @@ class SchedulerConnector(ConnectorCore):
                 break
             if not self.index.has(span.digest):
                 meta.stores.append(ChunkOp(span.digest, self.planner.blocks_of(span, st.block_ids), span.num_tokens))
+                st.stores_planned += 1
                 if self._events is not None:
                     self._events.remember(st.request, span.start, span.end, span.digest)
             st.num_handled += 1
@@ -432,6 +451,8 @@ class SchedulerConnector(ConnectorCore):
             meta.prefetches, self._to_prefetch = self._to_prefetch, []
         if self._acks:
             meta.retire_acks, self._acks = self._acks, {}
+        if self._await_stores:
+            meta.await_stores, self._await_stores = self._await_stores, []
         self.hits.maybe_summary()
         return meta
 
@@ -471,16 +492,21 @@ class SchedulerConnector(ConnectorCore):
         return self._events.take() if self._events is not None else []
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        """Forget the request; True (vLLM keeps its blocks until get_finished reports it) when a
+        store of its blocks may still be queued on a worker's transfer stream (module docstring)."""
         rid = request.request_id
-        self._states.pop(rid, None)
+        st = self._states.pop(rid, None)
         self._slow_waits.pop(rid, None)
         self._lookups.pop(rid, None)
         self._load_plans.pop(rid, None)
         self._waiting.pop(rid, None)
         if self._blend is not None:
             self._blend.finished(rid)
-        # A save reads the blocks before vLLM's next kernel runs (on CUDA the compute stream
-        # waits for the gather): nothing of ours holds them after this step.
+        # vLLM's contract: an asynchronous save keeps its source blocks until get_finished
+        # reports it. On CPU the store copied the blocks inside wait_for_save: nothing holds them.
+        if self.async_saves and st is not None and st.stores_planned:
+            self._await_stores.append(rid)
+            return True, None
         return False, None
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:

