@@ -3,10 +3,13 @@ checked runs here, with stand-ins for CUDA events where the engine would queue w
 
 - Item 5: a finished request's blocks are kept while a store's gather of them may be queued, and
   get_finished reports the request once the gather has read them.
+- Item 6: a stored chunk is held from the put itself: an eviction injected right after the put
+  cannot lose it.
 """
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -188,4 +191,41 @@ def test_get_finished_fence_ignores_stores_queued_after_the_request_finished(tmp
     _queued_store(eng, "d-later", FakeEvent(), FakeEvent())  # queued after r2 finished, never completes
     first.complete = True
     assert w.get_finished(set()) == ({"r2"}, None)
+    eng.close()
+
+
+# --------------------------------------------------------------------------- item 6
+
+
+def test_eviction_right_after_the_put_cannot_lose_the_stored_chunk():
+    """Another thread fills the CPU tier the moment the store's put returns (injected: the
+    tier's put is wrapped to run the evictor after it, deterministic). The chunk was held by the
+    put itself, so the evictor's puts evict nothing of it: it stays held and loads bit-exact."""
+    eng = _engine()
+    nbytes = math.prod(eng.chunk_shape(1)) * 4
+    tier = CpuTier(4 * nbytes, pin_memory=False)  # room for exactly four chunks
+    eng = _engine(tier=tier)
+    busy = []
+    for name in ("put_fill", "put_fill_held"):  # whichever the store path calls
+        real = getattr(tier, name, None)
+        if real is None:
+            continue
+
+        def then_evict(*args, _real=real, **kwargs):
+            out = _real(*args, **kwargs)
+            if not busy:  # (the evictor's own puts go through put_fill too)
+                busy.append(True)
+                for i in range(4):  # another thread's puts: each evicts the LRU unheld entry
+                    tier.put(f"other-{i}", torch.full((nbytes // 4,), float(i)))
+            return out
+
+        setattr(tier, name, then_evict)
+    assert eng.store("d6", [3], BLOCK)
+    assert eng.holds("d6"), "the stored chunk was evicted before the engine held it"
+    assert "d6" in eng.poll().held
+    c5 = eng.flat.view(2, 12, 2, BLOCK, 16)  # LBHNC
+    expect = c5[:, 3].clone()
+    c5[:, 3].fill_(float("nan"))
+    assert eng.load("d6", [3])
+    assert torch.equal(c5[:, 3], expect)
     eng.close()

@@ -234,15 +234,16 @@ class KVCacheEngine:
 
     # ------------------------------------------------------------------ holds
 
-    def _hold(self, digest: str, origin: str = "cpu") -> bool:
+    def _hold(self, digest: str, origin: str = "cpu", held: torch.Tensor | None = None) -> bool:
         """Take the protocol hold on a chunk now complete in the CPU tier (caller has `_lock`);
-        `origin` names the tier it came from, for the load counters."""
+        `origin` names the tier it came from, for the load counters. `held`: a hold on it taken
+        already (a put that held atomically), adopted or, when not wanted, released."""
         key = self.key(digest)
-        if key in self._held:
+        if key in self._held or (not self.storage.keep_in_cpu and digest not in self._prefetching):
+            if held is not None:
+                self.storage.release(key, held)
             return False
-        if not self.storage.keep_in_cpu and digest not in self._prefetching:
-            return False
-        t = self.storage.hold(key)
+        t = held if held is not None else self.storage.hold(key)
         if t is None:
             return False
         self._held[key] = t
@@ -364,12 +365,13 @@ class KVCacheEngine:
     def _complete(self, f: _InFlight) -> None:
         if f.kind == "gather":  # a refused store: nothing of ours holds anything
             return
-        self.storage.release(f.key, f.tensor)
         if f.kind == "load":
+            self.storage.release(f.key, f.tensor)
             return
-        # A store: the bytes are in the CPU tier now.
+        # A store: the bytes are in the CPU tier now. The copy's hold becomes the protocol hold
+        # (or is released): never a moment unheld in between.
         self.storage.write_back(f.key)
-        self._hold(f.digest)
+        self._hold(f.digest, held=f.tensor)
 
     # ------------------------------------------------------------------ store
 
@@ -397,12 +399,14 @@ class KVCacheEngine:
             ids = path.ids(block_ids, num_tokens)
             # Gather straight into the CPU tier's pooled buffer: one copy, no allocation.
             with self._lock:
-                ok = self.storage.put_fill(
+                # Put and hold in one step of the tier's lock: no other thread (a prefetch
+                # reserving room) can evict the chunk before the engine holds it.
+                ok, held = self.storage.put_fill_held(
                     key, path.flat.dtype, shape, lambda dst: path.gather(ids, dst),
                     self._meta(num_tokens),
                 )
-                if ok:
-                    self._hold(digest)
+                if held is not None:
+                    self._hold(digest, held=held)
         self.stats.store_seconds += time.perf_counter() - t0
         if ok:
             self.stats.stored_chunks += 1
@@ -427,11 +431,11 @@ class KVCacheEngine:
             with self._lock:
                 # The device->host copy lands in the tier's pinned buffer, held until it is
                 # done (never evicted or reused under the DMA); the disk write waits for it.
-                ok = self.storage.put_fill(
+                # Held from the put itself (no eviction can slip in between).
+                _, held = self.storage.put_fill_held(
                     key, path.flat.dtype, shape, lambda dst: dst.copy_(staged, non_blocking=True),
                     self._meta(num_tokens), write_back=False,
                 )
-                held = self.storage.hold(key) if ok else None
             done = torch.cuda.Event()
             done.record(side)
         # vLLM may hand the blocks to another request: its kernels run after our gather only.

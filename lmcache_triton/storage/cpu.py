@@ -399,15 +399,47 @@ class CpuTier:
         `shape` and `dtype` (e.g. a gather kernel straight out of the paged cache: one copy, no
         allocation). Same return as `put`; if `fill` returns False or raises, nothing is stored
         (a raise counts as an error and propagates)."""
+        return self._put_fill(key, dtype, shape, fill, meta, hold=False) is not None
+
+    def put_fill_held(
+        self,
+        key: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        fill: Callable[[torch.Tensor], object],
+        meta: dict[str, str] | None = None,
+    ) -> torch.Tensor | None:
+        """`put_fill`, and a hold on the entry taken under the same lock: the arena view, held
+        until `release(key, view)` (no other thread can evict it between the put and the hold),
+        or None when nothing was stored. A present key is held as it is."""
+        return self._put_fill(key, dtype, shape, fill, meta, hold=True)
+
+    def _put_fill(
+        self,
+        key: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        fill: Callable[[torch.Tensor], object],
+        meta: dict[str, str] | None,
+        hold: bool,
+    ) -> torch.Tensor | None:
+        """The stored entry's view (held when `hold`), or None."""
         nbytes = math.prod(shape) * dtype.itemsize
         size = max(ALIGN, _round_up(nbytes, ALIGN))
         while True:
             with self._lock:
                 got = self._place(key, nbytes, size)
                 if isinstance(got, tuple):
-                    return self._fill(key, got, nbytes, size, dtype, shape, fill, meta)
-                if isinstance(got, bool):
-                    return got
+                    entry = self._fill(key, got, nbytes, size, dtype, shape, fill, meta)
+                elif isinstance(got, bool):
+                    entry = self._entries[key] if got else None
+                else:
+                    entry = None
+                if not isinstance(got, int) or isinstance(got, bool):  # placed, present or refused
+                    if entry is None:
+                        return None
+                    entry.refs += hold
+                    return entry.view()
             self._grow(got)  # outside the lock; then retry (another thread may have raced us)
 
     def _place(self, key: str, nbytes: int, size: int) -> tuple[int, int] | bool | int:
@@ -474,9 +506,21 @@ class CpuTier:
         with self._lock:
             self._free_block(r._entry)
 
-    def _fill(self, key, got, nbytes, size, dtype, shape, fill, meta) -> bool:
+    def _fill(
+        self,
+        key: str,
+        got: tuple[int, int],
+        nbytes: int,
+        size: int,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        fill: Callable[[torch.Tensor], object],
+        meta: dict[str, str] | None,
+    ) -> _Entry | None:
         slab, off = got
-        buf = self._slabs[slab].buf.narrow(0, off, nbytes)
+        arena = self._slabs[slab].buf
+        assert arena is not None
+        buf = arena.narrow(0, off, nbytes)
         self._used += nbytes
         entry = _Entry(buf, dtype, tuple(shape), dict(meta or {}), slab, off, size)
         try:
@@ -487,9 +531,9 @@ class CpuTier:
             raise
         if filled is False:  # the source had nothing after all (e.g. a damaged disk file)
             self._free_block(entry)
-            return False
+            return None
         self._entries[key] = entry
-        return True
+        return entry
 
     def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """A copy of the chunk (into `out` when given), or None; touches LRU.

@@ -12,6 +12,7 @@ Primitives:
   Stores:
     `put(key, tensor, meta)`    copy into the CPU tier, then write every slow tier behind.
     `put_fill(key, dtype, shape, fill, meta, write_back=True)`  the same, written in place.
+    `put_fill_held(...)`        the same, and the CPU tier's view held from the same lock.
     `write_back(key)`           queue the slow-tier writes of a chunk now complete in memory.
   Loads:
     `prefetch(key, expect, lock, on_stored)`  the first slow tier that has a usable copy reads
@@ -180,19 +181,40 @@ class StorageHierarchy:
         Raises:
             ValueError: a key, meta or dtype a slow tier refuses, before anything is taken.
         """
+        ok, held = self.put_fill_held(key, dtype, shape, fill, meta, write_back)
+        if held is not None and self.cpu is not None:
+            self.cpu.release(key, held)
+        return ok
+
+    def put_fill_held(
+        self,
+        key: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        fill: Callable[[torch.Tensor], object],
+        meta: dict[str, str] | None = None,
+        write_back: bool = True,
+    ) -> tuple[bool, torch.Tensor | None]:
+        """`put_fill`, and the CPU tier's view held from the same lock (`CpuTier.put_fill_held`:
+        no eviction between the put and the hold); `release(key, view)` drops it.
+
+        Returns:
+            (what `put_fill` returns, the held view or None when the chunk is not in the CPU tier).
+        """
         meta = dict(meta or {})
         for tier in self.tiers:
             tier.check_put(key, dtype, meta)
         if self.cpu is None:
-            return False
+            return False, None
         if not self.keep_in_cpu and any(t.contains_many([key])[0] for t in self._local()):
-            return True
-        if not self.cpu.put_fill(key, dtype, shape, fill, meta):
+            return True, None
+        held = self.cpu.put_fill_held(key, dtype, shape, fill, meta)
+        if held is None:
             self.dropped_writes += 1
-            return False
+            return False, None
         if write_back:
             self.write_back(key)
-        return True
+        return True, held
 
     def write_back(self, key: str) -> bool:
         """Queue the slow-tier writes of a chunk now complete in the CPU tier. The writers read
