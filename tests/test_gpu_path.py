@@ -3,6 +3,8 @@ checked runs here, with stand-ins for CUDA events where the engine would queue w
 
 - Item 5: a finished request's blocks are kept while a store's gather of them may be queued, and
   get_finished reports the request once the gather has read them.
+- Item 3: the pinned arena grows ahead of the stores (at register, then on a background thread):
+  a store in the step never allocates a slab itself once the arena has headroom.
 - Item 6: a stored chunk is held from the put itself: an eviction injected right after the put
   cannot lose it.
 """
@@ -10,6 +12,7 @@ checked runs here, with stand-ins for CUDA events where the engine would queue w
 from __future__ import annotations
 
 import math
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -34,11 +37,11 @@ class FakeEvent:
         return self.complete
 
 
-def _engine(cpu_bytes: int = 1 << 24, tier: CpuTier | None = None) -> KVCacheEngine:
+def _engine(cpu_bytes: int = 1 << 24, tier: CpuTier | None = None, **kwargs) -> KVCacheEngine:
     c5 = allocate_paged_cache("LBHNC", 2, 12, 2, BLOCK, 16, torch.float32)
     c5.copy_(torch.arange(c5.numel(), dtype=torch.float32).view(c5.shape))
     storage = StorageHierarchy(tier or CpuTier(cpu_bytes, pin_memory=False), [], keep_in_cpu=True)
-    eng = KVCacheEngine(storage, "0a" * 16, {"model": "m", "layout": "L"})
+    eng = KVCacheEngine(storage, "0a" * 16, {"model": "m", "layout": "L"}, **kwargs)
     eng.register([c5[i] for i in range(2)], BLOCK)
     return eng
 
@@ -228,4 +231,51 @@ def test_eviction_right_after_the_put_cannot_lose_the_stored_chunk():
     c5[:, 3].fill_(float("nan"))
     assert eng.load("d6", [3])
     assert torch.equal(c5[:, 3], expect)
+    eng.close()
+
+
+# --------------------------------------------------------------------------- item 3
+
+CHUNK_BYTES = 2 * 2 * BLOCK * 2 * 8 * 4  # one block's chunk: [S, L, T, H, C / S] float32
+
+
+@pytest.mark.parametrize("settle", [True, False], ids=["grow-settles", "stores-race-the-grow"])
+def test_store_never_grows_the_arena_itself_once_it_has_headroom(settle):
+    """Slabs of two chunks, four of them. `register` allocates the first (start-up); every later
+    slab is allocated on the arena's background thread, never in the storing thread (vLLM's step,
+    under the engine's lock). Counted through a hook on the grow function."""
+    tier = CpuTier(8 * CHUNK_BYTES, pin_memory=False, slab_bytes=2 * CHUNK_BYTES)
+    grows: list[str] = []
+    real = tier._grow
+
+    def counted(index: int) -> None:
+        grows.append(threading.current_thread().name)
+        real(index)
+
+    tier._grow = counted  # type: ignore[method-assign]
+    eng = _engine(tier=tier, grow_ahead=True)
+    main = threading.current_thread().name
+    assert grows == [main] and tier.stats["pool_bytes"] == 2 * CHUNK_BYTES, "register grows one slab"
+    del grows[:]
+    for i in range(8):
+        # Racing the grow, a store may be refused (a future miss) rather than wait for it.
+        stored = eng.store(f"g{i}", [i + 1], BLOCK)
+        if settle:
+            assert stored
+            assert tier.wait_growth(timeout=60)
+    assert tier.wait_growth(timeout=60)
+    assert main not in grows, f"a store grew the arena in its own thread: {grows}"
+    assert grows, "the background thread grew the arena"
+    if settle:  # the grow kept up: every chunk fit, nothing evicted
+        assert tier.stats["pool_bytes"] == 8 * CHUNK_BYTES and tier.stats["evictions"] == 0
+        assert all(eng.holds(f"g{i}") for i in range(8))
+    eng.close()
+
+
+def test_without_growing_ahead_a_store_grows_the_arena_itself():
+    """The old behaviour, kept for CPU caches (nothing is pinned there): slabs on demand."""
+    tier = CpuTier(4 * CHUNK_BYTES, pin_memory=False, slab_bytes=2 * CHUNK_BYTES)
+    eng = _engine(tier=tier, grow_ahead=False)
+    assert tier.stats["pool_bytes"] == 0
+    assert eng.store("h0", [1], BLOCK) and eng.holds("h0")
     eng.close()

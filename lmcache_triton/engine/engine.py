@@ -119,6 +119,10 @@ class KVCacheEngine:
         retire_high / retire_low: when held bytes exceed `retire_high` of the CPU tier's bound,
             the least recently used held chunks are retired down to `retire_low`; defaults
             0.9 / 0.8.
+        grow_ahead: allocate the CPU tier's arena at `register` and then ahead of the stores on
+            a background thread (`CpuTier.grow_ahead`), so no store in vLLM's step pins a slab
+            (cudaHostAlloc: a few hundred ms per GiB and an implicit device sync) under the
+            engine's lock; default None: on a CUDA cache.
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class KVCacheEngine:
         meta: dict[str, str],
         retire_high: float = 0.9,
         retire_low: float = 0.8,
+        grow_ahead: bool | None = None,
     ) -> None:
         self.storage = storage
         self.namespace = namespace
@@ -140,6 +145,7 @@ class KVCacheEngine:
         self.block_size = 0
         self.kv_split = 2
         self.retire_high, self.retire_low = retire_high, retire_low
+        self.grow_ahead = grow_ahead
         self._lock = threading.RLock()  # puts + holds of the CPU tier, bookkeeping below
         self._held: dict[str, torch.Tensor] = {}  # key -> the held CPU-tier tensor
         self._origin: dict[str, str] = {}  # key -> tier it came from ("cpu", "disk")
@@ -191,8 +197,11 @@ class KVCacheEngine:
         self.pages_per_block = self.path.pages_per_block
         self.kv_split = kv_split
         self.meta["rows"] = self.path.rows
-        if self.flat.is_cuda:
-            self._stream = torch.cuda.Stream(device=self.flat.device)
+        cache = self.path.flat
+        if self.grow_ahead or (self.grow_ahead is None and cache.is_cuda):
+            self.storage.grow_ahead()  # here, at start-up: never in a step
+        if cache.is_cuda:
+            self._stream = torch.cuda.Stream(device=cache.device)
             self._warm_up()
 
     def _warm_up(self) -> None:

@@ -29,6 +29,9 @@ Invariants:
     slab: a chunk larger than the largest slab is rejected (counted), as is one larger than the
     bound. With uniform chunk shapes (the normal case) the hot path allocates nothing: an evicted
     entry's block is the next put's exact fit.
+  * `grow_ahead()` (the engine calls it at `register`): slabs are allocated ahead of the puts,
+    one slab's worth of free arena kept on a background thread, so a store in vLLM's step never
+    pins a slab under the engine's lock; a put short of room then evicts rather than grows.
   * A put that finds no free block grows the arena by a slab that fits it if the bound allows,
     else evicts least recently used unheld entries (freed neighbours coalesce) until a block
     fits. When no run of free and unheld blocks in any slab could ever fit it, nothing is
@@ -246,6 +249,8 @@ class CpuTier:
         self.slab_bytes = int(slab_bytes)
         self._lock = threading.RLock()
         self._grow_lock = threading.Lock()  # one slab allocation at a time, outside `_lock`
+        self._headroom = 0  # `grow_ahead`: free arena bytes kept ahead of the puts (0: off)
+        self._grower: threading.Thread | None = None  # the background grow running, if any
         self._slabs = [_Slab(n) for n in slab_sizes(self.max_bytes, self.slab_bytes, self.pin_memory)]
         self._largest = max((s.size for s in self._slabs), default=0)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
@@ -456,8 +461,19 @@ class CpuTier:
             return False
         got = self._alloc(size)
         if got is not None:
+            self._grow_behind()
             return got
         grow = self._slab_to_grow(size)
+        if grow is not None and self._headroom:
+            # Growing ahead: the caller (a store in vLLM's step, under the engine's lock) never
+            # pins a slab itself while the background grow runs: it evicts, else is refused.
+            self._grow_behind()
+            got = self._alloc_evicting(size)
+            if got is not None:
+                return got
+            if self._grower is not None:
+                self._s.rejected += 1
+                return False
         if grow is not None:
             return grow
         got = self._alloc_evicting(size)
@@ -465,6 +481,64 @@ class CpuTier:
             self._s.rejected += 1
             return False
         return got
+
+    def grow_ahead(self, headroom: int | None = None) -> None:
+        """Keep `headroom` bytes (default: one slab, at most the bound) of allocated free arena
+        ahead of the puts, so that a put never allocates (pins) a slab in its own thread while
+        the tier can make room otherwise: allocate slabs now, in the caller's thread (start-up:
+        the engine's `register`), until that much is free, and later on a background thread
+        whenever the free bytes fall below it. A put that finds no free block then evicts; when
+        nothing unheld could make room it is refused (a future miss, counted) while the
+        background grow runs, rather than stall its thread on the allocation; it grows the arena
+        itself only when no background grow could be started (free bytes above the headroom
+        but fragmented).
+
+        Args:
+            headroom: bytes; default None: `slab_bytes`; 0 turns growing ahead off.
+        """
+        self._headroom = min(self.slab_bytes if headroom is None else int(headroom), self.max_bytes)
+        while True:
+            with self._lock:
+                grow = self._slab_to_grow(0) if self._free_allocated() < self._headroom else None
+            if grow is None:
+                return
+            self._grow(grow)
+
+    def _free_allocated(self) -> int:
+        """Free bytes in the allocated slabs (caller has `_lock`)."""
+        return sum(slab.free.free_bytes for slab in self._slabs if slab.buf is not None)
+
+    def _grow_behind(self) -> None:
+        """Start a background grow when growing ahead and the free bytes fell below the headroom
+        (caller has `_lock`)."""
+        if not self._headroom or self._grower is not None or self._free_allocated() >= self._headroom:
+            return
+        grow = self._slab_to_grow(0)
+        if grow is None:
+            return
+        self._grower = threading.Thread(
+            target=self._grow_in_background, args=(grow,), name="lmcache-triton-arena", daemon=True
+        )
+        self._grower.start()
+
+    def _grow_in_background(self, index: int) -> None:
+        try:
+            self._grow(index)
+        finally:
+            with self._lock:
+                self._grower = None
+                self._grow_behind()  # still short (a small slab): the next one
+
+    def wait_growth(self, timeout: float | None = None) -> bool:
+        """Wait for the background grows (tests, shutdown); True when none is running."""
+        while True:
+            with self._lock:
+                t = self._grower
+            if t is None:
+                return True
+            t.join(timeout)
+            if t.is_alive():
+                return False
 
     def reserve(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Reservation | None:
         """Take a block for a chunk the caller fills outside the tier's lock (a disk read of
@@ -649,6 +723,7 @@ class CpuTier:
                 if slab.buf is not None and slab.used == 0:
                     self._allocated -= slab.size
                     slab.buf = None
+            self._grow_behind()
 
     def keys(self) -> list[str]:
         """Keys, least recently used first."""

@@ -121,6 +121,11 @@ class StorageHierarchy:
         """Puts the CPU tier refused for want of room so far (`CpuTier.stats["rejected"]`)."""
         return 0 if self.cpu is None else self.cpu.stats["rejected"]
 
+    def grow_ahead(self, headroom: int | None = None) -> None:
+        """Allocate the CPU tier's arena ahead of the puts (`CpuTier.grow_ahead`)."""
+        if self.cpu is not None:
+            self.cpu.grow_ahead(headroom)
+
     def hold(self, key: str, count: bool = False) -> torch.Tensor | None:
         """The CPU tier's own tensor, unevictable until `release` (see `CpuTier.hold`)."""
         return None if self.cpu is None else self.cpu.hold(key, count)
