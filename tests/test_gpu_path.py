@@ -5,6 +5,8 @@ checked runs here, with stand-ins for CUDA events where the engine would queue w
   get_finished reports the request once the gather has read them.
 - Item 3: the pinned arena grows ahead of the stores (at register, then on a background thread):
   a store in the step never allocates a slab itself once the arena has headroom.
+- Item 8: the block ids a copy indexes by live in a persistent buffer: repeated stores and loads
+  allocate no id tensor.
 - Item 6: a stored chunk is held from the put itself: an eviction injected right after the put
   cannot lose it.
 """
@@ -278,4 +280,36 @@ def test_without_growing_ahead_a_store_grows_the_arena_itself():
     eng = _engine(tier=tier, grow_ahead=False)
     assert tier.stats["pool_bytes"] == 0
     assert eng.store("h0", [1], BLOCK) and eng.holds("h0")
+    eng.close()
+
+
+# --------------------------------------------------------------------------- item 8
+
+
+def test_repeated_stores_and_loads_allocate_no_id_tensors():
+    """Every copy indexes by a view of the same persistent id buffer (kept alive here, so a
+    fresh allocation could not reuse a freed address): one storage for all of them, and the
+    buffers grow only on the first (largest) chunk."""
+    eng = _engine()
+    path = eng._path()
+    seen: list[torch.Tensor] = []
+    real_gather, real_scatter = path.gather, path.scatter
+
+    def gather(ids, out):
+        seen.append(ids)
+        real_gather(ids, out)
+
+    def scatter(src, ids):
+        seen.append(ids)
+        real_scatter(src, ids)
+
+    path.gather, path.scatter = gather, scatter  # type: ignore[method-assign]
+    assert eng.store("i0", [1, 2], 2 * BLOCK)
+    grown = getattr(getattr(path, "_ids", None), "allocations", None)
+    for i in range(1, 6):
+        assert eng.store(f"i{i}", [2 * i, 2 * i + 1], 2 * BLOCK - i % 2)  # full and partial
+    assert eng.load("i1", [9, 10], skip_blocks=1)
+    assert len(seen) == 7
+    assert len({t.untyped_storage().data_ptr() for t in seen}) == 1, "a new id tensor per copy"
+    assert path._ids.allocations == grown
     eng.close()

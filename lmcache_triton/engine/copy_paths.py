@@ -57,6 +57,7 @@ class CopyPath:
         self.block_size = block_size
         self.pages_per_block = block_size // geom.block_size
         self.kv_split = kv_split
+        self._ids = _IdBuffers(flat.device if flat.is_cuda else None)
 
     def for_layers(self, start: int, stop: int) -> CopyPath:
         """This path over layers `[start, stop)` alone."""
@@ -84,22 +85,17 @@ class CopyPath:
 
     def ids(self, block_ids: Sequence[int], num_tokens: int, skip_tokens: int = 0) -> torch.Tensor:
         """The slots of the first `num_tokens` tokens of `block_ids` (`-1`, skipped, for the first
-        `skip_tokens`), on the cache's device."""
+        `skip_tokens`), on the cache's device; a view of a persistent buffer, valid until the
+        next call (`_IdBuffers`)."""
         # Token t of manager block b sits in slot b * block_size + t (its kernel page is
         # b * pages_per_block + t // N, so the kernels' page * N + offset is the same number).
-        ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
-        bs = self.block_size
-        ids = (ids[:, None] * bs + torch.arange(bs, dtype=torch.int64)[None, :]).reshape(-1)[:num_tokens]
+        n, bs = len(block_ids), self.block_size
+        host = self._ids.host(n * bs)
+        self._ids.expand(block_ids, bs, host.view(n, bs))
+        ids = host[:num_tokens]
         if skip_tokens:
             ids[:skip_tokens] = -1
-        return self._to_device(ids)
-
-    def _to_device(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.flat.is_cuda:
-            # Pinned, so the upload is asynchronous; the caching host allocator keeps the page
-            # until the copy has run.
-            return ids.pin_memory().to(self.flat.device, non_blocking=True)
-        return ids
+        return self._ids.upload(ids)
 
     def skipped(self, chunk: torch.Tensor, skip_blocks: int) -> torch.Tensor:
         """What a load scatters when vLLM holds `skip_blocks` leading blocks: token rows skip by
@@ -115,6 +111,81 @@ class CopyPath:
         from lmcache_triton.kernels.paged_copy import tokens_to_paged
 
         tokens_to_paged(src, self.flat, self.geom, ids)
+
+
+class _IdBuffers:
+    """Persistent buffers for the slot (page) ids a copy indexes by: no id tensor is allocated
+    and no host memory pinned per call once the buffers have grown to the largest chunk (the
+    engine's chunks are one size).
+
+    On CPU one host buffer, rewritten by each call (the copies that read it are synchronous).
+    On CUDA a ring of `RING` pinned host buffers and their device twins: a call takes the next
+    slot, waits on the host for that slot's previous upload only if it has not run yet (it ran
+    `RING` calls ago, normally long done), uploads asynchronously on the caller's current stream
+    and returns the device view; the kernels that read it run on that stream after the upload,
+    before the slot's next upload `RING` calls later (same stream order).
+
+    Args:
+        device: the cache's CUDA device, or None on CPU.
+    """
+
+    RING = 8
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.device = device
+        n = self.RING if device is not None else 1
+        self._host: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64) for _ in range(n)]
+        self._dev: list[torch.Tensor | None] = [None] * n
+        self._uploaded: list[torch.cuda.Event | None] = [None] * n
+        self._slot = 0
+        self._blocks = torch.empty(0, dtype=torch.int64)
+        self._offsets = torch.empty(0, dtype=torch.int64)
+        self.allocations = 0  # buffers (re)allocated so far: grows only with the largest chunk
+
+    def host(self, n: int) -> torch.Tensor:
+        """The next slot's host buffer, `[n]` int64 (its previous upload done)."""
+        if self.device is not None:
+            self._slot = (self._slot + 1) % len(self._host)
+            ev = self._uploaded[self._slot]
+            if ev is not None and not ev.query():
+                ev.synchronize()
+        buf = self._host[self._slot]
+        if buf.numel() < n:
+            buf = torch.empty(n, dtype=torch.int64, pin_memory=self.device is not None)
+            self._host[self._slot] = buf
+            self.allocations += 1
+        return buf[:n]
+
+    def expand(self, block_ids: Sequence[int], per_block: int, out: torch.Tensor) -> None:
+        """`out[i, j] = block_ids[i] * per_block + j`, `out` `[len(block_ids), per_block]`."""
+        n = len(block_ids)
+        if self._blocks.numel() < n:
+            self._blocks = torch.empty(n, dtype=torch.int64)
+            self.allocations += 1
+        if self._offsets.numel() != per_block:
+            self._offsets = torch.arange(per_block, dtype=torch.int64)
+            self.allocations += 1
+        blocks = self._blocks[:n]
+        for i, b in enumerate(block_ids):  # a chunk's handful of blocks: no temporary tensor
+            blocks[i] = b
+        blocks.mul_(per_block)
+        torch.add(blocks[:, None], self._offsets[None, :], out=out)
+
+    def upload(self, ids: torch.Tensor) -> torch.Tensor:
+        """`ids` (a view of the current slot's host buffer) where the copies read them."""
+        if self.device is None:
+            return ids
+        dev = self._dev[self._slot]
+        if dev is None or dev.numel() < ids.numel():
+            dev = torch.empty(self._host[self._slot].numel(), dtype=torch.int64, device=self.device)
+            self._dev[self._slot] = dev
+            self.allocations += 1
+        out = dev[: ids.numel()]
+        out.copy_(ids, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._uploaded[self._slot] = ev
+        return out
 
 
 class TokenRows(CopyPath):
@@ -199,11 +270,10 @@ class OpaquePages(CopyPath):
 
     def ids(self, block_ids: Sequence[int], num_tokens: int, skip_tokens: int = 0) -> torch.Tensor:
         """The kernel page ids of `block_ids`, without the pages of the first `skip_tokens`."""
-        ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
-        r = self.pages_per_block
-        if r > 1:
-            ids = (ids[:, None] * r + torch.arange(r, dtype=torch.int64)[None, :]).reshape(-1)
-        return self._to_device(ids[skip_tokens // self.geom.block_size :])
+        n, r = len(block_ids), self.pages_per_block
+        host = self._ids.host(n * r)
+        self._ids.expand(block_ids, r, host.view(n, r))
+        return self._ids.upload(host[skip_tokens // self.geom.block_size :])
 
     def skipped(self, chunk: torch.Tensor, skip_blocks: int) -> torch.Tensor:
         return chunk if not skip_blocks else chunk[:, skip_blocks * self.pages_per_block :].contiguous()
