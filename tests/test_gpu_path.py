@@ -313,3 +313,45 @@ def test_repeated_stores_and_loads_allocate_no_id_tensors():
     assert len({t.untyped_storage().data_ptr() for t in seen}) == 1, "a new id tensor per copy"
     assert path._ids.allocations == grown
     eng.close()
+
+
+class RecordedEvent:
+    """`torch.cuda.Event` stand-in: pending while in `pending`."""
+
+    pending: list[RecordedEvent] = []
+
+    def record(self, stream=None) -> None:
+        RecordedEvent.pending.append(self)
+
+    def query(self) -> bool:
+        return self not in RecordedEvent.pending
+
+    def synchronize(self) -> None:
+        raise AssertionError("the host waited for an upload")
+
+
+def test_id_ring_grows_instead_of_waiting_for_queued_uploads(monkeypatch):
+    """On CUDA (stand-in events on a CPU 'device'): a step queues more chunks than the ring has
+    slots behind the forward; the ring adds slots rather than block the host, then reuses them
+    without allocating once the uploads ran."""
+    from lmcache_triton.engine.copy_paths import _IdBuffers
+
+    monkeypatch.setattr(torch.cuda, "Event", RecordedEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    RecordedEvent.pending = []
+    ring = _IdBuffers(torch.device("cpu"))
+
+    def one(i: int) -> torch.Tensor:
+        host = ring.host(2 * BLOCK)
+        ring.expand([i, i + 1], BLOCK, host.view(2, BLOCK))
+        return ring.upload(host)
+
+    outs = [one(i) for i in range(20)]  # none of the uploads has run
+    assert len({t.data_ptr() for t in outs}) == 20, "a queued upload's buffer was rewritten"
+    assert all(torch.equal(t, torch.arange(i * BLOCK, (i + 2) * BLOCK)) for i, t in enumerate(outs))
+    RecordedEvent.pending = []  # the device caught up
+    grown = ring.allocations
+    for i in range(40):
+        assert torch.equal(one(i), torch.arange(i * BLOCK, (i + 2) * BLOCK))
+        RecordedEvent.pending = []
+    assert ring.allocations == grown

@@ -116,20 +116,22 @@ class CopyPath:
 class _IdBuffers:
     """Persistent buffers for the slot (page) ids a copy indexes by: no id tensor is allocated
     and no host memory pinned per call once the buffers have grown to the largest chunk (the
-    engine's chunks are one size).
+    engine's chunks are one size) and, on CUDA, the ring to the copies in flight.
 
     On CPU one host buffer, rewritten by each call (the copies that read it are synchronous).
-    On CUDA a ring of `RING` pinned host buffers and their device twins: a call takes the next
-    slot, waits on the host for that slot's previous upload only if it has not run yet (it ran
-    `RING` calls ago, normally long done), uploads asynchronously on the caller's current stream
-    and returns the device view; the kernels that read it run on that stream after the upload,
-    before the slot's next upload `RING` calls later (same stream order).
+    On CUDA a ring of pinned host buffers and their device twins: a call takes the next slot,
+    uploads asynchronously on the caller's current stream (the engine's transfer stream) and
+    returns the device view; the kernels that read it run on that stream after the upload, so a
+    slot's device buffer is rewritten only after them (same stream order). The host buffer is
+    rewritten only once the slot's previous upload ran: when it has not (a step queues many
+    chunks behind the forward), a new slot is inserted instead of waiting, so the host never
+    blocks; the ring grows to the depth of the copies in flight, then allocates nothing.
 
     Args:
         device: the cache's CUDA device, or None on CPU.
     """
 
-    RING = 8
+    RING = 8  # slots at first (CUDA); more are added while uploads are pending
 
     def __init__(self, device: torch.device | None) -> None:
         self.device = device
@@ -145,13 +147,17 @@ class _IdBuffers:
     def host(self, n: int) -> torch.Tensor:
         """The next slot's host buffer, `[n]` int64 (its previous upload done)."""
         if self.device is not None:
-            self._slot = (self._slot + 1) % len(self._host)
-            ev = self._uploaded[self._slot]
-            if ev is not None and not ev.query():
-                ev.synchronize()
+            nxt = (self._slot + 1) % len(self._host)
+            ev = self._uploaded[nxt]
+            if ev is not None and not ev.query():  # still queued: a new slot, never a host wait
+                nxt = self._slot + 1
+                self._host.insert(nxt, torch.empty(0, dtype=torch.int64))
+                self._dev.insert(nxt, None)
+                self._uploaded.insert(nxt, None)
+            self._slot = nxt
         buf = self._host[self._slot]
         if buf.numel() < n:
-            buf = torch.empty(n, dtype=torch.int64, pin_memory=self.device is not None)
+            buf = torch.empty(n, dtype=torch.int64, pin_memory=self.device is not None and self.device.type == "cuda")
             self._host[self._slot] = buf
             self.allocations += 1
         return buf[:n]
