@@ -7,6 +7,9 @@ checked runs here, with stand-ins for CUDA events where the engine would queue w
   a store in the step never allocates a slab itself once the arena has headroom.
 - Item 8: the block ids a copy indexes by live in a persistent buffer: repeated stores and loads
   allocate no id tensor.
+- Item 7 (and item 1's order, as far as it goes): the CUDA store/load path run on CPU tensors
+  through stand-in streams and events: staging buffers come from a ring allocated up front, and
+  the compute stream waits only for a store's gather (never its device-to-host copy).
 - Item 6: a stored chunk is held from the put itself: an eviction injected right after the put
   cannot lose it.
 """
@@ -355,3 +358,94 @@ def test_id_ring_grows_instead_of_waiting_for_queued_uploads(monkeypatch):
         assert torch.equal(one(i), torch.arange(i * BLOCK, (i + 2) * BLOCK))
         RecordedEvent.pending = []
     assert ring.allocations == grown
+
+
+# --------------------------------------------------------------------------- items 7 and 1
+
+
+class Recorder:
+    """Stand-ins for `torch.cuda.Stream` / `Event` / `current_stream` / `stream` that log, in
+    order, what the engine queues: records, waits, and (through hooks) gathers and copies."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.compute = self.Stream("compute", self)
+        self.events = 0
+
+    class Stream:
+        def __init__(self, name, rec) -> None:
+            self.name, self.rec = name, rec
+
+        def wait_stream(self, other) -> None:
+            self.rec.log.append(("wait_stream", self.name, other.name))
+
+        def wait_event(self, ev) -> None:
+            self.rec.log.append(("wait", self.name, ev.n))
+
+        def synchronize(self) -> None:
+            pass
+
+    def event(self):
+        rec = self
+        rec.events += 1
+        n = rec.events
+
+        class Ev:
+            def __init__(self) -> None:
+                self.n = n
+
+            def record(self, stream=None) -> None:
+                rec.log.append(("record", stream.name, self.n))
+
+            def query(self) -> bool:
+                return True
+
+            def synchronize(self) -> None:
+                pass
+
+        return Ev()
+
+
+def test_cuda_path_stages_through_the_ring_and_compute_waits_only_for_the_gather(monkeypatch):
+    import contextlib
+
+    from lmcache_triton.engine.engine import StagingRing
+
+    eng = _engine()
+    rec = Recorder()
+    side = Recorder.Stream("transfer", rec)
+    monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: rec.event())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: rec.compute)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    eng._stream = side  # type: ignore[assignment]  # the CUDA path, on CPU tensors
+    eng._staging = StagingRing(torch.device("cpu"), 2 * CHUNK_BYTES, 2)
+    assert eng._staging.allocations == 2, "allocated up front"
+    path = eng._path()
+    real_gather, real_scatter = path.gather, path.scatter
+    path.gather = lambda ids, out: (rec.log.append(("gather",)), real_gather(ids, out))[1]  # type: ignore[method-assign]
+    path.scatter = lambda src, ids: (rec.log.append(("scatter",)), real_scatter(src, ids))[1]  # type: ignore[method-assign]
+    real_put = eng.storage.put_fill_held
+
+    def put(key, dtype, shape, fill, meta=None, write_back=True):
+        return real_put(key, dtype, shape, lambda dst: (rec.log.append(("d2h",)), fill(dst))[1], meta, write_back)
+
+    eng.storage.put_fill_held = put  # type: ignore[method-assign]
+    c5 = path.flat.view(2, 12, 2, BLOCK, 16)
+    expect = c5[:, 1:3].clone()
+    for i in range(5):
+        del rec.log[:]
+        assert eng.store(f"s{i}", [1, 2], 2 * BLOCK - i % 2 * 3)
+        waits = [e for e in rec.log if e[0] == "wait" and e[1] == "compute"]
+        assert len(waits) == 1, rec.log
+        recorded = rec.log.index(("record", "transfer", waits[0][2]))
+        assert rec.log.index(("gather",)) < recorded < rec.log.index(("d2h",)), (
+            f"the compute stream waits for more than the gather: {rec.log}"
+        )
+    eng.poll()
+    c5[:, 1:3].fill_(float("nan"))
+    assert eng.load("s0", [1, 2])
+    eng.poll()
+    assert torch.equal(c5[:, 1:3], expect)
+    assert eng._staging.allocations == 2, "a staging buffer was allocated per copy"
+    eng._stream = None
+    eng.close()

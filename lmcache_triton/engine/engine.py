@@ -93,6 +93,47 @@ class _InFlight:
     gathered: torch.cuda.Event | None = None  # a store: its gather read the blocks
 
 
+class StagingRing:
+    """Device buffers for the copies on the transfer stream, allocated once (at `register`, or
+    at the first copy) instead of per chunk: with vLLM's memory taken up to its profile, a
+    per-call allocation could fail a load (an OOM fails the request under the default policy).
+
+    Buffers are handed out round-robin, views of `slots` buffers of `nbytes` (a chunk); a
+    buffer is rewritten only by work queued after the copies that read it on the same transfer
+    stream (stream order), so reuse needs no event. A chunk larger than a buffer grows that
+    buffer (counted in `allocations`).
+
+    Args:
+        device: the cache's device (None: no buffers).
+        nbytes: bytes of each buffer, allocated now (0: at first use).
+        slots: how many buffers.
+    """
+
+    def __init__(self, device: torch.device | None, nbytes: int, slots: int) -> None:
+        self.device = device
+        self._bufs: list[torch.Tensor | None] = [None] * max(slots, 1)
+        self._next = 0
+        self.allocations = 0
+        if device is not None and nbytes:
+            for i in range(len(self._bufs)):
+                self._grow(i, nbytes)
+
+    def _grow(self, i: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self._bufs[i] = buf
+        self.allocations += 1
+        return buf
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous `[shape]` `dtype` view of the next buffer."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        i, self._next = self._next, (self._next + 1) % len(self._bufs)
+        buf = self._bufs[i]
+        if buf is None or buf.numel() < nbytes:
+            buf = self._grow(i, nbytes)
+        return buf[:nbytes].view(dtype).view(shape)
+
+
 class KVCacheEngine:
     """Worker-side mover between one paged KV cache and the storage tiers.
 
@@ -123,6 +164,8 @@ class KVCacheEngine:
             a background thread (`CpuTier.grow_ahead`), so no store in vLLM's step pins a slab
             (cudaHostAlloc: a few hundred ms per GiB and an implicit device sync) under the
             engine's lock; default None: on a CUDA cache.
+        staging_slots: device staging buffers of one chunk each, allocated at `register` (CUDA
+            caches): a store gathers into one, a load uploads into one; default 4.
     """
 
     def __init__(
@@ -133,6 +176,7 @@ class KVCacheEngine:
         retire_high: float = 0.9,
         retire_low: float = 0.8,
         grow_ahead: bool | None = None,
+        staging_slots: int = 4,
     ) -> None:
         self.storage = storage
         self.namespace = namespace
@@ -146,6 +190,7 @@ class KVCacheEngine:
         self.kv_split = 2
         self.retire_high, self.retire_low = retire_high, retire_low
         self.grow_ahead = grow_ahead
+        self.staging_slots = staging_slots
         self._lock = threading.RLock()  # puts + holds of the CPU tier, bookkeeping below
         self._held: dict[str, torch.Tensor] = {}  # key -> the held CPU-tier tensor
         self._origin: dict[str, str] = {}  # key -> tier it came from ("cpu", "disk")
@@ -154,7 +199,8 @@ class KVCacheEngine:
         self._progress = Progress()
         self._inflight: list[_InFlight] = []
         self._stores_issued = 0  # stores queued on the transfer stream so far (`store_fence`)
-        self._stream: torch.cuda.Stream | None = None
+        self._stream: torch.cuda.Stream | None = None  # the transfer stream (CUDA caches)
+        self._staging = StagingRing(None, 0, 0)  # device buffers of the copies (`register`)
         self._prefetch_q: queue.Queue[str | None] | None = None
         self._prefetching: set[str] = set()
         self._prefetch_thread: threading.Thread | None = None
@@ -169,6 +215,7 @@ class KVCacheEngine:
         page_map: torch.Tensor | None = None,
         kv_split: int = 2,
         opaque_packing: str | None = None,
+        staging_tokens: int | None = None,
     ) -> None:
         """Adopt vLLM's per-layer `[B, H, N, C]` views (in layer order) of one backing buffer.
 
@@ -187,6 +234,8 @@ class KVCacheEngine:
             opaque_packing: the pages are packed in a way nobody could map to token rows: move
                 whole pages (`[L, pages, H, N, C]`, never portable) and name the packing in every
                 chunk header, so only a cache packed alike loads them.
+            staging_tokens: the largest chunk in tokens (the chunk size): CUDA caches allocate
+                their staging ring for it here, at start-up; default None: at the first copy.
         """
         from lmcache_triton.kernels.geometry import geometry_from_layer_views
 
@@ -202,6 +251,9 @@ class KVCacheEngine:
             self.storage.grow_ahead()  # here, at start-up: never in a step
         if cache.is_cuda:
             self._stream = torch.cuda.Stream(device=cache.device)
+            blocks = -(-(staging_tokens or block_size) // block_size)
+            nbytes = math.prod(self.chunk_shape(blocks)) * cache.element_size()
+            self._staging = StagingRing(cache.device, nbytes if staging_tokens else 0, self.staging_slots)
             self._warm_up()
 
     def _warm_up(self) -> None:
@@ -402,7 +454,7 @@ class KVCacheEngine:
             return True
         t0 = time.perf_counter()
         shape = self.chunk_shape(n, num_tokens)
-        if path.flat.is_cuda:
+        if self._stream is not None:
             ok = self._store_cuda(digest, key, block_ids, shape, num_tokens)
         else:
             ids = path.ids(block_ids, num_tokens)
@@ -433,7 +485,7 @@ class KVCacheEngine:
         side.wait_stream(compute)  # the pages are written by kernels queued so far
         with torch.cuda.stream(side):
             ids = path.ids(block_ids, num_tokens)
-            staged = torch.empty(shape, dtype=path.flat.dtype, device=path.flat.device)
+            staged = self._staging.take(shape, path.flat.dtype)
             path.gather(ids, staged)
             gathered = torch.cuda.Event()
             gathered.record(side)
@@ -493,12 +545,12 @@ class KVCacheEngine:
         skip_tokens = skip_blocks * self.block_size
         if skip_tokens >= num_tokens:
             self.storage.release(key, tensor)
-        elif path.flat.is_cuda:
+        elif self._stream is not None:
             compute = torch.cuda.current_stream(path.flat.device)
             side = self._side()
             side.wait_stream(compute)  # blocks freshly handed to this request may still be read
             with torch.cuda.stream(side):
-                dev = torch.empty(tensor.shape, dtype=tensor.dtype, device=path.flat.device)
+                dev = self._staging.take(tuple(tensor.shape), tensor.dtype)
                 dev.copy_(tensor, non_blocking=True)  # whole chunk from pinned memory: async
                 ids = path.ids(block_ids, num_tokens, skip_tokens)
                 path.scatter(path.skipped(dev, skip_blocks), ids)
