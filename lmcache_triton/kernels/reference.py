@@ -96,7 +96,7 @@ def _token_rows(
     view = flat.as_strided(
         (kv_split, geom.num_layers, span, geom.num_heads, D),
         (D, geom.stride_l, 1, geom.stride_h, 1),
-        geom.offset,
+        flat.storage_offset() + geom.offset,  # offsets count from flat's element 0
     )
     return view, rows, valid
 
