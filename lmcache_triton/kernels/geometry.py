@@ -296,7 +296,7 @@ def geometry_from_layer_views(
         num_heads=H,
         block_size=N,
         row_size=C,
-        offset=first.storage_offset(),
+        offset=int(first.storage_offset()),
         stride_l=stride_l,
         stride_b=sB,
         stride_h=sH,
@@ -328,7 +328,7 @@ def _per_layer_geometry(views: Sequence[torch.Tensor]) -> tuple[LayerTable, Page
     return LayerTable(layers), geom
 
 
-def geometry_for_tensor(cache5d: torch.Tensor) -> tuple[torch.Tensor, PagedKVGeometry]:
+def geometry_for_tensor(cache5d: torch.Tensor) -> tuple[torch.Tensor | LayerTable, PagedKVGeometry]:
     """Geometry of a logical `[L, B, H, N, C]` view (any layout, e.g. from `allocate_paged_cache`).
 
     Args:

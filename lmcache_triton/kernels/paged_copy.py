@@ -282,7 +282,7 @@ def _tokens_to_paged_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def _use_triton(t: torch.Tensor | LayerTable) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and _INTERPRET)
 
 
@@ -311,7 +311,7 @@ def _check_flat(flat: torch.Tensor | LayerTable, geom: PagedKVGeometry) -> None:
         raise ValueError(f"flat: {flat.numel()} elements, geometry reaches {geom.extent()}")
 
 
-def _check_index(name: str, idx: torch.Tensor, flat: torch.Tensor) -> None:
+def _check_index(name: str, idx: torch.Tensor, flat: torch.Tensor | LayerTable) -> None:
     if idx.dim() != 1 or idx.dtype != torch.int64:
         raise ValueError(f"{name}: expected a 1-D int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
     if idx.device != flat.device:
@@ -443,12 +443,12 @@ def paged_to_chunk(
     _check_index("block_ids", block_ids, flat)
     _check_dense("chunk", chunk, geom.chunk_shape(block_ids.numel()), geom.dtype, flat.device)
     _check_block_ids(block_ids, geom)
-    if isinstance(flat, LayerTable) and not _use_triton(flat):  # torch twins: one layer at a time
-        for layer, layer_flat in enumerate(flat.layers):
-            paged_to_chunk(layer_flat, geom.one_layer(), block_ids, chunk[layer : layer + 1])
-        return
     if not _use_triton(flat):
-        paged_to_chunk_ref(flat, geom, block_ids, chunk)
+        if isinstance(flat, LayerTable):  # torch twins: one layer at a time
+            for layer, layer_flat in enumerate(flat.layers):
+                paged_to_chunk(layer_flat, geom.one_layer(), block_ids, chunk[layer : layer + 1])
+        else:
+            paged_to_chunk_ref(flat, geom, block_ids, chunk)
         return
     _launch_page_copy(_paged_to_chunk_kernel, flat, geom, block_ids, chunk)
 
@@ -470,12 +470,12 @@ def chunk_to_paged(
     _check_index("block_ids", block_ids, flat)
     _check_dense("chunk", chunk, geom.chunk_shape(block_ids.numel()), geom.dtype, flat.device)
     _check_block_ids(block_ids, geom)
-    if isinstance(flat, LayerTable) and not _use_triton(flat):
-        for layer, layer_flat in enumerate(flat.layers):
-            chunk_to_paged(chunk[layer : layer + 1], layer_flat, geom.one_layer(), block_ids)
-        return
     if not _use_triton(flat):
-        chunk_to_paged_ref(chunk, flat, geom, block_ids)
+        if isinstance(flat, LayerTable):
+            for layer, layer_flat in enumerate(flat.layers):
+                chunk_to_paged(chunk[layer : layer + 1], layer_flat, geom.one_layer(), block_ids)
+        else:
+            chunk_to_paged_ref(chunk, flat, geom, block_ids)
         return
     _launch_page_copy(_chunk_to_paged_kernel, flat, geom, block_ids, chunk)
 
@@ -509,10 +509,12 @@ def paged_to_tokens(
     _paged_to_tokens(flat, geom, slot_mapping, out)
 
 
-def _paged_to_tokens(flat: torch.Tensor, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor):
+def _paged_to_tokens(
+    flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor
+) -> None:
     # `out` may be one layer's slice `[S, 1, T, H, D]` of a contiguous chunk: the kernel takes
-    # its strides, the twin writes through the view.
-    if not _use_triton(flat):
+    # its strides, the twin writes through the view. A LayerTable reaches here only for Triton.
+    if not isinstance(flat, LayerTable) and not _use_triton(flat):
         paged_to_tokens_ref(flat, geom, slot_mapping, out)
         return
     _launch_token_copy(_paged_to_tokens_kernel, flat, geom, slot_mapping, out)
@@ -546,8 +548,10 @@ def tokens_to_paged(
     _tokens_to_paged(src, flat, geom, slot_mapping)
 
 
-def _tokens_to_paged(src: torch.Tensor, flat: torch.Tensor, geom: PagedKVGeometry, slot_mapping: torch.Tensor):
-    if not _use_triton(flat):
+def _tokens_to_paged(
+    src: torch.Tensor, flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, slot_mapping: torch.Tensor
+) -> None:
+    if not isinstance(flat, LayerTable) and not _use_triton(flat):
         tokens_to_paged_ref(src, flat, geom, slot_mapping)
         return
     _launch_token_copy(_tokens_to_paged_kernel, flat, geom, slot_mapping, src)
