@@ -281,7 +281,9 @@ def _split_list(raw: Any) -> list[Any] | None:
     return None
 
 
-def _list_of(convert: Callable[[Any], Any], ok: Callable[[Any], bool], expected: str):
+def _list_of(
+    convert: Callable[[Any], Any], ok: Callable[[Any], bool], expected: str
+) -> Callable[[str, Any], list[Any]]:
     """A parser of non-empty lists whose items `convert` (None on failure) and pass `ok`."""
 
     def parse(key: str, raw: Any) -> list[Any]:

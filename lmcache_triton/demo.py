@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,7 +116,7 @@ def _prompt(model_dir: str, num_tokens: int) -> str:
 
 
 @contextlib.contextmanager
-def quiet_stderr(log_path: Path):
+def quiet_stderr(log_path: Path) -> Iterator[None]:
     """Send file descriptor 2 to `log_path` while vLLM runs in this process.
 
     vLLM, torch and tqdm write warnings and progress bars straight to fd 2 (C++ included), which

@@ -25,7 +25,10 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = ["DEFAULT_DEMO_SPEC", "SUPPORTED_HEAD_SIZES", "build_tiny_model", "sample_prompt"]
 
@@ -170,7 +173,7 @@ def _corpus(num_sentences: int, seed: int) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _train_tokenizer(vocab_size: int, seed: int):
+def _train_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
     """Byte-level BPE with `<s>`/`</s>`/`<unk>`/`<pad>`; `<s>` prepended by the post-processor."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 

@@ -142,7 +142,7 @@ class ValkeyServer:
         binary: str | None = None,
         tls: bool | dict[str, str] = False,
         users: list[str] | None = None,
-    ):
+    ) -> None:
         binary = binary or (tls_server_binary() if tls else server_binary())
         if binary is None:
             raise RuntimeError(
@@ -256,7 +256,7 @@ class ValkeyCluster:
 
     SLOTS = 16384
 
-    def __init__(self, n: int = 3, password: str | None = None, *, tls: bool = False, user: str | None = None):
+    def __init__(self, n: int = 3, password: str | None = None, *, tls: bool = False, user: str | None = None) -> None:
         extra = [
             "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
             "--cluster-require-full-coverage", "no", "--cluster-allow-reads-when-down", "no",
