@@ -233,7 +233,7 @@ class ValkeyServer:
     def __enter__(self) -> ValkeyServer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -347,5 +347,5 @@ class ValkeyCluster:
     def __enter__(self) -> ValkeyCluster:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
