@@ -102,7 +102,7 @@ def ensure_chat_template(model_dir: str | os.PathLike) -> bool:
 
 
 def _prompt(model_dir: str, num_tokens: int) -> str:
-    from lmcache_triton.testing.tiny_model import _sentence, sample_prompt
+    from lmcache_triton.testing.tiny_model import sample_prompt, sentence
 
     if Path(model_dir, "tokenizer.json").is_file():
         return sample_prompt(model_dir, num_tokens, seed=0)
@@ -111,7 +111,7 @@ def _prompt(model_dir: str, num_tokens: int) -> str:
 
     rng, text = random.Random(7), ""
     while len(text) < 5 * num_tokens:
-        text += _sentence(rng) + " "
+        text += sentence(rng) + " "
     return text[: 5 * num_tokens]
 
 

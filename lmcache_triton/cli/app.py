@@ -208,10 +208,10 @@ def disk_entries(disk: Path) -> list[dict[str, Any]]:
 def open_remote(url: str | None) -> RemoteTier:
     """The remote tier of `url` (default: the configured remote_url), checked with one PING:
     CliError (one line, password masked) when it cannot be used."""
-    from lmcache_triton.config import _remote_url
+    from lmcache_triton.config import parse_remote_url
 
     cfg = current_config()
-    url = _remote_url("remote_url", url) if url else cfg.remote_url
+    url = parse_remote_url("remote_url", url) if url else cfg.remote_url
     if not url:
         raise CliError(
             "no remote tier: pass --remote-url URL, or configure remote_url "
