@@ -48,7 +48,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
 
 import torch
 
@@ -250,7 +249,7 @@ class StorageHierarchy:
         self,
         key: str,
         expect: dict[str, str] | None = None,
-        lock: AbstractContextManager[Any] | None = None,
+        lock: AbstractContextManager[object] | None = None,
         on_stored: Callable[[str], object] | None = None,
     ) -> bool:
         """Read a chunk from the first slow tier that has a usable copy into the CPU tier,
@@ -287,7 +286,7 @@ class StorageHierarchy:
         tier: SlowTier,
         key: str,
         expect: dict[str, str] | None,
-        lock: AbstractContextManager[Any] | None,
+        lock: AbstractContextManager[object] | None,
         on_stored: Callable[[str], object] | None,
     ) -> bool | None:
         """True/False: decided by this tier (stored / no room in memory); None: ask the next."""

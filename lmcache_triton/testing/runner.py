@@ -29,7 +29,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
 
 CONNECTOR_MODULE = "lmcache_triton.integration.vllm.vllm_v1_adapter"
 # When set (the test suite's conftest sets it), every engine start appends one JSON line here:
@@ -74,7 +78,7 @@ class EngineSpec:
 
 def kv_transfer_config(
     extra: dict[str, Any], by_name: bool = False, failure_policy: str | None = None, kv_role: str = "kv_both"
-):
+) -> KVTransferConfig:
     from vllm.config import KVTransferConfig
 
     kwargs: dict[str, Any] = dict(kv_role=kv_role, kv_connector_extra_config=dict(extra))
@@ -106,7 +110,7 @@ def note_engine_start(kind: str) -> None:
         f.write(line + "\n")
 
 
-def start_engine(spec: EngineSpec):
+def start_engine(spec: EngineSpec) -> LLM:
     """A `vllm.LLM` for `spec` (imports vLLM)."""
     note_engine_start("multiprocess" if spec.multiprocess else "in-process")
     prepare_env(spec.multiprocess)
@@ -131,7 +135,7 @@ def start_engine(spec: EngineSpec):
 
 
 def generate(
-    llm,
+    llm: LLM,
     prompts: Sequence[str | list[int]],
     max_tokens: int = 8,
     measure_ttft: bool = False,
@@ -198,7 +202,7 @@ def run(
         shutdown(llm)
 
 
-def shutdown(llm) -> None:
+def shutdown(llm: LLM) -> None:
     """Stop an engine and flush the connector (its disk writes) before returning."""
     engine = getattr(llm, "llm_engine", None)
     try:
@@ -214,11 +218,11 @@ def shutdown(llm) -> None:
 
 def run_in_subprocess(
     spec: EngineSpec,
-    prompts,
+    prompts: Sequence[str | list[int]],
     max_tokens: int = 8,
     measure_ttft: bool = False,
-    env=None,
-    timeout=600,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
     ttft_from_metrics: bool = False,
 ) -> list[dict]:
     """`run` in a fresh Python process (a real restart): a new interpreter, or a fork of the
