@@ -29,9 +29,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    import subprocess
+
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -179,7 +181,7 @@ def generate(
     return out
 
 
-def isolate(llm) -> None:
+def isolate(llm: LLM) -> None:
     """Isolate what runs next on `llm` from what ran before, without a new engine: vLLM's
     `reset_prefix_cache(reset_connector=True)` (= POST /reset_prefix_cache?reset_external=true)
     empties vLLM's own prefix cache and gives the connector a new key epoch, so no chunk stored
@@ -299,8 +301,8 @@ class ForkServer:
     def __init__(self, env: dict[str, str], log_path: str | None = None):
         self.env = dict(env)
         self.log_path = log_path
-        self._proc = None
-        self._results = None
+        self._proc: subprocess.Popen[str] | None = None
+        self._results: TextIO | None = None
         self._child: int | None = None  # the running child, if a run was interrupted
         self.broken = False
 
@@ -439,9 +441,9 @@ def _fork_server_main(fd: int) -> int:
             try:
                 os.setpgid(0, 0)
                 for target, path in ((1, job["stdout"]), (2, job["stderr"])):
-                    f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    os.dup2(f, target)
-                    os.close(f)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    os.dup2(fd, target)
+                    os.close(fd)
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
                 os.close(null)
