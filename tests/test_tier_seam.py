@@ -46,6 +46,9 @@ class MemoryTier:
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         return [k in STORE for k in keys]
 
+    def describe(self) -> str:
+        return f"{len(STORE)} chunks in a dict"
+
     @contextmanager
     def open_read(self, key: str, expect: Mapping[str, str] | None = None) -> Iterator[ChunkReader | None]:
         got = STORE.get(key)
@@ -97,7 +100,8 @@ def build_memory(config: LMCacheConfig) -> SlowTier | None:
 @pytest.fixture
 def memory_tier(monkeypatch):
     STORE.clear()
-    monkeypatch.setitem(builder.TIERS, "memory", builder.TierEntry(build_memory))  # the registration line
+    # the registration line:
+    monkeypatch.setitem(builder.TIERS, "memory", builder.TierEntry(build_memory, locality="REMOTE"))
     yield
     STORE.clear()
 

@@ -623,6 +623,10 @@ class DiskTier(TierCounters):
         with self._lock:
             return list(self._index)
 
+    def describe(self) -> str:
+        """"100.0 GB at /var/cache/kv": the bound and the directory, for the start-up line."""
+        return f"{self.max_bytes / (1 << 30):.1f} GB at {self.path}"
+
     @property
     def stats(self) -> dict[str, int]:
         with self._lock:

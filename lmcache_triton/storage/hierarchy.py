@@ -343,23 +343,3 @@ class StorageHierarchy:
         if self.cpu is not None:
             self.cpu.clear()
 
-    # ------------------------------------------------------------------ transitional
-    # For integration/vllm until it uses `tier(name)`, `store_errors()` and the builder's
-    # `replica` option (the connector's part of issue 17); remove then.
-
-    @property
-    def disk(self) -> SlowTier | None:
-        return self.tier("disk")
-
-    @property
-    def remote(self) -> SlowTier | None:
-        return self.tier("remote")
-
-    @property
-    def write_disk(self) -> bool:
-        return self.write_slow_tiers
-
-    @write_disk.setter
-    def write_disk(self, value: bool) -> None:
-        self.write_slow_tiers = value
-

@@ -19,7 +19,7 @@ from lmcache_triton.kernels import paged_copy
 from lmcache_triton.kernels.geometry import LayerTable, allocate_paged_cache, geometry_from_layer_views
 from lmcache_triton.kernels.paged_copy import chunk_to_paged, paged_to_chunk, paged_to_tokens, tokens_to_paged
 from lmcache_triton.storage.cpu import CpuTier
-from lmcache_triton.storage.manager import StorageManager
+from lmcache_triton.storage.hierarchy import StorageHierarchy
 
 # (physical order of one layer's [B, H, N, C], i.e. vLLM's LBHNC / LBNHC per layer)
 LAYER_LAYOUTS = ["LBHNC", "LBNHC"]
@@ -163,7 +163,7 @@ def test_engine_round_trip_on_per_layer_tensors(dtype):
     stores a chunk of 2.5 blocks and loads it into other blocks bit for bit."""
     block = 16
     one, views = _caches("LBHNC", block, 64, dtype)
-    eng = KVCacheEngine(StorageManager(CpuTier(1 << 24), None), "0d" * 16, {"model": "m", "layout": "L"})
+    eng = KVCacheEngine(StorageHierarchy(CpuTier(1 << 24), []), "0d" * 16, {"model": "m", "layout": "L"})
     eng.register(views, block)
     try:
         assert eng.store("ab" * 16, [5, 2, 8], 40)
