@@ -281,7 +281,9 @@ def _split_list(raw: Any) -> list[Any] | None:
     return None
 
 
-def _list_of(convert: Callable[[Any], Any], ok: Callable[[Any], bool], expected: str):
+def _list_of(
+    convert: Callable[[Any], Any], ok: Callable[[Any], bool], expected: str
+) -> Callable[[str, Any], list[Any]]:
     """A parser of non-empty lists whose items `convert` (None on failure) and pass `ok`."""
 
     def parse(key: str, raw: Any) -> list[Any]:
@@ -382,7 +384,10 @@ def _read_secret_file(path: str) -> str:
     return secret
 
 
-def _remote_url(key: str, raw: Any) -> str | None:
+def parse_remote_url(key: str, raw: Any) -> str | None:
+    """The `remote_url` setting `key` checked: the URL, or None when unset or of a scheme the
+    remote tier does not speak (LMCache's `lm://`: ignored with a warning). Raises ConfigError
+    (password masked) for a malformed URL. Also used by the CLI's `--remote-url`."""
     s = _opt_str(key, raw)
     if s is None:
         return None
@@ -434,7 +439,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "blend_check_layers": _layers,
     "blend_special_str": _str,
     "blend_min_tokens": _int_parser(0, "an integer >= 0"),
-    "remote_url": _remote_url,
+    "remote_url": parse_remote_url,
     "remote_timeout": _timeout_s,
     "hash_algorithm": _choice(SUPPORTED_HASH_ALGORITHMS, str.lower),
     "chunk_secret": _secret,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ def ensure_chat_template(model_dir: str | os.PathLike) -> bool:
 
 
 def _prompt(model_dir: str, num_tokens: int) -> str:
-    from lmcache_triton.testing.tiny_model import _sentence, sample_prompt
+    from lmcache_triton.testing.tiny_model import sample_prompt, sentence
 
     if Path(model_dir, "tokenizer.json").is_file():
         return sample_prompt(model_dir, num_tokens, seed=0)
@@ -111,12 +111,12 @@ def _prompt(model_dir: str, num_tokens: int) -> str:
 
     rng, text = random.Random(7), ""
     while len(text) < 5 * num_tokens:
-        text += _sentence(rng) + " "
+        text += sentence(rng) + " "
     return text[: 5 * num_tokens]
 
 
 @contextlib.contextmanager
-def quiet_stderr(log_path: Path):
+def quiet_stderr(log_path: Path) -> Iterator[None]:
     """Send file descriptor 2 to `log_path` while vLLM runs in this process.
 
     vLLM, torch and tqdm write warnings and progress bars straight to fd 2 (C++ included), which

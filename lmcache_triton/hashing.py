@@ -58,7 +58,8 @@ def _token_bytes(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> memoryvie
             raise ValueError(f"tokens: expected integer ids, got dtype {tokens.dtype}")
         if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > _U32_MAX):
             raise ValueError("tokens: ids must lie in [0, 2**32)")
-        return memoryview(np.ascontiguousarray(tokens, dtype="<u4")).cast("B")
+        # `.data`: numpy's stubs give ndarray `__buffer__` only for Python >= 3.12.
+        return np.ascontiguousarray(tokens, dtype="<u4").data.cast("B")
     try:
         arr = array.array("I", tokens)
     except OverflowError:

@@ -37,12 +37,16 @@ def cases():
         INT_PTRS,
         [(1, 4096), (8, 256), (64, 128)],  # tiles `_tile` picks for wide runs, rows, narrow rows
     ):
-        sig = _signature(kern, {"cache_ptr": ptr, "chunk_ptr": ptr, "ids_ptr": "*i64"})
-        yield f"{kern.__name__}[{ptr},{br}x{bw}]", kern, sig, {"BLOCK_R": br, "BLOCK_W": bw}
+        sig = _signature(kern, {"cache_ptr": ptr, "chunk_ptr": ptr, "ids_ptr": "*i64", "layer_off_ptr": "*i64"})
+        for per_layer in (False, True):  # one buffer; 0.34's per-layer tensors (offset table)
+            consts = {"PER_LAYER": per_layer, "BLOCK_R": br, "BLOCK_W": bw}
+            yield f"{kern.__name__}[{ptr},{br}x{bw},per_layer={per_layer}]", kern, sig, consts
     token_kernels = (paged_copy._paged_to_tokens_kernel, paged_copy._tokens_to_paged_kernel)
     for kern, ptr in itertools.product(token_kernels, INT_PTRS):
-        sig = _signature(kern, {"cache_ptr": ptr, "tok_ptr": ptr, "slot_ptr": "*i64"})
-        yield f"{kern.__name__}[{ptr}]", kern, sig, {"BLOCK_T": 16, "BLOCK_C": 256}
+        sig = _signature(kern, {"cache_ptr": ptr, "tok_ptr": ptr, "slot_ptr": "*i64", "layer_off_ptr": "*i64"})
+        for per_layer in (False, True):
+            consts = {"PER_LAYER": per_layer, "BLOCK_T": 16, "BLOCK_C": 256}
+            yield f"{kern.__name__}[{ptr},per_layer={per_layer}]", kern, sig, consts
     for ptr in FLOAT_PTRS:
         kern = blend._token_deviation_kernel
         sig = _signature(kern, {"cached_ptr": ptr, "fresh_ptr": ptr, "out_ptr": "*fp32"})

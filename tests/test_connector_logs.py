@@ -159,13 +159,20 @@ def test_startup_line_names_tiers_and_bounds(tmp_path):
 
 
 def test_startup_line_masks_the_remote_password():
-    """The remote tier needs a server to be built: its stand-in is a tier named "remote"."""
+    """A real RemoteTier (it connects lazily: no server needed to describe it) and a tier that
+    describes itself with nothing beside its name."""
+    from lmcache_triton.storage.remote import RemoteTier
+
     cfg = load_config({"lmcache.max_local_cpu_size": 0.5, "lmcache.local_cpu": False,
-                       "lmcache.remote_url": "redis://app:s3cret@cache:6379"}, warn=False)
-    storage = SimpleNamespace(cpu=object(), memory_bound=cfg.max_local_cpu_bytes,
-                              tiers=[SimpleNamespace(name="remote"), SimpleNamespace(name="dict")])
-    line = describe_tiers(cfg, storage)  # type: ignore[arg-type]
-    assert line == "CPU 0.5 GB (staging only: local_cpu is off), remote redis://app:***@cache:6379, dict"
+                       "lmcache.remote_url": "redis://app:s3cret@127.0.0.1:1"}, warn=False)
+    remote = RemoteTier("redis://app:s3cret@127.0.0.1:1", timeout=0.2, writer=False)
+    try:
+        storage = SimpleNamespace(cpu=object(), memory_bound=cfg.max_local_cpu_bytes,
+                                  tiers=[remote, SimpleNamespace(name="dict", describe=lambda: "")])
+        line = describe_tiers(cfg, storage)  # type: ignore[arg-type]
+    finally:
+        remote.close()
+    assert line == "CPU 0.5 GB (staging only: local_cpu is off), remote redis://app:***@127.0.0.1:1, dict"
     assert "s3cret" not in line
 
 

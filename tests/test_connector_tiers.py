@@ -25,8 +25,14 @@ def test_a_registered_tier_appears_everywhere(monkeypatch):
     monkeypatch.setitem(TIERS, "dict", TierEntry(lambda _cfg: None))
     assert [t.name for t in slow_tiers()][-1] == "dict"
     assert tier_names()[-1] == "dict"
-    assert tier_media()["dict"] == ("STORAGE", "LOCAL")  # an unknown tier is local storage
+    assert tier_media()["dict"] == ("STORAGE", "LOCAL")  # the registration's default: local storage
     assert counters()["loaded_chunks_dict"] == "Chunks loaded after a prefetch from the dict tier"
+
+
+def test_a_registered_tier_brings_its_medium_and_locality(monkeypatch):
+    monkeypatch.setitem(TIERS, "far", TierEntry(lambda _cfg: None, locality="REMOTE", doc="the far tier (test)"))
+    assert tier_media()["far"] == ("STORAGE", "REMOTE")
+    assert counters()["loaded_chunks_far"] == "Chunks loaded after a prefetch from the far tier (test)"
 
 
 def test_an_unregistered_tier_has_no_counter(monkeypatch):

@@ -80,9 +80,9 @@ def test_prefix_index_needs_every_rank(tmp_path):
     for r in (0, 1):
         (tmp_path / (chunk_key(ns[r], d[1]) + ".safetensors")).write_bytes(b"x")
     assert idx.cached_prefix(spans) == 1
-    assert idx.locate(d) == {d[1]: "disk"} and idx.on_disk(d[1]) and not idx.on_disk(d[2])
+    assert idx.locate(d) == {d[1]: "disk"}
     idx.report(0, [], [], failed=[d[1]])  # the prefetch found it damaged: not asked again soon
-    assert not idx.on_disk(d[1]) and idx.locate(d) == {}
+    assert idx.locate(d) == {}
     idx.report(0, [], [d[0]])  # rank 0 retired chunk 0: the prefix is broken at 0
     assert idx.cached_prefix(spans) == 0
     # ... unless vLLM's own prefix cache already has those tokens.

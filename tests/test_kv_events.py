@@ -61,7 +61,7 @@ def test_enabled_only_with_vllm_kv_events():
 
 def test_stored_once_when_every_rank_holds_removed_when_one_lets_go(request_):
     ev = TierEvents(BLOCK, CHUNK)
-    index = PrefixIndex(["ns0", "ns1"], None)
+    index = PrefixIndex(["ns0", "ns1"])
     d = _digests(4)
     for i in range(3):
         ev.remember(request_, i * CHUNK, (i + 1) * CHUNK, d[i])

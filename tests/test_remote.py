@@ -313,6 +313,7 @@ def test_manager_remote_down_is_a_miss_and_releases_buffers(server):
 
 def test_prefix_index_asks_the_server_once_for_all_candidates_and_ranks(server):
     from lmcache_triton.engine import PrefixIndex, chunk_key
+    from lmcache_triton.storage.builder import TierView
 
     writer = RemoteTier(server.url)
     namespaces = ["11" * 8, "22" * 8]  # two ranks
@@ -322,19 +323,19 @@ def test_prefix_index_asks_the_server_once_for_all_candidates_and_ranks(server):
             _put(writer, chunk_key(ns, d), _chunk(), META)
     _put(writer, chunk_key(namespaces[0], digests[3]), _chunk(), META)
     lookups = RemoteTier(server.url, writer=False)
-    index = PrefixIndex(namespaces, None, remote=lookups, remote_miss_ttl=60)
-    assert index.on_remote(digests) == set(digests[:3])
+    index = PrefixIndex(namespaces, [TierView("remote", lookups.contains_many, miss_ttl=60)])
+    assert set(index.locate(digests)) == set(digests[:3])
     assert lookups.stats["lookups"] == 1 and lookups.stats["lookup_keys"] == len(digests) * len(namespaces)
     # Misses are remembered: asking again about them costs no round trip.
-    assert index.on_remote(digests[3:]) == set()
+    assert index.locate(digests[3:]) == {}
     assert lookups.stats["lookups"] == 1
     # A recent prefetch failure is not asked either.
     index.report(0, [], [], failed=[digests[0]])
-    assert index.on_remote(digests[:2]) == {digests[1]}
+    assert set(index.locate(digests[:2])) == {digests[1]}
     assert lookups.stats["lookups"] == 2 and lookups.stats["lookup_keys"] == len(digests) * 2 + 2
     server.stop()  # down: nothing, at once
     t0 = time.monotonic()
-    assert PrefixIndex(namespaces, None, remote=lookups).on_remote(digests) == set()
+    assert PrefixIndex(namespaces, [TierView("remote", lookups.contains_many, miss_ttl=2)]).locate(digests) == {}
     assert time.monotonic() - t0 < 2
     writer.close()
     lookups.close()
@@ -351,7 +352,7 @@ def test_disk_first_then_remote_and_keys_vanishing_between_lookup_and_fetch(serv
     a = disk_then_remote(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
     t = _chunk(7)
     assert a.put(KEY, t, META) and a.flush(10)
-    assert (tmp_path / "a" / f"{KEY}.safetensors").exists() and a.remote.contains(KEY)  # both written
+    assert (tmp_path / "a" / f"{KEY}.safetensors").exists() and a.tier("remote").contains_many([KEY]) == [True]  # both written
     # Another machine: its own (empty) disk; the disk has no file, the remote serves it.
     b = disk_then_remote(CpuTier(16 << 20), DiskTier(tmp_path / "b", 1 << 30), remote=RemoteTier(server.url))
     tiers: list[str] = []
@@ -362,8 +363,9 @@ def test_disk_first_then_remote_and_keys_vanishing_between_lookup_and_fetch(serv
     assert c.prefetch(KEY, on_stored=tiers.append) and tiers == ["disk"]
     # Present at lookup, evicted before the fetch: a clean miss.
     d = _manager(server.url)
-    assert d.remote.contains_many([KEY]) == [True]
-    _raw(server).delete(d.remote.keys.server_key(KEY))
+    remote = d.tier("remote")
+    assert isinstance(remote, RemoteTier) and remote.contains_many([KEY]) == [True]
+    _raw(server).delete(remote.keys.server_key(KEY))
     assert not d.prefetch(KEY) and not d.cpu.contains(KEY)
     for m in (a, b, c, d):
         m.close()

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from lmcache_triton.config import ConfigError, _remote_url
+from lmcache_triton.config import ConfigError, parse_remote_url
 from lmcache_triton.storage.remote import KEY_PREFIX, RemoteTier, RemoteURLError, check_url, mask_url
 from lmcache_triton.testing.valkey import ValkeyCluster, free_port, server_binary
 
@@ -71,7 +71,7 @@ def empty(cluster):
 )
 def test_cluster_urls_accepted(url):
     assert "+cluster://" in check_url(url) and check_url(url).startswith(("redis+", "rediss+"))
-    assert _remote_url("remote_url", url) == url
+    assert parse_remote_url("remote_url", url) == url
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_bad_cluster_urls_rejected_with_password_masked(url):
         check_url(url)
     assert "s3cr3t" not in str(e.value) and "***" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        _remote_url("remote_url", url)
+        parse_remote_url("remote_url", url)
     assert "s3cr3t" not in str(e.value) and "remote_url" in str(e.value)
     assert mask_url(url).startswith("redis+cluster://:***@h1")
 

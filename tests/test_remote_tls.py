@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from lmcache_triton.cli import app
 from lmcache_triton.config import load_config
-from lmcache_triton.storage.factory import build_remote
+from lmcache_triton.storage.builder import build_remote
 from lmcache_triton.storage.remote import RemoteTier, RemoteURLError
 from lmcache_triton.testing.valkey import ValkeyServer, tls_server_binary
 

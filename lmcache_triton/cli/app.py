@@ -22,7 +22,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -30,7 +30,10 @@ from rich.console import Console
 from lmcache_triton.config import ConfigError, LMCacheConfig, load_config
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from lmcache_triton.storage.disk_admin import DiskAdmin
+    from lmcache_triton.storage.remote import RemoteTier
 
 app = typer.Typer(
     help="LMCache-style KV-cache reuse for vLLM: demo, serve, warm, and disk-tier tools.",
@@ -120,7 +123,7 @@ class CliError(Exception):
 
 
 @contextlib.contextmanager
-def errors():
+def errors() -> Iterator[None]:
     try:
         yield
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
@@ -133,7 +136,7 @@ def errors():
         fail(f"{type(e).__name__}: {e}".splitlines()[0] + " (LMCACHE_TRITON_DEBUG=1 for the traceback)")
 
 
-def fail(msg: str) -> None:
+def fail(msg: str) -> NoReturn:
     err.print(f"error: {msg}", markup=False, soft_wrap=True)
     raise typer.Exit(1)
 
@@ -202,13 +205,13 @@ def disk_entries(disk: Path) -> list[dict[str, Any]]:
     return open_tier(disk).entries()
 
 
-def open_remote(url: str | None):
+def open_remote(url: str | None) -> RemoteTier:
     """The remote tier of `url` (default: the configured remote_url), checked with one PING:
     CliError (one line, password masked) when it cannot be used."""
-    from lmcache_triton.config import _remote_url
+    from lmcache_triton.config import parse_remote_url
 
     cfg = current_config()
-    url = _remote_url("remote_url", url) if url else cfg.remote_url
+    url = parse_remote_url("remote_url", url) if url else cfg.remote_url
     if not url:
         raise CliError(
             "no remote tier: pass --remote-url URL, or configure remote_url "
@@ -226,7 +229,7 @@ def open_remote(url: str | None):
     return tier
 
 
-def remote_summary(tier) -> dict[str, Any]:
+def remote_summary(tier: RemoteTier) -> dict[str, Any]:
     s = summarize(tier.entries())
     s.pop("oldest")
     s.pop("newest")

@@ -280,10 +280,10 @@ def serve(
             env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_space if cpu_kv_space is not None else default_cpu_kv_space_gb())
         kv_space = f"VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']} " if "VLLM_CPU_KVCACHE_SPACE" in env else ""
         if remote is not None:
-            from lmcache_triton.config import _remote_url
+            from lmcache_triton.config import parse_remote_url
             from lmcache_triton.storage.remote import mask_url
 
-            if _remote_url("remote_url", remote) is None:
+            if parse_remote_url("remote_url", remote) is None:
                 raise CliError(
                     f"--remote {mask_url(remote)}: expected redis://, rediss://, unix://, valkey:// or redis+cluster://"
                 )

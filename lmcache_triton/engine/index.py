@@ -20,20 +20,14 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Collection, Sequence
-from typing import Protocol
 
 from lmcache_triton.chunk.planner import ChunkSpan, chunk_key
-from lmcache_triton.storage.builder import TierView, disk_view
+from lmcache_triton.storage.builder import TierView
 
 _MAX_MISSES = 100_000  # remembered misses per tier before the expired ones are dropped
-
-
-class Presence(Protocol):
-    def contains_many(self, keys: Sequence[str]) -> list[bool]: ...
 
 
 class PrefixIndex:
@@ -44,24 +38,15 @@ class PrefixIndex:
         tiers: presence-only views of the slow tiers, fastest first (`storage.builder.build_views`);
             default none.
         failed_ttl: seconds a chunk whose prefetch failed is not located again; default 30.
-        disk_dir / remote: transitional (until integration/vllm passes `tiers`): the disk tier's
-            directory and the remote tier, made into views here. Default None.
     """
 
     def __init__(
         self,
         namespaces: Sequence[str],
-        tiers: Sequence[TierView] | str | None = (),
+        tiers: Sequence[TierView] = (),
         failed_ttl: float = 30.0,
-        remote: Presence | None = None,
-        remote_miss_ttl: float = 2.0,
     ) -> None:
         self.namespaces = list(namespaces)
-        if tiers is None or isinstance(tiers, (str, os.PathLike)):  # transitional signature
-            views = [] if tiers is None else [disk_view(str(tiers))]
-            if remote is not None:
-                views.append(TierView("remote", remote.contains_many, remote_miss_ttl))
-            tiers = views
         self.tiers: list[TierView] = list(tiers)
         self.failed_ttl = failed_ttl
         self._misses: dict[str, dict[str, float]] = {t.name: {} for t in self.tiers}  # tier -> digest -> time
@@ -147,20 +132,6 @@ class PrefixIndex:
                         misses[d] = now
             left = [d for d in left if d not in found]
         return out
-
-    # Transitional, until integration/vllm asks `locate` (the connector's part of issue 17).
-
-    @property
-    def remote(self) -> TierView | None:
-        return self.tier("remote")
-
-    def on_disk(self, digest: str) -> bool:
-        """True when every rank has this chunk's file and no recent prefetch of it failed."""
-        return bool(self.locate([digest], only=("disk",)))
-
-    def on_remote(self, digests: Sequence[str]) -> set[str]:
-        """The digests whose chunk every rank's namespace has on the remote server."""
-        return set(self.locate(digests, only=("remote",)))
 
     def clear(self) -> None:
         with self._lock:

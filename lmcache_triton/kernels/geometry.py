@@ -13,8 +13,9 @@ vLLM 0.34's extensible KV cache (on by default on CUDA/ROCm) gives every layer o
 layer-outermost layouts its own allocation, at unrelated addresses. Such views become a
 `LayerTable` (one 1-D tensor per layer, each starting at its layer's element `(0, 0, 0, 0)`)
 with a geometry marked `per_layer`: the same `[B, H, N, C]` strides for every layer, `offset`
-0 and no layer stride. The copy launchers move such a cache one layer at a time
-(`paged_copy.py`), through the same kernels and torch twins.
+0 and no layer stride. The copy kernels reach its layers in one launch through a table of 64-bit
+element offsets from layer 0 (`LayerTable.element_offsets`); the torch twins move it one layer at
+a time (`paged_copy.py`).
 
 Imports torch only.
 """
@@ -150,7 +151,8 @@ class PagedKVGeometry:
         """The logical `[L, B, H, N, C]` view of `flat` (a strided view, no copy)."""
         if self.per_layer:
             raise ValueError("view5d: a per-layer cache has no single 5-D view; use one_layer() per layer")
-        return flat.as_strided(self.shape5d, self.strides5d, self.offset)
+        # `offset` counts from flat's element 0 (a per-layer tensor may start inside its storage).
+        return flat.as_strided(self.shape5d, self.strides5d, flat.storage_offset() + self.offset)
 
 
 class LayerTable:
@@ -166,6 +168,7 @@ class LayerTable:
 
     def __init__(self, layers: Sequence[torch.Tensor]):
         self.layers = tuple(layers)
+        self._offsets: torch.Tensor | None = None
         if not self.layers:
             raise ValueError("layers: expected at least one per-layer tensor, got none")
         first = self.layers[0]
@@ -189,6 +192,22 @@ class LayerTable:
 
     def element_size(self) -> int:
         return self.layers[0].element_size()
+
+    def element_offsets(self) -> torch.Tensor:
+        """`[L]` int64 on the layers' device: where each layer starts, in elements from layer
+        0's first element (negative for a layer at a lower address). The copy kernels add it to
+        layer 0's pointer: one launch reaches every layer. Computed once (the addresses of a
+        registered cache do not move)."""
+        if self._offsets is None:
+            origin, size = self.layers[0].data_ptr(), self.element_size()
+            offs = []
+            for i, t in enumerate(self.layers):
+                delta = t.data_ptr() - origin
+                if delta % size:
+                    raise ValueError(f"layers[{i}]: {delta} bytes from layers[0], not a multiple of {size}")
+                offs.append(delta // size)
+            self._offsets = torch.tensor(offs, dtype=torch.int64, device=self.device)
+        return self._offsets
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -277,7 +296,7 @@ def geometry_from_layer_views(
         num_heads=H,
         block_size=N,
         row_size=C,
-        offset=first.storage_offset(),
+        offset=int(first.storage_offset()),
         stride_l=stride_l,
         stride_b=sB,
         stride_h=sH,
@@ -309,7 +328,7 @@ def _per_layer_geometry(views: Sequence[torch.Tensor]) -> tuple[LayerTable, Page
     return LayerTable(layers), geom
 
 
-def geometry_for_tensor(cache5d: torch.Tensor) -> tuple[torch.Tensor, PagedKVGeometry]:
+def geometry_for_tensor(cache5d: torch.Tensor) -> tuple[torch.Tensor | LayerTable, PagedKVGeometry]:
     """Geometry of a logical `[L, B, H, N, C]` view (any layout, e.g. from `allocate_paged_cache`).
 
     Args:

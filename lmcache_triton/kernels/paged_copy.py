@@ -11,8 +11,10 @@ Primitives (each a launcher with a torch twin of the same signature in `referenc
 
 Every layer is reached by an integer offset from ONE flat base (see `geometry.py`): no pointer
 tables, which the Triton interpreter cannot load. A cache whose layers are separate tensors
-(vLLM 0.34's extensible KV cache: a `LayerTable`) is moved one layer per launch through the same
-kernels and twins; the one-buffer cache stays the one-launch fast path. Index math is 64-bit; copies are bit-exact
+(vLLM 0.34's extensible KV cache: a `LayerTable`) is still moved in one launch: the kernels read
+each layer's origin from a table of 64-bit element offsets relative to layer 0 (`PER_LAYER`, a
+constexpr, so the one-buffer specialisation is unchanged); the torch twins, which cannot address
+across allocations, move it one layer at a time. Index math is 64-bit; copies are bit-exact
 because the launchers view floating types (bf16, fp16, fp8, fp32) as same-width integers.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them through the interpreter when
@@ -53,6 +55,7 @@ def _page_tile_copy(
     #              offset + l*stride_l + b*stride_b + a*stride_a + r*stride_r (+ w, contiguous)
     chunk_ptr,  # [L, K, A, R, W] contiguous
     ids_ptr,  # [K] int64 block ids
+    layer_off_ptr,  # [L] int64 per-layer origins in elements from cache_ptr (PER_LAYER only)
     offset,
     stride_l,
     stride_b,
@@ -63,6 +66,7 @@ def _page_tile_copy(
     R,
     W,
     TO_CHUNK: tl.constexpr,
+    PER_LAYER: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
@@ -81,7 +85,11 @@ def _page_tile_copy(
     rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = (rows[:, None] < R) & (cols[None, :] < W)
-    cache_offs = (offset + layer * stride_l + block * stride_b + a * stride_a) + (
+    if PER_LAYER:  # layers in separate allocations: a table of 64-bit element offsets
+        layer_base = tl.load(layer_off_ptr + layer)
+    else:
+        layer_base = offset + layer * stride_l
+    cache_offs = (layer_base + block * stride_b + a * stride_a) + (
         rows[:, None] * stride_r + cols[None, :]
     )
     chunk_offs = unit * R * W + rows[:, None] * W + cols[None, :]
@@ -98,6 +106,7 @@ def _paged_to_chunk_kernel(
     cache_ptr,  # [*] flat backing storage, integer view
     chunk_ptr,  # [L, K, A, R, W] contiguous (the [L, K, H, N, C] chunk with runs merged)
     ids_ptr,  # [K] int64
+    layer_off_ptr,  # [L] int64 (PER_LAYER only)
     offset,
     stride_l,
     stride_b,
@@ -107,12 +116,13 @@ def _paged_to_chunk_kernel(
     A,
     R,
     W,
+    PER_LAYER: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
     _page_tile_copy(
-        cache_ptr, chunk_ptr, ids_ptr, offset, stride_l, stride_b, stride_a, stride_r,
-        num_ids, A, R, W, True, BLOCK_R, BLOCK_W,
+        cache_ptr, chunk_ptr, ids_ptr, layer_off_ptr, offset, stride_l, stride_b, stride_a, stride_r,
+        num_ids, A, R, W, True, PER_LAYER, BLOCK_R, BLOCK_W,
     )  # fmt: skip
 
 
@@ -121,6 +131,7 @@ def _chunk_to_paged_kernel(
     cache_ptr,  # [*] flat backing storage, integer view
     chunk_ptr,  # [L, K, A, R, W] contiguous
     ids_ptr,  # [K] int64
+    layer_off_ptr,  # [L] int64 (PER_LAYER only)
     offset,
     stride_l,
     stride_b,
@@ -130,12 +141,13 @@ def _chunk_to_paged_kernel(
     A,
     R,
     W,
+    PER_LAYER: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
     _page_tile_copy(
-        cache_ptr, chunk_ptr, ids_ptr, offset, stride_l, stride_b, stride_a, stride_r,
-        num_ids, A, R, W, False, BLOCK_R, BLOCK_W,
+        cache_ptr, chunk_ptr, ids_ptr, layer_off_ptr, offset, stride_l, stride_b, stride_a, stride_r,
+        num_ids, A, R, W, False, PER_LAYER, BLOCK_R, BLOCK_W,
     )  # fmt: skip
 
 
@@ -145,6 +157,7 @@ def _token_tile_copy(
     #              offset + l*stride_l + b*stride_b + h*stride_h + n*stride_n (+ c, contiguous)
     tok_ptr,  # [S, L, T, H, D] contiguous, S * D == C
     slot_ptr,  # [T] int64, < 0 = padding
+    layer_off_ptr,  # [L] int64 per-layer origins in elements from cache_ptr (PER_LAYER only)
     offset,
     stride_l,
     stride_b,
@@ -160,6 +173,7 @@ def _token_tile_copy(
     C,
     D,
     TO_TOKENS: tl.constexpr,
+    PER_LAYER: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -183,7 +197,11 @@ def _token_tile_copy(
     half = cols // D  # 0 = K, 1 = V (always 0 when S == 1)
     d = cols - half * D
     mask = valid[:, None] & (cols[None, :] < C)
-    cache_offs = (offset + layer * stride_l + head * stride_h) + (
+    if PER_LAYER:
+        layer_base = tl.load(layer_off_ptr + layer)
+    else:
+        layer_base = offset + layer * stride_l
+    cache_offs = (layer_base + head * stride_h) + (
         block[:, None] * stride_b + pos[:, None] * stride_n + cols[None, :]
     )
     tok_offs = (layer * tok_stride_l + head * tok_stride_h) + (
@@ -202,6 +220,7 @@ def _paged_to_tokens_kernel(
     cache_ptr,  # [*] flat backing storage, integer view
     tok_ptr,  # [S, L, T, H, D] contiguous
     slot_ptr,  # [T] int64
+    layer_off_ptr,  # [L] int64 (PER_LAYER only)
     offset,
     stride_l,
     stride_b,
@@ -216,13 +235,14 @@ def _paged_to_tokens_kernel(
     H,
     C,
     D,
+    PER_LAYER: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     _token_tile_copy(
-        cache_ptr, tok_ptr, slot_ptr, offset, stride_l, stride_b, stride_h, stride_n,
+        cache_ptr, tok_ptr, slot_ptr, layer_off_ptr, offset, stride_l, stride_b, stride_h, stride_n,
         tok_stride_s, tok_stride_l, tok_stride_t, tok_stride_h,
-        num_tokens, block_size, H, C, D, True, BLOCK_T, BLOCK_C,
+        num_tokens, block_size, H, C, D, True, PER_LAYER, BLOCK_T, BLOCK_C,
     )  # fmt: skip
 
 
@@ -231,6 +251,7 @@ def _tokens_to_paged_kernel(
     cache_ptr,  # [*] flat backing storage, integer view
     tok_ptr,  # [S, L, T, H, D] contiguous
     slot_ptr,  # [T] int64
+    layer_off_ptr,  # [L] int64 (PER_LAYER only)
     offset,
     stride_l,
     stride_b,
@@ -245,13 +266,14 @@ def _tokens_to_paged_kernel(
     H,
     C,
     D,
+    PER_LAYER: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     _token_tile_copy(
-        cache_ptr, tok_ptr, slot_ptr, offset, stride_l, stride_b, stride_h, stride_n,
+        cache_ptr, tok_ptr, slot_ptr, layer_off_ptr, offset, stride_l, stride_b, stride_h, stride_n,
         tok_stride_s, tok_stride_l, tok_stride_t, tok_stride_h,
-        num_tokens, block_size, H, C, D, False, BLOCK_T, BLOCK_C,
+        num_tokens, block_size, H, C, D, False, PER_LAYER, BLOCK_T, BLOCK_C,
     )  # fmt: skip
 
 
@@ -260,7 +282,7 @@ def _tokens_to_paged_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def _use_triton(t: torch.Tensor | LayerTable) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and _INTERPRET)
 
 
@@ -289,7 +311,7 @@ def _check_flat(flat: torch.Tensor | LayerTable, geom: PagedKVGeometry) -> None:
         raise ValueError(f"flat: {flat.numel()} elements, geometry reaches {geom.extent()}")
 
 
-def _check_index(name: str, idx: torch.Tensor, flat: torch.Tensor) -> None:
+def _check_index(name: str, idx: torch.Tensor, flat: torch.Tensor | LayerTable) -> None:
     if idx.dim() != 1 or idx.dtype != torch.int64:
         raise ValueError(f"{name}: expected a 1-D int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
     if idx.device != flat.device:
@@ -346,18 +368,28 @@ def _tile(rows: int, width: int, itemsize: int) -> tuple[int, int]:
     return block_r, block_w
 
 
+def _base_and_table(flat, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The kernels' cache base, per-layer offset table and PER_LAYER flag: a one-buffer cache
+    passes its flat tensor (the table argument is a dummy, never read); a `LayerTable` passes
+    layer 0 and the int64 element offsets of every layer from it."""
+    if isinstance(flat, LayerTable):
+        return flat.layers[0], flat.element_offsets(), True
+    return flat, index, False
+
+
 def _launch_page_copy(kernel, flat, geom, block_ids, chunk) -> None:
     num_ids = block_ids.numel()
     if num_ids == 0 or geom.num_layers == 0:
         return
+    base, table, per_layer = _base_and_table(flat, block_ids)
     A, stride_a, R, stride_r, W = _page_runs(geom)
     block_r, block_w = _tile(R, W, flat.element_size())
     grid = (geom.num_layers * num_ids * A * triton.cdiv(R, block_r), triton.cdiv(W, block_w))
     kernel[grid](
-        _as_int(flat), _as_int(chunk), block_ids,
+        _as_int(base), _as_int(chunk), block_ids, table,
         geom.offset, geom.stride_l, geom.stride_b, stride_a, stride_r,
         num_ids, A, R, W,
-        BLOCK_R=block_r, BLOCK_W=block_w, num_warps=_NUM_WARPS,
+        PER_LAYER=per_layer, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=_NUM_WARPS,
     )  # fmt: skip
 
 
@@ -370,12 +402,13 @@ def _launch_token_copy(kernel, flat, geom, slot_mapping, tokens) -> None:
     block_t, block_c = _tile(num_tokens, C, flat.element_size())
     grid = (geom.num_layers * geom.num_heads * triton.cdiv(num_tokens, block_t), triton.cdiv(C, block_c))
     ts = tokens.stride()
+    base, table, per_layer = _base_and_table(flat, slot_mapping)
     kernel[grid](
-        _as_int(flat), _as_int(tokens), slot_mapping,
+        _as_int(base), _as_int(tokens), slot_mapping, table,
         geom.offset, geom.stride_l, geom.stride_b, geom.stride_h, geom.stride_n,
         ts[0], ts[1], ts[2], ts[3],
         num_tokens, geom.block_size, geom.num_heads, C, D,
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+        PER_LAYER=per_layer, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=_NUM_WARPS,
     )  # fmt: skip
 
 
@@ -410,12 +443,12 @@ def paged_to_chunk(
     _check_index("block_ids", block_ids, flat)
     _check_dense("chunk", chunk, geom.chunk_shape(block_ids.numel()), geom.dtype, flat.device)
     _check_block_ids(block_ids, geom)
-    if isinstance(flat, LayerTable):  # per-layer tensors: one launch per layer into chunk[l]
-        for layer, layer_flat in enumerate(flat.layers):
-            paged_to_chunk(layer_flat, geom.one_layer(), block_ids, chunk[layer : layer + 1])
-        return
     if not _use_triton(flat):
-        paged_to_chunk_ref(flat, geom, block_ids, chunk)
+        if isinstance(flat, LayerTable):  # torch twins: one layer at a time
+            for layer, layer_flat in enumerate(flat.layers):
+                paged_to_chunk(layer_flat, geom.one_layer(), block_ids, chunk[layer : layer + 1])
+        else:
+            paged_to_chunk_ref(flat, geom, block_ids, chunk)
         return
     _launch_page_copy(_paged_to_chunk_kernel, flat, geom, block_ids, chunk)
 
@@ -437,12 +470,12 @@ def chunk_to_paged(
     _check_index("block_ids", block_ids, flat)
     _check_dense("chunk", chunk, geom.chunk_shape(block_ids.numel()), geom.dtype, flat.device)
     _check_block_ids(block_ids, geom)
-    if isinstance(flat, LayerTable):
-        for layer, layer_flat in enumerate(flat.layers):
-            chunk_to_paged(chunk[layer : layer + 1], layer_flat, geom.one_layer(), block_ids)
-        return
     if not _use_triton(flat):
-        chunk_to_paged_ref(chunk, flat, geom, block_ids)
+        if isinstance(flat, LayerTable):
+            for layer, layer_flat in enumerate(flat.layers):
+                chunk_to_paged(chunk[layer : layer + 1], layer_flat, geom.one_layer(), block_ids)
+        else:
+            chunk_to_paged_ref(chunk, flat, geom, block_ids)
         return
     _launch_page_copy(_chunk_to_paged_kernel, flat, geom, block_ids, chunk)
 
@@ -469,17 +502,19 @@ def paged_to_tokens(
         "out", out, _token_shape("out", geom, kv_split, slot_mapping.numel()), geom.dtype, flat.device
     )
     _check_slots(slot_mapping, geom)
-    if isinstance(flat, LayerTable):
+    if isinstance(flat, LayerTable) and not _use_triton(flat):
         for layer, layer_flat in enumerate(flat.layers):
             _paged_to_tokens(layer_flat, geom.one_layer(), slot_mapping, out[:, layer : layer + 1])
         return
     _paged_to_tokens(flat, geom, slot_mapping, out)
 
 
-def _paged_to_tokens(flat: torch.Tensor, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor):
+def _paged_to_tokens(
+    flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor
+) -> None:
     # `out` may be one layer's slice `[S, 1, T, H, D]` of a contiguous chunk: the kernel takes
-    # its strides, the twin writes through the view.
-    if not _use_triton(flat):
+    # its strides, the twin writes through the view. A LayerTable reaches here only for Triton.
+    if not isinstance(flat, LayerTable) and not _use_triton(flat):
         paged_to_tokens_ref(flat, geom, slot_mapping, out)
         return
     _launch_token_copy(_paged_to_tokens_kernel, flat, geom, slot_mapping, out)
@@ -506,15 +541,17 @@ def tokens_to_paged(
         "src", src, _token_shape("src", geom, kv_split, slot_mapping.numel()), geom.dtype, flat.device
     )
     _check_slots(slot_mapping, geom)
-    if isinstance(flat, LayerTable):
+    if isinstance(flat, LayerTable) and not _use_triton(flat):
         for layer, layer_flat in enumerate(flat.layers):
             _tokens_to_paged(src[:, layer : layer + 1], layer_flat, geom.one_layer(), slot_mapping)
         return
     _tokens_to_paged(src, flat, geom, slot_mapping)
 
 
-def _tokens_to_paged(src: torch.Tensor, flat: torch.Tensor, geom: PagedKVGeometry, slot_mapping: torch.Tensor):
-    if not _use_triton(flat):
+def _tokens_to_paged(
+    src: torch.Tensor, flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, slot_mapping: torch.Tensor
+) -> None:
+    if not isinstance(flat, LayerTable) and not _use_triton(flat):
         tokens_to_paged_ref(src, flat, geom, slot_mapping)
         return
     _launch_token_copy(_tokens_to_paged_kernel, flat, geom, slot_mapping, src)

@@ -96,7 +96,7 @@ def _token_rows(
     view = flat.as_strided(
         (kv_split, geom.num_layers, span, geom.num_heads, D),
         (D, geom.stride_l, 1, geom.stride_h, 1),
-        geom.offset,
+        flat.storage_offset() + geom.offset,  # offsets count from flat's element 0
     )
     return view, rows, valid
 
@@ -288,7 +288,9 @@ def rope_inv_freq(
     if rotary_dim <= 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=dtype) / rotary_dim))
-    rope_type = "default" if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
+    if scaling is None:
+        return inv_freq
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return inv_freq
     if rope_type == "linear":

@@ -29,7 +29,7 @@ from .disk import DiskTier, DiskTierError
 from .disk_admin import SUFFIX
 from .hierarchy import StorageHierarchy
 from .remote import RemoteTier
-from .tier import SlowTier
+from .tier import Locality, Medium, SlowTier
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,16 @@ class TierEntry:
     Args:
         build: the worker's tier, or None when the config does not ask for it (or it cannot run).
         view: the scheduler's presence-only view, or None; default: `build`'s tier, viewed.
+        medium, locality: the tier's `SlowTier.medium`/`locality`, known without building it
+            (the scheduler's KV events and /metrics need them); default local storage.
+        doc: what a hit from it is, for /metrics' help text.
     """
 
     build: Callable[[LMCacheConfig], SlowTier | None]
     view: Callable[[LMCacheConfig], TierView | None] | None = None
+    medium: Medium = "STORAGE"
+    locality: Locality = "LOCAL"
+    doc: str = ""  # what a hit from it is, for /metrics' help text; default "the <name> tier"
 
 
 # ---------------------------------------------------------------------------------- disk
@@ -133,11 +139,11 @@ def build_remote(config: LMCacheConfig, *, writer: bool = True) -> SlowTier | No
     problem = remote.check_connection()
     if problem is None:
         logger.info("lmcache_triton: remote tier %s", remote.masked)
-        return _as_slow_tier(remote)
+        return remote
     if "unreachable" in problem:
         logger.error("lmcache_triton: %s; retrying in the background, remote lookups are misses meanwhile", problem)
         remote.mark_down()
-        return _as_slow_tier(remote)
+        return remote
     logger.error("lmcache_triton: remote tier disabled: %s", problem)
     remote.close()
     return None
@@ -150,23 +156,15 @@ def view_remote(config: LMCacheConfig) -> TierView | None:
     return TierView(remote.name, remote.contains_many, REMOTE_MISS_TTL, remote.close)
 
 
-def _as_slow_tier(remote: RemoteTier) -> SlowTier:
-    """Transitional, until storage/remote implements `SlowTier` itself (the remote helper's part
-    of issue 17): the tier, wrapped where it still lacks `open_read`."""
-    if hasattr(remote, "open_read"):
-        return remote  # type: ignore[return-value]
-    from ._remote_seam import RemoteSeam
-
-    return RemoteSeam(remote)
-
-
 # ---------------------------------------------------------------------------------- registry
 
 # Fastest first: the hierarchy reads them in this order, and the prefix index names the first
 # that has a chunk.
 TIERS: dict[str, TierEntry] = {
-    "disk": TierEntry(build_disk, view_disk),
-    "remote": TierEntry(build_remote, view_remote),
+    "disk": TierEntry(build_disk, view_disk, DiskTier.medium, DiskTier.locality, "the disk tier"),
+    "remote": TierEntry(
+        build_remote, view_remote, RemoteTier.medium, RemoteTier.locality, "the remote tier (remote_url)"
+    ),
 }
 
 

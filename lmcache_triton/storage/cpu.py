@@ -581,19 +581,12 @@ class CpuTier:
             self._free_block(r._entry)
 
     def _fill(
-        self,
-        key: str,
-        got: tuple[int, int],
-        nbytes: int,
-        size: int,
-        dtype: torch.dtype,
-        shape: tuple[int, ...],
-        fill: Callable[[torch.Tensor], object],
-        meta: dict[str, str] | None,
+        self, key: str, got: tuple[int, int], nbytes: int, size: int, dtype: torch.dtype,
+        shape: tuple[int, ...], fill: Callable[[torch.Tensor], object], meta: dict[str, str] | None,
     ) -> _Entry | None:
         slab, off = got
         arena = self._slabs[slab].buf
-        assert arena is not None
+        assert arena is not None  # `_place` hands out blocks of allocated slabs only
         buf = arena.narrow(0, off, nbytes)
         self._used += nbytes
         entry = _Entry(buf, dtype, tuple(shape), dict(meta or {}), slab, off, size)

@@ -14,43 +14,22 @@ Primitives (the `SlowTier` protocol of `storage.tier`, plus `get` and `clear`):
 
 Chunk format: `lmcache_triton.chunk.format` (the same bytes as the remote tier's values).
 
-Invariants:
-  * Only `key` strings of lower-case hex become file names (`CacheKey.hex`).
-  * The directory: private by default (0700 directory, 0600 files), an unsafe one refused or
-    warned about, an unwritable one served read-only (`writable` False): `storage.disk_dir`.
-  * Nothing but a regular file is ever opened, a symlink never followed (`storage.safe_file`):
-    a FIFO, socket, device or directory named like a chunk never blocks a read.
-  * All-or-nothing files: the writer thread writes `.<key>.<host>.<pid>.<rand>.tmp` in the same
-    directory, fsyncs it, then `os.replace`s it to the final name. Readers (this or another
-    process) see a whole file or none. The directory is not fsynced: after a crash a rename may
-    be lost, which is only a miss.
-  * A file is returned only if: it is a regular file, its header passes the bounded parser (size,
-    JSON nesting, exact schema, types, sizes), `format` matches, `key` matches the file name,
-    each `expect` entry matches, dtype/shape/size agree, and the checksum (or MAC) matches.
-    Anything else counts in `stats["corrupt"]` (and `errors`), is removed, and is a miss; a bad
-    file that cannot be removed (read-only disk, not a regular file) is remembered by identity
-    (dev, inode, size, mtime) and not read again until it changes (`stats["unremovable"]`).
-  * Authentication: with a secret, only chunks signed with the same secret are used. A chunk
-    signed with another (or no) secret, or a signed chunk without a secret, is a miss counted in
-    `stats["unauthenticated"]`, left in place (another server may own it) and remembered. A
-    chunk claiming our key id whose MAC fails is corrupt (removed).
-  * Bounded by `max_bytes` over the files this tier knows of, LRU by access. Recency lives in an
-    in-memory index (atime is unreliable: noatime/relatime mounts); a hit also bumps the file's
-    mtime so a restart re-indexes in (approximately) the same order. Only files whose header is
-    ours are indexed, so eviction and `clear` never remove a file this tier did not write.
-  * Start-up re-indexes the directory from headers only (no payload reads), removes files whose
-    header is bad, and removes stale temp files (of this host's dead processes, or older than
-    an hour).
-  * Shared directories (TP ranks, several servers): files are never modified in place; a reader
-    opens then reads, so another process evicting the file (unlink) cannot break the read, and
-    ENOENT at open is a miss. Each process bounds what it knows of; several processes sharing a
-    directory may together hold up to the sum of their bounds.
-  * Disk full (ENOSPC/EDQUOT, or `statvfs` free space below the chunk before writing): the tier
-    evicts its own least-recently-used chunks to make room and retries; a write that still does
-    not fit is skipped (`disk_full`, `write_errors`), its temp file removed, ONE warning logged.
-    Every failed write counts in `write_errors`.
-  * The writer keeps a reference to the queued tensor until written: the caller must not
-    mutate it after `put` (the hierarchy hands over a held CPU-tier buffer, released by `on_done`).
+Invariants (each in full, with the reasons: docs/disk-tier.md):
+  * File names: lower-case hex keys only (`CacheKey.hex`).
+  * A private directory by default (0700/0600); unsafe refused or warned, unwritable read-only
+    (`storage.disk_dir`).
+  * Only regular files are opened, symlinks never followed (`storage.safe_file`).
+  * All-or-nothing files: temp file in the same directory, fsync, `os.replace`.
+  * A file is returned only if its header, key, `expect`, dtype/shape/size and checksum (or MAC)
+    all check out; anything else is a miss, counted `corrupt`, removed (or, if it cannot be,
+    remembered by identity: `unremovable`).
+  * With a secret, only chunks signed with it are used (`unauthenticated`: left in place).
+  * Bounded by `max_bytes` over the files this tier knows of, LRU by access (an in-memory
+    index; a hit bumps the mtime); only files whose header is ours are indexed or removed.
+  * Start-up re-indexes from headers only and removes bad files and stale temp files.
+  * Shared directories: files never modified in place; ENOENT at open is a miss.
+  * Disk full: evict own LRU chunks and retry; else skip the write (`disk_full`), ONE warning.
+  * The caller must not mutate a tensor after `put` (the writer holds it until written).
 
 Checksum and MAC choice (and their measured speeds): `chunk.format`.
 """
@@ -87,26 +66,22 @@ from lmcache_triton.chunk.format import (
     tensor_bytes,
 )
 
+from .bad_files import BadFileLog, KnownBad
 from .counters import TierCounters
 from .disk_admin import SUFFIX, DiskAdmin
-from .disk_dir import FULL_ERRNOS, DiskTierError, check_directory, remove_stale_tmp, tmp_path
+from .disk_dir import FULL_ERRNOS, DiskTierError, check_directory, remove_stale_tmp, write_atomic
 from .safe_file import (
-    READ_PIECE,
     NotRegular,
-    identity,
     open_regular,
     read_header,
-    readinto_all,
+    read_payload_verified,
     unlink_if_same,
-    write_all,
 )
 from .tier import ChunkReader, Locality, Medium, OnDone
 from .writer import WriteQueue
 
 logger = logging.getLogger(__name__)
 
-_MAX_KNOWN_BAD = 4096
-_MAX_BAD_WARNINGS = 20  # per tier; then one note and debug level (a hostile directory must not flood logs)
 WRITER_NICE = 10  # the disk writer thread's niceness (see DiskTier._writer)
 _FULL_RETRIES = 3
 
@@ -117,12 +92,6 @@ class _Mismatch(Exception):
 
 class _KnownBad(Exception):
     """A file already judged bad and unchanged since: a miss without reading it again."""
-
-
-# From this payload size on, pieces are hashed on a helper thread while the next piece is read
-# (hashing releases the GIL): the MAC (BLAKE3, ~8 GB/s) then overlaps the disk instead of adding
-# to it. Below it a thread hand-off per piece costs more than it saves.
-_PIPELINE_MIN = 8 << 20
 
 
 class _DiskReader:
@@ -187,7 +156,7 @@ class DiskTier(TierCounters):
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> file bytes, LRU first
         self._bytes = 0
         self._pending: set[str] = set()
-        self._known_bad: OrderedDict[str, tuple] = OrderedDict()  # key -> identity, not re-read
+        self._known_bad = KnownBad()  # bad files not read again until they change
         self._stats = dict.fromkeys(
             (
                 "hits",
@@ -209,7 +178,7 @@ class DiskTier(TierCounters):
             0,
         )
         self._warned: set[str] = set()
-        self._bad_warnings = 0
+        self._warn_bad = BadFileLog(logger, "lmcache_triton disk tier")
         self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
         self._changes: list[tuple[str, str]] | None = None  # ("+" | "-", key), see track_changes
@@ -228,23 +197,10 @@ class DiskTier(TierCounters):
             nice=WRITER_NICE, on_error=self._write_failed, after=self._done,
         )
 
-    # ------------------------------------------------------------ start-up checks
-
     # ------------------------------------------------------------ helpers
 
     def _file(self, key: str) -> Path:
         return self.path / (check_key(key) + SUFFIX)
-
-    def _warn_bad(self, msg: str, *args: Any) -> None:
-        with self._lock:
-            self._bad_warnings += 1
-            n = self._bad_warnings
-        if n <= _MAX_BAD_WARNINGS:
-            logger.warning(msg, *args)
-            if n == _MAX_BAD_WARNINGS:
-                logger.warning("lmcache_triton disk tier: further bad files are logged at debug level only")
-        else:
-            logger.debug(msg, *args)
 
     def _forget(self, key: str) -> None:
         with self._lock:
@@ -253,29 +209,12 @@ class DiskTier(TierCounters):
                 self._bytes -= size
                 self._record("-", [key])
 
-    def _remember_bad(self, key: str, st: os.stat_result) -> None:
-        with self._lock:
-            self._known_bad[key] = identity(st)
-            self._known_bad.move_to_end(key)
-            while len(self._known_bad) > _MAX_KNOWN_BAD:
-                self._known_bad.popitem(last=False)
-
-    def _is_known_bad(self, key: str, st: os.stat_result) -> bool:
-        with self._lock:
-            ident = self._known_bad.get(key)
-            if ident is None:
-                return False
-            if ident == identity(st):
-                return True
-            del self._known_bad[key]  # replaced since: look again
-            return False
-
-    def _open(self, key: str):
+    def _open(self, key: str) -> tuple[FileIO, os.stat_result]:
         """`(file, fstat)` of the chunk file; raises FileNotFoundError, NotRegular, _KnownBad
         (remembered as bad and unchanged), OSError."""
         path = self._file(key)
         lst = os.lstat(path)
-        if self._is_known_bad(key, lst):
+        if self._known_bad.is_known(key, lst):
             raise _KnownBad
         return open_regular(path, lst)
 
@@ -291,7 +230,7 @@ class DiskTier(TierCounters):
                 "unauth", "lmcache_triton disk tier: %s is a miss (%s); left in place", path.name, reason
             )
             if st is not None:
-                self._remember_bad(key, st)
+                self._known_bad.remember(key, st)
             return
         with self._lock:
             self._stats["corrupt"] += 1
@@ -305,7 +244,7 @@ class DiskTier(TierCounters):
             self._warn_bad("lmcache_triton disk tier: ignoring %s (%s)", path.name, reason)
         self._count("unremovable")
         if st is not None:
-            self._remember_bad(key, st)
+            self._known_bad.remember(key, st)
 
     def _reindex(self) -> None:
         found: list[tuple[float, str, int]] = []
@@ -337,7 +276,7 @@ class DiskTier(TierCounters):
         got = self._header(key, count_errors=True)
         return None if got is None else (got[1].st_size, got[1].st_mtime)
 
-    def _header(self, key: str, count_errors: bool = False):
+    def _header(self, key: str, count_errors: bool = False) -> tuple[ChunkHeader, os.stat_result] | None:
         """`(header, stat)` of `key`'s file, reading the header alone; None when the file is
         missing, known bad, not a regular file or damaged (the last two handled by `_reject`), or
         unreadable (counted in `errors` when `count_errors`)."""
@@ -500,26 +439,7 @@ class DiskTier(TierCounters):
         return True
 
     def _read_verified(self, f: FileIO, hdr: ChunkHeader, mv: memoryview) -> None:
-        """Read the payload after the header into `mv`, hashing each piece as it lands."""
-        h = self.auth.start(hdr.meta)
-        if len(mv) < _PIPELINE_MIN or not self.auth.signed:
-            for start in range(0, len(mv), READ_PIECE):
-                piece = mv[start : start + READ_PIECE]
-                readinto_all(f, piece)
-                h.update(piece)
-        else:
-            pool = self._hasher()
-            last = None
-            try:
-                for start in range(0, len(mv), READ_PIECE):
-                    piece = mv[start : start + READ_PIECE]
-                    readinto_all(f, piece)
-                    last = pool.submit(h.update, piece)  # one worker: pieces hashed in order
-            finally:
-                if last is not None:
-                    last.result()
-        if self.auth.seal(h) != hdr.meta["checksum"]:
-            raise ChunkError("MAC mismatch" if self.auth.signed else "checksum mismatch")
+        read_payload_verified(f, hdr, mv, self.auth, self._hasher)
 
     def get(
         self, key: str, expect: dict[str, str] | None = None, out: torch.Tensor | None = None
@@ -623,7 +543,7 @@ class DiskTier(TierCounters):
         if free is not None and free < size:  # make room before a write that would fail half-way
             self._evict_lru(size - free, keep=key)
         for attempt in range(_FULL_RETRIES + 1):
-            err = self._write_file(key, final, header, payload)
+            err = write_atomic(self.path, key, final, (header, payload))
             if err is None:
                 break
             if err.errno in FULL_ERRNOS and attempt < _FULL_RETRIES and self._evict_lru(size, keep=key):
@@ -647,31 +567,11 @@ class DiskTier(TierCounters):
             if key not in self._index:
                 self._bytes += size
             self._index[key] = size
-            self._known_bad.pop(key, None)
+            self._known_bad.forget(key)
             self._record("+", [key])
             self._stats["writes"] += 1
             self._stats["bytes_written"] += size
         return True
-
-    def _write_file(self, key: str, final: Path, header: bytes, payload: memoryview) -> OSError | None:
-        tmp = tmp_path(self.path, key)
-        fd = -1
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            write_all(fd, header)
-            write_all(fd, payload)
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, final)
-        except OSError as e:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            return e
-        return None
 
     # ------------------------------------------------------------ maintenance
 
@@ -722,6 +622,10 @@ class DiskTier(TierCounters):
         """Indexed keys, least recently used first."""
         with self._lock:
             return list(self._index)
+
+    def describe(self) -> str:
+        """"100.0 GB at /var/cache/kv": the bound and the directory, for the start-up line."""
+        return f"{self.max_bytes / (1 << 30):.1f} GB at {self.path}"
 
     @property
     def stats(self) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""The disk tier's directory: the safety checks at open, temp-file names, stale temp files.
+"""The disk tier's directory: the safety checks at open, all-or-nothing writes, stale temp files.
 
 Torch-free. Invariants:
   * Private by default: the directory is created 0700 and files 0600. At open (not for the
@@ -11,6 +11,8 @@ Torch-free. Invariants:
     and every failed write counts in `write_errors`.
   * Temp files are `.<key>.<host>.<pid>.<rand>.tmp` in the same directory; start-up removes
     those of this host's dead processes and any older than an hour.
+  * All-or-nothing files (`write_atomic`): a temp file, fsynced, then `os.replace`d to the final
+    name; readers see a whole file or none.
 """
 
 from __future__ import annotations
@@ -44,6 +46,29 @@ class DiskTierError(OSError):
 def tmp_path(directory: Path, key: str) -> Path:
     """A fresh temp-file name for `key` in `directory`, naming this host and process."""
     return directory / f".{key}.{HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def write_atomic(directory: Path, key: str, final: Path, parts: tuple[bytes | memoryview, ...]) -> OSError | None:
+    """Write `parts` to `final` all-or-nothing: a temp file (0600) in `directory`, fsynced, then
+    `os.replace`d. Returns the error (the temp file removed), or None when written."""
+    tmp = tmp_path(directory, key)
+    fd = -1
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        for part in parts:
+            write_all(fd, part)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, final)
+    except OSError as e:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return e
+    return None
 
 
 def check_directory(path: Path, signed: bool) -> bool:

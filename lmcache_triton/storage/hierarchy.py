@@ -49,7 +49,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
 
 import torch
 
@@ -277,7 +276,7 @@ class StorageHierarchy:
         self,
         key: str,
         expect: dict[str, str] | None = None,
-        lock: AbstractContextManager[Any] | None = None,
+        lock: AbstractContextManager[object] | None = None,
         on_stored: Callable[[str], object] | None = None,
     ) -> bool:
         """Read a chunk from the first slow tier that has a usable copy into the CPU tier,
@@ -314,7 +313,7 @@ class StorageHierarchy:
         tier: SlowTier,
         key: str,
         expect: dict[str, str] | None,
-        lock: AbstractContextManager[Any] | None,
+        lock: AbstractContextManager[object] | None,
         on_stored: Callable[[str], object] | None,
     ) -> bool | None:
         """True/False: decided by this tier (stored / no room in memory); None: ask the next."""
@@ -370,24 +369,4 @@ class StorageHierarchy:
             t.close()
         if self.cpu is not None:
             self.cpu.clear()
-
-    # ------------------------------------------------------------------ transitional
-    # For integration/vllm until it uses `tier(name)`, `store_errors()` and the builder's
-    # `replica` option (the connector's part of issue 17); remove then.
-
-    @property
-    def disk(self) -> SlowTier | None:
-        return self.tier("disk")
-
-    @property
-    def remote(self) -> SlowTier | None:
-        return self.tier("remote")
-
-    @property
-    def write_disk(self) -> bool:
-        return self.write_slow_tiers
-
-    @write_disk.setter
-    def write_disk(self, value: bool) -> None:
-        self.write_slow_tiers = value
 

@@ -18,6 +18,7 @@ Primitives:
   `put(key, tensor, meta, on_done)`  queue a background write and return at once; `on_done(ok)` is
                             called exactly once when the writer is done with `tensor` (also when
                             the write failed), and never when `put` returns False or raises.
+  `describe()`               its bound and place for the start-up line (no secret in it).
   `flush(timeout)`, `close()`, `stats` (a property), `track_changes()`/`take_changes()` (KV events).
 
 Invariants:
@@ -86,6 +87,11 @@ class SlowTier(Protocol):
 
     @property
     def stats(self) -> dict[str, int]: ...
+
+    def describe(self) -> str:
+        """Its bound and place for the start-up line, e.g. "100.0 GB at /var/cache/kv" or a
+        masked URL; never a secret."""
+        ...
 
     def track_changes(self) -> None: ...
 

@@ -29,7 +29,13 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
 
 CONNECTOR_MODULE = "lmcache_triton.integration.vllm.vllm_v1_adapter"
 # When set (the test suite's conftest sets it), every engine start appends one JSON line here:
@@ -74,7 +80,7 @@ class EngineSpec:
 
 def kv_transfer_config(
     extra: dict[str, Any], by_name: bool = False, failure_policy: str | None = None, kv_role: str = "kv_both"
-):
+) -> KVTransferConfig:
     from vllm.config import KVTransferConfig
 
     kwargs: dict[str, Any] = dict(kv_role=kv_role, kv_connector_extra_config=dict(extra))
@@ -106,7 +112,7 @@ def note_engine_start(kind: str) -> None:
         f.write(line + "\n")
 
 
-def start_engine(spec: EngineSpec):
+def start_engine(spec: EngineSpec) -> LLM:
     """A `vllm.LLM` for `spec` (imports vLLM)."""
     note_engine_start("multiprocess" if spec.multiprocess else "in-process")
     prepare_env(spec.multiprocess)
@@ -131,7 +137,7 @@ def start_engine(spec: EngineSpec):
 
 
 def generate(
-    llm,
+    llm: LLM,
     prompts: Sequence[str | list[int]],
     max_tokens: int = 8,
     measure_ttft: bool = False,
@@ -175,7 +181,7 @@ def generate(
     return out
 
 
-def isolate(llm) -> None:
+def isolate(llm: LLM) -> None:
     """Isolate what runs next on `llm` from what ran before, without a new engine: vLLM's
     `reset_prefix_cache(reset_connector=True)` (= POST /reset_prefix_cache?reset_external=true)
     empties vLLM's own prefix cache and gives the connector a new key epoch, so no chunk stored
@@ -198,7 +204,7 @@ def run(
         shutdown(llm)
 
 
-def shutdown(llm) -> None:
+def shutdown(llm: LLM) -> None:
     """Stop an engine and flush the connector (its disk writes) before returning."""
     engine = getattr(llm, "llm_engine", None)
     try:
@@ -214,11 +220,11 @@ def shutdown(llm) -> None:
 
 def run_in_subprocess(
     spec: EngineSpec,
-    prompts,
+    prompts: Sequence[str | list[int]],
     max_tokens: int = 8,
     measure_ttft: bool = False,
-    env=None,
-    timeout=600,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
     ttft_from_metrics: bool = False,
 ) -> list[dict]:
     """`run` in a fresh Python process (a real restart): a new interpreter, or a fork of the
@@ -295,8 +301,8 @@ class ForkServer:
     def __init__(self, env: dict[str, str], log_path: str | None = None):
         self.env = dict(env)
         self.log_path = log_path
-        self._proc = None
-        self._results = None
+        self._proc: subprocess.Popen[str] | None = None
+        self._results: TextIO | None = None
         self._child: int | None = None  # the running child, if a run was interrupted
         self.broken = False
 
@@ -435,9 +441,9 @@ def _fork_server_main(fd: int) -> int:
             try:
                 os.setpgid(0, 0)
                 for target, path in ((1, job["stdout"]), (2, job["stderr"])):
-                    f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    os.dup2(f, target)
-                    os.close(f)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    os.dup2(fd, target)
+                    os.close(fd)
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
                 os.close(null)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -53,7 +54,9 @@ def group_alive(pgid: int) -> bool:
 
 
 @contextlib.contextmanager
-def served(cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, timeout: float = 240):
+def served(
+    cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, timeout: float = 240
+) -> Iterator[str]:
     """Run `cmd` (a server listening on 127.0.0.1:`port`), logging to `log_path`; yield its URL."""
     from lmcache_triton.testing.runner import note_engine_start
 

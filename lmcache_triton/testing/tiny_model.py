@@ -25,7 +25,10 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = ["DEFAULT_DEMO_SPEC", "SUPPORTED_HEAD_SIZES", "build_tiny_model", "sample_prompt"]
 
@@ -123,7 +126,8 @@ _DETS = _words("the a this that every some one another each no")
 _CONJ = _words("and but so because while although when")
 
 
-def _sentence(rng: random.Random) -> str:
+def sentence(rng: random.Random) -> str:
+    """One random English-like sentence from the tiny model's vocabulary (also the demo's)."""
     def noun_phrase() -> str:
         if rng.random() < 0.2:
             return rng.choice(_NAMES)
@@ -156,7 +160,7 @@ def _corpus(num_sentences: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     lines, para = [], []
     for _ in range(num_sentences):
-        para.append(_sentence(rng))
+        para.append(sentence(rng))
         if len(para) >= rng.randint(3, 8):
             lines.append(" ".join(para))
             para = []
@@ -170,7 +174,7 @@ def _corpus(num_sentences: int, seed: int) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _train_tokenizer(vocab_size: int, seed: int):
+def _train_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
     """Byte-level BPE with `<s>`/`</s>`/`<unk>`/`<pad>`; `<s>` prepended by the post-processor."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -452,7 +456,7 @@ def sample_prompt(tokenizer_dir_or_path: str | os.PathLike, num_tokens: int, see
     text = ""
     while True:
         # ~6 tokens per sentence; overshoot then cut at a token boundary.
-        sentences = [_sentence(rng) for _ in range(max(8, num_tokens // 4))]
+        sentences = [sentence(rng) for _ in range(max(8, num_tokens // 4))]
         text = (text + " " if text else "") + " ".join(sentences)
         enc = tok.encode(text, add_special_tokens=False)
         if len(enc.ids) >= num_tokens:

@@ -15,6 +15,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis
 
 
 def server_binary() -> str | None:
@@ -138,7 +142,7 @@ class ValkeyServer:
         binary: str | None = None,
         tls: bool | dict[str, str] = False,
         users: list[str] | None = None,
-    ):
+    ) -> None:
         binary = binary or (tls_server_binary() if tls else server_binary())
         if binary is None:
             raise RuntimeError(
@@ -229,7 +233,7 @@ class ValkeyServer:
     def __enter__(self) -> ValkeyServer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -252,7 +256,7 @@ class ValkeyCluster:
 
     SLOTS = 16384
 
-    def __init__(self, n: int = 3, password: str | None = None, *, tls: bool = False, user: str | None = None):
+    def __init__(self, n: int = 3, password: str | None = None, *, tls: bool = False, user: str | None = None) -> None:
         extra = [
             "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
             "--cluster-require-full-coverage", "no", "--cluster-allow-reads-when-down", "no",
@@ -262,15 +266,17 @@ class ValkeyCluster:
         users = [f"{user} on >{password} ~* +@all", "default off"] if user else None
         if password and not user:
             extra += ["--masterauth", password]
-        files: dict[str, str] | bool = False
-        self._tls_dir = None
+        files: dict[str, str] | None = None
+        self._tls_dir: str | None = None
         if tls:
             extra += ["--tls-cluster", "yes"]
             self._tls_dir = tempfile.mkdtemp(prefix="lmct-tls-")
             files = make_tls_files(self._tls_dir)
-        self.tls = files or None
+        self.tls = files
         self.nodes = [
-            ValkeyServer(password=None if user else password, extra=list(extra), tls=files, users=users)
+            ValkeyServer(
+                password=None if user else password, extra=list(extra), tls=files or False, users=users
+            )
             for _ in range(n)
         ]
         self.bus_ports = [free_port() for _ in self.nodes]
@@ -286,13 +292,12 @@ class ValkeyCluster:
         scheme, query = ("rediss+cluster", f"?ssl_ca_certs={self.tls['ca']}") if self.tls else ("redis+cluster", "")
         return f"{scheme}://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes) + query
 
-    def client(self, node: int):
+    def client(self, node: int) -> redis.Redis:
         import redis
 
-        tls = {"ssl": True, "ssl_ca_certs": self.tls["ca"]} if self.tls else {}
         return redis.Redis(
             host="127.0.0.1", port=self.nodes[node].port, username=self.user, password=self.password,
-            socket_timeout=5, **tls,
+            socket_timeout=5, ssl=self.tls is not None, ssl_ca_certs=self.tls["ca"] if self.tls else None,
         )
 
     def start(self, timeout: float = 20.0) -> ValkeyCluster:
@@ -321,7 +326,7 @@ class ValkeyCluster:
             self.close()
             raise
 
-    def _settled(self, c) -> bool:
+    def _settled(self, c: redis.Redis) -> bool:
         info = c.execute_command("CLUSTER", "INFO")
         info = info.decode() if isinstance(info, bytes) else str(info)
         if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.nodes)}" not in info:
@@ -342,5 +347,5 @@ class ValkeyCluster:
     def __enter__(self) -> ValkeyCluster:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -6,7 +6,7 @@ views, and the worker failed at `register_kv_caches`. Every copy here is compare
 against the same copy on a one-buffer cache holding the same bytes (the fast path, itself
 tested against oracles in tests/test_paged_copy.py), with destinations poisoned first. Runs in
 the normal suite: the kernels through Triton's interpreter (conftest sets TRITON_INTERPRET=1 on
-CPU), one launch per layer.
+CPU) in one launch through the per-layer offset table, and the torch twins one layer at a time.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from lmcache_triton.engine import KVCacheEngine
+from lmcache_triton.kernels import paged_copy
 from lmcache_triton.kernels.geometry import LayerTable, allocate_paged_cache, geometry_from_layer_views
 from lmcache_triton.kernels.paged_copy import chunk_to_paged, paged_to_chunk, paged_to_tokens, tokens_to_paged
 from lmcache_triton.storage.cpu import CpuTier
-from lmcache_triton.storage.manager import StorageManager
+from lmcache_triton.storage.hierarchy import StorageHierarchy
 
 # (physical order of one layer's [B, H, N, C], i.e. vLLM's LBHNC / LBNHC per layer)
 LAYER_LAYOUTS = ["LBHNC", "LBNHC"]
@@ -81,6 +82,8 @@ def test_separate_storages_make_a_layer_table():
     )
     for layer, view in enumerate(views):
         assert flat.layers[layer].data_ptr() == view.data_ptr(), layer
+        delta = int(flat.element_offsets()[layer])
+        assert view.data_ptr() - views[0].data_ptr() == delta * view.element_size(), layer
     assert flat.dtype == torch.bfloat16 and not flat.is_cuda and flat.element_size() == 2
     # Layer-outermost, as 0.34 lays them out; the same fingerprint as the one-buffer LBHNC cache.
     one = geometry_from_layer_views(list(allocate_paged_cache("LBHNC", LAYERS, 5, HEADS, 16, 128, torch.bfloat16)))
@@ -89,8 +92,20 @@ def test_separate_storages_make_a_layer_table():
         geom.view5d(flat.layers[0])
 
 
+@pytest.fixture(params=["kernel", "twin"])
+def path(request, monkeypatch):
+    """`kernel`: one launch through the offset table (Triton's interpreter on CPU, which reaches
+    across allocations as a GPU does); `twin`: the torch twins, one layer at a time (the CPU
+    production path)."""
+    if request.param == "twin":
+        monkeypatch.setattr(paged_copy, "_INTERPRET", False)
+    elif not paged_copy._INTERPRET:
+        pytest.skip("the kernel path needs TRITON_INTERPRET=1 on CPU (conftest sets it)")
+    return request.param
+
+
 @pytest.mark.parametrize("layout, dtype, head, n", CASES)
-def test_token_rows_per_layer_match_one_buffer(layout, dtype, head, n):
+def test_token_rows_per_layer_match_one_buffer(layout, dtype, head, n, path):
     one, views = _caches(layout, n, head, dtype)
     flat1, g1 = geometry_from_layer_views(list(one))
     flatl, gl = geometry_from_layer_views(views)
@@ -112,7 +127,7 @@ def test_token_rows_per_layer_match_one_buffer(layout, dtype, head, n):
 
 
 @pytest.mark.parametrize("layout, dtype, head, n", CASES[::2])
-def test_pages_per_layer_match_one_buffer(layout, dtype, head, n):
+def test_pages_per_layer_match_one_buffer(layout, dtype, head, n, path):
     one, views = _caches(layout, n, head, dtype)
     flat1, g1 = geometry_from_layer_views(list(one))
     flatl, gl = geometry_from_layer_views(views)
@@ -148,7 +163,7 @@ def test_engine_round_trip_on_per_layer_tensors(dtype):
     stores a chunk of 2.5 blocks and loads it into other blocks bit for bit."""
     block = 16
     one, views = _caches("LBHNC", block, 64, dtype)
-    eng = KVCacheEngine(StorageManager(CpuTier(1 << 24), None), "0d" * 16, {"model": "m", "layout": "L"})
+    eng = KVCacheEngine(StorageHierarchy(CpuTier(1 << 24), []), "0d" * 16, {"model": "m", "layout": "L"})
     eng.register(views, block)
     try:
         assert eng.store("ab" * 16, [5, 2, 8], 40)

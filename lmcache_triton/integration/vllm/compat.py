@@ -22,7 +22,6 @@ Imports nothing from vLLM at module level.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 # (module, class) of every model runner whose `load_model` sets `self.model`; a module missing
@@ -69,18 +68,3 @@ def supports_sleep_mode(cls: type, kv_transfer_config: Any = None) -> bool:
     """
     return False
 
-
-def present_classes(runners: Iterable[tuple[str, str]] = MODEL_RUNNERS) -> list[type]:
-    """The runner classes of `runners` this vLLM has (imports the modules: tests only)."""
-    import importlib
-
-    out = []
-    for mod_name, cls_name in runners:
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError:
-            continue
-        cls = getattr(module, cls_name, None)
-        if cls is not None:
-            out.append(cls)
-    return out

@@ -56,7 +56,7 @@ class LMCacheTritonStats(KVConnectorStats):
     """Worker counters for one interval; summed across ranks and steps."""
 
     def reset(self) -> None:
-        self.data = {}
+        self.data: dict[str, int | float] = {}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for k, v in other.data.items():

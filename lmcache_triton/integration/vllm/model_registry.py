@@ -52,7 +52,7 @@ def _wrap(cls: type) -> None:
         return out
 
     setattr(load_model, _WRAPPED, True)
-    cls.load_model = load_model
+    setattr(cls, "load_model", load_model)  # noqa: B010 (cls is a plain `type` to mypy)
 
 
 def install_hooks() -> None:

@@ -28,27 +28,14 @@ class SlowTierInfo(NamedTuple):
     doc: str  # what a hit from it means, for /metrics
 
 
-# vLLM's KV-event medium and locality of the shipped slow tiers (their classes say the same:
-# `DiskTier.medium`, ...). The scheduler holds presence-only views (`storage.builder.TierView`),
-# which do not carry them yet; when they do, this table goes. A tier not named here (a new or a
-# test-only one) is announced as local storage.
-_MEDIA = {
-    "disk": ("STORAGE", "LOCAL", "the disk tier"),  # vLLM's file tier reports "STORAGE"
-    "remote": ("STORAGE", "REMOTE", "the remote tier (remote_url)"),  # as vLLM's object store
-}
-_DEFAULT_MEDIUM = ("STORAGE", "LOCAL")
-
-
 def slow_tiers() -> tuple[SlowTierInfo, ...]:
     """Every slow tier registered with the storage builder (`storage.builder.TIERS`), fastest
     first."""
     from lmcache_triton.storage.builder import TIERS
 
-    out = []
-    for name in TIERS:
-        medium, locality, doc = _MEDIA.get(name, (*_DEFAULT_MEDIUM, f"the {name} tier"))
-        out.append(SlowTierInfo(name, medium, locality, doc))
-    return tuple(out)
+    return tuple(
+        SlowTierInfo(name, e.medium, e.locality, e.doc or f"the {name} tier") for name, e in TIERS.items()
+    )
 
 
 def tier_names() -> list[str]:

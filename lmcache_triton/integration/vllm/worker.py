@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import platform
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -65,20 +64,6 @@ def _gb(n_bytes: float) -> str:
     return f"{n_bytes / (1 << 30):.1f} GB"
 
 
-def _masked_remote(config: LMCacheConfig) -> str:
-    from lmcache_triton.remote_url import mask_url
-
-    return mask_url(config.remote_url or "")
-
-
-# What the start-up line says of a slow tier beside its name: its bound and place, from the config
-# (a tier not named here is listed by name).
-_WHERE: dict[str, Callable[[LMCacheConfig], str]] = {
-    "disk": lambda c: f"{_gb(c.max_local_disk_bytes)} at {c.local_disk}",
-    "remote": _masked_remote,
-}
-
-
 def describe_tiers(config: LMCacheConfig, storage: StorageHierarchy) -> str:
     """The tiers a worker runs and their bounds, for the start-up line: "CPU 5.0 GB, disk
     100.0 GB at /path, remote redis://user:***@host:6379" (password masked), in the hierarchy's
@@ -88,8 +73,8 @@ def describe_tiers(config: LMCacheConfig, storage: StorageHierarchy) -> str:
         staging = "" if config.local_cpu else " (staging only: local_cpu is off)"
         parts.append(f"CPU {_gb(storage.memory_bound)}{staging}")
     for tier in storage.tiers:
-        where = _WHERE.get(tier.name)
-        parts.append(f"{tier.name} {where(config)}" if where is not None else tier.name)
+        where = tier.describe()
+        parts.append(f"{tier.name} {where}" if where else tier.name)
     return ", ".join(parts) or "none (nothing is cached: max_local_cpu_size is 0)"
 
 

@@ -67,7 +67,7 @@ class RemoteAdmin:
                     out.append(self.entry(key, got[2 * j], got[2 * j + 1]))
         return out
 
-    def entry(self, skey: str, size: Any, head: Any) -> dict[str, Any]:
+    def entry(self, skey: str, size: object, head: object) -> dict[str, Any]:
         key = skey[len(self.keys.prefix) :]  # the chunk key in the unsigned space
         rec: dict[str, Any] = {"key": key, "bytes": size if isinstance(size, int) else 0}
         try:

@@ -545,6 +545,10 @@ class RemoteTier(TierCounters):
         """See `RemoteAdmin.server_info`."""
         return self.admin.server_info()
 
+    def describe(self) -> str:
+        """The server's URL with the password masked, for the start-up line."""
+        return self.masked
+
     @property
     def stats(self) -> dict[str, int]:
         with self._lock:
