@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmcache_triton.storage import CpuTier
-from lmcache_triton.storage.cpu import ALIGN, FreeList, slab_sizes
+from lmcache_triton.storage.arena import ALIGN, FreeList, slab_sizes
 
 A = ALIGN
 

@@ -352,7 +352,9 @@ def test_disk_first_then_remote_and_keys_vanishing_between_lookup_and_fetch(serv
     a = disk_then_remote(CpuTier(16 << 20), DiskTier(tmp_path / "a", 1 << 30), remote=RemoteTier(server.url))
     t = _chunk(7)
     assert a.put(KEY, t, META) and a.flush(10)
-    assert (tmp_path / "a" / f"{KEY}.safetensors").exists() and a.tier("remote").contains_many([KEY]) == [True]  # both written
+    remote_a = a.tier("remote")
+    assert remote_a is not None and remote_a.contains_many([KEY]) == [True]  # both written
+    assert (tmp_path / "a" / f"{KEY}.safetensors").exists()
     # Another machine: its own (empty) disk; the disk has no file, the remote serves it.
     b = disk_then_remote(CpuTier(16 << 20), DiskTier(tmp_path / "b", 1 << 30), remote=RemoteTier(server.url))
     tiers: list[str] = []

@@ -29,7 +29,11 @@ from collections.abc import Sequence
 
 import torch
 
-from lmcache_triton.kernels.geometry import PagedKVGeometry
+from lmcache_triton.kernels.geometry import LayerTable, PagedKVGeometry
+
+# A cache as the copy launchers take it: one flat tensor over its storage, or a per-layer table
+# (vLLM 0.34's extensible cache: every layer its own allocation).
+Cache = torch.Tensor | LayerTable
 
 # What a chunk's rows are, in its header: token rows `[S, L, T, H, C / S]`, portable across block
 # sizes, page layouts and attention backends.
@@ -48,7 +52,7 @@ class CopyPath:
 
     rows: str = ROWS_FORM
 
-    def __init__(self, flat: torch.Tensor, geom: PagedKVGeometry, block_size: int, kv_split: int = 2) -> None:
+    def __init__(self, flat: Cache, geom: PagedKVGeometry, block_size: int, kv_split: int = 2) -> None:
         if block_size % geom.block_size != 0:
             raise ValueError(f"vLLM block size {block_size} is not a multiple of the cache page size {geom.block_size}")
         if kv_split not in (1, 2) or geom.row_size % kv_split:
@@ -213,9 +217,12 @@ class PackedPages(CopyPath):
     """
 
     def __init__(
-        self, flat: torch.Tensor, geom: PagedKVGeometry, block_size: int, kv_split: int, page_map: torch.Tensor
+        self, flat: Cache, geom: PagedKVGeometry, block_size: int, kv_split: int, page_map: torch.Tensor
     ) -> None:
+        if isinstance(flat, LayerTable):  # vLLM's CPU backend has no per-layer (extensible) cache
+            raise ValueError("page_map: packed CPU pages need the cache in one buffer, got per-layer tensors")
         super().__init__(flat, geom, block_size, kv_split)
+        self.buffer: torch.Tensor = flat
         g = geom
         want = (kv_split, g.block_size, g.num_heads, g.row_size // kv_split)
         if tuple(page_map.shape) != want:
@@ -234,7 +241,7 @@ class PackedPages(CopyPath):
         offs = self.page_map[:, off] + (page * g.stride_b)[None, :, None, None]
         span = int(offs.max()) + 1 if offs.numel() else 1
         starts = [g.offset + layer * g.stride_l for layer in range(g.num_layers)]
-        rows = [self.flat[start : start + span] for start in starts]
+        rows = [self.buffer[start : start + span] for start in starts]
         return rows, offs, valid
 
     def gather(self, ids: torch.Tensor, out: torch.Tensor) -> None:
@@ -263,7 +270,7 @@ class OpaquePages(CopyPath):
     """
 
     def __init__(
-        self, flat: torch.Tensor, geom: PagedKVGeometry, block_size: int, kv_split: int, packing: str
+        self, flat: Cache, geom: PagedKVGeometry, block_size: int, kv_split: int, packing: str
     ) -> None:
         super().__init__(flat, geom, block_size, kv_split)
         self.rows = f"pages:{packing}:N{geom.block_size}"
@@ -296,7 +303,7 @@ class OpaquePages(CopyPath):
 
 
 def make_copy_path(
-    flat: torch.Tensor,
+    flat: Cache,
     geom: PagedKVGeometry,
     block_size: int,
     kv_split: int = 2,

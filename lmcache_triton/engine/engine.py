@@ -42,7 +42,7 @@ from lmcache_triton.chunk.planner import chunk_key
 from lmcache_triton.kernels.geometry import PagedKVGeometry
 from lmcache_triton.storage.hierarchy import StorageHierarchy
 
-from .copy_paths import CopyPath, make_copy_path
+from .copy_paths import Cache, CopyPath, make_copy_path
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class KVCacheEngine:
         self.meta = {**meta, "format_version": FORMAT_VERSION}
         self.stats = TransferStats()
         self.path: CopyPath | None = None  # how chunks move (`register`)
-        self.flat: torch.Tensor | None = None
+        self.flat: Cache | None = None
         self.geom: PagedKVGeometry | None = None
         self.pages_per_block = 1
         self.block_size = 0

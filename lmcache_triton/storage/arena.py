@@ -1,0 +1,143 @@
+"""The CPU tier's arena allocator: slabs of the bound and a best-fit free list in each.
+
+Primitives:
+  `FreeList`         offsets within one slab: best fit, coalescing on free.
+  `slab_sizes(...)`  how a bound is cut into slabs (power-of-two digits when pinned: torch's
+                     caching host allocator rounds every pinned request up to a power of two).
+  `Slab`             one slab: its (lazily allocated) buffer and free list.
+
+The tier (`storage.cpu.CpuTier`) owns the locking, the entries and growth; nothing here takes a
+lock or allocates memory but `Slab.buf`, which the tier fills.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+ALIGN = 512  # entry offsets and reservations; a sector, so O_DIRECT reads could land in place
+SLAB_BYTES = 1 << 30  # default slab: 32 chunks of 32 MiB, waste per slab < one chunk
+
+
+def round_up(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+class FreeList:
+    """Best-fit allocator over the offsets `[0, capacity)`, coalescing freed neighbours.
+
+    Sizes are rounded up to `align` (a zero-byte request reserves `align`, so every block has a
+    distinct offset). Free blocks are kept sorted by offset in two parallel lists: allocation
+    scans them (a handful in practice: chunks are mostly one size), free is a bisect.
+
+    Args:
+        capacity: bytes managed; rounded down to `align`.
+        align: granularity of offsets and sizes; default `ALIGN`.
+    """
+
+    def __init__(self, capacity: int, align: int = ALIGN) -> None:
+        if align <= 0 or capacity < 0:
+            raise ValueError(f"FreeList: expected capacity >= 0 and align > 0, got {capacity}, {align}")
+        self.align = align
+        self.capacity = capacity // align * align
+        self._starts: list[int] = [0] if self.capacity else []
+        self._sizes: list[int] = [self.capacity] if self.capacity else []
+        self.free_bytes = self.capacity
+
+    def reserve_size(self, nbytes: int) -> int:
+        """Bytes a request of `nbytes` reserves."""
+        return max(self.align, round_up(nbytes, self.align))
+
+    def _best(self, size: int) -> int:
+        best, best_size = -1, self.capacity + 1
+        for i, s in enumerate(self._sizes):
+            if size <= s < best_size:
+                best, best_size = i, s
+                if s == size:
+                    break
+        return best
+
+    def fit(self, nbytes: int) -> int | None:
+        """Size of the free block `alloc(nbytes)` would cut from, or None."""
+        best = self._best(self.reserve_size(nbytes))
+        return None if best < 0 else self._sizes[best]
+
+    def alloc(self, nbytes: int) -> int | None:
+        """Offset of a block of `reserve_size(nbytes)` bytes, or None when no free block fits."""
+        size = self.reserve_size(nbytes)
+        best = self._best(size)
+        return None if best < 0 else self._take(best, size)
+
+    def _take(self, best: int, size: int) -> int:
+        """Cut `size` (already rounded) bytes from free block number `best`."""
+        off = self._starts[best]
+        if self._sizes[best] == size:
+            del self._starts[best], self._sizes[best]
+        else:
+            self._starts[best] += size
+            self._sizes[best] -= size
+        self.free_bytes -= size
+        return off
+
+    def free(self, off: int, nbytes: int) -> None:
+        """Return the block `alloc(nbytes)` gave at `off`; raises on a block that is not wholly
+        allocated (a double free or a wrong size would corrupt other entries)."""
+        size = self.reserve_size(nbytes)
+        starts, sizes = self._starts, self._sizes
+        i = bisect.bisect_left(starts, off)
+        if (
+            off < 0
+            or off % self.align
+            or off + size > self.capacity
+            or (i > 0 and starts[i - 1] + sizes[i - 1] > off)
+            or (i < len(starts) and off + size > starts[i])
+        ):
+            raise ValueError(f"FreeList.free: [{off}, {off + size}) is not an allocated block")
+        if i > 0 and starts[i - 1] + sizes[i - 1] == off:  # merge with the block before
+            i -= 1
+            sizes[i] += size
+            if i + 1 < len(starts) and starts[i] + sizes[i] == starts[i + 1]:  # and after
+                sizes[i] += sizes[i + 1]
+                del starts[i + 1], sizes[i + 1]
+        elif i < len(starts) and off + size == starts[i]:  # merge with the block after
+            starts[i] = off
+            sizes[i] += size
+        else:
+            starts.insert(i, off)
+            sizes.insert(i, size)
+        self.free_bytes += size
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """Free blocks as (offset, size), by offset."""
+        return list(zip(self._starts, self._sizes, strict=True))
+
+    def largest(self) -> int:
+        return max(self._sizes, default=0)
+
+
+def slab_sizes(max_bytes: int, slab_bytes: int, pinned: bool) -> list[int]:
+    """The arena's slab sizes, largest first: `max_bytes // slab_bytes` full slabs, then the
+    remainder rounded down to `ALIGN`, as one slab or (pinned) as its power-of-two digits."""
+    full, rest = divmod(int(max_bytes), slab_bytes)
+    sizes = [slab_bytes] * full
+    rest = rest // ALIGN * ALIGN
+    if not pinned:
+        return sizes + ([rest] if rest else [])
+    bit = slab_bytes
+    while bit >= ALIGN:
+        if rest & bit:
+            sizes.append(bit)
+        bit >>= 1
+    return sizes
+
+
+class Slab:
+    __slots__ = ("size", "buf", "free", "used", "failed")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buf: torch.Tensor | None = None  # [size] uint8, None until allocated
+        self.free = FreeList(size)
+        self.used = 0  # blocks handed out (live or held-dead entries)
+        self.failed = False  # its allocation failed once: never retried
