@@ -150,9 +150,8 @@ class WorkerConnector(ConnectorCore):
             names.extend(n for n in t.layers if n in kv_caches and n not in names)
         names.extend(n for n in kv_caches if n not in names)
         views = [kv_caches[n] for n in names]
-        self.engine.register(
-            views, self.block_size, staging_tokens=self.config.chunk_size, **row_form(self.spec, views, self.vllm_config)
-        )
+        form = row_form(self.spec, views, self.vllm_config)
+        self.engine.register(views, self.block_size, staging_tokens=self.config.chunk_size, **form)
         logger.info(
             "lmcache_triton: registered %d layers, geometry %s", len(names), self.engine.geom
         )
