@@ -147,3 +147,32 @@ def test_kv_tp_replicas_prefers_vllms_count():
     assert compat.kv_tp_replicas(types.SimpleNamespace(kv_tp_replicas=4), 2) == 4
     assert compat.kv_tp_replicas(types.SimpleNamespace(), 2) == 2
     assert compat.kv_tp_replicas(types.SimpleNamespace(kv_tp_replicas=None), 3) == 3
+
+
+def test_a_find_spec_probe_does_not_use_up_the_runner_hook(tmp_path, monkeypatch):
+    """A bare `importlib.util.find_spec` of a runner module (a probe that imports nothing: this
+    suite's own `_has_module`, or any library checking whether a module exists) must leave the
+    hook in place for the real import. It used to take the module off the pending list, so the
+    later import ran unwrapped and CacheBlend found no model (seen as "no model captured" in the
+    e2e blend tests whenever this module's probes ran first in the same process)."""
+    (tmp_path / "lmct_fake_runner.py").write_text(
+        "class Runner:\n"
+        "    def load_model(self):\n"
+        "        self.model = object()\n"
+        "        return 'loaded'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(model_registry, "_RUNNERS", (("lmct_fake_runner", "Runner"),))
+    others = [f for f in sys.meta_path if not isinstance(f, model_registry._RunnerImportHook)]
+    monkeypatch.setattr(sys, "meta_path", others)
+    monkeypatch.delitem(sys.modules, "lmct_fake_runner", raising=False)
+    monkeypatch.setattr(model_registry, "_model", None)
+    model_registry.install_hooks()
+    assert importlib.util.find_spec("lmct_fake_runner") is not None  # the probe
+    assert "lmct_fake_runner" not in sys.modules
+    import lmct_fake_runner  # noqa: E402
+
+    runner = lmct_fake_runner.Runner()
+    assert runner.load_model() == "loaded"
+    assert model_registry.get_model() is runner.model, "the runner's load_model was not hooked"
+    monkeypatch.delitem(sys.modules, "lmct_fake_runner")

@@ -90,20 +90,28 @@ class _RunnerImportHook(importlib.abc.MetaPathFinder):
 
     def __init__(self, pending: dict[str, str]):
         self.pending = dict(pending)
+        self._finding: set[str] = set()
 
     def find_spec(self, fullname, path, target=None):
         cls_name = self.pending.get(fullname)
-        if cls_name is None:
+        if cls_name is None or fullname in self._finding:
             return None
-        del self.pending[fullname]  # find the real spec without coming back here
-        spec = importlib.util.find_spec(fullname)
+        # Find the real spec without coming back here. The module stays pending until it is
+        # executed: a bare `importlib.util.find_spec` (a probe that imports nothing) must not
+        # use the hook up, or the later real import runs unwrapped.
+        self._finding.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding.discard(fullname)
         if spec is None or spec.loader is None:
             return spec
         real_exec = spec.loader.exec_module
 
-        def exec_module(module, _real=real_exec, _cls=cls_name):
+        def exec_module(module, _real=real_exec, _cls=cls_name, _name=fullname):
             _real(module)
+            self.pending.pop(_name, None)
             _wrap_class(module, _cls)
 
-        spec.loader.exec_module = exec_module
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
