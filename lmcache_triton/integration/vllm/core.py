@@ -43,8 +43,8 @@ def kv_replicas(vllm_config: VllmConfig) -> int:
     per token, not split by heads), `tp // KV heads` when there are more ranks than KV heads
     (vLLM gives each head to that many consecutive ranks), else 1."""
     tp = vllm_config.parallel_config.tensor_parallel_size
-    if tp <= 1:
-        return 1
+    if tp <= 1 or getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) > 1:
+        return 1  # decode context parallelism shards the KV across ranks: no two ranks share it
     mc = vllm_config.model_config
     if getattr(mc, "use_mla", False):
         return tp
