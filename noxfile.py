@@ -36,7 +36,7 @@ def tests(session: nox.Session) -> None:
 def tests_fast(session: nox.Session) -> None:
     """The edit-test loop: no vLLM engine, no Valkey server, no GPU (markers in pyproject)."""
     _install(session, "test")
-    session.run("pytest", "-q", "-m", "not e2e and not valkey and not gpu", *session.posargs)
+    session.run("pytest", "-q", "-m", "not e2e and not valkey and not gpu and not slow", *session.posargs)
 
 
 @nox.session

@@ -17,6 +17,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Two full Triton compiles of every kernel (~30-80 s each on 2 cores): CI and the full suite run
+# them; `nox -s tests_fast` (the edit-test loop) leaves them out.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm_80", "sm_90"])
 def test_every_kernel_compiles_for(arch, tmp_path):
