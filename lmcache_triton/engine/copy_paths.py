@@ -29,11 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lmcache_triton.kernels.geometry import LayerTable, PagedKVGeometry
-
-# A cache as the copy launchers take it: one flat tensor over its storage, or a per-layer table
-# (vLLM 0.34's extensible cache: every layer its own allocation).
-Cache = torch.Tensor | LayerTable
+from lmcache_triton.kernels.geometry import Cache, LayerTable, PagedKVGeometry
 
 # What a chunk's rows are, in its header: token rows `[S, L, T, H, C / S]`, portable across block
 # sizes, page layouts and attention backends.

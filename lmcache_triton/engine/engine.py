@@ -39,10 +39,10 @@ from typing import Any
 import torch
 
 from lmcache_triton.chunk.planner import chunk_key
-from lmcache_triton.kernels.geometry import PagedKVGeometry
+from lmcache_triton.kernels.geometry import Cache, PagedKVGeometry
 from lmcache_triton.storage.hierarchy import StorageHierarchy
 
-from .copy_paths import Cache, CopyPath, make_copy_path
+from .copy_paths import CopyPath, make_copy_path
 
 logger = logging.getLogger(__name__)
 

@@ -216,6 +216,11 @@ class LayerTable:
         return f"LayerTable({len(self.layers)} layers, {self.dtype}, {self.device})"
 
 
+# A cache as the copy launchers take it: one flat tensor over its storage, or a per-layer table
+# (vLLM 0.34's extensible cache: every layer its own allocation).
+Cache = torch.Tensor | LayerTable
+
+
 def _flat_over_storage(t: torch.Tensor) -> torch.Tensor:
     """A 1-D tensor of `t.dtype` over `t`'s whole untyped storage, starting at byte 0."""
     numel = t.untyped_storage().nbytes() // t.element_size()
@@ -224,7 +229,7 @@ def _flat_over_storage(t: torch.Tensor) -> torch.Tensor:
 
 def geometry_from_layer_views(
     views: Sequence[torch.Tensor],
-) -> tuple[torch.Tensor | LayerTable, PagedKVGeometry]:
+) -> tuple[Cache, PagedKVGeometry]:
     """Describe vLLM's per-layer KV views as one flat tensor (or a per-layer table) plus a geometry.
 
     Args:
@@ -328,7 +333,7 @@ def _per_layer_geometry(views: Sequence[torch.Tensor]) -> tuple[LayerTable, Page
     return LayerTable(layers), geom
 
 
-def geometry_for_tensor(cache5d: torch.Tensor) -> tuple[torch.Tensor | LayerTable, PagedKVGeometry]:
+def geometry_for_tensor(cache5d: torch.Tensor) -> tuple[Cache, PagedKVGeometry]:
     """Geometry of a logical `[L, B, H, N, C]` view (any layout, e.g. from `allocate_paged_cache`).
 
     Args:

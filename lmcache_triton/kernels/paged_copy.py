@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import LayerTable, PagedKVGeometry
+from .geometry import Cache, LayerTable, PagedKVGeometry
 from .reference import chunk_to_paged_ref, paged_to_chunk_ref, paged_to_tokens_ref, tokens_to_paged_ref
 
 # Read at import, like `@triton.jit` itself: a kernel defined without the interpreter cannot run
@@ -282,7 +282,7 @@ def _tokens_to_paged_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _use_triton(t: torch.Tensor | LayerTable) -> bool:
+def _use_triton(t: Cache) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and _INTERPRET)
 
 
@@ -293,7 +293,7 @@ def _as_int(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _check_flat(flat: torch.Tensor | LayerTable, geom: PagedKVGeometry) -> None:
+def _check_flat(flat: Cache, geom: PagedKVGeometry) -> None:
     if isinstance(flat, LayerTable) or geom.per_layer:
         if not (isinstance(flat, LayerTable) and geom.per_layer and len(flat) == geom.num_layers):
             raise ValueError(f"flat: {flat!r} does not match a geometry with per_layer={geom.per_layer}")
@@ -311,7 +311,7 @@ def _check_flat(flat: torch.Tensor | LayerTable, geom: PagedKVGeometry) -> None:
         raise ValueError(f"flat: {flat.numel()} elements, geometry reaches {geom.extent()}")
 
 
-def _check_index(name: str, idx: torch.Tensor, flat: torch.Tensor | LayerTable) -> None:
+def _check_index(name: str, idx: torch.Tensor, flat: Cache) -> None:
     if idx.dim() != 1 or idx.dtype != torch.int64:
         raise ValueError(f"{name}: expected a 1-D int64 tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
     if idx.device != flat.device:
@@ -427,7 +427,7 @@ def _token_shape(name: str, geom: PagedKVGeometry, kv_split: int, num_tokens: in
 
 
 def paged_to_chunk(
-    flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, block_ids: torch.Tensor, chunk: torch.Tensor
+    flat: Cache, geom: PagedKVGeometry, block_ids: torch.Tensor, chunk: torch.Tensor
 ) -> None:
     """Gather whole pages of `block_ids`, every layer, into a contiguous chunk (one launch).
 
@@ -454,7 +454,7 @@ def paged_to_chunk(
 
 
 def chunk_to_paged(
-    chunk: torch.Tensor, flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, block_ids: torch.Tensor
+    chunk: torch.Tensor, flat: Cache, geom: PagedKVGeometry, block_ids: torch.Tensor
 ) -> None:
     """Scatter a contiguous chunk back into the pages of `block_ids`, every layer (one launch).
 
@@ -481,7 +481,7 @@ def chunk_to_paged(
 
 
 def paged_to_tokens(
-    flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor
+    flat: Cache, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor
 ) -> None:
     """Gather token rows by slot, every layer, into canonical K/V layout (one launch).
 
@@ -510,7 +510,7 @@ def paged_to_tokens(
 
 
 def _paged_to_tokens(
-    flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor
+    flat: Cache, geom: PagedKVGeometry, slot_mapping: torch.Tensor, out: torch.Tensor
 ) -> None:
     # `out` may be one layer's slice `[S, 1, T, H, D]` of a contiguous chunk: the kernel takes
     # its strides, the twin writes through the view. A LayerTable reaches here only for Triton.
@@ -521,7 +521,7 @@ def _paged_to_tokens(
 
 
 def tokens_to_paged(
-    src: torch.Tensor, flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, slot_mapping: torch.Tensor
+    src: torch.Tensor, flat: Cache, geom: PagedKVGeometry, slot_mapping: torch.Tensor
 ) -> None:
     """Scatter canonical K/V token rows into the cache by slot, every layer (one launch).
 
@@ -549,7 +549,7 @@ def tokens_to_paged(
 
 
 def _tokens_to_paged(
-    src: torch.Tensor, flat: torch.Tensor | LayerTable, geom: PagedKVGeometry, slot_mapping: torch.Tensor
+    src: torch.Tensor, flat: Cache, geom: PagedKVGeometry, slot_mapping: torch.Tensor
 ) -> None:
     if not isinstance(flat, LayerTable) and not _use_triton(flat):
         tokens_to_paged_ref(src, flat, geom, slot_mapping)
