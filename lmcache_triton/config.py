@@ -146,6 +146,13 @@ class LMCacheConfig:
             vLLM's command line and config.
         chunk_secret_file: path of a file holding `chunk_secret` (one line; trailing newline
             stripped); read at load time. Not an LMCache key.
+        codec_guard: a lossy tier codec is used for a model only where a passing calibration
+            record exists (`lmcache-triton calibrate`; lmcache_triton/calibration/); default True.
+            Not an LMCache key, nor are the `calibration_*` keys below.
+        calibration_dir: the records directory; default None: ~/.cache/lmcache-triton/calibration.
+        calibration_min_top1, calibration_max_mean_logprob_dev, calibration_max_logprob_dev,
+            calibration_max_accuracy_drop, calibration_min_tokens: the bar a record must pass
+            (`calibration.Thresholds`; defaults 0.99, 0.01, 0.1 nats, 0.01, 256 tokens).
     """
 
     chunk_size: int = 256
@@ -167,6 +174,13 @@ class LMCacheConfig:
     hash_algorithm: str = "xxh3_128"
     chunk_secret: str | None = field(default=None, repr=False)
     chunk_secret_file: str | None = None
+    codec_guard: bool = True
+    calibration_dir: str | None = None
+    calibration_min_top1: float = 0.99
+    calibration_max_mean_logprob_dev: float = 0.01
+    calibration_max_logprob_dev: float = 0.1
+    calibration_max_accuracy_drop: float = 0.01
+    calibration_min_tokens: int = 256
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -424,6 +438,20 @@ def _choice(choices: tuple[str, ...], canon: Callable[[str], str]) -> Callable[[
     return parse
 
 
+def _fraction(key: str, raw: Any) -> float:
+    v = _to_float(raw)
+    if v is None or not 0.0 <= v <= 1.0:
+        raise _bad(key, "a number in [0, 1]", raw)
+    return v
+
+
+def _nonneg(key: str, raw: Any) -> float:
+    v = _to_float(raw)
+    if v is None or v < 0:
+        raise _bad(key, "a number >= 0", raw)
+    return v
+
+
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "chunk_size": _int_parser(1, "a positive integer"),
     "local_cpu": _parse_bool,
@@ -444,6 +472,13 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "hash_algorithm": _choice(SUPPORTED_HASH_ALGORITHMS, str.lower),
     "chunk_secret": _secret,
     "chunk_secret_file": _opt_str,
+    "codec_guard": _parse_bool,
+    "calibration_dir": _opt_str,
+    "calibration_min_top1": _fraction,
+    "calibration_max_mean_logprob_dev": _nonneg,
+    "calibration_max_logprob_dev": _nonneg,
+    "calibration_max_accuracy_drop": _fraction,
+    "calibration_min_tokens": _int_parser(1, "a positive integer"),
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(LMCacheConfig)}
 
