@@ -449,3 +449,158 @@ def test_cuda_path_stages_through_the_ring_and_compute_waits_only_for_the_gather
     assert eng._staging.allocations == 2, "a staging buffer was allocated per copy"
     eng._stream = None
     eng.close()
+
+
+# --------------------------------------------------------------------------- item 2
+
+TOKEN_KERNELS = ("_paged_to_tokens_kernel", "_tokens_to_paged_kernel")
+
+
+class LaunchKeys:
+    """Records, for every launch of the token copy kernels, the key under which Triton's JIT
+    would cache the compiled kernel on a GPU: Triton's own argument binder
+    (`create_function_from_signature`, what `JITFunction.run` calls before looking up its cache)
+    for an sm_90 target, over the launch's real arguments: constexprs (the tiles), pointer
+    alignment, integer divisibility by 16 and `== 1`, `do_not_specialize`, and the launch
+    options. Under the interpreter nothing is cached, so this is the count a GPU would compile."""
+
+    def __init__(self, monkeypatch) -> None:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+
+        from lmcache_triton.kernels import paged_copy
+
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        self.keys: set[tuple] = set()
+        for name in TOKEN_KERNELS:
+            real = getattr(paged_copy, name)
+            if not isinstance(real, InterpretedFunction):
+                pytest.skip("kernels compiled natively (a GPU): the gpu-marked twin counts the real JIT cache")
+            jf = JITFunction(real.fn, **real.kwargs)
+            binder = create_function_from_signature(jf.signature, jf.params, backend)
+            monkeypatch.setattr(paged_copy, name, self._Recording(name, real, binder, self.keys))
+
+    class _Recording:
+        def __init__(self, name, real, binder, keys) -> None:
+            self.name, self.real, self.binder, self.keys = name, real, binder, keys
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                _, spec, options = self.binder(*args, **kwargs)
+                self.keys.add((self.name, tuple(spec), tuple(sorted(options.items()))))
+                return self.real[grid](*args, **kwargs)
+
+            return launch
+
+
+def _stand_in_cuda(monkeypatch, eng: KVCacheEngine, rec: Recorder, staging_bytes: int) -> None:
+    """Put `eng` on its CUDA path over CPU tensors: stand-in streams and events."""
+    import contextlib
+
+    from lmcache_triton.engine.engine import StagingRing
+
+    monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: rec.event())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: rec.compute)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    eng._stream = Recorder.Stream("transfer", rec)  # type: ignore[assignment]
+    eng._staging = StagingRing(torch.device("cpu"), staging_bytes, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_no_copy_kernel_compiles_after_the_warm_up_while_serving(monkeypatch, dtype):
+    """The warm-up at register launches every specialisation serving does: full chunks, every
+    partial tail length and loads that skip leading blocks add no JIT cache key. (With the tile
+    following the length, a tail of 3 tokens was a new `BLOCK_T` and a new compile.)"""
+    block, chunk_blocks = 4, 4
+    chunk = block * chunk_blocks
+    c5 = allocate_paged_cache("LBHNC", 3, 20, 2, block, 16, dtype)  # H * D = 2 * 8: realistic class
+    c5.copy_(torch.randn(c5.shape).to(dtype))
+    storage = StorageHierarchy(CpuTier(1 << 24, pin_memory=False), [], keep_in_cpu=True)
+    eng = KVCacheEngine(storage, "0b" * 16, {"model": "m"})
+    eng.register([c5[i] for i in range(3)], block)
+    rec = Recorder()
+    _stand_in_cuda(monkeypatch, eng, rec, 2 * math.prod(eng.chunk_shape(chunk_blocks)) * c5.element_size())
+    keys = LaunchKeys(monkeypatch)
+    eng._warm_up(chunk)  # what register runs on a CUDA cache, with the worker's chunk size
+    warm = set(keys.keys)
+    assert {k[0] for k in warm} == set(TOKEN_KERNELS)
+    expect = c5.clone()
+    for t in range(1, chunk + 1):  # every tail length, then full chunks
+        n = -(-t // block)
+        blocks = list(range(1 + 4 * (t % 4), 1 + 4 * (t % 4) + n))
+        assert eng.store(f"t{t}", blocks, t)
+        eng.poll()
+        assert eng.load(f"t{t}", blocks, skip_blocks=t % n)
+        eng.poll()
+    new = keys.keys - warm
+    assert not new, f"{len(new)} kernel variant(s) compiled while serving: {sorted(new)[:2]}"
+    assert torch.equal(c5.view(torch.int8), expect.view(torch.int8)), "store then load changed the cache"
+    eng._stream = None
+    eng.close()
+
+
+@pytest.mark.parametrize("heads,row", [(1, 6), (3, 10), (2, 16), (1, 576)], ids=["HD3", "HD15", "HD16", "mla"])
+def test_token_copy_lengths_cover_every_count(monkeypatch, heads, row):
+    """`token_copy_lengths` names one count per JIT specialisation: launching those covers the
+    keys of every count up to the chunk, for head sizes whose rows are not multiples of 16 too
+    (where the token tensor's strides change divisibility with the count)."""
+    from lmcache_triton.kernels.geometry import geometry_for_tensor
+    from lmcache_triton.kernels.paged_copy import paged_to_tokens, token_copy_lengths, tokens_to_paged
+
+    kv_split = 1 if row == 576 else 2
+    c5 = allocate_paged_cache("LBNHC", 2, 10, heads, 4, row, torch.float16)
+    c5.zero_()
+    flat, geom = geometry_for_tensor(c5)
+    keys = LaunchKeys(monkeypatch)
+
+    def launch(t: int) -> None:
+        slots = torch.arange(t, dtype=torch.int64)
+        out = torch.empty((kv_split, 2, t, heads, row // kv_split), dtype=torch.float16)
+        paged_to_tokens(flat, geom, slots, out)
+        tokens_to_paged(out, flat, geom, slots)
+
+    lengths = token_copy_lengths(geom, kv_split, 33)
+    assert lengths[0] == 33 and len(set(lengths)) == len(lengths)
+    for t in lengths:
+        launch(t)
+    warm = set(keys.keys)
+    for t in range(1, 34):
+        launch(t)
+    assert keys.keys == warm, f"counts {lengths} missed: {sorted(keys.keys - warm)[:2]}"
+    if (heads * (row // kv_split)) % 16 == 0:
+        assert lengths == [33], "one class when H * D is a multiple of 16"
+
+
+@pytest.mark.gpu
+def test_no_copy_kernel_compiles_after_register_on_a_gpu():
+    """On a device: the JIT cache entries of the copy kernels after register are all serving
+    adds none (full chunks, every tail, loads with skipped blocks), in both cache forms."""
+    from lmcache_triton.kernels import paged_copy
+
+    def entries() -> int:
+        n = 0
+        for name in TOKEN_KERNELS:
+            for caches in getattr(paged_copy, name).device_caches.values():
+                n += len(caches[0])
+        return n
+
+    block, chunk = 16, 256
+    for per_layer in (False, True):
+        c5 = allocate_paged_cache("LBHNC", 4, 64, 8, block, 256, torch.bfloat16, device="cuda")
+        c5.copy_(torch.randn(c5.shape, device="cuda").to(torch.bfloat16))
+        views = [c5[i].clone() for i in range(4)] if per_layer else [c5[i] for i in range(4)]
+        storage = StorageHierarchy(CpuTier(1 << 30), [], keep_in_cpu=True)
+        eng = KVCacheEngine(storage, "0c" * 16, {"model": "m"})
+        eng.register(views, block, staging_tokens=chunk)
+        after_register = entries()
+        for t in (chunk, 1, 17, 100, 255, chunk):
+            n = -(-t // block)
+            assert eng.store(f"g{per_layer}{t}", list(range(n)), t)
+            eng.synchronize()
+            eng.poll()
+            assert eng.load(f"g{per_layer}{t}", list(range(n, 2 * n)), skip_blocks=n // 2)
+        eng.synchronize()
+        assert entries() == after_register, "a copy kernel compiled while serving"
+        eng.close()

@@ -102,6 +102,14 @@ class CopyPath:
         slot (-1), so the whole chunk."""
         return chunk
 
+    def warm_lengths(self, max_tokens: int) -> list[int]:
+        """Chunk lengths in tokens, up to `max_tokens`, whose copies together compile every
+        kernel specialisation this path launches for chunks up to that length
+        (`paged_copy.token_copy_lengths`; usually just `max_tokens`)."""
+        from lmcache_triton.kernels.paged_copy import token_copy_lengths
+
+        return token_copy_lengths(self.geom, self.kv_split, max_tokens)
+
     def gather(self, ids: torch.Tensor, out: torch.Tensor) -> None:
         from lmcache_triton.kernels.paged_copy import paged_to_tokens
 
@@ -286,6 +294,10 @@ class OpaquePages(CopyPath):
 
     def skipped(self, chunk: torch.Tensor, skip_blocks: int) -> torch.Tensor:
         return chunk if not skip_blocks else chunk[:, skip_blocks * self.pages_per_block :].contiguous()
+
+    def warm_lengths(self, max_tokens: int) -> list[int]:
+        # Whole pages: the page count is not specialised and no argument follows it.
+        return [self.block_size]
 
     def gather(self, ids: torch.Tensor, out: torch.Tensor) -> None:
         from lmcache_triton.kernels.paged_copy import paged_to_chunk

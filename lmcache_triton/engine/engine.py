@@ -254,22 +254,28 @@ class KVCacheEngine:
             blocks = -(-(staging_tokens or block_size) // block_size)
             nbytes = math.prod(self.chunk_shape(blocks)) * cache.element_size()
             self._staging = StagingRing(cache.device, nbytes if staging_tokens else 0, self.staging_slots)
-            self._warm_up()
+            self._warm_up(staging_tokens or block_size)
 
-    def _warm_up(self) -> None:
-        """JIT-compile the copy kernels at start-up, not on the first request's step: gather
-        one page's rows and scatter the same bytes back (the cache holds nothing yet). The
-        chunk length is not a specialisation key (`do_not_specialize`), so these two compiles
-        serve every chunk."""
+    def _warm_up(self, max_tokens: int) -> None:
+        """JIT-compile, at start-up, every copy-kernel variant serving launches (never in a
+        request's step: 0.3-1.2 s each, per rank): for each chunk length of
+        `CopyPath.warm_lengths` (one specialisation each: a full chunk and every partial tail
+        share the tile and the count is not specialised), gather its rows and scatter the same
+        bytes back through the staging ring (the cache holds nothing yet)."""
         # After whatever vLLM queued on the cache (e.g. zeroing it): the scatter writes back
         # exactly the bytes the gather read.
         path, side = self._path(), self._side()
         side.wait_stream(torch.cuda.current_stream(path.flat.device))
+        blocks = path.geom.num_blocks // path.pages_per_block
         with torch.cuda.stream(side):
-            ids = path.ids([0], self.block_size)
-            scratch = torch.empty(self.chunk_shape(1), dtype=path.flat.dtype, device=path.flat.device)
-            path.gather(ids, scratch)
-            path.scatter(scratch, ids)
+            for t in path.warm_lengths(max_tokens):
+                n = -(-t // self.block_size)
+                if n > blocks:  # a chunk this cache could never hold
+                    continue
+                ids = path.ids(list(range(n)), t)
+                staged = self._staging.take(self.chunk_shape(n, t), path.flat.dtype)
+                path.gather(ids, staged)
+                path.scatter(staged, ids)
         side.synchronize()
 
     def chunk_shape(self, num_blocks: int, num_tokens: int | None = None) -> tuple[int, ...]:

@@ -368,6 +368,39 @@ def _tile(rows: int, width: int, itemsize: int) -> tuple[int, int]:
     return block_r, block_w
 
 
+def _token_tile(row_size: int, itemsize: int) -> tuple[int, int]:
+    """`(BLOCK_T, BLOCK_C)` of the token kernels: a function of the row and the dtype only, never
+    of the token count, so a full chunk, every partial tail and the warm-up at register launch
+    one specialisation (rows past the count are masked). A tile sized to the count compiled a
+    new kernel for each power of two a tail rounds to, in the serving path (0.3-1.2 s each)."""
+    tile = _TILE_BYTES // itemsize
+    block_c = min(triton.next_power_of_2(max(row_size, 1)), tile)
+    return max(1, tile // block_c), block_c
+
+
+def token_copy_lengths(geom: PagedKVGeometry, kv_split: int, max_tokens: int) -> list[int]:
+    """Token counts in `[1, max_tokens]`, one for each specialisation the token launchers
+    (`paged_to_tokens` / `tokens_to_paged` on a contiguous `[S, L, T, H, C / S]` tensor) compile
+    for counts in that range; `max_tokens` itself first. Warming these (the engine does at
+    register) compiles every variant serving launches.
+
+    The tile does not follow the count (`_token_tile`) and the count is not specialised
+    (`do_not_specialize`); what still follows it are the token tensor's layer and K/V strides
+    (`T * H * D`, `L * T * H * D`), which Triton specialises on divisibility by 16 and on being
+    1. With `H * D` a multiple of 16 (every real model) that is one class.
+    """
+    hd = geom.num_heads * (geom.row_size // kv_split)
+
+    def cls(t: int) -> tuple[object, ...]:
+        strides = tuple((v == 1, v % 16 == 0, v >= 2**31) for v in (t * hd, geom.num_layers * t * hd))
+        return (*strides, t >= 2**31)  # the count: only its integer width
+
+    out: dict[tuple, int] = {cls(max_tokens): max_tokens} if max_tokens >= 1 else {}
+    for t in range(1, max_tokens):
+        out.setdefault(cls(t), t)
+    return list(out.values())
+
+
 def _base_and_table(flat, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The kernels' cache base, per-layer offset table and PER_LAYER flag: a one-buffer cache
     passes its flat tensor (the table argument is a dummy, never read); a `LayerTable` passes
@@ -399,7 +432,7 @@ def _launch_token_copy(kernel, flat, geom, slot_mapping, tokens) -> None:
         return
     C = geom.row_size
     D = C // tokens.shape[0]
-    block_t, block_c = _tile(num_tokens, C, flat.element_size())
+    block_t, block_c = _token_tile(C, flat.element_size())
     grid = (geom.num_layers * geom.num_heads * triton.cdiv(num_tokens, block_t), triton.cdiv(C, block_c))
     ts = tokens.stride()
     base, table, per_layer = _base_and_table(flat, slot_mapping)
