@@ -271,6 +271,10 @@ def run_server(name: str, args: argparse.Namespace, model: str, wl: Workload, wo
         side_cmd = [
             lmc, "server", "--host", "127.0.0.1", "--port", str(mp_port), "--http-port", str(http_port),
             "--chunk-size", str(args.chunk_size), "--l1-size-gb", f"{cpu_gb:g}", "--eviction-policy", "LRU",
+            # vLLM's CPU worker defaults to LMCache's engine-driven transfer (the server's default,
+            # lmcache_driven, answers its registration with "No handler registered"); with a shared
+            # memory segment rather than copies through the message queue.
+            "--supported-transfer-mode", "engine_driven", "--shm-name", f"lmct-bench-{os.getpid()}-{mp_port}",
         ]  # fmt: skip
         with open(side_log, "w") as f:
             side = subprocess.Popen(side_cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -437,7 +441,7 @@ def main() -> None:
         print(f"{r['server']:<9}{r['pass']:>5}{r['requests_ok']:>5}{r['failures']:>5}{r['ttft_round1_mean_s']:>9.3f}"
               f"{r['ttft_later_mean_s']:>11.3f}{r['ttft_later_p90_s']:>10.3f}{r['throughput_tok_s']:>8.1f}"
               f"{r['wall_s']:>8.1f}{r['cached_frac_later']:>8.0%}{vs_v:>9.2f}{vs_l:>8.2f}"
-              f"{r.get('identical', '(base)'):>14}{r['load_1m']:>11}")
+              f"{r.get('identical', '(base)'):>14}  {r['load_1m']:<12}")
         for e in r["errors"]:
             print(f"    error: {e}")
     if any(r.get("identical_all") is False for r in rows):
