@@ -348,7 +348,7 @@ def summarize(run: dict, wl: Workload, base: dict | None) -> dict:
             if r.token_ids == b.token_ids and r.prompt_token_ids == b.prompt_token_ids:
                 same += 1
                 if len(r.logprobs) == len(b.logprobs):
-                    max_dlp = max([max_dlp] + [abs(x - y) for x, y in zip(r.logprobs, b.logprobs)])
+                    max_dlp = max([max_dlp] + [abs(x - y) for x, y in zip(r.logprobs, b.logprobs, strict=True)])
         out["identical"] = f"{same}/{compared}"
         out["identical_all"] = same == compared == expected
         out["max_logprob_diff"] = max_dlp
@@ -370,7 +370,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="passes over the servers; odd passes run in reverse")
     ap.add_argument("--quick", action="store_true", help="2 users, 2 rounds, 256-512-token contexts, 16-token answers")
     ap.add_argument("--lmcache-python", type=Path, default=LMCACHE_VENV / "bin" / "python")
-    ap.add_argument("--setup-lmcache", action="store_true", help="build the LMCache venv first (scripts/bench_env_lmcache.sh)")
+    ap.add_argument("--setup-lmcache", action="store_true",
+                    help="build the LMCache venv first (scripts/bench_env_lmcache.sh)")
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--no-csv", action="store_true")
