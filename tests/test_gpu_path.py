@@ -16,6 +16,7 @@ checked runs here, with stand-ins for CUDA events where the engine would queue w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from types import SimpleNamespace
@@ -360,20 +361,47 @@ def test_id_ring_grows_instead_of_waiting_for_queued_uploads(monkeypatch):
     assert ring.allocations == grown
 
 
+def test_each_stream_indexes_by_its_own_id_buffers(monkeypatch):
+    """With gathers and loads on separate streams, an id buffer uploaded on one stream is never
+    rewritten by the other (which could run before the first stream's kernel read it): the
+    copy path keeps one id ring per stream (stand-in CUDA events and streams on CPU)."""
+    from lmcache_triton.engine.copy_paths import _IdBuffers
+
+    current = ["gather"]
+    monkeypatch.setattr(torch.cuda, "Event", RecordedEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    RecordedEvent.pending = []
+    eng = _engine()
+    path = eng._path()
+    path._ids, path._id_rings = _IdBuffers(torch.device("cpu")), {}  # as on a CUDA cache
+    used: dict[str, set[int]] = {"gather": set(), "load": set()}
+    for i in range(30):
+        current[0] = ("gather", "load")[i % 3 == 2]
+        ids = path.ids([i, i + 1], 2 * BLOCK)
+        assert torch.equal(ids, torch.arange(i * BLOCK, (i + 2) * BLOCK))
+        used[current[0]].add(ids.data_ptr())
+        if i % 4 == 3:
+            RecordedEvent.pending = []  # uploads ran
+    assert used["gather"] and used["load"] and not used["gather"] & used["load"], used
+    eng.close()
+
+
 # --------------------------------------------------------------------------- items 7 and 1
 
 
 class Recorder:
-    """Stand-ins for `torch.cuda.Stream` / `Event` / `current_stream` / `stream` that log, in
-    order, what the engine queues: records, waits, and (through hooks) gathers and copies."""
+    """A `streams.StreamBackend` on CPU tensors: copies run at once, and every record, wait,
+    asynchronous copy, gather and scatter is logged in order with the stream it was queued on.
+    Events complete unless the test marks them pending; the host never waits on one."""
 
     def __init__(self) -> None:
         self.log: list[tuple] = []
+        self.events: list[Recorder.Event] = []
         self.compute = self.Stream("compute", self)
-        self.events = 0
+        self.current: list[Recorder.Stream] = [self.compute]
 
     class Stream:
-        def __init__(self, name, rec) -> None:
+        def __init__(self, name: str, rec: Recorder) -> None:
             self.name, self.rec = name, rec
 
         def wait_stream(self, other) -> None:
@@ -385,69 +413,148 @@ class Recorder:
         def synchronize(self) -> None:
             pass
 
-    def event(self):
-        rec = self
-        rec.events += 1
-        n = rec.events
+    class Event:
+        def __init__(self, n: int, rec: Recorder) -> None:
+            self.n, self.rec, self.on, self.complete = n, rec, None, True
 
-        class Ev:
-            def __init__(self) -> None:
-                self.n = n
+        def record(self, stream=None) -> None:
+            self.on = stream.name
+            self.rec.log.append(("record", stream.name, self.n))
 
-            def record(self, stream=None) -> None:
-                rec.log.append(("record", stream.name, self.n))
+        def query(self) -> bool:
+            return self.complete
 
-            def query(self) -> bool:
-                return True
+        def synchronize(self) -> None:
+            raise AssertionError("the host waited for an event")
 
-            def synchronize(self) -> None:
-                pass
+    def new_stream(self, device, name: str):
+        return self.Stream(name, self)
 
-        return Ev()
+    def new_event(self):
+        ev = self.Event(len(self.events) + 1, self)
+        self.events.append(ev)
+        return ev
+
+    def current_stream(self, device=None):
+        return self.current[-1]
+
+    @contextlib.contextmanager
+    def use(self, stream):
+        self.current.append(stream)
+        try:
+            yield
+        finally:
+            self.current.pop()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.log.append(("copy", self.current[-1].name))
+        dst.copy_(src)
+
+    def on(self, n: int) -> str:
+        """The stream event `n` was recorded on."""
+        return self.events[n - 1].on
+
+    def hook(self, path) -> None:
+        """Log the path's gathers and scatters with their stream."""
+        real_gather, real_scatter = path.gather, path.scatter
+
+        def gather(ids, out):
+            self.log.append(("gather", self.current[-1].name))
+            real_gather(ids, out)
+
+        def scatter(src, ids):
+            self.log.append(("scatter", self.current[-1].name))
+            real_scatter(src, ids)
+
+        path.gather, path.scatter = gather, scatter
 
 
-def test_cuda_path_stages_through_the_ring_and_compute_waits_only_for_the_gather(monkeypatch):
-    import contextlib
+def _stream_engine(rec: Recorder, staging_slots: int = 2) -> KVCacheEngine:
+    """`_engine`'s cache on the CUDA path (side streams, staging ring, warm-up) over CPU tensors."""
+    c5 = allocate_paged_cache("LBHNC", 2, 12, 2, BLOCK, 16, torch.float32)
+    c5.copy_(torch.arange(c5.numel(), dtype=torch.float32).view(c5.shape))
+    storage = StorageHierarchy(CpuTier(1 << 24, pin_memory=False), [], keep_in_cpu=True)
+    eng = KVCacheEngine(storage, "0a" * 16, {"model": "m"}, staging_slots=staging_slots, streams=rec)
+    eng.register([c5[i] for i in range(2)], BLOCK, staging_tokens=2 * BLOCK)
+    return eng
 
-    from lmcache_triton.engine.engine import StagingRing
 
-    eng = _engine()
+def test_store_and_load_streams_wait_only_for_what_they_need():
+    """Item 1 and 7, through a recording stream runtime on CPU tensors:
+    * a store gathers on the gather stream, which waits for the compute stream; its
+      device-to-host copy runs on the copy-out stream after waiting for that gather only;
+    * the compute stream waits for a store's gather event only (never a copy-out), and for a
+      load's final event;
+    * a load's host-to-device copy is queued before its stream waits for anything of the
+      compute stream; its scatter after that wait;
+    * staging comes from rings allocated at register; round trips are bit-exact."""
     rec = Recorder()
-    side = Recorder.Stream("transfer", rec)
-    monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: rec.event())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: rec.compute)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    eng._stream = side  # type: ignore[assignment]  # the CUDA path, on CPU tensors
-    eng._staging = StagingRing(torch.device("cpu"), 2 * CHUNK_BYTES, 2)
-    assert eng._staging.allocations == 2, "allocated up front"
+    eng = _stream_engine(rec, staging_slots=8)
+    allocated = (eng._staging.allocations, eng._load_staging.allocations)
+    assert allocated == (8, 2), "staging allocated at register"
     path = eng._path()
-    real_gather, real_scatter = path.gather, path.scatter
-    path.gather = lambda ids, out: (rec.log.append(("gather",)), real_gather(ids, out))[1]  # type: ignore[method-assign]
-    path.scatter = lambda src, ids: (rec.log.append(("scatter",)), real_scatter(src, ids))[1]  # type: ignore[method-assign]
-    real_put = eng.storage.put_fill_held
-
-    def put(key, dtype, shape, fill, meta=None, write_back=True):
-        return real_put(key, dtype, shape, lambda dst: (rec.log.append(("d2h",)), fill(dst))[1], meta, write_back)
-
-    eng.storage.put_fill_held = put  # type: ignore[method-assign]
+    rec.hook(path)
     c5 = path.flat.view(2, 12, 2, BLOCK, 16)
     expect = c5[:, 1:3].clone()
     for i in range(5):
         del rec.log[:]
         assert eng.store(f"s{i}", [1, 2], 2 * BLOCK - i % 2 * 3)
-        waits = [e for e in rec.log if e[0] == "wait" and e[1] == "compute"]
-        assert len(waits) == 1, rec.log
-        recorded = rec.log.index(("record", "transfer", waits[0][2]))
-        assert rec.log.index(("gather",)) < recorded < rec.log.index(("d2h",)), (
-            f"the compute stream waits for more than the gather: {rec.log}"
-        )
+        log = rec.log
+        assert ("gather", "gather") in log and ("copy", "copy_out") in log, log
+        assert ("copy", "gather") not in log, "a device-to-host copy on the gather stream"
+        compute_waits = [e[2] for e in log if e[:2] == ("wait", "compute")]
+        assert len(compute_waits) == 1 and rec.on(compute_waits[0]) == "gather", log
+        gathered = compute_waits[0]
+        assert log.index(("gather", "gather")) < log.index(("record", "gather", gathered))
+        out_waits = [e[2] for e in log if e[:2] == ("wait", "copy_out")]
+        assert out_waits == [gathered], f"the copy-out waits for its gather and nothing else: {log}"
+        assert log.index(("wait", "copy_out", gathered)) < log.index(("copy", "copy_out"))
+        assert [e for e in log if e[1] == "gather" and e[0].startswith("wait")] == [
+            ("wait_stream", "gather", "compute")
+        ], "the gather waits for the compute stream only (free staging)"
     eng.poll()
     c5[:, 1:3].fill_(float("nan"))
+    del rec.log[:]
     assert eng.load("s0", [1, 2])
+    log = rec.log
+    load_waits = [e[2] for e in log if e[:2] == ("wait", "load")]
+    assert len(load_waits) == 1 and rec.on(load_waits[0]) == "compute", log
+    assert log.index(("copy", "load")) < log.index(("wait", "load", load_waits[0])) < log.index(("scatter", "load")), (
+        f"the host-to-device copy waits for compute, or the scatter does not: {log}"
+    )
+    compute_waits = [e[2] for e in log if e[:2] == ("wait", "compute")]
+    assert len(compute_waits) == 1 and rec.on(compute_waits[0]) == "load"
+    assert log.index(("scatter", "load")) < log.index(("record", "load", compute_waits[0]))
     eng.poll()
     assert torch.equal(c5[:, 1:3], expect)
-    assert eng._staging.allocations == 2, "a staging buffer was allocated per copy"
-    eng._stream = None
+    assert (eng._staging.allocations, eng._load_staging.allocations) == allocated, "staging allocated per copy"
+    eng.close()
+
+
+def test_a_full_store_ring_waits_on_the_device_for_the_oldest_copy_out():
+    """Two store staging buffers, copy-outs that have not run (their events pending): a third
+    store reuses the buffer of the oldest copy-out after its gather stream waits for that
+    copy-out's event, on the device; the host never waits. While a free buffer exists, none is
+    waited for."""
+    rec = Recorder()
+    eng = _stream_engine(rec, staging_slots=2)
+    rec.hook(eng._path())
+    done: list[int] = []
+    for i in range(3):
+        del rec.log[:]
+        assert eng.store(f"f{i}", [1 + i], BLOCK)
+        gather_waits = [e[2] for e in rec.log if e[:2] == ("wait", "gather")]
+        if i < 2:
+            assert gather_waits == [], f"a free buffer was waited for: {rec.log}"
+        else:
+            assert gather_waits == [done[0]], f"expected a wait for the oldest copy-out {done[0]}: {rec.log}"
+            assert rec.log.index(("wait", "gather", done[0])) < rec.log.index(("gather", "gather"))
+        out = [e[2] for e in rec.log if e[:2] == ("record", "copy_out")]
+        assert len(out) == 1
+        done.append(out[0])
+        rec.events[out[0] - 1].complete = False  # the copy-out has not run
+    for n in done:
+        rec.events[n - 1].complete = True
     eng.close()
 
 
@@ -495,19 +602,6 @@ class LaunchKeys:
             return launch
 
 
-def _stand_in_cuda(monkeypatch, eng: KVCacheEngine, rec: Recorder, staging_bytes: int) -> None:
-    """Put `eng` on its CUDA path over CPU tensors: stand-in streams and events."""
-    import contextlib
-
-    from lmcache_triton.engine.engine import StagingRing
-
-    monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: rec.event())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: rec.compute)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    eng._stream = Recorder.Stream("transfer", rec)  # type: ignore[assignment]
-    eng._staging = StagingRing(torch.device("cpu"), staging_bytes, 2)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_no_copy_kernel_compiles_after_the_warm_up_while_serving(monkeypatch, dtype):
     """The warm-up at register launches every specialisation serving does: full chunks, every
@@ -518,12 +612,9 @@ def test_no_copy_kernel_compiles_after_the_warm_up_while_serving(monkeypatch, dt
     c5 = allocate_paged_cache("LBHNC", 3, 20, 2, block, 16, dtype)  # H * D = 2 * 8: realistic class
     c5.copy_(torch.randn(c5.shape).to(dtype))
     storage = StorageHierarchy(CpuTier(1 << 24, pin_memory=False), [], keep_in_cpu=True)
-    eng = KVCacheEngine(storage, "0b" * 16, {"model": "m"})
-    eng.register([c5[i] for i in range(3)], block)
-    rec = Recorder()
-    _stand_in_cuda(monkeypatch, eng, rec, 2 * math.prod(eng.chunk_shape(chunk_blocks)) * c5.element_size())
+    eng = KVCacheEngine(storage, "0b" * 16, {"model": "m"}, streams=Recorder())  # the CUDA path
     keys = LaunchKeys(monkeypatch)
-    eng._warm_up(chunk)  # what register runs on a CUDA cache, with the worker's chunk size
+    eng.register([c5[i] for i in range(3)], block, staging_tokens=chunk)  # the worker's chunk size
     warm = set(keys.keys)
     assert {k[0] for k in warm} == set(TOKEN_KERNELS)
     expect = c5.clone()
@@ -537,7 +628,6 @@ def test_no_copy_kernel_compiles_after_the_warm_up_while_serving(monkeypatch, dt
     new = keys.keys - warm
     assert not new, f"{len(new)} kernel variant(s) compiled while serving: {sorted(new)[:2]}"
     assert torch.equal(c5.view(torch.int8), expect.view(torch.int8)), "store then load changed the cache"
-    eng._stream = None
     eng.close()
 
 

@@ -58,6 +58,18 @@ class CopyPath:
         self.pages_per_block = block_size // geom.block_size
         self.kv_split = kv_split
         self._ids = _IdBuffers(flat.device if flat.is_cuda else None)
+        # CUDA: one id ring per stream the copies run on (the engine's gather and load
+        # streams): a ring's device buffers are reused in its own stream's order only.
+        self._id_rings: dict[object, _IdBuffers] = {}
+
+    def _ring(self) -> _IdBuffers:
+        """The id buffers of the current stream (CUDA), or the one host buffer (CPU)."""
+        device = self._ids.device
+        if device is None:
+            return self._ids
+        stream = torch.cuda.current_stream(device)
+        ring = self._id_rings.setdefault(stream, self._ids if not self._id_rings else _IdBuffers(device))
+        return ring
 
     def for_layers(self, start: int, stop: int) -> CopyPath:
         """This path over layers `[start, stop)` alone."""
@@ -90,12 +102,13 @@ class CopyPath:
         # Token t of manager block b sits in slot b * block_size + t (its kernel page is
         # b * pages_per_block + t // N, so the kernels' page * N + offset is the same number).
         n, bs = len(block_ids), self.block_size
-        host = self._ids.host(n * bs)
-        self._ids.expand(block_ids, bs, host.view(n, bs))
+        ring = self._ring()
+        host = ring.host(n * bs)
+        ring.expand(block_ids, bs, host.view(n, bs))
         ids = host[:num_tokens]
         if skip_tokens:
             ids[:skip_tokens] = -1
-        return self._ids.upload(ids)
+        return ring.upload(ids)
 
     def skipped(self, chunk: torch.Tensor, skip_blocks: int) -> torch.Tensor:
         """What a load scatters when vLLM holds `skip_blocks` leading blocks: token rows skip by
@@ -128,7 +141,7 @@ class _IdBuffers:
 
     On CPU one host buffer, rewritten by each call (the copies that read it are synchronous).
     On CUDA a ring of pinned host buffers and their device twins: a call takes the next slot,
-    uploads asynchronously on the caller's current stream (the engine's transfer stream) and
+    uploads asynchronously on the caller's current stream (one ring per stream: `CopyPath._ring`) and
     returns the device view; the kernels that read it run on that stream after the upload, so a
     slot's device buffer is rewritten only after them (same stream order). The host buffer is
     rewritten only once the slot's previous upload ran: when it has not (a step queues many
@@ -288,9 +301,10 @@ class OpaquePages(CopyPath):
     def ids(self, block_ids: Sequence[int], num_tokens: int, skip_tokens: int = 0) -> torch.Tensor:
         """The kernel page ids of `block_ids`, without the pages of the first `skip_tokens`."""
         n, r = len(block_ids), self.pages_per_block
-        host = self._ids.host(n * r)
-        self._ids.expand(block_ids, r, host.view(n, r))
-        return self._ids.upload(host[skip_tokens // self.geom.block_size :])
+        ring = self._ring()
+        host = ring.host(n * r)
+        ring.expand(block_ids, r, host.view(n, r))
+        return ring.upload(host[skip_tokens // self.geom.block_size :])
 
     def skipped(self, chunk: torch.Tensor, skip_blocks: int) -> torch.Tensor:
         return chunk if not skip_blocks else chunk[:, skip_blocks * self.pages_per_block :].contiguous()

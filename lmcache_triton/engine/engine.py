@@ -43,6 +43,7 @@ from lmcache_triton.kernels.geometry import Cache, PagedKVGeometry
 from lmcache_triton.storage.hierarchy import StorageHierarchy
 
 from .copy_paths import CopyPath, make_copy_path
+from .streams import EventLike, StagingRing, StreamBackend, TransferStreams  # noqa: F401 (StagingRing: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -87,51 +88,10 @@ class _InFlight:
     kind: str  # "store" | "load" | "gather" (a store the CPU tier refused: only its gather)
     digest: str
     key: str
-    done: torch.cuda.Event
+    done: EventLike
     tensor: torch.Tensor | None = None  # the CPU-tier buffer held for the copy
     seq: int = 0  # a store's number (`store_fence`)
-    gathered: torch.cuda.Event | None = None  # a store: its gather read the blocks
-
-
-class StagingRing:
-    """Device buffers for the copies on the transfer stream, allocated once (at `register`, or
-    at the first copy) instead of per chunk: with vLLM's memory taken up to its profile, a
-    per-call allocation could fail a load (an OOM fails the request under the default policy).
-
-    Buffers are handed out round-robin, views of `slots` buffers of `nbytes` (a chunk); a
-    buffer is rewritten only by work queued after the copies that read it on the same transfer
-    stream (stream order), so reuse needs no event. A chunk larger than a buffer grows that
-    buffer (counted in `allocations`).
-
-    Args:
-        device: the cache's device (None: no buffers).
-        nbytes: bytes of each buffer, allocated now (0: at first use).
-        slots: how many buffers.
-    """
-
-    def __init__(self, device: torch.device | None, nbytes: int, slots: int) -> None:
-        self.device = device
-        self._bufs: list[torch.Tensor | None] = [None] * max(slots, 1)
-        self._next = 0
-        self.allocations = 0
-        if device is not None and nbytes:
-            for i in range(len(self._bufs)):
-                self._grow(i, nbytes)
-
-    def _grow(self, i: int, nbytes: int) -> torch.Tensor:
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        self._bufs[i] = buf
-        self.allocations += 1
-        return buf
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous `[shape]` `dtype` view of the next buffer."""
-        nbytes = math.prod(shape) * dtype.itemsize
-        i, self._next = self._next, (self._next + 1) % len(self._bufs)
-        buf = self._bufs[i]
-        if buf is None or buf.numel() < nbytes:
-            buf = self._grow(i, nbytes)
-        return buf[:nbytes].view(dtype).view(shape)
+    gathered: EventLike | None = None  # a store: its gather read the blocks
 
 
 class KVCacheEngine:
@@ -147,10 +107,11 @@ class KVCacheEngine:
       scheduler planned before it saw the report reaches this worker first.
     * `prefetch(digests)` reads chunks from the slower tiers (disk, remote) into the CPU tier on a
       background thread, verified there; completions come out of `poll()`.
-    * `store` / `load` move pages between the paged cache and the CPU tier. On CUDA both run on
-      a dedicated stream: the compute stream waits on events (no host synchronisation); a store
-      only waits for its gather (a device-to-device copy) before vLLM's next kernels may touch
-      the blocks, the device-to-host copy finishes behind. On CPU they are plain copies.
+    * `store` / `load` move pages between the paged cache and the CPU tier. On CUDA they run on
+      side streams (`engine.streams`: gather, copy-out, load): the compute stream waits on
+      events (no host synchronisation), for a store only its gather (a device-to-device copy)
+      before vLLM's next kernels may touch the blocks, the device-to-host copy finishes behind
+      on its own stream. On CPU they are plain copies.
 
     Args:
         storage: the tiers (`storage.hierarchy.StorageHierarchy`, from `storage.builder`).
@@ -164,8 +125,12 @@ class KVCacheEngine:
             a background thread (`CpuTier.grow_ahead`), so no store in vLLM's step pins a slab
             (cudaHostAlloc: a few hundred ms per GiB and an implicit device sync) under the
             engine's lock; default None: on a CUDA cache.
-        staging_slots: device staging buffers of one chunk each, allocated at `register` (CUDA
-            caches): a store gathers into one, a load uploads into one; default 4.
+        staging_slots: device staging buffers of one chunk each for stores, allocated at
+            `register` (CUDA caches; loads have two more): a store gathers into one, its
+            device-to-host copy reads it. More than the chunks stored per step gives PCIe no
+            place on the compute stream's path (`streams.StagingRing`); default 4.
+        streams: the stream runtime; default None: torch.cuda for a CUDA cache, plain copies
+            otherwise. Given, the CUDA path runs on any device (tests pass a recorder).
     """
 
     def __init__(
@@ -177,6 +142,7 @@ class KVCacheEngine:
         retire_low: float = 0.8,
         grow_ahead: bool | None = None,
         staging_slots: int = 4,
+        streams: StreamBackend | None = None,
     ) -> None:
         self.storage = storage
         self.namespace = namespace
@@ -199,8 +165,10 @@ class KVCacheEngine:
         self._progress = Progress()
         self._inflight: list[_InFlight] = []
         self._stores_issued = 0  # stores queued on the transfer stream so far (`store_fence`)
-        self._stream: torch.cuda.Stream | None = None  # the transfer stream (CUDA caches)
-        self._staging = StagingRing(None, 0, 0)  # device buffers of the copies (`register`)
+        self._backend = streams
+        self._streams: TransferStreams | None = None  # the side streams (CUDA caches, `register`)
+        self._staging = StagingRing(None, 0, 0)  # device buffers of the stores (`register`)
+        self._load_staging = StagingRing(None, 0, 0)  # ... of the loads (one stream: no events)
         self._prefetch_q: queue.Queue[str | None] | None = None
         self._prefetching: set[str] = set()
         self._prefetch_thread: threading.Thread | None = None
@@ -249,11 +217,12 @@ class KVCacheEngine:
         cache = self.path.flat
         if self.grow_ahead or (self.grow_ahead is None and cache.is_cuda):
             self.storage.grow_ahead()  # here, at start-up: never in a step
-        if cache.is_cuda:
-            self._stream = torch.cuda.Stream(device=cache.device)
+        if cache.is_cuda or self._backend is not None:
+            self._streams = TransferStreams(cache.device, self._backend)
             blocks = -(-(staging_tokens or block_size) // block_size)
-            nbytes = math.prod(self.chunk_shape(blocks)) * cache.element_size()
-            self._staging = StagingRing(cache.device, nbytes if staging_tokens else 0, self.staging_slots)
+            nbytes = math.prod(self.chunk_shape(blocks)) * cache.element_size() if staging_tokens else 0
+            self._staging = StagingRing(cache.device, nbytes, self.staging_slots)
+            self._load_staging = StagingRing(cache.device, nbytes, 2)
             self._warm_up(staging_tokens or block_size)
 
     def _warm_up(self, max_tokens: int) -> None:
@@ -264,16 +233,17 @@ class KVCacheEngine:
         bytes back through the staging ring (the cache holds nothing yet)."""
         # After whatever vLLM queued on the cache (e.g. zeroing it): the scatter writes back
         # exactly the bytes the gather read.
-        path, side = self._path(), self._side()
-        side.wait_stream(torch.cuda.current_stream(path.flat.device))
+        path, streams = self._path(), self._side()
+        side = streams.gather
+        side.wait_stream(streams.compute())
         blocks = path.geom.num_blocks // path.pages_per_block
-        with torch.cuda.stream(side):
+        with streams.use(side):
             for t in path.warm_lengths(max_tokens):
                 n = -(-t // self.block_size)
                 if n > blocks:  # a chunk this cache could never hold
                     continue
                 ids = path.ids(list(range(n)), t)
-                staged = self._staging.take(self.chunk_shape(n, t), path.flat.dtype)
+                staged = self._staging.take(self.chunk_shape(n, t), path.flat.dtype).tensor
                 path.gather(ids, staged)
                 path.scatter(staged, ids)
         side.synchronize()
@@ -288,10 +258,10 @@ class KVCacheEngine:
             raise RuntimeError("KVCacheEngine: register() the paged cache first")
         return self.path
 
-    def _side(self) -> torch.cuda.Stream:
-        """The transfer stream (CUDA caches only)."""
-        assert self._stream is not None, "a CUDA cache has a transfer stream from register()"
-        return self._stream
+    def _side(self) -> TransferStreams:
+        """The side streams (CUDA caches only)."""
+        assert self._streams is not None, "a CUDA cache has its side streams from register()"
+        return self._streams
 
     def key(self, digest: str) -> str:
         return chunk_key(self.namespace, digest)
@@ -418,8 +388,8 @@ class KVCacheEngine:
         """Wait for every copy on the transfer stream and, up to `prefetch_timeout` seconds
         (None: no limit), for queued prefetches; what completes is reported by the next `poll`.
         True when nothing is left in flight."""
-        if self._stream is not None:
-            self._stream.synchronize()
+        if self._streams is not None:
+            self._streams.synchronize()
         deadline = None if prefetch_timeout is None else time.monotonic() + prefetch_timeout
         while True:
             with self._lock:
@@ -460,7 +430,7 @@ class KVCacheEngine:
             return True
         t0 = time.perf_counter()
         shape = self.chunk_shape(n, num_tokens)
-        if self._stream is not None:
+        if self._streams is not None:
             ok = self._store_cuda(digest, key, block_ids, shape, num_tokens)
         else:
             ids = path.ids(block_ids, num_tokens)
@@ -485,26 +455,28 @@ class KVCacheEngine:
     def _store_cuda(
         self, digest: str, key: str, block_ids: Sequence[int], shape: tuple[int, ...], num_tokens: int
     ) -> bool:
-        path = self._path()
-        compute = torch.cuda.current_stream(path.flat.device)
-        side = self._side()
-        side.wait_stream(compute)  # the pages are written by kernels queued so far
-        with torch.cuda.stream(side):
+        path, streams = self._path(), self._side()
+        compute = streams.compute()
+        streams.gather.wait_stream(compute)  # the pages are written by kernels queued so far
+        with streams.use(streams.gather):
             ids = path.ids(block_ids, num_tokens)
             staged = self._staging.take(shape, path.flat.dtype)
-            path.gather(ids, staged)
-            gathered = torch.cuda.Event()
-            gathered.record(side)
+            if staged.busy is not None:  # every buffer still copying out: wait on the device
+                streams.gather.wait_event(staged.busy)
+            path.gather(ids, staged.tensor)
+            gathered = streams.record(streams.gather)
+        with streams.use(streams.copy_out):
+            streams.copy_out.wait_event(gathered)  # and for nothing else
             with self._lock:
                 # The device->host copy lands in the tier's pinned buffer, held until it is
                 # done (never evicted or reused under the DMA); the disk write waits for it.
                 # Held from the put itself (no eviction can slip in between).
                 _, held = self.storage.put_fill_held(
-                    key, path.flat.dtype, shape, lambda dst: dst.copy_(staged, non_blocking=True),
+                    key, path.flat.dtype, shape, lambda dst: streams.copy(dst, staged.tensor),
                     self._meta(num_tokens), write_back=False,
                 )
-            done = torch.cuda.Event()
-            done.record(side)
+            done = streams.record(streams.copy_out)
+        self._staging.release(staged.slot, done)
         # vLLM may hand the blocks to another request: its kernels run after our gather only.
         compute.wait_event(gathered)
         with self._lock:
@@ -551,17 +523,19 @@ class KVCacheEngine:
         skip_tokens = skip_blocks * self.block_size
         if skip_tokens >= num_tokens:
             self.storage.release(key, tensor)
-        elif self._stream is not None:
-            compute = torch.cuda.current_stream(path.flat.device)
-            side = self._side()
-            side.wait_stream(compute)  # blocks freshly handed to this request may still be read
-            with torch.cuda.stream(side):
-                dev = self._staging.take(tuple(tensor.shape), tensor.dtype)
-                dev.copy_(tensor, non_blocking=True)  # whole chunk from pinned memory: async
+        elif self._streams is not None:
+            streams = self._side()
+            compute = streams.compute()
+            # Blocks freshly handed to this request may still be read by kernels queued so far:
+            # the scatter waits for them; the host->device copy into staging waits for nothing.
+            handed = streams.record(compute)
+            with streams.use(streams.load):
+                dev = self._load_staging.take(tuple(tensor.shape), tensor.dtype).tensor
+                streams.copy(dev, tensor)  # whole chunk from pinned memory: async
+                streams.load.wait_event(handed)
                 ids = path.ids(block_ids, num_tokens, skip_tokens)
                 path.scatter(path.skipped(dev, skip_blocks), ids)
-                done = torch.cuda.Event()
-                done.record(side)
+                done = streams.record(streams.load)
             compute.wait_event(done)  # this step's forward reads the loaded pages
             with self._lock:
                 self._inflight.append(_InFlight("load", digest, key, done, tensor))
