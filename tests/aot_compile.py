@@ -1,14 +1,24 @@
 """Compile every Triton kernel of lmcache_triton.kernels ahead of time for real GPUs, without one.
 
 Run in a fresh process WITHOUT TRITON_INTERPRET (the test suite sets it before importing the
-kernels): `python tests/aot_compile.py ARCH [ARCH ...]`, e.g. `80 90`. Each kernel is compiled
-through Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas Triton ships)
-for `GPUTarget("cuda", ARCH, 32)`, for every element type and constexpr tile the launchers can
-pass. Prints one line per compile and exits non-zero on the first failure, with its error.
+kernels): `python tests/aot_compile.py ARCH [ARCH ...]`, e.g. `80 90 100`. Each kernel is
+compiled through Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas
+Triton ships) for `GPUTarget("cuda", ARCH, 32)`. Prints one line per compile and exits non-zero
+on the first failure, with its error.
+
+The copy kernels are compiled as the engine launches them, not from a hand-written signature:
+`KVCacheEngine` is driven on CPU caches shaped like vLLM's (register and its warm-up, a full
+chunk, a partial tail, a load that skips a block), with the launchers forced onto their Triton
+path and every kernel replaced by a recorder. Each recorded launch goes through Triton's own
+argument binder for the target (what `JITFunction.run` does before compiling): the real
+constexprs (tiles), element types (the same-width integer views of bf16/fp16/fp8/fp32),
+pointer alignment and the divisibility-by-16 and `== 1` attributes of the integer arguments.
+One compile per distinct key, as the JIT would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -16,55 +26,155 @@ import sys
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the interpreter's kernels cannot be compiled")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from lmcache_triton.kernels import blend, paged_copy, rope  # noqa: E402
 
-INT_PTRS = ["*i8", "*i16", "*i32", "*i64"]  # the launchers view every dtype as a same-width integer
 FLOAT_PTRS = ["*fp32", "*fp16", "*bf16"]
+COPY_KERNELS = ("_paged_to_chunk_kernel", "_chunk_to_paged_kernel", "_paged_to_tokens_kernel", "_tokens_to_paged_kernel")
+
+# vLLM-shaped caches the engine serves on a GPU: (name, layout, heads, block, row C, dtype,
+# kv_split, per-layer tensors (0.34's extensible cache), opaque pages).
+CACHES = [
+    ("bf16-HND", "LBHNC", 8, 16, 256, torch.bfloat16, 2, False, False),
+    ("bf16-NHD", "LBNHC", 8, 16, 256, torch.bfloat16, 2, False, False),
+    ("bf16-NHD-per-layer", "LBNHC", 8, 16, 256, torch.bfloat16, 2, True, False),
+    ("fp16-head80", "LBNHC", 4, 16, 160, torch.float16, 2, False, False),
+    ("fp8-NHD", "LBNHC", 8, 16, 256, torch.float8_e4m3fn, 2, False, False),
+    ("fp8-per-layer", "LBHNC", 8, 16, 256, torch.float8_e4m3fn, 2, True, False),
+    ("fp32-NHD", "LBNHC", 2, 16, 128, torch.float32, 2, False, False),
+    ("mla-bf16", "LBNHC", 1, 64, 576, torch.bfloat16, 1, False, False),
+    ("mla-bf16-per-layer", "LBNHC", 1, 64, 576, torch.bfloat16, 1, True, False),
+    ("pages-bf16", "LBHNC", 8, 16, 256, torch.bfloat16, 2, False, True),
+    ("pages-bf16-per-layer", "LBHNC", 8, 16, 256, torch.bfloat16, 2, True, True),
+]
+CHUNK = 256
+LAYERS = 3
+
+
+class _Now:
+    """A stream runtime that runs everything at once (the recorded kernels do nothing)."""
+
+    class _S:
+        def wait_event(self, ev) -> None: ...
+        def wait_stream(self, s) -> None: ...
+        def synchronize(self) -> None: ...
+
+    class _E:
+        def record(self, stream=None) -> None: ...
+        def query(self) -> bool:
+            return True
+
+    def new_stream(self, device, name):
+        return self._S()
+
+    def new_event(self):
+        return self._E()
+
+    def current_stream(self, device):
+        return self._S()
+
+    def use(self, stream):
+        return contextlib.nullcontext()
+
+    def copy(self, dst, src) -> None:
+        dst.copy_(src)
+
+
+def engine_launches() -> list[tuple[str, str, tuple, dict]]:
+    """(cache name, kernel name, args, kwargs) of every copy-kernel launch the engine makes."""
+    from lmcache_triton.engine import KVCacheEngine
+    from lmcache_triton.kernels.geometry import allocate_paged_cache
+    from lmcache_triton.storage.cpu import CpuTier
+    from lmcache_triton.storage.hierarchy import StorageHierarchy
+
+    launches: list[tuple[str, str, tuple, dict]] = []
+    current = [""]
+
+    class Recorded:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((current[0], self.name, args, kwargs))
+
+    real = {n: getattr(paged_copy, n) for n in COPY_KERNELS}
+    use_triton = paged_copy._use_triton
+    paged_copy._use_triton = lambda t: True  # the launchers' GPU path, on CPU tensors
+    for n in COPY_KERNELS:
+        setattr(paged_copy, n, Recorded(n))
+    try:
+        for name, layout, heads, block, row, dtype, kv_split, per_layer, pages in CACHES:
+            current[0] = name
+            blocks = 2 * CHUNK // block + 4
+            c5 = allocate_paged_cache(layout, LAYERS, blocks, heads, block, row, dtype)
+            views = [c5[i].clone() for i in range(LAYERS)] if per_layer else [c5[i] for i in range(LAYERS)]
+            storage = StorageHierarchy(CpuTier(1 << 28, pin_memory=False), [], keep_in_cpu=True)
+            eng = KVCacheEngine(storage, "0a" * 16, {"model": "aot"}, streams=_Now())  # type: ignore[arg-type]
+            form = {"opaque_packing": "aot"} if pages else {}
+            eng.register(views, block, kv_split=kv_split, staging_tokens=CHUNK, **form)  # warm-up
+            per = CHUNK // block
+            for i, tokens in enumerate((CHUNK, CHUNK - block - 5, 7)):
+                n = -(-tokens // block)
+                ids = list(range(i * per, i * per + n))
+                if eng.store(f"d{i}", ids, tokens if not pages else n * block):
+                    eng.poll()
+                    eng.load(f"d{i}", ids, skip_blocks=min(1, n - 1))
+            eng.close()
+    finally:
+        paged_copy._use_triton = use_triton
+        for n, k in real.items():
+            setattr(paged_copy, n, k)
+    return launches
+
+
+def copy_cases(target: GPUTarget):
+    """(label, ASTSource, options) for each distinct JIT key of the engine's launches."""
+    backend = make_backend(target)
+    seen: dict[tuple, str] = {}
+    for cache, kname, args, kwargs in engine_launches():
+        jf = getattr(paged_copy, kname)
+        binder = create_function_from_signature(jf.signature, jf.params, backend)
+        bound, spec, options = binder(*args, **kwargs)
+        key = (kname, tuple(spec), tuple(sorted(options.items())))
+        if key in seen:
+            continue
+        seen[key] = cache
+        options, signature, constexprs, attrs = jf._pack_args(backend, kwargs, bound, spec, options)
+        consts = ",".join(f"{jf.params[p[0]].name}={v}" for p, v in constexprs.items())
+        yield f"{kname}[{cache}:{signature['cache_ptr']},{consts}]", ASTSource(jf, signature, constexprs, attrs), options
 
 
 def _signature(fn, types: dict[str, str]) -> dict[str, str]:
     return {p.name: ("constexpr" if p.is_constexpr else types.get(p.name, "i64")) for p in fn.params}
 
 
-def cases():
-    """(name, fn, signature, constexprs): the specialisations that matter."""
-    for kern, ptr, (br, bw) in itertools.product(
-        (paged_copy._paged_to_chunk_kernel, paged_copy._chunk_to_paged_kernel),
-        INT_PTRS,
-        [(1, 4096), (8, 256), (64, 128)],  # tiles `_tile` picks for wide runs, rows, narrow rows
-    ):
-        sig = _signature(kern, {"cache_ptr": ptr, "chunk_ptr": ptr, "ids_ptr": "*i64", "layer_off_ptr": "*i64"})
-        for per_layer in (False, True):  # one buffer; 0.34's per-layer tensors (offset table)
-            consts = {"PER_LAYER": per_layer, "BLOCK_R": br, "BLOCK_W": bw}
-            yield f"{kern.__name__}[{ptr},{br}x{bw},per_layer={per_layer}]", kern, sig, consts
-    token_kernels = (paged_copy._paged_to_tokens_kernel, paged_copy._tokens_to_paged_kernel)
-    for kern, ptr in itertools.product(token_kernels, INT_PTRS):
-        sig = _signature(kern, {"cache_ptr": ptr, "tok_ptr": ptr, "slot_ptr": "*i64", "layer_off_ptr": "*i64"})
-        for per_layer in (False, True):
-            consts = {"PER_LAYER": per_layer, "BLOCK_T": 16, "BLOCK_C": 256}
-            yield f"{kern.__name__}[{ptr},per_layer={per_layer}]", kern, sig, consts
+def other_cases():
+    """The CacheBlend kernels (not launched by the engine): hand-written signatures."""
     for ptr in FLOAT_PTRS:
         kern = blend._token_deviation_kernel
         sig = _signature(kern, {"cached_ptr": ptr, "fresh_ptr": ptr, "out_ptr": "*fp32"})
-        yield f"_token_deviation_kernel[{ptr}]", kern, sig, {"BLOCK_T": 16, "BLOCK_D": 128}
+        yield f"_token_deviation_kernel[{ptr}]", ASTSource(kern, sig, {"BLOCK_T": 8, "BLOCK_D": 128}), None
     for ptr, pos, neox, tail in itertools.product(FLOAT_PTRS, ["*i32", "*i64"], [True, False], [True, False]):
         kern = rope._rerotate_k_kernel
         sig = _signature(kern, {"k_ptr": ptr, "out_ptr": ptr, "src_ptr": pos, "dst_ptr": pos, "inv_freq_ptr": "*fp32"})
         consts = {"HALF": 64, "IS_NEOX": neox, "COPY_TAIL": tail, "BLOCK_T": 16, "BLOCK_R": 64, "BLOCK_TAIL": 32}
-        yield f"_rerotate_k_kernel[{ptr},{pos},neox={neox},tail={tail}]", kern, sig, consts
+        yield f"_rerotate_k_kernel[{ptr},{pos},neox={neox},tail={tail}]", ASTSource(kern, sig, consts), None
 
 
 def main(archs: list[int]) -> int:
     n = 0
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for name, fn, sig, consts in cases():
+        for name, src, options in itertools.chain(copy_cases(target), other_cases()):
             try:
-                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+                opts = options.__dict__ if options is not None else None
+                compiled = triton.compile(src, target=target, options=opts)
             except Exception as e:  # report which kernel and specialisation broke
                 print(f"FAILED sm_{arch} {name}: {type(e).__name__}: {e}")
                 return 1
@@ -76,4 +186,4 @@ def main(archs: list[int]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main([int(a) for a in sys.argv[1:]] or [80, 90]))
+    sys.exit(main([int(a) for a in sys.argv[1:]] or [80, 90, 100]))
