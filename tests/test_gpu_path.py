@@ -21,6 +21,7 @@ import math
 import threading
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -694,3 +695,113 @@ def test_no_copy_kernel_compiles_after_register_on_a_gpu():
         eng.synchronize()
         assert entries() == after_register, "a copy kernel compiled while serving"
         eng.close()
+
+
+# --------------------------------------------------------------------------- item 10
+
+SYNCING = ("item", "tolist", "nonzero", "cpu", "numpy", "__bool__", "__int__", "__float__", "masked_select")
+
+
+@contextlib.contextmanager
+def _no_host_sync(monkeypatch):
+    """Inside: every torch op that makes the host wait for a GPU raises (on CPU tensors, where
+    they would not wait, so the test can run here): reading a value (`item`, `int()`, `bool()`,
+    `tolist`), copying to the host (`cpu`, `numpy`), data-dependent shapes (`nonzero`,
+    `masked_select`, indexing by a boolean mask), `torch.equal`. Yields the list of calls to
+    `blender.to_host`, the blend's one allowed sync per check layer."""
+    from lmcache_triton.blend import blender
+
+    def forbid(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"host sync in the blend step: Tensor.{name}")
+
+        return raiser
+
+    real_cpu, real_numpy = torch.Tensor.cpu, torch.Tensor.numpy
+    calls: list[int] = []
+
+    def to_host(x):
+        calls.append(x.numel())
+        return real_numpy(real_cpu(x))
+
+    real_getitem = torch.Tensor.__getitem__
+
+    def getitem(self, idx):
+        parts = idx if isinstance(idx, tuple) else (idx,)
+        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+            raise AssertionError("host sync in the blend step: indexing by a boolean mask")
+        return real_getitem(self, idx)
+
+    monkeypatch.setattr(blender, "to_host", to_host)
+    for name in SYNCING:
+        monkeypatch.setattr(torch.Tensor, name, forbid(name))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+    monkeypatch.setattr(torch, "nonzero", forbid("nonzero"))
+    monkeypatch.setattr(torch, "equal", forbid("equal"))
+    monkeypatch.setattr(torch, "masked_select", forbid("masked_select"))
+    try:
+        yield calls
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    from lmcache_triton.blend.model import load_hf_weights
+    from lmcache_triton.testing.tiny_model import build_tiny_model
+
+    d = build_tiny_model(tmp_path_factory.mktemp("blend_gpu_path") / "llama", arch="llama", hidden_size=64,
+                         num_layers=4, num_heads=4, num_kv_heads=2)
+    return load_hf_weights(d, dtype=torch.float32)
+
+
+def _blend_inputs(w, n: int, spans):
+    from lmcache_triton.blend.blender import prefill_segment
+
+    ids = torch.randint(4, w.config.vocab_size, (n,), generator=torch.Generator().manual_seed(5))
+    return ids, [prefill_segment(w, ids, a, b) for a, b in spans]
+
+
+@pytest.mark.parametrize("n,ratio,checks", [(67, 0.15, (1,)), (301, 0.5, (1, 2))], ids=["short", "grouped-2checks"])
+def test_blend_step_syncs_the_host_once_per_check_layer(monkeypatch, tiny_weights, n, ratio, checks):
+    """Item 10: inside `blend_prefill` no op that waits for the GPU runs, except one device-to-host
+    copy per check layer (how many rows the check keeps); the result is the same as with the
+    attention's layout checked on the device (the code before), bit for bit."""
+    from lmcache_triton.blend import blender, model
+
+    w = tiny_weights
+    spans = [(1, n // 3), (n // 3 + 2, 2 * n // 3), (2 * n // 3 + 1, n - 5)]
+    ids, segs = _blend_inputs(w, n, spans)
+    with _no_host_sync(monkeypatch) as calls:
+        got = blender.blend_prefill(w, ids, segs, ratio=ratio, check_layers=checks)
+    assert len(calls) == len(checks), f"{len(calls)} device-to-host copies for {len(checks)} check layers"
+    # The code before: the attention checks its layout on the device (no host-known layout).
+    monkeypatch.setattr(blender, "attention_layout", lambda rows, t: None)
+    ref = blender.blend_prefill(w, ids, segs, ratio=ratio, check_layers=checks)
+    assert torch.equal(got.recompute_idx, ref.recompute_idx)
+    assert all(torch.equal(a, b) for a, b in zip(got.selected, ref.selected, strict=True))
+    for (k, v), (rk, rv) in zip(got.kv, ref.kv, strict=True):
+        assert torch.equal(k, rk) and torch.equal(v, rv)
+    assert torch.equal(got.logits_last, ref.logits_last)
+    assert got.recomputed_cached == int(torch.isin(ref.recompute_idx, ref.cached_idx).sum())
+    assert got.computed_token_layers == ref.computed_token_layers
+    if n > 2 * model._QUERY_GROUP:
+        assert isinstance(model.attention_layout(np.arange(0, n, 2), n), list), "the grouped layout ran"
+
+
+def test_attention_layout_matches_the_checked_attention():
+    """Every layout `attention_layout` names gives the same output as `attention` checking the
+    positions itself."""
+    from lmcache_triton.blend.model import _QUERY_GROUP, attention, attention_layout
+
+    g = torch.Generator().manual_seed(2)
+    t = 3 * _QUERY_GROUP + 7
+    k, v = torch.randn(t, 2, 16, generator=g), torch.randn(t, 2, 16, generator=g)
+    kp = torch.arange(t)
+    for rows in (np.arange(t), np.sort(np.random.default_rng(0).choice(t, 2 * _QUERY_GROUP + 3, replace=False)),
+                 np.array([3, 9, t - 1])):
+        q = torch.randn(len(rows), 4, 16, generator=g)
+        qp = torch.from_numpy(rows)
+        want = attention(q, qp, k, v, kp)
+        got = attention(q, qp, k, v, kp, layout=attention_layout(rows, t))
+        assert torch.equal(got, want), (len(rows), (got - want).abs().max())

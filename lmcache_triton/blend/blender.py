@@ -54,12 +54,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..kernels.blend import select_tokens, token_deviation
 from ..kernels.reference import num_selected_tokens
 from ..kernels.rope import rerotate_k
-from .model import TransformerWeights, attention, embed, final_logits, layer_out, layer_qkv, prefill
+from .model import (
+    TransformerWeights,
+    attention,
+    attention_layout,
+    embed,
+    final_logits,
+    layer_out,
+    layer_qkv,
+    prefill,
+)
 
 __all__ = ["BlendResult", "SegmentKV", "blend_prefill", "prefill_segment"]
 
@@ -97,6 +107,7 @@ class BlendResult:
         candidates: per check layer, `[n]` prompt indices scored there.
         computed_token_layers: token-layer steps run (see the module's cost note).
         num_layers: L.
+        recomputed_cached: cached tokens in `recompute_idx` (known on the host).
     """
 
     logits_last: torch.Tensor
@@ -108,6 +119,7 @@ class BlendResult:
     candidates: list[torch.Tensor] = field(default_factory=list)
     computed_token_layers: int = 0
     num_layers: int = 0
+    recomputed_cached: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -122,6 +134,23 @@ class BlendResult:
     def flop_fraction(self) -> float:
         """Token-layer steps run / those of a full prefill (`L * T`)."""
         return self.computed_token_layers / (self.num_layers * self.num_tokens)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`x` on `device`; host to CUDA through pinned memory, asynchronously (a pageable copy makes
+    the host wait for it). The pinned staging comes from torch's caching host allocator, which
+    keeps it until the copy has run."""
+    if x.device == device:
+        return x
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def to_host(x: torch.Tensor) -> np.ndarray:
+    """`x` as a host array: a device-to-host copy, which waits for the device. A blend calls it
+    once per check layer (the size of the recompute set); tests count the calls."""
+    return x.cpu().numpy()
 
 
 def prefill_segment(w: TransformerWeights, token_ids: torch.Tensor, start: int, end: int) -> SegmentKV:
@@ -200,7 +229,7 @@ def blend_prefill(
         `BlendResult`.
     """
     dev_ = w.device
-    token_ids = torch.as_tensor(token_ids, device=dev_)
+    token_ids = to_device(torch.as_tensor(token_ids), dev_)
     t = token_ids.shape[0]
     num_layers = w.num_layers
     pos = torch.arange(t, device=dev_) if positions is None else positions.to(dev_)
@@ -214,37 +243,45 @@ def blend_prefill(
         raise ValueError(f"deviation_on must be 'k', 'v' or 'kv', got {deviation_on!r}")
     segs = _check_segments(w, t, segments)
 
-    cached = torch.zeros(t, dtype=torch.bool, device=dev_)
+    # What the segments cover is known on the host: built there and copied once, asynchronously
+    # (a `nonzero` on the device would wait for everything queued before it).
+    # (Host bookkeeping in numpy: nothing in it can touch the device.)
+    cached_host = np.zeros(t, dtype=np.bool_)
     for s in segs:
-        cached[s.start : s.end] = True
-    cached_idx = cached.nonzero().flatten()
-    n_cached = cached_idx.numel()
+        cached_host[s.start : s.end] = True
+    cached_idx_host = np.flatnonzero(cached_host)
+    cached = to_device(torch.from_numpy(cached_host), dev_)
+    cached_idx = to_device(torch.from_numpy(cached_idx_host), dev_)
+    n_cached = int(cached_idx_host.size)
+    n_fresh = t - n_cached  # tokens no segment covers: computed on every layer
 
     # 1. Blended KV per layer: re-rotated cached rows, the rest filled as tokens are computed.
     c = w.config
     shape = (t, c.num_kv_heads, c.head_dim)
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     if segs:
-        src = torch.cat([
-            torch.arange(s.end - s.start, device=dev_) if s.src_positions is None
-            else s.src_positions.to(dev_)
+        src = to_device(torch.cat([
+            torch.arange(s.end - s.start) if s.src_positions is None else s.src_positions.cpu()
             for s in segs
-        ]).to(torch.int64)
+        ]).to(torch.int64), dev_)
         dst = pos[cached_idx].to(torch.int64)
     for i in range(num_layers):
         k_all = torch.zeros(shape, dtype=w.dtype, device=dev_)
         v_all = torch.zeros(shape, dtype=w.dtype, device=dev_)
         if segs:
             # One re-rotation per layer over all segments (concatenated in prompt order).
-            k_c = torch.cat([s.kv[i][0].to(device=dev_, dtype=w.dtype) for s in segs])
+            k_c = to_device(torch.cat([s.kv[i][0] for s in segs]), dev_).to(w.dtype)
             k_all[cached_idx] = rerotate_k(k_c, src, dst, rotary_dim=c.rotary_dim,
                                            is_neox=c.is_neox_style, inv_freq=w.inv_freq)
-            v_all[cached_idx] = torch.cat([s.kv[i][1].to(device=dev_, dtype=w.dtype) for s in segs])
+            v_all[cached_idx] = to_device(torch.cat([s.kv[i][1] for s in segs]), dev_).to(w.dtype)
         kv.append((k_all, v_all))
 
     result = BlendResult(logits_last=torch.empty(0), kv=kv, recompute_idx=torch.empty(0),
                          cached_idx=cached_idx, num_layers=num_layers)
     active = torch.arange(t, device=dev_)  # prompt indices whose hidden state is carried
+    # The same on the host, known without asking the device: all tokens until the first check,
+    # then what each check kept (its one device-to-host copy).
+    active_host = np.arange(t, dtype=np.int64)
     h = embed(w, token_ids)
     for i in range(num_layers):
         q, k, v = layer_qkv(w, i, h, pos[active])
@@ -252,43 +289,56 @@ def blend_prefill(
             # 3. Score the carried cached tokens, keep the most deviating ones.
             r = ratios[checks.index(i)]
             is_c = cached[active]
-            cand = active[is_c]
+            n_cand = int(active_host.size) - n_fresh  # every fresh token is carried
+            cand_rows = torch.nonzero_static(is_c, size=n_cand).flatten()  # fixed size: no sync
+            cand = active[cand_rows]
             keep_rows = torch.empty(0, dtype=torch.int64, device=dev_)
-            if cand.numel():
+            if n_cand:
                 k_cached, v_cached = kv[i][0][cand], kv[i][1][cand]
+                k_fresh, v_fresh = k[cand_rows], v[cand_rows]
                 if deviation_on == "kv":
-                    d = token_deviation(torch.stack([k_cached, v_cached]), torch.stack([k[is_c], v[is_c]]))
+                    d = token_deviation(torch.stack([k_cached, v_cached]), torch.stack([k_fresh, v_fresh]))
                 elif deviation_on == "k":
-                    d = token_deviation(k_cached, k[is_c])
+                    d = token_deviation(k_cached, k_fresh)
                 else:
-                    d = token_deviation(v_cached, v[is_c])
+                    d = token_deviation(v_cached, v_fresh)
                 # Budget counted on all cached tokens of the prompt, chosen among the candidates.
-                budget = min(num_selected_tokens(n_cached, r, always_last=False), cand.numel())
+                budget = min(num_selected_tokens(n_cached, r, always_last=False), n_cand)
                 if select_fn is not None:
                     keep_rows = torch.sort(select_fn(d, budget).to(device=dev_, dtype=torch.int64)).values
                 else:
-                    keep_rows = select_tokens(d, budget / cand.numel(), min_tokens=0, always_last=False)
+                    keep_rows = select_tokens(d, budget / n_cand, min_tokens=0, always_last=False)
                 result.deviation.append(d)
             else:
                 result.deviation.append(torch.empty(0, device=dev_))
             result.candidates.append(cand)
             result.selected.append(cand[keep_rows])
             keep = ~is_c
-            keep[is_c.nonzero().flatten()[keep_rows]] = True
+            keep[cand_rows[keep_rows]] = True
             keep[-1] = True  # active is sorted and always holds T - 1: its logits are the output
-            active, h, q, k, v = active[keep], h[keep], q[keep], k[keep], v[keep]
+            # The check's one host sync: how many rows it keeps (whether T - 1 was among the
+            # selected depends on the deviations), and which, for the host's copy of `active`.
+            rows_host = np.flatnonzero(to_host(keep))
+            rows = to_device(torch.from_numpy(rows_host), dev_)
+            active_host = active_host[rows_host]
+            active, h, q, k, v = (x.index_select(0, rows) for x in (active, h, q, k, v))
         # 2./4. Fresh K/V of every token computed on this layer into the blended KV: before the
         # first check that is every token (computed anyway to reach it), afterwards the
         # recompute set. Cached rows survive only where a token is no longer computed.
         kv[i][0][active] = k
         kv[i][1][active] = v
-        if causal_attention is not None and positions is None and active.numel() == t:
+        if causal_attention is not None and positions is None and active_host.size == t:
             o = causal_attention(i, q, k, v)
+        elif positions is None:
+            # Positions 0..T-1 and `active` ascending, known on the host: the attention's layout
+            # needs no device check (`attention_layout`).
+            o = attention(q, pos[active], kv[i][0], kv[i][1], pos, layout=attention_layout(active_host, t))
         else:
             o = attention(q, pos[active], kv[i][0], kv[i][1], pos)
         h = layer_out(w, i, h, o)
-        result.computed_token_layers += active.numel()
+        result.computed_token_layers += int(active_host.size)
 
     result.recompute_idx = active
+    result.recomputed_cached = int(cached_host[active_host].sum())  # host tensors: no sync
     result.logits_last = final_logits(w, h[-1:])[0]
     return result

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -542,12 +543,25 @@ def layer_qkv(
 _QUERY_GROUP = 64
 
 
+def attention_layout(q_rows: np.ndarray, num_keys: int) -> str | list[int]:
+    """`attention`'s `layout` for queries at host-known positions `q_rows` (ascending, `[N]`, a
+    host array) over keys at positions `0..num_keys-1`: "causal", the key ends of the query
+    groups, or "mask"."""
+    n = len(q_rows)
+    if n == num_keys:
+        return "causal"
+    if n >= 2 * _QUERY_GROUP:
+        return [int(q_rows[min(a + _QUERY_GROUP, n) - 1]) + 1 for a in range(0, n, _QUERY_GROUP)]
+    return "mask"
+
+
 def attention(
     q: torch.Tensor,
     q_positions: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     kv_positions: torch.Tensor,
+    layout: str | list[int] | None = None,
 ) -> torch.Tensor:
     """GQA attention, causal by position: query t sees key s iff `kv_positions[s] <= q_positions[t]`.
 
@@ -555,6 +569,10 @@ def attention(
         q: `[N, H, D]` queries. q_positions: `[N]`.
         k, v: `[S, H_kv, D]` keys (post-RoPE) and values of every token that may be attended.
         kv_positions: `[S]`.
+        layout: what the caller knows on the host, so nothing is checked on the device (each
+            check waits for it on a GPU): "causal" (the queries are the keys, in position
+            order), a list of key ends per group of `_QUERY_GROUP` queries (both in position
+            order), or "mask"; `attention_layout` computes it. Default None: checked here.
 
     Returns:
         `[N, H * D]` attention output (before o_proj).
@@ -565,6 +583,8 @@ def attention(
     # inputs take the math path: 4k tokens, 8 heads of 64, one thread: 1.17 s vs 0.21 s causal).
     qt, kt, vt = (x[None].transpose(1, 2) for x in (q, k, v))
     gqa = h != k.shape[1]  # query head j reads KV head j // (H / H_kv) (HF repeat_kv / vLLM's GQA)
+    if layout is not None:
+        return _attention_in(layout, qt, kt, vt, qp, kp, d, gqa)
     if n == k.shape[0] and (n < 2 or bool((kp[1:] > kp[:-1]).all())) and torch.equal(qp, kp):
         # Every token attends over every token, in position order: plain causal attention, which
         # the flash kernel runs without a mask and skips the upper triangle (0.21 s vs 0.47 s with
@@ -584,6 +604,25 @@ def attention(
         out = torch.cat(outs, dim=2)
     else:
         mask = kp[None, :] <= qp[:, None]  # [N, S]
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=d**-0.5, enable_gqa=gqa)
+    return out[0].transpose(0, 1).reshape(n, h * d)
+
+
+def _attention_in(layout, qt, kt, vt, qp, kp, d: int, gqa: bool) -> torch.Tensor:
+    """`attention`'s three cases, chosen by the caller's host-known `layout` (same results)."""
+    n, h = qt.shape[2], qt.shape[1]
+    if layout == "causal":
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=d**-0.5, enable_gqa=gqa)
+    elif isinstance(layout, list):
+        outs = []
+        for g, a in enumerate(range(0, n, _QUERY_GROUP)):
+            b, end = min(a + _QUERY_GROUP, n), layout[g]
+            mask = kp[None, :end] <= qp[a:b, None]
+            outs.append(F.scaled_dot_product_attention(
+                qt[:, :, a:b], kt[:, :, :end], vt[:, :, :end], attn_mask=mask, scale=d**-0.5, enable_gqa=gqa))
+        out = torch.cat(outs, dim=2)
+    else:
+        mask = kp[None, :] <= qp[:, None]
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=d**-0.5, enable_gqa=gqa)
     return out[0].transpose(0, 1).reshape(n, h * d)
 

@@ -85,8 +85,10 @@ class BlendWorker:
         eng = self.impl.engine
         flat, geom = eng.flat, eng.geom
         assert flat is not None and geom is not None, "a blend before register_kv_caches"
+        from lmcache_triton.blend.blender import to_device
+
         src = torch.stack([torch.stack(k), torch.stack(v)]).to(device=flat.device, dtype=geom.dtype)
-        tokens_to_paged(src.contiguous(), flat, geom, slots.to(flat.device))
+        tokens_to_paged(src.contiguous(), flat, geom, to_device(slots, flat.device))  # pinned, async
 
     def weights(self):
         if self._weights is None:
@@ -211,7 +213,7 @@ class BlendWorker:
             # when even that cannot run (no model in this worker).
             return self._full_prefill(req_id, op)
         cached = res.cached_idx.numel()
-        recomputed_cached = int(torch.isin(res.recompute_idx, res.cached_idx).sum())
+        recomputed_cached = res.recomputed_cached  # counted on the host: no device sync
         self._add("blend_requests", 1)
         self._add("blend_reused_tokens", cached - recomputed_cached)
         self._add("blend_recomputed_tokens", len(op.token_ids) - (cached - recomputed_cached))
