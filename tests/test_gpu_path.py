@@ -805,3 +805,27 @@ def test_attention_layout_matches_the_checked_attention():
         want = attention(q, qp, k, v, kp)
         got = attention(q, qp, k, v, kp, layout=attention_layout(rows, t))
         assert torch.equal(got, want), (len(rows), (got - want).abs().max())
+
+
+@pytest.mark.gpu
+def test_blend_kernels_compile_once_for_every_length():
+    """On a device: the CacheBlend kernels' tiles do not follow the token count and the count is
+    not specialised, so after the first call no length compiles another variant."""
+    from lmcache_triton.kernels import blend as blend_kernels
+    from lmcache_triton.kernels import rope
+    from lmcache_triton.kernels.reference import rope_inv_freq
+
+    def entries() -> int:
+        kernels = (blend_kernels._token_deviation_kernel, rope._rerotate_k_kernel)
+        return sum(len(c[0]) for k in kernels for c in k.device_caches.values())
+
+    inv = rope_inv_freq(128, 10000.0).cuda()
+    first = None
+    for t in (256, 1, 5, 17, 100, 1000, 4099):
+        k = torch.randn(t, 8, 128, device="cuda", dtype=torch.bfloat16)
+        pos = torch.arange(t, device="cuda")
+        blend_kernels.token_deviation(torch.stack([k, k]), torch.stack([k, k + 1]))
+        rope.rerotate_k(k, pos, pos + 3, inv_freq=inv)
+        torch.cuda.synchronize()
+        first = entries() if first is None else first
+    assert entries() == first, "a CacheBlend kernel compiled again for another length"

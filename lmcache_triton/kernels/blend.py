@@ -40,7 +40,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one compile serves every prompt length
 def _token_deviation_kernel(
     cached_ptr,  # [S, T, H, D] viewed through strides
     fresh_ptr,  # [S, T, H, D] viewed through strides
@@ -123,7 +123,8 @@ def token_deviation(cached: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
         # ~1024 elements a tile (8 fp16 per thread at 4 warps: 16-byte loads) and T/8 programs at
         # head size 128 -- 512 CTAs at 4k tokens fill 132 SMs several times over. Reasoned, not
         # measured: this task had no GPU. Revisit with bench/bench_blend_kernels.py on one.
-        block_t = max(1, min(triton.next_power_of_2(t), 1024 // block_d))
+        # Not sized to T (masked): one compile for every prompt length.
+        block_t = max(1, 1024 // block_d)
     grid = (triton.cdiv(t, block_t),)
     _token_deviation_kernel[grid](
         c4,

@@ -33,7 +33,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one compile serves every segment length
 def _rerotate_k_kernel(
     k_ptr,  # [T, H, D] viewed through strides
     out_ptr,  # [T, H, D] viewed through strides; k_ptr itself when in place
@@ -157,7 +157,9 @@ def rerotate_k(
     else:
         # ~1024 pair lanes a tile at head size 128 -> T/16 programs (256 at 4k tokens); each
         # loops over heads reusing its cos/sin. Reasoned, not measured: no GPU in this task.
-        block_t = max(1, min(triton.next_power_of_2(t), 1024 // block_r))
+        # Not sized to T (masked): a tile following the length compiled a kernel per power of
+        # two a short segment rounds to, in a request's step.
+        block_t = max(1, 1024 // block_r)
     inv = inv_freq if inv_freq.dtype == torch.float32 else inv_freq.float()
     grid = (triton.cdiv(t, block_t),)
     _rerotate_k_kernel[grid](
