@@ -36,7 +36,9 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from lmcache_triton.kernels import blend, paged_copy, rope  # noqa: E402
 
 FLOAT_PTRS = ["*fp32", "*fp16", "*bf16"]
-COPY_KERNELS = ("_paged_to_chunk_kernel", "_chunk_to_paged_kernel", "_paged_to_tokens_kernel", "_tokens_to_paged_kernel")
+COPY_KERNELS = (
+    "_paged_to_chunk_kernel", "_chunk_to_paged_kernel", "_paged_to_tokens_kernel", "_tokens_to_paged_kernel",
+)
 
 # vLLM-shaped caches the engine serves on a GPU: (name, layout, heads, block, row C, dtype,
 # kv_split, per-layer tensors (0.34's extensible cache), opaque pages).
@@ -147,7 +149,8 @@ def copy_cases(target: GPUTarget):
         seen[key] = cache
         options, signature, constexprs, attrs = jf._pack_args(backend, kwargs, bound, spec, options)
         consts = ",".join(f"{jf.params[p[0]].name}={v}" for p, v in constexprs.items())
-        yield f"{kname}[{cache}:{signature['cache_ptr']},{consts}]", ASTSource(jf, signature, constexprs, attrs), options
+        label = f"{kname}[{cache}:{signature['cache_ptr']},{consts}]"
+        yield label, ASTSource(jf, signature, constexprs, attrs), options
 
 
 def _signature(fn, types: dict[str, str]) -> dict[str, str]:
