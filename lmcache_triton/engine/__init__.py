@@ -10,7 +10,7 @@ The names below keep `from lmcache_triton.engine import ...` working as before t
 
 from lmcache_triton.chunk.planner import ChunkPlanner, ChunkSpan, chunk_key
 
-from .copy_paths import ROWS_FORM, CopyPath, OpaquePages, PackedPages, TokenRows, make_copy_path
+from .copy_paths import ROWS_FORM, CopyPath, OpaquePages, PackedPages, StridedPages, TokenRows, make_copy_path
 from .engine import FORMAT_VERSION, KVCacheEngine, Progress, TransferStats
 from .index import PrefixIndex
 
@@ -25,6 +25,7 @@ __all__ = [
     "PackedPages",
     "PrefixIndex",
     "Progress",
+    "StridedPages",
     "TokenRows",
     "TransferStats",
     "chunk_key",

