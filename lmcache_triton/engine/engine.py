@@ -131,6 +131,9 @@ class KVCacheEngine:
             place on the compute stream's path (`streams.StagingRing`); default 4.
         streams: the stream runtime; default None: torch.cuda for a CUDA cache, plain copies
             otherwise. Given, the CUDA path runs on any device (tests pass a recorder).
+        prefetch_threads: background threads reading chunks from the slow tiers, so the chunks
+            of one request are read and verified in parallel (file reads, socket reads and the
+            checksum release the GIL); default 2.
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class KVCacheEngine:
         grow_ahead: bool | None = None,
         staging_slots: int = 4,
         streams: StreamBackend | None = None,
+        prefetch_threads: int = 2,
     ) -> None:
         self.storage = storage
         self.namespace = namespace
@@ -157,6 +161,7 @@ class KVCacheEngine:
         self.retire_high, self.retire_low = retire_high, retire_low
         self.grow_ahead = grow_ahead
         self.staging_slots = staging_slots
+        self.prefetch_threads = max(1, prefetch_threads)
         self._lock = threading.RLock()  # puts + holds of the CPU tier, bookkeeping below
         self._held: dict[str, torch.Tensor] = {}  # key -> the held CPU-tier tensor
         self._origin: dict[str, str] = {}  # key -> tier it came from ("cpu", "disk")
@@ -171,7 +176,7 @@ class KVCacheEngine:
         self._load_staging = StagingRing(None, 0, 0)  # ... of the loads (one stream: no events)
         self._prefetch_q: queue.Queue[str | None] | None = None
         self._prefetching: set[str] = set()
-        self._prefetch_thread: threading.Thread | None = None
+        self._prefetch_threads: list[threading.Thread] = []
         self._closed = False
 
     # ------------------------------------------------------------------ set-up
@@ -569,10 +574,12 @@ class KVCacheEngine:
             q = self._prefetch_q
             if q is None:
                 q = self._prefetch_q = queue.Queue()
-                self._prefetch_thread = threading.Thread(
-                    target=self._prefetcher, args=(q,), name="lmcache-triton-prefetch", daemon=True
-                )
-                self._prefetch_thread.start()
+                for i in range(self.prefetch_threads):
+                    t = threading.Thread(
+                        target=self._prefetcher, args=(q,), name=f"lmcache-triton-prefetch-{i}", daemon=True
+                    )
+                    t.start()
+                    self._prefetch_threads.append(t)
         for d in todo:
             q.put(d)
 
@@ -614,6 +621,7 @@ class KVCacheEngine:
 
     def close(self) -> None:
         if self._prefetch_q is not None:
-            self._prefetch_q.put(None)
+            for _ in self._prefetch_threads:
+                self._prefetch_q.put(None)
         if self.flat is not None:
             self.synchronize()
