@@ -9,9 +9,17 @@ after start-up, median over `--reps` prompts (each miss needs a prompt never see
   miss           engine with the connector, prompt not cached          (same process as hit)
   CPU hit        the same prompt again: chunks come from the CPU tier
   disk hit       a NEW process on the same disk directory: chunks come from disk
-Targets (issue 4): hit TTFT <= 10% of miss TTFT (aim 5%); miss overhead <= 5% vs no connector.
+  vLLM hit       (--floor) no connector, vLLM's own prefix cache ON, the prompt a second time:
+                 the last token's forward plus vLLM's own overhead, the floor of any hit
+Targets (issue 19): CPU hit <= 1% of the miss, disk hit after a restart <= 3%; miss overhead
+<= 5% vs no connector.
 
-Usage: python bench/bench_e2e.py [--tokens 4096] [--reps 3] [--quick]
+`--before DIR` runs the connector cases a second time with the package from DIR (a checkout of
+an older commit: `git archive COMMIT | tar -x -C DIR`), interleaved with this tree's (before
+miss/hit, after miss/hit, before disk hit, after disk hit), so a change is compared under the
+same load; its rows are labelled "before: ...".
+
+Usage: python bench/bench_e2e.py [--tokens 4096] [--reps 3] [--quick] [--floor] [--before DIR]
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="1k tokens, 1 rep, a smaller model")
+    ap.add_argument("--floor", action="store_true", help="also vLLM's own prefix-cache hit (no connector)")
+    ap.add_argument("--before", default=None, help="a checkout of an older tree to compare, interleaved")
     args = ap.parse_args()
     model_params = dict(BENCH_MODEL)
     if args.quick:
@@ -72,41 +82,59 @@ def main() -> None:
     n_params = _count_params(model)
     max_len = args.tokens + 64
     prompts = _prompts(args.reps, args.tokens - 1, seed=1)  # + BOS-free token ids, exact length
-    disk = work / "disk"
-    connector = {
-        "lmcache.chunk_size": args.chunk_size,
-        "lmcache.local_disk": str(disk),
-        "lmcache.max_local_disk_size": 4,
-        "lmcache.max_local_cpu_size": 2,
-    }
     base = dict(model=model, block_size=32, max_model_len=max_len, extra_args={"max_num_batched_tokens": max_len})
 
-    print(f"model: {n_params / 1e6:.1f}M params float32; prompt {args.tokens} tokens; reps {args.reps}", flush=True)
-    print("no connector ...", flush=True)
-    plain = run_in_subprocess(EngineSpec(**base), prompts, 1, measure_ttft=True, env=env)
-    print("connector: miss then CPU hit ...", flush=True)
-    both = run_in_subprocess(
-        EngineSpec(**base, connector=connector), [p for p in prompts for _ in (0, 1)], 1, measure_ttft=True, env=env
-    )
-    miss, cpu_hit = both[0::2], both[1::2]
-    print("connector, new process: disk hit ...", flush=True)
-    disk_hit = run_in_subprocess(EngineSpec(**base, connector=connector), prompts, 1, measure_ttft=True, env=env)
+    def connector(disk: Path) -> dict:
+        return {
+            "lmcache.chunk_size": args.chunk_size,
+            "lmcache.local_disk": str(disk),
+            "lmcache.max_local_disk_size": 4,
+            "lmcache.max_local_cpu_size": 2,
+        }
 
-    rows = {
-        "no connector": plain,
-        "miss": miss,
-        "CPU hit": cpu_hit,
-        "disk hit": disk_hit,
-    }
+    trees = [("", env)]
+    if args.before:
+        before_env = {**env, "PYTHONPATH": str(Path(args.before).resolve())}
+        trees.insert(0, ("before: ", before_env))
+
+    print(f"model: {n_params / 1e6:.1f}M params float32; prompt {args.tokens} tokens; reps {args.reps}", flush=True)
+    print(f"load {os.getloadavg()[0]:.1f} at start", flush=True)
+    print("no connector ...", flush=True)
+    rows = {"no connector": run_in_subprocess(EngineSpec(**base), prompts, 1, measure_ttft=True, env=env)}
+    if args.floor:
+        print("vLLM's own prefix cache ...", flush=True)
+        twice = run_in_subprocess(
+            EngineSpec(**{**base, "prefix_caching": True}),
+            [p for p in prompts for _ in (0, 1)],
+            1,
+            measure_ttft=True,
+            env=env,
+        )
+        rows["vLLM hit"] = twice[1::2]
+    for label, tree_env in trees:
+        print(f"{label}connector: miss then CPU hit ...", flush=True)
+        spec = EngineSpec(**base, connector=connector(work / ("disk-before" if label else "disk")))
+        both = run_in_subprocess(spec, [p for p in prompts for _ in (0, 1)], 1, measure_ttft=True, env=tree_env)
+        rows[f"{label}miss"], rows[f"{label}CPU hit"] = both[0::2], both[1::2]
+    for label, tree_env in trees:
+        print(f"{label}connector, new process: disk hit ...", flush=True)
+        spec = EngineSpec(**base, connector=connector(work / ("disk-before" if label else "disk")))
+        rows[f"{label}disk hit"] = run_in_subprocess(spec, prompts, 1, measure_ttft=True, env=tree_env)
+    print(f"load {os.getloadavg()[0]:.1f} at the end", flush=True)
+
     med = {k: statistics.median(r["ttft"] for r in v) for k, v in rows.items()}
     cached = {k: statistics.median(r["num_cached_tokens"] for r in v) for k, v in rows.items()}
-    print(f"\n{'case':<14}{'TTFT s':>10}{'vs miss':>10}{'cached tok':>12}")
+
+    def miss_of(k: str) -> float:
+        return med["before: miss"] if k.startswith("before: ") else med["miss"]
+
+    print(f"\n{'case':<20}{'TTFT s':>10}{'vs miss':>10}{'cached tok':>12}")
     for k in rows:
-        print(f"{k:<14}{med[k]:>10.3f}{med[k] / med['miss']:>10.1%}{cached[k]:>12.0f}")
+        print(f"{k:<20}{med[k]:>10.3f}{med[k] / miss_of(k):>10.2%}{cached[k]:>12.0f}")
     overhead = med["miss"] / med["no connector"] - 1
     print(f"\nconnector overhead on a miss: {overhead:+.1%} (target <= 5%)")
     cpu_frac, disk_frac = med["CPU hit"] / med["miss"], med["disk hit"] / med["miss"]
-    print(f"CPU hit / miss: {cpu_frac:.1%}, disk hit / miss: {disk_frac:.1%} (target <= 10%)")
+    print(f"CPU hit / miss: {cpu_frac:.2%} (target <= 1%), disk hit / miss: {disk_frac:.2%} (target <= 3%)")
 
     import torch
     import vllm
@@ -144,7 +172,7 @@ def main() -> None:
                     args.reps,
                     k,
                     f"{med[k]:.4f}",
-                    f"{med[k] / med['miss']:.4f}",
+                    f"{med[k] / miss_of(k):.4f}",
                     f"{cached[k]:.0f}",
                 ]
             )

@@ -10,6 +10,12 @@ prompt (16 chunks, 101 MB). Paths, interleaved in each repetition (same load for
   memcpy   a plain `copy_` of the same bytes (the ceiling)
 Block ids: a fresh engine's (consecutive, the common case) or shuffled (`--shuffle`).
 
+With `--disk`, also the disk hit's first half: the same 16 chunks written to a disk tier (in the
+page cache, as after a restart on a warm machine), then `KVCacheEngine.prefetch` of all of them
+into an empty CPU tier, verified (xxh3, or the keyed BLAKE3 MAC with `--secret`), with 1 and
+with 2 prefetch threads (and with 2 into an arena whose pages were touched before: the share of
+first-touch page faults), beside a plain read of the same files into one buffer (the ceiling).
+
 Usage: python bench/bench_hit_copy.py [--tokens 4096] [--reps 7] [--threads 1,2] [--shuffle]
 """
 
@@ -53,6 +59,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--shuffle", action="store_true", help="shuffled block ids instead of a fresh engine's")
+    ap.add_argument("--disk", action="store_true", help="also the disk prefetch of the same chunks")
+    ap.add_argument("--secret", default=None, help="chunk_secret: the keyed BLAKE3 MAC instead of xxh3")
     args = ap.parse_args()
     layers, heads, page, head, block = 12, 4, 32, 64, 32
     nblocks = args.tokens // block + 8
@@ -137,7 +145,89 @@ def main() -> None:
                     min_ms=f"{min(v) * 1e3:.2f}",
                 )
             )
+    if args.disk:
+        rows += _disk(args, views, pmap, block, plan, engines["strided"], now)
     append_csv(CSV, list(rows[0]), rows)
+
+
+def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: ANN001 (bench helper)
+    import tempfile
+
+    from lmcache_triton.storage.disk import DiskTier
+
+    d = Path(tempfile.mkdtemp(prefix="lmct-bench-hit-disk-"))
+    writer = DiskTier(d, 1 << 31, secret=args.secret)
+    for digest, _ in plan:
+        key = source.key(digest)
+        with source.storage.acquire(key) as t:
+            writer.put(key, t, source.storage.cpu.meta(key) or {})
+    assert writer.flush(120)
+    writer.close()
+    files = sorted(d.glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    ceiling = torch.empty(total, dtype=torch.uint8)
+
+    def raw() -> None:
+        mv, off = memoryview(ceiling.numpy()), 0
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                off += fh.readinto(mv[off:])
+
+    def prefetch(threads: int, warm_arena: bool = False) -> None:
+        eng = KVCacheEngine(
+            StorageHierarchy(CpuTier(1 << 30), [DiskTier(d, 1 << 31, secret=args.secret)]),
+            source.namespace,
+            {"model": "bench"},
+            prefetch_threads=threads,
+        )
+        eng.register(views, block, page_map=pmap)
+        eng.storage.grow_ahead()  # the arena allocated ahead (not touched: a fresh process's)
+        if warm_arena:  # the arena's pages touched already, as in a server that ran a while
+            shape = source.chunk_shape(args.chunk_size // block)
+            for i in range(len(plan)):
+                eng.storage.cpu.put(f"{i:064x}", torch.zeros(shape))
+            for i in range(len(plan)):
+                eng.storage.cpu.remove(f"{i:064x}")
+        t0 = time.perf_counter()
+        eng.prefetch([dg for dg, _ in plan])
+        assert eng.synchronize(prefetch_timeout=120)
+        name = f"prefetch {threads} thr" + (", warm arena" if warm_arena else "")
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+        assert sorted(eng.poll().held) == sorted(dg for dg, _ in plan), "every chunk prefetched"
+        eng.close()
+        eng.storage.close()
+
+    times: dict[str, list[float]] = {}
+    raw()  # into the page cache
+    for _ in range(args.reps):
+        for threads in (1, 2):
+            prefetch(threads)
+        prefetch(2, warm_arena=True)
+        t0 = time.perf_counter()
+        raw()
+        times.setdefault("raw read", []).append(time.perf_counter() - t0)
+    load_avg = os.getloadavg()[0]
+    seal = "BLAKE3 MAC" if args.secret else "xxh3"
+    print(f"\ndisk prefetch of {len(files)} chunks, {total / 1e6:.0f} MB ({seal}), load {load_avg:.1f}, {now} UTC")
+    print(f"{'case':<16}{'median ms':>10}{'min ms':>8}{'GB/s':>7}")
+    out = []
+    for k, v in times.items():
+        med = statistics.median(v)
+        print(f"{k:<16}{med * 1e3:>10.1f}{min(v) * 1e3:>8.1f}{total / med / 1e9:>7.2f}")
+        out.append(
+            dict(
+                date=now,
+                device=device_name(),
+                threads=torch.get_num_threads(),
+                tokens=args.tokens,
+                shuffled=args.shuffle,
+                load=f"{load_avg:.1f}",
+                case=f"{k} ({seal})",
+                median_ms=f"{med * 1e3:.2f}",
+                min_ms=f"{min(v) * 1e3:.2f}",
+            )
+        )
+    return out
 
 
 if __name__ == "__main__":
