@@ -185,31 +185,34 @@ def main() -> None:
     out = torch.empty_like(a)
     per_step = 2
 
-    def compute_only():
-        for _ in range(n):
-            for _ in range(per_step):
-                torch.mm(a, b, out=out)
-
     k = max(1, args.step_chunks)
 
-    def compute_with_stores():
+    def compute(stores: bool) -> float:
+        """Seconds on the compute stream from the first step's matmuls to the end of the last
+        step's (its own stores excluded: only what the stores make later steps wait for)."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         for i in range(0, n, k):  # a step: its matmuls, then its chunks' stores (wait_for_save)
             for _ in range(per_step * min(k, n - i)):
                 torch.mm(a, b, out=out)
-            for d, ids in zip(digests[i : i + k], src_ids[i : i + k], strict=True):
-                eng.store(d, ids, CHUNK_TOKENS)
+            if i + k >= n:
+                end.record()
+            if stores:
+                for d, ids in zip(digests[i : i + k], src_ids[i : i + k], strict=True):
+                    eng.store(d, ids, CHUNK_TOKENS)
         torch.cuda.synchronize()
         eng.synchronize()
+        return start.elapsed_time(end) / 1e3
 
     reset()
-    compute_only()
+    compute(False)
     slow = []
     for _ in range(args.reps):
-        t_a = cuda_time(compute_only)
-        t_b = cuda_time(compute_with_stores)
+        t_a = compute(False)
+        t_b = compute(True)
         reset()
         slow.append(t_b / t_a - 1.0)
-    t_mm = cuda_time(compute_only)
+    t_mm = compute(False)
 
     gbs = lambda t: total / statistics.median(t) / 1e9
     rows = [

@@ -2,7 +2,7 @@
 # The one prepared GPU check, for a session lent a device machine (see the `device` tool):
 # the GPU-marked tests natively (kernels, the engine's asynchronous store/load on CUDA), the
 # kernel benchmarks, and the worker's store/load path on a vLLM-shaped cache with a matmul
-# loop beside it. Everything is written under $OUT. About 2-3 minutes; run it with the device
+# loop beside it. Everything is written under $OUT. About 3 minutes; run it with the device
 # tool's timeout_s ~ 360:
 #
 #   run(command="bash scripts/gpu_check.sh", timeout_s=360)
@@ -23,12 +23,12 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_paged_copy.py
     tests/test_engine.py tests/test_cpu_arena.py tests/test_gpu_path.py 2>&1 | tee "$OUT/gpu_tests.log"
 echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 
-# 32 chunks stored per step (an 8k-token prefill): with 4 store staging buffers (the default)
-# and with 32 (PCIe entirely off the compute stream's path); each also reports the JIT compiles
-# after register (must be 0).
-timeout 100 $PY bench/bench_transfers_gpu.py --step-chunks 32 --staging-slots 4 --reps 3 \
+# 3 steps of 32 chunks stored (an 8k-token prefill each): the compute slow-down with 4 store
+# staging buffers (the default) and with 32 (PCIe entirely off the compute stream's path); each
+# also reports the JIT compiles after register (must be 0).
+timeout 90 $PY bench/bench_transfers_gpu.py --chunks 96 --step-chunks 32 --staging-slots 4 --reps 3 \
     --csv "$OUT/results_transfers_gpu.csv" 2>&1 | tee "$OUT/bench_transfers_gpu.log"
-timeout 80 $PY bench/bench_transfers_gpu.py --chunks 32 --step-chunks 32 --staging-slots 32 --reps 3 \
+timeout 90 $PY bench/bench_transfers_gpu.py --chunks 96 --step-chunks 32 --staging-slots 32 --reps 3 \
     --csv "$OUT/results_transfers_gpu.csv" 2>&1 | tee -a "$OUT/bench_transfers_gpu.log"
 timeout 100 $PY bench/bench_paged_copy.py --csv "$OUT/results_paged_copy.csv" 2>&1 | tee "$OUT/bench_paged_copy.log"
 timeout 60 $PY bench/bench_blend_kernels.py 2>&1 | tee "$OUT/bench_blend_kernels.log"
