@@ -308,11 +308,13 @@ def test_disk_eviction_bound(disk):
     assert tier.stats["rejected"] == 1 and not tier.contains(key(9))
 
 
-def test_disk_queue_full_drops(disk):
-    tier = disk(queue_size=1)
+def test_disk_queue_full_drops(disk, monkeypatch):
+    # The writer thread holds the bound method it was built with: gate the class's before the
+    # tier exists (patching the instance afterwards gated nothing and made this a timing race).
     gate = threading.Event()
-    real = tier._write
-    tier._write = lambda *a: gate.wait(10) and real(*a)
+    real = DiskTier._write
+    monkeypatch.setattr(DiskTier, "_write", lambda self, *a: gate.wait(10) and real(self, *a))
+    tier = disk(queue_size=1)
     done = []
     assert tier.put(key(0), chunk(0))  # taken by the writer, blocked on the gate
     while tier.stats["queued"]:
