@@ -56,7 +56,7 @@ CHECKED_ENV = "LMCACHE_TRITON_CONFIG_CHECKED"
 # environment they are not typos, and the warning says so (from LMCache's configuration docs).
 LMCACHE_ONLY_KEYS = frozenset(
     {
-        "local_device", "remote_serde", "use_layerwise", "pre_caching_hash_algorithm",
+        "local_device", "use_layerwise", "pre_caching_hash_algorithm",
         "blend_thresholds", "enable_p2p", "lookup_url", "distributed_url",
         "enable_controller", "lmcache_instance_id", "controller_url", "lmcache_worker_port",
         "lmcache_worker_ports", "enable_nixl", "nixl_role", "nixl_receiver_host", "nixl_receiver_port",
@@ -153,6 +153,17 @@ class LMCacheConfig:
         calibration_min_top1, calibration_max_mean_logprob_dev, calibration_max_logprob_dev,
             calibration_max_accuracy_drop, calibration_min_tokens: the bar a record must pass
             (`calibration.Thresholds`; defaults 0.99, 0.01, 0.1 nats, 0.01, 256 tokens).
+        disk_codec, remote_codec: how the disk / remote tier encodes chunks: "exact" (default:
+            the rows bit for bit), "int8" or "int4" (lossy, `chunk.codec`). Not LMCache keys. A
+            lossy codec is used for a model only where the quality guard allows it
+            (`lmcache-triton calibrate`); otherwise the tier stores exact.
+        cpu_codec: the CPU tier's codec; only "exact" (the CPU tier holds the rows vLLM loads).
+            Not an LMCache key.
+        remote_serde: LMCache's key for the remote tier's serializer, accepted where it means
+            the same as ours: "naive" = remote_codec exact, "kivi" = remote_codec int4 (our
+            KIVI-style 4-bit, not LMCache's bytes); "cachegen" (GPU-only entropy coding) has no
+            equivalent here: warned, the remote tier stores exact. Conflicting with an explicit
+            remote_codec is a ConfigError. Default None (not given).
     """
 
     chunk_size: int = 256
@@ -181,6 +192,10 @@ class LMCacheConfig:
     calibration_max_logprob_dev: float = 0.1
     calibration_max_accuracy_drop: float = 0.01
     calibration_min_tokens: int = 256
+    disk_codec: str = "exact"
+    remote_codec: str = "exact"
+    cpu_codec: str = "exact"
+    remote_serde: str | None = None
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -452,6 +467,40 @@ def _nonneg(key: str, raw: Any) -> float:
     return v
 
 
+def _codec(key: str, raw: Any) -> str:
+    from lmcache_triton.chunk.codec import CODEC_NAMES
+
+    return _choice(CODEC_NAMES, str.lower)(key, raw)
+
+
+# LMCache's `remote_serde` values -> our remote codec (None: no equivalent here).
+SERDE_CODECS: dict[str, str | None] = {"naive": "exact", "kivi": "int4", "cachegen": None}
+
+
+def _serde(key: str, raw: Any) -> str:
+    return _choice(tuple(SERDE_CODECS), str.lower)(key, raw)
+
+
+def _resolve_serde(values: dict[str, Any], warn: bool) -> None:
+    """LMCache's `remote_serde` into `remote_codec` (ours wins only when they agree)."""
+    serde = values.get("remote_serde")
+    if serde is None:
+        return
+    codec = SERDE_CODECS[serde]
+    if codec is None:
+        if warn:
+            logger.warning(
+                "lmcache_triton config: remote_serde=%r (LMCache's CacheGen, GPU-only) has no equivalent here; "
+                "the remote tier stores exact chunks (remote_codec: int8 or int4 compress them)",
+                serde,
+            )
+        return
+    given = values.get("remote_codec")
+    if given is not None and given != codec:
+        raise ConfigError(f"remote_serde: {serde!r} means remote_codec {codec!r}, but remote_codec is {given!r}")
+    values["remote_codec"] = codec
+
+
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "chunk_size": _int_parser(1, "a positive integer"),
     "local_cpu": _parse_bool,
@@ -479,6 +528,10 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "calibration_max_logprob_dev": _nonneg,
     "calibration_max_accuracy_drop": _fraction,
     "calibration_min_tokens": _int_parser(1, "a positive integer"),
+    "disk_codec": _codec,
+    "remote_codec": _codec,
+    "cpu_codec": _choice(("exact",), str.lower),
+    "remote_serde": _serde,
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(LMCacheConfig)}
 
@@ -649,6 +702,7 @@ def load_config(
                 "lmcache_triton config: remote_url with a password given in kv_connector_extra_config, which "
                 "vLLM prints in its start-up log; prefer LMCACHE_REMOTE_URL or the LMCACHE_CONFIG_FILE YAML"
             )
+    _resolve_serde(values, warn)
     cfg = LMCacheConfig(**values)
 
     if warn:

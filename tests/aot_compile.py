@@ -33,7 +33,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from lmcache_triton.kernels import blend, paged_copy, rope  # noqa: E402
+from lmcache_triton.kernels import blend, paged_copy, quant, rope  # noqa: E402
 
 FLOAT_PTRS = ["*fp32", "*fp16", "*bf16"]
 COPY_KERNELS = (
@@ -157,6 +157,25 @@ def _signature(fn, types: dict[str, str]) -> dict[str, str]:
     return {p.name: ("constexpr" if p.is_constexpr else types.get(p.name, "i64")) for p in fn.params}
 
 
+def quant_cases():
+    """The codecs' quantizing copies (kernels/quant.py, not launched by the engine yet):
+    hand-written signatures for each cache element kind (fp32, fp16, bf16 as int16), 8 and 4
+    bits, store and load, the tiles `quant._launch` picks for head size 128 (int8: one group per
+    row; int4: groups of 64), one buffer and per-layer tables."""
+    kinds = [("*fp32", 0), ("*fp16", 1), ("*i16", 2)]
+    for (ptr, kind), bits, q_on, per_layer in itertools.product(kinds, (8, 4), (True, False), (False, True)):
+        types = {"cache_ptr": ptr, "q_ptr": "*i8" if bits == 8 else "*u8", "scale_ptr": "*fp16",
+                 "slot_ptr": "*i64", "layer_off_ptr": "*i64"}
+        common = {"KIND": kind, "BITS": bits, "QUANT": q_on, "PER_LAYER": per_layer}
+        tag = f"{ptr},{bits}b,quant={q_on},per_layer={per_layer}"
+        kern = quant._token_mode_kernel
+        tile = {"GROUP": 128, "NG": 1, "BLOCK_T": 32} if bits == 8 else {"GROUP": 64, "NG": 2, "BLOCK_T": 32}
+        yield f"_token_mode_kernel[{tag}]", ASTSource(kern, _signature(kern, types), {**common, **tile}), None
+        kern = quant._channel_mode_kernel
+        consts = {**common, "GROUP_T": 64, "BLOCK_D": 128}
+        yield f"_channel_mode_kernel[{tag}]", ASTSource(kern, _signature(kern, types), consts), None
+
+
 def other_cases():
     """The CacheBlend kernels (not launched by the engine): hand-written signatures."""
     for ptr in FLOAT_PTRS:
@@ -174,7 +193,7 @@ def main(archs: list[int]) -> int:
     n = 0
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for name, src, options in itertools.chain(copy_cases(target), other_cases()):
+        for name, src, options in itertools.chain(copy_cases(target), quant_cases(), other_cases()):
             try:
                 opts = options.__dict__ if options is not None else None
                 compiled = triton.compile(src, target=target, options=opts)

@@ -1,20 +1,26 @@
 """The chunk format: one safetensors blob per chunk, the same bytes on disk and on the wire.
 
 Primitives:
-  `encode_chunk(key, tensor, meta, auth)`  `(header, payload view)`: write the two in order.
+  `encode_chunk(key, tensor, meta, auth, codec)`  `(header, payload view)`: write the two in order.
   `header_length(head, total)` / `parse_header(raw, key, total, auth)`  the bounded header parser.
   `check_expect(md, want)`   the header carries each expected field.
-  `decode_chunk(key, data, auth, expect, out)`  verify a whole chunk held in memory.
+  `decode_chunk(key, data, auth, expect, out)`  verify (and decode) a whole chunk held in memory.
+  `decode_payload(hdr, payload, out)`  decode the verified payload of an encoded chunk.
   `ChunkAuth(secret)`        the seal: xxh3_64 checksum (no secret) or keyed BLAKE3 MAC.
   `ANY_SEAL`                 header checks for tools (inspect, clear): any seal this format writes
                              is accepted (nothing verified), an unknown scheme is not.
 
 A chunk is a standard safetensors file (loadable by `safetensors.torch`) holding one tensor "kv"
 and `__metadata__` with `format` (FORMAT), `key`, `checksum`, `dtype`, `shape`, plus the caller's
-`meta` (model, layout fingerprint, ...). `checksum` is either `xxh3_64:<hex>` (no secret: detects
+`meta` (model, layout fingerprint, ...). A chunk encoded by a lossy codec (`chunk.codec`) names it
+in `codec` and holds the codec's tensors instead ("q", "s0", "s1": exactly the names, dtypes,
+shapes and order `Codec.parts(shape, dtype)` lists, packed from offset 0); `dtype`/`shape` stay
+those of the decoded rows. A header without `codec` is exact (every chunk written before codecs
+existed reads as before). A codec this reader does not know is `UnknownCodec` (a miss, the chunk
+left in place); parts that disagree with the codec are ChunkError (damaged). `checksum` is either `xxh3_64:<hex>` (no secret: detects
 damage, not an adversary) or `blake3-mac:<key id>:<hex>` (with `chunk_secret`: keyed BLAKE3, a
-MAC), in both cases over the metadata (canonical JSON minus `checksum`) and the payload. The
-header is written here (8-byte little-endian length + JSON, space-padded to 8 bytes) so the
+MAC), in both cases over the metadata (canonical JSON minus `checksum`) and the payload (for an encoded chunk: the encoded bytes, so nothing is decoded before it is
+verified). The header is written here (8-byte little-endian length + JSON, space-padded to 8 bytes) so the
 payload goes from the tensor's memory to the file or socket with no intermediate bytes object.
 
 Invariants:
@@ -47,9 +53,11 @@ import xxhash
 if TYPE_CHECKING:
     import torch
 
+    from lmcache_triton.chunk.codec import Codec
+
 FORMAT = "lmcache_triton.kv/1"
 TENSOR_NAME = "kv"
-RESERVED_META = ("format", "key", "checksum", "dtype", "shape")
+RESERVED_META = ("format", "key", "checksum", "dtype", "shape", "codec")
 MAX_HEADER = 1 << 20  # our headers are < 4 KiB; anything above 1 MiB is not ours
 _MAX_OPENERS = 16  # '{' + '[' outside strings: ours has 5; bounds JSON nesting before json.loads
 _MAX_DIMS = 16
@@ -105,6 +113,10 @@ class ChunkError(Exception):
 class ChunkUnverifiable(Exception):
     """A sound-looking chunk this reader cannot authenticate (signed with another or no secret,
     or signed while we have none): a miss, left in place for whoever owns it."""
+
+
+class UnknownCodec(ChunkUnverifiable):
+    """A chunk encoded by a codec this reader does not know (a newer writer): a miss, kept."""
 
 
 class Hasher(Protocol):
@@ -190,8 +202,10 @@ class ChunkHeader:
     meta: dict[str, str]
     code: str  # safetensors dtype code ("BF16")
     shape: list[int]
-    nbytes: int  # payload bytes
+    nbytes: int  # payload bytes (encoded, for an encoded chunk)
     hlen: int  # JSON length (the payload starts at 8 + hlen)
+    codec: str = "exact"  # `chunk.codec` name; `code`/`shape` are the decoded rows'
+    parts: tuple[tuple[str, str, tuple[int, ...], int, int], ...] = ()  # (name, dtype, shape, start, end)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -234,37 +248,64 @@ def check_meta(dtype: torch.dtype, meta: Mapping[str, str] | None) -> dict[str, 
 
 
 def encode_chunk(
-    key: str, tensor: torch.Tensor, meta: Mapping[str, str] | None = None, auth: ChunkAuth | None = None
+    key: str,
+    tensor: torch.Tensor,
+    meta: Mapping[str, str] | None = None,
+    auth: ChunkAuth | None = None,
+    codec: Codec | None = None,
 ) -> tuple[bytes, memoryview]:
-    """`(header, payload)`: the 8-byte length + JSON header, and a view of the tensor's bytes.
+    """`(header, payload)`: the 8-byte length + JSON header, and the payload's bytes (a view of the
+    tensor's memory when exact; the encoded parts, packed, otherwise).
 
     Writing `header` then `payload` gives a safetensors file; the checksum or MAC in the header
-    covers the metadata and the payload.
+    covers the metadata and the payload. A lossy `codec` that does not apply to the chunk
+    (`Codec.applies`: opaque pages, an fp8 cache, ...) stores it exact. Encoding runs here, in
+    the caller's thread: the tiers call this from their background writers.
     """
     meta = check_meta(tensor.dtype, meta)
     auth = auth or ChunkAuth()
-    payload = _payload_view(tensor)
     md = dict(meta)
-    md.update(
-        format=FORMAT,
-        key=key,
-        dtype=dtype_name(tensor.dtype),
-        shape=",".join(map(str, tensor.shape)),
-    )
+    md.update(format=FORMAT, key=key, dtype=dtype_name(tensor.dtype), shape=",".join(map(str, tensor.shape)))
+    if codec is not None and codec.lossy and codec.applies(tuple(tensor.shape), md["dtype"], meta):
+        payload, entries = _encode_parts(tensor, codec)
+        md["codec"] = codec.name
+    else:
+        payload = _payload_view(tensor)
+        entries = {
+            TENSOR_NAME: {
+                "dtype": dtype_code(tensor.dtype),
+                "shape": list(tensor.shape),
+                "data_offsets": [0, len(payload)],
+            }
+        }
     h = auth.start(md)
     h.update(payload)
     md["checksum"] = auth.seal(h)
-    header = {
-        "__metadata__": md,
-        TENSOR_NAME: {
-            "dtype": dtype_code(tensor.dtype),
-            "shape": list(tensor.shape),
-            "data_offsets": [0, len(payload)],
-        },
-    }
+    header = {"__metadata__": md, **entries}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors: payload starts 8-aligned
     return len(raw).to_bytes(8, "little") + raw, payload
+
+
+def _encode_parts(tensor: torch.Tensor, codec: Codec) -> tuple[memoryview, dict[str, dict[str, Any]]]:
+    """The codec's parts packed into one buffer, and their safetensors entries."""
+    import torch
+
+    rows = tensor.detach()
+    if rows.device.type != "cpu":
+        rows = rows.cpu()
+    parts = codec.encode(rows.contiguous())
+    total = sum(t.numel() * t.element_size() for _, t in parts)
+    buf = torch.empty(total, dtype=torch.uint8)
+    entries: dict[str, dict[str, Any]] = {}
+    at = 0
+    for name, t in parts:
+        n = t.numel() * t.element_size()
+        if n:
+            buf[at : at + n].copy_(t.reshape(-1).view(torch.uint8))
+        entries[name] = {"dtype": dtype_code(t.dtype), "shape": list(t.shape), "data_offsets": [at, at + n]}
+        at += n
+    return tensor_bytes(buf), entries
 
 
 def header_length(head: bytes, total_size: int) -> int:
@@ -312,6 +353,8 @@ def parse_header(raw: bytes, key: str, total_size: int, auth: ChunkAuth | None =
         raise ChunkError(f"key {str(md.get('key'))[:80]!r} does not match the file name")
     if "checksum" not in md:
         raise ChunkError("no checksum")
+    if "codec" in md:
+        return _parse_encoded(header, md, hlen, total_size, auth)
     info = header.get(TENSOR_NAME)
     if not isinstance(info, dict) or set(header) != {"__metadata__", TENSOR_NAME}:
         raise ChunkError(f"expected exactly one tensor {TENSOR_NAME!r}")
@@ -336,6 +379,62 @@ def parse_header(raw: bytes, key: str, total_size: int, auth: ChunkAuth | None =
         raise ChunkError(f"size {total_size}, expected {8 + hlen + nbytes} (truncated or padded)")
     auth.check_scheme(md)
     return ChunkHeader(md, str(code), list(shape), nbytes, hlen)
+
+
+def _dims(v: Any) -> tuple[int, ...] | None:
+    if not isinstance(v, list) or len(v) > _MAX_DIMS or not all(_is_int(d) and 0 <= d < _MAX_DIM for d in v):
+        return None
+    return tuple(v)
+
+
+def _parse_encoded(
+    header: dict[str, Any], md: dict[str, str], hlen: int, total_size: int, auth: ChunkAuth
+) -> ChunkHeader:
+    """`parse_header` for a chunk whose `codec` is set: its tensors must be exactly the codec's
+    parts for the decoded `dtype`/`shape`, packed in order from offset 0."""
+    from lmcache_triton.chunk.codec import CODECS
+
+    name = md["codec"]
+    codec = CODECS.get(name)
+    dtype = md.get("dtype", "")
+    shape = _dims([int(d) for d in md.get("shape", "").split(",") if d.isdigit()]) if md.get("shape") else None
+    if shape is None or ",".join(map(str, shape)) != md.get("shape") or dtype not in DTYPE_CODES:
+        raise ChunkError("metadata dtype/shape of an encoded chunk are malformed")
+    if codec is None or not codec.lossy:
+        auth.check_scheme(md)  # a foreign seal says more than a foreign codec
+        raise UnknownCodec(f"codec {name[:40]!r} is not known to this reader")
+    if not codec.applies(shape, dtype):
+        raise ChunkError(f"codec {name} cannot encode {dtype} rows of shape {list(shape)}")
+    want = codec.parts(shape, dtype)
+    if set(header) != {"__metadata__", *(p.name for p in want)}:
+        raise ChunkError(f"codec {name}: expected tensors {[p.name for p in want]}, got {sorted(set(header) - {'__metadata__'})}")
+    at = 0
+    parts = []
+    for p in want:
+        info = header[p.name]
+        if not isinstance(info, dict) or info.get("dtype") != DTYPE_CODES[p.dtype][0] or _dims(info.get("shape")) != p.shape:
+            raise ChunkError(f"codec {name}: tensor {p.name!r} is not {p.dtype} {list(p.shape)}")
+        if info.get("data_offsets") != [at, at + p.nbytes]:
+            raise ChunkError(f"codec {name}: tensor {p.name!r} offsets disagree with its size")
+        parts.append((p.name, p.dtype, p.shape, at, at + p.nbytes))
+        at += p.nbytes
+    if total_size != 8 + hlen + at:
+        raise ChunkError(f"size {total_size}, expected {8 + hlen + at} (truncated or padded)")
+    auth.check_scheme(md)
+    return ChunkHeader(md, DTYPE_CODES[dtype][0], list(shape), at, hlen, name, tuple(parts))
+
+
+def decode_payload(hdr: ChunkHeader, payload: torch.Tensor, out: torch.Tensor) -> None:
+    """Decode the verified payload of an encoded chunk (`hdr.codec` set; `payload` the `[nbytes]`
+    uint8 CPU tensor) into `out` (contiguous, the decoded dtype/shape)."""
+    import torch
+
+    from lmcache_triton.chunk.codec import get_codec
+
+    views = {
+        name: payload[a:b].view(getattr(torch, dt)).view(shape) for name, dt, shape, a, b in hdr.parts
+    }
+    get_codec(hdr.codec).decode(views, out)
 
 
 def check_expect(md: dict[str, str], want: dict[str, str]) -> None:
@@ -371,6 +470,10 @@ def decode_chunk(
         out = torch.empty(hdr.shape, dtype=hdr.dtype)
     elif out.dtype != hdr.dtype or list(out.shape) != hdr.shape or not out.is_contiguous():
         raise ValueError(f"out: expected contiguous {hdr.dtype} {tuple(hdr.shape)}, got {out.dtype} {tuple(out.shape)}")
-    if hdr.nbytes:
+    if hdr.parts:
+        buf = torch.empty(hdr.nbytes, dtype=torch.uint8)
+        tensor_bytes(buf)[:] = payload
+        decode_payload(hdr, buf, out)
+    elif hdr.nbytes:
         tensor_bytes(out)[:] = payload
     return out, hdr.meta

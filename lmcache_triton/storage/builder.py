@@ -8,6 +8,12 @@ Primitives:
   `build_storage(config, replica=False, track_cpu_removals=False)`  the worker's hierarchy.
   `build_views(config)`       the scheduler's `TierView`s (what `PrefixIndex` asks).
   `build_disk(config)`, `build_remote(config, writer=True)`  the two shipped tiers.
+  `requested_codecs(config)`  tier name -> the codec the config asks for (`disk_codec`,
+                              `remote_codec`); `build_storage(config, codecs=...)` takes the codecs
+                              actually used (the quality guard's decision), default the requested.
+  `set_codec(storage, tier, codec, namespace=None)`  change a built tier's codec (for one
+                              namespace, or its default): False when the tier is absent or does
+                              not encode.
 
 Invariants:
   * Imports run downward only: this module imports `config` and the tiers; neither imports it.
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lmcache_triton.config import LMCacheConfig
@@ -29,7 +35,7 @@ from .disk import DiskTier, DiskTierError
 from .disk_admin import SUFFIX
 from .hierarchy import StorageHierarchy
 from .remote import RemoteTier
-from .tier import Locality, Medium, SlowTier
+from .tier import EncodingTier, Locality, Medium, SlowTier
 
 logger = logging.getLogger(__name__)
 
@@ -168,12 +174,40 @@ TIERS: dict[str, TierEntry] = {
 }
 
 
-def build_tiers(config: LMCacheConfig) -> list[SlowTier]:
-    """The slow tiers the config asks for, in `TIERS` order."""
+def requested_codecs(config: LMCacheConfig) -> dict[str, str]:
+    """Tier name -> the codec the config asks that tier to write with (`disk_codec`,
+    `remote_codec`). What a server uses may be less (the quality guard keeps a model exact
+    until a calibration record passes): pass that to `build_storage(codecs=...)`."""
+    return {"disk": config.disk_codec, "remote": config.remote_codec}
+
+
+def set_codec(tiers: StorageHierarchy | Sequence[SlowTier], tier: str, codec: str, namespace: str | None = None) -> bool:
+    """Make the built tier called `tier` write with `codec` (for keys of `namespace`, a namespace
+    digest, or by default when None). False when there is no such tier or it does not encode.
+
+    Raises:
+        ValueError: an unknown codec name (`chunk.codec.get_codec`).
+    """
+    from lmcache_triton.chunk.codec import get_codec
+
+    get_codec(codec)
+    found = tiers.tier(tier) if isinstance(tiers, StorageHierarchy) else next((t for t in tiers if t.name == tier), None)
+    if not isinstance(found, EncodingTier):
+        return False
+    found.codecs.set(codec, namespace)
+    return True
+
+
+def build_tiers(config: LMCacheConfig, codecs: Mapping[str, str] | None = None) -> list[SlowTier]:
+    """The slow tiers the config asks for, in `TIERS` order, each writing with its codec from
+    `codecs` (tier name -> codec name; default `requested_codecs(config)`; a tier not named
+    writes exact)."""
+    codecs = requested_codecs(config) if codecs is None else codecs
     out = []
-    for entry in TIERS.values():
+    for name, entry in TIERS.items():
         tier = entry.build(config)
         if tier is not None:
+            set_codec([tier], tier.name, codecs.get(name, "exact"))
             out.append(tier)
     return out
 
@@ -194,7 +228,11 @@ def build_views(config: LMCacheConfig) -> list[TierView]:
 
 
 def build_storage(
-    config: LMCacheConfig, *, replica: bool = False, track_cpu_removals: bool = False
+    config: LMCacheConfig,
+    *,
+    replica: bool = False,
+    track_cpu_removals: bool = False,
+    codecs: Mapping[str, str] | None = None,
 ) -> StorageHierarchy:
     """The worker's `StorageHierarchy`: the slow tiers of `build_tiers`, and a CPU tier of
     `max_local_cpu_size` when `local_cpu` is on or a slow tier exists: with `local_cpu: false`
@@ -207,8 +245,10 @@ def build_storage(
             MLA, or more TP ranks than KV heads). It then writes no slow tier -- disk and remote
             alike -- and reads them all; the first replica writes. Default False.
         track_cpu_removals: record the keys leaving the CPU tier (the connector reports them).
+        codecs: tier name -> the codec it writes with (the quality guard's decision); default
+            `requested_codecs(config)`. The CPU tier is always exact.
     """
-    tiers = build_tiers(config)
+    tiers = build_tiers(config, codecs)
     cpu = None
     if (config.local_cpu or tiers) and config.max_local_cpu_bytes > 0:
         cpu = CpuTier(config.max_local_cpu_bytes)

@@ -62,9 +62,11 @@ from lmcache_triton.chunk.format import (
     check_expect,
     check_key,
     check_meta,
+    decode_payload,
     encode_chunk,
     tensor_bytes,
 )
+from lmcache_triton.chunk.codec import EXACT, CodecPolicy
 
 from .bad_files import BadFileLog, KnownBad
 from .counters import TierCounters
@@ -124,6 +126,8 @@ class DiskTier(TierCounters):
             at open, so `verify` can list damaged files before `fix` removes them. Default True.
         secret: chunk-authentication secret (`chunk_secret`); None (default) writes and accepts
             unsigned chunks (xxh3 checksum) only.
+        codec: the codec chunks are written with (`chunk.codec`; default "exact"); `codecs`
+            (a `CodecPolicy`) changes it, per namespace too. Files of any known codec are read.
 
     Raises:
         DiskTierError: (reindex=True) the directory cannot be created, is not a directory, or is
@@ -144,7 +148,9 @@ class DiskTier(TierCounters):
         expect: dict[str, str] | None = None,
         reindex: bool = True,
         secret: bytes | str | None = None,
+        codec: str = EXACT,
     ) -> None:
+        self.codecs = CodecPolicy(codec)
         if max_bytes < 0:
             raise ValueError(f"max_bytes: expected >= 0, got {max_bytes}")
         self.path = Path(path)
@@ -167,6 +173,8 @@ class DiskTier(TierCounters):
                 "unremovable",
                 "writes",
                 "bytes_written",
+                "raw_bytes_written",
+                "encoded_writes",
                 "dropped",
                 "write_errors",
                 "disk_full",
@@ -423,7 +431,12 @@ class DiskTier(TierCounters):
             self._count("misses")  # a sound file of another shape: a miss, kept
             return False
         try:
-            self._read_verified(r.file, r.header, tensor_bytes(out))
+            if r.header.parts:  # encoded: verified in a scratch buffer, then decoded into `out`
+                buf = torch.empty(r.header.nbytes, dtype=torch.uint8)
+                self._read_verified(r.file, r.header, tensor_bytes(buf))
+                decode_payload(r.header, buf, out)
+            else:
+                self._read_verified(r.file, r.header, tensor_bytes(out))
         except Exception as e:
             self._miss(r.key, r.path, e, r.stat)
             return False
@@ -533,8 +546,9 @@ class DiskTier(TierCounters):
             if key in self._index:
                 self._record("+", [key])
                 return True
-        header, payload = encode_chunk(key, tensor, meta, self.auth)
+        header, payload = encode_chunk(key, tensor, meta, self.auth, self.codecs.for_key(key))
         size = len(header) + len(payload)
+        raw = len(header) + tensor.numel() * tensor.element_size()
         if size > self.max_bytes:
             self._count("rejected")
             return False
@@ -571,6 +585,8 @@ class DiskTier(TierCounters):
             self._record("+", [key])
             self._stats["writes"] += 1
             self._stats["bytes_written"] += size
+            self._stats["raw_bytes_written"] += raw
+            self._stats["encoded_writes"] += size < raw
         return True
 
     # ------------------------------------------------------------ maintenance
@@ -624,8 +640,11 @@ class DiskTier(TierCounters):
             return list(self._index)
 
     def describe(self) -> str:
-        """"100.0 GB at /var/cache/kv": the bound and the directory, for the start-up line."""
-        return f"{self.max_bytes / (1 << 30):.1f} GB at {self.path}"
+        """"100.0 GB at /var/cache/kv": the bound and the directory (and the codec when it is not
+        exact), for the start-up line."""
+        names = self.codecs.names()
+        codec = "" if names == [EXACT] else f", codec {'/'.join(names)}"
+        return f"{self.max_bytes / (1 << 30):.1f} GB at {self.path}{codec}"
 
     @property
     def stats(self) -> dict[str, int]:

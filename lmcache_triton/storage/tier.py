@@ -37,6 +37,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from lmcache_triton.chunk.codec import CodecPolicy
+
 # vLLM's KV-event vocabulary for where a block lives (vllm.distributed.kv_events: medium strings
 # as its offloading tiers spell them).
 Medium = Literal["CPU", "STORAGE"]
@@ -96,3 +98,12 @@ class SlowTier(Protocol):
     def track_changes(self) -> None: ...
 
     def take_changes(self) -> list[tuple[str, str]]: ...
+
+
+@runtime_checkable
+class EncodingTier(Protocol):
+    """A slow tier that encodes chunks (`chunk.codec`): `codecs` says which codec it writes each
+    key with; it reads chunks of any codec it knows. Optional: a tier without it stores exact."""
+
+    name: str
+    codecs: CodecPolicy

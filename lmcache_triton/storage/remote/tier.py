@@ -66,10 +66,12 @@ from lmcache_triton.chunk.format import (
     ChunkUnverifiable,
     check_expect,
     check_meta,
+    decode_payload,
     encode_chunk,
     header_length,
     parse_header,
 )
+from lmcache_triton.chunk.codec import EXACT, CodecPolicy
 
 from ..counters import TierCounters
 from ..tier import ChunkReader, Locality, Medium, OnDone
@@ -89,6 +91,7 @@ DEFAULT_MAX_VALUE = 1 << 30  # bytes a value may claim when the caller names no 
 _STATS = (
     "lookups", "lookup_keys", "hits", "misses", "corrupt", "unauthenticated", "mismatch", "writes",
     "bytes_written", "bytes_read", "write_errors", "refused", "dropped", "oversized",
+    "raw_bytes_written", "encoded_writes",
 )  # fmt: skip
 
 
@@ -119,6 +122,8 @@ class RemoteTier(TierCounters):
             could have stored: the builder passes the CPU tier's size; an engine that knows its
             chunk shape may lower the attribute); a reply claiming more is a miss. Default
             `DEFAULT_MAX_VALUE` (1 GiB).
+        codec: the codec chunks are written with (`chunk.codec`; default "exact"); `codecs`
+            (a `CodecPolicy`) changes it, per namespace too. Any known codec is read.
 
     Raises:
         RemoteURLError: the URL is not one the tier takes (message masked).
@@ -137,7 +142,9 @@ class RemoteTier(TierCounters):
         max_pending: int = 64,
         writer: bool = True,
         max_value_bytes: int = DEFAULT_MAX_VALUE,
+        codec: str = EXACT,
     ) -> None:
+        self.codecs = CodecPolicy(codec)
         import redis  # imported here: the CLI and tiers import without the client installed
 
         self._redis = redis
@@ -403,16 +410,24 @@ class RemoteTier(TierCounters):
     ) -> tuple[torch.Tensor, dict[str, str]] | None:
         """The verified chunk copied into `out` (or a new tensor) with its header metadata;
         None on a miss or when `out` has another dtype/shape (the value is kept)."""
-        got = self.fetch(key, expect)
+        data = self._get_raw(key)
+        got = None if data is None else self._verify(key, data, expect)
         if got is None:
             return None
-        dtype, shape, meta, payload = got
+        hdr, payload = got
+        self._count("hits")
+        shape = tuple(hdr.shape)
         if out is None:
-            out = torch.empty(shape, dtype=dtype)
-        elif out.dtype != dtype or tuple(out.shape) != shape or not out.is_contiguous():
+            out = torch.empty(shape, dtype=hdr.dtype)
+        elif out.dtype != hdr.dtype or tuple(out.shape) != shape or not out.is_contiguous():
             return None
-        copy_payload(payload, out)
-        return out, meta
+        if hdr.parts:  # encoded: decode the verified bytes
+            buf = torch.empty(hdr.nbytes, dtype=torch.uint8)
+            _bytes_of(buf)[:] = payload
+            decode_payload(hdr, buf, out)
+        else:
+            copy_payload(payload, out)
+        return out, dict(hdr.meta)
 
     def get_with_meta(
         self, key: str, expect: Mapping[str, str] | None = None
@@ -452,7 +467,9 @@ class RemoteTier(TierCounters):
 
     def write(self, key: str, tensor: torch.Tensor, meta: Mapping[str, str] | None = None) -> bool:
         """Seal and SET one chunk now (the writer thread's step); False on any failure (counted)."""
-        header, payload = encode_chunk(key, tensor, None if meta is None else dict(meta), self.auth)
+        header, payload = encode_chunk(
+            key, tensor, None if meta is None else dict(meta), self.auth, self.codecs.for_key(key)
+        )
         rkey = self.keys.server_key(key).encode()
         size = len(header) + len(payload)
         resp = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(rkey), rkey, size)
@@ -494,6 +511,8 @@ class RemoteTier(TierCounters):
         with self._lock:
             self._stats["writes"] += 1
             self._stats["bytes_written"] += size
+            self._stats["raw_bytes_written"] += len(header) + tensor.numel() * tensor.element_size()
+            self._stats["encoded_writes"] += size < len(header) + tensor.numel() * tensor.element_size()
         return True
 
     def _write_queued(self, key: str, tensor: torch.Tensor, meta: Mapping[str, str]) -> bool:
@@ -546,8 +565,10 @@ class RemoteTier(TierCounters):
         return self.admin.server_info()
 
     def describe(self) -> str:
-        """The server's URL with the password masked, for the start-up line."""
-        return self.masked
+        """The server's URL with the password masked, for the start-up line (and the codec
+        when it is not exact)."""
+        names = self.codecs.names()
+        return self.masked if names == [EXACT] else f"{self.masked}, codec {'/'.join(names)}"
 
     @property
     def stats(self) -> dict[str, int]:
@@ -581,7 +602,11 @@ class _StreamReader:
         if self._used:
             raise ValueError("remote tier: a chunk reader reads once")
         self._used = True
-        tier, view = self._tier, _bytes_of(out)
+        tier = self._tier
+        hdr = self._hdr
+        # An encoded chunk lands in a scratch buffer, is verified there, then decoded into `out`.
+        buf = torch.empty(hdr.nbytes, dtype=torch.uint8) if hdr.parts else out
+        view = _bytes_of(buf)
         try:
             with self._rd as rd:
                 rd.read_exact(view)
@@ -596,6 +621,12 @@ class _StreamReader:
         if tier.auth.seal(h) != self._hdr.meta["checksum"]:
             tier._bad_chunk(self._key, ChunkError("checksum mismatch" if not tier.auth.signed else "MAC mismatch"))
             return False
+        if hdr.parts:
+            try:
+                decode_payload(hdr, buf, out)
+            except ValueError as e:  # parts were checked with the header: not expected
+                tier._bad_chunk(self._key, ChunkError(f"cannot decode: {e}"))
+                return False
         tier._count("hits")
         tier._count("bytes_read", 8 + self._hdr.hlen + self._hdr.nbytes)
         return True
