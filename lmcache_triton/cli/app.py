@@ -267,12 +267,15 @@ def when(ts: float | None) -> str:
 def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals of `DiskTier.entries()`: overall, per model, layouts, oldest/newest."""
     good = [e for e in entries if "error" not in e]
-    per_model: dict[str, dict[str, Any]] = defaultdict(lambda: {"chunks": 0, "bytes": 0, "tokens": 0, "layouts": set()})
+    per_model: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"chunks": 0, "bytes": 0, "tokens": 0, "layouts": set(), "codecs": defaultdict(int)}
+    )
     for e in good:
         md = e.get("meta", {})
         m = per_model[md.get("model", "?")]
         m["chunks"] += 1
         m["bytes"] += e.get("bytes", 0)
+        m["codecs"][e.get("codec", "exact")] += 1
         with contextlib.suppress(TypeError, ValueError):
             m["tokens"] += int(md.get("num_tokens", 0))
         m["layouts"].add(md.get("layout", "?"))
@@ -283,5 +286,8 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "unreadable": [{"file": e["file"], "reason": e["error"]} for e in entries if "error" in e],
         "oldest": min(mtimes) if mtimes else None,
         "newest": max(mtimes) if mtimes else None,
-        "models": {name: {**m, "layouts": sorted(m["layouts"])} for name, m in sorted(per_model.items())},
+        "models": {
+            name: {**m, "layouts": sorted(m["layouts"]), "codecs": dict(sorted(m["codecs"].items()))}
+            for name, m in sorted(per_model.items())
+        },
     }

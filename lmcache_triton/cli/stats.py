@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import defaultdict
 from typing import Annotated
 
@@ -91,6 +92,23 @@ def summary_lines(t: dict[str, float]) -> list[str]:
     return lines
 
 
+def codec_lines(lines: list[str], t: dict[str, float]) -> list[str]:
+    """Per slow tier: its codec (`lmcache_triton_codec_info`) and the bytes it wrote against
+    the bytes those chunks hold decoded (what the codec saved)."""
+    codecs: dict[str, str] = {}
+    for ln in lines:
+        if ln.startswith("vllm:lmcache_triton_codec_info{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', ln.split("}", 1)[0]))
+            if "tier" in labels:
+                codecs[labels["tier"]] = labels.get("codec", "?")
+    out = []
+    for tier, codec in codecs.items():
+        wrote, raw = t.get(f"lmcache_triton_written_bytes_{tier}", 0.0), t.get(f"lmcache_triton_unencoded_bytes_{tier}", 0.0)
+        saved = f"wrote {human(wrote)} for {human(raw)} of KV, saved {human(raw - wrote)}" if raw else "nothing written"
+        out.append(f"{tier + ' tier codec':<25}{codec}: {saved}")
+    return out
+
+
 @app.command()
 def stats(
     url: Annotated[
@@ -124,7 +142,8 @@ def stats(
                 for ln in lines:
                     out.print("  " + ln, markup=False, soft_wrap=True)
             else:
-                for ln in summary_lines(metric_totals(lines)):
+                totals = metric_totals(lines)
+                for ln in summary_lines(totals) + codec_lines(lines, totals):
                     out.print("  " + ln, markup=False, soft_wrap=True)
             return
         cfg = current_config()
@@ -144,4 +163,7 @@ def stats(
             f"models {len(s['models'])}, unreadable {len(s['unreadable'])}"
         )
         for name, m in s["models"].items():
-            out.print(f"  {name}: {m['chunks']} chunks, {m['tokens']} tokens, {human(m['bytes'])}", markup=False)
+            codecs = ", ".join(f"{c} {n}" for c, n in m["codecs"].items())
+            out.print(
+                f"  {name}: {m['chunks']} chunks ({codecs}), {m['tokens']} tokens, {human(m['bytes'])}", markup=False
+            )

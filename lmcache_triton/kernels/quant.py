@@ -51,19 +51,24 @@ _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 @triton.jit
 def _widen(v, KIND: tl.constexpr):
-    if KIND == 2:
-        return (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    return v.to(tl.float32)
+    if KIND == 2:  # bf16 bits -> fp32
+        x = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = v.to(tl.float32)
+    return x
 
 
 @triton.jit
 def _narrow(y, KIND: tl.constexpr):
+    # One return: the compiler types a helper by all of its returns, constexpr branches included.
     if KIND == 2:  # fp32 -> bf16 bits, round to nearest even
         u = y.to(tl.uint32, bitcast=True)
-        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
-    if KIND == 1:
-        return y.to(tl.float16)
-    return y
+        out = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+    elif KIND == 1:
+        out = y.to(tl.float16)
+    else:
+        out = y
+    return out
 
 
 @triton.jit

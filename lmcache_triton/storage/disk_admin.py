@@ -180,9 +180,10 @@ class DiskAdmin:
                     hdr = read_header(f, st.st_size, key, ANY_SEAL)
                 row["meta"] = hdr.meta
                 row["dtype"], row["shape"] = hdr.code, hdr.shape
+                row["codec"] = hdr.codec
             except FileNotFoundError:
                 continue
-            except (ChunkError, NotRegular, OSError) as e:
+            except (ChunkError, ChunkUnverifiable, NotRegular, OSError) as e:  # Unverifiable: an unknown codec
                 row["error"] = str(e)
             out.append(row)
         return out

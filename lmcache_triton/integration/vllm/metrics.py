@@ -49,6 +49,9 @@ def counters() -> dict[str, str]:
     for t in slow_tiers():
         out[f"loaded_chunks_{t.name}"] = f"Chunks loaded after a prefetch from {t.doc}"
     out.update(_LATER_COUNTERS)
+    for t in slow_tiers():  # codecs: bytes saved = unencoded_bytes - written_bytes
+        out[f"written_bytes_{t.name}"] = f"Bytes written to {t.doc} (encoded by its codec)"
+        out[f"unencoded_bytes_{t.name}"] = f"Bytes the chunks written to {t.doc} hold decoded"
     return out
 
 
@@ -107,6 +110,24 @@ class LMCacheTritonPromMetrics(KVConnectorPromMetrics):
                 name=f"vllm:lmcache_triton_{name}", documentation=doc, labelnames=labelnames
             )
             self._counters[name] = self.create_metric_per_engine(counter)
+        # The codec each slow tier is configured with (`disk_codec`, `remote_codec`); a model the
+        # quality guard keeps exact shows in written_bytes == unencoded_bytes.
+        from lmcache_triton.config import load_config
+        from lmcache_triton.storage.builder import requested_codecs
+
+        kv = vllm_config.kv_transfer_config
+        try:
+            codecs = requested_codecs(load_config(dict((kv.kv_connector_extra_config if kv else None) or {}), warn=False))
+        except Exception:  # a bad config fails the connector itself, with its message
+            codecs = {}
+        gauge = self._gauge_cls(
+            name="vllm:lmcache_triton_codec_info",
+            documentation="The codec each slow tier is configured to write with (value 1)",
+            labelnames=[*labelnames, "tier", "codec"],
+        )
+        for t in slow_tiers():
+            for vals in self.per_engine_labelvalues.values():
+                gauge.labels(*vals, t.name, codecs.get(t.name, "exact")).set(1)
 
     def observe(self, transfer_stats_data: dict[str, int | float], engine_idx: int = 0) -> None:
         for name, per_engine in self._counters.items():

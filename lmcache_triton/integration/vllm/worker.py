@@ -127,6 +127,7 @@ class WorkerConnector(ConnectorCore):
         self.storage = build_storage(self.config, replica=replica, track_cpu_removals=True)
         self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
         self._store_errors_seen = 0  # slow-tier writes that did not happen, already reported
+        self._tier_bytes_seen: dict[str, int] = {}  # slow-tier byte counters already reported
         # vLLM KV events (kv_events.py): this rank reports its slow tiers' writes and drops.
         self._tier_events: list[SlowTier] = []
         if kv_events_enabled(vllm_config):
@@ -264,6 +265,13 @@ class WorkerConnector(ConnectorCore):
         failed = self.storage.store_errors()
         data["store_errors"] += failed - self._store_errors_seen
         self._store_errors_seen = failed
+        # Bytes each slow tier wrote, encoded and decoded (codecs: the difference is saved).
+        for tier in self.storage.tiers:
+            s = tier.stats
+            for name, stat in (("written_bytes", "bytes_written"), ("unencoded_bytes", "raw_bytes_written")):
+                k, v = f"{name}_{tier.name}", s.get(stat, 0)
+                data[k] = v - self._tier_bytes_seen.get(k, 0)
+                self._tier_bytes_seen[k] = v
         if self._blend_worker is not None:
             data.update(self._blend_worker.take_stats())
         return LMCacheTritonStats(data=data) if any(data.values()) else None
