@@ -19,6 +19,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: see _spread_over_workers
+        _heavy_modules_first(items)
     if HAS_CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none here); the CPU twin of this test ran")
@@ -27,25 +29,83 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+_WORKERS_ENV = "LMCT_TEST_WORKERS"  # how many pytest-xdist workers run the whole suite
+
+
+def _spread_over_workers(config) -> None:
+    """The whole suite (`pytest` without paths: pyproject's testpaths, as README and .ci/run run
+    it) runs on two pytest-xdist workers, a module at a time each (`--dist loadfile`: a module's
+    engines, fixtures and test order stay in one process). Most of the suite is single-threaded
+    Python (engine start-up, the Triton interpreter, mypy), so a second worker uses the second
+    core. Named paths, `-n N` (`-n 0`: one process), `-p no:xdist`, `--pdb` or
+    LMCT_TEST_WORKERS=1 leave the run in one process. Runs before pytest-xdist's own
+    pytest_configure (trylast), which starts the workers from these options."""
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    opt = config.option
+    if opt.numprocesses is not None or opt.dist != "no" or opt.tx or opt.collectonly or opt.usepdb:
+        return  # the caller chose
+    if config.args_source is not pytest.Config.ArgsSource.TESTPATHS:
+        return
+    n = int(os.environ.get(_WORKERS_ENV) or min(2, os.cpu_count() or 1))
+    if n > 1:
+        opt.numprocesses, opt.dist, opt.tx, opt.loadscopereorder = n, "loadfile", ["popen"] * n, False
+
+
+def _heavy_modules_first(items) -> None:
+    """Modules that start engines first, then the AOT compile and the server tests, then the
+    rest (in place, each module's tests in their order): workers take modules in this order, so
+    the long ones do not end up last on one worker while the other idles."""
+    def weight(item) -> int:
+        kw = module_keywords[item.nodeid.split("::")[0]]
+        return 0 if "e2e" in kw else 1 if "slow" in kw else 2 if "valkey" in kw else 3
+
+    module_keywords: dict[str, set[str]] = {}
+    for item in items:
+        module_keywords.setdefault(item.nodeid.split("::")[0], set()).update(
+            k for k in ("e2e", "slow", "valkey") if k in item.keywords
+        )
+    items.sort(key=weight)  # stable
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENGINE_LOG_ENV = "LMCT_TEST_ENGINE_LOG"  # = lmcache_triton.testing.runner.ENGINE_LOG_ENV
 
 
 _FORK_SERVER_ENV = "LMCT_TEST_FORK_SERVER"  # "0": engine runs start new interpreters
+_CACHES_ENV = "LMCT_TEST_CACHES"  # the session's vLLM and Inductor cache directory
+
+
+def session_caches() -> dict[str, str]:
+    """VLLM_CACHE_ROOT and TORCHINDUCTOR_CACHE_DIR of every engine of the session: one
+    directory, empty at the start of the session and removed at its end.
+
+    Cold, each costs a new engine process more than the engine itself: vLLM inspects the model
+    class in a new interpreter (`python -m vllm.model_executor.models.registry`, ~15 s of CPU)
+    unless `VLLM_CACHE_ROOT/modelinfos` has it, and Inductor compiles its CPU-ISA probes with g++
+    (~10 s) unless its cache dir (default: under TMPDIR) has them. Per-module directories paid
+    both once per module and per reference engine."""
+    root = os.environ[_CACHES_ENV]
+    return {"VLLM_CACHE_ROOT": os.path.join(root, "vllm"), "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor")}
 
 
 def pytest_configure(config):
     """Count vLLM engine starts (runner.start_engine and testing.server.served note each one,
     in this process and in child processes): the suite's cost, shown in the session summary.
-    And route `runner.run_in_subprocess` through a fork server (started on first use): a fresh
-    process per run without importing torch and vLLM each time (see runner.ForkServer)."""
+    Create the session's caches (`session_caches`). And route `runner.run_in_subprocess`
+    through a fork server (started on first use): a fresh process per run without importing
+    torch and vLLM each time (see runner.ForkServer). Environment variables set here reach
+    pytest-xdist's workers, which are started later."""
     import tempfile
 
+    _spread_over_workers(config)
     if _ENGINE_LOG_ENV not in os.environ:
         fd, path = tempfile.mkstemp(prefix="lmct-engines-", suffix=".jsonl")
         os.close(fd)
         os.environ[_ENGINE_LOG_ENV] = path
         config._lmct_engine_log = path
+    if _CACHES_ENV not in os.environ:
+        os.environ[_CACHES_ENV] = config._lmct_caches = tempfile.mkdtemp(prefix="lmct-caches-", dir=_BASE_TMP)
     if os.environ.get(_FORK_SERVER_ENV, "1") != "0":
         from pathlib import Path
 
@@ -89,6 +149,12 @@ def pytest_unconfigure(config):
         os.environ.pop(_ENGINE_LOG_ENV, None)
         if os.path.exists(path):
             os.unlink(path)
+    caches = getattr(config, "_lmct_caches", None)
+    if caches:
+        import shutil
+
+        os.environ.pop(_CACHES_ENV, None)
+        shutil.rmtree(caches, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,9 +200,9 @@ def engine_env(root) -> dict[str, str]:
     (root / "tmp").mkdir(exist_ok=True)
     env.update(
         TMPDIR=str(root / "tmp"),
-        VLLM_CACHE_ROOT=str(root / "vllm-cache"),
         VLLM_CPU_KVCACHE_SPACE="1",
         PYTHONPATH=os.pathsep.join([REPO, *filter(None, [_BASE_ENV.get("PYTHONPATH")])]),
+        **session_caches(),
     )
     return env
 
@@ -263,8 +329,9 @@ def reference(e2e_root):
 def workdir():
     """A temp dir for one module's vLLM engines, and the environment they need.
 
-    vLLM writes sockets and caches under the temp dir and `~/.cache`: TMPDIR, VLLM_CACHE_ROOT and
-    Python's cached `tempfile.tempdir` point inside it. LMCACHE_* variables of the caller are
+    vLLM writes sockets under the temp dir: TMPDIR and Python's cached `tempfile.tempdir` point
+    inside it; its caches and Inductor's go to the session's (`session_caches`, not `~/.cache`
+    nor TMPDIR, where each module would fill them again). LMCACHE_* variables of the caller are
     removed (a test states its configuration), PYTHONPATH names this checkout so engine child
     processes import the code under test. Everything is restored afterwards.
     """
@@ -279,9 +346,9 @@ def workdir():
             del os.environ[k]
         os.environ.update(
             TMPDIR=str(d / "tmp"),
-            VLLM_CACHE_ROOT=str(d / "vllm-cache"),
             VLLM_CPU_KVCACHE_SPACE="1",
             PYTHONPATH=os.pathsep.join([REPO, *filter(None, [saved.get("PYTHONPATH")])]),
+            **session_caches(),
         )
         old_tempdir, tempfile.tempdir = tempfile.tempdir, str(d / "tmp")
         try:
