@@ -120,6 +120,10 @@ class LMCacheConfig:
             chained to its exact tokens, so it can only ever match the same full prompt and costs
             nothing in correctness.
         min_retrieve_tokens: a cache hit shorter than this many tokens is not loaded (default 0).
+        async_load_min_tokens: a hit of at least this many tokens is loaded in the background
+            while the request waits and the others keep running; a shorter one is copied in
+            the step, before the forward (default 1024, measured in bench/RESULTS.md; 0: every
+            load in the step). Not an LMCache key.
         cache_policy: eviction policy; only "LRU" is implemented (anything else is an error rather
             than a silent fallback).
         enable_blending: CacheBlend: reuse non-prefix chunks with partial recomputation.
@@ -174,6 +178,7 @@ class LMCacheConfig:
     save_decode_cache: bool = False
     save_unfull_chunk: bool = True
     min_retrieve_tokens: int = 0
+    async_load_min_tokens: int = 1024
     cache_policy: str = "LRU"
     enable_blending: bool = False
     blend_recompute_ratios: list[float] = field(default_factory=lambda: [0.15])
@@ -510,6 +515,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "save_decode_cache": _parse_bool,
     "save_unfull_chunk": _parse_bool,
     "min_retrieve_tokens": _int_parser(0, "an integer >= 0"),
+    "async_load_min_tokens": _int_parser(0, "an integer >= 0"),
     "cache_policy": _choice(SUPPORTED_CACHE_POLICIES, str.upper),
     "enable_blending": _parse_bool,
     "blend_recompute_ratios": _ratios,

@@ -26,13 +26,15 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,7 +45,8 @@ from lmcache_triton.kernels.geometry import Cache, PagedKVGeometry
 from lmcache_triton.storage.hierarchy import StorageHierarchy
 
 from .copy_paths import CopyPath, make_copy_path
-from .streams import EventLike, StagingRing, StreamBackend, TransferStreams  # noqa: F401 (StagingRing: re-exported)
+from .loader import AsyncLoader, ChunkCopier, ChunkLoad, LoadJob, LoadResult
+from .streams import EventLike, StagingRing, StreamBackend, StreamLike, TransferStreams  # noqa: F401 (StagingRing: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +181,12 @@ class KVCacheEngine:
         self._prefetching: set[str] = set()
         self._prefetch_threads: list[threading.Thread] = []
         self._closed = False
+        # Asynchronous loads (`load_async`): their own copy path (the id buffers of a path are
+        # rewritten per call, and the loader thread copies while stores run in the step) and,
+        # on CUDA, their own stream.
+        self._load_path: CopyPath | None = None
+        self._load_stream: StreamLike | None = None
+        self._loader: AsyncLoader | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -214,6 +223,7 @@ class KVCacheEngine:
 
         flat, geom = geometry_from_layer_views(list(layer_views))
         self.path = make_copy_path(flat, geom, block_size, kv_split, page_map, opaque_packing)
+        self._load_path = make_copy_path(flat, geom, block_size, kv_split, page_map, opaque_packing)
         self.flat, self.geom = flat, geom
         self.block_size = block_size
         self.pages_per_block = self.path.pages_per_block
@@ -224,6 +234,8 @@ class KVCacheEngine:
             self.storage.grow_ahead()  # here, at start-up: never in a step
         if cache.is_cuda or self._backend is not None:
             self._streams = TransferStreams(cache.device, self._backend)
+            # Asynchronous loads queue from the loader thread: a stream of their own.
+            self._load_stream = self._streams.backend.new_stream(cache.device, "async_load")
             blocks = -(-(staging_tokens or block_size) // block_size)
             nbytes = math.prod(self.chunk_shape(blocks)) * cache.element_size() if staging_tokens else 0
             self._staging = StagingRing(cache.device, nbytes, self.staging_slots)
@@ -507,23 +519,10 @@ class KVCacheEngine:
         t0 = time.perf_counter()
         key = self.key(digest)
         path = self._path()
-        with self._lock:
-            tensor = self.storage.hold(key, count=True) if key in self._held else None
-        expected, num_tokens = None, 0
-        if tensor is not None:
-            n = len(block_ids)
-            num_tokens = path.tokens_in(tensor, n)
-            if path.fills(n, num_tokens):
-                expected = self.chunk_shape(n, num_tokens)
-        if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != path.flat.dtype:
-            if tensor is not None:
-                logger.warning(
-                    "chunk %s has shape %s %s, expected %s %s: not loaded",
-                    digest[:12], tuple(tensor.shape), tensor.dtype, expected, path.flat.dtype,
-                )
-                self.storage.release(key, tensor)
-            self.stats.load_errors += 1
+        taken = self._take_for_load(digest, len(block_ids))
+        if taken is None:
             return False
+        tensor, num_tokens = taken
         nbytes = tensor.numel() * tensor.element_size()
         skip_tokens = skip_blocks * self.block_size
         if skip_tokens >= num_tokens:
@@ -551,11 +550,85 @@ class KVCacheEngine:
             finally:
                 self.storage.release(key, tensor)
         self.stats.load_seconds += time.perf_counter() - t0
+        self._count_load(key, nbytes)
+        return True
+
+    def _count_load(self, key: str, nbytes: int) -> None:
         self.stats.loaded_chunks += 1
         self.stats.loaded_bytes += nbytes
         origin = self._origin.get(key, "cpu")
         self.stats.loaded_from[origin] = self.stats.loaded_from.get(origin, 0) + 1
-        return True
+
+    def _take_for_load(self, digest: str, num_blocks: int) -> tuple[torch.Tensor, int] | None:
+        """A held chunk's CPU-tier tensor, held for one copy into `num_blocks` blocks (the
+        caller releases it), and its token count; None (counted as a load error) when the chunk
+        is not held or is of another shape."""
+        key = self.key(digest)
+        path = self._path()
+        with self._lock:
+            tensor = self.storage.hold(key, count=True) if key in self._held else None
+        expected, num_tokens = None, 0
+        if tensor is not None:
+            num_tokens = path.tokens_in(tensor, num_blocks)
+            if path.fills(num_blocks, num_tokens):
+                expected = self.chunk_shape(num_blocks, num_tokens)
+        if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != path.flat.dtype:
+            if tensor is not None:
+                logger.warning(
+                    "chunk %s has shape %s %s, expected %s %s: not loaded",
+                    digest[:12], tuple(tensor.shape), tensor.dtype, expected, path.flat.dtype,
+                )
+                self.storage.release(key, tensor)
+            self.stats.load_errors += 1
+            return None
+        return tensor, num_tokens
+
+    # ------------------------------------------------------------------ asynchronous loads
+
+    def load_async(self, req_id: str, chunks: Sequence[tuple[str, Sequence[int], int]]) -> None:
+        """Load a request's held chunks into its blocks in the background (`engine.loader`):
+        `(digest, block_ids, skip_blocks)` in prefix order. Every chunk is held now, in the
+        step that planned the load (a retirement acknowledged later cannot free it under the
+        copy); the chunks from the first one that is not held on are not loaded. The job is
+        reported once by `finished_loads` (also when nothing could be held)."""
+        loads: list[ChunkLoad] = []
+        for digest, block_ids, skip in chunks:
+            taken = self._take_for_load(digest, len(block_ids))
+            if taken is None:
+                break
+            tensor, num_tokens = taken
+            release = functools.partial(self.storage.release, self.key(digest), tensor)
+            loads.append(ChunkLoad(digest, list(block_ids), skip, num_tokens, tensor, release))
+        after = None
+        if self._streams is not None:
+            # Kernels queued so far (the blocks' previous owners, vLLM's zeroing) may touch the
+            # blocks: the scatters wait for them; nothing queued later concerns them.
+            after = self._streams.record(self._streams.compute())
+        if self._loader is None:
+            self._loader = AsyncLoader(_LoadCopier(self), self._loaded_async)
+        self._loader.submit(LoadJob(req_id, loads, len(chunks), after=after))
+
+    def _loaded_async(self, chunk: ChunkLoad, ok: bool) -> None:
+        """The loader thread's count of one chunk."""
+        with self._lock:
+            if ok:
+                self._count_load(self.key(chunk.digest), chunk.tensor.numel() * chunk.tensor.element_size())
+            else:
+                self.stats.load_errors += 1
+
+    def cancel_load(self, req_id: str) -> bool:
+        """The request is gone: its background load stops before its next chunk (it is still
+        reported by `finished_loads`). True when one was in flight."""
+        return self._loader is not None and self._loader.cancel(req_id)
+
+    def finished_loads(self) -> list[LoadResult]:
+        """Background loads complete since the last call (how many leading chunks each wrote);
+        never waits."""
+        return [] if self._loader is None else self._loader.finished()
+
+    def loads_in_flight(self) -> list[str]:
+        """Requests whose background load has not been reported yet."""
+        return [] if self._loader is None else self._loader.in_flight()
 
     # ------------------------------------------------------------------ prefetch
 
@@ -620,8 +693,57 @@ class KVCacheEngine:
         return ok and self.holds(digest)
 
     def close(self) -> None:
+        if self._loader is not None:
+            self._loader.drain(timeout=30)
+            self._loader.close()
         if self._prefetch_q is not None:
             for _ in self._prefetch_threads:
                 self._prefetch_q.put(None)
         if self.flat is not None:
             self.synchronize()
+
+
+class _LoadCopier(ChunkCopier):
+    """The engine's chunk copy for the background loader: its own copy path (id buffers), and
+    on CUDA its own stream and staging ring (two chunk buffers, reused in stream order).
+
+    On CUDA each chunk's host-to-device copy into staging waits for nothing; before the first
+    scatter of a job the stream waits for the job's `after` marker (the compute work queued
+    when the load was planned), never for later steps."""
+
+    def __init__(self, engine: KVCacheEngine) -> None:
+        assert engine._load_path is not None, "register() the paged cache first"
+        self._path = engine._load_path
+        self._block_size = engine.block_size
+        self._streams = engine._streams
+        self._stream = engine._load_stream
+        self.on_device = self._stream is not None
+        device = engine._load_path.flat.device if self.on_device else None
+        self._staging = StagingRing(device, 0, 2)
+        self._after: EventLike | None = None
+
+    def start(self, job: LoadJob) -> AbstractContextManager[object]:
+        self._after = job.after
+        if self._streams is None or self._stream is None:
+            return contextlib.nullcontext()
+        return self._streams.use(self._stream)
+
+    def copy_chunk(self, chunk: ChunkLoad) -> None:
+        path, skip_tokens = self._path, chunk.skip_blocks * self._block_size
+        if skip_tokens >= chunk.num_tokens:
+            return
+        src = chunk.tensor
+        if self._streams is not None and self._stream is not None:
+            dev = self._staging.take(tuple(src.shape), src.dtype).tensor
+            self._streams.copy(dev, src)  # from pinned memory: asynchronous, waits for nothing
+            if self._after is not None:
+                self._stream.wait_event(self._after)
+                self._after = None
+            src = dev
+        ids = path.ids(chunk.block_ids, chunk.num_tokens, skip_tokens)
+        path.scatter(path.skipped(src, chunk.skip_blocks), ids)
+
+    def finish(self) -> EventLike | None:
+        if self._streams is None or self._stream is None:
+            return None
+        return self._streams.record(self._stream)

