@@ -626,6 +626,11 @@ class KVCacheEngine:
         never waits."""
         return [] if self._loader is None else self._loader.finished()
 
+    def drain_loads(self, timeout: float | None = None) -> bool:
+        """Wait until every background load is complete (tests, shutdown); True when none is
+        left. They are still reported by `finished_loads`."""
+        return self._loader is None or self._loader.drain(timeout)
+
     def loads_in_flight(self) -> list[str]:
         """Requests whose background load has not been reported yet."""
         return [] if self._loader is None else self._loader.in_flight()

@@ -67,6 +67,7 @@ class Harness:
         per_layer: every layer in its own allocation (0.34's extensible KV cache). Default False.
         max_num_batched_tokens: the scheduler's token budget per step. Default 512.
         extra: more `lmcache.*` connector settings.
+        scheduler_extra: more `SchedulerConfig` fields (those this release lacks are dropped).
     """
 
     # Layouts every worker reports (most preferred first): vLLM's default preference.
@@ -82,6 +83,7 @@ class Harness:
         per_layer: bool = False,
         max_num_batched_tokens: int = 512,
         extra: dict[str, Any] | None = None,
+        scheduler_extra: dict[str, Any] | None = None,
     ):
         from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
 
@@ -102,8 +104,11 @@ class Harness:
         )
         scheduler_config = SchedulerConfig(
             **_kwargs(
-                SchedulerConfig, max_num_seqs=8, max_num_batched_tokens=max_num_batched_tokens, max_model_len=1024,
-                is_encoder_decoder=False, enable_chunked_prefill=True, async_scheduling=False,
+                SchedulerConfig, **{
+                    "max_num_seqs": 8, "max_num_batched_tokens": max_num_batched_tokens, "max_model_len": 1024,
+                    "is_encoder_decoder": False, "enable_chunked_prefill": True, "async_scheduling": False,
+                    **(scheduler_extra or {}),
+                },
             )
         )  # fmt: skip
         cache_config = CacheConfig(
@@ -330,6 +335,10 @@ class Harness:
         from vllm.v1.request import RequestStatus
 
         self.scheduler.finish_requests(req_id, RequestStatus.FINISHED_ABORTED)
+
+    def drain_loads(self) -> None:
+        """Wait for the worker's background loads (reported by the next step's get_finished)."""
+        assert self.worker._impl.engine.drain_loads(30)
 
     def drain(self) -> None:
         """Wait for the worker's background work (stores become held, disk writes land)."""

@@ -150,6 +150,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler().request_finished(request, block_ids)
 
+    def may_load_async(self, request: Request) -> bool:  # 0.34: --max-num-inflight-kv-loads
+        return self._scheduler().may_load_async(request)
+
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
         return self._scheduler().get_external_cache_hit_sources(request, num_external_tokens)
 

