@@ -106,7 +106,8 @@ def _run(llm, rid, tokens, watch=None, max_tokens=MAX_TOKENS):
     from vllm import SamplingParams
 
     eng = llm.llm_engine
-    eng.add_request(rid, {"prompt_token_ids": tokens}, SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1)
+    eng.add_request(rid, {"prompt_token_ids": tokens}, params)
     outs, seen, step = {}, [], 0
     while eng.has_unfinished_requests():
         st = _status(llm, rid)
@@ -143,9 +144,8 @@ def llm(tiny_model, stored):
 
 def _nothing_left(llm):
     impl, w = _impl(llm), _worker(llm)
-    assert not (impl._async_inflight or impl._async_new or impl._async_asked or impl._states or impl._load_fell_short), (
-        "scheduler state left"
-    )
+    left = (impl._async_inflight, impl._async_new, impl._async_asked, impl._states, impl._load_fell_short)
+    assert not any(left), f"scheduler state left: {left}"
     assert not w.engine.loads_in_flight(), "a background load was never reported"
 
 
@@ -179,7 +179,8 @@ def test_decoding_goes_on_while_a_slow_load_runs(llm, baseline, monkeypatch):
 
     generate(llm, [PROMPTS["decoding"]], 1)  # chunks into the CPU tier
     eng = llm.llm_engine
-    eng.add_request("decoder", {"prompt_token_ids": DECODER}, SamplingParams(max_tokens=40, temperature=0.0, logprobs=1))
+    params = SamplingParams(max_tokens=40, temperature=0.0, logprobs=1)
+    eng.add_request("decoder", {"prompt_token_ids": DECODER}, params)
     outs = {o.request_id: o for _ in range(2) for o in eng.step()}
     monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0.25")  # 6 chunks: 1.5 s of loading
     eng.add_request("slow", {"prompt_token_ids": PROMPTS["decoding"]},

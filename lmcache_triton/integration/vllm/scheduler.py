@@ -418,7 +418,9 @@ class SchedulerConnector(ConnectorCore):
 
     # -- planning -------------------------------------------------------------------------------
 
-    def _plan_load(self, req_id: str, st: RequestState, meta: LMCacheTritonMetadata, in_background: bool = False) -> None:
+    def _plan_load(
+        self, req_id: str, st: RequestState, meta: LMCacheTritonMetadata, in_background: bool = False
+    ) -> None:
         plan = self._load_plans.pop(req_id, None)
         if plan is None:
             return

@@ -1,0 +1,194 @@
+"""The engine's background loader (engine/loader.py) without vLLM: asynchronous loads of held
+chunks into a paged cache built the way vLLM builds it, on real tiers.
+
+Copies compare the whole cache against a cloned reference with the destination poisoned first.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from lmcache_triton.engine.loader import (
+    FAULT_LOAD_DELAY_ENV,
+    FAULT_LOAD_FAIL_AT_ENV,
+    AsyncLoader,
+    ChunkCopier,
+    ChunkLoad,
+    LoadJob,
+)
+from lmcache_triton.kernels.geometry import allocate_paged_cache
+from lmcache_triton.storage.cpu import CpuTier
+from lmcache_triton.storage.hierarchy import StorageHierarchy
+
+BLOCK = 4
+DIGESTS = [f"{i:02x}" * 16 for i in range(3)]
+
+
+def _setup(cpu_bytes: int = 1 << 24):
+    from lmcache_triton.engine import KVCacheEngine
+
+    c5 = allocate_paged_cache("LBHNC", 3, 16, 2, BLOCK, 16, torch.float32)
+    c5.copy_(torch.randn(c5.shape, generator=torch.Generator().manual_seed(0)))
+    eng = KVCacheEngine(StorageHierarchy(CpuTier(cpu_bytes), []), "0a" * 16, {"model": "m", "layout": "L"})
+    eng.register([c5[i] for i in range(3)], BLOCK)
+    # Three chunks of two blocks each, from blocks 0..5.
+    for i, d in enumerate(DIGESTS):
+        assert eng.store(d, [2 * i, 2 * i + 1], num_tokens=2 * BLOCK)
+    assert eng.poll().held == DIGESTS
+    return c5, eng
+
+
+def _ops(dst: list[int]) -> list[tuple[str, list[int], int]]:
+    return [(d, [dst[2 * i], dst[2 * i + 1]], 0) for i, d in enumerate(DIGESTS)]
+
+
+def _wait(eng):
+    assert eng.drain_loads(30)
+    return eng.finished_loads()
+
+
+def test_async_load_is_bit_exact_and_reported_once():
+    c5, eng = _setup()
+    dst = [8, 9, 10, 11, 12, 13]
+    before = c5.clone()
+    c5[:, dst] = float("nan")
+    expected = before.clone()
+    expected[:, dst] = before[:, [0, 1, 2, 3, 4, 5]]
+    eng.load_async("r1", _ops(dst))
+    (res,) = _wait(eng)
+    assert (res.req_id, res.chunks_ok, res.chunks, res.cancelled) == ("r1", 3, 3, False)
+    assert torch.equal(c5.view(torch.int32), expected.view(torch.int32))
+    assert eng.finished_loads() == [], "reported once"
+    assert eng.loads_in_flight() == []
+    assert eng.stats.loaded_chunks == 3
+    eng.close()
+
+
+def test_skip_blocks_leave_the_leading_block_alone():
+    c5, eng = _setup()
+    before = c5.clone()
+    eng.load_async("r", [(DIGESTS[0], [14, 15], 1)])
+    (res,) = _wait(eng)
+    assert res.chunks_ok == 1
+    expected = before.clone()
+    expected[:, 15] = before[:, 1]
+    assert torch.equal(c5, expected), "block 14 (skipped) must stay untouched"
+    eng.close()
+
+
+def test_a_chunk_not_held_ends_the_job_there_and_writes_nothing_after():
+    c5, eng = _setup()
+    ops = _ops([8, 9, 10, 11, 12, 13])
+    ops[1] = ("ee" * 16, ops[1][1], 0)  # never stored
+    before = c5.clone()
+    eng.load_async("r", ops)
+    (res,) = _wait(eng)
+    assert (res.chunks_ok, res.chunks) == (1, 3)
+    expected = before.clone()
+    expected[:, [8, 9]] = before[:, [0, 1]]
+    assert torch.equal(c5, expected), "nothing written past the first missing chunk"
+    eng.close()
+
+
+def test_fault_mid_job_counts_the_leading_chunks(monkeypatch):
+    c5, eng = _setup()
+    monkeypatch.setenv(FAULT_LOAD_FAIL_AT_ENV, "2")
+    before = c5.clone()
+    eng.load_async("r", _ops([8, 9, 10, 11, 12, 13]))
+    (res,) = _wait(eng)
+    assert (res.chunks_ok, res.chunks) == (2, 3)
+    expected = before.clone()
+    expected[:, [8, 9, 10, 11]] = before[:, [0, 1, 2, 3]]
+    assert torch.equal(c5, expected)
+    assert eng.stats.load_errors == 1
+    eng.close()
+
+
+def test_holds_taken_at_submit_survive_an_acknowledged_retirement(monkeypatch):
+    """The scheduler may acknowledge a retirement of a chunk right after it planned the load:
+    the hold taken when the job was submitted keeps its bytes until the copy is done."""
+    c5, eng = _setup()
+    monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0.2")
+    before = c5.clone()
+    eng.load_async("r", _ops([8, 9, 10, 11, 12, 13]))
+    eng.retire_high = eng.retire_low = 0.0  # every held chunk retires now
+    retiring = eng.retire()
+    assert sorted(retiring) == sorted(DIGESTS)
+    eng.ack_retired(retiring)
+    assert not any(eng.holds(d) for d in DIGESTS)
+    (res,) = _wait(eng)
+    assert res.chunks_ok == 3
+    expected = before.clone()
+    expected[:, [8, 9, 10, 11, 12, 13]] = before[:, [0, 1, 2, 3, 4, 5]]
+    assert torch.equal(c5, expected)
+    # Every hold was given back once the job was reported: the retired chunks are gone.
+    assert not any(eng.storage.in_memory(eng.key(d)) for d in DIGESTS)
+    eng.close()
+
+
+def test_cancel_stops_before_the_next_chunk_and_still_reports(monkeypatch):
+    c5, eng = _setup()
+    monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0.3")
+    before = c5.clone()
+    eng.load_async("r", _ops([8, 9, 10, 11, 12, 13]))
+    assert eng.cancel_load("r")
+    (res,) = _wait(eng)
+    assert res.cancelled and res.chunks_ok < 3
+    assert torch.equal(c5[:, 2 * res.chunks_ok + 8 :], before[:, 2 * res.chunks_ok + 8 :]), "nothing after the stop"
+    assert not eng.cancel_load("r"), "reported: nothing in flight"
+    eng.close()
+
+
+def test_a_second_load_of_the_same_request_in_flight_is_refused():
+    _, eng = _setup()
+    loader = AsyncLoader(_Blocking())
+    t = torch.zeros(1)
+    job = LoadJob("r", [ChunkLoad("d", [0], 0, 1, t, lambda: None)], 1)
+    loader.submit(job)
+    with pytest.raises(ValueError, match="already in flight"):
+        loader.submit(LoadJob("r", [], 0))
+    _Blocking.gate.set()
+    assert loader.drain(10)
+    assert [r.req_id for r in loader.finished()] == ["r"]
+    loader.close()
+    eng.close()
+
+
+class _Blocking(ChunkCopier):
+    """A copier that waits for `gate`: the job stays in flight until the test opens it."""
+
+    gate = threading.Event()
+
+    def copy_chunk(self, chunk: ChunkLoad) -> None:
+        assert self.gate.wait(10)
+
+    def load_stream(self) -> torch.cuda.Stream | None:
+        return None
+
+
+def test_jobs_run_in_submission_order_off_the_calling_thread():
+    seen: list[tuple[str, str]] = []
+
+    class Recorder(ChunkCopier):
+        def copy_chunk(self, chunk: ChunkLoad) -> None:
+            seen.append((chunk.digest, threading.current_thread().name))
+
+        def load_stream(self) -> torch.cuda.Stream | None:
+            return None
+
+    released: list[str] = []
+    loader = AsyncLoader(Recorder())
+    t = torch.zeros(1)
+    for rid in ("a", "b"):
+        chunks = [ChunkLoad(f"{rid}{i}", [i], 0, 1, t, lambda n=f"{rid}{i}": released.append(n)) for i in range(2)]
+        loader.submit(LoadJob(rid, chunks, 2))
+    assert loader.drain(10)
+    assert [d for d, _ in seen] == ["a0", "a1", "b0", "b1"]
+    assert {name for _, name in seen} == {"lmcache-triton-load"}
+    assert released == [], "buffers are given back when the job is reported, not before"
+    assert [(r.req_id, r.chunks_ok) for r in loader.finished()] == [("a", 2), ("b", 2)]
+    assert released == ["a0", "a1", "b0", "b1"]
+    loader.close()
