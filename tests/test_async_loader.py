@@ -6,6 +6,7 @@ Copies compare the whole cache against a cloned reference with the destination p
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -157,7 +158,15 @@ def test_a_second_load_of_the_same_request_in_flight_is_refused():
     eng.close()
 
 
-class _Blocking(ChunkCopier):
+class _CpuCopier(ChunkCopier):
+    def start(self, job: LoadJob):
+        return contextlib.nullcontext()
+
+    def finish(self):
+        return None
+
+
+class _Blocking(_CpuCopier):
     """A copier that waits for `gate`: the job stays in flight until the test opens it."""
 
     gate = threading.Event()
@@ -165,19 +174,13 @@ class _Blocking(ChunkCopier):
     def copy_chunk(self, chunk: ChunkLoad) -> None:
         assert self.gate.wait(10)
 
-    def load_stream(self) -> torch.cuda.Stream | None:
-        return None
-
 
 def test_jobs_run_in_submission_order_off_the_calling_thread():
     seen: list[tuple[str, str]] = []
 
-    class Recorder(ChunkCopier):
+    class Recorder(_CpuCopier):
         def copy_chunk(self, chunk: ChunkLoad) -> None:
             seen.append((chunk.digest, threading.current_thread().name))
-
-        def load_stream(self) -> torch.cuda.Stream | None:
-            return None
 
     released: list[str] = []
     loader = AsyncLoader(Recorder())
@@ -192,3 +195,42 @@ def test_jobs_run_in_submission_order_off_the_calling_thread():
     assert [(r.req_id, r.chunks_ok) for r in loader.finished()] == [("a", 2), ("b", 2)]
     assert released == ["a0", "a1", "b0", "b1"]
     loader.close()
+
+
+def test_device_loads_queue_on_their_own_stream_and_the_compute_stream_never_waits():
+    """The CUDA path through the recording stream runtime of test_gpu_path (CPU tensors): each
+    chunk's host-to-device copy is queued on the async-load stream before it waits for anything;
+    the stream then waits for the marker recorded on the compute stream when the load was
+    planned, and only then scatters; the compute stream waits for none of it; the job is
+    reported once its final event completes, bit-exact."""
+    from test_gpu_path import BLOCK as GPU_BLOCK
+    from test_gpu_path import Recorder, _stream_engine
+
+    rec = Recorder()
+    eng = _stream_engine(rec)
+    assert eng.store("s0", [1, 2], 2 * GPU_BLOCK) and eng.store("s1", [3, 4], 2 * GPU_BLOCK)
+    eng.poll()
+    c5 = eng._path().flat.view(2, 12, 2, GPU_BLOCK, 16)
+    expect = c5[:, 1:5].clone()
+    c5[:, 6:10].fill_(float("nan"))
+    rec.hook(eng._load_path)
+    del rec.log[:]
+    eng.load_async("r", [("s0", [6, 7], 0), ("s1", [8, 9], 0)])
+    assert eng.drain_loads(10)
+    log = rec.log
+    marks = [e[2] for e in log if e[:2] == ("record", "compute")]
+    assert len(marks) == 1, log
+    assert [e for e in log if e[:2] == ("wait", "compute")] == [], f"the compute stream waited: {log}"
+    assert [e for e in log if e[0] in ("copy", "scatter", "wait")] == [
+        ("copy", "async_load"), ("wait", "async_load", marks[0]), ("scatter", "async_load"),
+        ("copy", "async_load"), ("scatter", "async_load"),
+    ], log  # fmt: skip
+    done = [e[2] for e in log if e[:2] == ("record", "async_load")]
+    assert len(done) == 1 and log.index(("record", "async_load", done[0])) == len(log) - 1
+    rec.events[done[0] - 1].complete = False  # the device has not run the copies yet
+    assert eng.finished_loads() == [], "reported before its copies completed"
+    rec.events[done[0] - 1].complete = True
+    (res,) = eng.finished_loads()
+    assert (res.req_id, res.chunks_ok) == ("r", 2)
+    assert torch.equal(c5[:, 6:10], expect)
+    eng.close()
