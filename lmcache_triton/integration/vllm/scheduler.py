@@ -529,7 +529,7 @@ class SchedulerConnector(ConnectorCore):
         wm = connector_output.kv_connector_worker_meta
         if isinstance(wm, LMCacheTritonWorkerMetadata) and wm.short_loads:
             self._short_loads(wm.short_loads)
-        for rid in connector_output.finished_recving or ():
+        for rid in getattr(connector_output, "finished_recving", None) or ():
             self._async_inflight.pop(rid, None)
         if isinstance(wm, LMCacheTritonWorkerMetadata):
             for rank, (held, retiring, removed, failed) in wm.reports.items():
