@@ -148,6 +148,7 @@ def _worker(eng: KVCacheEngine, metas: list):
     w = object.__new__(WorkerConnector)
     w.engine = eng
     w._await_stores = {}
+    w._async_meta_seen, w._short_loads = None, {}  # asynchronous loads: none here
     w.parent = SimpleNamespace(has_connector_metadata=lambda: bool(metas), _get_connector_metadata=lambda: metas[0])
     return w
 
