@@ -18,7 +18,8 @@ forward plus vLLM's overhead).
 With `--cprofile FILE`, the hits also run under cProfile (slower; the table's times are then
 inflated, read the profile for the shape).
 
-Usage: python bench/profile_hit.py [--tokens 4096] [--reps 3] [--cprofile out.prof]
+Usage: [PROFILE_TREE=DIR] python bench/profile_hit.py [--tokens 4096] [--reps 3] [--cprofile out.prof]
+(PROFILE_TREE: profile the package of an older checkout, e.g. `git archive COMMIT | tar -x -C DIR`)
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# PROFILE_TREE=DIR profiles the package in DIR (a checkout of an older commit) instead of this one.
+sys.path.insert(0, os.environ.get("PROFILE_TREE") or str(Path(__file__).resolve().parent.parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 from bench_e2e import BENCH_MODEL, _prompts  # noqa: E402
 
@@ -77,7 +79,9 @@ def _instrument() -> None:
     for name in ("start_load_kv", "wait_for_save", "build_connector_worker_meta", "get_finished"):
         _wrap(WorkerConnector, name, f"worker.{name}")
     _wrap(KVCacheEngine, "load", "  engine.load")
-    for cls in {copy_paths.CopyPath, copy_paths.PackedPages, copy_paths.TokenRows, copy_paths.OpaquePages}:
+    paths = [copy_paths.CopyPath, copy_paths.PackedPages, copy_paths.TokenRows, copy_paths.OpaquePages]
+    paths += [copy_paths.StridedPages] if hasattr(copy_paths, "StridedPages") else []
+    for cls in paths:
         for name in ("scatter", "ids"):
             if name in cls.__dict__:
                 _wrap(cls, name, f"    path.{name}")
@@ -125,6 +129,9 @@ def main() -> None:
     llm = start_engine(EngineSpec(**base, connector=connector))
     import torch
 
+    import lmcache_triton
+
+    print(f"package {Path(lmcache_triton.__file__).parent}", flush=True)
     print(f"torch threads {torch.get_num_threads()}; load {os.getloadavg()[0]:.2f}", flush=True)
     generate(llm, [prompts[0][:512]], 1, measure_ttft=True)  # warm-up (not counted)
     hits, misses, breakdown = [], [], []
