@@ -365,9 +365,9 @@ def test_lora_requests_never_blend(model_dir, sep, workdir):
     from documents cached under the same adapter nor from base-model documents, and its output
     is the adapter's (the normal path), not the base model's."""
     import json
-    import subprocess
-    import sys
     from dataclasses import asdict
+
+    from lmcache_triton.testing.runner import run_script_in_subprocess
 
     lora = _lora_adapter(workdir / "lora", model_dir)
     spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=blend_config(blend_recompute_ratios=1.0),
@@ -382,9 +382,9 @@ def test_lora_requests_never_blend(model_dir, sep, workdir):
     job.write_text(json.dumps({"spec": asdict(spec), "lora": lora, "steps": steps, "max_tokens": MAX_TOKENS}))
     child = workdir / "lora_child.py"
     child.write_text(_LORA_CHILD)
-    p = subprocess.run([sys.executable, str(child), str(job), str(res)], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, **NO_GUARD, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-    assert p.returncode == 0, p.stderr[-4000:]
+    rc, stderr = run_script_in_subprocess(str(child), [str(job), str(res)],
+                                          env={**NO_GUARD, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert rc == 0, stderr[-4000:]
     got = json.loads(res.read_text())
     out = got["out"]
     # LoRA prompts: only the normal path's exact prefix chunks cached under the same adapter

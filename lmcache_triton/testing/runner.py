@@ -14,8 +14,9 @@ generation (prefill + one sample) when `measure_ttft` is set.
 For the test suite, whose cost is engine starts:
   EngineProcess   an engine in a child process that answers job after job (the no-cache
                   reference outputs every module compares with).
-  ForkServer      `run_in_subprocess` in children forked from a process that has imported torch
-                  and vLLM and nothing more (`use_fork_server`): still a new process per run.
+  ForkServer      `run_in_subprocess` (and `run_script_in_subprocess`) in children forked from a
+                  process that has imported torch and vLLM and nothing more (`use_fork_server`):
+                  still a new process per run.
   isolate         a new key epoch between tests sharing one engine, instead of a new engine.
   note_engine_start  one line per engine start in $LMCT_TEST_ENGINE_LOG (the suite counts them).
 """
@@ -245,26 +246,34 @@ def run_in_subprocess(
                 },
                 f,
             )
-        child_env = {**os.environ, **(env or {})}
-        server = _FORK_SERVER if _FORK_SERVER is not None and _FORK_SERVER.accepts(child_env) else None
-        result = server.run([spec_path, out_path], child_env, timeout) if server is not None else None
-        if result is not None:
-            rc, stderr = result
-        else:
-            import subprocess
-
-            proc = subprocess.run(
-                [sys.executable, "-m", "lmcache_triton.testing.runner", spec_path, out_path],
-                env=child_env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-            rc, stderr = proc.returncode, proc.stderr
+        rc, stderr = _run_child([spec_path, out_path], {**os.environ, **(env or {})}, timeout)
         if rc != 0:
             raise RuntimeError(f"engine subprocess failed ({rc}):\n{stderr[-4000:]}")
         with open(out_path) as f:
             return json.load(f)
+
+
+def run_script_in_subprocess(
+    path: str, args: Sequence[str], env: dict[str, str] | None = None, timeout: float = 600
+) -> tuple[int, str]:
+    """Run the Python file `path` as `__main__` with `sys.argv[1:] = args` in a fresh process
+    (a fork of the fork server when one is in use, else a new interpreter), for a test whose
+    engine needs more than `run` does; returns (exit code, stderr)."""
+    return _run_child(["--script", path, *args], {**os.environ, **(env or {})}, timeout)
+
+
+def _run_child(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """`python -m lmcache_triton.testing.runner ARGV` in a fresh process: through the fork
+    server when one is in use and accepts `env`, else a new interpreter."""
+    server = _FORK_SERVER if _FORK_SERVER is not None and _FORK_SERVER.accepts(env) else None
+    result = server.run(argv, env, timeout) if server is not None else None
+    if result is not None:
+        return result
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "lmcache_triton.testing.runner", *argv], env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return proc.returncode, proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,6 +618,12 @@ def _main(argv: list[str]) -> int:
         return _serve(argv[1], int(argv[2]))
     if argv and argv[0] == "--fork-server":
         return _fork_server_main(int(argv[1]))
+    if argv and argv[0] == "--script":  # run_script_in_subprocess
+        import runpy
+
+        sys.argv = argv[1:]
+        runpy.run_path(argv[1], run_name="__main__")
+        return 0
     spec_path, out_path = argv
     with open(spec_path) as f:
         job = json.load(f)
