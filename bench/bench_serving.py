@@ -151,7 +151,7 @@ def stream_chat(port: int, body: dict, timeout: float) -> Result:
                     res.ttft = time.perf_counter() - t0
                 res.token_ids.extend(ids)
                 text.append(content)
-                for lp in ((ch.get("logprobs") or {}).get("content") or []):
+                for lp in (ch.get("logprobs") or {}).get("content") or []:
                     res.logprobs.append(lp["logprob"])
         res.latency = time.perf_counter() - t0
         res.text = "".join(text)
@@ -292,8 +292,17 @@ def run_server(name: str, args: argparse.Namespace, model: str, wl: Workload, wo
             # Warm-up (not counted): one short conversation nobody else asks, so first-request costs
             # (lazy imports, allocator growth) do not land on a measured TTFT.
             warm = sample_prompt(model, 64, seed=999)
-            stream_chat(port, {"model": model, "messages": [{"role": "user", "content": warm}],
-                               "max_tokens": 4, "temperature": 0.0, "stream": True}, args.request_timeout)
+            stream_chat(
+                port,
+                {
+                    "model": model,
+                    "messages": [{"role": "user", "content": warm}],
+                    "max_tokens": 4,
+                    "temperature": 0.0,
+                    "stream": True,
+                },
+                args.request_timeout,
+            )
             load_before = os.getloadavg()[0]
             results, wall = run_workload(port, model, wl, args.request_timeout)
             load_after = os.getloadavg()[0]
@@ -364,14 +373,19 @@ def main() -> None:
     ap.add_argument("--context", type=int, nargs=2, default=(1536, 2560), metavar=("MIN", "MAX"))
     ap.add_argument("--question-tokens", type=int, default=40)
     ap.add_argument("--answer-tokens", type=int, default=64)
-    ap.add_argument("--kv-fraction", type=float, default=0.5,
-                    help="vLLM's own KV cache as a fraction of the whole workload's tokens (default 0.5)")
+    ap.add_argument(
+        "--kv-fraction",
+        type=float,
+        default=0.5,
+        help="vLLM's own KV cache as a fraction of the whole workload's tokens (default 0.5)",
+    )
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=1, help="passes over the servers; odd passes run in reverse")
     ap.add_argument("--quick", action="store_true", help="2 users, 2 rounds, 256-512-token contexts, 16-token answers")
     ap.add_argument("--lmcache-python", type=Path, default=LMCACHE_VENV / "bin" / "python")
-    ap.add_argument("--setup-lmcache", action="store_true",
-                    help="build the LMCache venv first (scripts/bench_env_lmcache.sh)")
+    ap.add_argument(
+        "--setup-lmcache", action="store_true", help="build the LMCache venv first (scripts/bench_env_lmcache.sh)"
+    )
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--no-csv", action="store_true")
@@ -384,16 +398,24 @@ def main() -> None:
         ap.error(f"--servers: unknown {bad}, choose from {','.join(SERVERS)}")
     if args.setup_lmcache:
         env = dict(os.environ, LMCACHE_BENCH_VENV=str(args.lmcache_python.parent.parent))
-        out = subprocess.run(["bash", str(REPO / "scripts" / "bench_env_lmcache.sh")], env=env, check=True,
-                             stdout=subprocess.PIPE, text=True)
+        out = subprocess.run(
+            ["bash", str(REPO / "scripts" / "bench_env_lmcache.sh")],
+            env=env,
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         args.lmcache_python = Path(out.stdout.strip().splitlines()[-1])
     if "lmcache" in names and not args.lmcache_python.exists():
-        ap.error(f"no LMCache venv at {args.lmcache_python}: run with --setup-lmcache "
-                 "(or bash scripts/bench_env_lmcache.sh), or pass --servers vllm,ours")
+        ap.error(
+            f"no LMCache venv at {args.lmcache_python}: run with --setup-lmcache "
+            "(or bash scripts/bench_env_lmcache.sh), or pass --servers vllm,ours"
+        )
 
     model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / "bench-e2e", **BENCH_MODEL))
-    wl = Workload(args.users, args.rounds, args.concurrency, tuple(args.context), args.question_tokens,
-                  args.answer_tokens).build(model)
+    wl = Workload(
+        args.users, args.rounds, args.concurrency, tuple(args.context), args.question_tokens, args.answer_tokens
+    ).build(model)
     total = wl.final_tokens_estimate()
     longest = max(wl.context_tokens) + args.rounds * (args.question_tokens + args.answer_tokens + 16) + 8
     args.max_model_len = int(math.ceil((longest + 64) / 512) * 512)
@@ -407,15 +429,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lmct-bench-serving-"))
     (work / "tmp").mkdir()
     (work / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    print(f"{wl.users} users x {wl.rounds} rounds, {wl.concurrency} in flight, contexts {wl.context_tokens} tokens, "
-          f"answers {wl.answer_tokens} tokens; ~{total} tokens in all; vLLM KV cache {args.kv_blocks} blocks "
-          f"x {BLOCK} = {args.kv_blocks * BLOCK} tokens ({args.kv_blocks * BLOCK / total:.0%}); "
-          f"CPU tier {args.cpu_gb:g} GB; logs in {work}", flush=True)
+    print(
+        f"{wl.users} users x {wl.rounds} rounds, {wl.concurrency} in flight, contexts {wl.context_tokens} tokens, "
+        f"answers {wl.answer_tokens} tokens; ~{total} tokens in all; vLLM KV cache {args.kv_blocks} blocks "
+        f"x {BLOCK} = {args.kv_blocks * BLOCK} tokens ({args.kv_blocks * BLOCK / total:.0%}); "
+        f"CPU tier {args.cpu_gb:g} GB; logs in {work}",
+        flush=True,
+    )
     started = dt.datetime.now(dt.timezone.utc)
     uptime_before = os.getloadavg()
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for p in range(args.repeat):
-        for name in (names if p % 2 == 0 else list(reversed(names))):
+        for name in names if p % 2 == 0 else list(reversed(names)):
             print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] pass {p + 1}: {name} ...", flush=True)
             runs[name].append(run_server(name, args, model, wl, work))
 
@@ -430,8 +455,10 @@ def main() -> None:
             rows.append(s)
     lmc = {r["pass"]: r for r in rows if r["server"] == "lmcache"}
     vl = {r["pass"]: r for r in rows if r["server"] == "vllm"}
-    hdr = (f"{'server':<9}{'pass':>5}{'ok':>5}{'fail':>5}{'TTFT r1':>9}{'TTFT r>=2':>11}{'p90 r>=2':>10}"
-           f"{'tok/s':>8}{'wall s':>8}{'cached':>8}{'vs vLLM':>9}{'vs LMC':>8}{'same as vLLM':>14}{'load':>11}")
+    hdr = (
+        f"{'server':<9}{'pass':>5}{'ok':>5}{'fail':>5}{'TTFT r1':>9}{'TTFT r>=2':>11}{'p90 r>=2':>10}"
+        f"{'tok/s':>8}{'wall s':>8}{'cached':>8}{'vs vLLM':>9}{'vs LMC':>8}{'same as vLLM':>14}  {'load 1m':<12}"
+    )
     print("\n" + hdr)
     for r in rows:
         v, lm = vl.get(r["pass"]), lmc.get(r["pass"])
@@ -439,28 +466,59 @@ def main() -> None:
         vs_l = r["ttft_later_mean_s"] / lm["ttft_later_mean_s"] if lm else math.nan
         r["ttft_vs_vllm"], r["ttft_vs_lmcache"] = vs_v, vs_l
         r["tput_vs_lmcache"] = r["throughput_tok_s"] / lm["throughput_tok_s"] if lm else math.nan
-        print(f"{r['server']:<9}{r['pass']:>5}{r['requests_ok']:>5}{r['failures']:>5}{r['ttft_round1_mean_s']:>9.3f}"
-              f"{r['ttft_later_mean_s']:>11.3f}{r['ttft_later_p90_s']:>10.3f}{r['throughput_tok_s']:>8.1f}"
-              f"{r['wall_s']:>8.1f}{r['cached_frac_later']:>8.0%}{vs_v:>9.2f}{vs_l:>8.2f}"
-              f"{r.get('identical', '(base)'):>14}  {r['load_1m']:<12}")
+        print(
+            f"{r['server']:<9}{r['pass']:>5}{r['requests_ok']:>5}{r['failures']:>5}{r['ttft_round1_mean_s']:>9.3f}"
+            f"{r['ttft_later_mean_s']:>11.3f}{r['ttft_later_p90_s']:>10.3f}{r['throughput_tok_s']:>8.1f}"
+            f"{r['wall_s']:>8.1f}{r['cached_frac_later']:>8.0%}{vs_v:>9.2f}{vs_l:>8.2f}"
+            f"{r.get('identical', '(base)'):>14}  {r['load_1m']:<12}"
+        )
         for e in r["errors"]:
             print(f"    error: {e}")
     if any(r.get("identical_all") is False for r in rows):
         print("NOTE: some answers differ from vLLM alone's (or are missing)")
-    print(f"load average before: {uptime_before[0]:.2f} {uptime_before[1]:.2f} {uptime_before[2]:.2f}; "
-          f"after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"load average before: {uptime_before[0]:.2f} {uptime_before[1]:.2f} {uptime_before[2]:.2f}; "
+        f"after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     if args.no_csv:
         return
     import torch
     import vllm
 
-    fields = ["date", "machine", "versions", "commit", "model_params_M", "users", "rounds", "concurrency",
-              "context", "answer_tokens", "kv_blocks", "cpu_gb", "chunk_size", "server", "pass", "requests_ok",
-              "failures", "ttft_round1_mean_s", "ttft_later_mean_s", "ttft_later_p90_s", "throughput_tok_s",
-              "wall_s", "cached_frac_later", "identical", "max_logprob_diff", "ttft_vs_vllm", "ttft_vs_lmcache",
-              "tput_vs_lmcache", "load_1m"]
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    fields = [
+        "date",
+        "machine",
+        "versions",
+        "commit",
+        "model_params_M",
+        "users",
+        "rounds",
+        "concurrency",
+        "context",
+        "answer_tokens",
+        "kv_blocks",
+        "cpu_gb",
+        "chunk_size",
+        "server",
+        "pass",
+        "requests_ok",
+        "failures",
+        "ttft_round1_mean_s",
+        "ttft_later_mean_s",
+        "ttft_later_p90_s",
+        "throughput_tok_s",
+        "wall_s",
+        "cached_frac_later",
+        "identical",
+        "max_logprob_diff",
+        "ttft_vs_vllm",
+        "ttft_vs_lmcache",
+        "tput_vs_lmcache",
+        "load_1m",
+    ]
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     new = not CSV.exists()
     with CSV.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
