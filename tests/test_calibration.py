@@ -320,6 +320,14 @@ def test_compare_bounds_a_token_missing_from_the_top_k():
     assert m.max_logprob_dev == pytest.approx(1.8)  # -0.2 - (-2.0): at least this much
 
 
+def test_compare_leaves_out_prompts_without_decoded_kv():
+    e = [_gen([5, 6], [-0.1, -0.2], text="a"), _gen([7], [-0.1], text="b")]
+    d = [_gen([5, 9], [-0.1, -0.2], text="x", cached=0), _gen([7], [-0.1], text="b", cached=40)]
+    m = compare(e, d, ["a", "b"])
+    assert (m.prompts, m.tokens, m.top1_agreement, m.loaded_tokens) == (1, 1, 1.0, 40)
+    assert m.answered == 1 and m.accuracy_exact == m.accuracy_codec == 1.0
+
+
 def test_compare_accuracy_and_errors():
     e = [_gen([1], [-0.1], text=" Paris."), _gen([2], [-0.1], text="w17")]
     d = [_gen([1], [-0.1], text=" Paris."), _gen([2], [-0.1], text="w170")]
@@ -349,3 +357,35 @@ def test_prompt_sets(tmp_path):
         read_prompt_set(tmp_path / "missing.jsonl")
     b = builtin_prompts()
     assert len(b) == 16 and sum(x.answer is not None for x in b) == 8 and len({x.text for x in b}) == 16
+
+
+# ------------------------------------------------------------------------------------ the command's errors
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--codec", "int3"], "--codec 'int3': expected one of exact, int4, int8"),
+        (["--codec", "int8", "--prompts", "{missing}"], "does not exist"),
+        (["--codec", "int8", "--prompts", "{bad}"], "not JSON"),
+        (["--codec", "int8", "--chunk-size", "48", "--block-size", "32"], "chunk_size"),
+    ],
+    ids=["unknown-codec", "missing-prompts", "bad-prompts", "chunk-vs-block"],
+)
+def test_calibrate_refuses_bad_input_in_one_line(tmp_path, args, message):
+    """Checked before any engine starts: one line, exit status 1, nothing written."""
+    from typer.testing import CliRunner
+
+    from lmcache_triton.cli import app
+
+    model = tmp_path / "m"  # what the command checks before an engine: a directory with config.json
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{nope\n")
+    args = [a.format(missing=tmp_path / "none.jsonl", bad=bad) for a in args]
+    res = CliRunner().invoke(app, ["calibrate", str(model), *args, "--out", str(tmp_path / "rec")])
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
+    assert not (tmp_path / "rec").exists()

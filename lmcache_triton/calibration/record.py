@@ -99,7 +99,7 @@ class Metrics:
     """What calibrate measured, exact KV against the codec's decoded KV, greedy decoding.
 
     Args:
-        prompts: prompts compared.
+        prompts: prompts compared: those whose decoded run loaded KV from the cache.
         tokens: generated positions compared (up to and including each prompt's first
             disagreement: after it the two runs no longer see the same context).
         loaded_tokens: prompt tokens the decoded runs loaded from the codec's tier (0 would mean

