@@ -67,7 +67,7 @@ def test_help_has_no_bool_placeholder(command):
     assert "--help" in r.stdout
 
 
-COMMANDS = ["demo", "serve", "warm", "inspect", "verify", "clear", "stats"]
+COMMANDS = ["demo", "serve", "warm", "inspect", "verify", "clear", "stats", "calibrate"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
