@@ -63,7 +63,8 @@ def main() -> None:
         for i, codec in enumerate(codecs):
             prompts = _prompts(a.reps, a.tokens - 1, seed=100 + i)  # fresh prompts per codec: misses
             disk = work / f"disk-{codec}"
-            common = {"lmcache.chunk_size": a.chunk_size, "lmcache.max_local_cpu_size": 2}
+            # codec_guard off: this measures the codec's speed (the guard would keep a random model exact)
+            common = {"lmcache.chunk_size": a.chunk_size, "lmcache.max_local_cpu_size": 2, "lmcache.codec_guard": False}
             disk_cfg = {"lmcache.local_disk": str(disk), "lmcache.max_local_disk_size": 4, "lmcache.disk_codec": codec}
             # Each codec's prompts are its own (seed), so no codec hits another's chunks.
             remote_cfg = {"lmcache.remote_url": server.url, "lmcache.remote_codec": codec}

@@ -374,7 +374,7 @@ def test_prompt_sets(tmp_path):
 )
 def test_calibrate_refuses_bad_input_in_one_line(tmp_path, args, message):
     """Checked before any engine starts: one line, exit status 1, nothing written."""
-        from typer.testing import CliRunner
+    from typer.testing import CliRunner
 
     from lmcache_triton.cli import app
 

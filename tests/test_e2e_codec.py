@@ -32,6 +32,9 @@ def _config(disk, **over) -> dict:
         "lmcache.max_local_cpu_size": 0.25,
         "lmcache.local_disk": str(disk),
         "lmcache.max_local_disk_size": 1.0,
+        # This module tests the codec itself; the quality guard (which keeps int8 off for this
+        # chaotic random model) is tests/test_e2e_calibrate.py's subject.
+        "lmcache.codec_guard": False,
     }
     cfg.update({f"lmcache.{k}": v for k, v in over.items()})
     return cfg
