@@ -22,7 +22,8 @@ pytestmark = pytest.mark.e2e
 CHUNK = 64
 BLOCK = 32
 MAX_TOKENS = 8
-PROMPT = [random.Random(20).randrange(4, 2000) for _ in range(4 * CHUNK + 5)]
+_RNG = random.Random(20)
+PROMPT = [_RNG.randrange(4, 2000) for _ in range(4 * CHUNK + 5)]
 
 
 def _config(disk, **over) -> dict:

@@ -137,10 +137,12 @@ class Codec:
             raise ValueError(f"codec {self.name}: cannot encode {dtype} rows of shape {tuple(rows.shape)}")
         if not self.lossy:
             return [("kv", rows)]
-        from lmcache_triton.kernels.quant import quantize_rows
-
         specs = self.parts(tuple(rows.shape), dtype)
         tensors = [torch.empty(p.shape, dtype=getattr(torch, p.dtype), device=rows.device) for p in specs]
+        if rows.is_cuda:
+            from lmcache_triton.kernels.quant import quantize_rows
+        else:  # CPU: the torch twin (bit-identical), never the interpreter, which is not thread-safe
+            from lmcache_triton.kernels.quant_ref import quantize_rows_ref as quantize_rows
         quantize_rows(rows.contiguous(), self.quant_spec(), tensors[0], tensors[1:])
         return [(p.name, t) for p, t in zip(specs, tensors, strict=True)]
 
@@ -159,8 +161,10 @@ class Codec:
         if not self.lossy:
             out.copy_(parts["kv"])
             return
-        from lmcache_triton.kernels.quant import dequantize_rows
-
+        if out.is_cuda:
+            from lmcache_triton.kernels.quant import dequantize_rows
+        else:  # CPU (the prefetcher's threads): the torch twin, never the interpreter
+            from lmcache_triton.kernels.quant_ref import dequantize_rows_ref as dequantize_rows
         dequantize_rows(parts["q"], [parts[p.name] for p in want[1:]], self.quant_spec(), out)
 
 
