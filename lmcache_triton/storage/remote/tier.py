@@ -123,7 +123,8 @@ class RemoteTier(TierCounters):
             chunk shape may lower the attribute); a reply claiming more is a miss. Default
             `DEFAULT_MAX_VALUE` (1 GiB).
         codec: the codec chunks are written with (`chunk.codec`; default "exact"); `codecs`
-            (a `CodecPolicy`) changes it, per namespace too. Any known codec is read.
+            (a `CodecPolicy`) changes it, per namespace too. Exact chunks are always read, a lossy
+            codec's only where the policy writes that key with it (`CodecPolicy.readable`).
 
     Raises:
         RemoteURLError: the URL is not one the tier takes (message masked).
@@ -314,6 +315,7 @@ class RemoteTier(TierCounters):
                 self.router.went_up(node)
                 if hdr is not None:
                     check_expect(hdr.meta, dict(expect or {}))
+                    self._check_codec(key, hdr)
                     reader = _StreamReader(self, key, node, rd, hdr)
             except (ChunkError, ChunkUnverifiable) as e:
                 if hdr is not None and isinstance(e, ChunkError):  # `expect`: another configuration
@@ -386,10 +388,16 @@ class RemoteTier(TierCounters):
             return None
         try:
             check_expect(hdr.meta, dict(expect or {}))
+            self._check_codec(key, hdr)
         except ChunkError as e:
             self._mismatch(key, e)
             return None
         return hdr, payload
+
+    def _check_codec(self, key: str, hdr: ChunkHeader) -> None:
+        """A lossy chunk this tier would not write for `key` is not served (`CodecPolicy.readable`)."""
+        if not self.codecs.readable(key, hdr.codec):
+            raise ChunkError(f"{hdr.codec} chunk, and this model is exact here")
 
     def fetch(
         self, key: str, expect: Mapping[str, str] | None = None
