@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from lmcache_triton.child_job import log_tail, run_child
 
 
 class WarmError(RuntimeError):
@@ -84,38 +86,17 @@ def warm(
 
     spec = EngineSpec(model=model, connector=connector, block_size=block_size, max_model_len=max_model_len, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="lmct-warm-") as d:
-        job, log = Path(d, "job.json"), Path(d, "engine.log")
-        from dataclasses import asdict
-
-        job.write_text(json.dumps({"spec": asdict(spec), "prompts": prompts}))
-        last: dict[str, Any] = {}
-        with open(log, "w") as logf:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "lmcache_triton.warm", str(job)],
-                stdout=subprocess.PIPE,
-                stderr=logf,
-                text=True,
-                env=dict(os.environ),
-            )
-            try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        continue  # a stray print from a library
-                    last = rec
-                    if on_progress is not None:
-                        on_progress(rec)
-                rc = proc.wait(timeout=timeout)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        log = Path(d, "engine.log")
+        rc, last = run_child(
+            "lmcache_triton.warm",
+            {"spec": asdict(spec), "prompts": prompts},
+            Path(d, "job.json"),
+            log,
+            on_progress,
+            timeout,
+        )
         if rc != 0 or not last.get("finished"):
-            tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-            reason = tail[-1] if tail else f"exit status {rc}"
-            raise WarmError(f"engine failed: {reason}")
+            raise WarmError(f"engine failed: {log_tail(log, rc)}")
     return last
 
 

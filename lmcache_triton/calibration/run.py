@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from lmcache_triton.child_job import log_tail, run_child
 
 from .measure import Generation, Prompt, compare
 from .record import Identity, Metrics
@@ -102,44 +102,13 @@ def run_calibration(
         spec = EngineSpec(
             model=model, connector=connector, block_size=block_size, max_model_len=max_model_len, dtype=dtype
         )
-        job, out = Path(d, "job.json"), Path(d, "out.json")
+        out = Path(d, "out.json")
         log = Path(log_path) if log_path else Path(d, "engine.log")
-        job.write_text(
-            json.dumps(
-                {
-                    "spec": asdict(spec),
-                    "prompts": [asdict(p) for p in prompts],
-                    "max_tokens": max_tokens,
-                    "tier": tier,
-                    "out": str(out),
-                }
-            )
-        )
-        with open(log, "w") as logf:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "lmcache_triton.calibration.run", str(job)],
-                stdout=subprocess.PIPE,
-                stderr=logf,
-                text=True,
-                env=dict(os.environ),
-            )
-            try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        continue  # a library's print
-                    if on_progress is not None and isinstance(rec, dict):
-                        on_progress(rec)
-                rc = proc.wait(timeout=timeout)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        job = {"spec": asdict(spec), "prompts": [asdict(p) for p in prompts], "max_tokens": max_tokens,
+               "tier": tier, "out": str(out)}  # fmt: skip
+        rc, _ = run_child("lmcache_triton.calibration.run", job, Path(d, "job.json"), log, on_progress, timeout)
         if rc != 0 or not out.exists():
-            tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-            raise CalibrationError(f"engine failed: {tail[-1] if tail else f'exit status {rc}'}")
+            raise CalibrationError(f"engine failed: {log_tail(log, rc)}")
         res = json.loads(out.read_text())
     if res.get("error"):
         raise CalibrationError(res["error"])

@@ -1,0 +1,66 @@
+"""Run one engine job in a child interpreter and follow its JSON progress lines.
+
+`warm` and `calibrate` start vLLM in a child process (the parent, a CLI, must import without
+vLLM; the child's memory and vLLM's globals go away with it). The child reads a JSON job file,
+prints one JSON object per line as it goes, and writes its logs to stderr.
+
+  `run_child(module, job, log, on_progress, timeout)`  -> `(exit status, last JSON object)`
+  `log_tail(log, rc)`  the last non-empty line of the child's log, for a one-line error
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def run_child(
+    module: str,
+    job: dict[str, Any],
+    job_path: Path,
+    log: Path,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Write `job` to `job_path`, run `python -m module job_path` with stderr to `log`, call
+    `on_progress` with each JSON object it prints (other lines, a library's prints, are
+    skipped), and return its exit status and the last object. The child is killed if this
+    returns early (timeout: `subprocess.TimeoutExpired` propagates)."""
+    job_path.write_text(json.dumps(job))
+    last: dict[str, Any] = {}
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, str(job_path)],
+            stdout=subprocess.PIPE,
+            stderr=logf,
+            text=True,
+            env=dict(os.environ),
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict):
+                    last = rec
+                    if on_progress is not None:
+                        on_progress(rec)
+            rc = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return rc, last
+
+
+def log_tail(log: Path, rc: int) -> str:
+    """The child's last non-empty log line, or its exit status when it logged nothing."""
+    tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return tail[-1] if tail else f"exit status {rc}"
