@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcache_triton.child_job import log_tail, run_child
+from lmcache_triton.prompt_file import read_prompt_file
 
 
 class WarmError(RuntimeError):
@@ -33,30 +34,13 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     Raises:
         WarmError: unreadable file, bad JSON line, or no prompts.
     """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WarmError(f"prompts file {str(p)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise WarmError(f"cannot read prompts file {str(p)!r}: {e}") from None
-    prompts = []
-    if p.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise WarmError(f"{p}:{n}: not JSON ({e})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise WarmError(f'{p}:{n}: expected an object with a string "prompt"')
-            prompts.append(obj["prompt"])
-    else:
-        prompts = [line for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise WarmError(f"prompts file {str(p)!r} holds no prompts")
-    return prompts
+
+    def from_object(obj: dict, where: str) -> str:
+        if not isinstance(obj.get("prompt"), str):
+            raise WarmError(f'{where}: expected an object with a string "prompt"')
+        return obj["prompt"]
+
+    return read_prompt_file(path, WarmError, lambda line: line, from_object)
 
 
 def warm(

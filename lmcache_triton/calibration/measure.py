@@ -28,10 +28,10 @@ Torch-free and vLLM-free.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from lmcache_triton.prompt_file import read_prompt_file
 
 from .record import Metrics
 
@@ -154,41 +154,19 @@ def read_prompt_set(path: str | os.PathLike) -> list[Prompt]:
     Raises:
         PromptSetError: unreadable file, a bad line, or no prompts.
     """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PromptSetError(f"prompts file {str(p)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PromptSetError(f"cannot read prompts file {str(p)!r}: {e}") from None
-    out: list[Prompt] = []
-    if p.suffix != ".jsonl":
-        out = [Prompt(text=line) for line in text.splitlines() if line.strip()]
-    for n, line in enumerate(text.splitlines() if p.suffix == ".jsonl" else (), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise PromptSetError(f"{p}:{n}: not JSON ({e})") from None
-        if not isinstance(obj, dict):
-            raise PromptSetError(f"{p}:{n}: expected an object")
+
+    def from_object(obj: dict, where: str) -> Prompt:
         ans = obj.get("answer")
         if ans is not None and not isinstance(ans, str):
-            raise PromptSetError(f'{p}:{n}: "answer" must be a string')
+            raise PromptSetError(f'{where}: "answer" must be a string')
+        ids = obj.get("prompt_token_ids")
         if isinstance(obj.get("prompt"), str) and obj["prompt"]:
-            out.append(Prompt(text=obj["prompt"], answer=ans))
-        elif isinstance(obj.get("prompt_token_ids"), list) and obj["prompt_token_ids"] and all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in obj["prompt_token_ids"]
-        ):
-            out.append(Prompt(token_ids=list(obj["prompt_token_ids"]), answer=ans))
-        else:
-            raise PromptSetError(
-                f'{p}:{n}: expected a non-empty string "prompt" or a list of token ids "prompt_token_ids"'
-            )
-    if not out:
-        raise PromptSetError(f"prompts file {str(p)!r} holds no prompts")
-    return out
+            return Prompt(text=obj["prompt"], answer=ans)
+        if isinstance(ids, list) and ids and all(type(t) is int and t >= 0 for t in ids):
+            return Prompt(token_ids=list(ids), answer=ans)
+        raise PromptSetError(f'{where}: expected a non-empty string "prompt" or a list of token ids "prompt_token_ids"')
+
+    return read_prompt_file(path, PromptSetError, lambda line: Prompt(text=line), from_object)
 
 
 _PASSAGES = [
