@@ -12,6 +12,10 @@ Primitives:
   `Codec.encode(rows)` -> `[(name, tensor)]`; `Codec.decode(parts, out)` writes the rows.
   `CodecPolicy(default)`  which codec a tier writes a key with: a default and per-namespace
                       choices (`set(name, namespace)`); the quality guard sets them.
+  `Encoding(codec, dtype, shape)`  an encoded chunk held as one byte buffer (the CPU tier's
+                      encoded entries, a device staging buffer): the parts packed from offset 0
+                      in `Codec.parts` order, exactly the payload layout of an encoded file;
+                      `split(buf)` gives the part views.
 
 A lossy codec quantizes each half (K, V) of token rows `[S, L, T, H, D]` symmetrically in groups
 with fp16 scales; the arithmetic is `kernels.quant_ref` (torch twins) and `kernels.quant`
@@ -166,6 +170,62 @@ class Codec:
         else:  # CPU (the prefetcher's threads): the torch twin, never the interpreter
             from lmcache_triton.kernels.quant_ref import dequantize_rows_ref as dequantize_rows
         dequantize_rows(parts["q"], [parts[p.name] for p in want[1:]], self.quant_spec(), out)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """An encoded chunk held as one `[nbytes]` uint8 buffer: the codec's parts packed from
+    offset 0 in `Codec.parts` order (the payload layout of an encoded chunk file, so a tier
+    writes or reads it as is).
+
+    Args:
+        codec: the lossy codec's name.
+        dtype: dtype name of the decoded rows ("bfloat16").
+        shape: shape of the decoded rows `[S, L, T, H, D]`.
+    """
+
+    codec: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def parts(self) -> list[PartSpec]:
+        return get_codec(self.codec).parts(self.shape, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.shape[2])
+
+    def split(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of each part in `buf` (`[nbytes]` uint8, contiguous, on any device). A part at
+        an offset its dtype cannot be viewed at (an odd-sized int8 part before fp16 scales) is
+        copied out instead."""
+        import torch
+
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != self.nbytes:
+            got = f"{buf.dtype} {tuple(buf.shape)}"
+            raise ValueError(f"encoding {self.codec}: expected a [{self.nbytes}] uint8 buffer, got {got}")
+        out, at = {}, 0
+        for p in self.parts():
+            dt = getattr(torch, p.dtype)
+            raw = buf[at : at + p.nbytes]
+            if at % dt.itemsize:
+                raw = raw.clone()
+            out[p.name] = raw.view(dt).view(p.shape)
+            at += p.nbytes
+        return out
+
+    def q_and_scales(self, buf: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`(q, [scales per half])` of `buf`, as the quantizing kernels take them."""
+        views = self.split(buf)
+        return views["q"], [views[f"s{s}"] for s in range(self.shape[0])]
+
+    def decode(self, buf: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the decoded rows of `buf` into `out` (`Codec.decode`)."""
+        get_codec(self.codec).decode(self.split(buf), out)
 
 
 CODECS: dict[str, Codec] = {

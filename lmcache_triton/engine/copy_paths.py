@@ -15,7 +15,11 @@ Primitives (every path): `chunk_shape(num_blocks, num_tokens)`, `ids(block_ids, 
 skip_tokens)` (what the copies index by), `gather(ids, out)`, `scatter(src, ids)`,
 `skipped(chunk, skip_blocks)` (what a load writes when vLLM holds leading blocks),
 `tokens_in(chunk, num_blocks)`, and `for_layers(start, stop)`: the same path over a layer range
-alone (its chunks hold those layers only), for layer-wise transfers.
+alone (its chunks hold those layers only), for layer-wise transfers. Encoded chunks
+(`chunk.codec.Encoding`: a lossy codec's parts in one byte buffer): `scatter_encoded(buf,
+encoding, ids)` dequantizes and scatters, `gather_encoded(ids, buf, encoding)` gathers and
+quantizes; token-addressable pages in one fused kernel launch per K/V half
+(`kernels.quant`), packed pages through a scratch chunk of token rows and the torch twins.
 
 Invariants:
   * Copies are bit-exact and touch only the slots (pages) named by `ids`; a slot `< 0` is
@@ -31,6 +35,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from lmcache_triton.chunk.codec import Encoding, get_codec
 from lmcache_triton.kernels.geometry import Cache, LayerTable, PagedKVGeometry
 
 # What a chunk's rows are, in its header: token rows `[S, L, T, H, C / S]`, portable across block
@@ -134,6 +139,23 @@ class CopyPath:
         from lmcache_triton.kernels.paged_copy import tokens_to_paged
 
         tokens_to_paged(src, self.flat, self.geom, ids)
+
+    def scatter_encoded(self, buf: torch.Tensor, encoding: Encoding, ids: torch.Tensor) -> None:
+        """Dequantize the encoded chunk in `buf` (`[encoding.nbytes]` uint8, on the cache's
+        device) and scatter its rows by slot (`< 0` skipped): one fused launch per K/V half
+        (`kernels.quant.quant_to_paged`; on CPU without the interpreter its torch twin)."""
+        from lmcache_triton.kernels.quant import quant_to_paged
+
+        q, scales = encoding.q_and_scales(buf)
+        quant_to_paged(q, scales, get_codec(encoding.codec).quant_spec(), self.flat, self.geom, ids)
+
+    def gather_encoded(self, ids: torch.Tensor, buf: torch.Tensor, encoding: Encoding) -> None:
+        """Gather the rows of `ids` and quantize them into `buf` (`[encoding.nbytes]` uint8, on
+        the cache's device): one fused launch per K/V half (`kernels.quant.paged_to_quant`)."""
+        from lmcache_triton.kernels.quant import paged_to_quant
+
+        q, scales = encoding.q_and_scales(buf)
+        paged_to_quant(self.flat, self.geom, ids, get_codec(encoding.codec).quant_spec(), q, scales)
 
 
 class _IdBuffers:
@@ -269,6 +291,21 @@ class PackedPages(CopyPath):
             idx = offs[s].reshape(-1)
             for layer, row in enumerate(rows):
                 torch.index_select(row, 0, idx, out=out[s, layer].view(-1))
+
+    def scatter_encoded(self, buf: torch.Tensor, encoding: Encoding, ids: torch.Tensor) -> None:
+        # No fused kernel reads packed pages: decode into a scratch chunk (the torch twin), then
+        # the packed scatter. Only a lossy `cpu_codec` on a CPU engine comes here.
+        rows = torch.empty(encoding.shape, dtype=self.geom.dtype, device=buf.device)
+        encoding.decode(buf, rows)
+        self.scatter(rows, ids)
+
+    def gather_encoded(self, ids: torch.Tensor, buf: torch.Tensor, encoding: Encoding) -> None:
+        rows = torch.empty(encoding.shape, dtype=self.geom.dtype, device=buf.device)
+        self.gather(ids, rows)
+        q, scales = encoding.q_and_scales(buf)
+        from lmcache_triton.kernels.quant_ref import quantize_rows_ref
+
+        quantize_rows_ref(rows, get_codec(encoding.codec).quant_spec(), q, scales)
 
     def scatter(self, src: torch.Tensor, ids: torch.Tensor) -> None:
         rows, offs, valid = self._offsets(ids)
@@ -445,6 +482,12 @@ class OpaquePages(CopyPath):
     def warm_lengths(self, max_tokens: int) -> list[int]:
         # Whole pages: the page count is not specialised and no argument follows it.
         return [self.block_size]
+
+    def scatter_encoded(self, buf: torch.Tensor, encoding: Encoding, ids: torch.Tensor) -> None:
+        raise ValueError("opaque pages have no token rows: no codec encodes them")
+
+    def gather_encoded(self, ids: torch.Tensor, buf: torch.Tensor, encoding: Encoding) -> None:
+        raise ValueError("opaque pages have no token rows: no codec encodes them")
 
     def gather(self, ids: torch.Tensor, out: torch.Tensor) -> None:
         from lmcache_triton.kernels.paged_copy import paged_to_chunk

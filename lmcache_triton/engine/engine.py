@@ -22,6 +22,28 @@ Invariants:
   the slower tiers are written in the background.
 * A chunk that fails to load (missing, damaged, wrong shape) is reported, never half-used:
   the caller tells vLLM to recompute its blocks.
+
+Encoded chunks in the CPU tier (issue 20, the fused codec kernels):
+* An entry is either token rows (the default, bit-exact) or *encoded*: one arena buffer
+  `[nbytes]` uint8 holding a lossy codec's parts packed in `Codec.parts` order (the payload
+  layout of an encoded chunk file), described by `chunk.codec.Encoding` (codec, decoded dtype
+  and shape) which the CPU tier keeps with the entry (`StorageHierarchy.encoding(key, t)`).
+* Where encoded entries come from: the prefetcher reads an encoded disk/remote chunk as it is
+  (verified, not decoded: `prefetch(keep_encoded=True)`) when this engine holds encoded chunks
+  (`hold_encoded`, default: the CUDA path on token rows). CPU engines keep the old way: the
+  prefetcher decodes (torch twin, off the step) and the CPU tier holds token rows.
+* Load dispatch (`load`, `load_async`): token rows as before; an encoded entry on the CUDA path
+  is copied host-to-device as it is (its encoded bytes: about half for int8) into the load
+  staging ring, then `copy_paths.CopyPath.scatter_encoded` dequantizes and scatters it in one
+  fused launch per K/V half (`kernels.quant.quant_to_paged`), on the load stream, with the same
+  waits as an exact load. On CPU the same call runs the torch twin (`quant_to_paged_ref`).
+  Nothing is decoded on the host, and a decoded chunk is never materialised on the device.
+* The quality guard still decides what may be served: the slow tiers' `CodecPolicy.readable`
+  refuses a lossy chunk this server does not write for that namespace before the prefetcher
+  sees it; the CPU tier only ever holds encoded what a tier was allowed to serve.
+* Stores are token rows (the CPU tier's codec is exact). A lossy `cpu_codec` (quantize with
+  `paged_to_quant` on the gather stream, device-to-host of the encoded parts, the slow tiers
+  writing them as is) is not wired yet (README, "Codecs").
 """
 
 from __future__ import annotations
@@ -40,11 +62,12 @@ from typing import Any
 
 import torch
 
+from lmcache_triton.chunk.codec import Encoding
 from lmcache_triton.chunk.planner import chunk_key
 from lmcache_triton.kernels.geometry import Cache, PagedKVGeometry
 from lmcache_triton.storage.hierarchy import StorageHierarchy
 
-from .copy_paths import CopyPath, make_copy_path
+from .copy_paths import ROWS_FORM, CopyPath, make_copy_path
 from .loader import AsyncLoader, ChunkCopier, ChunkLoad, LoadJob, LoadResult
 from .streams import EventLike, StagingRing, StreamBackend, StreamLike, TransferStreams  # noqa: F401 (StagingRing: re-exported)
 
@@ -137,6 +160,10 @@ class KVCacheEngine:
         prefetch_threads: background threads reading chunks from the slow tiers, so the chunks
             of one request are read and verified in parallel (file reads, socket reads and the
             checksum release the GIL); default 2.
+        hold_encoded: keep chunks that a slow tier holds encoded (a lossy codec) encoded in
+            the CPU tier and dequantize them while scattering (module docstring); default
+            None: on the CUDA path (a CUDA cache, or `streams` given) of token-row chunks.
+            False: the prefetcher decodes them (the CPU default).
     """
 
     def __init__(
@@ -150,6 +177,7 @@ class KVCacheEngine:
         staging_slots: int = 4,
         streams: StreamBackend | None = None,
         prefetch_threads: int = 2,
+        hold_encoded: bool | None = None,
     ) -> None:
         self.storage = storage
         self.namespace = namespace
@@ -165,6 +193,7 @@ class KVCacheEngine:
         self.grow_ahead = grow_ahead
         self.staging_slots = staging_slots
         self.prefetch_threads = max(1, prefetch_threads)
+        self.hold_encoded = hold_encoded  # resolved at `register`
         self._lock = threading.RLock()  # puts + holds of the CPU tier, bookkeeping below
         self._held: dict[str, torch.Tensor] = {}  # key -> the held CPU-tier tensor
         self._origin: dict[str, str] = {}  # key -> tier it came from ("cpu", "disk")
@@ -230,6 +259,9 @@ class KVCacheEngine:
         self.kv_split = kv_split
         self.meta["rows"] = self.path.rows
         cache = self.path.flat
+        if self.hold_encoded is None:
+            on_device = cache.is_cuda or self._backend is not None
+            self.hold_encoded = on_device and self.path.rows == ROWS_FORM
         if self.grow_ahead or (self.grow_ahead is None and cache.is_cuda):
             self.storage.grow_ahead()  # here, at start-up: never in a step
         if cache.is_cuda or self._backend is not None:
@@ -357,7 +389,13 @@ class KVCacheEngine:
         with self._lock:
             t = self.storage.hold(key, count=True) if key in self._held else None
         try:
-            yield t
+            enc = None if t is None else self.storage.encoding(key, t)
+            if t is not None and enc is not None:  # held encoded: the reader gets decoded rows (a copy)
+                rows = torch.empty(enc.shape, dtype=self._path().flat.dtype)
+                enc.decode(t, rows)
+                yield rows
+            else:
+                yield t
         finally:
             if t is not None:
                 self.storage.release(key, t)
@@ -522,7 +560,7 @@ class KVCacheEngine:
         taken = self._take_for_load(digest, len(block_ids))
         if taken is None:
             return False
-        tensor, num_tokens = taken
+        tensor, num_tokens, enc = taken
         nbytes = tensor.numel() * tensor.element_size()
         skip_tokens = skip_blocks * self.block_size
         if skip_tokens >= num_tokens:
@@ -534,11 +572,12 @@ class KVCacheEngine:
             # the scatter waits for them; the host->device copy into staging waits for nothing.
             handed = streams.record(compute)
             with streams.use(streams.load):
+                # Whole chunk from pinned memory, async; an encoded one as it is (fewer bytes).
                 dev = self._load_staging.take(tuple(tensor.shape), tensor.dtype).tensor
-                streams.copy(dev, tensor)  # whole chunk from pinned memory: async
+                streams.copy(dev, tensor)
                 streams.load.wait_event(handed)
                 ids = path.ids(block_ids, num_tokens, skip_tokens)
-                path.scatter(path.skipped(dev, skip_blocks), ids)
+                _scatter(path, dev, enc, ids, skip_blocks)
                 done = streams.record(streams.load)
             compute.wait_event(done)  # this step's forward reads the loaded pages
             with self._lock:
@@ -546,7 +585,7 @@ class KVCacheEngine:
         else:
             try:
                 ids = path.ids(block_ids, num_tokens, skip_tokens)
-                path.scatter(path.skipped(tensor, skip_blocks), ids)
+                _scatter(path, tensor, enc, ids, skip_blocks)
             finally:
                 self.storage.release(key, tensor)
         self.stats.load_seconds += time.perf_counter() - t0
@@ -559,29 +598,36 @@ class KVCacheEngine:
         origin = self._origin.get(key, "cpu")
         self.stats.loaded_from[origin] = self.stats.loaded_from.get(origin, 0) + 1
 
-    def _take_for_load(self, digest: str, num_blocks: int) -> tuple[torch.Tensor, int] | None:
+    def _take_for_load(self, digest: str, num_blocks: int) -> tuple[torch.Tensor, int, Encoding | None] | None:
         """A held chunk's CPU-tier tensor, held for one copy into `num_blocks` blocks (the
-        caller releases it), and its token count; None (counted as a load error) when the chunk
-        is not held or is of another shape."""
+        caller releases it), its token count and its encoding (None: token rows); None (counted
+        as a load error) when the chunk is not held or is of another shape."""
         key = self.key(digest)
         path = self._path()
         with self._lock:
             tensor = self.storage.hold(key, count=True) if key in self._held else None
+        enc = None if tensor is None else self.storage.encoding(key, tensor)
         expected, num_tokens = None, 0
         if tensor is not None:
-            num_tokens = path.tokens_in(tensor, num_blocks)
+            num_tokens = enc.num_tokens if enc is not None else path.tokens_in(tensor, num_blocks)
             if path.fills(num_blocks, num_tokens):
                 expected = self.chunk_shape(num_blocks, num_tokens)
-        if tensor is None or tuple(tensor.shape) != expected or tensor.dtype != path.flat.dtype:
+        # An encoded entry: its decoded rows must be this cache's (its bytes are the parts).
+        shape: tuple[int, ...] = ()
+        dtype = ""
+        if tensor is not None:
+            shape = enc.shape if enc is not None else tuple(tensor.shape)
+            dtype = enc.dtype if enc is not None else str(tensor.dtype).removeprefix("torch.")
+        if tensor is None or shape != expected or dtype != str(path.flat.dtype).removeprefix("torch."):
             if tensor is not None:
                 logger.warning(
                     "chunk %s has shape %s %s, expected %s %s: not loaded",
-                    digest[:12], tuple(tensor.shape), tensor.dtype, expected, path.flat.dtype,
+                    digest[:12], shape, dtype, expected, path.flat.dtype,
                 )
                 self.storage.release(key, tensor)
             self.stats.load_errors += 1
             return None
-        return tensor, num_tokens
+        return tensor, num_tokens, enc
 
     # ------------------------------------------------------------------ asynchronous loads
 
@@ -596,7 +642,7 @@ class KVCacheEngine:
             taken = self._take_for_load(digest, len(block_ids))
             if taken is None:
                 break
-            tensor, num_tokens = taken
+            tensor, num_tokens, _ = taken
             release = functools.partial(self.storage.release, self.key(digest), tensor)
             loads.append(ChunkLoad(digest, list(block_ids), skip, num_tokens, tensor, release))
         after = None
@@ -694,7 +740,9 @@ class KVCacheEngine:
         def stored(tier: str) -> None:  # under `_lock`, the chunk just published
             self._hold(digest, tier)
 
-        ok = self.storage.prefetch(key, expect=self.meta, lock=self._lock, on_stored=stored)
+        ok = self.storage.prefetch(
+            key, expect=self.meta, lock=self._lock, on_stored=stored, keep_encoded=bool(self.hold_encoded)
+        )
         return ok and self.holds(digest)
 
     def close(self) -> None:
@@ -720,6 +768,8 @@ class _LoadCopier(ChunkCopier):
         assert engine._load_path is not None, "register() the paged cache first"
         self._path = engine._load_path
         self._block_size = engine.block_size
+        self._encoding = engine.storage.encoding
+        self._key = engine.key
         self._streams = engine._streams
         self._stream = engine._load_stream
         self.on_device = self._stream is not None
@@ -738,6 +788,7 @@ class _LoadCopier(ChunkCopier):
         if skip_tokens >= chunk.num_tokens:
             return
         src = chunk.tensor
+        enc = self._encoding(self._key(chunk.digest), src)
         if self._streams is not None and self._stream is not None:
             dev = self._staging.take(tuple(src.shape), src.dtype).tensor
             self._streams.copy(dev, src)  # from pinned memory: asynchronous, waits for nothing
@@ -746,9 +797,18 @@ class _LoadCopier(ChunkCopier):
                 self._after = None
             src = dev
         ids = path.ids(chunk.block_ids, chunk.num_tokens, skip_tokens)
-        path.scatter(path.skipped(src, chunk.skip_blocks), ids)
+        _scatter(path, src, enc, ids, chunk.skip_blocks)
 
     def finish(self) -> EventLike | None:
         if self._streams is None or self._stream is None:
             return None
         return self._streams.record(self._stream)
+
+
+def _scatter(path: CopyPath, src: torch.Tensor, enc: Encoding | None, ids: torch.Tensor, skip_blocks: int) -> None:
+    """A load's scatter: token rows as they are, an encoded chunk dequantized on the way (token
+    rows skip leading blocks by slot, so an encoded chunk is always whole)."""
+    if enc is None:
+        path.scatter(path.skipped(src, skip_blocks), ids)
+    else:
+        path.scatter_encoded(src, enc, ids)

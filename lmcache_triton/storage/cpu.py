@@ -10,6 +10,9 @@ Primitives:
                              caller outside it (a disk read); `publish(r, meta)` makes it an
                              entry, `abort(r)` gives the block back.
   `contains`, `meta`, `remove`, `clear`, `keys`, `stats`, `track_removals` / `take_removed`.
+  `encoding(key, tensor)`    how a held entry is encoded (`chunk.codec.Encoding`), or None for
+                             exact rows. An encoded entry is one `[nbytes]` uint8 buffer holding
+                             the codec's parts (`put_fill*`/`reserve` with `encoding=`).
   The arena allocator (`FreeList`, slabs) is `storage.arena`.
 
 Invariants:
@@ -59,6 +62,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmcache_triton.chunk.codec import Encoding
+
 from .arena import ALIGN, SLAB_BYTES, FreeList, Slab, round_up, slab_sizes
 
 logger = logging.getLogger(__name__)
@@ -74,6 +79,7 @@ class _Entry:
     size: int = 0  # bytes reserved in the slab: nbytes rounded up to ALIGN
     refs: int = 0
     dead: bool = False  # removed from the index while held; freed on last release
+    encoding: Encoding | None = None  # an encoded chunk: `buf` holds its parts (`Encoding`)
     _view: torch.Tensor | None = None
 
     def view(self) -> torch.Tensor:
@@ -287,11 +293,17 @@ class CpuTier:
         shape: tuple[int, ...],
         fill: Callable[[torch.Tensor], object],
         meta: dict[str, str] | None = None,
+        encoding: Encoding | None = None,
     ) -> torch.Tensor | None:
         """`put_fill`, and a hold on the entry taken under the same lock: the arena view, held
         until `release(key, view)` (no other thread can evict it between the put and the hold),
-        or None when nothing was stored. A present key is held as it is."""
-        return self._put_fill(key, dtype, shape, fill, meta, hold=True)
+        or None when nothing was stored. A present key is held as it is.
+
+        Args:
+            encoding: the chunk is encoded (`dtype` uint8, `shape` `(encoding.nbytes,)`);
+                default None: token rows as they are.
+        """
+        return self._put_fill(key, dtype, shape, fill, meta, hold=True, encoding=encoding)
 
     def _put_fill(
         self,
@@ -301,15 +313,17 @@ class CpuTier:
         fill: Callable[[torch.Tensor], object],
         meta: dict[str, str] | None,
         hold: bool,
+        encoding: Encoding | None = None,
     ) -> torch.Tensor | None:
         """The stored entry's view (held when `hold`), or None."""
+        _check_encoded(dtype, shape, encoding)
         nbytes = math.prod(shape) * dtype.itemsize
         size = max(ALIGN, round_up(nbytes, ALIGN))
         while True:
             with self._lock:
                 got = self._place(key, nbytes, size)
                 if isinstance(got, tuple):
-                    entry = self._fill(key, got, nbytes, size, dtype, shape, fill, meta)
+                    entry = self._fill(key, got, nbytes, size, dtype, shape, fill, meta, encoding)
                 elif isinstance(got, bool):
                     entry = self._entries[key] if got else None
                 else:
@@ -414,14 +428,21 @@ class CpuTier:
             if t.is_alive():
                 return False
 
-    def reserve(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Reservation | None:
+    def reserve(
+        self, key: str, dtype: torch.dtype, shape: tuple[int, ...], encoding: Encoding | None = None
+    ) -> Reservation | None:
         """Take a block for a chunk the caller fills outside the tier's lock (a disk read of
         milliseconds must not stall the loads and stores of other threads).
+
+        Args:
+            encoding: the chunk is encoded (`dtype` uint8, `shape` `(encoding.nbytes,)`: its
+                parts as a slow tier holds them); default None: token rows.
 
         Returns:
             A `Reservation` (fill `r.out`, then `publish(r, meta)` or `abort(r)`), or None when
             the key is present already or the chunk cannot fit (counted in `rejected`).
         """
+        _check_encoded(dtype, shape, encoding)
         nbytes = math.prod(shape) * dtype.itemsize
         size = max(ALIGN, round_up(nbytes, ALIGN))
         while True:
@@ -433,6 +454,7 @@ class CpuTier:
                     arena = self._slabs[slab].buf
                     assert arena is not None
                     entry = _Entry(arena.narrow(0, off, nbytes), dtype, tuple(shape), {}, slab, off, size)
+                    entry.encoding = encoding
                     return Reservation(key, entry.view(), entry)
                 if isinstance(got, bool):
                     return None
@@ -457,13 +479,14 @@ class CpuTier:
     def _fill(
         self, key: str, got: tuple[int, int], nbytes: int, size: int, dtype: torch.dtype,
         shape: tuple[int, ...], fill: Callable[[torch.Tensor], object], meta: dict[str, str] | None,
+        encoding: Encoding | None = None,
     ) -> _Entry | None:
         slab, off = got
         arena = self._slabs[slab].buf
         assert arena is not None  # `_place` hands out blocks of allocated slabs only
         buf = arena.narrow(0, off, nbytes)
         self._used += nbytes
-        entry = _Entry(buf, dtype, tuple(shape), dict(meta or {}), slab, off, size)
+        entry = _Entry(buf, dtype, tuple(shape), dict(meta or {}), slab, off, size, encoding=encoding)
         try:
             filled = fill(entry.view())
         except Exception:
@@ -562,6 +585,20 @@ class CpuTier:
             if t is not None:
                 self.release(key, t)
 
+    def encoding(self, key: str, tensor: torch.Tensor | None = None) -> Encoding | None:
+        """How the entry of `key` is encoded, or None (exact rows, or no such entry).
+
+        Args:
+            tensor: the view `hold` returned; default None (the live entry). Tells a held entry
+                apart from one put again under the same key after a `remove`.
+        """
+        with self._lock:
+            if tensor is None:
+                entry = self._entries.get(key)
+            else:
+                entry = self._held_entry(key, tensor)
+            return None if entry is None else entry.encoding
+
     def contains(self, key: str) -> bool:
         with self._lock:
             return key in self._entries
@@ -634,3 +671,8 @@ class CpuTier:
             self._dead.setdefault(key, []).append(entry)
         else:
             self._free_block(entry)
+
+
+def _check_encoded(dtype: torch.dtype, shape: tuple[int, ...], encoding: Encoding | None) -> None:
+    if encoding is not None and (dtype != torch.uint8 or tuple(shape) != (encoding.nbytes,)):
+        raise ValueError(f"encoding: an encoded entry is uint8 ({encoding.nbytes},), got {dtype} {tuple(shape)}")

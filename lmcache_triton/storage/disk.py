@@ -66,7 +66,7 @@ from lmcache_triton.chunk.format import (
     encode_chunk,
     tensor_bytes,
 )
-from lmcache_triton.chunk.codec import EXACT, CodecPolicy
+from lmcache_triton.chunk.codec import EXACT, CodecPolicy, Encoding
 
 from .bad_files import BadFileLog, KnownBad
 from .counters import TierCounters
@@ -106,9 +106,16 @@ class _DiskReader:
         self.key, self.file, self.stat, self.header = key, f, st, hdr
         self.path = tier.path / (key + SUFFIX)
         self._tier = tier
+        self.encoding: Encoding | None = (
+            Encoding(hdr.codec, str(hdr.dtype).removeprefix("torch."), tuple(hdr.shape)) if hdr.parts else None
+        )
 
     def read_into(self, out: torch.Tensor) -> bool:
         return self._tier._read_payload(self, out)
+
+    def read_encoded_into(self, buf: torch.Tensor) -> bool:
+        """`EncodedReader`: the verified parts into `buf`, not decoded."""
+        return self._tier._read_payload(self, buf, encoded=True)
 
 
 class DiskTier(TierCounters):
@@ -430,15 +437,21 @@ class DiskTier(TierCounters):
             self._warn_once("read", "lmcache_triton disk tier: read of %s failed (%s)", path.name, e)
         self._count("misses")
 
-    def _read_payload(self, r: _DiskReader, out: torch.Tensor) -> bool:
-        """`_DiskReader.read_into`: the payload into `out`, verified there."""
+    def _read_payload(self, r: _DiskReader, out: torch.Tensor, encoded: bool = False) -> bool:
+        """`_DiskReader.read_into`: the payload into `out`, verified there (`encoded`: the
+        parts of an encoded chunk, as they are, `read_encoded_into`)."""
         if out.device.type != "cpu" or not out.is_contiguous():
             raise ValueError("out: expected a contiguous CPU tensor")
-        if out.dtype != r.dtype or tuple(out.shape) != r.shape:
+        if encoded:
+            if r.encoding is None or out.dtype != torch.uint8 or tuple(out.shape) != (r.header.nbytes,):
+                raise ValueError(f"out: expected a [{r.header.nbytes}] uint8 tensor for an encoded chunk")
+        elif out.dtype != r.dtype or tuple(out.shape) != r.shape:
             self._count("misses")  # a sound file of another shape: a miss, kept
             return False
         try:
-            if r.header.parts:  # encoded: verified in a scratch buffer, then decoded into `out`
+            if encoded:
+                self._read_verified(r.file, r.header, tensor_bytes(out))
+            elif r.header.parts:  # encoded: verified in a scratch buffer, then decoded into `out`
                 buf = torch.empty(r.header.nbytes, dtype=torch.uint8)
                 self._read_verified(r.file, r.header, tensor_bytes(buf))
                 decode_payload(r.header, buf, out)

@@ -15,9 +15,12 @@ Primitives:
     `put_fill_held(...)`        the same, and the CPU tier's view held from the same lock.
     `write_back(key)`           queue the slow-tier writes of a chunk now complete in memory.
   Loads:
-    `prefetch(key, expect, lock, on_stored)`  the first slow tier that has a usable copy reads
-                                it once, straight into a reserved CPU-arena block, verified
-                                there; the CPU tier's lock is not held during the read.
+    `prefetch(key, expect, lock, on_stored, keep_encoded)`  the first slow tier that has a
+                                usable copy reads it once, straight into a reserved CPU-arena
+                                block, verified there; the CPU tier's lock is not held during
+                                the read. An encoded chunk is decoded into token rows there,
+                                or, with `keep_encoded` (a CUDA engine: it dequantizes on the
+                                device), kept encoded as the tier holds it (`encoding(key, t)`).
   `contains(key)` (memory or a local slow tier), `tier(name)`, `store_errors()`, `stats()`,
   `flush(timeout)`, `close()`.
 
@@ -52,8 +55,10 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from lmcache_triton.chunk.codec import Encoding
+
 from .cpu import CpuTier
-from .tier import SlowTier
+from .tier import EncodedReader, SlowTier
 
 # Fault injection for tests and benchmarks: seconds added to every prefetch read, as a slow or
 # remote disk would (read at each prefetch).
@@ -139,6 +144,11 @@ class StorageHierarchy:
         if self.cpu is None:
             return contextlib.nullcontext(None)
         return self.cpu.acquire(key)
+
+    def encoding(self, key: str, tensor: torch.Tensor | None = None) -> Encoding | None:
+        """How the CPU tier's entry of `key` (the view `tensor` that `hold` returned) is encoded,
+        or None for token rows (`CpuTier.encoding`)."""
+        return None if self.cpu is None else self.cpu.encoding(key, tensor)
 
     def remove(self, key: str) -> bool:
         """Drop `key` from memory (a held entry goes on its last release)."""
@@ -278,6 +288,7 @@ class StorageHierarchy:
         expect: dict[str, str] | None = None,
         lock: AbstractContextManager[object] | None = None,
         on_stored: Callable[[str], object] | None = None,
+        keep_encoded: bool = False,
     ) -> bool:
         """Read a chunk from the first slow tier that has a usable copy into the CPU tier,
         verified (checksum and `expect`ed header fields).
@@ -292,6 +303,9 @@ class StorageHierarchy:
             lock: taken around the publish and `on_stored` (the engine's bookkeeping lock).
             on_stored: called under `lock` right after the chunk is in the CPU tier, with the
                 name of the tier that served it.
+            keep_encoded: an encoded chunk from a tier whose reader can hand it over as is
+                (`EncodedReader`) stays encoded in the CPU tier (half or a quarter of the bytes,
+                no CPU decode); default False: decoded into token rows.
 
         Returns:
             True when the chunk is in the CPU tier now; False on a miss in every tier (absent,
@@ -303,7 +317,7 @@ class StorageHierarchy:
         if delay > 0:  # fault injection: a slow disk (tests, benchmarks)
             time.sleep(delay)
         for tier in self.tiers:
-            got = self._prefetch_from(tier, key, expect, lock, on_stored)
+            got = self._prefetch_from(tier, key, expect, lock, on_stored, keep_encoded)
             if got is not None:
                 return got
         return False
@@ -315,6 +329,7 @@ class StorageHierarchy:
         expect: dict[str, str] | None,
         lock: AbstractContextManager[object] | None,
         on_stored: Callable[[str], object] | None,
+        keep_encoded: bool = False,
     ) -> bool | None:
         """True/False: decided by this tier (stored / no room in memory); None: ask the next."""
         cpu = self.cpu
@@ -322,16 +337,23 @@ class StorageHierarchy:
         with tier.open_read(key, expect) as reader:
             if reader is None:
                 return None
-            if math.prod(reader.shape) * reader.dtype.itemsize > cpu.max_bytes:
+            enc = reader.encoding if keep_encoded and isinstance(reader, EncodedReader) else None
+            dtype, shape = (torch.uint8, (enc.nbytes,)) if enc is not None else (reader.dtype, reader.shape)
+            if math.prod(shape) * dtype.itemsize > cpu.max_bytes:
                 return None
-            res = cpu.reserve(key, reader.dtype, reader.shape)
+            res = cpu.reserve(key, dtype, shape, encoding=enc)
             if res is None:
                 if not cpu.contains(key):
                     return False  # no room
                 ok = True  # put meanwhile (a store of the same chunk): served from memory
             else:
                 try:
-                    ok = reader.read_into(res.out)  # the read: outside every lock
+                    # The read: outside every lock.
+                    if enc is not None:
+                        assert isinstance(reader, EncodedReader)
+                        ok = reader.read_encoded_into(res.out)
+                    else:
+                        ok = reader.read_into(res.out)
                 except BaseException:
                     cpu.abort(res)
                     raise

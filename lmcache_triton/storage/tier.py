@@ -18,6 +18,10 @@ Primitives:
   `put(key, tensor, meta, on_done)`  queue a background write and return at once; `on_done(ok)` is
                             called exactly once when the writer is done with `tensor` (also when
                             the write failed), and never when `put` returns False or raises.
+  `EncodedReader` (optional)  a reader that can hand an encoded chunk over as is:
+                            `encoding` and `read_encoded_into(buf)` (the verified parts, no
+                            decode), for a CPU tier that holds chunks encoded (a CUDA engine
+                            dequantizes them on the device).
   `describe()`               its bound and place for the start-up line (no secret in it).
   `flush(timeout)`, `close()`, `stats` (a property), `track_changes()`/`take_changes()` (KV events).
 
@@ -37,7 +41,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-from lmcache_triton.chunk.codec import CodecPolicy
+from lmcache_triton.chunk.codec import CodecPolicy, Encoding
 
 # vLLM's KV-event vocabulary for where a block lives (vllm.distributed.kv_events: medium strings
 # as its offloading tiers spell them).
@@ -62,6 +66,20 @@ class ChunkReader(Protocol):
             True when `out` holds the verified chunk; False on a damaged or vanished chunk
             (the tier counts it, and removes it where it owns it).
         """
+        ...
+
+
+@runtime_checkable
+class EncodedReader(Protocol):
+    """A `ChunkReader` that can also hand over an encoded chunk without decoding it. Optional:
+    a tier's reader without it is always read decoded (`read_into`)."""
+
+    encoding: Encoding | None  # None: the chunk is exact rows
+
+    def read_encoded_into(self, buf: torch.Tensor) -> bool:
+        """Read the payload (the codec's parts, packed) into `buf` (`[encoding.nbytes]` uint8,
+        contiguous, CPU) and verify it there; same return as `read_into`. Only when `encoding`
+        is set."""
         ...
 
 

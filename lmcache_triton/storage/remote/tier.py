@@ -71,7 +71,7 @@ from lmcache_triton.chunk.format import (
     header_length,
     parse_header,
 )
-from lmcache_triton.chunk.codec import EXACT, CodecPolicy
+from lmcache_triton.chunk.codec import EXACT, CodecPolicy, Encoding
 
 from ..counters import TierCounters
 from ..tier import ChunkReader, Locality, Medium, OnDone
@@ -600,6 +600,17 @@ class _StreamReader:
         self.clean = False  # True once the reply was read to its end: the connection is reusable
         self._tier, self._key, self._node, self._rd, self._hdr = tier, key, node, rd, hdr
         self._used = False
+        self.encoding: Encoding | None = (
+            Encoding(hdr.codec, str(hdr.dtype).removeprefix("torch."), tuple(hdr.shape)) if hdr.parts else None
+        )
+
+    def read_encoded_into(self, buf: torch.Tensor) -> bool:
+        """`EncodedReader`: the verified parts into `buf`, not decoded."""
+        want = (self._hdr.nbytes,)
+        fits = buf.dtype == torch.uint8 and tuple(buf.shape) == want and buf.is_contiguous() and not buf.is_cuda
+        if self.encoding is None or not fits:
+            raise ValueError(f"remote tier: read_encoded_into needs a contiguous CPU [{want[0]}] uint8 tensor (encoded)")
+        return self._read(buf, None)
 
     def read_into(self, out: torch.Tensor) -> bool:
         if out.dtype != self.dtype or tuple(out.shape) != self.shape or not out.is_contiguous() or out.is_cuda:
@@ -607,13 +618,19 @@ class _StreamReader:
                 f"remote tier: read_into needs a contiguous CPU {self.dtype} tensor of shape {self.shape}, "
                 f"got {out.dtype} {tuple(out.shape)}"
             )
+        hdr = self._hdr
+        # An encoded chunk lands in a scratch buffer, is verified there, then decoded into `out`.
+        if hdr.parts:
+            return self._read(torch.empty(hdr.nbytes, dtype=torch.uint8), out)
+        return self._read(out, None)
+
+    def _read(self, buf: torch.Tensor, decode_into: torch.Tensor | None) -> bool:
+        """The payload into `buf`, verified there, then (when `decode_into` is given) decoded."""
         if self._used:
             raise ValueError("remote tier: a chunk reader reads once")
         self._used = True
         tier = self._tier
         hdr = self._hdr
-        # An encoded chunk lands in a scratch buffer, is verified there, then decoded into `out`.
-        buf = torch.empty(hdr.nbytes, dtype=torch.uint8) if hdr.parts else out
         view = _bytes_of(buf)
         try:
             with self._rd as rd:
@@ -629,9 +646,9 @@ class _StreamReader:
         if tier.auth.seal(h) != self._hdr.meta["checksum"]:
             tier._bad_chunk(self._key, ChunkError("checksum mismatch" if not tier.auth.signed else "MAC mismatch"))
             return False
-        if hdr.parts:
+        if decode_into is not None:
             try:
-                decode_payload(hdr, buf, out)
+                decode_payload(hdr, buf, decode_into)
             except ValueError as e:  # parts were checked with the header: not expected
                 tier._bad_chunk(self._key, ChunkError(f"cannot decode: {e}"))
                 return False
