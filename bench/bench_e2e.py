@@ -14,12 +14,18 @@ after start-up, median over `--reps` prompts (each miss needs a prompt never see
 Targets (issue 19): CPU hit <= 1% of the miss, disk hit after a restart <= 3%; miss overhead
 <= 5% vs no connector.
 
+`--async-load-min-tokens N` runs the connector cases a second time with `async_load_min_tokens: N`
+(hits of N tokens or more are loaded in the background while the request waits), interleaved
+with the default-config ones; its rows are labelled "async N: ...". `0` forces every load into
+the step (the comparison for a default that loads some hits in the background).
+
 `--before DIR` runs the connector cases a second time with the package from DIR (a checkout of
 an older commit: `git archive COMMIT | tar -x -C DIR`), interleaved with this tree's (before
 miss/hit, after miss/hit, before disk hit, after disk hit), so a change is compared under the
 same load; its rows are labelled "before: ...".
 
 Usage: python bench/bench_e2e.py [--tokens 4096] [--reps 3] [--quick] [--floor] [--before DIR]
+                                 [--async-load-min-tokens N]
 """
 
 from __future__ import annotations
@@ -69,6 +75,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1k tokens, 1 rep, a smaller model")
     ap.add_argument("--floor", action="store_true", help="also vLLM's own prefix-cache hit (no connector)")
     ap.add_argument("--before", default=None, help="a checkout of an older tree to compare, interleaved")
+    ap.add_argument(
+        "--async-load-min-tokens", type=int, default=None, metavar="N",
+        help="also the connector cases with async_load_min_tokens N, interleaved (rows 'async N: ...')",
+    )
     args = ap.parse_args()
     model_params = dict(BENCH_MODEL)
     if args.quick:
@@ -84,18 +94,27 @@ def main() -> None:
     prompts = _prompts(args.reps, args.tokens - 1, seed=1)  # + BOS-free token ids, exact length
     base = dict(model=model, block_size=32, max_model_len=max_len, extra_args={"max_num_batched_tokens": max_len})
 
-    def connector(disk: Path) -> dict:
-        return {
+    def connector(disk: Path, label: str) -> dict:
+        cfg = {
             "lmcache.chunk_size": args.chunk_size,
             "lmcache.local_disk": str(disk),
             "lmcache.max_local_disk_size": 4,
             "lmcache.max_local_cpu_size": 2,
         }
+        if label.startswith("async"):
+            cfg["lmcache.async_load_min_tokens"] = args.async_load_min_tokens
+        return cfg
 
+    def disk_of(label: str) -> Path:
+        return work / ("disk-" + label.rstrip(": ").replace(" ", "-") if label else "disk")
+
+    # (label, environment): each runs the connector cases on its own disk directory.
     trees = [("", env)]
     if args.before:
         before_env = {**env, "PYTHONPATH": str(Path(args.before).resolve())}
         trees.insert(0, ("before: ", before_env))
+    if args.async_load_min_tokens is not None:
+        trees.append((f"async {args.async_load_min_tokens}: ", env))
 
     print(f"model: {n_params / 1e6:.1f}M params float32; prompt {args.tokens} tokens; reps {args.reps}", flush=True)
     print(f"load {os.getloadavg()[0]:.1f} at start", flush=True)
@@ -113,12 +132,12 @@ def main() -> None:
         rows["vLLM hit"] = twice[1::2]
     for label, tree_env in trees:
         print(f"{label}connector: miss then CPU hit ...", flush=True)
-        spec = EngineSpec(**base, connector=connector(work / ("disk-before" if label else "disk")))
+        spec = EngineSpec(**base, connector=connector(disk_of(label), label))
         both = run_in_subprocess(spec, [p for p in prompts for _ in (0, 1)], 1, measure_ttft=True, env=tree_env)
         rows[f"{label}miss"], rows[f"{label}CPU hit"] = both[0::2], both[1::2]
     for label, tree_env in trees:
         print(f"{label}connector, new process: disk hit ...", flush=True)
-        spec = EngineSpec(**base, connector=connector(work / ("disk-before" if label else "disk")))
+        spec = EngineSpec(**base, connector=connector(disk_of(label), label))
         rows[f"{label}disk hit"] = run_in_subprocess(spec, prompts, 1, measure_ttft=True, env=tree_env)
     print(f"load {os.getloadavg()[0]:.1f} at the end", flush=True)
 
@@ -126,11 +145,12 @@ def main() -> None:
     cached = {k: statistics.median(r["num_cached_tokens"] for r in v) for k, v in rows.items()}
 
     def miss_of(k: str) -> float:
-        return med["before: miss"] if k.startswith("before: ") else med["miss"]
+        label = next((t for t, _ in trees if t and k.startswith(t)), "")
+        return med[f"{label}miss"]
 
-    print(f"\n{'case':<20}{'TTFT s':>10}{'vs miss':>10}{'cached tok':>12}")
+    print(f"\n{'case':<24}{'TTFT s':>10}{'vs miss':>10}{'cached tok':>12}")
     for k in rows:
-        print(f"{k:<20}{med[k]:>10.3f}{med[k] / miss_of(k):>10.2%}{cached[k]:>12.0f}")
+        print(f"{k:<24}{med[k]:>10.3f}{med[k] / miss_of(k):>10.2%}{cached[k]:>12.0f}")
     overhead = med["miss"] / med["no connector"] - 1
     print(f"\nconnector overhead on a miss: {overhead:+.1%} (target <= 5%)")
     cpu_frac, disk_frac = med["CPU hit"] / med["miss"], med["disk hit"] / med["miss"]

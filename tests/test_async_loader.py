@@ -234,3 +234,75 @@ def test_device_loads_queue_on_their_own_stream_and_the_compute_stream_never_wai
     assert (res.req_id, res.chunks_ok) == ("r", 2)
     assert torch.equal(c5[:, 6:10], expect)
     eng.close()
+
+
+def test_wait_for_progress_returns_when_a_load_can_be_reported_and_not_before(monkeypatch):
+    """`wait_for_progress` is what an engine step with nothing else to do blocks on (the GIL
+    released) instead of spinning: it returns at once with nothing in flight, times out (False)
+    while the only load is still copying, and returns True once that load can be reported."""
+    c5, eng = _setup()
+    assert eng.wait_for_progress(10) is False, "nothing in flight: no wait at all"
+    monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0.5")
+    eng.load_async("r", _ops([8, 9, 10, 11, 12, 13]))
+    assert eng.wait_for_progress(0.05) is False, "the load is still copying"
+    assert eng.finished_loads() == []
+    monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0")
+    assert eng.wait_for_progress(30) is True
+    assert [(r.req_id, r.chunks_ok) for r in eng.finished_loads()] == [("r", 3)]
+    assert eng.wait_for_progress(10) is False, "reported: nothing in flight"
+    eng.close()
+
+
+def test_wait_for_progress_returns_when_a_prefetch_ends():
+    """A request waiting for its chunks from a slow tier: the wait times out while the read is
+    held open and ends when the prefetch has put the chunk in the CPU tier (the next `poll`
+    reports it held); a failed read ends it too."""
+    from test_prefetch_parallel import GatedTier, _engine, _put
+
+    tier = GatedTier()
+    eng, _ = _engine(tier)
+    ok, missing = "c3" * 16, "d4" * 16
+    _put(eng, tier, ok, 3)
+    eng.prefetch([ok])
+    assert eng.wait_for_progress(0.05) is False, "the read has not ended"
+    tier.gate(eng.key(ok)).set()
+    assert eng.wait_for_progress(30) is True
+    assert eng.poll().held == [ok]
+    eng.prefetch([missing])  # in no tier: the prefetch fails
+    assert eng.wait_for_progress(30) is True
+    assert eng.poll().failed == [missing]
+    assert eng.wait_for_progress(10) is False, "nothing in flight"
+    eng.close()
+
+
+def test_loader_reports_reportable_jobs_without_consuming_them():
+    """CUDA: the thread is past a job once its copies are queued; it is reportable only once the
+    job's event has completed (what `finished()` reports)."""
+
+    class Event:
+        complete = False
+
+        def query(self) -> bool:
+            return self.complete
+
+    ev = Event()
+
+    class Queued(_CpuCopier):
+        on_device = True
+
+        def copy_chunk(self, chunk: ChunkLoad) -> None:
+            return None
+
+        def finish(self):
+            return ev
+
+    loader = AsyncLoader(Queued())
+    assert not loader.reportable()
+    loader.submit(LoadJob("r", [ChunkLoad("d", [0], 0, 1, torch.zeros(1), lambda: None)], 1))
+    assert loader.drain(0.05) is False, "its copies have not completed on the device"
+    assert not loader.reportable()
+    ev.complete = True
+    assert loader.reportable() and loader.reportable(), "asking does not report"
+    assert [r.req_id for r in loader.finished()] == ["r"]
+    assert not loader.reportable()
+    loader.close()

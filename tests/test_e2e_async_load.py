@@ -144,7 +144,10 @@ def llm(tiny_model, stored):
 
 def _nothing_left(llm):
     impl, w = _impl(llm), _worker(llm)
-    left = (impl._async_inflight, impl._async_new, impl._async_asked, impl._states, impl._load_fell_short)
+    left = (
+        impl._async_inflight, impl._async_new, impl._async_asked, impl._states, impl._load_fell_short,
+        impl._aborted_loads,
+    )  # fmt: skip
     assert not any(left), f"scheduler state left: {left}"
     assert not w.engine.loads_in_flight(), "a background load was never reported"
 
@@ -159,6 +162,44 @@ def test_disk_hit_after_a_restart_then_cpu_hit_load_asynchronously(llm, baseline
         _assert_same(r, baseline["disk"])
         assert r["num_cached_tokens"] == PROMPT_LEN - 1
         assert RequestStatus.WAITING_FOR_REMOTE_KVS in seen, seen
+    _nothing_left(llm)
+
+
+def test_a_lone_request_waits_for_its_load_without_spinning(llm, baseline, monkeypatch):
+    """Nothing else runs while its blocks are filled: each empty engine step blocks in the
+    worker's get_finished until the load completes, at most IDLE_WAIT_S, instead of vLLM's
+    in-process loop stepping again at once, which kept the GIL from the loader thread (a lone
+    4096-token CPU-tier hit took 0.6-0.8 s instead of 0.1 s in bench_e2e, over 1100-2800 empty
+    steps). Counted, not timed: every waiting step but the one that hears of the load and the
+    one that schedules the request lasts IDLE_WAIT_S or more."""
+    import time
+
+    from vllm import SamplingParams
+    from vllm.v1.request import RequestStatus
+
+    from lmcache_triton.integration.vllm.scheduler import IDLE_WAIT_S
+
+    generate(llm, [PROMPTS["cpu"]], 1)  # its chunks into the CPU tier
+    monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0.05")  # 6 chunks: 0.3 s of loading or more
+    eng = llm.llm_engine
+    eng.add_request("lone", {"prompt_token_ids": PROMPTS["cpu"]},
+                    SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1))  # fmt: skip
+    outs, waiting_steps, waiting_s = {}, 0, 0.0
+    while eng.has_unfinished_requests():
+        waiting = _status(llm, "lone") == RequestStatus.WAITING_FOR_REMOTE_KVS
+        t0 = time.perf_counter()
+        for o in eng.step():
+            outs[o.request_id] = o
+        if waiting:
+            waiting_steps += 1
+            waiting_s += time.perf_counter() - t0
+    assert waiting_steps >= 2, "the request waited for its load"
+    assert waiting_steps <= waiting_s / IDLE_WAIT_S + 2, (
+        f"{waiting_steps} engine steps in {waiting_s:.3f} s of waiting: the engine spun"
+    )
+    r = _result(outs["lone"])
+    _assert_same(r, baseline["cpu"])
+    assert r["num_cached_tokens"] == PROMPT_LEN - 1
     _nothing_left(llm)
 
 

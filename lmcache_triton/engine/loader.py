@@ -17,6 +17,7 @@ Primitives:
                     finishes (vLLM frees the blocks only once it hears of it).
   `finished()`      jobs complete since the last call (`LoadResult`: how many leading chunks are
                     in their blocks); never waits.
+  `reportable()`    whether `finished()` has a job to report now; never waits.
   `drain(timeout)`, `close()`.
 
 Invariants:
@@ -170,6 +171,11 @@ class AsyncLoader:
                 out.append(LoadResult(job.req_id, job.chunks_ok, job.total, job.cancelled))
             self._queued = still
         return out
+
+    def reportable(self) -> bool:
+        """Whether `finished()` would report a job now (without reporting it); never waits."""
+        with self._lock:
+            return any(j.done is None or j.done.query() for j in self._queued)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until the thread has gone through every submitted job (CUDA: and their copies

@@ -71,6 +71,10 @@ class LMCacheTritonMetadata(KVConnectorMetadata):
     async_loads: dict[str, list[ChunkOp]] = field(default_factory=dict)
     # Requests aborted while their asynchronous load runs: stop it (it is still reported).
     cancel_loads: list[str] = field(default_factory=list)
+    # > 0: this step schedules no token while requests wait for asynchronous loads or prefetches:
+    # get_finished waits up to this many seconds for one to end instead of returning to a
+    # spinning engine loop.
+    idle_wait_s: float = 0.0
 
 
 # One rank's report: (digests now held in its CPU tier, digests it is retiring (to be

@@ -251,6 +251,10 @@ class WorkerConnector(ConnectorCore):
                     fence = self.engine.store_fence()
                     for rid in meta.await_stores:
                         self._await_stores.setdefault(rid, fence)
+                if meta.idle_wait_s > 0:
+                    # Nothing else in this step: wait for a load or prefetch to end rather than
+                    # return to a spinning engine loop (scheduler.IDLE_WAIT_S).
+                    self.engine.wait_for_progress(meta.idle_wait_s)
         recving: set[str] = set()
         for r in self.engine.finished_loads():
             recving.add(r.req_id)
