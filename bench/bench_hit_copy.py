@@ -14,7 +14,8 @@ With `--disk`, also the disk hit's first half: the same 16 chunks written to a d
 page cache, as after a restart on a warm machine), then `KVCacheEngine.prefetch` of all of them
 into an empty CPU tier, verified (xxh3, or the keyed BLAKE3 MAC with `--secret`), with 1 and
 with 2 prefetch threads (and with 2 into an arena whose pages were touched before: the share of
-first-touch page faults), beside a plain read of the same files into one buffer (the ceiling).
+first-touch page faults; and with 2 into an arena `CpuTier.pretouch` faulted in, as the builder
+does at start-up), beside a plain read of the same files into one buffer (the ceiling).
 
 Usage: python bench/bench_hit_copy.py [--tokens 4096] [--reps 7] [--threads 1,2] [--shuffle]
 """
@@ -173,7 +174,7 @@ def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: A
             with open(f, "rb", buffering=0) as fh:
                 off += fh.readinto(mv[off:])
 
-    def prefetch(threads: int, warm_arena: bool = False) -> None:
+    def prefetch(threads: int, warm_arena: bool = False, pretouch: bool = False) -> None:
         eng = KVCacheEngine(
             StorageHierarchy(CpuTier(1 << 30), [DiskTier(d, 1 << 31, secret=args.secret)]),
             source.namespace,
@@ -182,6 +183,10 @@ def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: A
         )
         eng.register(views, block, page_map=pmap)
         eng.storage.grow_ahead()  # the arena allocated ahead (not touched: a fresh process's)
+        if pretouch:  # what `cpu_pretouch` does at start-up (here waited for: the server's is
+            # done long before its first hit)
+            eng.storage.cpu.pretouch()
+            assert eng.storage.cpu.wait_pretouch(120)
         if warm_arena:  # the arena's pages touched already, as in a server that ran a while
             shape = source.chunk_shape(args.chunk_size // block)
             for i in range(len(plan)):
@@ -191,7 +196,7 @@ def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: A
         t0 = time.perf_counter()
         eng.prefetch([dg for dg, _ in plan])
         assert eng.synchronize(prefetch_timeout=120)
-        name = f"prefetch {threads} thr" + (", warm arena" if warm_arena else "")
+        name = f"prefetch {threads} thr" + (", warm arena" if warm_arena else ", pretouched" if pretouch else "")
         times.setdefault(name, []).append(time.perf_counter() - t0)
         assert sorted(eng.poll().held) == sorted(dg for dg, _ in plan), "every chunk prefetched"
         eng.close()
@@ -203,6 +208,7 @@ def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: A
         for threads in (1, 2):
             prefetch(threads)
         prefetch(2, warm_arena=True)
+        prefetch(2, pretouch=True)
         t0 = time.perf_counter()
         raw()
         times.setdefault("raw read", []).append(time.perf_counter() - t0)

@@ -164,6 +164,12 @@ class LMCacheConfig:
             (`lmcache-triton calibrate`); otherwise the tier stores exact.
         cpu_codec: the CPU tier's codec; only "exact" (the CPU tier holds the rows vLLM loads).
             Not an LMCache key.
+        cpu_pretouch: fault the CPU tier's whole arena in at start-up, on a background thread at
+            the lowest priority, so the first chunks written into it (a disk or remote hit after
+            a restart) take no page faults; default True. Costs resident memory of
+            `max_local_cpu_size` from start-up (as LMCache's pinned buffer) and ~0.2-0.6 s of
+            one core per GiB. A pinned arena (CUDA) is resident anyway: no effect there. Not an
+            LMCache key.
         remote_serde: LMCache's key for the remote tier's serializer, accepted where it means
             the same as ours: "naive" = remote_codec exact, "kivi" = remote_codec int4 (our
             KIVI-style 4-bit, not LMCache's bytes); "cachegen" (GPU-only entropy coding) has no
@@ -201,6 +207,7 @@ class LMCacheConfig:
     disk_codec: str = "exact"
     remote_codec: str = "exact"
     cpu_codec: str = "exact"
+    cpu_pretouch: bool = True
     remote_serde: str | None = None
 
     @property
@@ -538,6 +545,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "disk_codec": _codec,
     "remote_codec": _codec,
     "cpu_codec": _choice(("exact",), str.lower),
+    "cpu_pretouch": _parse_bool,
     "remote_serde": _serde,
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(LMCacheConfig)}

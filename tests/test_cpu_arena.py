@@ -347,3 +347,120 @@ def test_resident_memory_stays_within_the_bound_under_mixed_size_churn(workdir):
     growth, evictions = map(int, res.stdout.split())
     assert evictions > 100, "the churn must cycle the tier many times"
     assert growth <= bound + slack, f"RSS grew {growth / 2**20:.0f} MiB for a {bound >> 20} MiB bound"
+
+
+# ------------------------------------------------------------------------------------ pre-touch
+
+
+def _resident_pages(buf: torch.Tensor) -> tuple[int, int]:
+    """(resident, total) of the whole pages inside `buf`, by mincore(2)."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = -(-buf.data_ptr() // page) * page
+    end = (buf.data_ptr() + buf.numel()) // page * page
+    n = (end - start) // page
+    vec = (ctypes.c_ubyte * n)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec), n
+
+
+PRETOUCH_MODES = ["populate", "touch-before-publish"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore/madvise residency: Linux only")
+@pytest.mark.parametrize("mode", PRETOUCH_MODES)
+def test_pretouch_faults_in_every_slab_of_the_bound(monkeypatch, mode):
+    from lmcache_triton.storage import arena
+
+    if mode == "populate" and not arena.can_populate():
+        pytest.skip("kernel without MADV_POPULATE_WRITE (< 5.14): only the fallback runs here")
+    if mode != "populate":
+        monkeypatch.setattr(arena, "_populate_ok", False)
+    # Slabs above glibc's largest mmap threshold (32 MiB): fresh mappings, never reused heap.
+    slab = 64 << 20
+    bound = 2 * slab + (40 << 20) + 3 * A  # two full slabs and an odd remainder
+    fresh = CpuTier(bound, pin_memory=False, slab_bytes=slab)
+    fresh.grow_ahead(bound)  # every slab allocated, none touched: what a put would find
+    assert len(fresh.slab_buffers()) == 3
+    for buf in fresh.slab_buffers():
+        resident, total = _resident_pages(buf)
+        assert resident < total // 4, f"a fresh slab is resident already ({resident}/{total}): vacuous check"
+
+    tier = CpuTier(bound, pin_memory=False, slab_bytes=slab)
+    assert tier.pretouch()
+    assert not tier.pretouch(), "one pre-touch thread per tier"
+    assert tier.wait_pretouch(30)
+    assert tier.stats["pool_bytes"] == bound // A * A == tier.pretouched_bytes
+    assert len(tier.slab_buffers()) == 3
+    for buf in tier.slab_buffers():
+        resident, total = _resident_pages(buf)
+        assert resident == total, f"slab of {buf.numel()} B: {resident}/{total} pages resident after pre-touch"
+
+
+def test_pretouch_keeps_entries_holds_and_reservations_intact():
+    """Pre-touching runs while the tier is in use: bytes written before, during and after it
+    stay as written, holds and releases work, nothing is evicted that fits."""
+    slab = 2 << 20
+    tier = CpuTier(4 * slab, pin_memory=False, slab_bytes=slab)
+    before = [tier.put(key(i), fill(64 * A, i)) for i in range(8)]  # grows a slab first
+    held = tier.hold(key(3))
+    r = tier.reserve(key(1000), torch.uint8, (64 * A,))
+    assert all(before) and r is not None
+    assert tier.pretouch()
+    r.out.copy_(fill(64 * A, 1000))  # a reader filling its block while the slab is faulted in
+    for i in range(8, 120):
+        assert tier.put(key(i), fill(64 * A, i))
+    assert tier.wait_pretouch(30)
+    assert tier.publish(r, {"m": "1"})
+    assert torch.equal(held, fill(64 * A, 3))
+    tier.release(key(3), held)
+    assert tier.stats["evictions"] == 0 and tier.stats["held"] == 0
+    for i in [*range(120), 1000]:
+        assert torch.equal(tier.get(key(i)), fill(64 * A, i)), f"entry {i} changed"
+    assert tier.stats["pool_bytes"] == 4 * slab
+
+
+def test_pretouch_off_by_default_and_on_pinned_tiers():
+    tier = CpuTier(1 << 20, pin_memory=False, slab_bytes=1 << 18)
+    assert tier.stats["pool_bytes"] == 0 and tier.pretouched_bytes == 0, "no pre-touch unless asked"
+    pinned = CpuTier(1 << 20, pin_memory=False, slab_bytes=1 << 18)
+    pinned.pin_memory = True  # as on a CUDA host: page-locked slabs are resident once allocated
+    assert not pinned.pretouch() and pinned.stats["pool_bytes"] == 0
+    assert not CpuTier(0, pin_memory=False).pretouch(), "an empty bound: nothing to touch"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore/madvise residency: Linux only")
+def test_populate_stops_when_asked_and_changes_no_byte():
+    from lmcache_triton.storage import arena
+
+    if not arena.can_populate():
+        pytest.skip("kernel without MADV_POPULATE_WRITE (< 5.14)")
+    buf = torch.empty(40 << 20, dtype=torch.uint8)  # above glibc's mmap threshold: fresh pages
+    buf[: 1 << 20] = 7  # some bytes written before: populate must keep them
+    stop = threading.Event()
+    stop.set()
+    assert not arena.populate(buf, stop)
+    resident, total = _resident_pages(buf)
+    assert resident < total // 2, f"stopped before the first piece, yet {resident}/{total} pages resident"
+    assert arena.populate(buf)
+    assert _resident_pages(buf) == (total, total)
+    assert bool((buf[: 1 << 20] == 7).all()) and not bool(buf[1 << 20 :: 4096].any())
+
+
+def test_builder_pretouches_unless_switched_off():
+    from lmcache_triton.config import load_config
+    from lmcache_triton.storage.builder import build_storage
+
+    base = {"lmcache.max_local_cpu_size": 4 / 1024, "lmcache.local_cpu": True}
+    on = build_storage(load_config(base, env={}, warn=False))
+    assert on.cpu is not None and on.cpu.wait_pretouch(30)
+    assert on.cpu.pretouched_bytes == on.cpu.max_bytes // A * A == on.cpu.stats["pool_bytes"]
+    off = build_storage(load_config({**base, "lmcache.cpu_pretouch": False}, env={}, warn=False))
+    assert off.cpu is not None and off.cpu.wait_pretouch(30)
+    assert off.cpu.pretouched_bytes == 0 and off.cpu.stats["pool_bytes"] == 0
+    on.close()
+    off.close()

@@ -254,4 +254,6 @@ def build_storage(
         cpu = CpuTier(config.max_local_cpu_bytes)
         if track_cpu_removals:
             cpu.track_removals()
+        if config.cpu_pretouch:
+            cpu.pretouch()  # at the worker's start-up, in the background: never in a step
     return StorageHierarchy(cpu, tiers, keep_in_cpu=config.local_cpu, write_slow_tiers=not replica)
