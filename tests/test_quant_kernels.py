@@ -12,15 +12,18 @@ import pytest
 import torch
 from conftest import DEVICE
 
+from lmcache_triton.kernels import quant_ref
 from lmcache_triton.kernels.geometry import allocate_paged_cache, geometry_from_layer_views
 from lmcache_triton.kernels.quant import dequantize_rows, paged_to_quant, quant_to_paged, quantize_rows
 from lmcache_triton.kernels.quant_ref import (
     QMAX,
     QuantSpec,
+    dequantize_half_ref,
     dequantize_rows_ref,
     pack_int4,
     paged_to_quant_ref,
     quant_to_paged_ref,
+    quantize_half_ref,
     quantize_rows_ref,
     scale_shape,
     unpack_int4,
@@ -141,6 +144,86 @@ def test_int4_packing_is_two_nibbles_low_first():
     p = pack_int4(q)
     assert p.tolist() == [[0x79, 0xF0, 0x83]]
     assert torch.equal(unpack_int4(p), q)
+
+
+# ------------------------------------------------------------ the rows twins' blocks (CPU path)
+
+# The rows twins work in blocks of `quant_ref.BLOCK_ELEMS` values: the default (one block at these
+# sizes), 1000 (several, the last one short) and 1 (one row or token group per block).
+BLOCKS = [quant_ref.BLOCK_ELEMS, 1000, 1]
+# 130 tokens: two full 64-token groups and a partial one; head size 48: a full 32-channel group
+# and a partial one (int4-token32), one whole-row group (int8-token).
+BLOCK_SHAPE = (2, 3, 130, 2, 48)
+
+
+@pytest.mark.parametrize("block", BLOCKS[1:], ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("spec", list(SPECS), ids=str)
+def test_rows_twin_in_blocks_matches_kernel(monkeypatch, spec, dtype, block):
+    """The CPU production path (the twin in small blocks, partial groups in separate regions)
+    against the kernel, bit for bit, every output poisoned, the input left as it was."""
+    spec = SPECS[spec]
+    rows = _rows(BLOCK_SHAPE, dtype, seed=5)
+    rows[1, 2, 70:, 1, :] = 0  # an all-zero token group of V rows and of K channels: scale 0
+    q, sc = _outputs(spec, BLOCK_SHAPE)
+    q_ref, sc_ref = _outputs(spec, BLOCK_SHAPE, "cpu")
+    quantize_rows(rows.to(DEVICE), spec, q, sc)
+    monkeypatch.setattr(quant_ref, "BLOCK_ELEMS", block)
+    before = rows.clone()
+    quantize_rows_ref(rows, spec, q_ref, sc_ref)
+    assert torch.equal(_bits(rows), _bits(before)), "the twin wrote into its input"
+    assert torch.equal(q.cpu(), q_ref)
+    for a, b in zip(sc, sc_ref, strict=True):
+        assert torch.equal(a.cpu().view(torch.int16), b.view(torch.int16))
+    out = torch.full(BLOCK_SHAPE, float("nan"), dtype=dtype, device=DEVICE)
+    out_ref = torch.full(BLOCK_SHAPE, float("nan"), dtype=dtype)
+    dequantize_rows(q, sc, spec, out)
+    dequantize_rows_ref(q_ref, sc_ref, spec, out_ref)
+    assert torch.equal(_bits(out.cpu()), _bits(out_ref))
+
+
+ODD_SHAPES = [(2, 2, 63, 3, 80), (1, 1, 5, 1, 64), (2, 1, 130, 2, 16), (2, 2, 256, 2, 64), (1, 2, 1, 1, 6)]
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("spec", list(SPECS), ids=str)
+def test_rows_twin_matches_the_definition(monkeypatch, spec, block):
+    """The blockwise rows twins against `quantize_half_ref` / `dequantize_half_ref` (the
+    arithmetic on whole tensors) and `pack_int4` / `unpack_int4`, over odd shapes and every
+    dtype, without the interpreter: a wrong region, block edge, scale or nibble shows here."""
+    spec = SPECS[spec]
+    monkeypatch.setattr(quant_ref, "BLOCK_ELEMS", block)
+    for shape in ODD_SHAPES:
+        if spec.bits == 4 and shape[4] % 2:
+            continue
+        for dtype in DTYPES:
+            x = _rows(shape, dtype, seed=7)
+            x[0, 0, 0, 0, :] = 0  # a zero group
+            q, sc = _outputs(spec, shape, "cpu")
+            quantize_rows_ref(x, spec, q, sc)
+            S = shape[0]
+            out = torch.full(shape, float("nan"), dtype=dtype)
+            dequantize_rows_ref(q, sc, spec, out)
+            for s in range(S):
+                mode, group = spec.half(s, S)
+                q_def, sc_def = quantize_half_ref(x[s], spec.bits, mode, group)
+                assert torch.equal(q[s], q_def if spec.bits == 8 else pack_int4(q_def)), (shape, dtype, s)
+                assert torch.equal(sc[s].view(torch.int16), sc_def.view(torch.int16)), (shape, dtype, s)
+                y_def = dequantize_half_ref(q_def, sc_def, mode, group, dtype)
+                assert torch.equal(_bits(out[s]), _bits(y_def)), (shape, dtype, s)
+
+
+def test_rows_twin_unpacks_every_byte():
+    """Every packed byte (all 256) decodes to its two nibbles, low first, sign-extended."""
+    spec = SPECS["int4-token32"]
+    shape = (1, 1, 8, 1, 64)  # 8 rows of 32 bytes: 256 bytes
+    q = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(1, 1, 8, 1, 32)
+    scales = [torch.ones(scale_shape(*spec.half(0, 1), 1, 8, 1, 64), dtype=torch.float16)]
+    out = torch.full(shape, float("nan"))
+    dequantize_rows_ref(q, scales, spec, out)
+    b = torch.arange(256)
+    lo, hi = ((b & 15) ^ 8) - 8, ((b >> 4) ^ 8) - 8
+    assert torch.equal(out.view(256, 2), torch.stack((lo, hi), 1).float())
 
 
 # ----------------------------------------------------------------------------- fused paged copies

@@ -22,15 +22,27 @@ no fused multiply-add, round-to-nearest-even casts):
 
 QMAX is 127 (8 bits, one int8 per value) or 7 (4 bits, two values per byte: the even channel in
 the low nibble, the odd one in the high nibble, two's complement).
+
+Two forms of the twin, the same bits: `quantize_half_ref` / `dequantize_half_ref` state the
+arithmetic on whole tensors (the definition); `quantize_rows_ref` / `dequantize_rows_ref` (the
+CPU production path: the disk writer and the prefetcher run them) do the same element-wise
+operations in blocks of `BLOCK_ELEMS` values, so their fp32 temporaries stay in a core's L2, and
+write straight into the destination: one pass over the destination per half instead of four
+(a float32 temporary of the whole half, its scaling, the cast, the copy into `out`), and 4-bit
+unpacked with int16 shifts into the interleaved bytes (`_unpack_into`) instead of int32 masks
+and a stack.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
+assert sys.byteorder == "little", "quant_ref: the 4-bit unpacking reads int16 words as two int8"
 QMAX = {8: 127, 4: 7}
+BLOCK_ELEMS = 1 << 17  # values per block of the rows twins: 512 KiB of fp32 temporary (L2 1.25 MiB)
 FP16_MAX = 65504.0
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -166,26 +178,139 @@ def check_rows(spec: QuantSpec, shape: tuple[int, ...], dtype: torch.dtype) -> N
         raise ValueError(f"rows: 4-bit packing needs an even head size, got {shape[4]}")
 
 
+def _regions(
+    mode: str, group: int, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bits: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The views one half `x` `[L, T, H, D]` is processed through: `[(q3, s3, x3)]`, each `x3`
+    `[R, A, B]` (rows), `q3` `[R, A, B or B / 2]` (the stored int8 values, packed along B for 4
+    bits), `s3` the scales `[R, A, 1]` (token mode: groups of B channels) or `[R, 1, B]` (channel
+    mode: one scale per channel over A tokens), so that `x3 = q3 * s3` broadcast. Full groups
+    first, then a partial last group (a head size no multiple of the channel group, a token count
+    no multiple of the token group)."""
+    L, T, H, D = x.shape
+    qc = D if bits == 8 else D // 2
+    out = []
+    if mode == "token":
+        R = L * T * H
+        g = D if group <= 0 else group
+        full = D // g
+        gq = g if bits == 8 else g // 2
+        qv, xv, sv = q.reshape(R, qc), x.reshape(R, D), scale.reshape(R, num_groups(D, group))
+        if full:
+            out.append((qv[:, : full * gq].view(R, full, gq), sv[:, :full, None], xv[:, : full * g].view(R, full, g)))
+        if full * g < D:
+            out.append((qv[:, None, full * gq :], sv[:, full:, None], xv[:, None, full * g :]))
+        return out
+    g = T if group <= 0 else group
+    full = T // g
+    for layer in range(L):  # a partial token group keeps the layers of a half from merging
+        qv, xv, sv = q[layer].reshape(T, H * qc), x[layer].reshape(T, H * D), scale[layer].reshape(-1, H * D)
+        if full:
+            out.append((qv[: full * g].view(full, g, H * qc), sv[:full, None], xv[: full * g].view(full, g, H * D)))
+        if full * g < T:
+            out.append((qv[None, full * g :], sv[full:, None], xv[None, full * g :]))
+    return out
+
+
+def _unpack_into(p: torch.Tensor, dst: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """`unpack_int4` of `p` `[..., C]` (an int8 view of the packed bytes) into `dst` `[..., 2 C]`
+    int8 contiguous, through `tmp` (`C`-sized int16, any shape): each byte becomes one int16 word
+    of `dst`, whose low byte (the even channel, little-endian) is the low nibble sign-extended and
+    whose high byte the high nibble: seven contiguous int16 passes (int8 writes with a stride of
+    two, the obvious interleave, are not vectorized and cost 2x)."""
+    w = dst.view(torch.int16).view(p.shape)
+    w.copy_(p)  # the byte, sign-extended
+    lo = tmp.view(p.shape)
+    torch.bitwise_left_shift(w, 12, out=lo)  # int16 wraps: the low nibble in the top bits
+    lo.bitwise_right_shift_(12).bitwise_and_(0xFF)
+    w.bitwise_left_shift_(4).bitwise_and_(-256).bitwise_or_(lo)  # the high nibble's byte, then the low
+    return dst
+
+
+def _block_rows(A: int, B: int) -> int:
+    return max(1, BLOCK_ELEMS // max(A * B, 1))
+
+
 def quantize_rows_ref(
     rows: torch.Tensor, spec: QuantSpec, q_out: torch.Tensor, scales_out: list[torch.Tensor]
 ) -> None:
     """Quantize token rows `[S, L, T, H, D]` into `q_out` `[S, L, T, H, spec.q_cols(D)]`
-    (`spec.q_dtype()`) and one scale tensor per half (`scale_shape`), all written in place."""
+    (`spec.q_dtype()`) and one scale tensor per half (`scale_shape`), all written in place:
+    `quantize_half_ref`'s arithmetic in blocks (module docstring)."""
     S = rows.shape[0]
+    qmax = QMAX[spec.bits]
     for s in range(S):
         mode, group = spec.half(s, S)
-        q, scale = quantize_half_ref(rows[s], spec.bits, mode, group)
-        q_out[s].copy_(q if spec.bits == 8 else pack_int4(q))
-        scales_out[s].copy_(scale)
+        if mode not in ("token", "channel"):
+            raise ValueError(f"mode: expected 'token' or 'channel', got {mode!r}")
+        if rows.shape[2] == 0 or rows.shape[4] == 0:
+            q_out[s].zero_()
+            scales_out[s].zero_()
+            continue
+        for q3, s3, x3 in _regions(mode, group, q_out[s].view(torch.int8), scales_out[s], rows[s], spec.bits):
+            R, A, B = x3.shape
+            span = 2 if s3.shape[2] == 1 else 1  # the axis a group spans
+            n = _block_rows(A, B)
+            m = min(n, R) * A * B
+            ybuf, abuf = torch.empty(m, dtype=torch.float32), torch.empty(m, dtype=rows.dtype)
+            ibuf = None if spec.bits == 8 else torch.empty(m, dtype=torch.int8)
+            wbuf = None if spec.bits == 8 else torch.empty(m // 2, dtype=torch.int16)
+            for i in range(0, R, n):
+                xb = x3[i : i + n]
+                k = xb.shape[0] * A * B
+                # |x| and its max are exact in the rows' own dtype: widened after the reduction.
+                amax = torch.abs(xb, out=abuf[:k].view(xb.shape)).amax(dim=span, keepdim=True)
+                scale = _scales(amax.to(torch.float32), qmax)
+                s3[i : i + n].copy_(scale)
+                y = ybuf[:k].view(xb.shape)
+                if rows.dtype == torch.float32:
+                    torch.div(xb, _divisor(scale), out=y)  # never in place: `xb` is the caller's
+                else:
+                    y.copy_(xb)  # widened (exact)
+                    y.div_(_divisor(scale))
+                y.add_(0.5).floor_().clamp_(-qmax, qmax)
+                if ibuf is None or wbuf is None:
+                    q3[i : i + n].copy_(y)
+                else:  # pack pairs as int16 words (even channel in the low byte, little-endian)
+                    qi = ibuf[:k].view(xb.shape)
+                    qi.copy_(y)
+                    w = qi.view(torch.int16)
+                    hi = wbuf[: k // 2].view(w.shape)
+                    torch.bitwise_right_shift(w, 4, out=hi).bitwise_and_(0xF0)  # odd channel's nibble
+                    q3[i : i + n].copy_(hi.bitwise_or_(w.bitwise_and_(0x0F)))  # int16 -> int8: the low byte
 
 
 def dequantize_rows_ref(q: torch.Tensor, scales: list[torch.Tensor], spec: QuantSpec, out: torch.Tensor) -> None:
-    """Inverse of `quantize_rows_ref` into `out` `[S, L, T, H, D]` (written in place)."""
+    """Inverse of `quantize_rows_ref` into `out` `[S, L, T, H, D]` (written in place):
+    `dequantize_half_ref`'s arithmetic in blocks, each value of `out` written once (module
+    docstring)."""
     S = out.shape[0]
+    direct = out.dtype == torch.float32  # fp32 rows: the destination is the temporary
+    if out.shape[2] == 0 or out.shape[4] == 0:
+        return
     for s in range(S):
         mode, group = spec.half(s, S)
-        qs = q[s] if spec.bits == 8 else unpack_int4(q[s])
-        out[s].copy_(dequantize_half_ref(qs, scales[s], mode, group, out.dtype))
+        scale = scales[s].to(torch.float32)  # 1/64 of the values or fewer: once, not per block
+        for q3, s3, x3 in _regions(mode, group, q[s].view(torch.int8), scale, out[s], spec.bits):
+            R, A, B = x3.shape
+            n = _block_rows(A, B)
+            m = min(n, R) * A * B
+            tmp = None if direct else torch.empty(m, dtype=torch.float32)
+            unpacked = None if spec.bits == 8 else torch.empty(m, dtype=torch.int8)
+            words = None if spec.bits == 8 else torch.empty(m // 2, dtype=torch.int16)
+            for i in range(0, R, n):
+                ob, qb = x3[i : i + n], q3[i : i + n]
+                k = ob.shape[0] * A * B
+                if unpacked is not None and words is not None:
+                    qb = _unpack_into(qb, unpacked[:k].view(ob.shape), words[: k // 2])
+                sb = s3[i : i + n]
+                if tmp is None:
+                    ob.copy_(qb)
+                    ob.mul_(sb)
+                else:
+                    t = tmp[:k].view(ob.shape)
+                    t.copy_(qb)
+                    ob.copy_(t.mul_(sb))
 
 
 def _per_layer(flat, geom):
