@@ -168,8 +168,8 @@ class LMCacheConfig:
             the lowest priority, so the first chunks written into it (a disk or remote hit after
             a restart) take no page faults; default True. Costs resident memory of
             `max_local_cpu_size` from start-up (as LMCache's pinned buffer) and ~0.2-0.6 s of
-            one core per GiB. A pinned arena (CUDA) is resident anyway: no effect there. Not an
-            LMCache key.
+            one core per GiB; skipped (one log line) when the bound exceeds 3/4 of the available
+            memory. A pinned arena (CUDA) is resident anyway: no effect there. Not an LMCache key.
         remote_serde: LMCache's key for the remote tier's serializer, accepted where it means
             the same as ours: "naive" = remote_codec exact, "kivi" = remote_codec int4 (our
             KIVI-style 4-bit, not LMCache's bytes); "cachegen" (GPU-only entropy coding) has no

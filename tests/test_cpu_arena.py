@@ -433,6 +433,19 @@ def test_pretouch_off_by_default_and_on_pinned_tiers():
     assert not CpuTier(0, pin_memory=False).pretouch(), "an empty bound: nothing to touch"
 
 
+def test_pretouch_declines_a_bound_near_the_available_memory(monkeypatch, caplog):
+    from lmcache_triton.storage import cpu
+
+    monkeypatch.setattr(cpu, "available_memory", lambda: 4 << 20)  # 4 MiB available
+    big = CpuTier(4 << 20, pin_memory=False, slab_bytes=1 << 20)
+    with caplog.at_level("INFO", logger="lmcache_triton.storage.cpu"):
+        assert not big.pretouch()
+    assert "not pre-touching" in caplog.text and big.stats["pool_bytes"] == 0
+    small = CpuTier(2 << 20, pin_memory=False, slab_bytes=1 << 20)  # half of it: touched
+    assert small.pretouch() and small.wait_pretouch(30)
+    assert small.pretouched_bytes == 2 << 20
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore/madvise residency: Linux only")
 def test_populate_stops_when_asked_and_changes_no_byte():
     from lmcache_triton.storage import arena

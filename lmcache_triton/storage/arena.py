@@ -7,7 +7,8 @@ Primitives:
   `Slab`             one slab: its (lazily allocated) buffer and free list.
   `populate(buf)`    fault a buffer's pages in for writing without changing a byte
                      (`madvise(MADV_POPULATE_WRITE)`, Linux >= 5.14); `touch(buf)` writes one
-                     byte per page instead (only for memory nobody else sees yet).
+                     byte per page instead (only for memory nobody else sees yet);
+                     `available_memory()` how much may be touched.
 
 The tier (`storage.cpu.CpuTier`) owns the locking, the entries and growth; nothing here takes a
 lock or allocates memory but `Slab.buf`, which the tier fills.
@@ -211,6 +212,19 @@ def populate(buf: torch.Tensor, stop: threading.Event | None = None) -> bool:
             return False
         _populate_range(addr + off, min(PREFAULT_PIECE, n - off))
     return True
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (what can be touched without swapping or the OOM
+    killer), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def touch(buf: torch.Tensor) -> None:

@@ -76,7 +76,18 @@ import torch
 
 from lmcache_triton.chunk.codec import Encoding
 
-from .arena import ALIGN, SLAB_BYTES, FreeList, Slab, can_populate, populate, round_up, slab_sizes, touch
+from .arena import (
+    ALIGN,
+    SLAB_BYTES,
+    FreeList,
+    Slab,
+    available_memory,
+    can_populate,
+    populate,
+    round_up,
+    slab_sizes,
+    touch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -238,13 +249,26 @@ class CpuTier:
         Costs: the process's resident memory grows to the bound at start-up, as LMCache's
         pinned buffer does; one core for ~0.2-0.6 s per GiB at nice 19 (2-core VM). A pinned
         tier (page-locked slabs are resident once allocated) or one with a pre-touch started
-        already does nothing.
+        already does nothing, nor does a tier whose unallocated bound exceeds 3/4 of the
+        machine's available memory (one log line says so): that memory would be taken from
+        the page cache and other processes at once, where the lazy arena takes it as it fills.
+        `clear` (and so `StorageHierarchy.close`) stops it.
 
         Returns:
             True when the thread was started.
         """
         with self._lock:
             if self.pin_memory or self._pretoucher is not None or not self._slabs:
+                return False
+            untouched = self.max_bytes - self._allocated
+            avail = available_memory()
+            if avail is not None and untouched > 0.75 * avail:
+                logger.info(
+                    "CPU tier: not pre-touching the arena: %d MiB of it would take more than 3/4 of the "
+                    "%d MiB available; its pages fault in on first use",
+                    untouched >> 20,
+                    avail >> 20,
+                )
                 return False
             self._pretouch_stop.clear()
             self._pretoucher = threading.Thread(
