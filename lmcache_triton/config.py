@@ -162,8 +162,11 @@ class LMCacheConfig:
             the rows bit for bit), "int8" or "int4" (lossy, `chunk.codec`). Not LMCache keys. A
             lossy codec is used for a model only where the quality guard allows it
             (`lmcache-triton calibrate`); otherwise the tier stores exact.
-        cpu_codec: the CPU tier's codec; only "exact" (the CPU tier holds the rows vLLM loads).
-            Not an LMCache key.
+        cpu_codec: the CPU tier's codec: "exact" (default) or, opt-in, "int8" / "int4": stores
+            quantize out of the paged cache (on a GPU before the device-to-host copy: PCIe and
+            pinned bytes shrink too) and the slow tiers write those parts as they are, so
+            `disk_codec` and `remote_codec` must be the same codec (a ConfigError otherwise).
+            Guarded like them: lossy only with a passing calibration record. Not an LMCache key.
         cpu_pretouch: fault the CPU tier's whole arena in at start-up, on a background thread at
             the lowest priority, so the first chunks written into it (a disk or remote hit after
             a restart) take no page faults; default True. Costs resident memory of
@@ -544,7 +547,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "calibration_min_tokens": _int_parser(1, "a positive integer"),
     "disk_codec": _codec,
     "remote_codec": _codec,
-    "cpu_codec": _choice(("exact",), str.lower),
+    "cpu_codec": _codec,
     "cpu_pretouch": _parse_bool,
     "remote_serde": _serde,
 }
@@ -719,6 +722,11 @@ def load_config(
             )
     _resolve_serde(values, warn)
     cfg = LMCacheConfig(**values)
+    if cfg.cpu_codec != "exact" and (cfg.disk_codec, cfg.remote_codec) != (cfg.cpu_codec, cfg.cpu_codec):
+        raise ConfigError(
+            f"cpu_codec: {cfg.cpu_codec} needs disk_codec and remote_codec {cfg.cpu_codec} too (the slow tiers "
+            f"write the CPU tier's encoded chunks as they are), got {cfg.disk_codec} and {cfg.remote_codec}"
+        )
 
     if warn:
         _warn_values(cfg, env)

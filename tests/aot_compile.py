@@ -13,7 +13,10 @@ path and every kernel replaced by a recorder. Each recorded launch goes through 
 argument binder for the target (what `JITFunction.run` does before compiling): the real
 constexprs (tiles), element types (the same-width integer views of bf16/fp16/fp8/fp32),
 pointer alignment and the divisibility-by-16 and `== 1` attributes of the integer arguments.
-One compile per distinct key, as the JIT would.
+One compile per distinct key, as the JIT would. The fused codec kernels (kernels/quant.py) are
+recorded the same way where the engine launches them: its warm-up and its loads of chunks a disk
+tier holds encoded (int8 or int4, `CODEC_OF`), dequantized while scattered; their store side,
+which the engine does not launch yet, from hand-written signatures (`quant_cases`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import itertools
 import os
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the interpreter's kernels cannot be compiled")
@@ -57,6 +61,15 @@ CACHES = [
 ]
 CHUNK = 256
 LAYERS = 3
+QUANT_KERNELS = ("_token_mode_kernel", "_channel_mode_kernel")
+# The lossy codec each cache's engine is handed encoded chunks of (through a disk tier): both
+# codecs over the element kinds (bf16 as int16, fp16, fp32), one buffer and per-layer caches,
+# K/V and MLA rows (~40 compiles: each tail length class of `quant.launch_class`). Caches not
+# listed (fp8, opaque pages) are never encoded.
+CODEC_OF = {
+    "bf16-HND": "int8", "bf16-NHD": "int4", "fp16-head80": "int4", "fp32-NHD": "int8",
+    "mla-bf16-per-layer": "int8",
+}
 
 
 class _Now:
@@ -89,10 +102,17 @@ class _Now:
 
 
 def engine_launches() -> list[tuple[str, str, tuple, dict]]:
-    """(cache name, kernel name, args, kwargs) of every copy-kernel launch the engine makes."""
+    """(cache name, kernel name, args, kwargs) of every copy- and codec-kernel launch the engine
+    makes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return _engine_launches(tmp)
+
+
+def _engine_launches(tmp: str) -> list[tuple[str, str, tuple, dict]]:
     from lmcache_triton.engine import KVCacheEngine
     from lmcache_triton.kernels.geometry import allocate_paged_cache
     from lmcache_triton.storage.cpu import CpuTier
+    from lmcache_triton.storage.disk import DiskTier
     from lmcache_triton.storage.hierarchy import StorageHierarchy
 
     launches: list[tuple[str, str, tuple, dict]] = []
@@ -106,20 +126,29 @@ def engine_launches() -> list[tuple[str, str, tuple, dict]]:
             return lambda *args, **kwargs: launches.append((current[0], self.name, args, kwargs))
 
     real = {n: getattr(paged_copy, n) for n in COPY_KERNELS}
-    use_triton = paged_copy._use_triton
-    paged_copy._use_triton = lambda t: True  # the launchers' GPU path, on CPU tensors
+    real_quant = {n: getattr(quant, n) for n in QUANT_KERNELS}
+    use_triton, quant_use_triton = paged_copy._use_triton, quant._use_triton
+    paged_copy._use_triton = quant._use_triton = lambda t: True  # the launchers' GPU path, on CPU tensors
     for n in COPY_KERNELS:
         setattr(paged_copy, n, Recorded(n))
+    for n in QUANT_KERNELS:
+        setattr(quant, n, Recorded(n))
     try:
         for name, layout, heads, block, row, dtype, kv_split, per_layer, pages in CACHES:
             current[0] = name
+            codec = CODEC_OF.get(name)
             blocks = 2 * CHUNK // block + 4
             c5 = allocate_paged_cache(layout, LAYERS, blocks, heads, block, row, dtype)
+            c5.zero_()
             views = [c5[i].clone() for i in range(LAYERS)] if per_layer else [c5[i] for i in range(LAYERS)]
-            storage = StorageHierarchy(CpuTier(1 << 28, pin_memory=False), [], keep_in_cpu=True)
+            tiers = [DiskTier(os.path.join(tmp, name), 1 << 30, codec=codec)] if codec else []
+            storage = StorageHierarchy(CpuTier(1 << 28, pin_memory=False), tiers, keep_in_cpu=True)
             eng = KVCacheEngine(storage, "0a" * 16, {"model": "aot"}, streams=_Now())  # type: ignore[arg-type]
             form = {"opaque_packing": "aot"} if pages else {}
+            if codec:
+                current[0] = f"{name}+{codec}"  # the warm-up launches the codec's kernels too
             eng.register(views, block, kv_split=kv_split, staging_tokens=CHUNK, **form)  # warm-up
+            current[0] = name
             per = CHUNK // block
             for i, tokens in enumerate((CHUNK, CHUNK - block - 5, 7)):
                 n = -(-tokens // block)
@@ -127,11 +156,30 @@ def engine_launches() -> list[tuple[str, str, tuple, dict]]:
                 if eng.store(f"d{i}", ids, tokens if not pages else n * block):
                     eng.poll()
                     eng.load(f"d{i}", ids, skip_blocks=min(1, n - 1))
+            if codec:  # chunks another server left encoded on the disk: loaded dequantizing
+                current[0] = f"{name}+{codec}"
+                assert storage.flush(60)
+                for i, tokens in enumerate((CHUNK, CHUNK - block - 5, 7)):
+                    n = -(-tokens // block)
+                    ids = list(range(i * per, i * per + n))
+                    digest = f"e{i}"
+                    rows = torch.zeros(eng.chunk_shape(n, tokens), dtype=dtype)
+                    assert tiers[0].put(eng.key(digest), rows, {**eng.meta, "num_tokens": str(tokens)})
+                    assert tiers[0].flush(60)
+                    eng.prefetch([digest])
+                    eng.synchronize(prefetch_timeout=60)
+                    eng.poll()
+                    assert eng.holds(digest), f"{name}: the encoded chunk was not prefetched"
+                    assert storage.encoding(eng.key(digest)) is not None, f"{name}: not held encoded"
+                    eng.load(digest, ids, skip_blocks=min(1, n - 1))
             eng.close()
+            storage.close()
     finally:
-        paged_copy._use_triton = use_triton
+        paged_copy._use_triton, quant._use_triton = use_triton, quant_use_triton
         for n, k in real.items():
             setattr(paged_copy, n, k)
+        for n, k in real_quant.items():
+            setattr(quant, n, k)
     return launches
 
 
@@ -140,7 +188,7 @@ def copy_cases(target: GPUTarget):
     backend = make_backend(target)
     seen: dict[tuple, str] = {}
     for cache, kname, args, kwargs in engine_launches():
-        jf = getattr(paged_copy, kname)
+        jf = getattr(quant if kname in QUANT_KERNELS else paged_copy, kname)
         binder = create_function_from_signature(jf.signature, jf.params, backend)
         bound, spec, options = binder(*args, **kwargs)
         key = (kname, tuple(spec), tuple(sorted(options.items())))
@@ -158,8 +206,9 @@ def _signature(fn, types: dict[str, str]) -> dict[str, str]:
 
 
 def quant_cases():
-    """The codecs' quantizing copies (kernels/quant.py, not launched by the engine yet):
-    hand-written signatures for each cache element kind (fp32, fp16, bf16 as int16), 8 and 4
+    """The codecs' quantizing copies (kernels/quant.py) as the engine does not launch them yet
+    (gather + quantize on store; the load side is recorded in `copy_cases`): hand-written
+    signatures for each cache element kind (fp32, fp16, bf16 as int16), 8 and 4
     bits, store and load, the tiles `quant._launch` picks for head size 128 (int8: one group per
     row; int4: groups of 64), one buffer and per-layer tables."""
     kinds = [("*fp32", 0), ("*fp16", 1), ("*i16", 2)]

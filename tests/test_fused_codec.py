@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from test_gpu_path import Recorder
+from test_gpu_path import LaunchKeys, Recorder
 
 from lmcache_triton.chunk.codec import Codec, Encoding, get_codec
 from lmcache_triton.engine import KVCacheEngine
@@ -220,6 +220,63 @@ def test_a_held_encoded_chunk_of_another_shape_is_not_loaded(tmp_path):
     eng.close()
 
 
+QUANT_KERNELS = ("_token_mode_kernel", "_channel_mode_kernel")
+
+
+def _quant_launch_keys(monkeypatch) -> set[tuple]:
+    """Record, for every launch of the fused codec kernels, the key Triton's JIT would cache it
+    under on sm_90 (`test_gpu_path.LaunchKeys`, over `kernels.quant`)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from lmcache_triton.kernels import quant
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    keys: set[tuple] = set()
+    for name in QUANT_KERNELS:
+        real = getattr(quant, name)
+        if not isinstance(real, InterpretedFunction):
+            pytest.skip("kernels compiled natively (a GPU): the JIT cache itself is the count there")
+        jf = JITFunction(real.fn, **real.kwargs)
+        binder = create_function_from_signature(jf.signature, jf.params, backend)
+        monkeypatch.setattr(quant, name, LaunchKeys._Recording(name, real, binder, keys))
+    return keys
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_no_fused_kernel_compiles_after_the_warm_up_while_loading(tmp_path, monkeypatch, codec):
+    """The warm-up at register launches every specialisation of the fused dequantize + scatter
+    that loads of encoded chunks of any length (every partial tail, skipped leading blocks) make,
+    for each lossy codec the slow tiers serve: nothing compiles in a request's step."""
+    dtype = torch.bfloat16
+    keys = _quant_launch_keys(monkeypatch)
+    eng, c5, disk = _setup(tmp_path, codec, dtype, streams=Recorder())  # register: the warm-up
+    warm = set(keys)
+    assert {k[0] for k in warm} == ({"_token_mode_kernel"} if codec == "int8" else set(QUANT_KERNELS))
+    for t in range(1, CHUNK_BLOCKS * BLOCK + 1):
+        digest = f"{t:02x}"
+        n = -(-t // BLOCK)
+        want = _on_disk(eng, disk, digest, t, dtype, seed=t)
+        _prefetch(eng, digest)
+        assert eng.storage.encoding(eng.key(digest)) is not None
+        c5.fill_(float("nan"))
+        expect = _expected(c5, want, BLOCK_IDS[:n], t % n)
+        assert eng.load(digest, BLOCK_IDS[:n], skip_blocks=t % n)
+        assert torch.equal(_bits(c5), _bits(expect)), f"{t} tokens"
+    new = keys - warm
+    assert not new, f"{len(new)} fused kernel variant(s) compiled while serving: {sorted(new)[:2]}"
+    eng.close()
+
+
+def test_no_fused_warm_up_without_a_lossy_tier(tmp_path, monkeypatch):
+    """An engine whose tiers are all exact (the default) launches no codec kernel at start-up."""
+    keys = _quant_launch_keys(monkeypatch)
+    _setup(tmp_path, "exact", torch.bfloat16, streams=Recorder())[0].close()
+    assert not keys
+
+
 @pytest.mark.valkey
 def test_cuda_load_of_an_encoded_remote_chunk(tmp_path, monkeypatch):
     """The remote tier's stream reader hands an encoded chunk over as is, too."""
@@ -277,3 +334,146 @@ def test_encoding_split_views_the_file_layout():
         assert torch.equal(views[name], t), name
     with pytest.raises(ValueError, match="uint8"):
         enc.split(buf[:-1])
+
+
+# --------------------------------------------------------------------------- stores (cpu_codec)
+
+
+def _rows_of(c5: torch.Tensor, block_ids: list[int], tokens: int) -> torch.Tensor:
+    """The token rows `[2, L, T, H, D]` of `block_ids`, by plain indexing."""
+    out = torch.empty(2, LAYERS, tokens, HEADS, HEAD_SIZE, dtype=c5.dtype)
+    for t in range(tokens):
+        b, n = block_ids[t // BLOCK], t % BLOCK
+        for s in range(2):
+            out[s, :, t] = c5[:, b, :, n, s * HEAD_SIZE : (s + 1) * HEAD_SIZE]
+    return out
+
+
+def _packed(parts: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).view(torch.uint8) for _, t in parts])
+
+
+def _store_setup(tmp_path, codec: str, dtype: torch.dtype, streams=None, disk_codec=None):
+    c5 = allocate_paged_cache("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, 2 * HEAD_SIZE, dtype)
+    c5.copy_((torch.randn(c5.shape) * 2).to(dtype))
+    disk = DiskTier(tmp_path / "disk", 1 << 26, codec=disk_codec or codec)
+    storage = StorageHierarchy(CpuTier(1 << 24, pin_memory=False), [disk])
+    eng = KVCacheEngine(storage, NS, {"model": "m"}, streams=streams, cpu_codec=codec)
+    eng.register([c5[i] for i in range(LAYERS)], BLOCK, staging_tokens=CHUNK_BLOCKS * BLOCK)
+    return eng, c5, disk
+
+
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_cuda_store_with_a_lossy_cpu_codec_quantizes_before_the_copy_out(tmp_path, codec, dtype, tokens):
+    """With `cpu_codec` lossy, a store gathers and quantizes on the gather stream, the
+    device-to-host copy moves the encoded bytes only, the CPU tier holds exactly the parts the
+    torch twin encodes from the same rows, and the disk file is the one the writer would have
+    encoded from the exact rows (written as it is, byte for byte). Loading it back writes the
+    twin's decoded rows into the blocks and nothing else."""
+    rec = SizedRecorder()
+    eng, c5, disk = _store_setup(tmp_path, codec, dtype, streams=rec)
+    n = -(-tokens // BLOCK)
+    src = BLOCK_IDS[:n]
+    rows = _rows_of(c5, src, tokens)
+    twin = get_codec(codec).encode(rows)
+    rec.copies.clear()
+    assert eng.store("5a", src, tokens)
+    enc = Encoding(codec, str(dtype).removeprefix("torch."), tuple(rows.shape))
+    assert [c for c in rec.copies if c[0] == "copy_out"] == [("copy_out", enc.nbytes)], rec.copies
+    assert eng.synchronize() and "5a" in eng.poll().held
+    key = eng.key("5a")
+    assert eng.storage.encoding(key) == enc
+    with eng.storage.acquire(key) as held:
+        assert held is not None and torch.equal(held, _packed(twin)), "the fused encode differs from the twin's"
+    assert eng.stats.stored_bytes == enc.nbytes
+    assert eng.storage.flush(30)
+    from lmcache_triton.chunk.format import encode_chunk
+
+    header, payload = encode_chunk(key, rows, {**eng.meta, "num_tokens": str(tokens)}, disk.auth, get_codec(codec))
+    with open(disk.path / (key + ".safetensors"), "rb") as f:
+        assert f.read() == header + bytes(payload), "the file differs from the writer's own encode of the rows"
+    dst = [3, 11, 0][:n]
+    c5.fill_(float("nan"))
+    decoded = torch.empty_like(rows)
+    get_codec(codec).decode(dict(twin), decoded)
+    expect = _expected(c5, decoded, dst, 0)
+    assert eng.load("5a", dst)
+    assert eng.synchronize()
+    assert torch.equal(_bits(c5), _bits(expect))
+    eng.close()
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_cpu_store_with_a_lossy_cpu_codec_runs_the_twin(tmp_path, codec):
+    """A CPU engine asked for a lossy `cpu_codec` encodes with the torch twin in the store: the
+    same parts as the twin's `Codec.encode`, loaded back as the twin decodes them."""
+    dtype = torch.bfloat16
+    eng, c5, disk = _store_setup(tmp_path, codec, dtype)
+    rows = _rows_of(c5, BLOCK_IDS, TOKENS[1])
+    twin = get_codec(codec).encode(rows)
+    assert eng.store("5b", BLOCK_IDS, TOKENS[1]) and eng.holds("5b")
+    key = eng.key("5b")
+    with eng.storage.acquire(key) as held:
+        assert held is not None and torch.equal(held, _packed(twin))
+    decoded = torch.empty_like(rows)
+    get_codec(codec).decode(dict(twin), decoded)
+    c5.fill_(float("nan"))
+    expect = _expected(c5, decoded, BLOCK_IDS, 1)
+    assert eng.load("5b", BLOCK_IDS, skip_blocks=1)
+    assert torch.equal(_bits(c5), _bits(expect))
+    assert eng.storage.flush(30) and disk.contains(key)
+    eng.close()
+
+
+def test_an_encoded_entry_is_never_written_to_a_tier_of_another_codec(tmp_path):
+    """`cpu_codec` int8 with a disk tier that writes exact for this model: the store is held
+    encoded, and the disk write does not happen (counted); no int8 rows are stored as exact."""
+    eng, _, disk = _store_setup(tmp_path, "int8", torch.bfloat16, streams=Recorder(), disk_codec="exact")
+    assert eng.store("5c", BLOCK_IDS, TOKENS[0])
+    assert eng.synchronize() and eng.holds("5c")
+    assert eng.storage.flush(30)
+    assert not disk.contains(eng.key("5c")) and eng.storage.store_errors() == 1
+    eng.close()
+
+
+def test_exact_cpu_codec_stores_token_rows_as_before(tmp_path):
+    """The default: a store holds token rows, the disk writer encodes them (issue 20's exact
+    default, outputs identical to before)."""
+    eng, c5, disk = _setup(tmp_path, "int8", torch.bfloat16, streams=Recorder())
+    rows = _rows_of(c5, BLOCK_IDS, TOKENS[0])
+    assert eng.store("5d", BLOCK_IDS, TOKENS[0])
+    assert eng.synchronize() and eng.holds("5d")
+    assert eng.storage.encoding(eng.key("5d")) is None
+    with eng.storage.acquire(eng.key("5d")) as held:
+        assert held is not None and torch.equal(_bits(held), _bits(rows))
+    eng.close()
+
+
+def test_encode_chunk_of_encoded_parts_is_byte_identical():
+    """`encode_chunk(..., encoding=)` of parts already encoded gives the same header and payload
+    as encoding the rows in the writer."""
+    from lmcache_triton.chunk.format import ChunkAuth, encode_chunk
+
+    rows = torch.randn(2, 2, 7, 3, 8).to(torch.bfloat16)
+    key = "ab" * 20
+    for name in CODEC_NAMES:
+        for auth in (ChunkAuth(), ChunkAuth("s3cret")):
+            codec = get_codec(name)
+            want = encode_chunk(key, rows, {"model": "m"}, auth, codec)
+            enc = Encoding(name, "bfloat16", tuple(rows.shape))
+            got = encode_chunk(key, _packed(codec.encode(rows)), {"model": "m"}, auth, None, enc)
+            assert got[0] == want[0] and bytes(got[1]) == bytes(want[1]), name
+
+
+def test_config_cpu_codec_needs_the_same_slow_tier_codecs():
+    """`cpu_codec` lossy is accepted only with `disk_codec` and `remote_codec` the same codec:
+    the slow tiers write the CPU tier's encoded chunks as they are."""
+    from lmcache_triton.config import ConfigError, load_config
+
+    cfg = load_config(env={"LMCACHE_CPU_CODEC": "int8", "LMCACHE_DISK_CODEC": "int8", "LMCACHE_REMOTE_CODEC": "int8"})
+    assert cfg.cpu_codec == "int8"
+    assert load_config(env={}).cpu_codec == "exact"
+    with pytest.raises(ConfigError, match="cpu_codec: int4 needs disk_codec and remote_codec int4"):
+        load_config(env={"LMCACHE_CPU_CODEC": "int4", "LMCACHE_DISK_CODEC": "int4"})

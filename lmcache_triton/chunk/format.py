@@ -53,7 +53,7 @@ import xxhash
 if TYPE_CHECKING:
     import torch
 
-    from lmcache_triton.chunk.codec import Codec
+    from lmcache_triton.chunk.codec import Codec, Encoding
 
 FORMAT = "lmcache_triton.kv/1"
 TENSOR_NAME = "kv"
@@ -253,15 +253,22 @@ def encode_chunk(
     meta: Mapping[str, str] | None = None,
     auth: ChunkAuth | None = None,
     codec: Codec | None = None,
+    encoding: Encoding | None = None,
 ) -> tuple[bytes, memoryview]:
     """`(header, payload)`: the 8-byte length + JSON header, and the payload's bytes (a view of the
     tensor's memory when exact; the encoded parts, packed, otherwise).
+
+    With `encoding`, `tensor` is a chunk already encoded (`[encoding.nbytes]` uint8: its parts
+    packed as a file holds them, e.g. quantized on the GPU): written as it is (no re-encode,
+    `codec` unused), the header that of the decoded rows `encoding` names.
 
     Writing `header` then `payload` gives a safetensors file; the checksum or MAC in the header
     covers the metadata and the payload. A lossy `codec` that does not apply to the chunk
     (`Codec.applies`: opaque pages, an fp8 cache, ...) stores it exact. Encoding runs here, in
     the caller's thread: the tiers call this from their background writers.
     """
+    if encoding is not None:
+        return _encoded_chunk(key, tensor, meta, auth or ChunkAuth(), encoding)
     meta = check_meta(tensor.dtype, meta)
     auth = auth or ChunkAuth()
     md = dict(meta)
@@ -284,6 +291,33 @@ def encode_chunk(
     header = {"__metadata__": md, **entries}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors: payload starts 8-aligned
+    return len(raw).to_bytes(8, "little") + raw, payload
+
+
+def _encoded_chunk(
+    key: str, buf: torch.Tensor, meta: Mapping[str, str] | None, auth: ChunkAuth, encoding: Encoding
+) -> tuple[bytes, memoryview]:
+    """`encode_chunk` of a chunk already encoded: the same header and payload bytes as encoding
+    its decoded rows here would give (the kernels and the twins quantize bit-identically)."""
+    import torch
+
+    if buf.dtype != torch.uint8 or tuple(buf.shape) != (encoding.nbytes,) or encoding.dtype not in DTYPE_CODES:
+        raise ValueError(f"encoding {encoding.codec}: expected [{encoding.nbytes}] uint8 parts of {encoding.dtype} rows")
+    meta = check_meta(getattr(torch, encoding.dtype), meta)
+    md = dict(meta)
+    md.update(format=FORMAT, key=key, dtype=encoding.dtype, shape=",".join(map(str, encoding.shape)))
+    md["codec"] = encoding.codec
+    entries: dict[str, dict[str, Any]] = {}
+    at = 0
+    for p in encoding.parts():
+        entries[p.name] = {"dtype": DTYPE_CODES[p.dtype][0], "shape": list(p.shape), "data_offsets": [at, at + p.nbytes]}
+        at += p.nbytes
+    payload = _payload_view(buf)
+    h = auth.start(md)
+    h.update(payload)
+    md["checksum"] = auth.seal(h)
+    raw = json.dumps({"__metadata__": md, **entries}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw, payload
 
 

@@ -130,6 +130,22 @@ class CopyPath:
 
         return token_copy_lengths(self.geom, self.kv_split, max_tokens)
 
+    def encoded_warm_lengths(self, codec: str, max_tokens: int) -> list[int]:
+        """Chunk lengths in tokens, up to `max_tokens` (the full chunk first), whose encoded
+        copies with `codec` together compile every fused-kernel specialisation this path launches
+        for such chunks (`kernels.quant.launch_class`); none when the codec does not apply."""
+        from lmcache_triton.kernels.quant import launch_class
+
+        c = get_codec(codec)
+        dtype = str(self.geom.dtype).removeprefix("torch.")
+        if not c.lossy or not c.applies(self.chunk_shape(1, max_tokens), dtype, {"rows": self.rows}):
+            return []
+        spec = c.quant_spec()
+        first: dict[tuple, int] = {}
+        for t in range(max_tokens, 0, -1):
+            first.setdefault(launch_class(spec, self.chunk_shape(1, t)), t)
+        return list(first.values())
+
     def gather(self, ids: torch.Tensor, out: torch.Tensor) -> None:
         from lmcache_triton.kernels.paged_copy import paged_to_tokens
 
@@ -291,6 +307,9 @@ class PackedPages(CopyPath):
             idx = offs[s].reshape(-1)
             for layer, row in enumerate(rows):
                 torch.index_select(row, 0, idx, out=out[s, layer].view(-1))
+
+    def encoded_warm_lengths(self, codec: str, max_tokens: int) -> list[int]:
+        return []  # the torch twins: nothing to compile
 
     def scatter_encoded(self, buf: torch.Tensor, encoding: Encoding, ids: torch.Tensor) -> None:
         # No fused kernel reads packed pages: decode into a scratch chunk (the torch twin), then
@@ -482,6 +501,9 @@ class OpaquePages(CopyPath):
     def warm_lengths(self, max_tokens: int) -> list[int]:
         # Whole pages: the page count is not specialised and no argument follows it.
         return [self.block_size]
+
+    def encoded_warm_lengths(self, codec: str, max_tokens: int) -> list[int]:
+        return []
 
     def scatter_encoded(self, buf: torch.Tensor, encoding: Encoding, ids: torch.Tensor) -> None:
         raise ValueError("opaque pages have no token rows: no codec encodes them")

@@ -41,9 +41,14 @@ Encoded chunks in the CPU tier (issue 20, the fused codec kernels):
 * The quality guard still decides what may be served: the slow tiers' `CodecPolicy.readable`
   refuses a lossy chunk this server does not write for that namespace before the prefetcher
   sees it; the CPU tier only ever holds encoded what a tier was allowed to serve.
-* Stores are token rows (the CPU tier's codec is exact). A lossy `cpu_codec` (quantize with
-  `paged_to_quant` on the gather stream, device-to-host of the encoded parts, the slow tiers
-  writing them as is) is not wired yet (README, "Codecs").
+* Stores are token rows by default (`cpu_codec` exact). With a lossy `cpu_codec` (opt-in, and
+  only where the quality guard found a passing record for this model and codec: the caller's
+  decision) a store's gather is `CopyPath.gather_encoded`: the fused gather + quantize
+  (`kernels.quant.paged_to_quant`) into a staging buffer of the encoded size on the gather
+  stream, then the device-to-host copy of the encoded bytes into the CPU tier's entry (same
+  streams and waits as an exact store). On a CPU engine the torch twin runs in the step. The
+  slow tiers write such an entry as it is (`EncodedWriter.put_encoded`, no re-encode), only
+  where they write that key with the same codec.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from typing import Any
 
 import torch
 
-from lmcache_triton.chunk.codec import Encoding
+from lmcache_triton.chunk.codec import Encoding, get_codec
 from lmcache_triton.chunk.planner import chunk_key
 from lmcache_triton.kernels.geometry import Cache, PagedKVGeometry
 from lmcache_triton.storage.hierarchy import StorageHierarchy
@@ -167,6 +172,13 @@ class KVCacheEngine:
             the CPU tier and dequantize them while scattering (module docstring); default
             None: on the CUDA path (a CUDA cache, or `streams` given) of token-row chunks.
             False: the prefetcher decodes them (the CPU default).
+        cpu_codec: the codec stores hold chunks in, in the CPU tier (a lossy one only where
+            the quality guard allows it: the caller's decision, `calibration.guard`); default
+            "exact". Lossy: the fused gather + quantize (`kernels.quant.paged_to_quant`) runs
+            on the gather stream (CUDA: the device-to-host copy and the pinned buffer carry the
+            encoded bytes), or its torch twin in the step (CPU); loads dequantize (module
+            docstring) and the slow tiers write the parts as they are. Opaque pages, fp8 caches
+            and odd head sizes for int4 stay token rows.
     """
 
     def __init__(
@@ -181,6 +193,7 @@ class KVCacheEngine:
         streams: StreamBackend | None = None,
         prefetch_threads: int = 2,
         hold_encoded: bool | None = None,
+        cpu_codec: str = "exact",
     ) -> None:
         self.storage = storage
         self.namespace = namespace
@@ -197,6 +210,7 @@ class KVCacheEngine:
         self.staging_slots = staging_slots
         self.prefetch_threads = max(1, prefetch_threads)
         self.hold_encoded = hold_encoded  # resolved at `register`
+        self._cpu_codec = get_codec(cpu_codec)
         self._lock = threading.RLock()  # puts + holds of the CPU tier, bookkeeping below
         self._held: dict[str, torch.Tensor] = {}  # key -> the held CPU-tier tensor
         self._origin: dict[str, str] = {}  # key -> tier it came from ("cpu", "disk")
@@ -263,7 +277,8 @@ class KVCacheEngine:
         self.meta["rows"] = self.path.rows
         cache = self.path.flat
         if self.hold_encoded is None:
-            on_device = cache.is_cuda or self._backend is not None
+            # CPU engines decode in the prefetcher (off the step) unless stores are encoded too.
+            on_device = cache.is_cuda or self._backend is not None or self._cpu_codec.lossy
             self.hold_encoded = on_device and self.path.rows == ROWS_FORM
         if self.grow_ahead or (self.grow_ahead is None and cache.is_cuda):
             self.storage.grow_ahead()  # here, at start-up: never in a step
@@ -282,7 +297,9 @@ class KVCacheEngine:
         request's step: 0.3-1.2 s each, per rank): for each chunk length of
         `CopyPath.warm_lengths` (one specialisation each: a full chunk and every partial tail
         share the tile and the count is not specialised), gather its rows and scatter the same
-        bytes back through the staging ring (the cache holds nothing yet)."""
+        bytes back through the staging ring (the cache holds nothing yet); with `hold_encoded`,
+        the fused dequantize + scatter of each lossy codec the slow tiers serve, for each length
+        of `CopyPath.encoded_warm_lengths`."""
         # After whatever vLLM queued on the cache (e.g. zeroing it): the scatter writes back
         # exactly the bytes the gather read.
         path, streams = self._path(), self._side()
@@ -298,6 +315,25 @@ class KVCacheEngine:
                 staged = self._staging.take(self.chunk_shape(n, t), path.flat.dtype).tensor
                 path.gather(ids, staged)
                 path.scatter(staged, ids)
+            # The fused dequantize + scatter of each lossy codec a slow tier may hand over (and
+            # the gather + quantize of a lossy `cpu_codec`), by slots that are all skipped (-1):
+            # the same compiled kernels, nothing written.
+            dtype = str(path.flat.dtype).removeprefix("torch.")
+            codecs = self.storage.lossy_codecs() if self.hold_encoded else []
+            if self._cpu_codec.lossy and self._cpu_codec.name not in codecs:
+                codecs.append(self._cpu_codec.name)
+            for codec in codecs:
+                for t in path.encoded_warm_lengths(codec, max_tokens):
+                    n = -(-t // self.block_size)
+                    if n > blocks:
+                        continue
+                    enc = Encoding(codec, dtype, self.chunk_shape(n, t))
+                    ids = path.ids(list(range(n)), t, skip_tokens=t)
+                    buf = self._staging.take((enc.nbytes,), torch.uint8).tensor
+                    if codec == self._cpu_codec.name:
+                        path.gather_encoded(ids, buf, enc)
+                    if self.hold_encoded:
+                        path.scatter_encoded(buf, enc, ids)
         side.synchronize()
 
     def chunk_shape(self, num_blocks: int, num_tokens: int | None = None) -> tuple[int, ...]:
@@ -487,9 +523,12 @@ class KVCacheEngine:
         if self.storage.contains(key):
             return True
         t0 = time.perf_counter()
-        shape = self.chunk_shape(n, num_tokens)
+        rows = self.chunk_shape(n, num_tokens)
+        enc = self._store_encoding(rows)
+        # What the CPU tier holds: token rows, or a lossy `cpu_codec`'s parts in one buffer.
+        form = _StoreForm(path, rows, enc)
         if self._streams is not None:
-            ok = self._store_cuda(digest, key, block_ids, shape, num_tokens)
+            ok = self._store_cuda(digest, key, block_ids, form, num_tokens)
         else:
             ids = path.ids(block_ids, num_tokens)
             # Gather straight into the CPU tier's pooled buffer: one copy, no allocation.
@@ -497,31 +536,42 @@ class KVCacheEngine:
                 # Put and hold in one step of the tier's lock: no other thread (a prefetch
                 # reserving room) can evict the chunk before the engine holds it.
                 ok, held = self.storage.put_fill_held(
-                    key, path.flat.dtype, shape, lambda dst: path.gather(ids, dst),
-                    self._meta(num_tokens),
+                    key, form.dtype, form.shape, lambda dst: form.gather(ids, dst),
+                    self._meta(num_tokens), encoding=enc,
                 )
                 if held is not None:
                     self._hold(digest, held=held)
         self.stats.store_seconds += time.perf_counter() - t0
         if ok:
             self.stats.stored_chunks += 1
-            self.stats.stored_bytes += math.prod(shape) * path.flat.element_size()
+            self.stats.stored_bytes += math.prod(form.shape) * form.dtype.itemsize
         else:
             self.stats.store_errors += 1
         return ok
 
+    def _store_encoding(self, rows: tuple[int, ...]) -> Encoding | None:
+        """The encoding a store of token rows `rows` is held in (a lossy `cpu_codec` that
+        applies to this cache's chunks), or None: token rows."""
+        codec, path = self._cpu_codec, self._path()
+        dtype = str(path.flat.dtype).removeprefix("torch.")
+        if not codec.lossy or not codec.applies(rows, dtype, {"rows": path.rows}):
+            return None
+        return Encoding(codec.name, dtype, rows)
+
     def _store_cuda(
-        self, digest: str, key: str, block_ids: Sequence[int], shape: tuple[int, ...], num_tokens: int
+        self, digest: str, key: str, block_ids: Sequence[int], form: _StoreForm, num_tokens: int
     ) -> bool:
         path, streams = self._path(), self._side()
         compute = streams.compute()
         streams.gather.wait_stream(compute)  # the pages are written by kernels queued so far
         with streams.use(streams.gather):
             ids = path.ids(block_ids, num_tokens)
-            staged = self._staging.take(shape, path.flat.dtype)
+            # Encoded: the fused gather + quantize writes the parts into staging, so the
+            # device-to-host copy and the pinned buffer carry the encoded bytes only.
+            staged = self._staging.take(form.shape, form.dtype)
             if staged.busy is not None:  # every buffer still copying out: wait on the device
                 streams.gather.wait_event(staged.busy)
-            path.gather(ids, staged.tensor)
+            form.gather(ids, staged.tensor)
             gathered = streams.record(streams.gather)
         with streams.use(streams.copy_out):
             streams.copy_out.wait_event(gathered)  # and for nothing else
@@ -530,8 +580,8 @@ class KVCacheEngine:
                 # done (never evicted or reused under the DMA); the disk write waits for it.
                 # Held from the put itself (no eviction can slip in between).
                 _, held = self.storage.put_fill_held(
-                    key, path.flat.dtype, shape, lambda dst: streams.copy(dst, staged.tensor),
-                    self._meta(num_tokens), write_back=False,
+                    key, form.dtype, form.shape, lambda dst: streams.copy(dst, staged.tensor),
+                    self._meta(num_tokens), write_back=False, encoding=form.encoding,
                 )
             done = streams.record(streams.copy_out)
         self._staging.release(staged.slot, done)
@@ -831,6 +881,22 @@ class _LoadCopier(ChunkCopier):
         if self._streams is None or self._stream is None:
             return None
         return self._streams.record(self._stream)
+
+
+class _StoreForm:
+    """How a store holds a chunk: token rows of the cache's dtype, or (`encoding`) one uint8
+    buffer of a lossy codec's parts, gathered and quantized in one fused launch per K/V half."""
+
+    def __init__(self, path: CopyPath, rows: tuple[int, ...], encoding: Encoding | None) -> None:
+        self.path, self.encoding = path, encoding
+        self.dtype: torch.dtype = path.flat.dtype if encoding is None else torch.uint8
+        self.shape: tuple[int, ...] = rows if encoding is None else (encoding.nbytes,)
+
+    def gather(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        if self.encoding is None:
+            self.path.gather(ids, out)
+        else:
+            self.path.gather_encoded(ids, out, self.encoding)
 
 
 def _scatter(path: CopyPath, src: torch.Tensor, enc: Encoding | None, ids: torch.Tensor, skip_blocks: int) -> None:

@@ -11,6 +11,8 @@ Primitives (each a launcher with a torch twin of the same signature in `quant_re
   (`< 0` skipped).
 - `quantize_rows(rows, spec, q_out, scales_out)` / `dequantize_rows(q, scales, spec, out)`: the
   same kernels over a contiguous `[S, L, T, H, D]` chunk (seen as a one-block cache).
+- `launch_class(spec, shape)`: chunk lengths with equal classes share every compiled kernel (the
+  engine's warm-up).
 
 The arithmetic (and why it is bit-identical to the twins): `quant_ref`'s module docstring. IEEE
 division is `tl.div_rn` (a plain `/` may lower to an approximate divide on a GPU); bf16 is moved
@@ -282,6 +284,31 @@ def _launch(
                 cache, q[s], scales[s], slots, table, *where, half_offs[s], T, block_size, num_heads, D, G,
                 GROUP_T=group, BLOCK_D=_pow2(D), **common,
             )  # fmt: skip
+
+
+def launch_class(spec: QuantSpec, shape: tuple[int, ...]) -> tuple:
+    """What Triton specialises a launch over rows `shape` `[S, L, T, H, D]` on that depends on
+    the token count `T` (the count itself is not specialised): each half's tile (`BLOCK_T`) or
+    group count (`== 1`, a multiple of 16), and the 16-byte alignment of each part's offset when
+    q and the scales are packed in order in one buffer (`chunk.codec.Encoding`). Chunk lengths of
+    one class share every compiled kernel: the engine's warm-up launches one length per class."""
+    S, L, T, H, D = shape
+    out: list[object] = []
+    at = S * L * T * H * spec.q_cols(D)  # q first, one byte per stored column
+    for s in range(S):
+        mode, group = spec.half(s, S)
+        out.append(at % 16 == 0)
+        if mode == "token":
+            gsize = _pow2(D) if group <= 0 else group
+            out.append(max(1, min(_pow2(T), _TILE_ELEMS // (_pow2(num_groups(D, group)) * gsize))))
+        else:
+            g = num_groups(T, group)
+            out.append((g == 1, g % 16 == 0))
+        n = 2
+        for d in scale_shape(mode, group, L, T, H, D):
+            n *= d
+        at += n
+    return tuple(out)
 
 
 def _check_cache(flat: Cache, geom: PagedKVGeometry, slot_mapping: torch.Tensor, kv_split: int) -> None:

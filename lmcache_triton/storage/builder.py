@@ -246,7 +246,7 @@ def build_storage(
             alike -- and reads them all; the first replica writes. Default False.
         track_cpu_removals: record the keys leaving the CPU tier (the connector reports them).
         codecs: tier name -> the codec it writes with (the quality guard's decision); default
-            `requested_codecs(config)`. The CPU tier is always exact.
+            `requested_codecs(config)`. The CPU tier's codec is the engine's (`cpu_codec`).
     """
     tiers = build_tiers(config, codecs)
     cpu = None

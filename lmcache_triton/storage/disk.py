@@ -39,6 +39,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import math
 import os
 import stat
 import threading
@@ -533,7 +534,26 @@ class DiskTier(TierCounters):
             ValueError: reserved or non-string meta, a dtype with no safetensors code, a bad key
                 (`on_done` is not called).
         """
-        meta = check_meta(tensor.dtype, meta)
+        return self._put(key, tensor, meta, on_done, None)
+
+    def put_encoded(
+        self, key: str, buf: torch.Tensor, encoding: Encoding, meta: Mapping[str, str], on_done: OnDone | None = None
+    ) -> bool:
+        """`EncodedWriter`: queue a chunk already encoded (`buf`: its parts, `encoding`), written
+        as it is. Only where this tier writes `key` with that codec (else False, `on_done(False)`:
+        a lossy chunk is never stored under another codec, nor decoded and stored as exact)."""
+        if self.codecs.for_key(key).name != encoding.codec:
+            self._count("dropped")
+            if on_done is not None:
+                on_done(False)
+            return False
+        return self._put(key, buf, meta, on_done, encoding)
+
+    def _put(
+        self, key: str, tensor: torch.Tensor, meta: Mapping[str, str] | None, on_done: OnDone | None,
+        encoding: Encoding | None,
+    ) -> bool:
+        meta = check_meta(tensor.dtype if encoding is None else getattr(torch, encoding.dtype), meta)
         self._file(key)  # validates the key
         with self._lock:
             present = key in self._index or key in self._pending
@@ -543,7 +563,7 @@ class DiskTier(TierCounters):
             if on_done is not None:
                 on_done(present)
             return present
-        if not self._writes.submit(key, tensor, meta, on_done):
+        if not self._writes.submit(key, tensor, meta, on_done, encoding):
             with self._lock:
                 self._pending.discard(key)
                 self._stats["dropped"] += 1
@@ -560,15 +580,16 @@ class DiskTier(TierCounters):
         with self._lock:
             self._pending.discard(key)
 
-    def _write(self, key: str, tensor: torch.Tensor, meta: Mapping[str, str]) -> bool:
+    def _write(self, key: str, tensor: torch.Tensor, meta: Mapping[str, str], encoding: Encoding | None = None) -> bool:
         final = self._file(key)
         with self._lock:
             if key in self._index:
                 self._record("+", [key])
                 return True
-        header, payload = encode_chunk(key, tensor, meta, self.auth, self.codecs.for_key(key))
+        header, payload = encode_chunk(key, tensor, meta, self.auth, self.codecs.for_key(key), encoding)
         size = len(header) + len(payload)
-        raw = len(header) + tensor.numel() * tensor.element_size()
+        rows = tensor.numel() * tensor.element_size() if encoding is None else _rows_bytes(encoding)
+        raw = len(header) + rows
         if size > self.max_bytes:
             self._count("rejected")
             return False
@@ -675,3 +696,8 @@ class DiskTier(TierCounters):
                 "bytes": self._bytes,
                 "queued": self._writes.qsize(),
             }
+
+
+def _rows_bytes(encoding: Encoding) -> int:
+    """Bytes of the decoded rows of an encoded chunk (what an exact write would have stored)."""
+    return math.prod(encoding.shape) * getattr(torch, encoding.dtype).itemsize

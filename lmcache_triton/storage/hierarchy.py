@@ -25,6 +25,9 @@ Primitives:
   `flush(timeout)`, `close()`.
 
 Invariants:
+  * An encoded CPU-tier entry (a lossy `cpu_codec`) is written to a slow tier as it is, and only
+    to one that writes that key with the same codec (`EncodedWriter.put_encoded`); elsewhere the
+    write does not happen (counted): a lossy chunk is never decoded and stored as exact.
   * The caller may reuse `tensor` as soon as `put` returns. Every chunk passes through the CPU
     tier; the slow tiers' writers are handed the tier's own buffer, held (unevictable) until the
     last writer is done. When the CPU tier has no free buffer the chunk is dropped, never copied
@@ -55,10 +58,10 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from lmcache_triton.chunk.codec import Encoding
+from lmcache_triton.chunk.codec import EXACT, Encoding
 
 from .cpu import CpuTier
-from .tier import EncodedReader, SlowTier
+from .tier import EncodedReader, EncodedWriter, EncodingTier, SlowTier
 
 # Fault injection for tests and benchmarks: seconds added to every prefetch read, as a slow or
 # remote disk would (read at each prefetch).
@@ -150,6 +153,15 @@ class StorageHierarchy:
         or None for token rows (`CpuTier.encoding`)."""
         return None if self.cpu is None else self.cpu.encoding(key, tensor)
 
+    def lossy_codecs(self) -> list[str]:
+        """The lossy codecs some slow tier writes (and so may serve: `CodecPolicy.readable`) for
+        some namespace: what an engine holding encoded chunks may be handed."""
+        out: list[str] = []
+        for t in self.tiers:
+            if isinstance(t, EncodingTier):
+                out += [n for n in t.codecs.names() if n != EXACT and n not in out]
+        return out
+
     def remove(self, key: str) -> bool:
         """Drop `key` from memory (a held entry goes on its last release)."""
         return self.cpu is not None and self.cpu.remove(key)
@@ -208,21 +220,27 @@ class StorageHierarchy:
         fill: Callable[[torch.Tensor], object],
         meta: dict[str, str] | None = None,
         write_back: bool = True,
+        encoding: Encoding | None = None,
     ) -> tuple[bool, torch.Tensor | None]:
         """`put_fill`, and the CPU tier's view held from the same lock (`CpuTier.put_fill_held`:
         no eviction between the put and the hold); `release(key, view)` drops it.
+
+        Args:
+            encoding: the chunk is encoded (`dtype` uint8, `shape` `(encoding.nbytes,)`: a lossy
+                `cpu_codec`'s parts); the slow tiers write it as it is (`EncodedWriter`).
 
         Returns:
             (what `put_fill` returns, the held view or None when the chunk is not in the CPU tier).
         """
         meta = dict(meta or {})
+        rows_dtype = dtype if encoding is None else getattr(torch, encoding.dtype)
         for tier in self.tiers:
-            tier.check_put(key, dtype, meta)
+            tier.check_put(key, rows_dtype, meta)
         if self.cpu is None:
             return False, None
         if not self.keep_in_cpu and any(t.contains_many([key])[0] for t in self._local()):
             return True, None
-        held = self.cpu.put_fill_held(key, dtype, shape, fill, meta)
+        held = self.cpu.put_fill_held(key, dtype, shape, fill, meta, encoding=encoding)
         if held is None:
             self.dropped_writes += 1
             return False, None
@@ -245,6 +263,7 @@ class StorageHierarchy:
         held = self.cpu.hold(key)
         if held is None:
             return False
+        enc = self.cpu.encoding(key, held)
         meta = self.cpu.meta(key) or {}
         cpu, keep = self.cpu, self.keep_in_cpu
         left = [len(targets)]
@@ -268,7 +287,12 @@ class StorageHierarchy:
         queued = False
         for i, tier in enumerate(targets):
             try:
-                queued = tier.put(key, held, meta, on_done=done) or queued
+                if enc is None:
+                    queued = tier.put(key, held, meta, on_done=done) or queued
+                elif isinstance(tier, EncodedWriter):  # as it is: no re-encode
+                    queued = tier.put_encoded(key, held, enc, meta, on_done=done) or queued
+                else:  # never decoded and stored as exact
+                    done(False)
             except BaseException:
                 for _ in targets[i:]:  # on_done is not called when put raises
                     drop()

@@ -22,6 +22,8 @@ Primitives:
                             `encoding` and `read_encoded_into(buf)` (the verified parts, no
                             decode), for a CPU tier that holds chunks encoded (a CUDA engine
                             dequantizes them on the device).
+  `EncodedWriter` (optional)  `put_encoded(key, buf, encoding, meta, on_done)`: a chunk already
+                            encoded, written as it is (no re-encode).
   `describe()`               its bound and place for the start-up line (no secret in it).
   `flush(timeout)`, `close()`, `stats` (a property), `track_changes()`/`take_changes()` (KV events).
 
@@ -80,6 +82,21 @@ class EncodedReader(Protocol):
         """Read the payload (the codec's parts, packed) into `buf` (`[encoding.nbytes]` uint8,
         contiguous, CPU) and verify it there; same return as `read_into`. Only when `encoding`
         is set."""
+        ...
+
+
+@runtime_checkable
+class EncodedWriter(Protocol):
+    """A slow tier that writes a chunk already encoded as it is (a CPU tier holding chunks
+    quantized on the GPU: `cpu_codec`). Optional: the hierarchy writes no encoded chunk to a tier
+    without it (a lossy chunk is never decoded and stored as exact)."""
+
+    def put_encoded(
+        self, key: str, buf: torch.Tensor, encoding: Encoding, meta: Mapping[str, str], on_done: OnDone | None = None
+    ) -> bool:
+        """`put` of an encoded chunk (`buf`: `[encoding.nbytes]` uint8, its parts): the same
+        file or value as `put` of its decoded rows would write with that codec. Only where the
+        tier writes `key` with `encoding.codec`; otherwise False and `on_done(False)`."""
         ...
 
 

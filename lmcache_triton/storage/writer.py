@@ -1,7 +1,9 @@
 """One bounded write queue with its background thread: what every slow tier's `put` hands work to.
 
 Primitives:
-  `WriteQueue(write, name, nice, on_error)`  `write(key, tensor, meta) -> bool` runs on the thread.
+  `WriteQueue(write, name, nice, on_error)`  `write(key, tensor, meta, encoding) -> bool` runs on
+                                        the thread (`encoding`: None, or the tensor holds a
+                                        chunk's encoded parts, `chunk.codec.Encoding`).
   `submit(key, tensor, meta, on_done)`  False at once when the queue is full (nothing queued,
                                         `on_done` not called: the caller answers it).
   `flush(timeout)`, `close(timeout)`, `qsize()`.
@@ -24,12 +26,14 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from lmcache_triton.chunk.codec import Encoding
+
 from .tier import OnDone
 
 logger = logging.getLogger(__name__)
 
-Write = Callable[[str, torch.Tensor, Mapping[str, str]], bool]
-_Item = tuple[str, torch.Tensor, Mapping[str, str], OnDone | None]
+Write = Callable[[str, torch.Tensor, Mapping[str, str], Encoding | None], bool]
+_Item = tuple[str, torch.Tensor, Mapping[str, str], OnDone | None, Encoding | None]
 
 
 class WriteQueue:
@@ -60,9 +64,12 @@ class WriteQueue:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, key: str, tensor: torch.Tensor, meta: Mapping[str, str], on_done: OnDone | None) -> bool:
+    def submit(
+        self, key: str, tensor: torch.Tensor, meta: Mapping[str, str], on_done: OnDone | None,
+        encoding: Encoding | None = None,
+    ) -> bool:
         try:
-            self._q.put_nowait((key, tensor, meta, on_done))
+            self._q.put_nowait((key, tensor, meta, on_done, encoding))
         except queue.Full:
             return False
         return True
@@ -79,10 +86,10 @@ class WriteQueue:
             try:
                 if item is None:
                     return
-                key, tensor, meta, on_done = item
+                key, tensor, meta, on_done, encoding = item
                 ok = False
                 try:
-                    ok = self._write(key, tensor, meta)
+                    ok = self._write(key, tensor, meta, encoding)
                 except Exception as e:  # never kill the writer thread
                     if self._on_error is not None:
                         self._on_error(key, e)

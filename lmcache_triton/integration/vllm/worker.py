@@ -126,10 +126,11 @@ class WorkerConnector(ConnectorCore):
         self.rank: int = get_pp_group().rank_in_group * self.tp_size + get_tensor_model_parallel_rank()
         # A KV replica writes no slow tier: the first replica writes the shared file (and remote key).
         replica = first_replica(self.rank, self.tp_size, self.kv_replicas) != self.rank
-        self.storage = build_storage(
-            self.config, replica=replica, track_cpu_removals=True, codecs=self._guarded_codecs()
+        codecs = self._guarded_codecs()
+        self.storage = build_storage(self.config, replica=replica, track_cpu_removals=True, codecs=codecs)
+        self.engine = KVCacheEngine(
+            self.storage, self.namespaces[self.rank], self.key_meta, cpu_codec=codecs.get("cpu", "exact")
         )
-        self.engine = KVCacheEngine(self.storage, self.namespaces[self.rank], self.key_meta)
         self._store_errors_seen = 0  # slow-tier writes that did not happen, already reported
         self._tier_bytes_seen: dict[str, int] = {}  # slow-tier byte counters already reported
         # vLLM KV events (kv_events.py): this rank reports its slow tiers' writes and drops.
@@ -324,9 +325,9 @@ class WorkerConnector(ConnectorCore):
 
 
     def _guarded_codecs(self) -> dict[str, str]:
-        """Each slow tier's codec after the quality guard (calibration/guard.py): a lossy one only
-        where a passing calibration record exists for these weights and codec; rank 0 says, in one
-        line, why one was refused."""
+        """Each tier's codec after the quality guard (calibration/guard.py; "cpu": the engine's
+        `cpu_codec`): a lossy one only where a passing calibration record exists for these weights
+        and codec; rank 0 says, in one line, why one was refused."""
         from lmcache_triton.calibration import Identity, guard_codecs
         from lmcache_triton.chunk.codec import get_codec
         from lmcache_triton.storage.builder import requested_codecs
@@ -334,7 +335,7 @@ class WorkerConnector(ConnectorCore):
         codecs, _ = guard_codecs(
             self.config,
             Identity.from_key_meta(self.key_meta),
-            requested_codecs(self.config),
+            {**requested_codecs(self.config), "cpu": self.config.cpu_codec},
             is_lossy=lambda name: get_codec(name).lossy,
             log=self.rank == 0,
         )

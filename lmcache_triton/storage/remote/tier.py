@@ -463,21 +463,45 @@ class RemoteTier(TierCounters):
             ValueError: a bad key, reserved/non-string meta, a dtype with no safetensors code
                 (`on_done` is not called).
         """
-        self.check_put(key, tensor.dtype, meta)
+        return self._put(key, tensor, meta, on_done, None)
+
+    def put_encoded(
+        self, key: str, buf: torch.Tensor, encoding: Encoding, meta: Mapping[str, str], on_done: OnDone | None = None
+    ) -> bool:
+        """`EncodedWriter`: queue a chunk already encoded (`buf`: its parts), SET as it is; only
+        where this tier writes `key` with that codec (else dropped, `on_done(False)`)."""
+        if self.codecs.for_key(key).name != encoding.codec:
+            self._count("dropped")
+            if on_done is not None:
+                on_done(False)
+            return False
+        return self._put(key, buf, meta, on_done, encoding)
+
+    def _put(
+        self, key: str, tensor: torch.Tensor, meta: Mapping[str, str] | None, on_done: OnDone | None,
+        encoding: Encoding | None,
+    ) -> bool:
+        self.check_put(key, tensor.dtype if encoding is None else getattr(torch, encoding.dtype), meta)
         if self._writer is not None and not self._closed:
             owner = self.router.known_owner(self.keys.server_key(key))
-            if self.router.may_try(owner) and self._writer.submit(key, tensor, dict(meta or {}), on_done):
+            if self.router.may_try(owner) and self._writer.submit(key, tensor, dict(meta or {}), on_done, encoding):
                 return True
         self._count("dropped")
         if on_done is not None:
             on_done(False)
         return False
 
-    def write(self, key: str, tensor: torch.Tensor, meta: Mapping[str, str] | None = None) -> bool:
-        """Seal and SET one chunk now (the writer thread's step); False on any failure (counted)."""
+    def write(
+        self, key: str, tensor: torch.Tensor, meta: Mapping[str, str] | None = None, encoding: Encoding | None = None
+    ) -> bool:
+        """Seal and SET one chunk now (the writer thread's step); False on any failure (counted).
+        `encoding`: `tensor` holds the chunk's encoded parts, written as they are."""
         header, payload = encode_chunk(
-            key, tensor, None if meta is None else dict(meta), self.auth, self.codecs.for_key(key)
+            key, tensor, None if meta is None else dict(meta), self.auth, self.codecs.for_key(key), encoding
         )
+        rows = tensor.numel() * tensor.element_size()
+        if encoding is not None:
+            rows = math.prod(encoding.shape) * getattr(torch, encoding.dtype).itemsize
         rkey = self.keys.server_key(key).encode()
         size = len(header) + len(payload)
         resp = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(rkey), rkey, size)
@@ -519,16 +543,18 @@ class RemoteTier(TierCounters):
         with self._lock:
             self._stats["writes"] += 1
             self._stats["bytes_written"] += size
-            self._stats["raw_bytes_written"] += len(header) + tensor.numel() * tensor.element_size()
-            self._stats["encoded_writes"] += size < len(header) + tensor.numel() * tensor.element_size()
+            self._stats["raw_bytes_written"] += len(header) + rows
+            self._stats["encoded_writes"] += size < len(header) + rows
         return True
 
-    def _write_queued(self, key: str, tensor: torch.Tensor, meta: Mapping[str, str]) -> bool:
+    def _write_queued(
+        self, key: str, tensor: torch.Tensor, meta: Mapping[str, str], encoding: Encoding | None = None
+    ) -> bool:
         """The writer thread's step: skipped (a counted store error) while the server backs off."""
         if not self.router.may_try(self.router.known_owner(self.keys.server_key(key))):
             self._count("write_errors")
             return False
-        ok = self.write(key, tensor, meta)
+        ok = self.write(key, tensor, meta, encoding)
         if ok:
             self._changed("+", key)
         return ok
