@@ -14,9 +14,10 @@ argument binder for the target (what `JITFunction.run` does before compiling): t
 constexprs (tiles), element types (the same-width integer views of bf16/fp16/fp8/fp32),
 pointer alignment and the divisibility-by-16 and `== 1` attributes of the integer arguments.
 One compile per distinct key, as the JIT would. The fused codec kernels (kernels/quant.py) are
-recorded the same way where the engine launches them: its warm-up and its loads of chunks a disk
-tier holds encoded (int8 or int4, `CODEC_OF`), dequantized while scattered; their store side,
-which the engine does not launch yet, from hand-written signatures (`quant_cases`).
+recorded the same way where the engine launches them (`CODEC_OF`): its warm-up, its stores with a
+lossy `cpu_codec` (gather + quantize) and its loads of encoded chunks, its own and those a disk
+tier holds (dequantize + scatter); and from hand-written signatures for every element kind
+(`quant_cases`).
 """
 
 from __future__ import annotations
@@ -62,14 +63,11 @@ CACHES = [
 CHUNK = 256
 LAYERS = 3
 QUANT_KERNELS = ("_token_mode_kernel", "_channel_mode_kernel")
-# The lossy codec each cache's engine is handed encoded chunks of (through a disk tier): both
-# codecs over the element kinds (bf16 as int16, fp16, fp32), one buffer and per-layer caches,
-# K/V and MLA rows (~40 compiles: each tail length class of `quant.launch_class`). Caches not
-# listed (fp8, opaque pages) are never encoded.
-CODEC_OF = {
-    "bf16-HND": "int8", "bf16-NHD": "int4", "fp16-head80": "int4", "fp32-NHD": "int8",
-    "mla-bf16-per-layer": "int8",
-}
+# The lossy codec each cache's engine stores with (`cpu_codec`) and is handed encoded chunks of
+# (through a disk tier): both codecs, bf16 (as int16) and fp16, one buffer and per-layer caches,
+# K/V and MLA rows (~35 compiles: each tail length class of `quant.launch_class`, both ways; fp32
+# is in `quant_cases`). Caches not listed are left exact (fp8, opaque pages: never encoded).
+CODEC_OF = {"bf16-HND": "int8", "fp16-head80": "int4", "mla-bf16-per-layer": "int8"}
 
 
 class _Now:
@@ -116,14 +114,15 @@ def _engine_launches(tmp: str) -> list[tuple[str, str, tuple, dict]]:
     from lmcache_triton.storage.hierarchy import StorageHierarchy
 
     launches: list[tuple[str, str, tuple, dict]] = []
-    current = [""]
+    current = ["", ""]  # the cache's name, its codec's suffix (the codec kernels' labels)
 
     class Recorded:
         def __init__(self, name: str) -> None:
             self.name = name
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((current[0], self.name, args, kwargs))
+            label = current[0] + (current[1] if self.name in QUANT_KERNELS else "")
+            return lambda *args, **kwargs: launches.append((label, self.name, args, kwargs))
 
     real = {n: getattr(paged_copy, n) for n in COPY_KERNELS}
     real_quant = {n: getattr(quant, n) for n in QUANT_KERNELS}
@@ -135,20 +134,19 @@ def _engine_launches(tmp: str) -> list[tuple[str, str, tuple, dict]]:
         setattr(quant, n, Recorded(n))
     try:
         for name, layout, heads, block, row, dtype, kv_split, per_layer, pages in CACHES:
-            current[0] = name
             codec = CODEC_OF.get(name)
+            current[:] = [name, f"+{codec}"]
             blocks = 2 * CHUNK // block + 4
             c5 = allocate_paged_cache(layout, LAYERS, blocks, heads, block, row, dtype)
             c5.zero_()
             views = [c5[i].clone() for i in range(LAYERS)] if per_layer else [c5[i] for i in range(LAYERS)]
             tiers = [DiskTier(os.path.join(tmp, name), 1 << 30, codec=codec)] if codec else []
             storage = StorageHierarchy(CpuTier(1 << 28, pin_memory=False), tiers, keep_in_cpu=True)
-            eng = KVCacheEngine(storage, "0a" * 16, {"model": "aot"}, streams=_Now())  # type: ignore[arg-type]
+            eng = KVCacheEngine(
+                storage, "0a" * 16, {"model": "aot"}, streams=_Now(), cpu_codec=codec or "exact"  # type: ignore[arg-type]
+            )
             form = {"opaque_packing": "aot"} if pages else {}
-            if codec:
-                current[0] = f"{name}+{codec}"  # the warm-up launches the codec's kernels too
             eng.register(views, block, kv_split=kv_split, staging_tokens=CHUNK, **form)  # warm-up
-            current[0] = name
             per = CHUNK // block
             for i, tokens in enumerate((CHUNK, CHUNK - block - 5, 7)):
                 n = -(-tokens // block)
@@ -157,7 +155,6 @@ def _engine_launches(tmp: str) -> list[tuple[str, str, tuple, dict]]:
                     eng.poll()
                     eng.load(f"d{i}", ids, skip_blocks=min(1, n - 1))
             if codec:  # chunks another server left encoded on the disk: loaded dequantizing
-                current[0] = f"{name}+{codec}"
                 assert storage.flush(60)
                 for i, tokens in enumerate((CHUNK, CHUNK - block - 5, 7)):
                     n = -(-tokens // block)

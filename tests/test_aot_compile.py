@@ -42,12 +42,15 @@ def test_every_kernel_compiles_for(arch, tmp_path):
                 line.startswith(f"ok sm_{arch} {kernel}[") and form in line for line in r.stdout.splitlines()
             ), f"{kernel} {form} not compiled:\n{r.stdout[-2000:]}"
     assert f"ok sm_{arch} _token_deviation_kernel[*bf16]" in r.stdout
-    # The fused dequantize + scatter as the engine launches it (warm-up, loads of encoded chunks).
-    for label in ("_token_mode_kernel[bf16-HND+int8:*i16", "_channel_mode_kernel[bf16-NHD+int4:*i16",
-                  "_token_mode_kernel[mla-bf16-per-layer+int8:*i16", "_token_mode_kernel[fp32-NHD+int8:*fp32"):
-        assert any(line.startswith(f"ok sm_{arch} {label}") and "QUANT=False" in line for line in r.stdout.splitlines()), (
-            f"{label} (engine launch) not compiled:\n{r.stdout[-2000:]}"
-        )
+    # The fused codec kernels as the engine launches them (warm-up, stores with a lossy
+    # cpu_codec, loads of encoded chunks): both directions.
+    lines = r.stdout.splitlines()
+    for label in ("_token_mode_kernel[bf16-HND+int8:*i16", "_channel_mode_kernel[fp16-head80+int4:*fp16",
+                  "_token_mode_kernel[fp16-head80+int4:*fp16", "_token_mode_kernel[mla-bf16-per-layer+int8:*i16"):
+        for way in ("QUANT=True", "QUANT=False"):
+            assert any(line.startswith(f"ok sm_{arch} {label}") and way in line for line in lines), (
+                f"{label} {way} (engine launch) not compiled:\n{r.stdout[-2000:]}"
+            )
     for kernel in ("_token_mode_kernel", "_channel_mode_kernel"):  # the codecs' quantizing copies
         for tag in ("*i16,8b,quant=True", "*fp16,4b,quant=False", "*fp32,4b,quant=True,per_layer=True"):
             assert f"ok sm_{arch} {kernel}[{tag}" in r.stdout, f"{kernel} {tag} not compiled"

@@ -302,7 +302,8 @@ def _encoded_chunk(
     import torch
 
     if buf.dtype != torch.uint8 or tuple(buf.shape) != (encoding.nbytes,) or encoding.dtype not in DTYPE_CODES:
-        raise ValueError(f"encoding {encoding.codec}: expected [{encoding.nbytes}] uint8 parts of {encoding.dtype} rows")
+        want = f"[{encoding.nbytes}] uint8 parts of {encoding.dtype} rows"
+        raise ValueError(f"encoding {encoding.codec}: expected {want}")
     meta = check_meta(getattr(torch, encoding.dtype), meta)
     md = dict(meta)
     md.update(format=FORMAT, key=key, dtype=encoding.dtype, shape=",".join(map(str, encoding.shape)))
@@ -310,7 +311,8 @@ def _encoded_chunk(
     entries: dict[str, dict[str, Any]] = {}
     at = 0
     for p in encoding.parts():
-        entries[p.name] = {"dtype": DTYPE_CODES[p.dtype][0], "shape": list(p.shape), "data_offsets": [at, at + p.nbytes]}
+        offsets = [at, at + p.nbytes]
+        entries[p.name] = {"dtype": DTYPE_CODES[p.dtype][0], "shape": list(p.shape), "data_offsets": offsets}
         at += p.nbytes
     payload = _payload_view(buf)
     h = auth.start(md)

@@ -635,7 +635,7 @@ class _StreamReader:
         want = (self._hdr.nbytes,)
         fits = buf.dtype == torch.uint8 and tuple(buf.shape) == want and buf.is_contiguous() and not buf.is_cuda
         if self.encoding is None or not fits:
-            raise ValueError(f"remote tier: read_encoded_into needs a contiguous CPU [{want[0]}] uint8 tensor (encoded)")
+            raise ValueError(f"remote tier: read_encoded_into needs a contiguous CPU [{want[0]}] uint8 tensor")
         return self._read(buf, None)
 
     def read_into(self, out: torch.Tensor) -> bool:
