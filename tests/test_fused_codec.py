@@ -477,3 +477,45 @@ def test_config_cpu_codec_needs_the_same_slow_tier_codecs():
     assert load_config(env={}).cpu_codec == "exact"
     with pytest.raises(ConfigError, match="cpu_codec: int4 needs disk_codec and remote_codec int4"):
         load_config(env={"LMCACHE_CPU_CODEC": "int4", "LMCACHE_DISK_CODEC": "int4"})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_fused_store_and_load_natively_on_a_gpu(tmp_path, codec):
+    """On a real CUDA cache (torch.cuda streams, pinned CPU tier, compiled kernels): a chunk
+    another server left encoded on disk loads as the torch twin decodes it, and a store with a
+    lossy `cpu_codec` holds exactly the twin's parts of the same rows."""
+    dtype = torch.bfloat16
+    c5 = allocate_paged_cache("LBNHC", 4, 64, 8, 16, 256, dtype, device="cuda")
+    c5.normal_()
+    disk = DiskTier(tmp_path / "disk", 1 << 30, codec=codec)
+    storage = StorageHierarchy(CpuTier(1 << 28), [disk])
+    eng = KVCacheEngine(storage, NS, {"model": "m"}, cpu_codec=codec)
+    eng.register([c5[i] for i in range(4)], 16, staging_tokens=256)
+    assert eng.hold_encoded
+    tokens, src, dst = 250, list(range(3, 19)), list(range(40, 56))
+    rows = c5[:, src].permute(0, 1, 3, 2, 4).reshape(4, -1, 8, 2, 128)[:, :tokens].permute(3, 0, 1, 2, 4).contiguous()
+    assert eng.store("7a", src, tokens)
+    assert eng.synchronize() and "7a" in eng.poll().held
+    twin = get_codec(codec).encode(rows.cpu())
+    with eng.storage.acquire(eng.key("7a")) as held:
+        assert held is not None and torch.equal(held, _packed(twin))
+    assert storage.flush(60)
+    # A fresh engine (another server) prefetches the file and loads it, dequantizing on the GPU.
+    storage2 = StorageHierarchy(CpuTier(1 << 28), [DiskTier(tmp_path / "disk", 1 << 30, codec=codec)])
+    eng2 = KVCacheEngine(storage2, NS, {"model": "m"})
+    eng2.register([c5[i] for i in range(4)], 16, staging_tokens=256)
+    _prefetch(eng2, "7a")
+    assert storage2.encoding(eng2.key("7a")) is not None
+    decoded = torch.empty(rows.shape, dtype=dtype)
+    get_codec(codec).decode(dict(twin), decoded)
+    c5[:, dst] = float("nan")
+    expect = c5.clone()
+    want = decoded.cuda().permute(1, 2, 3, 0, 4).reshape(4, tokens, 8, 256)  # [L, T, H, C]
+    for t in range(tokens):
+        expect[:, dst[t // 16], :, t % 16] = want[:, t]
+    assert eng2.load("7a", dst)
+    torch.cuda.synchronize()
+    assert torch.equal(_bits(c5), _bits(expect))
+    eng.close()
+    eng2.close()
