@@ -2,8 +2,8 @@
 # The one prepared GPU check, for a session lent a device machine (see the `device` tool):
 # the GPU-marked tests natively (kernels, the engine's asynchronous store/load on CUDA), the
 # kernel benchmarks, and the worker's store/load path on a vLLM-shaped cache with a matmul
-# loop beside it. Everything is written under $OUT. About 3 minutes; run it with the device
-# tool's timeout_s ~ 360:
+# loop beside it. Everything is written under $OUT. About 4 minutes; run it with the device
+# tool's timeout_s ~ 420:
 #
 #   run(command="bash scripts/gpu_check.sh", timeout_s=360)
 #
@@ -19,8 +19,11 @@ PY=${PY:-python3}
 
 # test_gpu_path.py: no copy kernel compiles after register (Triton's real JIT cache, both cache
 # forms); test_engine.py: the store/load round trips on the three side streams.
-timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_paged_copy.py tests/test_blend_kernels.py \
-    tests/test_engine.py tests/test_cpu_arena.py tests/test_gpu_path.py 2>&1 | tee "$OUT/gpu_tests.log"
+# test_fused_codec.py / test_quant_kernels.py: the fused quantize/dequantize kernels natively, and
+# the engine's encoded store and load on CUDA (issue 20).
+timeout 180 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_paged_copy.py tests/test_blend_kernels.py \
+    tests/test_engine.py tests/test_cpu_arena.py tests/test_gpu_path.py tests/test_quant_kernels.py \
+    tests/test_fused_codec.py 2>&1 | tee "$OUT/gpu_tests.log"
 echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 
 # 3 steps of 32 chunks stored (an 8k-token prefill each): the compute slow-down with 4 store
@@ -30,6 +33,11 @@ timeout 90 $PY bench/bench_transfers_gpu.py --chunks 96 --step-chunks 32 --stagi
     --csv "$OUT/results_transfers_gpu.csv" 2>&1 | tee "$OUT/bench_transfers_gpu.log"
 timeout 90 $PY bench/bench_transfers_gpu.py --chunks 96 --step-chunks 32 --staging-slots 32 --reps 3 \
     --csv "$OUT/results_transfers_gpu.csv" 2>&1 | tee -a "$OUT/bench_transfers_gpu.log"
+# The fused codec path against the exact one above (effective GB/s: decoded KV bytes per second).
+for codec in int8 int4; do
+    timeout 60 $PY bench/bench_transfers_gpu.py --chunks 32 --step-chunks 32 --staging-slots 4 --reps 3 \
+        --cpu-codec $codec --csv "$OUT/results_transfers_gpu.csv" 2>&1 | tee -a "$OUT/bench_transfers_gpu.log"
+done
 timeout 100 $PY bench/bench_paged_copy.py --csv "$OUT/results_paged_copy.csv" 2>&1 | tee "$OUT/bench_paged_copy.log"
 timeout 60 $PY bench/bench_blend_kernels.py 2>&1 | tee "$OUT/bench_blend_kernels.log"
 cp bench/results_blend_kernels.csv "$OUT/" 2>/dev/null || true
