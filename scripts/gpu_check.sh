@@ -5,7 +5,7 @@
 # loop beside it. Everything is written under $OUT. About 4 minutes; run it with the device
 # tool's timeout_s ~ 420:
 #
-#   run(command="bash scripts/gpu_check.sh", timeout_s=360)
+#   run(command="bash scripts/gpu_check.sh", timeout_s=420)
 #
 # The device image has torch, triton, safetensors, pyyaml and pytest but no vLLM: the connector's
 # end-to-end tests stay on CPU CI. Record the numbers in bench/RESULTS.md with the card's name.
