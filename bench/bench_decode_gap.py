@@ -9,7 +9,8 @@ Scenarios, each in a fresh process (in-process engine, stepped directly):
                     it in the background, verified, while the decoder keeps stepping; then the
                     load fills the request's blocks on the worker's background loader (an
                     asynchronous load: the request waits in WAITING_FOR_REMOTE_KVS)
-  disk hit, sync    the same with `async_load_min_tokens: 0`: the load copies the whole prefix
+  disk hit, sync    the same with `async_load_min_tokens: 0, async_load_slow_min_tokens: 0`: the
+                    load copies the whole prefix
                     into the blocks inside one step (what the connector did before)
   cpu hit           the prefix is already in the connector's CPU tier (asynchronous load)
   cpu hit, sync     the same, loaded in the step
@@ -72,6 +73,7 @@ def child(scenario: str, model: str, disk: str, tokens: int) -> dict:
             "lmcache.max_local_cpu_size": 2,
             # ", sync": every load in the step; else every hit of a chunk or more in the background.
             "lmcache.async_load_min_tokens": 0 if scenario.endswith(", sync") else 256,
+            "lmcache.async_load_slow_min_tokens": 0 if scenario.endswith(", sync") else 256,
         }
     spec = EngineSpec(
         model=model, block_size=32, max_model_len=tokens + 512, connector=connector,

@@ -32,7 +32,7 @@ def _tokens(n: int, seed: int) -> list[int]:
     return [rng.randrange(4, 2000) for _ in range(n)]
 
 
-NAMES = ["cpu", "disk", "abort", "fail_first", "fail_mid", "decoding", "small"]
+NAMES = ["cpu", "disk", "abort", "fail_first", "fail_mid", "decoding", "small", "slow"]
 PROMPTS = {name: _tokens(PROMPT_LEN, seed=300 + i) for i, name in enumerate(NAMES)}
 PROMPTS["small"] = _tokens(2 * CHUNK + 3, seed=399)  # under the threshold: a load in the step
 DECODER = _tokens(40, seed=398)
@@ -200,6 +200,31 @@ def test_a_lone_request_waits_for_its_load_without_spinning(llm, baseline, monke
     r = _result(outs["lone"])
     _assert_same(r, baseline["cpu"])
     assert r["num_cached_tokens"] == PROMPT_LEN - 1
+    _nothing_left(llm)
+
+
+def test_by_default_only_a_hit_read_from_disk_loads_in_the_background(llm, baseline, monkeypatch):
+    """The default policy (async_load_min_tokens 0, async_load_slow_min_tokens N): a hit whose
+    chunks were read from disk first waits in WAITING_FOR_REMOTE_KVS while they load in the
+    background; the same prompt again, its chunks now in the CPU tier, loads in the step. Both
+    outputs equal the run without the connector. (This module's prompts are shorter than the
+    default N = 1024: the scheduler's threshold is set to the module's, the rule is the same.)"""
+    from vllm.v1.request import RequestStatus
+
+    from lmcache_triton.config import LMCacheConfig
+
+    assert (LMCacheConfig().async_load_min_tokens, LMCacheConfig().async_load_slow_min_tokens) == (0, 1024)
+    impl = _impl(llm)
+    monkeypatch.setattr(impl, "async_load_min_tokens", 0)
+    monkeypatch.setattr(impl, "async_load_slow_min_tokens", 4 * CHUNK)
+    r, seen = _run(llm, "slow-disk", PROMPTS["slow"])  # on disk only (the module's restart)
+    _assert_same(r, baseline["slow"])
+    assert r["num_cached_tokens"] == PROMPT_LEN - 1
+    assert RequestStatus.WAITING_FOR_REMOTE_KVS in seen, seen
+    r, seen = _run(llm, "slow-cpu", PROMPTS["slow"])  # in the CPU tier now
+    _assert_same(r, baseline["slow"])
+    assert r["num_cached_tokens"] == PROMPT_LEN - 1
+    assert RequestStatus.WAITING_FOR_REMOTE_KVS not in seen, seen
     _nothing_left(llm)
 
 

@@ -192,3 +192,49 @@ def test_may_load_async_with_inflight_loads(model, tmp_path):
         assert computed == 95
     finally:
         h.worker.shutdown()
+
+
+def test_a_prefix_read_from_disk_loads_asynchronously_by_default(model, tmp_path):
+    """The default policy (async_load_min_tokens 0, async_load_slow_min_tokens N): after a restart
+    the prefix is on disk only; the request waits for its prefetch ("ask again"), then its load
+    goes to the background loader (WAITING_FOR_REMOTE_KVS) and vLLM runs it from the loaded
+    prefix. The same prompt again, its chunks now in the CPU tier, loads in the step."""
+    from vllm.v1.request import RequestStatus
+
+    extra = {"lmcache.async_load_slow_min_tokens": THRESHOLD}
+    toks = _tokens(1300, 96)
+    first = Harness(model, tmp_path, block_size=BLOCK, chunk_size=CHUNK, extra=extra)
+    try:
+        _store(first, "store-e", toks)
+        assert first.worker._impl.storage.flush(30)
+    finally:
+        first.worker.shutdown()
+    h = Harness(model, tmp_path, block_size=BLOCK, chunk_size=CHUNK, extra=extra)  # a restart
+    try:
+        assert h.connector._impl.async_load_min_tokens == 0
+        h.add(h.request("disk-e", toks, max_tokens=2))
+        for _ in range(50):
+            out = h.step()
+            if "disk-e" in out.kv_connector_metadata.async_loads:
+                break
+            assert "disk-e" not in out.num_scheduled_tokens, "it waits for its chunks"
+            h.drain()
+        else:
+            raise AssertionError("the disk hit never loaded asynchronously")
+        assert _status(h, "disk-e") == RequestStatus.WAITING_FOR_REMOTE_KVS
+        h.drain_loads()
+        for _ in range(5):
+            if _status(h, "disk-e") != RequestStatus.WAITING_FOR_REMOTE_KVS:
+                break
+            h.step()
+        _, computed = _first_schedule(h, "disk-e")
+        assert computed == 95
+        assert h.slot_values("disk-e", 95) == [float(t + 1) for t in toks[:95]]
+        _run(h, "disk-e")
+        h.add(h.request("cpu-e", toks, max_tokens=2))
+        out = h.step()
+        assert "cpu-e" in out.kv_connector_metadata.loads and not out.kv_connector_metadata.async_loads
+        assert out.num_scheduled_tokens.get("cpu-e") == 1, "loaded in the step, its last token computed"
+        _run(h, "cpu-e")
+    finally:
+        h.worker.shutdown()

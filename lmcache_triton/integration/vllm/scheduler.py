@@ -8,10 +8,14 @@ vLLM's hooks, in the order one request meets them:
                               question for all of a request's candidate chunks and ranks) are
                               prefetched in the background and the answer is None ("ask again"):
                               the request waits (at most PREFETCH_WAIT_S) while others run.
-                              A hit of `async_load_min_tokens` or more answers "asynchronous":
-                              vLLM parks the request in WAITING_FOR_REMOTE_KVS with its blocks
-                              while the workers' background loaders fill them; smaller hits
-                              load in the step, before the forward.
+                              A hit of `async_load_min_tokens` or more, or one with
+                              `async_load_slow_min_tokens` or more read from a slow tier first
+                              (the default: 1024), answers "asynchronous": vLLM parks the
+                              request in WAITING_FOR_REMOTE_KVS with its blocks while the
+                              workers' background loaders fill them; other hits load in the
+                              step, before the forward. A step that schedules nothing while
+                              requests wait for loads or prefetches lets the workers wait for
+                              them (IDLE_WAIT_S) rather than spin.
   may_load_async              (vLLM 0.34, --max-num-inflight-kv-loads) whether that answer may
                               come: the chunks held in memory cover the threshold.
   update_state_after_alloc    remembers the load plan of a request that got external tokens, and
@@ -232,8 +236,10 @@ class SchedulerConnector(ConnectorCore):
         self._await_stores: list[str] = []  # finished requests to name in the next metadata
         self._lookups: dict[str, tuple[int, int]] = {}  # req -> (local tokens, cached tokens)
         self._load_plans: dict[str, tuple[int, int]] = {}  # req -> (first token, end token)
-        # Asynchronous loads (hits of at least this many tokens; 0: none).
+        # Asynchronous loads: hits of at least this many tokens, or with at least this many read
+        # from a slow tier first (0: none).
         self.async_load_min_tokens: int = self.config.async_load_min_tokens
+        self.async_load_slow_min_tokens: int = self.config.async_load_slow_min_tokens
         self._async_asked: set[str] = set()  # the last lookup of these answered "asynchronous"
         self._async_new: list[str] = []  # allocated this step: their loads go out in the metadata
         # req -> (first token, the end token of each of its chunks) until vLLM hears it finished.
@@ -306,13 +312,27 @@ class SchedulerConnector(ConnectorCore):
         self._lookups[request.request_id] = (num_computed_tokens, cached)
         hit = cached - num_computed_tokens
         # A large hit loads in the background (the request waits in WAITING_FOR_REMOTE_KVS, the
-        # others keep running); a small one in the step, before the forward: sooner for it.
-        load_async = 0 < self.async_load_min_tokens <= hit
+        # others keep running); a small one in the step, before the forward: sooner for it. By
+        # default only hits read from a slow tier first load in the background: a CPU-tier hit
+        # is faster in the step (config.py, async_load_slow_min_tokens).
+        slow = self._slow_tokens(request.request_id, st, num_computed_tokens, cached)
+        load_async = 0 < self.async_load_min_tokens <= hit or 0 < self.async_load_slow_min_tokens <= slow
         if load_async:
             self._async_asked.add(request.request_id)
         else:
             self._async_asked.discard(request.request_id)
         return hit, load_async
+
+    def _slow_tokens(self, req_id: str, st: RequestState, first: int, end: int) -> int:
+        """Tokens of `[first, end)` in chunks this request waited for from a slow tier."""
+        slow = self._slow_waits.get(req_id)
+        if not slow:
+            return 0
+        return sum(
+            min(s.end, end) - max(s.start, first)
+            for s in st.spans
+            if s.digest in slow and s.end > first and s.start < end
+        )
 
     def may_load_async(self, request: Request) -> bool:
         """vLLM 0.34 (`--max-num-inflight-kv-loads`): whether `get_num_new_matched_tokens` may
@@ -636,13 +656,8 @@ class SchedulerConnector(ConnectorCore):
         from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
         rid = request.request_id
-        slow, st, plan = self._slow_waits.get(rid), self._states.get(rid), self._load_plans.get(rid)
-        from_slow = 0
-        if slow and st is not None and plan is not None:
-            first, end = plan
-            for span in st.spans:
-                if span.digest in slow and span.end > first and span.start < end:
-                    from_slow += min(span.end, end) - max(span.start, first)
+        st, plan = self._states.get(rid), self._load_plans.get(rid)
+        from_slow = self._slow_tokens(rid, st, *plan) if st is not None and plan is not None else 0
         from_slow = min(from_slow, num_external_tokens)
         sources = {CacheHitSource.DISK: from_slow, CacheHitSource.HOST: num_external_tokens - from_slow}
         return {k: v for k, v in sources.items() if v}
