@@ -22,7 +22,10 @@ vLLM's hooks:
   get_finished                finished requests the scheduler held back (`await_stores`: on CUDA a
                               store's gather may still be queued) once every store queued before
                               vLLM named them has read its blocks; and the requests whose
-                              asynchronous load is complete (finished receiving); never waits.
+                              asynchronous load is complete (finished receiving). It waits only
+                              in a step that schedules nothing while requests wait for loads or
+                              prefetches (`idle_wait_s`): until one ends, at most 20 ms, so the
+                              engine loop does not spin on the GIL the loader threads need.
   handle_preemptions          not needed: no copy out of a block outlives the step's gather.
   get_block_ids_with_load_errors  blocks of chunks that failed to load. Nothing promised can be
                               missing (the worker holds it), so this is a last safety net: it
