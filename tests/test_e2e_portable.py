@@ -18,7 +18,7 @@ from lmcache_triton.cli import app  # noqa: E402
 from lmcache_triton.testing import sample_prompt  # noqa: E402
 from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess  # noqa: E402
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("engine_children_forked")]
 
 CHUNK = 256
 MAX_TOKENS = 6

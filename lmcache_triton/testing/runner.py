@@ -14,9 +14,9 @@ generation (prefill + one sample) when `measure_ttft` is set.
 For the test suite, whose cost is engine starts:
   EngineProcess   an engine in a child process that answers job after job (the no-cache
                   reference outputs every module compares with).
-  ForkServer      `run_in_subprocess` (and `run_script_in_subprocess`) in children forked from a
-                  process that has imported torch and vLLM and nothing more (`use_fork_server`):
-                  still a new process per run.
+  fork_server     `run_in_subprocess`, `run_script_in_subprocess` and `EngineProcess` in children
+                  forked from a process that has imported torch and vLLM and nothing more
+                  (`fork_server.use_fork_server`): still a new process per run.
   isolate         a new key epoch between tests sharing one engine, instead of a new engine.
   note_engine_start  one line per engine start in $LMCT_TEST_ENGINE_LOG (the suite counts them).
 """
@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-if TYPE_CHECKING:
-    import subprocess
+from lmcache_triton.testing.fork_server import FORKED_ENV, fork_server_for
 
+if TYPE_CHECKING:
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -102,15 +102,53 @@ def prepare_env(multiprocess: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def note_engine_start(kind: str) -> None:
+def note_engine_start(kind: str, origin: str | None = None) -> None:
     """Record one engine start in the file named by `LMCT_TEST_ENGINE_LOG`, if set, with the
     test that caused it (pytest's PYTEST_CURRENT_TEST, inherited by child processes)."""
     path = os.environ.get(ENGINE_LOG_ENV)
     if not path:
         return
-    line = json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", ""), "kind": kind, "pid": os.getpid()})
+    line = json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", ""), "kind": kind, "pid": os.getpid(),
+                       "origin": origin or process_origin()})  # fmt: skip
     with open(path, "a") as f:
         f.write(line + "\n")
+
+
+def process_origin() -> str:
+    """How this process came to run an engine: "pytest" (the test process itself), "fork" (a
+    child of the fork server: imports already paid) or "new" (a new interpreter that imported
+    torch and vLLM itself, ~15-20 CPU-s on 2 cores)."""
+    if os.environ.get(FORKED_ENV) == str(os.getpid()):
+        return "fork"
+    return "pytest" if "_pytest" in sys.modules else "new"
+
+
+_frozen_engines = 0  # engines of this process started under the suite's collector freeze
+
+
+def _freeze_heap() -> None:
+    """In the test suite (`ENGINE_LOG_ENV` set) only: every object alive before an engine starts
+    goes to the garbage collector's permanent generation until the last such engine of the
+    process is shut down (`shutdown` unfreezes, then collects). vLLM's start-up runs nine full
+    collections, each over the whole heap of a process with torch and vLLM loaded (and in the
+    test process, pytest and every test module): 3.6 of a tiny engine run's 6.8 CPU-s. Nothing
+    that dies while frozen is lost: it is collected after the unfreeze."""
+    global _frozen_engines
+    if os.environ.get(ENGINE_LOG_ENV):
+        import gc
+
+        gc.freeze()
+        _frozen_engines += 1
+
+
+def _unfreeze_heap() -> None:
+    global _frozen_engines
+    if _frozen_engines:
+        import gc
+
+        _frozen_engines -= 1
+        if not _frozen_engines:
+            gc.unfreeze()
 
 
 def start_engine(spec: EngineSpec) -> LLM:
@@ -118,6 +156,16 @@ def start_engine(spec: EngineSpec) -> LLM:
     note_engine_start("multiprocess" if spec.multiprocess else "in-process")
     prepare_env(spec.multiprocess)
     from vllm import LLM
+
+    _freeze_heap()
+    try:
+        return LLM(**_llm_kwargs(spec))
+    except BaseException:
+        _unfreeze_heap()
+        raise
+
+
+def _llm_kwargs(spec: EngineSpec) -> dict[str, Any]:
 
     kwargs: dict[str, Any] = dict(
         model=spec.model,
@@ -134,7 +182,7 @@ def start_engine(spec: EngineSpec) -> LLM:
             spec.connector, spec.by_name, spec.failure_policy, spec.kv_role
         )
     kwargs.update(spec.extra_args)
-    return LLM(**kwargs)
+    return kwargs
 
 
 def generate(
@@ -216,6 +264,7 @@ def shutdown(llm: LLM) -> None:
     import gc
 
     del llm
+    _unfreeze_heap()
     gc.collect()
 
 
@@ -227,9 +276,11 @@ def run_in_subprocess(
     env: dict[str, str] | None = None,
     timeout: float = 600,
     ttft_from_metrics: bool = False,
+    log_path: str | None = None,
 ) -> list[dict]:
     """`run` in a fresh Python process (a real restart): a new interpreter, or a fork of the
-    fork server when one is in use (`use_fork_server`)."""
+    fork server when one is in use (`fork_server.use_fork_server`). `log_path`: where the
+    child's stdout and stderr go (vLLM's log); default: kept only to report a failure."""
     import tempfile
     from dataclasses import asdict
 
@@ -246,7 +297,7 @@ def run_in_subprocess(
                 },
                 f,
             )
-        rc, stderr = _run_child([spec_path, out_path], {**os.environ, **(env or {})}, timeout)
+        rc, stderr = _run_child([spec_path, out_path], {**os.environ, **(env or {})}, timeout, log_path, log_path)
         if rc != 0:
             raise RuntimeError(f"engine subprocess failed ({rc}):\n{stderr[-4000:]}")
         with open(out_path) as f:
@@ -262,236 +313,41 @@ def run_script_in_subprocess(
     return _run_child(["--script", path, *args], {**os.environ, **(env or {})}, timeout)
 
 
-def _run_child(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+def run_module_in_subprocess(
+    module: str, args: Sequence[str], stdout: str, stderr: str, env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> int:  # fmt: skip
+    """`python -m module ARGS` in a fresh process (a fork of the fork server when one is in use,
+    else a new interpreter), its stdout and stderr written to these files (one file when the
+    paths are equal); returns its exit code. The suite runs `warm`'s and `calibrate`'s engine
+    child (`child_job.run_child`) this way."""
+    return _run_child(["--module", module, *args], {**os.environ, **(env or {})}, timeout, stdout, stderr)[0]
+
+
+def _run_child(argv: list[str], env: dict[str, str], timeout: float, stdout: str | None = None,
+               stderr: str | None = None) -> tuple[int, str]:  # fmt: skip
     """`python -m lmcache_triton.testing.runner ARGV` in a fresh process: through the fork
-    server when one is in use and accepts `env`, else a new interpreter."""
-    server = _FORK_SERVER if _FORK_SERVER is not None and _FORK_SERVER.accepts(env) else None
-    result = server.run(argv, env, timeout) if server is not None else None
+    server when one is in use and accepts `env`, else a new interpreter. Returns (exit code,
+    the text of its stderr); stdout and stderr go to these files if given (default: kept only
+    for the answer)."""
+    server = fork_server_for(env)
+    result = server.run(argv, env, timeout, stdout, stderr) if server is not None else None
     if result is not None:
         return result
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "lmcache_triton.testing.runner", *argv], env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    return proc.returncode, proc.stderr
-
-
-# ---------------------------------------------------------------------------------------------
-# Fork server: a fresh process per engine run, without paying the imports each time.
-# ---------------------------------------------------------------------------------------------
-
-# Variables read when torch, vLLM or this package are IMPORTED: a job whose value differs from
-# the fork server's runs in a new interpreter instead.
-_IMPORT_TIME_ENV = (
-    "PYTHONPATH", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "VLLM_TARGET_DEVICE", "VLLM_CONFIGURE_LOGGING",
-    "VLLM_LOGGING_CONFIG_PATH", "VLLM_LOGGING_LEVEL", "VLLM_LOGGING_PREFIX", "VLLM_PLUGINS",
-)
-# Never imported ahead by the fork server: the code under test is imported fresh by each child.
-_NOT_PRELOADED = ("lmcache_triton", "__main__", "__mp_main__")
-_FORK_SERVER: ForkServer | None = None
-
-
-class ForkServer:
-    """Engine runs (`run_in_subprocess`) in children forked from one process that has imported
-    torch, vLLM and transformers and done nothing else.
-
-    Starting a Python process that imports vLLM costs about 20 s of CPU on a small machine; the
-    engine itself a few. Each child is still a new process: its own pid, memory, tiers and
-    vLLM globals; nothing of an earlier run is in it (the server never runs an engine). After
-    each run the server also imports what that child imported (this package excepted), so
-    later children find it loaded. A job whose import-time variables (`_IMPORT_TIME_ENV`)
-    differ from the server's runs in a new interpreter instead.
-
-    Args:
-        env: the server's environment (the import-time variables of its children).
-        log_path: the server's own output; default a temporary file.
-    """
-
-    def __init__(self, env: dict[str, str], log_path: str | None = None):
-        self.env = dict(env)
-        self.log_path = log_path
-        self._proc: subprocess.Popen[str] | None = None
-        self._results: TextIO | None = None
-        self._child: int | None = None  # the running child, if a run was interrupted
-        self.broken = False
-
-    def accepts(self, env: dict[str, str]) -> bool:
-        def imported_with(e: dict[str, str]) -> list[str | None]:
-            # prepare_env sets VLLM_LOGGING_LEVEL=WARNING before a child imports vLLM.
-            return [e.get(k) or ("WARNING" if k == "VLLM_LOGGING_LEVEL" else None) for k in _IMPORT_TIME_ENV]
-
-        return not self.broken and imported_with(env) == imported_with(self.env)
-
-    def _start(self) -> None:
-        import subprocess
-        import tempfile
-
-        if self.log_path is None:
-            fd, self.log_path = tempfile.mkstemp(prefix="lmct-fork-server-", suffix=".log")
-            os.close(fd)
-        r, w = os.pipe()
-        with open(self.log_path, "w") as log:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "lmcache_triton.testing.runner", "--fork-server", str(w)],
-                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,), env=self.env,
-                text=True, start_new_session=True,
-            )
-        os.close(w)
-        self._results = os.fdopen(r, "r")
-
-    def _read(self, timeout: float) -> dict | None:
-        import select
-
-        assert self._results is not None
-        ready, _, _ = select.select([self._results], [], [], timeout)
-        line = self._results.readline() if ready else ""
-        return json.loads(line) if line else None
-
-    def run(self, argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str] | None:
-        """Run `runner._main(argv)` in a forked child with `env`; returns (exit code, stderr),
-        or None when the server cannot fork (the caller starts a new interpreter instead)."""
-        import signal
-        import tempfile
-
-        if self._proc is None:
-            self._start()
-        assert self._proc is not None and self._proc.stdin is not None
-        with tempfile.TemporaryDirectory() as d:
-            err = os.path.join(d, "stderr")
-            job = {"argv": argv, "env": env, "cwd": os.getcwd(), "stdout": os.path.join(d, "stdout"), "stderr": err}
-            self._proc.stdin.write(json.dumps(job) + "\n")
-            self._proc.stdin.flush()
-            started = self._read(600)  # the first job waits for the server's imports
-            if started is None or "pid" not in started:
-                import warnings
-
-                warnings.warn(f"fork server unusable ({started}); engine runs start new interpreters: "
-                              f"{self._log_tail()[-1000:]}", stacklevel=3)  # fmt: skip
-                self.broken = True
-                return None
-            pid = self._child = started["pid"]
-            done = self._read(timeout)
-            self._child = None
-            if done is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)  # the child leads its own process group
-                self.broken = True  # its answer may still come: start over with a new server
-                import subprocess
-
-                raise subprocess.TimeoutExpired(argv, timeout)
-            with open(err, errors="replace") as f:
-                return done["rc"], f.read()
-
-    def _log_tail(self) -> str:
-        if not self.log_path or not os.path.exists(self.log_path):
-            return ""
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
-
-    def close(self) -> None:
-        import signal
-
-        if self._child is not None:  # a run interrupted (e.g. by pytest-timeout): stop its child
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._child, signal.SIGKILL)
-            self._child = None
-        if self._proc is not None:
-            assert self._proc.stdin is not None
-            try:
-                self._proc.stdin.close()
-                self._proc.wait(timeout=30)
-            except Exception:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
-        if self._results is not None:
-            self._results.close()
-            self._results = None
-
-
-def use_fork_server(server: ForkServer | None) -> ForkServer | None:
-    """Route `run_in_subprocess` through `server` (None: new interpreters again); returns the
-    one used before, for the caller to close."""
-    global _FORK_SERVER
-    previous, _FORK_SERVER = _FORK_SERVER, server
-    return previous
-
-
-def _fork_server_main(fd: int) -> int:
-    """The fork server (`python -m lmcache_triton.testing.runner --fork-server FD`): imports,
-    then for each job line on stdin forks a child that runs `_main(job["argv"])`; answers
-    {"pid"} when the child starts and {"pid", "rc"} when it ends, on the pipe FD."""
-    import importlib
-    import threading
-
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    import vllm  # noqa: F401
-    import vllm.v1.engine.core  # noqa: F401
-    import vllm.v1.engine.llm_engine  # noqa: F401
-    from vllm import LLM, SamplingParams  # noqa: F401
-
-    out = os.fdopen(fd, "w")
-
-    def send(msg: dict) -> None:
-        out.write(json.dumps(msg) + "\n")
-        out.flush()
-
-    for line in sys.stdin:
-        job = json.loads(line)
-        if threading.active_count() > 1:  # a Python thread would not survive the fork
-            send({"error": f"threads in the fork server: {threading.enumerate()}"})
-            return 1
-        modules_path = job["stderr"] + ".modules"
-        pid = os.fork()
-        if pid == 0:  # the child: never returns
-            rc = 1
-            try:
-                os.setpgid(0, 0)
-                for target, path in ((1, job["stdout"]), (2, job["stderr"])):
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    os.dup2(fd, target)
-                    os.close(fd)
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, 0)
-                os.close(null)
-                out.close()
-                os.environ.clear()
-                os.environ.update(job["env"])
-                import tempfile
-
-                tempfile.tempdir = None  # TMPDIR is the job's
-                os.chdir(job["cwd"])
-                before = set(sys.modules)
-                rc = _main(job["argv"])
-                with open(modules_path, "w") as f:
-                    json.dump(sorted(set(sys.modules) - before), f)
-            except SystemExit as e:
-                rc = e.code if isinstance(e.code, int) else 1
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(rc)
-        send({"pid": pid})
-        _, status = os.waitpid(pid, 0)
-        send({"pid": pid, "rc": os.waitstatus_to_exitcode(status)})
-        # Load what the child needed, for the next one.
-        try:
-            with open(modules_path) as f:
-                names = json.load(f)
-        except (OSError, ValueError):
-            names = []
-        for name in names:
-            if name.split(".")[0] not in _NOT_PRELOADED and name not in sys.modules:
-                # Generated or platform-specific modules may fail here: the child imports them.
-                with contextlib.suppress(Exception):
-                    importlib.import_module(name)
-    return 0
+    cmd = [sys.executable, "-m", "lmcache_triton.testing.runner", *argv]
+    if stdout is None and stderr is None:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        return proc.returncode, proc.stderr
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(open(stdout, "w")) if stdout is not None else subprocess.DEVNULL
+        err = subprocess.STDOUT if stderr == stdout else files.enter_context(open(stderr, "w")) if stderr else None
+        rc = subprocess.run(cmd, env=env, stdout=out, stderr=err, timeout=timeout).returncode
+    if stderr is None:
+        return rc, ""
+    with open(stderr, errors="replace") as f:
+        return rc, f.read()
 
 
 class EngineProcess:
@@ -508,13 +364,16 @@ class EngineProcess:
         log_path: where the child's stdout and stderr go; default a temporary file.
         timeout: seconds to wait for the engine to start and for each job.
 
-    The child is `python -m lmcache_triton.testing.runner --serve SPEC.json FD`: jobs come as
-    JSON lines on its stdin, results go back as JSON lines on the pipe FD (vLLM prints on
-    stdout). `close()` (or the end of a `with` block) stops it.
+    The child is `python -m lmcache_triton.testing.runner --serve SPEC.json SOCKET`, forked from
+    the fork server when one is in use and accepts `env` (no imports to pay), else a new
+    interpreter. It connects to the Unix socket SOCKET this process listens on; jobs go there as
+    JSON lines and results come back the same way (vLLM prints on stdout). `close()` (or the end
+    of a `with` block) stops it.
     """
 
     def __init__(self, spec: EngineSpec, env: dict[str, str] | None = None, log_path: str | None = None,
                  timeout: float = 600):
+        import socket
         import subprocess
         import tempfile
         from dataclasses import asdict
@@ -526,33 +385,70 @@ class EngineProcess:
         with open(spec_path, "w") as f:
             json.dump(asdict(spec), f)
         self.log_path = log_path or os.path.join(self._dir, "engine.log")
-        r, w = os.pipe()
-        with open(self.log_path, "w") as log:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "lmcache_triton.testing.runner", "--serve", spec_path, str(w)],
-                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,),
-                env=dict(os.environ if env is None else env), text=True,
-            )
-        os.close(w)
-        self._results = os.fdopen(r, "r")
+        sock_path = os.path.join(self._dir, "jobs.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(sock_path)
+        listener.listen(1)
+        argv = ["--serve", spec_path, sock_path]
+        env = dict(os.environ if env is None else env)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._server, self._job = fork_server_for(env), -1
+        started = self._server.start(argv, env, self.log_path, self.log_path) if self._server is not None else None
+        if started is not None:
+            self._job = started[0]
+        else:
+            self._server = None
+            with open(self.log_path, "w") as log:
+                self._proc = subprocess.Popen([sys.executable, "-m", "lmcache_triton.testing.runner", *argv],
+                                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                              env=env)  # fmt: skip
+        self._conn: socket.socket | None = None
+        self._file: TextIO | None = None
         try:
+            listener.settimeout(0.5)
+            deadline = time.monotonic() + timeout
+            while self._conn is None:
+                try:
+                    self._conn, _ = listener.accept()
+                except TimeoutError:
+                    if not self._alive() or time.monotonic() > deadline:
+                        self._fail("timed out" if self._alive() else "exited")
+            self._conn.settimeout(None)
+            self._file = self._conn.makefile("rw", encoding="utf-8")
             self._read()  # {"ready": true} once the engine is up
         except BaseException:
             self.close()
             raise
+        finally:
+            listener.close()
+
+    def _alive(self) -> bool:
+        if self._server is not None:
+            return self._server.ended(self._job) is None
+        return self._proc is not None and self._proc.poll() is None
+
+    def _kill(self) -> None:
+        if self._server is not None:
+            self._server.kill(self._job)
+            self._server.wait(self._job, 60)
+        elif self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def _fail(self, what: str) -> None:
+        self._kill()
+        with open(self.log_path, errors="replace") as f:
+            tail = f.read()[-4000:]
+        raise RuntimeError(f"engine process {what}:\n{tail}")
 
     def _read(self) -> Any:
         import select
 
-        ready, _, _ = select.select([self._results], [], [], self.timeout)
-        line = self._results.readline() if ready else ""
+        assert self._conn is not None and self._file is not None
+        ready, _, _ = select.select([self._conn], [], [], self.timeout)
+        line = self._file.readline() if ready else ""
         if not line:
-            self._proc.kill()
-            self._proc.wait()
-            with open(self.log_path, errors="replace") as f:
-                tail = f.read()[-4000:]
-            what = "timed out" if not ready else f"exited ({self._proc.returncode})"
-            raise RuntimeError(f"engine process {what}:\n{tail}")
+            self._fail("timed out" if not ready else "exited")
         msg = json.loads(line)
         if "error" in msg:
             raise RuntimeError(f"engine process job failed:\n{msg['error']}")
@@ -560,24 +456,30 @@ class EngineProcess:
 
     def generate(self, prompts: Sequence[str | list[int]], max_tokens: int = 8) -> list[dict]:
         """`generate(llm, prompts, max_tokens)` in the child."""
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(json.dumps({"prompts": list(prompts), "max_tokens": max_tokens}) + "\n")
-        self._proc.stdin.flush()
+        assert self._file is not None
+        self._file.write(json.dumps({"prompts": list(prompts), "max_tokens": max_tokens}) + "\n")
+        self._file.flush()
         return self._read()
 
     def close(self) -> None:
+        """EOF on the socket: the child shuts its engine down and exits (killed after 60 s)."""
         import shutil
         import subprocess
 
-        if self._proc.poll() is None:
+        for closable in (self._file, self._conn):
+            if closable is not None:
+                with contextlib.suppress(OSError):
+                    closable.close()
+        self._file = self._conn = None
+        if self._server is not None:
+            if self._server.wait(self._job, 60) is None:
+                self._kill()
+            self._server = None
+        elif self._proc is not None and self._proc.poll() is None:
             try:
-                assert self._proc.stdin is not None
-                self._proc.stdin.close()  # EOF: the child shuts its engine down and exits
                 self._proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self._proc.kill()
-                self._proc.wait()
-        self._results.close()
+            except subprocess.TimeoutExpired:
+                self._kill()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> EngineProcess:
@@ -587,22 +489,25 @@ class EngineProcess:
         self.close()
 
 
-def _serve(spec_path: str, fd: int) -> int:
+def _serve(spec_path: str, sock_path: str) -> int:
     """The child of `EngineProcess`."""
+    import socket
     import traceback
 
     with open(spec_path) as f:
         spec = EngineSpec(**json.load(f))
-    out = os.fdopen(fd, "w")
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(sock_path)
+    io = conn.makefile("rw", encoding="utf-8")
 
     def send(msg: dict) -> None:
-        out.write(json.dumps(msg) + "\n")
-        out.flush()
+        io.write(json.dumps(msg) + "\n")
+        io.flush()
 
     llm = start_engine(spec)
     try:
         send({"ready": True})
-        for line in sys.stdin:
+        for line in io:
             job = json.loads(line)
             try:
                 send({"result": generate(llm, job["prompts"], job["max_tokens"])})
@@ -613,16 +518,24 @@ def _serve(spec_path: str, fd: int) -> int:
     return 0
 
 
-def _main(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
+    """`python -m lmcache_triton.testing.runner ARGV` (also what a fork-server child runs):
+    `SPEC.json OUT.json` (`run_in_subprocess`), `--serve SPEC.json SOCKET` (`EngineProcess`),
+    `--script FILE ARGS...` (`run_script_in_subprocess`) or `--module NAME ARGS...`
+    (`run_module_in_subprocess`)."""
     if argv and argv[0] == "--serve":
-        return _serve(argv[1], int(argv[2]))
-    if argv and argv[0] == "--fork-server":
-        return _fork_server_main(int(argv[1]))
+        return _serve(argv[1], argv[2])
     if argv and argv[0] == "--script":  # run_script_in_subprocess
         import runpy
 
         sys.argv = argv[1:]
         runpy.run_path(argv[1], run_name="__main__")
+        return 0
+    if argv and argv[0] == "--module":  # run_module_in_subprocess
+        import runpy
+
+        sys.argv = argv[1:]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         return 0
     spec_path, out_path = argv
     with open(spec_path) as f:
@@ -636,4 +549,4 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -60,7 +60,7 @@ def served(
     """Run `cmd` (a server listening on 127.0.0.1:`port`), logging to `log_path`; yield its URL."""
     from lmcache_triton.testing.runner import note_engine_start
 
-    note_engine_start("server")
+    note_engine_start("server", origin="new")  # a new interpreter, started from here
     with open(log_path, "w") as log:  # the server keeps its own copy of the handle
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env or dict(os.environ), start_new_session=True
