@@ -38,10 +38,11 @@ from pathlib import Path
 sys.path.insert(0, os.environ.get("PROFILE_TREE") or str(Path(__file__).resolve().parent.parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
-from bench_e2e import BENCH_MODEL, _prompts  # noqa: E402
-
-from lmcache_triton.testing import build_tiny_model  # noqa: E402
+# The package first: bench_e2e puts this tree first on the path again, and PROFILE_TREE's must win.
+from lmcache_triton.testing import build_tiny_model  # noqa: E402, I001
 from lmcache_triton.testing.runner import EngineSpec, generate, shutdown, start_engine  # noqa: E402
+
+from bench_e2e import BENCH_MODEL, _prompts  # noqa: E402
 
 TIMES: dict[str, float] = collections.defaultdict(float)
 CALLS: dict[str, int] = collections.defaultdict(int)
