@@ -2,6 +2,8 @@
 
 * `engine.engine.KVCacheEngine` (worker role): store / load / prefetch / holds / retirements.
 * `engine.copy_paths`: how chunk bytes move between the paged cache and a chunk tensor.
+* `engine.chunk_copies`: the engine's copies around a path (store forms, encoded scatters, the
+  background loader's copier, the start-up warm-up); `engine.loader`, `engine.streams`.
 * `engine.index.PrefixIndex` (scheduler role): what every rank holds, and where else a chunk is.
 * `chunk.planner` (both roles): chunks of a prompt, their keys, their blocks.
 

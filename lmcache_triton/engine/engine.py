@@ -53,7 +53,6 @@ Encoded chunks in the CPU tier (issue 20, the fused codec kernels):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -61,7 +60,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,8 +71,9 @@ from lmcache_triton.chunk.planner import chunk_key
 from lmcache_triton.kernels.geometry import Cache, PagedKVGeometry
 from lmcache_triton.storage.hierarchy import StorageHierarchy
 
+from .chunk_copies import LoadCopier, StoreForm, scatter_chunk, warm_up
 from .copy_paths import ROWS_FORM, CopyPath, make_copy_path
-from .loader import AsyncLoader, ChunkCopier, ChunkLoad, LoadJob, LoadResult
+from .loader import AsyncLoader, ChunkLoad, LoadJob, LoadResult
 from .streams import EventLike, StagingRing, StreamBackend, StreamLike, TransferStreams  # noqa: F401 (StagingRing: re-exported)
 
 logger = logging.getLogger(__name__)
@@ -293,48 +293,13 @@ class KVCacheEngine:
             self._warm_up(staging_tokens or block_size)
 
     def _warm_up(self, max_tokens: int) -> None:
-        """JIT-compile, at start-up, every copy-kernel variant serving launches (never in a
-        request's step: 0.3-1.2 s each, per rank): for each chunk length of
-        `CopyPath.warm_lengths` (one specialisation each: a full chunk and every partial tail
-        share the tile and the count is not specialised), gather its rows and scatter the same
-        bytes back through the staging ring (the cache holds nothing yet); with `hold_encoded`,
-        the fused dequantize + scatter of each lossy codec the slow tiers serve, for each length
-        of `CopyPath.encoded_warm_lengths`."""
-        # After whatever vLLM queued on the cache (e.g. zeroing it): the scatter writes back
-        # exactly the bytes the gather read.
-        path, streams = self._path(), self._side()
-        side = streams.gather
-        side.wait_stream(streams.compute())
-        blocks = path.geom.num_blocks // path.pages_per_block
-        with streams.use(side):
-            for t in path.warm_lengths(max_tokens):
-                n = -(-t // self.block_size)
-                if n > blocks:  # a chunk this cache could never hold
-                    continue
-                ids = path.ids(list(range(n)), t)
-                staged = self._staging.take(self.chunk_shape(n, t), path.flat.dtype).tensor
-                path.gather(ids, staged)
-                path.scatter(staged, ids)
-            # The fused dequantize + scatter of each lossy codec a slow tier may hand over (and
-            # the gather + quantize of a lossy `cpu_codec`), by slots that are all skipped (-1):
-            # the same compiled kernels, nothing written.
-            dtype = str(path.flat.dtype).removeprefix("torch.")
-            codecs = self.storage.lossy_codecs() if self.hold_encoded else []
-            if self._cpu_codec.lossy and self._cpu_codec.name not in codecs:
-                codecs.append(self._cpu_codec.name)
-            for codec in codecs:
-                for t in path.encoded_warm_lengths(codec, max_tokens):
-                    n = -(-t // self.block_size)
-                    if n > blocks:
-                        continue
-                    enc = Encoding(codec, dtype, self.chunk_shape(n, t))
-                    ids = path.ids(list(range(n)), t, skip_tokens=t)
-                    buf = self._staging.take((enc.nbytes,), torch.uint8).tensor
-                    if codec == self._cpu_codec.name:
-                        path.gather_encoded(ids, buf, enc)
-                    if self.hold_encoded:
-                        path.scatter_encoded(buf, enc, ids)
-        side.synchronize()
+        """JIT-compile every kernel variant serving launches, here at start-up (`warm_up`)."""
+        codecs = self.storage.lossy_codecs() if self.hold_encoded else []
+        if self._cpu_codec.lossy and self._cpu_codec.name not in codecs:
+            codecs.append(self._cpu_codec.name)
+        warm_up(self._path(), self._side(), self._staging, max_tokens, codecs,
+                store_codec=self._cpu_codec.name if self._cpu_codec.lossy else None,
+                scatter_encoded=bool(self.hold_encoded))  # fmt: skip
 
     def chunk_shape(self, num_blocks: int, num_tokens: int | None = None) -> tuple[int, ...]:
         """Shape of a stored chunk of `num_tokens` tokens (default: all) held by `num_blocks`
@@ -526,7 +491,7 @@ class KVCacheEngine:
         rows = self.chunk_shape(n, num_tokens)
         enc = self._store_encoding(rows)
         # What the CPU tier holds: token rows, or a lossy `cpu_codec`'s parts in one buffer.
-        form = _StoreForm(path, rows, enc)
+        form = StoreForm(path, rows, enc)
         if self._streams is not None:
             ok = self._store_cuda(digest, key, block_ids, form, num_tokens)
         else:
@@ -559,7 +524,7 @@ class KVCacheEngine:
         return Encoding(codec.name, dtype, rows)
 
     def _store_cuda(
-        self, digest: str, key: str, block_ids: Sequence[int], form: _StoreForm, num_tokens: int
+        self, digest: str, key: str, block_ids: Sequence[int], form: StoreForm, num_tokens: int
     ) -> bool:
         path, streams = self._path(), self._side()
         compute = streams.compute()
@@ -630,7 +595,7 @@ class KVCacheEngine:
                 streams.copy(dev, tensor)
                 streams.load.wait_event(handed)
                 ids = path.ids(block_ids, num_tokens, skip_tokens)
-                _scatter(path, dev, enc, ids, skip_blocks)
+                scatter_chunk(path, dev, enc, ids, skip_blocks)
                 done = streams.record(streams.load)
             compute.wait_event(done)  # this step's forward reads the loaded pages
             with self._lock:
@@ -638,7 +603,7 @@ class KVCacheEngine:
         else:
             try:
                 ids = path.ids(block_ids, num_tokens, skip_tokens)
-                _scatter(path, tensor, enc, ids, skip_blocks)
+                scatter_chunk(path, tensor, enc, ids, skip_blocks)
             finally:
                 self.storage.release(key, tensor)
         self.stats.load_seconds += time.perf_counter() - t0
@@ -704,8 +669,15 @@ class KVCacheEngine:
             # blocks: the scatters wait for them; nothing queued later concerns them.
             after = self._streams.record(self._streams.compute())
         if self._loader is None:
-            self._loader = AsyncLoader(_LoadCopier(self), self._loaded_async)
+            assert self._load_path is not None, "register() the paged cache first"
+            self._loader = AsyncLoader(
+                LoadCopier(self._load_path, self.block_size, self._encoding_of, self._streams, self._load_stream),
+                self._loaded_async,
+            )
         self._loader.submit(LoadJob(req_id, loads, len(chunks), after=after))
+
+    def _encoding_of(self, digest: str, tensor: torch.Tensor) -> Encoding | None:
+        return self.storage.encoding(self.key(digest), tensor)
 
     def _loaded_async(self, chunk: ChunkLoad, ok: bool) -> None:
         """The loader thread's count of one chunk."""
@@ -832,77 +804,3 @@ class KVCacheEngine:
                 self._prefetch_q.put(None)
         if self.flat is not None:
             self.synchronize()
-
-
-class _LoadCopier(ChunkCopier):
-    """The engine's chunk copy for the background loader: its own copy path (id buffers), and
-    on CUDA its own stream and staging ring (two chunk buffers, reused in stream order).
-
-    On CUDA each chunk's host-to-device copy into staging waits for nothing; before the first
-    scatter of a job the stream waits for the job's `after` marker (the compute work queued
-    when the load was planned), never for later steps."""
-
-    def __init__(self, engine: KVCacheEngine) -> None:
-        assert engine._load_path is not None, "register() the paged cache first"
-        self._path = engine._load_path
-        self._block_size = engine.block_size
-        self._encoding = engine.storage.encoding
-        self._key = engine.key
-        self._streams = engine._streams
-        self._stream = engine._load_stream
-        self.on_device = self._stream is not None
-        device = engine._load_path.flat.device if self.on_device else None
-        self._staging = StagingRing(device, 0, 2)
-        self._after: EventLike | None = None
-
-    def start(self, job: LoadJob) -> AbstractContextManager[object]:
-        self._after = job.after
-        if self._streams is None or self._stream is None:
-            return contextlib.nullcontext()
-        return self._streams.use(self._stream)
-
-    def copy_chunk(self, chunk: ChunkLoad) -> None:
-        path, skip_tokens = self._path, chunk.skip_blocks * self._block_size
-        if skip_tokens >= chunk.num_tokens:
-            return
-        src = chunk.tensor
-        enc = self._encoding(self._key(chunk.digest), src)
-        if self._streams is not None and self._stream is not None:
-            dev = self._staging.take(tuple(src.shape), src.dtype).tensor
-            self._streams.copy(dev, src)  # from pinned memory: asynchronous, waits for nothing
-            if self._after is not None:
-                self._stream.wait_event(self._after)
-                self._after = None
-            src = dev
-        ids = path.ids(chunk.block_ids, chunk.num_tokens, skip_tokens)
-        _scatter(path, src, enc, ids, chunk.skip_blocks)
-
-    def finish(self) -> EventLike | None:
-        if self._streams is None or self._stream is None:
-            return None
-        return self._streams.record(self._stream)
-
-
-class _StoreForm:
-    """How a store holds a chunk: token rows of the cache's dtype, or (`encoding`) one uint8
-    buffer of a lossy codec's parts, gathered and quantized in one fused launch per K/V half."""
-
-    def __init__(self, path: CopyPath, rows: tuple[int, ...], encoding: Encoding | None) -> None:
-        self.path, self.encoding = path, encoding
-        self.dtype: torch.dtype = path.flat.dtype if encoding is None else torch.uint8
-        self.shape: tuple[int, ...] = rows if encoding is None else (encoding.nbytes,)
-
-    def gather(self, ids: torch.Tensor, out: torch.Tensor) -> None:
-        if self.encoding is None:
-            self.path.gather(ids, out)
-        else:
-            self.path.gather_encoded(ids, out, self.encoding)
-
-
-def _scatter(path: CopyPath, src: torch.Tensor, enc: Encoding | None, ids: torch.Tensor, skip_blocks: int) -> None:
-    """A load's scatter: token rows as they are, an encoded chunk dequantized on the way (token
-    rows skip leading blocks by slot, so an encoded chunk is always whole)."""
-    if enc is None:
-        path.scatter(path.skipped(src, skip_blocks), ids)
-    else:
-        path.scatter_encoded(src, enc, ids)

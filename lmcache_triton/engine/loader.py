@@ -92,7 +92,7 @@ class LoadResult:
 
 
 class ChunkCopier:
-    """What the loader needs of the engine (`engine._LoadCopier`; tests pass their own).
+    """What the loader needs of the engine (`chunk_copies.LoadCopier`; tests pass their own).
 
     `on_device`: the copies are queued on a device stream (CUDA) rather than done by the
     loader thread (CPU)."""
