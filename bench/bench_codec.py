@@ -69,8 +69,8 @@ def sizes() -> list[dict]:
         del t
         r8, r4 = got["int8"] / got["exact"], got["int4"] / got["exact"]
         per = {c: got[c] / CHUNK for c in got}
-        print(f"{name:<20}{got['exact'] / 2**20:>10.2f}{got['int8'] / 2**20:>9.2f} ({r8:.3f}){got['int4'] / 2**20:>9.2f} "
-              f"({r4:.3f}){per['exact']:>15.0f}{per['int8']:>8.0f}{per['int4']:>8.0f}")
+        print(f"{name:<20}{got['exact'] / 2**20:>10.2f}{got['int8'] / 2**20:>9.2f} ({r8:.3f})"
+              f"{got['int4'] / 2**20:>9.2f} ({r4:.3f}){per['exact']:>15.0f}{per['int8']:>8.0f}{per['int4']:>8.0f}")
         rows.append(dict(part="sizes", case=name, exact_bytes=got["exact"], int8_bytes=got["int8"],
                          int4_bytes=got["int4"], int8_ratio=round(r8, 4), int4_ratio=round(r4, 4)))
     return rows
@@ -97,8 +97,8 @@ def speed(reps: int) -> list[dict]:
     n = x.numel() * 2
     rows = []
     out = torch.empty_like(x)
-    print(f"\nCPU, one {n / 2**20:.1f} MiB bf16 chunk {shape}, median of {reps}, torch threads {torch.get_num_threads()}; "
-          "GB/s = (bytes read + bytes written) / CPU time")
+    print(f"\nCPU, one {n / 2**20:.1f} MiB bf16 chunk {shape}, median of {reps}, "
+          f"torch threads {torch.get_num_threads()}; GB/s = (bytes read + bytes written) / CPU time")
     memcpy = _median_s(lambda: out.copy_(x), reps)
     print(f"{'memcpy':<34}{memcpy * 1e3:>9.2f} ms {2 * n / memcpy / 1e9:>7.2f} GB/s")
     rows.append(dict(part="speed", case="memcpy", ms=round(memcpy * 1e3, 3), gbps=round(2 * n / memcpy / 1e9, 3)))
@@ -116,9 +116,11 @@ def speed(reps: int) -> list[dict]:
             g_enc = (n + enc_bytes) / t_enc / 1e9
             g_dec = (n + enc_bytes) / t_dec / 1e9
             print(f"{c + ' encode+' + seal:<34}{t_enc * 1e3:>9.2f} ms {g_enc:>7.2f} GB/s   "
-                  f"{'verify+decode':<14}{t_dec * 1e3:>9.2f} ms {g_dec:>7.2f} GB/s   ({enc_bytes / n:.3f} of the bytes)")
-            rows.append(dict(part="speed", case=f"{c}-{seal}", encode_ms=round(t_enc * 1e3, 3), encode_gbps=round(g_enc, 3),
-                             decode_ms=round(t_dec * 1e3, 3), decode_gbps=round(g_dec, 3), ratio=round(enc_bytes / n, 4)))
+                  f"{'verify+decode':<14}{t_dec * 1e3:>9.2f} ms {g_dec:>7.2f} GB/s   "
+                  f"({enc_bytes / n:.3f} of the bytes)")
+            rows.append(dict(part="speed", case=f"{c}-{seal}", encode_ms=round(t_enc * 1e3, 3),
+                             encode_gbps=round(g_enc, 3), decode_ms=round(t_dec * 1e3, 3),
+                             decode_gbps=round(g_dec, 3), ratio=round(enc_bytes / n, 4)))
     return rows
 
 
@@ -147,10 +149,9 @@ def _roundtrip(codec: Codec | str, rows: torch.Tensor) -> torch.Tensor:
 def quality(n: int) -> list[dict]:
     import random
 
+    import blend_trained_model as btm
     from transformers import AutoModelForCausalLM
     from transformers.cache_utils import DynamicCache
-
-    import blend_trained_model as btm
 
     model = AutoModelForCausalLM.from_pretrained(btm.COMMITTED, torch_dtype=torch.float32).eval()
     candidates: dict[str, Codec | str] = {
@@ -171,7 +172,8 @@ def quality(n: int) -> list[dict]:
             layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(len(cache.layers))] if hasattr(
                 cache, "layers") else list(cache)
             # token rows [2, L, T, H, D] from HF's per-layer [1, H, T, D]
-            rows = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers], dim=1).permute(0, 1, 3, 2, 4).contiguous()
+            rows = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers], dim=1)
+            rows = rows.permute(0, 1, 3, 2, 4).contiguous()
             ref = None
             for name, codec in candidates.items():
                 dec = _roundtrip(codec, rows).permute(0, 1, 3, 2, 4)  # [2, L, H, T, D]
@@ -192,7 +194,8 @@ def quality(n: int) -> list[dict]:
           "and decoded, the last token computed on it):")
     print("|dlogp|: per example the largest change of any token's log-probability (over the whole vocabulary);")
     print("top dlogp: the change of the exact run's top token's log-probability (what a sampled answer sees)")
-    print(f"{'codec':<26}{'accuracy':>9}{'top-1 agree':>13}{'mean |dlogp|':>14}{'max |dlogp|':>13}{'mean top':>10}{'max top':>9}")
+    print(f"{'codec':<26}{'accuracy':>9}{'top-1 agree':>13}{'mean |dlogp|':>14}{'max |dlogp|':>13}"
+          f"{'mean top':>10}{'max top':>9}")
     out = []
     for name, st in stats.items():
         acc, agree = st["correct"] / n, st["agree"] / n

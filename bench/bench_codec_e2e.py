@@ -83,7 +83,8 @@ def main() -> None:
             res[codec] = dict(miss=med(miss), disk=med(dhit), remote=med(rhit), disk_cached=cached(dhit),
                               remote_cached=cached(rhit), disk_bytes=disk_bytes)
     load1 = os.getloadavg()[0]
-    print(f"\n{'codec':<8}{'miss s':>9}{'disk hit s':>12}{'/miss':>8}{'remote hit s':>14}{'/miss':>8}{'cached d/r':>14}{'disk MiB':>10}")
+    print(f"\n{'codec':<8}{'miss s':>9}{'disk hit s':>12}{'/miss':>8}{'remote hit s':>14}{'/miss':>8}"
+          f"{'cached d/r':>14}{'disk MiB':>10}")
     rows = []
     for codec, r in res.items():
         print(f"{codec:<8}{r['miss']:>9.3f}{r['disk']:>12.3f}{r['disk'] / r['miss']:>8.1%}{r['remote']:>14.3f}"

@@ -243,7 +243,9 @@ FUSED_CASES = [
 
 
 @pytest.mark.parametrize(
-    "spec,dtype,layout,block_size,kv_split", FUSED_CASES, ids=lambda x: _ids(x) if isinstance(x, torch.dtype) else str(x)
+    "spec,dtype,layout,block_size,kv_split",
+    FUSED_CASES,
+    ids=lambda x: _ids(x) if isinstance(x, torch.dtype) else str(x),
 )
 def test_fused_gather_quantize_and_dequantize_scatter(spec, dtype, layout, block_size, kv_split):
     """paged_to_quant == paged_to_tokens + quantize (twin), quant_to_paged == dequantize +
@@ -288,7 +290,8 @@ def test_fused_matches_gather_then_quantize_oracle():
     spec = SPECS["int4-kivi"]
     views = allocate_paged_cache("LBHNC", 3, 6, 2, 16, 160, torch.bfloat16, DEVICE)
     flat, geom = geometry_from_layer_views(views)
-    flat.copy_((torch.randn(flat.numel(), generator=torch.Generator().manual_seed(1)) * 4).to(torch.bfloat16).to(DEVICE))
+    values = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(1)) * 4
+    flat.copy_(values.to(torch.bfloat16).to(DEVICE))
     slots = torch.arange(5, 5 + 70, dtype=torch.int64, device=DEVICE)  # straddles blocks
     rows = torch.empty((2, 3, 70, 2, 80), dtype=torch.bfloat16, device=DEVICE)
     paged_to_tokens(flat, geom, slots, rows)
@@ -308,4 +311,5 @@ def test_launchers_refuse_bad_outputs():
     with pytest.raises(ValueError, match="q: expected"):
         quantize_rows(rows, spec, q.to(torch.uint8), sc)
     with pytest.raises(ValueError, match="even head size"):
-        quantize_rows(torch.randn(2, 1, 4, 1, 7), SPECS["int4-kivi"], *_outputs(SPECS["int8-token"], (2, 1, 4, 1, 7), "cpu"))
+        outputs = _outputs(SPECS["int8-token"], (2, 1, 4, 1, 7), "cpu")
+        quantize_rows(torch.randn(2, 1, 4, 1, 7), SPECS["int4-kivi"], *outputs)

@@ -17,11 +17,13 @@ in `codec` and holds the codec's tensors instead ("q", "s0", "s1": exactly the n
 shapes and order `Codec.parts(shape, dtype)` lists, packed from offset 0); `dtype`/`shape` stay
 those of the decoded rows. A header without `codec` is exact (every chunk written before codecs
 existed reads as before). A codec this reader does not know is `UnknownCodec` (a miss, the chunk
-left in place); parts that disagree with the codec are ChunkError (damaged). `checksum` is either `xxh3_64:<hex>` (no secret: detects
-damage, not an adversary) or `blake3-mac:<key id>:<hex>` (with `chunk_secret`: keyed BLAKE3, a
-MAC), in both cases over the metadata (canonical JSON minus `checksum`) and the payload (for an encoded chunk: the encoded bytes, so nothing is decoded before it is
-verified). The header is written here (8-byte little-endian length + JSON, space-padded to 8 bytes) so the
-payload goes from the tensor's memory to the file or socket with no intermediate bytes object.
+left in place); parts that disagree with the codec are ChunkError (damaged). `checksum` is either
+`xxh3_64:<hex>` (no secret: detects damage, not an adversary) or `blake3-mac:<key id>:<hex>` (with
+`chunk_secret`: keyed BLAKE3, a MAC), in both cases over the metadata (canonical JSON minus
+`checksum`) and the payload (for an encoded chunk: the encoded bytes, so nothing is decoded before
+it is verified). The header is written here (8-byte little-endian length + JSON, space-padded to 8
+bytes) so the payload goes from the tensor's memory to the file or socket with no intermediate
+bytes object.
 
 Invariants:
   * The parser never raises anything but ChunkError / ChunkUnverifiable on a hostile header
@@ -443,12 +445,17 @@ def _parse_encoded(
         raise ChunkError(f"codec {name} cannot encode {dtype} rows of shape {list(shape)}")
     want = codec.parts(shape, dtype)
     if set(header) != {"__metadata__", *(p.name for p in want)}:
-        raise ChunkError(f"codec {name}: expected tensors {[p.name for p in want]}, got {sorted(set(header) - {'__metadata__'})}")
+        got = sorted(set(header) - {"__metadata__"})
+        raise ChunkError(f"codec {name}: expected tensors {[p.name for p in want]}, got {got}")
     at = 0
     parts = []
     for p in want:
         info = header[p.name]
-        if not isinstance(info, dict) or info.get("dtype") != DTYPE_CODES[p.dtype][0] or _dims(info.get("shape")) != p.shape:
+        if (
+            not isinstance(info, dict)
+            or info.get("dtype") != DTYPE_CODES[p.dtype][0]
+            or _dims(info.get("shape")) != p.shape
+        ):
             raise ChunkError(f"codec {name}: tensor {p.name!r} is not {p.dtype} {list(p.shape)}")
         if info.get("data_offsets") != [at, at + p.nbytes]:
             raise ChunkError(f"codec {name}: tensor {p.name!r} offsets disagree with its size")

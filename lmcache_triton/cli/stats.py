@@ -103,7 +103,8 @@ def codec_lines(lines: list[str], t: dict[str, float]) -> list[str]:
                 codecs[labels["tier"]] = labels.get("codec", "?")
     out = []
     for tier, codec in codecs.items():
-        wrote, raw = t.get(f"lmcache_triton_written_bytes_{tier}", 0.0), t.get(f"lmcache_triton_unencoded_bytes_{tier}", 0.0)
+        wrote = t.get(f"lmcache_triton_written_bytes_{tier}", 0.0)
+        raw = t.get(f"lmcache_triton_unencoded_bytes_{tier}", 0.0)
         saved = f"wrote {human(wrote)} for {human(raw)} of KV, saved {human(raw - wrote)}" if raw else "nothing written"
         out.append(f"{tier + ' tier codec':<25}{codec}: {saved}")
     return out

@@ -146,7 +146,8 @@ def _token_mode_kernel(
             lo, hi = tl.split(tl.reshape(q, [BLOCK_T, BLOCK_D // 2, 2]))
             packed = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
             c = tl.arange(0, BLOCK_D // 2)
-            tl.store(q_ptr + row_id[:, None] * (D // 2) + c[None, :], packed, mask=in_t[:, None] & (c[None, :] < D // 2))
+            c_in = in_t[:, None] & (c[None, :] < D // 2)
+            tl.store(q_ptr + row_id[:, None] * (D // 2) + c[None, :], packed, mask=c_in)
     else:
         s = tl.load(scale_ptr + s_offs, mask=s_mask, other=0).to(tl.float32)
         if BITS == 8:
@@ -154,7 +155,8 @@ def _token_mode_kernel(
             q = q.to(tl.int32)
         else:
             c = tl.arange(0, BLOCK_D // 2)
-            p = tl.load(q_ptr + row_id[:, None] * (D // 2) + c[None, :], mask=in_t[:, None] & (c[None, :] < D // 2), other=0)
+            c_in = in_t[:, None] & (c[None, :] < D // 2)
+            p = tl.load(q_ptr + row_id[:, None] * (D // 2) + c[None, :], mask=c_in, other=0)
             p = p.to(tl.int32)
             q = tl.reshape(tl.join(((p & 15) ^ 8) - 8, ((p >> 4) ^ 8) - 8), [BLOCK_T, BLOCK_D])
         y = tl.reshape(tl.reshape(q.to(tl.float32), [BLOCK_T, NG, GROUP]) * s[:, :, None], [BLOCK_T, BLOCK_D])
@@ -200,7 +202,8 @@ def _channel_mode_kernel(
             lo, hi = tl.split(tl.reshape(q, [GROUP_T, BLOCK_D // 2, 2]))
             packed = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
             c = tl.arange(0, BLOCK_D // 2)
-            tl.store(q_ptr + row_id[:, None] * (D // 2) + c[None, :], packed, mask=in_t[:, None] & (c[None, :] < D // 2))
+            c_in = in_t[:, None] & (c[None, :] < D // 2)
+            tl.store(q_ptr + row_id[:, None] * (D // 2) + c[None, :], packed, mask=c_in)
     else:
         s = tl.load(scale_ptr + s_offs, mask=in_d, other=0).to(tl.float32)
         if BITS == 8:
@@ -208,7 +211,8 @@ def _channel_mode_kernel(
             q = q.to(tl.int32)
         else:
             c = tl.arange(0, BLOCK_D // 2)
-            p = tl.load(q_ptr + row_id[:, None] * (D // 2) + c[None, :], mask=in_t[:, None] & (c[None, :] < D // 2), other=0)
+            c_in = in_t[:, None] & (c[None, :] < D // 2)
+            p = tl.load(q_ptr + row_id[:, None] * (D // 2) + c[None, :], mask=c_in, other=0)
             p = p.to(tl.int32)
             q = tl.reshape(tl.join(((p & 15) ^ 8) - 8, ((p >> 4) ^ 8) - 8), [GROUP_T, BLOCK_D])
         y = q.to(tl.float32) * s[None, :]
@@ -235,19 +239,24 @@ def _check_args(
     S, L, T, H, D = shape
     want_q = (S, L, T, H, spec.q_cols(D))
     if tuple(q.shape) != want_q or q.dtype != spec.q_dtype() or not q.is_contiguous() or q.device != device:
-        raise ValueError(f"q: expected contiguous {spec.q_dtype()} {want_q} on {device}, got {q.dtype} {tuple(q.shape)}")
+        raise ValueError(
+            f"q: expected contiguous {spec.q_dtype()} {want_q} on {device}, got {q.dtype} {tuple(q.shape)}"
+        )
     if len(scales) != S:
         raise ValueError(f"scales: expected one tensor per half ({S}), got {len(scales)}")
     for s, t in enumerate(scales):
         mode, group = spec.half(s, S)
         want = scale_shape(mode, group, L, T, H, D)
         if tuple(t.shape) != want or t.dtype != torch.float16 or not t.is_contiguous() or t.device != device:
-            raise ValueError(f"scales[{s}]: expected contiguous float16 {want} on {device}, got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"scales[{s}]: expected contiguous float16 {want} on {device}, got {t.dtype} {tuple(t.shape)}"
+            )
     if spec.bits not in QMAX:
         raise ValueError(f"spec.bits: expected 8 or 4, got {spec.bits}")
     if spec.k_mode == "channel" and (spec.k_group <= 0 or spec.k_group & (spec.k_group - 1)):
         raise ValueError(f"spec.k_group: channel mode needs a power-of-2 token group, got {spec.k_group}")
-    if spec.v_group < 0 or spec.v_group & (spec.v_group - 1) or (spec.k_mode == "token" and spec.k_group & (spec.k_group - 1)):
+    bad_k = spec.k_mode == "token" and spec.k_group & (spec.k_group - 1)
+    if spec.v_group < 0 or spec.v_group & (spec.v_group - 1) or bad_k:
         raise ValueError("spec: token-mode groups must be 0 (the whole row) or a power of 2")
 
 

@@ -117,7 +117,8 @@ def quantize_half_ref(x: torch.Tensor, bits: int, mode: str, group: int) -> tupl
     if mode not in ("token", "channel"):
         raise ValueError(f"mode: expected 'token' or 'channel', got {mode!r}")
     if T == 0 or D == 0:
-        return torch.zeros(x.shape, dtype=torch.int8), torch.zeros(scale_shape(mode, group, L, T, H, D), dtype=torch.float16)
+        scale = torch.zeros(scale_shape(mode, group, L, T, H, D), dtype=torch.float16)
+        return torch.zeros(x.shape, dtype=torch.int8), scale
     xf = x.to(torch.float32)
     if mode == "token":
         g = D if group <= 0 else group
@@ -136,7 +137,9 @@ def quantize_half_ref(x: torch.Tensor, bits: int, mode: str, group: int) -> tupl
     return q, scale
 
 
-def dequantize_half_ref(q: torch.Tensor, scale: torch.Tensor, mode: str, group: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_half_ref(
+    q: torch.Tensor, scale: torch.Tensor, mode: str, group: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Inverse of `quantize_half_ref`: unpacked `q [L, T, H, D]` and its scales -> `dtype`."""
     L, T, H, D = q.shape
     s = scale.to(torch.float32)

@@ -181,7 +181,9 @@ def requested_codecs(config: LMCacheConfig) -> dict[str, str]:
     return {"disk": config.disk_codec, "remote": config.remote_codec}
 
 
-def set_codec(tiers: StorageHierarchy | Sequence[SlowTier], tier: str, codec: str, namespace: str | None = None) -> bool:
+def set_codec(
+    tiers: StorageHierarchy | Sequence[SlowTier], tier: str, codec: str, namespace: str | None = None
+) -> bool:
     """Make the built tier called `tier` write with `codec` (for keys of `namespace`, a namespace
     digest, or by default when None). False when there is no such tier or it does not encode.
 
@@ -191,7 +193,10 @@ def set_codec(tiers: StorageHierarchy | Sequence[SlowTier], tier: str, codec: st
     from lmcache_triton.chunk.codec import get_codec
 
     get_codec(codec)
-    found = tiers.tier(tier) if isinstance(tiers, StorageHierarchy) else next((t for t in tiers if t.name == tier), None)
+    if isinstance(tiers, StorageHierarchy):
+        found = tiers.tier(tier)
+    else:
+        found = next((t for t in tiers if t.name == tier), None)
     if not isinstance(found, EncodingTier):
         return False
     found.codecs.set(codec, namespace)

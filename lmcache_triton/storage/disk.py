@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from lmcache_triton.chunk.codec import EXACT, CodecPolicy, Encoding
 from lmcache_triton.chunk.format import (
     KEY_RE,
     RESERVED_META,
@@ -67,7 +68,6 @@ from lmcache_triton.chunk.format import (
     encode_chunk,
     tensor_bytes,
 )
-from lmcache_triton.chunk.codec import EXACT, CodecPolicy, Encoding
 
 from .bad_files import BadFileLog, KnownBad
 from .counters import TierCounters

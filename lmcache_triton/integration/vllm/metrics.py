@@ -117,7 +117,8 @@ class LMCacheTritonPromMetrics(KVConnectorPromMetrics):
 
         kv = vllm_config.kv_transfer_config
         try:
-            codecs = requested_codecs(load_config(dict((kv.kv_connector_extra_config if kv else None) or {}), warn=False))
+            extra = dict((kv.kv_connector_extra_config if kv else None) or {})
+            codecs = requested_codecs(load_config(extra, warn=False))
         except Exception:  # a bad config fails the connector itself, with its message
             codecs = {}
         gauge = self._gauge_cls(

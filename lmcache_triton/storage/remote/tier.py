@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmcache_triton.chunk.codec import EXACT, CodecPolicy, Encoding
 from lmcache_triton.chunk.format import (
     RESERVED_META,
     ChunkAuth,
@@ -71,7 +72,6 @@ from lmcache_triton.chunk.format import (
     header_length,
     parse_header,
 )
-from lmcache_triton.chunk.codec import EXACT, CodecPolicy, Encoding
 
 from ..counters import TierCounters
 from ..tier import ChunkReader, Locality, Medium, OnDone
