@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ def run_child(
 ) -> tuple[int, dict[str, Any]]:
     """Write `job` to `job_path`, run `python -m module job_path` with stderr to `log`, call
     `on_progress` with each JSON object it prints (other lines, a library's prints, are
-    skipped), and return its exit status and the last object. The child is killed if this
-    returns early (timeout: `subprocess.TimeoutExpired` propagates)."""
+    skipped), and return its exit status and the last object. `timeout` bounds the whole run,
+    also a child that hangs with its stdout open: it is killed and `subprocess.TimeoutExpired`
+    propagates. The child is killed if this returns early."""
     job_path.write_text(json.dumps(job))
     last: dict[str, Any] = {}
+    expired = threading.Event()
     with open(log, "w") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", module, str(job_path)],
@@ -41,6 +44,15 @@ def run_child(
             text=True,
             env=dict(os.environ),
         )
+
+        def expire() -> None:  # reading stdout blocks while the child holds it open: kill it
+            expired.set()
+            proc.kill()
+
+        watchdog = threading.Timer(timeout, expire) if timeout is not None else None
+        if watchdog is not None:
+            watchdog.daemon = True
+            watchdog.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -52,8 +64,12 @@ def run_child(
                     last = rec
                     if on_progress is not None:
                         on_progress(rec)
-            rc = proc.wait(timeout=timeout)
+            rc = proc.wait()
+            if expired.is_set():
+                raise subprocess.TimeoutExpired(proc.args, timeout or 0)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()

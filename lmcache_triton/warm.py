@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -71,14 +72,17 @@ def warm(
     spec = EngineSpec(model=model, connector=connector, block_size=block_size, max_model_len=max_model_len, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="lmct-warm-") as d:
         log = Path(d, "engine.log")
-        rc, last = run_child(
-            "lmcache_triton.warm",
-            {"spec": asdict(spec), "prompts": prompts},
-            Path(d, "job.json"),
-            log,
-            on_progress,
-            timeout,
-        )
+        try:
+            rc, last = run_child(
+                "lmcache_triton.warm",
+                {"spec": asdict(spec), "prompts": prompts},
+                Path(d, "job.json"),
+                log,
+                on_progress,
+                timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise WarmError(f"engine did not finish within {timeout:g} s: {log_tail(log, -9)}") from None
         if rc != 0 or not last.get("finished"):
             raise WarmError(f"engine failed: {log_tail(log, rc)}")
     return last

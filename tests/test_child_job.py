@@ -6,6 +6,7 @@ other lines are skipped, stderr goes to the log and the exit code comes back."""
 from __future__ import annotations
 
 import json
+import subprocess
 import textwrap
 
 import pytest
@@ -42,3 +43,18 @@ def test_progress_lines_log_and_exit_code(child_module, tmp_path):
     assert json.loads((tmp_path / "job.json").read_text()) == {"n": 7, "rc": 3}
     assert log_tail(log, rc) == "engine log line"
 
+
+
+def test_timeout_bounds_a_child_that_hangs_with_its_stdout_open(child_module, tmp_path):
+    # The child prints its progress, then sleeps with stdout still open: reading its stdout to
+    # the end would wait the full minute. The timeout kills it and raises.
+    seen = []
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_child(child_module, {"n": 1, "sleep": 60}, tmp_path / "job.json", tmp_path / "c.log", seen.append,
+                  timeout=2)  # fmt: skip
+    assert seen[-1] == {"done": 1, "n": 1}, "progress printed before the hang still arrived"
+
+
+def test_a_child_within_its_timeout_returns_normally(child_module, tmp_path):
+    rc, last = run_child(child_module, {"n": 2, "sleep": 0}, tmp_path / "job.json", tmp_path / "c.log", timeout=60)
+    assert (rc, last) == (0, {"done": 1, "n": 2})

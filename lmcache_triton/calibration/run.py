@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -106,7 +107,10 @@ def run_calibration(
         log = Path(log_path) if log_path else Path(d, "engine.log")
         job = {"spec": asdict(spec), "prompts": [asdict(p) for p in prompts], "max_tokens": max_tokens,
                "tier": tier, "out": str(out)}  # fmt: skip
-        rc, _ = run_child("lmcache_triton.calibration.run", job, Path(d, "job.json"), log, on_progress, timeout)
+        try:
+            rc, _ = run_child("lmcache_triton.calibration.run", job, Path(d, "job.json"), log, on_progress, timeout)
+        except subprocess.TimeoutExpired:
+            raise CalibrationError(f"engine did not finish within {timeout:g} s: {log_tail(log, -9)}") from None
         if rc != 0 or not out.exists():
             raise CalibrationError(f"engine failed: {log_tail(log, rc)}")
         res = json.loads(out.read_text())
