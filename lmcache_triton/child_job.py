@@ -5,6 +5,7 @@ vLLM; the child's memory and vLLM's globals go away with it). The child reads a 
 prints one JSON object per line as it goes, and writes its logs to stderr.
 
   `run_child(module, job, log, on_progress, timeout)`  -> `(exit status, last JSON object)`
+  `follow_progress(lines, on_progress)`  the JSON objects among a child's stdout lines
   `log_tail(log, rc)`  the last non-empty line of the child's log, for a one-line error
 """
 
@@ -15,7 +16,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,6 @@ def run_child(
     also a child that hangs with its stdout open: it is killed and `subprocess.TimeoutExpired`
     propagates. The child is killed if this returns early."""
     job_path.write_text(json.dumps(job))
-    last: dict[str, Any] = {}
     expired = threading.Event()
     with open(log, "w") as logf:
         proc = subprocess.Popen(
@@ -55,15 +55,7 @@ def run_child(
             watchdog.start()
         try:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict):
-                    last = rec
-                    if on_progress is not None:
-                        on_progress(rec)
+            last = follow_progress(proc.stdout, on_progress)
             rc = proc.wait()
             if expired.is_set():
                 raise subprocess.TimeoutExpired(proc.args, timeout or 0)
@@ -74,6 +66,22 @@ def run_child(
                 proc.kill()
                 proc.wait()
     return rc, last
+
+
+def follow_progress(lines: Iterable[str], on_progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """Call `on_progress` with each JSON object among a child's stdout `lines` as they come
+    (other lines, a library's prints, are skipped); returns the last one ({} when none)."""
+    last: dict[str, Any] = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            last = rec
+            if on_progress is not None:
+                on_progress(rec)
+    return last
 
 
 def log_tail(log: Path, rc: int) -> str:

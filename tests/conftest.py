@@ -404,23 +404,14 @@ def _forked_run_child(module, job, job_path, log, on_progress=None, timeout=None
     records arrive when the child has ended, not as it goes."""
     import json
 
+    from lmcache_triton.child_job import follow_progress
     from lmcache_triton.testing.runner import run_module_in_subprocess
 
     job_path.write_text(json.dumps(job))
     out = f"{job_path}.stdout"
     rc = run_module_in_subprocess(module, [str(job_path)], out, str(log), timeout=timeout or 3600)
-    last: dict = {}
     with open(out, errors="replace") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                last = rec
-                if on_progress is not None:
-                    on_progress(rec)
-    return rc, last
+        return rc, follow_progress(f, on_progress)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 
 class TierCounters:
@@ -21,6 +22,14 @@ class TierCounters:
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._stats[name] += n
+
+    def _dropped(self, on_done: Callable[[bool], object] | None) -> bool:
+        """A put that will not be written: counted as "dropped", its caller told (`on_done(False)`);
+        returns False, the put's answer."""
+        self._count("dropped")
+        if on_done is not None:
+            on_done(False)
+        return False
 
     def _warn_once(self, kind: str, msg: str, *args: object) -> None:
         with self._lock:

@@ -542,11 +542,8 @@ class DiskTier(TierCounters):
         """`EncodedWriter`: queue a chunk already encoded (`buf`: its parts, `encoding`), written
         as it is. Only where this tier writes `key` with that codec (else False, `on_done(False)`:
         a lossy chunk is never stored under another codec, nor decoded and stored as exact)."""
-        if self.codecs.for_key(key).name != encoding.codec:
-            self._count("dropped")
-            if on_done is not None:
-                on_done(False)
-            return False
+        if self.codecs.for_key(key).name != encoding.codec:  # never under another codec
+            return self._dropped(on_done)
         return self._put(key, buf, meta, on_done, encoding)
 
     def _put(

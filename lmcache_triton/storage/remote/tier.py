@@ -470,11 +470,8 @@ class RemoteTier(TierCounters):
     ) -> bool:
         """`EncodedWriter`: queue a chunk already encoded (`buf`: its parts), SET as it is; only
         where this tier writes `key` with that codec (else dropped, `on_done(False)`)."""
-        if self.codecs.for_key(key).name != encoding.codec:
-            self._count("dropped")
-            if on_done is not None:
-                on_done(False)
-            return False
+        if self.codecs.for_key(key).name != encoding.codec:  # never under another codec
+            return self._dropped(on_done)
         return self._put(key, buf, meta, on_done, encoding)
 
     def _put(
@@ -486,10 +483,7 @@ class RemoteTier(TierCounters):
             owner = self.router.known_owner(self.keys.server_key(key))
             if self.router.may_try(owner) and self._writer.submit(key, tensor, dict(meta or {}), on_done, encoding):
                 return True
-        self._count("dropped")
-        if on_done is not None:
-            on_done(False)
-        return False
+        return self._dropped(on_done)
 
     def write(
         self, key: str, tensor: torch.Tensor, meta: Mapping[str, str] | None = None, encoding: Encoding | None = None
