@@ -464,15 +464,15 @@ def test_populate_stops_when_asked_and_changes_no_byte():
     assert bool((buf[: 1 << 20] == 7).all()) and not bool(buf[1 << 20 :: 4096].any())
 
 
-def test_builder_pretouches_unless_switched_off():
+def test_builder_pretouches_only_when_switched_on():
     from lmcache_triton.config import load_config
     from lmcache_triton.storage.builder import build_storage
 
     base = {"lmcache.max_local_cpu_size": 4 / 1024, "lmcache.local_cpu": True}
-    on = build_storage(load_config(base, env={}, warn=False))
+    on = build_storage(load_config({**base, "lmcache.cpu_pretouch": True}, env={}, warn=False))
     assert on.cpu is not None and on.cpu.wait_pretouch(30)
     assert on.cpu.pretouched_bytes == on.cpu.max_bytes // A * A == on.cpu.stats["pool_bytes"]
-    off = build_storage(load_config({**base, "lmcache.cpu_pretouch": False}, env={}, warn=False))
+    off = build_storage(load_config(base, env={}, warn=False))  # the default: off
     assert off.cpu is not None and off.cpu.wait_pretouch(30)
     assert off.cpu.pretouched_bytes == 0 and off.cpu.stats["pool_bytes"] == 0
     on.close()

@@ -46,7 +46,7 @@ Invariants:
   * `clear` frees the slabs it leaves empty (slabs with held blocks stay until reused). A slab
     whose allocation fails (no pinnable memory left) is logged, counted in `errors` and never
     retried: the tier works on the slabs it has.
-  * `pretouch()` (the builder calls it unless `cpu_pretouch: false`): a fresh slab's pages are
+  * `pretouch()` (the builder calls it with `cpu_pretouch: true`; off by default): a fresh slab's pages are
     faulted in by their first write, and a first write costs the fault plus the kernel zeroing
     the page, 2.6x a copy into resident memory (first-touch faults were ~40% of a disk hit after
     a restart). The pre-touch thread (nice 19) allocates every slab and faults it in with
