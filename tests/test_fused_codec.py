@@ -336,6 +336,21 @@ def test_encoding_split_views_the_file_layout():
         enc.split(buf[:-1])
 
 
+
+def test_encoding_aligned_only_where_every_part_views_in_place():
+    """An odd-sized int8 part before fp16 scales cannot be viewed in place (`split` copies it
+    out): such an encoding is not `aligned`, and the engine stores those rows exact instead of
+    quantizing into a copy that never reaches the buffer."""
+    odd = Encoding("int8", "float32", (1, 1, 3, 1, 5))  # q: 15 bytes, then fp16 scales
+    assert not odd.aligned
+    buf = torch.zeros(odd.nbytes, dtype=torch.uint8)
+    assert odd.split(buf)["s0"].data_ptr() != buf.data_ptr() + 15, "a copy, not a view"
+    for enc in (Encoding("int8", "float32", (2, 1, 3, 1, 5)), Encoding("int4", "bfloat16", (2, 2, 5, 3, 8))):
+        assert enc.aligned
+        b = torch.zeros(enc.nbytes, dtype=torch.uint8)
+        views = enc.split(b)
+        assert all(v.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for v in views.values())
+
 # --------------------------------------------------------------------------- stores (cpu_codec)
 
 

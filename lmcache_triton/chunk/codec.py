@@ -199,6 +199,19 @@ class Encoding:
     def num_tokens(self) -> int:
         return int(self.shape[2])
 
+    @property
+    def aligned(self) -> bool:
+        """Whether every part sits at an offset its dtype divides, so `split` views all of them in
+        place: what a writer of the parts into a buffer (a fused gather + quantize) needs. False
+        only for odd sizes (an odd-sized int8 part before fp16 scales): `split` copies such a
+        part out, and a write into the copy would never reach the buffer."""
+        at = 0
+        for p in self.parts():
+            if at % _ITEMSIZE[p.dtype]:
+                return False
+            at += p.nbytes
+        return True
+
     def split(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of each part in `buf` (`[nbytes]` uint8, contiguous, on any device). A part at
         an offset its dtype cannot be viewed at (an odd-sized int8 part before fp16 scales) is

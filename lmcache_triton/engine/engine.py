@@ -521,7 +521,8 @@ class KVCacheEngine:
         dtype = str(path.flat.dtype).removeprefix("torch.")
         if not codec.lossy or not codec.applies(rows, dtype, {"rows": path.rows}):
             return None
-        return Encoding(codec.name, dtype, rows)
+        enc = Encoding(codec.name, dtype, rows)
+        return enc if enc.aligned else None  # parts a gather could not write in place: rows
 
     def _store_cuda(
         self, digest: str, key: str, block_ids: Sequence[int], form: StoreForm, num_tokens: int
