@@ -306,3 +306,160 @@ def test_loader_reports_reportable_jobs_without_consuming_them():
     assert [r.req_id for r in loader.finished()] == ["r"]
     assert not loader.reportable()
     loader.close()
+
+
+# -- chunks still being read from a slow tier when the load is submitted (a prefix only on disk
+# or remote, promised at once): the loader copies each as it lands, in order.
+
+DST = [[8, 9], [10, 11], [4, 5]]  # the blocks of the three chunks (out of order on purpose)
+
+
+def _gated(n: int = 3, missing: int | None = None):
+    """An engine over a gated slow tier holding `n` chunks (chunk `missing` in no tier), their
+    prefetches queued (the step's prefetches go before its loads, worker.py), the load's
+    destination blocks poisoned; every read waits for its gate."""
+    from test_prefetch_parallel import GatedTier, _engine, _put
+
+    tier = GatedTier()
+    eng, c5 = _engine(tier)
+    digests = [f"{0xA0 + i:02x}" * 16 for i in range(n)]
+    chunks = [_put(eng, tier, d, 10 + i) for i, d in enumerate(digests)]
+    if missing is not None:
+        del tier.data[eng.key(digests[missing])]
+    eng.prefetch(digests)
+    c5[:, [b for pair in DST for b in pair]] = float("nan")
+    return tier, eng, c5, digests, chunks
+
+
+def _holds(eng, c5, block_ids, chunk) -> bool:
+    """Whether `block_ids` hold `chunk`'s token rows: stored out again, compared bit for bit."""
+    from test_prefetch_parallel import META, NS
+
+    from lmcache_triton.engine import KVCacheEngine
+
+    # A second engine on the same cache, without slow tiers: the one under test keeps its holds.
+    probe = KVCacheEngine(StorageHierarchy(CpuTier(1 << 20), []), NS, META)
+    probe.register([c5[i] for i in range(c5.shape[0])], block_size=4)
+    assert probe.store("f0" * 16, block_ids, num_tokens=4 * len(block_ids))
+    with probe.open_held("f0" * 16) as got:
+        same = got is not None and torch.equal(got.view(torch.int32), chunk.view(torch.int32))
+    probe.close()
+    return same
+
+
+def _no_hold_left(eng) -> bool:
+    """Retire and free every held chunk; then no hold of a load may remain in the CPU tier."""
+    eng.poll()
+    eng.retire_high = eng.retire_low = 0.0
+    eng.ack_retired(eng.retire())
+    return eng.storage.cpu.stats["held"] == 0
+
+
+def _wait_for(pred, timeout: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _open(tier, eng, digest) -> None:
+    tier.gate(eng.key(digest)).set()
+
+
+def test_chunks_still_being_read_load_as_each_lands():
+    """The first chunk is in its blocks while the second is still read (its gate closed), the
+    job is reported only when all three are, nothing else of the cache changed, and no hold is
+    left after it. (Before: a chunk not held at submit ended the job: 0 of 3 loaded.)"""
+    tier, eng, c5, digests, chunks = _gated()
+    before = c5.clone()
+    eng.load_async("r", [(d, DST[i], 0) for i, d in enumerate(digests)])
+    assert eng.loads_in_flight() == ["r"]
+    _open(tier, eng, digests[0])
+    assert _wait_for(lambda: not torch.isnan(c5[:, DST[0]]).any()), "the first chunk loads as it lands"
+    assert torch.isnan(c5[:, DST[1] + DST[2]]).all(), "the chunks still being read are not written"
+    assert eng.finished_loads() == [] and eng.loads_in_flight() == ["r"]
+    _open(tier, eng, digests[1])
+    _open(tier, eng, digests[2])
+    (res,) = _wait(eng)
+    assert (res.chunks_ok, res.chunks, res.cancelled) == (3, 3, False)
+    others = [b for b in range(c5.shape[1]) if b not in sum(DST, [])]
+    assert torch.equal(c5[:, others].view(torch.int32), before[:, others].view(torch.int32)), "stray writes"
+    for i, chunk in enumerate(chunks):
+        assert _holds(eng, c5, DST[i], chunk), f"chunk {i}"
+    assert eng.stats.loaded_chunks == 3 and eng.stats.load_errors == 0
+    assert _no_hold_left(eng)
+    eng.close()
+
+
+def test_a_chunk_that_fails_to_read_ends_the_load_short():
+    """The second chunk is in no tier (a missing or damaged file: the prefetch fails): the job
+    ends after the first, writes nothing after it, and holds nothing."""
+    tier, eng, c5, digests, chunks = _gated(missing=1)
+    for d in digests:
+        _open(tier, eng, d)
+    eng.load_async("r", [(d, DST[i], 0) for i, d in enumerate(digests)])
+    (res,) = _wait(eng)
+    assert (res.chunks_ok, res.chunks) == (1, 3)
+    assert torch.isnan(c5[:, DST[1] + DST[2]]).all(), "nothing written past the failed read"
+    assert _holds(eng, c5, DST[0], chunks[0])
+    assert _no_hold_left(eng)
+    eng.close()
+
+
+def test_a_read_past_the_deadline_ends_the_load_short_and_holds_nothing(monkeypatch):
+    """The second chunk's read does not end in time: the job ends short at the deadline; when
+    the read lands later it is held for the scheduler only, never for the finished job."""
+    import lmcache_triton.engine.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PENDING_WAIT_S", 0.3)
+    tier, eng, c5, digests, chunks = _gated()
+    _open(tier, eng, digests[0])
+    eng.load_async("r", [(d, DST[i], 0) for i, d in enumerate(digests)])
+    (res,) = _wait(eng)
+    assert (res.chunks_ok, res.chunks) == (1, 3)
+    _open(tier, eng, digests[1])
+    _open(tier, eng, digests[2])
+    assert eng.synchronize(prefetch_timeout=30)
+    assert sorted(eng.poll().held) == sorted(digests), "the late reads are still held for later requests"
+    assert torch.isnan(c5[:, DST[1] + DST[2]]).all()
+    assert _no_hold_left(eng)
+    eng.close()
+
+
+def test_cancel_while_a_chunk_is_read_stops_and_releases_what_lands_later():
+    tier, eng, c5, digests, _ = _gated()
+    eng.load_async("r", [(d, DST[i], 0) for i, d in enumerate(digests)])
+    assert eng.cancel_load("r")
+    (res,) = _wait(eng)
+    assert res.cancelled and res.chunks_ok == 0
+    for d in digests:
+        _open(tier, eng, d)
+    assert eng.synchronize(prefetch_timeout=30)
+    assert torch.isnan(c5[:, sum(DST, [])]).all(), "nothing written after the cancel"
+    assert _no_hold_left(eng)
+    eng.close()
+
+
+def test_the_load_hold_is_taken_as_the_chunk_lands(monkeypatch):
+    """A chunk that lands while the loader is busy elsewhere, and is retired and acknowledged at
+    once, still loads: the prefetch took the load's hold in the same lock step that published
+    it (no moment where it could be freed)."""
+    tier, eng, c5, digests, chunks = _gated(n=1)
+    monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0.4")  # the loader sleeps before its first chunk
+    eng.load_async("r", [(digests[0], DST[0], 0)])
+    _open(tier, eng, digests[0])
+    assert _wait_for(lambda: eng.holds(digests[0]))
+    eng.retire_high = eng.retire_low = 0.0
+    assert eng.retire() == [digests[0]]
+    eng.ack_retired([digests[0]])
+    assert not eng.storage.in_memory(eng.key(digests[0])), "freed for the scheduler"
+    (res,) = _wait(eng)
+    assert res.chunks_ok == 1
+    monkeypatch.delenv(FAULT_LOAD_DELAY_ENV)
+    assert _holds(eng, c5, DST[0], chunks[0]), "the bytes outlived the retirement"
+    assert eng.storage.cpu.stats["held"] == 0
+    eng.close()

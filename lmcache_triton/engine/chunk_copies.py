@@ -99,6 +99,7 @@ class LoadCopier(ChunkCopier):
         if skip_tokens >= chunk.num_tokens:
             return
         src = chunk.tensor
+        assert src is not None, "the loader copies held chunks only"
         enc = self._encoding_of(chunk.digest, src)
         if self._streams is not None and self._stream is not None:
             dev = self._staging.take(tuple(src.shape), src.dtype).tensor

@@ -59,7 +59,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -73,7 +73,7 @@ from lmcache_triton.storage.hierarchy import StorageHierarchy
 
 from .chunk_copies import LoadCopier, StoreForm, scatter_chunk, warm_up
 from .copy_paths import ROWS_FORM, CopyPath, make_copy_path
-from .loader import AsyncLoader, ChunkLoad, LoadJob, LoadResult
+from .loader import PENDING_WAIT_S, AsyncLoader, ChunkLoad, LoadJob, LoadResult, Pending
 from .streams import EventLike, StagingRing, StreamBackend, StreamLike, TransferStreams  # noqa: F401 (StagingRing: re-exported)
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,23 @@ class _InFlight:
     tensor: torch.Tensor | None = None  # the CPU-tier buffer held for the copy
     seq: int = 0  # a store's number (`store_fence`)
     gathered: EventLike | None = None  # a store: its gather read the blocks
+
+
+class _PendingRead(Pending):
+    """A chunk of a background load that a prefetch is still reading (`KVCacheEngine.load_async`).
+    The engine's `_lock` guards every field: the prefetch that publishes the chunk takes this
+    load's hold on it in the same lock step (`_feed`)."""
+
+    def __init__(self, engine: KVCacheEngine, digest: str, key: str) -> None:
+        self.engine, self.digest, self.key = engine, digest, key
+        self.tensor: torch.Tensor | None = None  # the load's hold, taken as the chunk landed
+        self.failed = False  # the read ended without the chunk, or the wait was given up
+
+    def wait(self, chunk: ChunkLoad, give_up: Callable[[], bool]) -> bool:
+        return self.engine._wait_pending(self, chunk, give_up)
+
+    def abandon(self) -> None:
+        self.engine._abandon_pending(self)
 
 
 class KVCacheEngine:
@@ -212,6 +229,8 @@ class KVCacheEngine:
         self.hold_encoded = hold_encoded  # resolved at `register`
         self._cpu_codec = get_codec(cpu_codec)
         self._lock = threading.RLock()  # puts + holds of the CPU tier, bookkeeping below
+        self._cond = threading.Condition(self._lock)  # a pending chunk of a background load landed
+        self._waiters: dict[str, list[_PendingRead]] = {}  # key -> background loads waiting for its read
         self._held: dict[str, torch.Tensor] = {}  # key -> the held CPU-tier tensor
         self._origin: dict[str, str] = {}  # key -> tier it came from ("cpu", "disk")
         self._retiring: set[str] = set()
@@ -339,7 +358,57 @@ class KVCacheEngine:
         self._held[key] = t
         self._origin[key] = origin
         self._progress.held.append(digest)
+        if key in self._waiters:
+            self._feed(key)
         return True
+
+    def _feed(self, key: str) -> None:
+        """The chunk is held now (caller has `_lock`): each background load waiting for it takes
+        its own hold in this same lock step, so nothing can evict it in between."""
+        for w in self._waiters.pop(key, []):
+            w.tensor = self.storage.hold(key, count=True)
+            w.failed = w.tensor is None
+        self._cond.notify_all()
+
+    def _settle(self, digest: str) -> None:
+        """A prefetch ended (caller has `_lock`): loads still waiting for it get it (it is held,
+        e.g. by a store meanwhile) or hear that it will not come."""
+        key = self.key(digest)
+        if key not in self._waiters:
+            return
+        if key in self._held:
+            self._feed(key)
+            return
+        for w in self._waiters.pop(key):
+            w.failed = True
+        self._cond.notify_all()
+
+    def _wait_pending(self, w: _PendingRead, chunk: ChunkLoad, give_up: Callable[[], bool]) -> bool:
+        with self._cond:
+            while w.tensor is None and not w.failed:
+                if give_up():
+                    return False  # the job ends here; `_abandon_pending` unregisters it
+                self._cond.wait(0.01)
+            tensor, w.tensor = w.tensor, None  # handed over to the chunk (or nothing)
+        if tensor is None:
+            return False
+        checked = self._check_for_load(w.digest, tensor, len(chunk.block_ids))
+        if checked is None:
+            return False
+        chunk.tensor, chunk.num_tokens, _ = checked
+        chunk.release = functools.partial(self.storage.release, w.key, tensor)
+        return True
+
+    def _abandon_pending(self, w: _PendingRead) -> None:
+        with self._lock:
+            waiting = self._waiters.get(w.key, [])
+            if any(x is w for x in waiting):
+                waiting[:] = [x for x in waiting if x is not w]
+                if not waiting:
+                    del self._waiters[w.key]
+            tensor, w.tensor, w.failed = w.tensor, None, True
+            if tensor is not None:  # landed, but the loader stopped before it
+                self.storage.release(w.key, tensor)
 
     def holds(self, digest: str) -> bool:
         with self._lock:
@@ -622,9 +691,17 @@ class KVCacheEngine:
         caller releases it), its token count and its encoding (None: token rows); None (counted
         as a load error) when the chunk is not held or is of another shape."""
         key = self.key(digest)
-        path = self._path()
         with self._lock:
             tensor = self.storage.hold(key, count=True) if key in self._held else None
+        return self._check_for_load(digest, tensor, num_blocks)
+
+    def _check_for_load(
+        self, digest: str, tensor: torch.Tensor | None, num_blocks: int
+    ) -> tuple[torch.Tensor, int, Encoding | None] | None:
+        """`_take_for_load` once the hold is taken (`tensor`; None: not held): the chunk's
+        tensor, token count and encoding, or None (hold released, counted as a load error)."""
+        key = self.key(digest)
+        path = self._path()
         enc = None if tensor is None else self.storage.encoding(key, tensor)
         expected, num_tokens = None, 0
         if tensor is not None:
@@ -651,14 +728,26 @@ class KVCacheEngine:
     # ------------------------------------------------------------------ asynchronous loads
 
     def load_async(self, req_id: str, chunks: Sequence[tuple[str, Sequence[int], int]]) -> None:
-        """Load a request's held chunks into its blocks in the background (`engine.loader`):
-        `(digest, block_ids, skip_blocks)` in prefix order. Every chunk is held now, in the
-        step that planned the load (a retirement acknowledged later cannot free it under the
-        copy); the chunks from the first one that is not held on are not loaded. The job is
-        reported once by `finished_loads` (also when nothing could be held)."""
+        """Load a request's chunks into its blocks in the background (`engine.loader`):
+        `(digest, block_ids, skip_blocks)` in prefix order. Every chunk held now is held for
+        the load now, in the step that planned it (a retirement acknowledged later cannot free
+        it under the copy). A chunk a prefetch is still reading (a prefix only on a slow tier:
+        queue its `prefetch` first) is waited for by the loader, at most `PENDING_WAIT_S` from
+        now, and held for the load in the lock step that publishes it (`_feed`); one that fails
+        to read ends the load there. The chunks from the first one that is neither held nor
+        being read on are not loaded. The job is reported once by `finished_loads` (also when
+        nothing could be held)."""
         loads: list[ChunkLoad] = []
         for digest, block_ids, skip in chunks:
-            taken = self._take_for_load(digest, len(block_ids))
+            key = self.key(digest)
+            with self._lock:
+                if key not in self._held and digest in self._prefetching:
+                    pending = _PendingRead(self, digest, key)
+                    self._waiters.setdefault(key, []).append(pending)
+                    loads.append(ChunkLoad(digest, list(block_ids), skip, 0, None, None, pending))
+                    continue
+                held = self.storage.hold(key, count=True) if key in self._held else None
+            taken = self._check_for_load(digest, held, len(block_ids))
             if taken is None:
                 break
             tensor, num_tokens, _ = taken
@@ -675,7 +764,7 @@ class KVCacheEngine:
                 LoadCopier(self._load_path, self.block_size, self._encoding_of, self._streams, self._load_stream),
                 self._loaded_async,
             )
-        self._loader.submit(LoadJob(req_id, loads, len(chunks), after=after))
+        self._loader.submit(LoadJob(req_id, loads, len(chunks), after=after, deadline=time.monotonic() + PENDING_WAIT_S))
 
     def _encoding_of(self, digest: str, tensor: torch.Tensor) -> Encoding | None:
         return self.storage.encoding(self.key(digest), tensor)
@@ -683,7 +772,7 @@ class KVCacheEngine:
     def _loaded_async(self, chunk: ChunkLoad, ok: bool) -> None:
         """The loader thread's count of one chunk."""
         with self._lock:
-            if ok:
+            if ok and chunk.tensor is not None:
                 self._count_load(self.key(chunk.digest), chunk.tensor.numel() * chunk.tensor.element_size())
             else:
                 self.stats.load_errors += 1
@@ -770,6 +859,7 @@ class KVCacheEngine:
                 logger.exception("lmcache_triton: prefetch of chunk %s failed", digest[:12])
             with self._lock:
                 self._prefetching.discard(digest)
+                self._settle(digest)
                 if ok:
                     self.stats.prefetched_chunks += 1
                 else:

@@ -26,6 +26,13 @@ Invariants:
   * A job's chunks are copied in order and `LoadResult.chunks_ok` counts the leading chunks that
     are complete: the caller never reports a block beyond them as loaded.
   * A chunk's CPU-tier buffer is held until its copy is complete (the copier releases it).
+  * A chunk still being read from a slow tier when its job was submitted (`ChunkLoad.pending`,
+    a prefix only on disk or remote: the scheduler promised it before the read ended) is waited
+    for in order, until the job's `deadline`, and copied as soon as it is in memory: the first
+    chunks are in their blocks while later ones are still read. Its hold is taken by the engine
+    in the same lock step that publishes it (never a moment evictable); one that failed to read,
+    was refused, or is late ends the job short, like a failed copy. Every pending chunk is
+    settled when its job ends (`Pending.abandon`): nothing stays held or waited for.
 
 Fault injection for tests and benchmarks (read at each chunk): `LMCACHE_TRITON_FAULT_LOAD_DELAY`
 seconds slept before every chunk; `LMCACHE_TRITON_FAULT_LOAD_FAIL_AT=k`: chunk k (0-based) of
@@ -53,18 +60,41 @@ FAULT_LOAD_DELAY_ENV = "LMCACHE_TRITON_FAULT_LOAD_DELAY"
 FAULT_LOAD_FAIL_AT_ENV = "LMCACHE_TRITON_FAULT_LOAD_FAIL_AT"
 
 
+# How long a job waits, from its submit, for chunks still being read from a slow tier (the
+# scheduler's own bound on a prefetch wait, integration/vllm/scheduler.PREFETCH_WAIT_S).
+PENDING_WAIT_S = 10.0
+
+
+class Pending:
+    """A chunk that was still being read from a slow tier when its job was submitted (the
+    engine's: `KVCacheEngine.load_async`)."""
+
+    def wait(self, chunk: ChunkLoad, give_up: Callable[[], bool]) -> bool:
+        """Block until the chunk is held in memory for this load, then fill `chunk.tensor`,
+        `num_tokens` and `release`: True. False when its read failed, it was refused, or
+        `give_up()` said so (checked at least every few ms): nothing of it is held then."""
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        """The job is over: stop waiting for the chunk, and release a hold taken for it that
+        `wait` never handed over. Idempotent."""
+        raise NotImplementedError
+
+
 @dataclass
 class ChunkLoad:
     """One chunk of a job: the held CPU-tier `tensor` of `digest` into `block_ids` (its
     `skip_blocks` leading blocks left alone, `num_tokens` tokens); `release` gives the buffer
-    back (called once, when the job has finished)."""
+    back (called once, when the job has finished). A chunk still being read when the job was
+    submitted has `pending` set and no tensor until `pending.wait` fills it."""
 
     digest: str
     block_ids: list[int]
     skip_blocks: int
     num_tokens: int
-    tensor: torch.Tensor
-    release: Callable[[], None]
+    tensor: torch.Tensor | None
+    release: Callable[[], None] | None
+    pending: Pending | None = None
 
 
 @dataclass
@@ -79,6 +109,7 @@ class LoadJob:
     after: EventLike | None = None  # CUDA: recorded on the compute stream at the submit
     chunks_ok: int = 0  # set by the loader: leading chunks copied (queued, on CUDA)
     done: EventLike | None = None  # CUDA: recorded after the job's last copy
+    deadline: float = float("inf")  # monotonic: pending chunks later than this are not waited for
 
 
 @dataclass
@@ -166,7 +197,8 @@ class AsyncLoader:
                     still.append(job)
                     continue
                 for chunk in job.chunks:
-                    chunk.release()
+                    if chunk.release is not None:
+                        chunk.release()
                 del self._jobs[job.req_id]
                 out.append(LoadResult(job.req_id, job.chunks_ok, job.total, job.cancelled))
             self._queued = still
@@ -216,11 +248,16 @@ class AsyncLoader:
                 self._busy -= 1
 
     def _load(self, job: LoadJob) -> None:
-        with self._copier.start(job):
-            try:
-                self._copy_all(job)
-            finally:
-                job.done = self._copier.finish()
+        try:
+            with self._copier.start(job):
+                try:
+                    self._copy_all(job)
+                finally:
+                    job.done = self._copier.finish()
+        finally:
+            for chunk in job.chunks:  # pending chunks never reached: nothing left waiting or held
+                if chunk.pending is not None:
+                    chunk.pending.abandon()
 
     def _copy_all(self, job: LoadJob) -> None:
         for i, chunk in enumerate(job.chunks):
@@ -229,6 +266,20 @@ class AsyncLoader:
             delay = float(os.environ.get(FAULT_LOAD_DELAY_ENV) or 0)
             if delay > 0:
                 time.sleep(delay)
+            if chunk.tensor is None:
+                # Still being read from a slow tier: wait for it (its hold is taken as it lands).
+                ready = chunk.pending is not None and chunk.pending.wait(
+                    chunk, lambda: job.cancelled or time.monotonic() > job.deadline
+                )
+                if not ready:
+                    if not job.cancelled:
+                        logger.warning(
+                            "lmcache_triton: chunk %s of %s did not arrive from its slow tier: the rest is computed",
+                            chunk.digest[:12], job.req_id,
+                        )
+                        if self._on_chunk is not None:
+                            self._on_chunk(chunk, False)
+                    return
             ok = False
             try:
                 if os.environ.get(FAULT_LOAD_FAIL_AT_ENV) == str(i):
