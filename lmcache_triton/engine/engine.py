@@ -764,7 +764,8 @@ class KVCacheEngine:
                 LoadCopier(self._load_path, self.block_size, self._encoding_of, self._streams, self._load_stream),
                 self._loaded_async,
             )
-        self._loader.submit(LoadJob(req_id, loads, len(chunks), after=after, deadline=time.monotonic() + PENDING_WAIT_S))
+        deadline = time.monotonic() + PENDING_WAIT_S  # for the chunks still being read
+        self._loader.submit(LoadJob(req_id, loads, len(chunks), after=after, deadline=deadline))
 
     def _encoding_of(self, digest: str, tensor: torch.Tensor) -> Encoding | None:
         return self.storage.encoding(self.key(digest), tensor)

@@ -238,3 +238,156 @@ def test_a_prefix_read_from_disk_loads_asynchronously_by_default(model, tmp_path
         _run(h, "cpu-e")
     finally:
         h.worker.shutdown()
+
+
+# -- a prefix only on disk (after a restart): promised at once, loaded as its reads land.
+
+SLOW = {"lmcache.async_load_slow_min_tokens": THRESHOLD}
+
+
+def _restarted(model, tmp_path, toks: list[int], **kw) -> Harness:
+    """`toks` stored on disk by one harness, then a new one on the same disk (a restart)."""
+    first = Harness(model, tmp_path, block_size=BLOCK, chunk_size=CHUNK, extra=SLOW)
+    try:
+        _store(first, "store", toks)
+        assert first.worker._impl.storage.flush(30)
+    finally:
+        first.worker.shutdown()
+    return Harness(model, tmp_path, block_size=BLOCK, chunk_size=CHUNK, extra=SLOW, **kw)
+
+
+def _wait_loaded(h: Harness, req_id: str) -> None:
+    from vllm.v1.request import RequestStatus
+
+    h.drain_loads()
+    for _ in range(5):
+        if _status(h, req_id) != RequestStatus.WAITING_FOR_REMOTE_KVS:
+            return
+        h.step()
+    raise AssertionError(f"{req_id} still waits for its load")
+
+
+def _nothing_held_by_loads(h: Harness) -> None:
+    """No load left in flight, and once every chunk is retired no hold is left in the CPU tier."""
+    impl, eng = h.connector._impl, h.worker._impl.engine
+    assert not impl._async_inflight and not impl._aborted_loads
+    assert eng.loads_in_flight() == []
+    assert eng.synchronize(prefetch_timeout=30)
+    assert h.worker._impl.storage.flush(30)  # the disk writer holds what it writes
+    eng.poll()
+    eng.retire_high = eng.retire_low = 0.0
+    eng.ack_retired(eng.retire())
+    assert eng.storage.cpu.stats["held"] == 0
+
+
+def test_a_prefix_only_on_disk_is_promised_at_once(model, tmp_path, monkeypatch):
+    """The first step promises every chunk (an asynchronous load, WAITING_FOR_REMOTE_KVS) while
+    they are still read (each read slowed): no "ask again" until the last one is in memory.
+    vLLM then runs the request from the loaded prefix, the cache holding the stored tokens."""
+    from vllm.v1.request import RequestStatus
+
+    from lmcache_triton.storage.hierarchy import FAULT_READ_DELAY_ENV
+
+    toks = _tokens(1500, 96)
+    h = _restarted(model, tmp_path, toks)
+    try:
+        monkeypatch.setenv(FAULT_READ_DELAY_ENV, "0.2")
+        h.add(h.request("disk-f", toks, max_tokens=2))
+        out = h.step()
+        meta = out.kv_connector_metadata
+        assert "disk-f" not in out.num_scheduled_tokens
+        assert [op.num_tokens for op in meta.async_loads.get("disk-f", [])] == [CHUNK] * 3, meta.async_loads
+        assert {op.digest for op in meta.async_loads["disk-f"]} <= set(meta.prefetches), "read in the background"
+        assert _status(h, "disk-f") == RequestStatus.WAITING_FOR_REMOTE_KVS
+        _wait_loaded(h, "disk-f")
+        _, computed = _first_schedule(h, "disk-f")
+        assert computed == 95
+        assert h.slot_values("disk-f", 95) == [float(t + 1) for t in toks[:95]]
+        _run(h, "disk-f")
+        _nothing_held_by_loads(h)
+    finally:
+        h.worker.shutdown()
+
+
+def test_a_chunk_that_fails_to_read_mid_prefix_is_computed(model, tmp_path):
+    """The second chunk's file is damaged: the promised load ends after the first chunk, vLLM
+    resumes the request from it (32 tokens) and computes the rest; nothing fails."""
+    toks = _tokens(1700, 96)
+    h = _restarted(model, tmp_path, toks)
+    try:
+        digest = h.connector._impl.planner.spans(toks, [])[1].digest
+        (path,) = (tmp_path / "disk").glob(f"*{digest}.safetensors")
+        data = bytearray(path.read_bytes())
+        data[-64:] = bytes(b ^ 0xFF for b in data[-64:])  # in the payload: the checksum catches it
+        path.write_bytes(bytes(data))
+        h.add(h.request("bad-g", toks, max_tokens=2))
+        out = h.step()
+        assert len(out.kv_connector_metadata.async_loads.get("bad-g", [])) == 3
+        _wait_loaded(h, "bad-g")
+        _, computed = _first_schedule(h, "bad-g")
+        assert computed == CHUNK
+        assert h.slot_values("bad-g", CHUNK) == [float(t + 1) for t in toks[:CHUNK]]
+        _run(h, "bad-g")
+        assert "bad-g" not in h.scheduler.requests
+        _nothing_held_by_loads(h)
+    finally:
+        h.worker.shutdown()
+
+
+def test_abort_while_its_chunks_are_read(model, tmp_path, monkeypatch):
+    """Aborted while its chunks are still read: the load stops, vLLM frees the blocks once it is
+    reported, and nothing stays held or in flight when the reads land afterwards."""
+    from vllm.v1.request import RequestStatus
+
+    from lmcache_triton.storage.hierarchy import FAULT_READ_DELAY_ENV
+
+    toks = _tokens(1900, 96)
+    h = _restarted(model, tmp_path, toks)
+    try:
+        monkeypatch.setenv(FAULT_READ_DELAY_ENV, "0.3")
+        pool = h.scheduler.kv_cache_manager.block_pool
+        free = pool.get_num_free_blocks()
+        h.add(h.request("abort-h", toks, max_tokens=2))
+        h.step()
+        assert _status(h, "abort-h") == RequestStatus.WAITING_FOR_REMOTE_KVS
+        h.finish("abort-h")
+        assert "abort-h" in h.scheduler.requests and pool.get_num_free_blocks() < free
+        out = h.step()
+        assert out.kv_connector_metadata.cancel_loads == ["abort-h"]
+        h.drain_loads()
+        h.step()
+        assert "abort-h" not in h.scheduler.requests
+        assert pool.get_num_free_blocks() == free
+        _nothing_held_by_loads(h)
+    finally:
+        h.worker.shutdown()
+
+
+def test_may_load_async_for_a_prefix_on_disk(model, tmp_path):
+    """0.34: a request whose prefix is only on disk may load asynchronously (its reads start at
+    once): queued so, it starts its load while the running batch is full."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    if not hasattr(KVConnectorBase_V1, "may_load_async"):
+        pytest.skip("this vLLM has no may_load_async (0.34+)")
+    from vllm.v1.request import RequestStatus
+
+    toks = _tokens(2100, 96)
+    h = _restarted(model, tmp_path, toks, scheduler_extra={"max_num_inflight_kv_loads": 2, "max_num_seqs": 1})
+    try:
+        assert not h.connector.may_load_async(h.request("short-i", _tokens(3000, 20), max_tokens=1))
+        h.add(h.request("busy", _tokens(2000, 20), max_tokens=30))
+        h.step()  # the only running slot is taken
+        hit = h.request("disk-i", toks, max_tokens=2)
+        assert h.connector.may_load_async(hit)
+        h.add(hit)
+        assert hit in h.scheduler.async_kv_waiting
+        h.step()
+        assert _status(h, "disk-i") == RequestStatus.WAITING_FOR_REMOTE_KVS, "its load started, the batch full"
+        h.drain_loads()
+        _run(h, "busy", max_steps=60)
+        _run(h, "disk-i")
+        _, computed = _first_schedule(h, "disk-i")
+        assert computed == 95
+    finally:
+        h.worker.shutdown()

@@ -6,18 +6,23 @@ vLLM's hooks, in the order one request meets them:
                               token left to compute. Chunks that are only in a slow tier (disk,
                               the remote server: `PrefixIndex` asks each tier one batched
                               question for all of a request's candidate chunks and ranks) are
-                              prefetched in the background and the answer is None ("ask again"):
-                              the request waits (at most PREFETCH_WAIT_S) while others run.
-                              A hit of `async_load_min_tokens` or more, or one with
-                              `async_load_slow_min_tokens` or more read from a slow tier first
-                              (the default: 1024), answers "asynchronous": vLLM parks the
-                              request in WAITING_FOR_REMOTE_KVS with its blocks while the
-                              workers' background loaders fill them; other hits load in the
-                              step, before the forward. A step that schedules nothing while
+                              prefetched in the background. When they carry
+                              `async_load_slow_min_tokens` or more (the default: 1024) they are
+                              promised at once with the held ones, as an asynchronous load: vLLM
+                              parks the request in WAITING_FOR_REMOTE_KVS with its blocks, and
+                              the workers' background loaders copy each chunk as its read lands
+                              (a read that fails or is late ends the load short: vLLM computes
+                              the rest). A smaller slow prefix answers None ("ask again"): the
+                              request waits (at most PREFETCH_WAIT_S) while others run.
+                              A hit held in memory of `async_load_min_tokens` or more also
+                              answers "asynchronous"; other hits load in the step, before the
+                              forward. A step that schedules nothing while
                               requests wait for loads or prefetches lets the workers wait for
                               them (IDLE_WAIT_S) rather than spin.
   may_load_async              (vLLM 0.34, --max-num-inflight-kv-loads) whether that answer may
-                              come: the chunks held in memory cover the threshold.
+                              come: the chunks held in memory cover `async_load_min_tokens`, or
+                              a prefix on a slow tier would be promised at once (its reads
+                              start now).
   update_state_after_alloc    remembers the load plan of a request that got external tokens, and
                               logs the hit (one INFO line, rate-limited: `HitLog`). An
                               asynchronous load goes to the workers in this step's metadata;
@@ -297,8 +302,19 @@ class SchedulerConnector(ConnectorCore):
         st = self._state(request)  # stores are planned from it
         if not self.loads_enabled or request.request_id in self._load_fell_short:  # kv_producer
             return 0, False
+        rid = request.request_id
         n = self.index.cached_prefix(st.spans, num_computed_tokens)
-        if self._wait_for_prefetch(request.request_id, st.spans[n:], num_computed_tokens):
+        pending = self._locate(rid, st.spans[n:], num_computed_tokens)
+        if pending and self._promise_pending(rid, st, n, pending, num_computed_tokens):
+            # A prefix on a slow tier loads asynchronously at once: the workers' loaders copy
+            # each chunk as its read lands (engine.load_async) instead of the request waiting
+            # here until the last one is in memory.
+            self._waiting.pop(rid, None)
+            cached = min(self._pending_end(st, n, pending), st.prompt_len - 1)
+            self._lookups[rid] = (num_computed_tokens, cached)
+            self._async_asked.add(rid)
+            return cached - num_computed_tokens, True
+        if self._wait_for_prefetch(rid, pending):
             return None, False  # vLLM asks again next step; other requests run meanwhile
         cached = min(st.spans[n - 1].end if n else 0, st.prompt_len - 1)
         if self._blend is not None:
@@ -323,6 +339,25 @@ class SchedulerConnector(ConnectorCore):
             self._async_asked.discard(request.request_id)
         return hit, load_async
 
+    @staticmethod
+    def _pending_end(st: RequestState, n: int, pending: list[str]) -> int:
+        """The end token of the last of `pending` (chunks after the `n` held ones, in order)."""
+        last = pending[-1]
+        return next(s.end for s in st.spans[n:] if s.digest == last)
+
+    def _promise_pending(self, req_id: str, st: RequestState, n: int, pending: list[str], first: int) -> bool:
+        """Whether a prefix whose chunks after the `n` held ones are still to be read from a
+        slow tier (`pending`, prefetches queued) is promised now, as an asynchronous load: when
+        the tokens read from a slow tier reach `async_load_slow_min_tokens`, or the whole hit
+        `async_load_min_tokens` (0: never). CacheBlend plans its own loads: it waits."""
+        if self._blend is not None:
+            return False
+        end = min(self._pending_end(st, n, pending), st.prompt_len - 1)
+        if end <= first or end < max(self.config.min_retrieve_tokens, 1):
+            return False
+        slow = self._slow_tokens(req_id, st, first, end)
+        return 0 < self.async_load_slow_min_tokens <= slow or 0 < self.async_load_min_tokens <= end - first
+
     def _slow_tokens(self, req_id: str, st: RequestState, first: int, end: int) -> int:
         """Tokens of `[first, end)` in chunks this request waited for from a slow tier."""
         slow = self._slow_waits.get(req_id)
@@ -339,22 +374,28 @@ class SchedulerConnector(ConnectorCore):
         answer "asynchronous" for this request, asked whenever it enters the waiting queues
         (then a request that will load can start while the running batch is full). True when
         the chunks every rank holds in memory already cover `async_load_min_tokens` of its
-        prompt: a dictionary lookup per chunk, on spans hashed once per request (`_state`).
-        A prefix only on a slow tier says False: it is prefetched first ("ask again") and
-        would hold back the other loads of the queue while it is read."""
-        if not self.loads_enabled or self.async_load_min_tokens <= 0 or request.num_prompt_tokens < 2:
+        prompt (a dictionary lookup per chunk, on spans hashed once per request: `_state`), or
+        when the chunks after them are on a slow tier and would be promised at once
+        (`_promise_pending`): then the slow tiers are asked now (one batched question each)
+        and the reads start at once, before the request is scheduled."""
+        if not self.loads_enabled or request.num_prompt_tokens < 2:
             return False
-        if request.num_prompt_tokens - 1 < self.async_load_min_tokens:
+        threshold = min(t for t in (self.async_load_min_tokens, self.async_load_slow_min_tokens, 1 << 62) if t > 0)
+        if request.num_prompt_tokens - 1 < threshold:
             return False
         st = self._state(request)
         n = self.index.cached_prefix(st.spans, 0)
-        return n > 0 and min(st.spans[n - 1].end, st.prompt_len - 1) >= self.async_load_min_tokens
+        if 0 < self.async_load_min_tokens <= (min(st.spans[n - 1].end, st.prompt_len - 1) if n else 0):
+            return True
+        if request.request_id in self._load_fell_short:
+            return False
+        pending = self._locate(request.request_id, st.spans[n:], 0)
+        return bool(pending) and self._promise_pending(request.request_id, st, n, pending, 0)
 
-    def _wait_for_prefetch(self, req_id: str, rest: list[ChunkSpan], num_computed_tokens: int) -> bool:
+    def _locate(self, req_id: str, rest: list[ChunkSpan], num_computed_tokens: int) -> list[str]:
         """Start background reads of the leading chunks of `rest` that are in a slow tier (asked
-        once per call, in one round trip per tier, for all the candidates), and tell whether the
-        request should wait for them. A request waits at most `PREFETCH_WAIT_S` in all; what is
-        not in memory by then is computed."""
+        once per call, in one round trip per tier, for all the candidates); returns the digests
+        of the leading chunks that are being read, in order (reads started earlier included)."""
         now = time.monotonic()
         live = [s for s in rest if s.end > num_computed_tokens]
         in_flight = {s.digest for s in live if self._prefetching.get(s.digest, (0.0, ""))[0] > now}
@@ -385,6 +426,12 @@ class SchedulerConnector(ConnectorCore):
             self._to_prefetch.append(d)
             self._slow_waits.setdefault(req_id, {})[d] = tier  # hit-source labels, the hit line
             want.append(d)
+        return want
+
+    def _wait_for_prefetch(self, req_id: str, want: list[str]) -> bool:
+        """Whether the request should wait for the reads of `want` (`_locate`). A request waits
+        at most `PREFETCH_WAIT_S` in all; what is not in memory by then is computed."""
+        now = time.monotonic()
         if not want:
             self._waiting.pop(req_id, None)
             return False

@@ -190,16 +190,18 @@ class WorkerConnector(ConnectorCore):
         acks = meta.retire_acks.get(self.rank)
         if acks:
             self.engine.ack_retired(acks)
-        if meta.prefetches:
-            self.engine.prefetch(meta.prefetches)
 
     def _start_async_loads(self, meta: LMCacheTritonMetadata) -> None:
-        """Hand this step's asynchronous loads to the engine's background loader and stop the
-        aborted ones; once per metadata (start_load_kv, or get_finished where a vLLM release
-        calls start_load_kv only for synchronous loads)."""
+        """Queue this step's prefetches, hand its asynchronous loads to the engine's background
+        loader and stop the aborted ones; once per metadata (start_load_kv, or get_finished
+        where a vLLM release calls start_load_kv only for synchronous loads). Prefetches go
+        first: a load may promise chunks they are about to read (a prefix only on a slow tier),
+        which the loader waits for."""
         if meta is self._async_meta_seen:
             return
         self._async_meta_seen = meta
+        if meta.prefetches:
+            self.engine.prefetch(meta.prefetches)
         for req_id in meta.cancel_loads:
             self.engine.cancel_load(req_id)
         for req_id, ops in meta.async_loads.items():
