@@ -5,10 +5,11 @@ request joins whose 4k-token prefix is cached. We record the wall time of every 
 decoding stream and report its median step and its worst gap while the second request joins.
 
 Scenarios, each in a fresh process (in-process engine, stepped directly):
-  disk hit          the joining prefix is on disk only (a restart): the connector prefetches
-                    it in the background, verified, while the decoder keeps stepping; then the
-                    load fills the request's blocks on the worker's background loader (an
-                    asynchronous load: the request waits in WAITING_FOR_REMOTE_KVS)
+  disk hit          the joining prefix is on disk only (a restart): the connector promises it
+                    at once as an asynchronous load (the request waits in
+                    WAITING_FOR_REMOTE_KVS) and prefetches it in the background, verified,
+                    while the decoder keeps stepping; the worker's background loader copies
+                    each chunk into the request's blocks as its read lands
   disk hit, sync    the same with `async_load_min_tokens: 0, async_load_slow_min_tokens: 0`: the
                     load copies the whole prefix
                     into the blocks inside one step (what the connector did before)
