@@ -280,6 +280,31 @@ def test_disk_codec_restart_hit_and_bytes_saved(tmp_path, codec):
         again.close()
 
 
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_disk_encoded_reads_of_mixed_sizes_on_one_thread_each_decode_their_own(tmp_path, codec):
+    """Encoded reads land in a per-thread scratch buffer reused across chunks: a large chunk,
+    a small one, a damaged one and the large one again, read on one thread, each decode to
+    exactly their own file's rows (poisoned destinations), and the damaged one is a miss."""
+    shapes = [(2, 3, 96, 2, 80), (2, 1, 5, 1, 80), (2, 2, 40, 1, 80), (2, 3, 96, 2, 80)]
+    tier = DiskTier(tmp_path, 1 << 30, codec=codec)
+    for i, shape in enumerate(shapes):
+        tier.put(key(i), rows(40 + i, shape), META)
+    assert tier.flush(30)
+    path = tmp_path / f"{key(2)}.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x55  # a payload byte of the third: checksum mismatch
+    path.write_bytes(bytes(raw))
+    for i in (0, 1, 2, 3, 1, 0):
+        out = torch.full(shapes[i], float("nan"), dtype=torch.bfloat16)
+        got = tier.get(key(i), out=out)
+        if i == 2:
+            assert got is None
+            continue
+        want, _ = decode_chunk(key(i), (tmp_path / f"{key(i)}.safetensors").read_bytes(), auth=tier.auth)
+        assert got is not None and torch.equal(out, want), f"chunk {i}"
+    tier.close()
+
+
 def test_codec_policy_per_namespace(tmp_path):
     ns_a, ns_b = "aa" * 8, "bb" * 8
     tier = DiskTier(tmp_path, 1 << 30)

@@ -197,6 +197,7 @@ class DiskTier(TierCounters):
         self._warned: set[str] = set()
         self._warn_bad = BadFileLog(logger, "lmcache_triton disk tier")
         self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._scratch = threading.local()  # per reading thread: `_scratch_bytes`
         self._closed = False
         self._changes: list[tuple[str, str]] | None = None  # ("+" | "-", key), see track_changes
         if reindex:
@@ -453,7 +454,7 @@ class DiskTier(TierCounters):
             if encoded:
                 self._read_verified(r.file, r.header, tensor_bytes(out))
             elif r.header.parts:  # encoded: verified in a scratch buffer, then decoded into `out`
-                buf = torch.empty(r.header.nbytes, dtype=torch.uint8)
+                buf = self._scratch_bytes(r.header.nbytes)
                 self._read_verified(r.file, r.header, tensor_bytes(buf))
                 decode_payload(r.header, buf, out)
             else:
@@ -471,6 +472,16 @@ class DiskTier(TierCounters):
         with contextlib.suppress(OSError):  # restart LRU order; best effort
             os.utime(r.path, follow_symlinks=False)
         return True
+
+    def _scratch_bytes(self, nbytes: int) -> torch.Tensor:
+        """A `[nbytes]` uint8 buffer of the calling thread's, reused by its next encoded read: a
+        fresh allocation of each encoded payload (MiBs) cost page faults and an mmap/munmap pair
+        per chunk, and those wait on the process's mm lock behind any other thread's mapping
+        work. Bounded by one encoded chunk per reading thread (the prefetchers)."""
+        buf: torch.Tensor | None = getattr(self._scratch, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._scratch.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes]
 
     def _read_verified(self, f: FileIO, hdr: ChunkHeader, mv: memoryview) -> None:
         read_payload_verified(f, hdr, mv, self.auth, self._hasher)
