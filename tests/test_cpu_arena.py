@@ -1,6 +1,7 @@
 """CPU tier arena: the offset allocator, slab layout, eviction in a fragmented arena, holds, and
 the process's resident memory under churn."""
 
+import os
 import random
 import subprocess
 import sys
@@ -477,3 +478,35 @@ def test_builder_pretouches_only_when_switched_on():
     assert off.cpu.pretouched_bytes == 0 and off.cpu.stats["pool_bytes"] == 0
     on.close()
     off.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities and madvise: Linux only")
+def test_pretouch_holds_the_mm_lock_in_small_pieces_at_the_process_priority(monkeypatch):
+    """MADV_POPULATE_WRITE holds the process's mm lock for the whole call and every mmap/munmap
+    of any thread waits for it. A nice-19 pre-touch next to a busy engine was preempted while
+    holding it, and the engine's allocations waited for the scheduler to give it the core back
+    (the end-to-end disk hit got slower with the pre-touch): it must run at the process's
+    priority and fault in at most `PREFAULT_PIECE` (4 MiB, ~1 ms of zeroing) per call."""
+    from lmcache_triton.storage import arena
+
+    if not arena.can_populate():
+        pytest.skip("kernel without MADV_POPULATE_WRITE (< 5.14): the fallback touches before publishing")
+    calls: list[tuple[int, int]] = []
+    real = arena._populate_range
+
+    def spy(addr: int, nbytes: int) -> bool:
+        calls.append((nbytes, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return real(addr, nbytes)
+
+    monkeypatch.setattr(arena, "_populate_range", spy)
+    slab = 16 << 20
+    tier = CpuTier(2 * slab, pin_memory=False, slab_bytes=slab)
+    assert tier.pretouch() and tier.wait_pretouch(60)
+    assert tier.pretouched_bytes == 2 * slab
+    # Every whole page of both slabs, once (a slab need not start on a page).
+    assert 2 * slab - 2 * arena.PAGE <= sum(n for n, _ in calls) <= 2 * slab
+    assert max(n for n, _ in calls) <= 4 << 20, f"pieces of {sorted({n for n, _ in calls})} bytes"
+    assert {p for _, p in calls} == {os.getpriority(os.PRIO_PROCESS, 0)}, "the process's priority"
+    for buf in tier.slab_buffers():
+        resident, total = _resident_pages(buf)
+        assert resident == total

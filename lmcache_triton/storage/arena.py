@@ -22,6 +22,7 @@ import errno
 import mmap
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -143,7 +144,11 @@ def slab_sizes(max_bytes: int, slab_bytes: int, pinned: bool) -> list[int]:
 
 
 PAGE = mmap.PAGESIZE
-PREFAULT_PIECE = 64 << 20  # bytes faulted in per call: a stop request waits for one piece at most
+# Bytes faulted in per madvise call. MADV_POPULATE_WRITE holds the process's mm lock (for reading)
+# for the whole call, and every mmap/munmap of any thread (torch's large tensors in vLLM's forward,
+# our own buffers, Python's arenas) waits for it to end: about 1 ms per 4 MiB here (the kernel
+# zeroing the pages), so no other thread waits longer than that.
+PREFAULT_PIECE = 4 << 20
 _MADV_POPULATE_WRITE = 23  # <linux/mman.h>, Linux >= 5.14
 _madvise_fn: Callable[[int, int, int], int] | None = None
 _populate_ok: bool | None = None  # None: not probed yet
@@ -191,7 +196,7 @@ def can_populate() -> bool:
         return _populate_ok
 
 
-def populate(buf: torch.Tensor, stop: threading.Event | None = None) -> bool:
+def populate(buf: torch.Tensor, stop: threading.Event | None = None, duty: float = 1.0) -> bool:
     """Fault in the pages of the contiguous CPU `buf` for writing, `PREFAULT_PIECE` bytes at a
     time, without changing a byte: safe while other threads read and write it. A later write
     then takes no page fault (a first write to a fresh page costs the fault and the kernel's
@@ -200,6 +205,9 @@ def populate(buf: torch.Tensor, stop: threading.Event | None = None) -> bool:
     Args:
         buf: `[n]` uint8, contiguous, on the CPU.
         stop: set it to stop between pieces; default None.
+        duty: the share of wall time spent faulting: after each piece the caller sleeps
+            `(1 / duty - 1)` times the piece's time (0.5: half of one core at most); default 1.0
+            (no sleep).
 
     Returns:
         False when not done: unsupported here (`can_populate()`), or stopped.
@@ -207,10 +215,21 @@ def populate(buf: torch.Tensor, stop: threading.Event | None = None) -> bool:
     if not can_populate():
         return False
     addr, n = buf.data_ptr(), buf.numel() * buf.element_size()
-    for off in range(0, n, PREFAULT_PIECE):
+    # Pieces on page boundaries: each call populates whole pages only, so an unaligned piece
+    # boundary would leave the page across it to a fault.
+    start, end = round_up(addr, PAGE), (addr + n) // PAGE * PAGE
+    rest = max(1.0 / duty - 1.0, 0.0) if duty > 0 else 0.0
+    for at in range(start, end, PREFAULT_PIECE):
         if stop is not None and stop.is_set():
             return False
-        _populate_range(addr + off, min(PREFAULT_PIECE, n - off))
+        t0 = time.perf_counter()
+        _populate_range(at, min(PREFAULT_PIECE, end - at))
+        if rest:
+            pause = (time.perf_counter() - t0) * rest
+            if stop is not None:
+                stop.wait(pause)
+            else:
+                time.sleep(pause)
     return True
 
 

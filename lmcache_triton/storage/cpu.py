@@ -9,7 +9,7 @@ Primitives:
   `reserve(key, dtype, shape)` -> `Reservation`  a block taken under the lock and filled by the
                              caller outside it (a disk read); `publish(r, meta)` makes it an
                              entry, `abort(r)` gives the block back.
-  `pretouch()`               allocate the whole bound and fault its pages in on a low-priority
+  `pretouch()`               allocate the whole bound and fault its pages in on a duty-cycled
                              background thread (unpinned tiers; `wait_pretouch`, `pretouched_bytes`).
   `contains`, `meta`, `remove`, `clear`, `keys`, `stats`, `track_removals` / `take_removed`.
   `encoding(key, tensor)`    how a held entry is encoded (`chunk.codec.Encoding`), or None for
@@ -49,8 +49,9 @@ Invariants:
   * `pretouch()` (the builder calls it with `cpu_pretouch: true`; off by default): a fresh slab's pages are
     faulted in by their first write, and a first write costs the fault plus the kernel zeroing
     the page, 2.6x a copy into resident memory (first-touch faults were ~40% of a disk hit after
-    a restart). The pre-touch thread (nice 19) allocates every slab and faults it in with
-    `madvise(MADV_POPULATE_WRITE)`, which changes no byte, so the slabs are published at once
+    a restart). The pre-touch thread (the process's priority, half a core at most: a niced one
+    held the mm lock while starved, `_pretouch_all`) allocates every slab and faults it in with
+    `madvise(MADV_POPULATE_WRITE)` in 4 MiB pieces, which changes no byte, so the slabs are published at once
     and the tier runs normally meanwhile; where the kernel lacks it (< 5.14), it writes one byte
     per page of each slab before publishing the slab (a put that needs that slab waits for it).
     Pinned slabs are resident once allocated: nothing to do. `clear` stops it.
@@ -62,10 +63,8 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -92,10 +91,9 @@ from .arena import (
 logger = logging.getLogger(__name__)
 
 
-def _lower_priority() -> None:
-    """Nice 19 for the calling thread only (Linux's setpriority takes a thread id)."""
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: normal priority
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+# The pre-touch thread's share of one core (`arena.populate`'s duty): it runs at the process's
+# priority, so it is never starved while it holds the mm lock, and sleeps between pieces.
+PRETOUCH_DUTY = 0.5
 
 @dataclass
 class _Entry:
@@ -242,12 +240,13 @@ class CpuTier:
             return True
 
     def pretouch(self) -> bool:
-        """Allocate every slab of the bound and fault its pages in, on a background thread at
-        the lowest priority (`lmcache-triton-pretouch`), so that the first chunks written into
-        the arena (a disk hit after a restart) take no page faults.
+        """Allocate every slab of the bound and fault its pages in, on a background thread
+        (`lmcache-triton-pretouch`, the process's priority, half a core at most, the slabs in
+        the order puts fill them), so that the first chunks written into the arena (a disk hit
+        after a restart) take no page faults.
 
         Costs: the process's resident memory grows to the bound at start-up, as LMCache's
-        pinned buffer does; one core for ~0.2-0.6 s per GiB at nice 19 (2-core VM). A pinned
+        pinned buffer does; ~0.25 CPU-s per GiB (2-core VM), spread over twice that wall time. A pinned
         tier (page-locked slabs are resident once allocated) or one with a pre-touch started
         already does nothing, nor does a tier whose unallocated bound exceeds 3/4 of the
         machine's available memory (one log line says so): that memory would be taken from
@@ -278,7 +277,14 @@ class CpuTier:
             return True
 
     def _pretouch_all(self) -> None:
-        _lower_priority()
+        # Not niced: at nice 19 next to a busy engine this thread was preempted in the middle of
+        # a 64 MiB MADV_POPULATE_WRITE, holding the mm lock for reading, and every mmap/munmap of
+        # the engine (the forward's large tensors, the prefetch's buffers) waited until the
+        # scheduler gave it the core back (priority inversion). Measured on the 2-core VM with
+        # both cores busy: a 64 MiB torch.empty + free went from 120 ms to 1.1-2.1 s while a nice-19
+        # thread populated 2 GiB (which took 27 s), and the 4k disk hit after a restart was
+        # slower with the pre-touch (0.252 s) than without (0.164 s). Now: the process's
+        # priority, 4 MiB pieces (~1 ms of the lock each), half a core at most (`PRETOUCH_DUTY`).
         try:
             in_place = can_populate()
             for index, slab in enumerate(self._slabs):  # the list is fixed; its slabs change
@@ -292,7 +298,7 @@ class CpuTier:
                 self._grow(index)
                 with self._lock:
                     buf = slab.buf
-                if buf is not None and populate(buf, self._pretouch_stop):
+                if buf is not None and populate(buf, self._pretouch_stop, duty=PRETOUCH_DUTY):
                     with self._lock:
                         self._pretouched += slab.size
         except Exception:  # never take the process down for an optimisation
