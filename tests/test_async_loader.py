@@ -497,3 +497,29 @@ def test_cpu_load_thread_runs_torch_on_one_thread_where_set_num_threads_is_a_no_
     t.join()
     assert later == [2] and torch.get_num_threads() == 2, "other threads keep the process default"
     loader.close()
+
+
+def test_one_torch_thread_from_many_threads_at_once_leaves_the_process_default(set_num_threads_is_a_no_op):
+    """Background threads starting together (two prefetchers and the loader at a first hit) each
+    end on one thread, and the process default for threads started later stays what it was."""
+    from lmcache_triton.engine.loader import one_torch_thread
+
+    start = threading.Barrier(8, timeout=10)
+    seen: list[int] = []
+
+    def body() -> None:
+        start.wait()
+        one_torch_thread()
+        seen.append(torch.get_num_threads())
+
+    threads = [threading.Thread(target=body) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [1] * 8
+    later: list[int] = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [2]

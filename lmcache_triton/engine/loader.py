@@ -81,6 +81,9 @@ class Pending:
         raise NotImplementedError
 
 
+_THREADS_LOCK = threading.Lock()
+
+
 def one_torch_thread() -> None:
     """Run the calling thread's torch ops on this thread alone (no intra-op team of its own),
     leaving every other thread's setting as it was.
@@ -94,13 +97,15 @@ def one_torch_thread() -> None:
     torch's setting is the calling thread's OpenMP one plus a process default that threads
     read when they first run an op: this thread's default is read first (`get_num_threads`),
     and a throwaway thread puts the process default back, so threads started later (vLLM's)
-    keep theirs."""
-    n = torch.get_num_threads()
-    torch._C.set_num_threads(1)
-    if n != 1:
-        t = threading.Thread(target=torch._C.set_num_threads, args=(n,), name="lmcache-triton-threads")
-        t.start()
-        t.join()
+    keep theirs. One at a time (`_THREADS_LOCK`): two of ours starting together would otherwise
+    read each other's 1 as the default and leave it set."""
+    with _THREADS_LOCK:
+        n = torch.get_num_threads()
+        torch._C.set_num_threads(1)
+        if n != 1:
+            t = threading.Thread(target=torch._C.set_num_threads, args=(n,), name="lmcache-triton-threads")
+            t.start()
+            t.join()
 
 
 @dataclass
