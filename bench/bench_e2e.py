@@ -27,8 +27,12 @@ an older commit: `git archive COMMIT | tar -x -C DIR`), interleaved with this tr
 miss/hit, after miss/hit, before disk hit, after disk hit), so a change is compared under the
 same load; its rows are labelled "before: ...".
 
+`--pretouch` runs the connector cases a second time with `cpu_pretouch` on (rows "pretouch:
+..."), interleaved with the default-config ones (off): the disk hit after a restart is the one
+the pre-touch is for.
+
 Usage: python bench/bench_e2e.py [--tokens 4096] [--reps 3] [--quick] [--floor] [--before DIR]
-                                 [--async-load-min-tokens N]
+                                 [--async-load-min-tokens N] [--pretouch]
 """
 
 from __future__ import annotations
@@ -83,6 +87,10 @@ def main() -> None:
         help="also the connector cases with every hit of N tokens or more loaded in the background "
         "(0: every hit in the step), interleaved (rows 'async N: ...')",
     )
+    ap.add_argument(
+        "--pretouch", action="store_true",
+        help="also the connector cases with cpu_pretouch on, interleaved (rows 'pretouch: ...')",
+    )
     args = ap.parse_args()
     model_params = dict(BENCH_MODEL)
     if args.quick:
@@ -105,6 +113,8 @@ def main() -> None:
             "lmcache.max_local_disk_size": 4,
             "lmcache.max_local_cpu_size": 2,
         }
+        if label.startswith("pretouch"):
+            cfg["lmcache.cpu_pretouch"] = True
         if label.startswith("async"):
             cfg["lmcache.async_load_min_tokens"] = args.async_load_min_tokens
             cfg["lmcache.async_load_slow_min_tokens"] = args.async_load_min_tokens
@@ -120,6 +130,8 @@ def main() -> None:
         trees.insert(0, ("before: ", before_env))
     if args.async_load_min_tokens is not None:
         trees.append((f"async {args.async_load_min_tokens}: ", env))
+    if args.pretouch:
+        trees.append(("pretouch: ", env))
 
     print(f"model: {n_params / 1e6:.1f}M params float32; prompt {args.tokens} tokens; reps {args.reps}", flush=True)
     print(f"load {os.getloadavg()[0]:.1f} at start", flush=True)
