@@ -202,6 +202,17 @@ def test_multi_turn_hits_decode_chunks(llm, model_dir, reference):
     assert_same(r, want)
 
 
+def test_next_turn_hits_the_previous_prompts_partial_chunk(llm, model_dir, reference):
+    """The previous prompt's last partial chunk (10 tokens) serves the next prompt that repeats it
+    and goes on: its chunk at that place holds more tokens, so only the stored lengths find it."""
+    turn1 = _tokens(2 * CHUNK + 10, seed=12)
+    generate(llm, [turn1], MAX_TOKENS)
+    turn2 = turn1 + _tokens(45, seed=13)  # not the answer: the answer's tail does not match
+    r = generate(llm, [turn2], MAX_TOKENS)[0]
+    assert r["num_cached_tokens"] == len(turn1)
+    assert_same(r, reference(model_dir, BLOCK).generate([turn2], MAX_TOKENS)[0])
+
+
 def llm_flush(llm) -> None:
     """Wait for the in-process worker's background disk writes."""
     from lmcache_triton.integration.vllm.vllm_v1_adapter import flush_local_worker

@@ -5,6 +5,7 @@
 * `engine.chunk_copies`: the engine's copies around a path (store forms, encoded scatters, the
   background loader's copier, the start-up warm-up); `engine.loader`, `engine.streams`.
 * `engine.index.PrefixIndex` (scheduler role): what every rank holds, and where else a chunk is.
+* `engine.tails.TailRegistry` (scheduler role): partial chunks stored, for the next turn's hit.
 * `chunk.planner` (both roles): chunks of a prompt, their keys, their blocks.
 
 The names below keep `from lmcache_triton.engine import ...` working as before the split.

@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
 from lmcache_triton.engine import ChunkSpan, PrefixIndex
+from lmcache_triton.engine.tails import TailRegistry
 from lmcache_triton.integration.vllm import compat
 from lmcache_triton.integration.vllm.core import ConnectorCore
 from lmcache_triton.integration.vllm.kv_events import TierEvents, TierState, TierWrites, kv_events_enabled
@@ -150,6 +151,7 @@ class RequestState:
     num_handled: int = 0  # leading chunks already stored, loaded or known cached
     skip_save: bool = False  # kv_transfer_params {"lmcache.skip_save": true}: never stored
     stores_planned: int = 0  # stores of its blocks sent to the workers
+    tail: ChunkSpan | None = None  # a stored shorter chunk that the lookup hit in place of the next one
 
 
 class HitLog:
@@ -253,6 +255,7 @@ class SchedulerConnector(ConnectorCore):
         self._aborted_loads: set[str] = set()  # ... until the workers report the load ended
         self._load_fell_short: set[str] = set()  # an async load of theirs finished short
         self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
+        self.tails = TailRegistry()  # partial chunks stored, by the chunk before them
         self._slow_waits: dict[str, dict[str, str]] = {}  # req -> {digest: slow tier it waited for}
         self._slow_tiers = slow_tiers()
         self.hits = HitLog([CPU_TIER, *(t.name for t in self._slow_tiers)])
@@ -317,6 +320,9 @@ class SchedulerConnector(ConnectorCore):
         if self._wait_for_prefetch(rid, pending):
             return None, False  # vLLM asks again next step; other requests run meanwhile
         cached = min(st.spans[n - 1].end if n else 0, st.prompt_len - 1)
+        st.tail = self._tail_hit(st, n, num_computed_tokens) if self._blend is None else None
+        if st.tail is not None:
+            cached = min(st.tail.end, st.prompt_len - 1)
         if self._blend is not None:
             hit = self._blend.lookup(request, num_computed_tokens, cached)
             if hit > 0:
@@ -368,6 +374,31 @@ class SchedulerConnector(ConnectorCore):
             for s in st.spans
             if s.digest in slow and s.end > first and s.start < end
         )
+
+    def _tail_hit(self, st: RequestState, n: int, num_computed_tokens: int) -> ChunkSpan | None:
+        """The longest stored partial chunk that continues the `n` chunks the lookup hit: a
+        chunk shorter than its neighbour `st.spans[n]`, stored after the same chunks (the last
+        partial chunk of an earlier prompt of this conversation), whose tokens all begin
+        `st.spans[n]`. Every rank must hold it. A multi-turn conversation's next prompt repeats
+        the previous prompt: without this, the previous prompt's last partial chunk, up to
+        `chunk_size - 1` tokens, was computed again every turn. None when nothing longer than
+        vLLM's own hit is held."""
+        if n >= len(st.spans) or st.request is None:
+            return None
+        nxt = st.spans[n]
+        parent = st.spans[n - 1].digest if n else self.tails.root(st.extra)
+        tokens = st.request.prompt_token_ids
+        for length, digest in self.tails.candidates(parent, below=nxt.num_tokens):
+            end = nxt.start + length
+            if end <= num_computed_tokens:
+                break  # longest first: the rest are shorter still
+            if not self.index.has(digest):
+                continue
+            # Equal digests mean equal tokens (prefix-chained): hash this prompt's first tokens.
+            mine = self.planner.spans(tokens[:end], st.extra)[-1]
+            if mine.digest == digest:
+                return ChunkSpan(n, nxt.start, end, digest)
+        return None
 
     def may_load_async(self, request: Request) -> bool:
         """vLLM 0.34 (`--max-num-inflight-kv-loads`): whether `get_num_new_matched_tokens` may
@@ -501,8 +532,10 @@ class SchedulerConnector(ConnectorCore):
         if plan is None:
             return
         first, end = plan
+        tail, st.tail = st.tail, None
+        spans = st.spans if tail is None else [*st.spans[: tail.index], tail]
         ops = []
-        for span in st.spans:
+        for span in spans:
             if span.end <= first or span.start >= end:
                 continue
             blocks = self.planner.blocks_of(span, st.block_ids)
@@ -510,13 +543,15 @@ class SchedulerConnector(ConnectorCore):
             ops.append(ChunkOp(span.digest, blocks, span.num_tokens, skip))
         if ops and in_background:
             meta.async_loads[req_id] = ops
-            ends = [s.end for s in st.spans if s.end > first and s.start < end]
+            ends = [s.end for s in spans if s.end > first and s.start < end]
             self._async_inflight[req_id] = (first, [min(e, end) for e in ends])
         elif ops:
             meta.loads[req_id] = ops
         if ops:
-            # Loaded chunks are cached: never store them again.
-            st.num_handled = max(st.num_handled, sum(1 for s in st.spans if s.start < end))
+            # Loaded chunks are cached: never store them again. A tail is not the prompt's
+            # chunk there: that one is stored once computed.
+            loaded = tail.index if tail is not None else sum(1 for s in st.spans if s.start < end)
+            st.num_handled = max(st.num_handled, loaded)
 
     def _extend_for_decode(self, st: RequestState, computed: int) -> None:
         """save_decode_cache: add the whole chunks that decoding has filled (prompt + output
@@ -543,12 +578,18 @@ class SchedulerConnector(ConnectorCore):
             span = st.spans[st.num_handled]
             if span.end > computed:
                 break
+            if span.num_tokens < self.config.chunk_size:  # a later turn may continue it
+                self._note_tail(st, span)
             if not self.index.has(span.digest):
                 meta.stores.append(ChunkOp(span.digest, self.planner.blocks_of(span, st.block_ids), span.num_tokens))
                 st.stores_planned += 1
                 if self._events is not None:
                     self._events.remember(st.request, span.start, span.end, span.digest)
             st.num_handled += 1
+
+    def _note_tail(self, st: RequestState, span: ChunkSpan) -> None:
+        parent = st.spans[span.index - 1].digest if span.index else self.tails.root(st.extra)
+        self.tails.add(parent, span.num_tokens, span.digest)
 
     def _plan(self, req_id: str, st: RequestState, meta: LMCacheTritonMetadata, computed: int, load: bool) -> None:
         if load and (self._blend is None or not self._blend.plan_blend(req_id, st, meta)):
