@@ -23,6 +23,8 @@ answer's token ids (and logprobs) are compared with vLLM alone's, request by req
   python bench/bench_serving.py                            # the issue's workload, all three servers
   python bench/bench_serving.py --setup-lmcache            # build the LMCache venv first
   python bench/bench_serving.py --servers vllm,ours        # without LMCache
+  python bench/bench_serving.py --servers base,ours,lmcache --base-tree /tmp/main  # before/after, one run
+  ... --users 4 --rounds 3 --dump reqs.json --step-profile DIR    # smaller; per request and per step
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from lmcache_triton.testing.server import free_port, served, stop  # noqa: E402
 from lmcache_triton.testing.tiny_model import sample_prompt  # noqa: E402
 
 CSV = Path(__file__).with_name("results_serving.csv")
-SERVERS = ("vllm", "ours", "lmcache")
+SERVERS = ("vllm", "ours", "lmcache", "base")  # base: ours from another checkout (--base-tree)
 LMCACHE_VENV = Path(os.environ.get("LMCACHE_BENCH_VENV", Path.home() / ".cache" / "lmcache-bench" / "venv"))
 BLOCK = 32
 # A plain chat template: the tiny model's tokenizer has none.
@@ -255,8 +257,9 @@ def run_server(name: str, args: argparse.Namespace, model: str, wl: Workload, wo
     python = sys.executable
     extra: list[str] = []
     side: subprocess.Popen | None = None
-    if name == "ours":
-        env["PYTHONPATH"] = str(REPO)  # this checkout's lmcache_triton, not the venv's editable one
+    if name in ("ours", "base"):
+        # This checkout's lmcache_triton (not the venv's editable one), or --base-tree's.
+        env["PYTHONPATH"] = str(REPO if name == "ours" else args.base_tree)
         env.update(
             LMCACHE_CHUNK_SIZE=str(args.chunk_size),
             LMCACHE_LOCAL_CPU="True",
@@ -285,6 +288,12 @@ def run_server(name: str, args: argparse.Namespace, model: str, wl: Workload, wo
             "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": mp_port},
         }
         extra = ["--kv-transfer-config", json.dumps(cfg)]
+    if args.step_profile:
+        # bench/serving_profile/sitecustomize.py times every engine step and connector hook.
+        args.step_profile.mkdir(parents=True, exist_ok=True)
+        prof = str(Path(__file__).with_name("serving_profile"))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (prof, env.get("PYTHONPATH")) if p)
+        env["LMCT_STEP_PROFILE"] = str(args.step_profile / f"steps-{name}")
     cmd = vllm_cmd(python, model, port, blocks, max_len, work / "chat_template.jinja") + extra
     log = work / f"server-{name}.log"
     try:
@@ -309,7 +318,7 @@ def run_server(name: str, args: argparse.Namespace, model: str, wl: Workload, wo
     finally:
         if side is not None:
             stop(side)
-    if name == "ours" and "is served by lmcache_triton" not in log.read_text():
+    if name in ("ours", "base") and "is served by lmcache_triton" not in log.read_text():
         raise RuntimeError(f"{log}: LMCacheConnectorV1 was not served by lmcache_triton")
     return {"name": name, "results": results, "wall": wall, "load": (load_before, load_after), "log": str(log)}
 
@@ -389,6 +398,21 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument(
+        "--base-tree",
+        type=Path,
+        help="server 'base': ours from this checkout (e.g. `git worktree add DIR main`), in the same run",
+    )
+    ap.add_argument(
+        "--step-profile",
+        type=Path,
+        help="folder: each server's engine steps and connector hooks, timed (bench/serving_profile/)",
+    )
+    ap.add_argument(
+        "--dump",
+        type=Path,
+        help="write every request (server, pass, user, round, TTFT, prompt/cached tokens, token ids) to this JSON file",
+    )
     args = ap.parse_args()
     if args.quick:
         args.users, args.rounds, args.context, args.answer_tokens, args.question_tokens = 2, 2, (256, 512), 16, 16
@@ -406,6 +430,8 @@ def main() -> None:
             text=True,
         )
         args.lmcache_python = Path(out.stdout.strip().splitlines()[-1])
+    if "base" in names and not (args.base_tree and (args.base_tree / "lmcache_triton").is_dir()):
+        ap.error("--servers base needs --base-tree DIR, a checkout holding lmcache_triton/")
     if "lmcache" in names and not args.lmcache_python.exists():
         ap.error(
             f"no LMCache venv at {args.lmcache_python}: run with --setup-lmcache "
@@ -444,6 +470,11 @@ def main() -> None:
             print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M:%S}] pass {p + 1}: {name} ...", flush=True)
             runs[name].append(run_server(name, args, model, wl, work))
 
+    if args.dump:
+        args.dump.write_text(json.dumps([
+            {"server": name, "pass": i + 1, **vars(r)}
+            for name in names for i, run in enumerate(runs[name]) for r in run["results"]
+        ]))  # fmt: skip
     base_runs = runs.get("vllm")
     rows = []
     for name in names:
