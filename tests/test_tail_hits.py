@@ -155,3 +155,22 @@ def test_tail_below_vllms_own_hit_is_not_loaded(tmp_path):
     turn2 = turn1 + _tokens(80, seed=2)
     # vLLM's own prefix cache already has 3 chunks + 2 blocks (224 tokens, beyond the tail's 213).
     assert sched.get_num_new_matched_tokens(_request("t2", turn2), 3 * CHUNK + 2 * BLOCK)[0] == 0
+
+
+def test_a_later_lookup_without_the_tail_plans_no_tail(tmp_path):
+    """vLLM asks again (the request was not scheduled): the tail is gone by then, so the load
+    plan must not use the earlier lookup's tail."""
+    sched = _scheduler(tmp_path)
+    turn1 = _tokens(TURN1, seed=1)
+    _, meta, _ = _serve(sched, _request("t1", turn1), first_block=1)
+    _hold(sched, [op.digest for op in meta.stores])
+    r2 = _request("t2", turn1 + _tokens(80, seed=2))
+    assert sched.get_num_new_matched_tokens(r2, 0)[0] == TURN1
+    out = SimpleNamespace(
+        kv_connector_worker_meta=LMCacheTritonWorkerMetadata({0: ([], [], [meta.stores[3].digest], [])}),
+        kv_cache_events=None,
+    )
+    sched.update_connector_output(out)  # the worker dropped the partial chunk
+    hit, meta, _ = _serve(sched, r2, first_block=100)
+    assert hit == 3 * CHUNK
+    assert [op.num_tokens for op in meta.loads["t2"]] == [CHUNK, CHUNK, CHUNK]

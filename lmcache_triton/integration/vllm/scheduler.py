@@ -306,6 +306,7 @@ class SchedulerConnector(ConnectorCore):
         if not self.loads_enabled or request.request_id in self._load_fell_short:  # kv_producer
             return 0, False
         rid = request.request_id
+        st.tail = None  # this lookup's own (`_tail_hit`), never an earlier one's
         n = self.index.cached_prefix(st.spans, num_computed_tokens)
         pending = self._locate(rid, st.spans[n:], num_computed_tokens)
         if pending and self._promise_pending(rid, st, n, pending, num_computed_tokens):
