@@ -7,6 +7,7 @@ the top of the first conftest pytest loads.
 
 import os
 
+import aot_jobs
 import pytest
 import torch
 
@@ -50,6 +51,18 @@ def _spread_over_workers(config) -> None:
     n = int(os.environ.get(_WORKERS_ENV) or min(2, os.cpu_count() or 1))
     if n > 1:
         opt.numprocesses, opt.dist, opt.tx, opt.loadscopereorder = n, "loadfile", ["popen"] * n, False
+        if not opt.markexpr and not opt.keyword and os.environ.get(aot_jobs.SWITCH_ENV, "1") != "0":
+            _start_aot_compile(config)
+
+
+def _start_aot_compile(config) -> None:
+    """The whole suite, everything selected: test_aot_compile's three compiles start now, in
+    the background at the lowest priority (tests/aot_jobs.py), filling the CPU the suite leaves
+    idle; the test (ordered last, `_heavy_modules_first`) collects them. The workers find them
+    through the environment, set before pytest-xdist starts them."""
+    root = aot_jobs.new_root()
+    config._lmct_aot = (aot_jobs.start_background(root), root)
+    os.environ[aot_jobs.DIR_ENV] = str(root)
 
 
 # The heaviest modules' share of a whole-suite run: seconds of test time in the 2026-12-07 profile
@@ -72,11 +85,14 @@ def _heavy_modules_first(items) -> None:
     def weight(item) -> tuple[int, int]:
         module = item.nodeid.split("::")[0]
         kw = module_keywords[module]
+        if aot_background and os.path.basename(module) == "test_aot_compile.py":
+            return 9, 0  # it waits for the background compiles: last, to give them the most time
         cost = _MODULE_COST.get(os.path.basename(module))
         if cost is not None:
             return 0, -cost
         return 1 + (0 if "e2e" in kw else 1 if "slow" in kw else 2 if "valkey" in kw else 3), 0
 
+    aot_background = aot_jobs.background_root() is not None
     module_keywords: dict[str, set[str]] = {}
     for item in items:
         module_keywords.setdefault(item.nodeid.split("::")[0], set()).update(
@@ -172,6 +188,10 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_unconfigure(config):
+    aot = getattr(config, "_lmct_aot", None)
+    if aot is not None:
+        os.environ.pop(aot_jobs.DIR_ENV, None)
+        aot_jobs.stop_background(*aot)
     d = getattr(config, "_lmct_fork_server_dir", None)
     if d is not None:
         import shutil

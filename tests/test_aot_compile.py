@@ -6,32 +6,25 @@ launches through Triton's binder: real tiles, dtypes, alignment and divisibility
 kernels from hand-written signatures. A kernel that
 only fails to compile on a GPU (an unsupported op, a type error past the interpreter) fails here.
 It runs in a fresh process: this test session set TRITON_INTERPRET=1, whose kernels cannot compile.
+Run alone, each arch compiles in the test; in the whole suite the three archs compile in the
+background at the lowest priority from the start (tests/aot_jobs.py), and the test collects them.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+import aot_jobs
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-# Two full Triton compiles of every kernel (~30-80 s each on 2 cores): CI and the full suite run
-# them; `nox -s tests_fast` (the edit-test loop) leaves them out.
+# Three full Triton compiles of every kernel (~100 CPU-s each on this machine): CI and the full
+# suite run them; `nox -s tests_fast` (the edit-test loop) leaves them out.
 pytestmark = pytest.mark.slow
 
 
 # sm_100: the ptxas Triton 3.9 ships (CUDA 12.9) targets it.
-@pytest.mark.parametrize("arch", [80, 90, 100], ids=["sm_80", "sm_90", "sm_100"])
+@pytest.mark.parametrize("arch", aot_jobs.ARCHS, ids=[f"sm_{a}" for a in aot_jobs.ARCHS])
 def test_every_kernel_compiles_for(arch, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache: every kernel really compiles
-    r = subprocess.run([sys.executable, str(REPO / "tests" / "aot_compile.py"), str(arch)], env=env,
-                       capture_output=True, text=True, timeout=600)
+    root = aot_jobs.background_root()
+    r = aot_jobs.collect(arch, root) if root is not None else aot_jobs.run(arch, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "compiled" in r.stdout and "FAILED" not in r.stdout, r.stdout[-2000:]
     # The engine's own launches (recorded, not hand-written): both token kernels for each cache
