@@ -455,6 +455,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lmct-bench-serving-"))
     (work / "tmp").mkdir()
     (work / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    # The servers start here: `python -m` puts its working directory first on the path, and a
+    # checkout's lmcache_triton there would shadow PYTHONPATH's (--base-tree's, or REPO's).
+    os.chdir(work)
     print(
         f"{wl.users} users x {wl.rounds} rounds, {wl.concurrency} in flight, contexts {wl.context_tokens} tokens, "
         f"answers {wl.answer_tokens} tokens; ~{total} tokens in all; vLLM KV cache {args.kv_blocks} blocks "
