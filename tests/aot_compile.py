@@ -27,6 +27,7 @@ import itertools
 import os
 import sys
 import tempfile
+import zlib
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the interpreter's kernels cannot be compiled")
@@ -235,11 +236,18 @@ def other_cases():
         yield f"_rerotate_k_kernel[{ptr},{pos},neox={neox},tail={tail}]", ASTSource(kern, sig, consts), None
 
 
-def main(archs: list[int]) -> int:
+def main(archs: list[int], shard: tuple[int, int] = (0, 1)) -> int:
+    """Compile every case for each of `archs`; with `shard` (i, n) only the cases whose label's
+    CRC-32 is i modulo n, so n processes share one arch's list (the suite's background jobs). By
+    label, not position: the shards agree whatever order a process records the launches in."""
+    i, n_shards = shard
     n = 0
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for name, src, options in itertools.chain(copy_cases(target), quant_cases(), other_cases()):
+        cases = itertools.chain(copy_cases(target), quant_cases(), other_cases())
+        for name, src, options in cases:
+            if zlib.crc32(name.encode()) % n_shards != i:
+                continue
             try:
                 opts = options.__dict__ if options is not None else None
                 compiled = triton.compile(src, target=target, options=opts)
@@ -249,9 +257,21 @@ def main(archs: list[int]) -> int:
             assert compiled.asm.get("cubin"), f"sm_{arch} {name}: no cubin produced"
             n += 1
             print(f"ok sm_{arch} {name}")
-    print(f"compiled {n} kernels")
+    print(f"compiled {n} kernels" + (f" (shard {i}/{n_shards})" if n_shards > 1 else ""))
     return 0
 
 
+def _cli(argv: list[str]) -> int:
+    """`aot_compile.py [ARCH ...] [--shard I/N]`"""
+    shard = (0, 1)
+    if "--shard" in argv:
+        k = argv.index("--shard")
+        i, n = (int(x) for x in argv[k + 1].split("/"))
+        if not 0 <= i < n:
+            raise SystemExit(f"--shard {argv[k + 1]}: want I/N with 0 <= I < N")
+        shard, argv = (i, n), argv[:k] + argv[k + 2:]
+    return main([int(a) for a in argv] or [80, 90, 100], shard)
+
+
 if __name__ == "__main__":
-    sys.exit(main([int(a) for a in sys.argv[1:]] or [80, 90, 100]))
+    sys.exit(_cli(sys.argv[1:]))

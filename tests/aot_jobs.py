@@ -1,16 +1,18 @@
-"""The ahead-of-time compile of tests/aot_compile.py as jobs: one process per arch, each into its
-own fresh Triton cache (every kernel really compiles, every run; nothing persists between runs).
+"""The ahead-of-time compile of tests/aot_compile.py as jobs: `SHARDS` processes per arch, each
+into its own fresh Triton cache (every kernel really compiles, every run; nothing persists
+between runs).
 
 `run(arch)` compiles in the calling test, as test_aot_compile always did when run alone. For the
 whole suite the conftest calls `start_background()` before pytest-xdist starts its workers: the
-three archs then compile beside the suite, in a session (so an autogroup) of their own at the
-lowest priority (autogroup nice 19, nice 19, SCHED_IDLE), so they take only CPU the suite leaves
-idle (engines and servers starting up, waits, sleeps, the end of the run when one worker has
-nothing left). The test, ordered last, `collect()`s each arch's output and makes the same
-assertions; when it starts waiting it gives the jobs back the normal priority, so other load on
-the machine cannot starve them past its timeout. The compile is the same work either way
-(~100 CPU-s per arch on the 2-core machine, nearly all of it LLVM and ptxas: 129 kernels, 127
-distinct PTX); in the background it fills gaps instead of holding one worker for 5-9 minutes.
+three archs then compile beside the suite, each split over `SHARDS` processes (so the end of a
+run can use both cores), in a session (so an autogroup) of their own at the lowest priority
+(autogroup nice 19, nice 19, SCHED_IDLE), so they take only CPU the suite leaves idle (engines
+and servers starting up, waits, sleeps, the end of the run when one worker has nothing left).
+The test, ordered last, `collect()`s each arch's output and makes the same assertions; when it
+starts waiting it gives the jobs back the normal priority, so other load on the machine cannot
+starve them past its timeout. The compile is the same work either way (~100 CPU-s per arch on
+the 2-core machine, nearly all of it LLVM and ptxas: 129 kernels, 127 distinct PTX); in the
+background it fills gaps instead of holding one worker for 5-9 minutes.
 `LMCT_TEST_AOT_BACKGROUND=0` turns it off.
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "aot_compile.py"
 ARCHS = (80, 90, 100)
+SHARDS = 2  # processes per arch: at the end of a run two can use both cores, where one used one
 DIR_ENV = "LMCT_TEST_AOT_DIR"  # the background jobs' directory, for the workers
 SWITCH_ENV = "LMCT_TEST_AOT_BACKGROUND"  # "0": compile in the test, as before
 TIMEOUT_S = 600  # one arch's compile, once the test waits for it
@@ -68,19 +71,22 @@ def _lowest_priority() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
-def start_background(root: Path, script: Path = SCRIPT, archs: tuple[int, ...] = ARCHS) -> list[subprocess.Popen]:
-    """Start one low-priority job (`script ARCH`) per arch under `root`; each writes out, err
-    and, when done, rc (its exit status)."""
+def start_background(root: Path, script: Path = SCRIPT, archs: tuple[int, ...] = ARCHS,
+                     shards: int = SHARDS) -> list[subprocess.Popen]:
+    """Start `shards` low-priority jobs (`script ARCH --shard I/N`) per arch under `root`
+    (`sm_ARCH/I/`); each writes out, err and, when done, rc (its exit status)."""
     procs = []
     for arch in archs:
-        d = root / f"sm_{arch}"
-        d.mkdir(parents=True)
-        # sh writes rc only after the job has exited: rc present = the output is complete.
-        cmd = ["/bin/sh", "-c", f'"$@" >"{d}/out" 2>"{d}/err"; echo $? >"{d}/rc.part"; mv "{d}/rc.part" "{d}/rc"',
-               "sh", sys.executable, str(script), str(arch)]
-        p = subprocess.Popen(cmd, env=_env(d / "cache"), stdin=subprocess.DEVNULL, preexec_fn=_lowest_priority)
-        (d / "pgid").write_text(str(p.pid))  # its own session: process group = its pid
-        procs.append(p)
+        for i in range(shards):
+            d = root / f"sm_{arch}" / str(i)
+            d.mkdir(parents=True)
+            # sh writes rc only after the job has exited: rc present = the output is complete.
+            cmd = ["/bin/sh", "-c",
+                   f'"$@" >"{d}/out" 2>"{d}/err"; echo $? >"{d}/rc.part"; mv "{d}/rc.part" "{d}/rc"',
+                   "sh", sys.executable, str(script), str(arch), "--shard", f"{i}/{shards}"]
+            p = subprocess.Popen(cmd, env=_env(d / "cache"), stdin=subprocess.DEVNULL, preexec_fn=_lowest_priority)
+            (d / "pgid").write_text(str(p.pid))  # its own session: process group = its pid
+            procs.append(p)
     return procs
 
 
@@ -89,7 +95,7 @@ def _normal_priority(root: Path) -> None:
     them back the normal priority (SCHED_OTHER, nice 0, their autogroup at 0), so a machine busy
     with other work cannot starve them past the test's timeout. Raising a priority needs root
     (CAP_SYS_NICE); without it they stay low, and the waiting worker's idle core is theirs."""
-    groups = {int((d / "pgid").read_text()) for d in root.glob("sm_*") if (d / "pgid").exists()}
+    groups = {int(f.read_text()) for f in root.glob("sm_*/*/pgid")}
     for pid in (int(x) for x in os.listdir("/proc") if x.isdigit()):
         try:
             if os.getpgid(pid) not in groups:
@@ -118,16 +124,23 @@ def background_root() -> Path | None:
 
 
 def collect(arch: int, root: Path) -> Result:
-    """The background job's result for `arch`, waiting for it (up to TIMEOUT_S)."""
-    d = root / f"sm_{arch}"
+    """The background jobs' result for `arch`, waiting for every shard (up to TIMEOUT_S): the
+    first failing shard's exit status (else 0), their outputs one after another."""
+    shards = sorted((root / f"sm_{arch}").iterdir(), key=lambda d: int(d.name))
+    if not shards:
+        raise AssertionError(f"sm_{arch}: no background compile was started under {root}")
     _normal_priority(root)
     deadline = time.monotonic() + TIMEOUT_S
-    while not (d / "rc").exists():
-        if time.monotonic() > deadline:
-            out = (d / "out").read_text() if (d / "out").exists() else ""
-            raise AssertionError(f"sm_{arch}: the background compile did not end in {TIMEOUT_S} s:\n{out[-2000:]}")
-        time.sleep(0.5)
-    return Result(int((d / "rc").read_text()), (d / "out").read_text(), (d / "err").read_text())
+    for d in shards:
+        while not (d / "rc").exists():
+            if time.monotonic() > deadline:
+                out = (d / "out").read_text() if (d / "out").exists() else ""
+                raise AssertionError(f"sm_{arch} shard {d.name}: the background compile did not end in "
+                                     f"{TIMEOUT_S} s:\n{out[-2000:]}")
+            time.sleep(0.5)
+    codes = [int((d / "rc").read_text()) for d in shards]
+    return Result(next((c for c in codes if c), 0), "".join((d / "out").read_text() for d in shards),
+                  "".join((d / "err").read_text() for d in shards))
 
 
 def new_root() -> Path:

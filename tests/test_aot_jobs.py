@@ -29,15 +29,15 @@ def test_a_job_runs_idle_until_collected_then_normal(tmp_path):
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
     root = tmp_path / "jobs"
-    procs = aot_jobs.start_background(root, script, archs=(7,))
+    procs = aot_jobs.start_background(root, script, archs=(7,), shards=1)
     try:
-        out = root / "sm_7" / "out"
+        out = root / "sm_7" / "0" / "out"
         deadline = time.monotonic() + 60
         while not (out.exists() and out.read_text()):
             assert time.monotonic() < deadline, "the job did not start"
             time.sleep(0.05)
         assert out.read_text().split() == ["start", str(os.SCHED_IDLE), "19"]
-        assert not (root / "sm_7" / "rc").exists()  # still running: the test waits for it
+        assert not (root / "sm_7" / "0" / "rc").exists()  # still running: the test waits for it
 
         got: list[aot_jobs.Result] = []
         waiter = threading.Thread(target=lambda: got.append(aot_jobs.collect(7, root)))
@@ -71,7 +71,7 @@ def test_stopping_kills_a_running_job(tmp_path):
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)  # never told to go
     root = tmp_path / "jobs"
-    procs = aot_jobs.start_background(root, script, archs=(7,))
+    procs = aot_jobs.start_background(root, script, archs=(7,), shards=1)
     pgid = procs[0].pid
     aot_jobs.stop_background(procs, root)
     deadline = time.monotonic() + 30  # sh is reaped; its python child, killed too, by init
@@ -87,3 +87,28 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+SHARD_STAND_IN = """
+import sys
+arch, flag, shard = sys.argv[1:4]
+assert flag == "--shard"
+print("ok", arch, shard, flush=True)
+sys.exit(5 if shard == "1/3" else 0)
+"""
+
+
+def test_an_arch_is_compiled_by_its_shards_and_collected_as_one(tmp_path):
+    """Each arch runs as `shards` processes (`--shard I/N`); collect() waits for all of them and
+    returns every shard's output, failing with the first failing shard's status."""
+    script = tmp_path / "stand_in.py"
+    script.write_text(SHARD_STAND_IN)
+    root = tmp_path / "jobs"
+    procs = aot_jobs.start_background(root, script, archs=(7, 8), shards=3)
+    try:
+        assert len(procs) == 6
+        r7 = aot_jobs.collect(7, root)
+        assert r7.stdout.splitlines() == ["ok 7 0/3", "ok 7 1/3", "ok 7 2/3"]
+        assert r7.returncode == 5  # shard 1 failed: the arch fails, whatever the others did
+    finally:
+        aot_jobs.stop_background(procs, root)
