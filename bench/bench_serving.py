@@ -375,7 +375,11 @@ def summarize(run: dict, wl: Workload, base: dict | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--servers", default="vllm,ours,lmcache", help="comma-separated subset of vllm,ours,lmcache,base (base needs --base-tree)")
+    ap.add_argument(
+        "--servers",
+        default="vllm,ours,lmcache",
+        help="comma-separated subset of vllm,ours,lmcache,base (base needs --base-tree)",
+    )
     ap.add_argument("--users", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=3)
