@@ -510,3 +510,70 @@ def test_pretouch_holds_the_mm_lock_in_small_pieces_at_the_process_priority(monk
     for buf in tier.slab_buffers():
         resident, total = _resident_pages(buf)
         assert resident == total
+
+
+# ------------------------------------------------------------------------------------ huge pages
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), None without THP."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else None
+
+
+def _vm_flags(addr: int) -> list[str]:
+    """VmFlags of the mapping of this process that contains `addr` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="the kernel has no transparent huge pages to ask for")
+def test_unpinned_slabs_ask_for_huge_pages_before_their_first_write():
+    n = 64 << 20  # above glibc's largest mmap threshold (32 MiB): the slab is a mapping of its own
+    tier = CpuTier(n, pin_memory=False)
+    assert tier.put(key(1), fill(1 << 20, 3))
+    (slab,) = tier.slab_buffers()
+    middle = slab.data_ptr() + n // 2
+    assert "hg" in _vm_flags(middle), "the slab's mapping was not advised MADV_HUGEPAGE"
+    assert tier.hugepage_bytes == tier.stats["pool_bytes"] == n
+    assert bool((tier.get(key(1)) == 3).all())
+
+    off = CpuTier(n, pin_memory=False, hugepages=False)
+    assert off.put(key(2), fill(1 << 20, 5))
+    (slab,) = off.slab_buffers()
+    assert "hg" not in _vm_flags(slab.data_ptr() + n // 2)
+    assert off.hugepage_bytes == 0 and bool((off.get(key(2)) == 5).all())
+
+
+def test_huge_pages_are_never_asked_for_a_pinned_tier():
+    pinned = CpuTier(8 << 20, pin_memory=True)
+    assert not pinned.hugepages and pinned.hugepage_bytes == 0
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="the kernel has no transparent huge pages to ask for")
+def test_builder_asks_for_huge_pages_unless_switched_off():
+    from lmcache_triton.config import load_config
+    from lmcache_triton.storage.builder import build_storage
+
+    base = {"lmcache.max_local_cpu_size": 4 / 1024, "lmcache.local_cpu": True}
+    on = build_storage(load_config(base, env={}, warn=False))  # the default: on
+    off = build_storage(load_config({**base, "lmcache.cpu_hugepages": False}, env={}, warn=False))
+    for storage in (on, off):
+        assert storage.cpu is not None and storage.cpu.put(key(7), fill(1 << 20, 7))
+    assert on.cpu is not None and off.cpu is not None
+    assert on.cpu.hugepage_bytes == on.cpu.stats["pool_bytes"] > 0
+    assert off.cpu.hugepage_bytes == 0 and off.cpu.stats["pool_bytes"] > 0
+    on.close()
+    off.close()

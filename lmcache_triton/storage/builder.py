@@ -256,7 +256,7 @@ def build_storage(
     tiers = build_tiers(config, codecs)
     cpu = None
     if (config.local_cpu or tiers) and config.max_local_cpu_bytes > 0:
-        cpu = CpuTier(config.max_local_cpu_bytes)
+        cpu = CpuTier(config.max_local_cpu_bytes, hugepages=config.cpu_hugepages)
         if track_cpu_removals:
             cpu.track_removals()
         if config.cpu_pretouch:

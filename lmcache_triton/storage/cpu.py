@@ -11,6 +11,7 @@ Primitives:
                              entry, `abort(r)` gives the block back.
   `pretouch()`               allocate the whole bound and fault its pages in on a duty-cycled
                              background thread (unpinned tiers; `wait_pretouch`, `pretouched_bytes`).
+  `hugepage_bytes`           slabs backed by transparent huge pages (unpinned, `hugepages=True`).
   `contains`, `meta`, `remove`, `clear`, `keys`, `stats`, `track_removals` / `take_removed`.
   `encoding(key, tensor)`    how a held entry is encoded (`chunk.codec.Encoding`), or None for
                              exact rows. An encoded entry is one `[nbytes]` uint8 buffer holding
@@ -55,6 +56,12 @@ Invariants:
     and the tier runs normally meanwhile; where the kernel lacks it (< 5.14), it writes one byte
     per page of each slab before publishing the slab (a put that needs that slab waits for it).
     Pinned slabs are resident once allocated: nothing to do. `clear` stops it.
+  * Huge pages (`hugepages`, default True; `cpu_hugepages` in the config): each unpinned slab is
+    advised `MADV_HUGEPAGE` at allocation, before any page of it is touched, so a first write
+    (the first stores after start-up, a disk hit after a restart) faults 2 MiB at a time instead
+    of 4 KiB: 53 ms instead of 227-256 ms for a 288 MiB first-touch copy on the 2-core VM (45 ms
+    into resident memory). Where the kernel has no transparent huge pages the advice is refused
+    and nothing else changes. Pinned slabs are resident from allocation: not advised.
   * Keys are content addresses: a put of a present key only refreshes recency.
   * Every public method takes one lock; copies run under it (they are memcpy-bound and the
     engine has one writer thread, so finer locking would buy nothing measurable). Slab
@@ -80,6 +87,7 @@ from .arena import (
     SLAB_BYTES,
     FreeList,
     Slab,
+    advise_hugepages,
     available_memory,
     can_populate,
     populate,
@@ -146,7 +154,9 @@ class CpuTier:
             larger than the largest slab cannot be stored.
     """
 
-    def __init__(self, max_bytes: int, pin_memory: bool | None = None, slab_bytes: int = SLAB_BYTES) -> None:
+    def __init__(
+        self, max_bytes: int, pin_memory: bool | None = None, slab_bytes: int = SLAB_BYTES, hugepages: bool = True
+    ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes: expected >= 0, got {max_bytes}")
         if slab_bytes < ALIGN or slab_bytes & (slab_bytes - 1):
@@ -154,6 +164,10 @@ class CpuTier:
         self.max_bytes = int(max_bytes)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.slab_bytes = int(slab_bytes)
+        # Unpinned slabs ask for transparent huge pages (`arena.advise_hugepages`); pinned ones
+        # are resident from their allocation, so it would buy nothing there.
+        self.hugepages = bool(hugepages) and not self.pin_memory
+        self._huge_bytes = 0  # bytes of slabs the kernel took the huge-page advice for
         self._lock = threading.RLock()
         self._grow_lock = threading.Lock()  # one slab allocation at a time, outside `_lock`
         self._headroom = 0  # `grow_ahead`: free arena bytes kept ahead of the puts (0: off)
@@ -219,6 +233,7 @@ class CpuTier:
                 size = self._slabs[index].size
             try:
                 buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+                huge = self.hugepages and advise_hugepages(buf)  # before any page is faulted in
                 if touch_pages:
                     touch(buf)
             except (RuntimeError, MemoryError) as e:  # out of (pinnable) memory: work with less
@@ -237,6 +252,7 @@ class CpuTier:
                 slab = self._slabs[index]
                 slab.buf, slab.free, slab.used = buf, FreeList(size), 0
                 self._allocated += size
+                self._huge_bytes += size if huge else 0
             return True
 
     def pretouch(self) -> bool:
@@ -316,6 +332,13 @@ class CpuTier:
         """The allocated slabs' `[size]` uint8 buffers, largest first (diagnostics, tests)."""
         with self._lock:
             return [s.buf for s in self._slabs if s.buf is not None]
+
+    @property
+    def hugepage_bytes(self) -> int:
+        """Bytes of slabs allocated with the huge-page advice taken (`hugepages`; slabs freed by
+        `clear` stay counted)."""
+        with self._lock:
+            return self._huge_bytes
 
     @property
     def pretouched_bytes(self) -> int:
