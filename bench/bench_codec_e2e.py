@@ -12,8 +12,8 @@ prompts. Targets (issue 20): the int8 disk hit <= 3% of the miss, the remote hit
 `--pretouch` also runs each codec's disk hit in a second new process with `cpu_pretouch` on
 (column "pretouch"), right after the default (off) one, on the same files.
 
-`--small-pages` also runs each codec's disk hit in a new process with `cpu_hugepages` off (the CPU
-arena in 4 KiB pages, as before 2026-12-07; column "4k pages"), right after the default one.
+`--hugepages` also runs each codec's disk hit in a new process with `cpu_hugepages` on (the CPU
+arena in transparent huge pages; column "huge pages"), right after the default one.
 
 `--cold` also runs each codec's disk hit in a new process after its chunk files were written
 back and dropped from the page cache (fsync + POSIX_FADV_DONTNEED, no root needed; mincore
@@ -22,7 +22,7 @@ cache holds other things (column "cold"). The default disk hit reads files the p
 holds from the miss that wrote them.
 
 Usage: python bench/bench_codec_e2e.py [--tokens 4096] [--reps 3] [--codecs exact,int8] [--pretouch]
-                                       [--small-pages] [--cold]
+                                       [--hugepages] [--cold]
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1k tokens, 1 rep, a smaller model")
     ap.add_argument("--pretouch", action="store_true",
                     help="also each disk hit in a process with cpu_pretouch on (column 'pretouch')")
-    ap.add_argument("--small-pages", action="store_true",
-                    help="also each disk hit in a process with cpu_hugepages off (column '4k pages')")
+    ap.add_argument("--hugepages", action="store_true",
+                    help="also each disk hit in a process with cpu_hugepages on (column 'huge pages')")
     ap.add_argument("--cold", action="store_true",
                     help="also each disk hit with its files dropped from the page cache first (column 'cold')")
     a = ap.parse_args()
@@ -99,11 +99,11 @@ def main() -> None:
                 dhit_pt = run_in_subprocess(
                     EngineSpec(**base, connector={**common, **disk_cfg, "lmcache.cpu_pretouch": True}), prompts, 1,
                     measure_ttft=True, env=env)
-            dhit_small = None
-            if a.small_pages:  # the same files, a restart with the arena in 4 KiB pages
-                print(f"[{codec}] disk hit, new process, cpu_hugepages off ...", flush=True)
-                dhit_small = run_in_subprocess(
-                    EngineSpec(**base, connector={**common, **disk_cfg, "lmcache.cpu_hugepages": False}), prompts, 1,
+            dhit_huge = None
+            if a.hugepages:  # the same files, a restart with the arena in transparent huge pages
+                print(f"[{codec}] disk hit, new process, cpu_hugepages on ...", flush=True)
+                dhit_huge = run_in_subprocess(
+                    EngineSpec(**base, connector={**common, **disk_cfg, "lmcache.cpu_hugepages": True}), prompts, 1,
                     measure_ttft=True, env=env)
             dhit_cold, left = None, float("nan")
             if a.cold:  # the same files, read from the device: dropped from the page cache first
@@ -121,12 +121,12 @@ def main() -> None:
             res[codec] = dict(miss=med(miss), disk=med(dhit), remote=med(rhit), disk_cached=cached(dhit),
                               remote_cached=cached(rhit), disk_bytes=disk_bytes,
                               disk_pt=med(dhit_pt) if dhit_pt else float("nan"),
-                              disk_small=med(dhit_small) if dhit_small else float("nan"),
+                              disk_huge=med(dhit_huge) if dhit_huge else float("nan"),
                               disk_cold=med(dhit_cold) if dhit_cold else float("nan"), cold_left=left)
     load1 = os.getloadavg()[0]
     print(f"\n{'codec':<8}{'miss s':>9}{'disk hit s':>12}{'/miss':>8}{'remote hit s':>14}{'/miss':>8}"
           f"{'cached d/r':>14}{'disk MiB':>10}" + (f"{'pretouch s':>12}{'/miss':>8}" if a.pretouch else "")
-          + (f"{'4k pages s':>12}{'/miss':>8}" if a.small_pages else "")
+          + (f"{'huge pg s':>12}{'/miss':>8}" if a.hugepages else "")
           + (f"{'cold s':>9}{'/miss':>8}" if a.cold else ""))
     rows = []
     for codec, r in res.items():
@@ -134,7 +134,7 @@ def main() -> None:
               f"{r['remote'] / r['miss']:>8.1%}{r['disk_cached']:>8.0f}/{r['remote_cached']:<5.0f}"
               f"{r['disk_bytes'] / 2**20:>10.1f}"
               + (f"{r['disk_pt']:>12.3f}{r['disk_pt'] / r['miss']:>8.1%}" if a.pretouch else "")
-              + (f"{r['disk_small']:>12.3f}{r['disk_small'] / r['miss']:>8.1%}" if a.small_pages else "")
+              + (f"{r['disk_huge']:>12.3f}{r['disk_huge'] / r['miss']:>8.1%}" if a.hugepages else "")
               + (f"{r['disk_cold']:>9.3f}{r['disk_cold'] / r['miss']:>8.1%}" if a.cold else ""))
         rows.append(dict(date=started, load=f"{load0:.1f}-{load1:.1f}", tokens=a.tokens, reps=a.reps, codec=codec,
                          miss_s=round(r["miss"], 4), disk_hit_s=round(r["disk"], 4),
@@ -144,9 +144,9 @@ def main() -> None:
         if a.pretouch:  # its own row (the CSV's columns stay): the disk hit with cpu_pretouch on
             rows.append({**base_row, "codec": f"{codec}+pretouch", "disk_hit_s": round(r["disk_pt"], 4),
                          "disk_frac": round(r["disk_pt"] / r["miss"], 4), "remote_hit_s": "", "remote_frac": ""})
-        if a.small_pages:  # its own row: the disk hit with the arena in 4 KiB pages
-            rows.append({**base_row, "codec": f"{codec}+4kpages", "disk_hit_s": round(r["disk_small"], 4),
-                         "disk_frac": round(r["disk_small"] / r["miss"], 4), "remote_hit_s": "", "remote_frac": ""})
+        if a.hugepages:  # its own row: the disk hit with the arena in transparent huge pages
+            rows.append({**base_row, "codec": f"{codec}+hugepages", "disk_hit_s": round(r["disk_huge"], 4),
+                         "disk_frac": round(r["disk_huge"] / r["miss"], 4), "remote_hit_s": "", "remote_frac": ""})
         if a.cold:  # its own row: the disk hit with the files read from the device
             rows.append({**base_row, "codec": f"{codec}+cold",
                          "disk_hit_s": round(r["disk_cold"], 4), "disk_frac": round(r["disk_cold"] / r["miss"], 4),

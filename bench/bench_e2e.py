@@ -29,11 +29,11 @@ same load; its rows are labelled "before: ...".
 
 `--pretouch` runs the connector cases a second time with `cpu_pretouch` on (rows "pretouch:
 ..."), interleaved with the default-config ones (off): the disk hit after a restart is the one
-the pre-touch is for. `--small-pages` does the same with `cpu_hugepages` off (rows "4k pages:
-..."): the arena in 4 KiB pages, as before 2026-12-07.
+the pre-touch is for. `--hugepages` does the same with `cpu_hugepages` on (rows "huge pages:
+...").
 
 Usage: python bench/bench_e2e.py [--tokens 4096] [--reps 3] [--quick] [--floor] [--before DIR]
-                                 [--async-load-min-tokens N] [--pretouch] [--small-pages]
+                                 [--async-load-min-tokens N] [--pretouch] [--hugepages]
 """
 
 from __future__ import annotations
@@ -93,9 +93,9 @@ def main() -> None:
         help="also the connector cases with cpu_pretouch on, interleaved (rows 'pretouch: ...')",
     )
     ap.add_argument(
-        "--small-pages", action="store_true",
-        help="also the connector cases with cpu_hugepages off (the arena in 4 KiB pages), interleaved "
-        "(rows '4k pages: ...')",
+        "--hugepages", action="store_true",
+        help="also the connector cases with cpu_hugepages on (the arena in transparent huge pages), "
+        "interleaved (rows 'huge pages: ...')",
     )
     args = ap.parse_args()
     model_params = dict(BENCH_MODEL)
@@ -121,8 +121,8 @@ def main() -> None:
         }
         if label.startswith("pretouch"):
             cfg["lmcache.cpu_pretouch"] = True
-        if label.startswith("4k pages"):
-            cfg["lmcache.cpu_hugepages"] = False
+        if label.startswith("huge pages"):
+            cfg["lmcache.cpu_hugepages"] = True
         if label.startswith("async"):
             cfg["lmcache.async_load_min_tokens"] = args.async_load_min_tokens
             cfg["lmcache.async_load_slow_min_tokens"] = args.async_load_min_tokens
@@ -140,8 +140,8 @@ def main() -> None:
         trees.append((f"async {args.async_load_min_tokens}: ", env))
     if args.pretouch:
         trees.append(("pretouch: ", env))
-    if args.small_pages:
-        trees.append(("4k pages: ", env))
+    if args.hugepages:
+        trees.append(("huge pages: ", env))
 
     print(f"model: {n_params / 1e6:.1f}M params float32; prompt {args.tokens} tokens; reps {args.reps}", flush=True)
     print(f"load {os.getloadavg()[0]:.1f} at start", flush=True)

