@@ -11,6 +11,7 @@ import threading
 
 import pytest
 import torch
+from waiting import wait_until
 
 from lmcache_triton.engine.loader import (
     FAULT_LOAD_DELAY_ENV,
@@ -355,17 +356,6 @@ def _no_hold_left(eng) -> bool:
     return eng.storage.cpu.stats["held"] == 0
 
 
-def _wait_for(pred, timeout: float = 30.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def _open(tier, eng, digest) -> None:
     tier.gate(eng.key(digest)).set()
 
@@ -379,7 +369,7 @@ def test_chunks_still_being_read_load_as_each_lands():
     eng.load_async("r", [(d, DST[i], 0) for i, d in enumerate(digests)])
     assert eng.loads_in_flight() == ["r"]
     _open(tier, eng, digests[0])
-    assert _wait_for(lambda: not torch.isnan(c5[:, DST[0]]).any()), "the first chunk loads as it lands"
+    assert wait_until(lambda: not torch.isnan(c5[:, DST[0]]).any()), "the first chunk loads as it lands"
     assert torch.isnan(c5[:, DST[1] + DST[2]]).all(), "the chunks still being read are not written"
     assert eng.finished_loads() == [] and eng.loads_in_flight() == ["r"]
     _open(tier, eng, digests[1])
@@ -452,7 +442,7 @@ def test_the_load_hold_is_taken_as_the_chunk_lands(monkeypatch):
     monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0.4")  # the loader sleeps before its first chunk
     eng.load_async("r", [(digests[0], DST[0], 0)])
     _open(tier, eng, digests[0])
-    assert _wait_for(lambda: eng.holds(digests[0]))
+    assert wait_until(lambda: eng.holds(digests[0]))
     eng.retire_high = eng.retire_low = 0.0
     assert eng.retire() == [digests[0]]
     eng.ack_retired([digests[0]])

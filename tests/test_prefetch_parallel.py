@@ -8,11 +8,11 @@ hierarchy directly, so each read can be held open while the engine is used.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
+from waiting import wait_until
 
 from lmcache_triton.engine import KVCacheEngine
 from lmcache_triton.kernels.geometry import allocate_paged_cache
@@ -112,15 +112,6 @@ def _put(eng: KVCacheEngine, tier: GatedTier, digest: str, seed: int) -> torch.T
     return chunk
 
 
-def _wait(pred, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def test_chunks_of_one_request_are_read_in_parallel():
     """Two chunks prefetched together are both inside `read_into` at once (a barrier of two that
     a single prefetch thread would break), and both end up held, bit-exact."""
@@ -146,7 +137,7 @@ def test_a_read_in_progress_blocks_no_store_load_or_poll():
     eng, c5 = _engine(tier)
     _put(eng, tier, "c3" * 16, 3)
     eng.prefetch(["c3" * 16])
-    assert _wait(lambda: eng.key("c3" * 16) in tier.reading), "the prefetch never started reading"
+    assert wait_until(lambda: eng.key("c3" * 16) in tier.reading), "the prefetch never started reading"
 
     done = threading.Event()
     results: list[object] = []
