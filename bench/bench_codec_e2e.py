@@ -32,7 +32,6 @@ import datetime as dt
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,9 +39,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from _common import append_csv, evict_from_page_cache  # noqa: E402
-from bench_e2e import BENCH_MODEL, _prompts  # noqa: E402
+from bench_e2e import BENCH_MODEL, _prompts, bench_setup  # noqa: E402
 
-from lmcache_triton.testing import build_tiny_model  # noqa: E402
 from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess  # noqa: E402
 from lmcache_triton.testing.valkey import ValkeyServer  # noqa: E402
 
@@ -68,12 +66,7 @@ def main() -> None:
         a.tokens, a.reps = 1024, 1
         model_params.update(hidden_size=256, num_layers=4)
     codecs = a.codecs.split(",")
-    work = Path(tempfile.mkdtemp(prefix="lmct-bench-codec-"))
-    (work / "tmp").mkdir()
-    env = {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
-    model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / "bench-e2e", **model_params))
-    max_len = a.tokens + 64
-    base = dict(model=model, block_size=32, max_model_len=max_len, extra_args={"max_num_batched_tokens": max_len})
+    work, env, base = bench_setup("lmct-bench-codec-", a.tokens, **model_params)
     load0 = os.getloadavg()[0]
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{started}; prompt {a.tokens} tokens, reps {a.reps}, codecs {codecs}, load {load0:.1f}", flush=True)

@@ -21,7 +21,6 @@ import datetime as dt
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,9 +28,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from _common import append_csv, device_name  # noqa: E402
-from bench_e2e import BENCH_MODEL, _prompts  # noqa: E402
+from bench_e2e import _prompts, bench_setup  # noqa: E402
 
-from lmcache_triton.testing import build_tiny_model  # noqa: E402
 from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess  # noqa: E402
 
 CSV = HERE / "results_config_ab.csv"
@@ -54,12 +52,7 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=256)
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="lmct-bench-ab-"))
-    (work / "tmp").mkdir()
-    env = {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
-    model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / "bench-e2e", **BENCH_MODEL))
-    max_len = args.tokens + 64
-    base = dict(model=model, block_size=32, max_model_len=max_len, extra_args={"max_num_batched_tokens": max_len})
+    work, env, base = bench_setup("lmct-bench-ab-", args.tokens)
     sides = (args.a, args.b)
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load0 = os.getloadavg()[0]

@@ -70,6 +70,20 @@ BENCH_MODEL = dict(
 )
 
 
+def bench_setup(prefix: str, tokens: int, **model_params: object) -> tuple[Path, dict[str, str], dict]:
+    """A work folder (`prefix` in its name) with vLLM's temp and cache folders inside, their
+    environment for the engine processes, and `EngineSpec` keywords for this benchmark's model
+    (`BENCH_MODEL` updated by `model_params`, built once under ~/.cache) at `tokens` tokens."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    (work / "tmp").mkdir()
+    env = {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
+    params = {**BENCH_MODEL, **model_params}
+    model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / "bench-e2e", **params))
+    max_len = tokens + 64
+    base = dict(model=model, block_size=32, max_model_len=max_len, extra_args={"max_num_batched_tokens": max_len})
+    return work, env, base
+
+
 def _prompts(n: int, tokens: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(4, 2600) for _ in range(tokens)] for _ in range(n)]
@@ -103,14 +117,9 @@ def main() -> None:
         args.tokens, args.reps = 1024, 1
         model_params.update(hidden_size=256, num_layers=4)
 
-    work = Path(tempfile.mkdtemp(prefix="lmct-bench-e2e-"))
-    (work / "tmp").mkdir()
-    env = {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
-    model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / "bench-e2e", **model_params))
-    n_params = _count_params(model)
-    max_len = args.tokens + 64
+    work, env, base = bench_setup("lmct-bench-e2e-", args.tokens, **model_params)
+    n_params = _count_params(base["model"])
     prompts = _prompts(args.reps, args.tokens - 1, seed=1)  # + BOS-free token ids, exact length
-    base = dict(model=model, block_size=32, max_model_len=max_len, extra_args={"max_num_batched_tokens": max_len})
 
     def connector(disk: Path, label: str) -> dict:
         cfg = {
