@@ -71,13 +71,13 @@ def main() -> None:
         spec = EngineSpec(**base, connector=cfg)
         both = run_in_subprocess(spec, [p for p in prompts for _ in (0, 1)], 1, measure_ttft=True, env=env)
         disk = run_in_subprocess(spec, prompts, 1, measure_ttft=True, env=env)
-        for case, rs in zip(CASES, (both[0::2], both[1::2], disk), strict=True):
+        cases = dict(zip(CASES, (both[0::2], both[1::2], disk), strict=True))
+        for case, rs in cases.items():
             if case != "miss":
                 assert all(r["num_cached_tokens"] > 0 for r in rs), f"{case}: no tokens came from the connector"
             got[side][case] += [r["ttft"] for r in rs]
         print(f"  {'AB'[side]} ({sides[side]}): " + ", ".join(
-            f"{c} {statistics.median(r['ttft'] for r in rs):.3f} s"
-            for c, rs in zip(CASES, (both[0::2], both[1::2], disk), strict=True)), flush=True)
+            f"{c} {statistics.median(r['ttft'] for r in rs):.3f} s" for c, rs in cases.items()), flush=True)
     load1 = os.getloadavg()[0]
     print(f"\nmedians over {args.rounds * args.prompts} prompts per side (load {load0:.1f} -> {load1:.1f})")
     print(f"{'case':<10}{'A s':>9}{'B s':>9}{'A / B':>8}")

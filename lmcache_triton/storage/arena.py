@@ -168,10 +168,14 @@ def _madvise() -> Callable[[int, int, int], int]:
     return _madvise_fn
 
 
+def whole_pages(addr: int, nbytes: int) -> tuple[int, int]:
+    """`[start, end)` of the whole pages inside `[addr, addr + nbytes)` (madvise takes pages)."""
+    return round_up(addr, PAGE), (addr + nbytes) // PAGE * PAGE
+
+
 def _populate_range(addr: int, nbytes: int) -> bool:
     """madvise(MADV_POPULATE_WRITE) over the whole pages inside `[addr, addr + nbytes)`."""
-    start = round_up(addr, PAGE)
-    end = (addr + nbytes) // PAGE * PAGE
+    start, end = whole_pages(addr, nbytes)
     if end <= start:
         return True
     if _madvise()(start, end - start, _MADV_POPULATE_WRITE) == 0:
@@ -219,7 +223,7 @@ def populate(buf: torch.Tensor, stop: threading.Event | None = None, duty: float
     addr, n = buf.data_ptr(), buf.numel() * buf.element_size()
     # Pieces on page boundaries: each call populates whole pages only, so an unaligned piece
     # boundary would leave the page across it to a fault.
-    start, end = round_up(addr, PAGE), (addr + n) // PAGE * PAGE
+    start, end = whole_pages(addr, n)
     rest = max(1.0 / duty - 1.0, 0.0) if duty > 0 else 0.0
     for at in range(start, end, PREFAULT_PIECE):
         if stop is not None and stop.is_set():
@@ -254,7 +258,7 @@ def advise_hugepages(buf: torch.Tensor) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     addr, n = buf.data_ptr(), buf.numel() * buf.element_size()
-    start, end = round_up(addr, PAGE), (addr + n) // PAGE * PAGE
+    start, end = whole_pages(addr, n)
     if end <= start:
         return False
     return _madvise()(start, end - start, _MADV_HUGEPAGE) == 0

