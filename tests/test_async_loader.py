@@ -513,3 +513,32 @@ def test_one_torch_thread_from_many_threads_at_once_leaves_the_process_default(s
     t.start()
     t.join()
     assert later == [2]
+
+
+def test_a_load_waiting_for_a_slow_read_does_not_hold_up_one_in_memory():
+    """Request r1's chunk is still being read (its gate closed) when r2, whose chunk is in
+    memory, is submitted behind it: r2 is copied and reported while r1 waits (one loader thread
+    taking jobs strictly in order kept r2 waiting for r1's read, up to its 10 s deadline); r1
+    then loads as its chunk lands. Both bit-exact, nothing else of the cache written, no hold
+    left."""
+    tier, eng, c5, digests, chunks = _gated(n=1)
+    assert eng.store("cc" * 16, [0, 1], num_tokens=8)
+    assert eng.poll().held == ["cc" * 16]
+    before = c5.clone()
+    c5[:, [12, 13]] = float("nan")
+    eng.load_async("r1", [(digests[0], DST[0], 0)])
+    eng.load_async("r2", [("cc" * 16, [12, 13], 0)])
+    reported = []
+    assert wait_until(lambda: reported.extend(eng.finished_loads()) or reported), "r2 waited behind r1"
+    assert [(r.req_id, r.chunks_ok) for r in reported] == [("r2", 1)]
+    assert torch.equal(c5[:, [12, 13]].view(torch.int32), before[:, [0, 1]].view(torch.int32))
+    assert eng.loads_in_flight() == ["r1"] and torch.isnan(c5[:, DST[0]]).all()
+    _open(tier, eng, digests[0])
+    (res,) = _wait(eng)
+    assert (res.req_id, res.chunks_ok) == ("r1", 1)
+    assert _holds(eng, c5, DST[0], chunks[0])
+    written = DST[0] + [12, 13]
+    others = [b for b in range(c5.shape[1]) if b not in written]
+    assert torch.equal(c5[:, others].view(torch.int32), before[:, others].view(torch.int32)), "stray writes"
+    assert _no_hold_left(eng)
+    eng.close()

@@ -76,7 +76,11 @@ class GatedTier:
         return
 
     def put(self, key: str, tensor: torch.Tensor, meta: Mapping[str, str], on_done: OnDone | None = None) -> bool:
-        return False  # this test's chunks are placed in `data` by hand
+        # This test's chunks are placed in `data` by hand; a write that did not happen is one
+        # on_done(False), as the protocol says (else the CPU block stays held for it).
+        if on_done is not None:
+            on_done(False)
+        return False
 
     def flush(self, timeout: float | None = None) -> bool:
         return True

@@ -86,10 +86,12 @@ class LoadCopier(ChunkCopier):
         self._stream = stream if streams is not None else None
         self.on_device = self._stream is not None
         self._staging = StagingRing(path.flat.device if self.on_device else None, 0, 2)
-        self._after: EventLike | None = None
+        self._job: LoadJob | None = None
 
     def start(self, job: LoadJob) -> AbstractContextManager[object]:
-        self._after = job.after
+        # Entered around each chunk (the loader interleaves jobs): the job's marker is waited
+        # for once, before its first scatter, and then dropped from the job.
+        self._job = job
         if self._streams is None or self._stream is None:
             return contextlib.nullcontext()
         return self._streams.use(self._stream)
@@ -104,9 +106,10 @@ class LoadCopier(ChunkCopier):
         if self._streams is not None and self._stream is not None:
             dev = self._staging.take(tuple(src.shape), src.dtype).tensor
             self._streams.copy(dev, src)  # from pinned memory: asynchronous, waits for nothing
-            if self._after is not None:
-                self._stream.wait_event(self._after)
-                self._after = None
+            job = self._job
+            if job is not None and job.after is not None:
+                self._stream.wait_event(job.after)
+                job.after = None
             src = dev
         ids = path.ids(chunk.block_ids, chunk.num_tokens, skip_tokens)
         scatter_chunk(path, src, enc, ids, chunk.skip_blocks)

@@ -168,6 +168,10 @@ class _PendingRead(Pending):
     def wait(self, chunk: ChunkLoad, give_up: Callable[[], bool]) -> bool:
         return self.engine._wait_pending(self, chunk, give_up)
 
+    def settled(self) -> bool:
+        with self.engine._lock:
+            return self.tensor is not None or self.failed
+
     def abandon(self) -> None:
         self.engine._abandon_pending(self)
 
@@ -397,10 +401,13 @@ class KVCacheEngine:
     def _feed(self, key: str) -> None:
         """The chunk is held now (caller has `_lock`): each background load waiting for it takes
         its own hold in this same lock step, so nothing can evict it in between."""
-        for w in self._waiters.pop(key, []):
+        waiters = self._waiters.pop(key, [])
+        for w in waiters:
             w.tensor = self.storage.hold(key, count=True)
             w.failed = w.tensor is None
         self._cond.notify_all()
+        if waiters and self._loader is not None:
+            self._loader.wake()
 
     def _settle(self, digest: str) -> None:
         """A prefetch ended (caller has `_lock`): loads still waiting for it get it (it is held,
@@ -414,6 +421,8 @@ class KVCacheEngine:
         for w in self._waiters.pop(key):
             w.failed = True
         self._cond.notify_all()
+        if self._loader is not None:
+            self._loader.wake()
 
     def _wait_pending(self, w: _PendingRead, chunk: ChunkLoad, give_up: Callable[[], bool]) -> bool:
         with self._cond:

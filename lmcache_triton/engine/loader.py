@@ -1,9 +1,12 @@
 """Asynchronous loads: a request's held chunks copied into its blocks off the engine step.
 
 `AsyncLoader` (worker role, owned by `KVCacheEngine`): one background thread takes load jobs
-(one request's chunks and the blocks they go to) in the order they came and copies them chunk
-by chunk, while vLLM's steps go on for every other request. The request itself waits in vLLM's
-WAITING_FOR_REMOTE_KVS state until `finished()` names it (the connector's `get_finished`).
+(one request's chunks and the blocks they go to) and copies them chunk by chunk, while vLLM's
+steps go on for every other request. Jobs go in the order they came, except that a job whose
+next chunk is still being read from a slow tier steps aside: a later job whose chunks are in
+memory is copied meanwhile (a prefix coming from disk never holds up one that is in memory).
+The request itself waits in vLLM's WAITING_FOR_REMOTE_KVS state until `finished()` names it
+(the connector's `get_finished`).
 
 How a chunk is copied is the engine's (`ChunkCopier`): on CPU the loader thread scatters it
 (torch copies release the GIL); on CUDA it queues the host-to-device copy and the scatter on
@@ -15,6 +18,7 @@ Primitives:
   `submit(job)`     queue a request's load (`LoadJob`).
   `cancel(req_id)`  the request was aborted: its job stops before its next chunk; it still
                     finishes (vLLM frees the blocks only once it hears of it).
+  `wake()`          a chunk a job may wait for has settled (the engine's prefetch says so).
   `finished()`      jobs complete since the last call (`LoadResult`: how many leading chunks are
                     in their blocks); never waits.
   `reportable()`    whether `finished()` has a job to report now; never waits.
@@ -41,6 +45,7 @@ every job fails as a damaged copy would.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -64,6 +69,12 @@ FAULT_LOAD_FAIL_AT_ENV = "LMCACHE_TRITON_FAULT_LOAD_FAIL_AT"
 # scheduler's own bound on a prefetch wait, integration/vllm/scheduler.PREFETCH_WAIT_S).
 PENDING_WAIT_S = 10.0
 
+# When every job in flight waits for a chunk still being read, the loader sleeps until a job is
+# submitted or cancelled, or `wake()` says a read settled; at the latest after this long (the
+# jobs' deadlines are checked then).
+_IDLE_POLL_S = 0.05
+_WAKE = "wake"  # queued by `wake()`: look at the active jobs again
+
 
 class Pending:
     """A chunk that was still being read from a slow tier when its job was submitted (the
@@ -73,6 +84,11 @@ class Pending:
         """Block until the chunk is held in memory for this load, then fill `chunk.tensor`,
         `num_tokens` and `release`: True. False when its read failed, it was refused, or
         `give_up()` said so (checked at least every few ms): nothing of it is held then."""
+        raise NotImplementedError
+
+    def settled(self) -> bool:
+        """Whether `wait` would return at once: the chunk landed (its hold is taken) or will not
+        come. Never waits."""
         raise NotImplementedError
 
     def abandon(self) -> None:
@@ -184,7 +200,7 @@ class AsyncLoader:
     def __init__(self, copier: ChunkCopier, on_chunk: Callable[[ChunkLoad, bool], None] | None = None) -> None:
         self._copier = copier
         self._on_chunk = on_chunk
-        self._q: queue.Queue[LoadJob | None] = queue.Queue()
+        self._q: queue.Queue[LoadJob | str | None] = queue.Queue()
         self._lock = threading.Lock()
         self._jobs: dict[str, LoadJob] = {}  # submitted, not yet reported
         self._queued: list[LoadJob] = []  # the thread is done with them (CUDA: events pending)
@@ -208,7 +224,14 @@ class AsyncLoader:
             job = self._jobs.get(req_id)
             if job is not None:
                 job.cancelled = True
-            return job is not None
+        if job is not None:
+            self.wake()
+        return job is not None
+
+    def wake(self) -> None:
+        """A chunk a job may wait for settled (landed in memory or will not come): the loader
+        looks at its jobs again now rather than at its next poll. Never waits."""
+        self._q.put(_WAKE)
 
     def in_flight(self) -> list[str]:
         with self._lock:
@@ -262,61 +285,106 @@ class AsyncLoader:
         # owns the cores (a second full pool of copy threads slowed every step down).
         if not self._copier.on_device:
             one_torch_thread()
+        active: list[LoadJob] = []  # taken from the queue, not yet through: submission order
+        closing = False
         while True:
-            job = self._q.get()
+            while True:  # every job submitted so far joins, so the earliest runnable one goes first
+                try:
+                    got = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                closing = self._take(got, active) or closing
+            if not active:
+                if closing:
+                    return
+                closing = self._take(self._q.get(), active)
+                continue
+            job = self._next_runnable(active)
             if job is None:
-                return
-            try:
-                self._load(job)
-            except Exception:  # never let one job take the loader down: it finishes short
-                logger.exception("lmcache_triton: asynchronous load of %s failed", job.req_id)
-            with self._lock:
-                self._queued.append(job)
-                self._busy -= 1
+                # Every job waits for a chunk still being read: sleep until something changes.
+                with contextlib.suppress(queue.Empty):
+                    closing = self._take(self._q.get(timeout=_IDLE_POLL_S), active) or closing
+                continue
+            if self._step(job):
+                active.remove(job)
+                with self._lock:
+                    self._queued.append(job)
+                    self._busy -= 1
 
-    def _load(self, job: LoadJob) -> None:
+    @staticmethod
+    def _take(item: LoadJob | str | None, active: list[LoadJob]) -> bool:
+        """One queue item: a job joins `active`; True for `close()`'s end marker."""
+        if isinstance(item, LoadJob):
+            active.append(item)
+        return item is None
+
+    def _next_runnable(self, active: list[LoadJob]) -> LoadJob | None:
+        """The first job, in submission order, that can go on without waiting: its next chunk is
+        in memory or settled, or the job is over (cancelled, past its deadline, or done)."""
+        now = time.monotonic()
+        for job in active:
+            if job.cancelled or job.chunks_ok >= len(job.chunks) or now > job.deadline:
+                return job
+            chunk = job.chunks[job.chunks_ok]
+            if chunk.tensor is not None or chunk.pending is None or chunk.pending.settled():
+                return job
+        return None
+
+    def _step(self, job: LoadJob) -> bool:
+        """Copy the job's next chunk, or end it: True when the job is through (`job.done` set,
+        every pending chunk settled)."""
+        try:
+            if self._copy_next(job):
+                return False
+        except Exception:  # never let one job take the loader down: it finishes short
+            logger.exception("lmcache_triton: asynchronous load of %s failed", job.req_id)
         try:
             with self._copier.start(job):
-                try:
-                    self._copy_all(job)
-                finally:
-                    job.done = self._copier.finish()
+                job.done = self._copier.finish()
+        except Exception:
+            logger.exception("lmcache_triton: asynchronous load of %s failed", job.req_id)
         finally:
             for chunk in job.chunks:  # pending chunks never reached: nothing left waiting or held
                 if chunk.pending is not None:
                     chunk.pending.abandon()
+        return True
 
-    def _copy_all(self, job: LoadJob) -> None:
-        for i, chunk in enumerate(job.chunks):
-            if job.cancelled:
-                return
-            delay = float(os.environ.get(FAULT_LOAD_DELAY_ENV) or 0)
-            if delay > 0:
-                time.sleep(delay)
-            if chunk.tensor is None:
-                # Still being read from a slow tier: wait for it (its hold is taken as it lands).
-                ready = chunk.pending is not None and chunk.pending.wait(
-                    chunk, lambda: job.cancelled or time.monotonic() > job.deadline
-                )
-                if not ready:
-                    if not job.cancelled:
-                        logger.warning(
-                            "lmcache_triton: chunk %s of %s did not arrive from its slow tier: the rest is computed",
-                            chunk.digest[:12], job.req_id,
-                        )
-                        if self._on_chunk is not None:
-                            self._on_chunk(chunk, False)
-                    return
-            ok = False
-            try:
-                if os.environ.get(FAULT_LOAD_FAIL_AT_ENV) == str(i):
-                    raise RuntimeError(f"fault injection ({FAULT_LOAD_FAIL_AT_ENV}={i})")
+    def _copy_next(self, job: LoadJob) -> bool:
+        """Copy the job's next chunk: True when it loaded and the job goes on."""
+        i = job.chunks_ok
+        if job.cancelled or i >= len(job.chunks):
+            return False
+        chunk = job.chunks[i]
+        delay = float(os.environ.get(FAULT_LOAD_DELAY_ENV) or 0)
+        if delay > 0:
+            time.sleep(delay)
+        if chunk.tensor is None:
+            # Read from a slow tier: settled by now, or the deadline passed (its hold was taken
+            # as it landed).
+            ready = chunk.pending is not None and chunk.pending.wait(
+                chunk, lambda: job.cancelled or time.monotonic() > job.deadline
+            )
+            if not ready:
+                if not job.cancelled:
+                    logger.warning(
+                        "lmcache_triton: chunk %s of %s did not arrive from its slow tier: the rest is computed",
+                        chunk.digest[:12], job.req_id,
+                    )
+                    if self._on_chunk is not None:
+                        self._on_chunk(chunk, False)
+                return False
+        ok = False
+        try:
+            if os.environ.get(FAULT_LOAD_FAIL_AT_ENV) == str(i):
+                raise RuntimeError(f"fault injection ({FAULT_LOAD_FAIL_AT_ENV}={i})")
+            with self._copier.start(job):
                 self._copier.copy_chunk(chunk)
-                ok = True
-            except Exception:  # a damaged chunk must never take the worker down
-                logger.exception("lmcache_triton: loading chunk %s of %s failed", chunk.digest[:12], job.req_id)
-            if self._on_chunk is not None:
-                self._on_chunk(chunk, ok)
-            if not ok:
-                return  # the chunks after it are not loaded either: vLLM computes them
-            job.chunks_ok += 1
+            ok = True
+        except Exception:  # a damaged chunk must never take the worker down
+            logger.exception("lmcache_triton: loading chunk %s of %s failed", chunk.digest[:12], job.req_id)
+        if self._on_chunk is not None:
+            self._on_chunk(chunk, ok)
+        if not ok:
+            return False  # the chunks after it are not loaded either: vLLM computes them
+        job.chunks_ok += 1
+        return job.chunks_ok < len(job.chunks)
