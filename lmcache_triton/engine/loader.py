@@ -2,9 +2,10 @@
 
 `AsyncLoader` (worker role, owned by `KVCacheEngine`): one background thread takes load jobs
 (one request's chunks and the blocks they go to) and copies them chunk by chunk, while vLLM's
-steps go on for every other request. Jobs go in the order they came, except that a job whose
-next chunk is still being read from a slow tier steps aside: a later job whose chunks are in
-memory is copied meanwhile (a prefix coming from disk never holds up one that is in memory).
+steps go on for every other request. Jobs go in the order they came, except that a job still
+waiting for chunks read from a slow tier steps aside for later jobs whose chunks are all in
+memory (their copies are all they need, so they report soonest; it copies its landed chunks
+whenever no such job is waiting): a prefix coming from disk never holds up one in memory.
 The request itself waits in vLLM's WAITING_FOR_REMOTE_KVS state until `finished()` names it
 (the connector's `get_finished`).
 
@@ -188,6 +189,11 @@ class ChunkCopier:
         raise NotImplementedError
 
 
+def _landed(chunk: ChunkLoad) -> bool:
+    """Whether the chunk can be copied (or given up) without waiting for its read."""
+    return chunk.tensor is not None or chunk.pending is None or chunk.pending.settled()
+
+
 class AsyncLoader:
     """The background loader (module docstring).
 
@@ -319,16 +325,21 @@ class AsyncLoader:
         return item is None
 
     def _next_runnable(self, active: list[LoadJob]) -> LoadJob | None:
-        """The first job, in submission order, that can go on without waiting: its next chunk is
-        in memory or settled, or the job is over (cancelled, past its deadline, or done)."""
+        """The job to go on with, without waiting: one that is over (cancelled, past its
+        deadline, or done); else the first, in submission order, whose remaining chunks are all
+        in memory (its copies are all that is left: done first, it reports soonest); else the
+        first whose next chunk is in memory (one still reading copies what has landed)."""
         now = time.monotonic()
+        first_ready = None
         for job in active:
             if job.cancelled or job.chunks_ok >= len(job.chunks) or now > job.deadline:
                 return job
-            chunk = job.chunks[job.chunks_ok]
-            if chunk.tensor is not None or chunk.pending is None or chunk.pending.settled():
+            rest = [_landed(c) for c in job.chunks[job.chunks_ok :]]
+            if all(rest):
                 return job
-        return None
+            if rest[0] and first_ready is None:
+                first_ready = job
+        return first_ready
 
     def _step(self, job: LoadJob) -> bool:
         """Copy the job's next chunk, or end it: True when the job is through (`job.done` set,

@@ -391,3 +391,54 @@ def test_may_load_async_for_a_prefix_on_disk(model, tmp_path):
         assert computed == 95
     finally:
         h.worker.shutdown()
+
+
+def test_preemption_while_a_load_is_in_flight(model, tmp_path, monkeypatch):
+    """vLLM runs out of blocks while a request's load is in flight: it preempts a running
+    request (its blocks freed) and the load goes on undisturbed. The loading request runs from
+    its loaded prefix, the preempted one resumes with its prompt's KV exact, both finish, and
+    nothing of either stays behind: no load in flight, every block free."""
+    from vllm.v1.request import RequestStatus
+
+    # 15 usable blocks of 16 tokens: run-b (90 tokens, 6 blocks) + run-c (40, 3) + load-a's 6.
+    # run-b's 7th decoded token needs a 7th block: vLLM preempts run-c, load-a's load still runs.
+    h = Harness(
+        model, tmp_path, block_size=BLOCK, chunk_size=CHUNK, num_blocks=16,
+        extra={"lmcache.async_load_min_tokens": THRESHOLD},
+    )  # fmt: skip
+    try:
+        toks_a, toks_b, toks_c = _tokens(1100, 96), _tokens(1300, 90), _tokens(1500, 40)
+        _store(h, "store-a", toks_a)
+        assert h.scheduler.reset_prefix_cache(), "vLLM's own prefix cache dropped: load-a hits ours"
+        h.add(h.request("run-b", toks_b, max_tokens=8))
+        h.add(h.request("run-c", toks_c, max_tokens=20))
+        h.step()  # both prefilled
+        monkeypatch.setenv(FAULT_LOAD_DELAY_ENV, "0.3")  # the load is still running below
+        h.add(h.request("load-a", toks_a, max_tokens=3))
+        h.step()
+        assert _status(h, "load-a") == RequestStatus.WAITING_FOR_REMOTE_KVS
+        preempted_during_load = False
+        checked_c = False
+        for _ in range(80):
+            h.step()
+            loading = _status(h, "load-a") == RequestStatus.WAITING_FOR_REMOTE_KVS
+            preempted_during_load |= loading and _status(h, "run-c") == RequestStatus.PREEMPTED
+            if preempted_during_load and not checked_c and _status(h, "run-c") == RequestStatus.RUNNING:
+                # Resumed (and prefilled again this step): its prompt's KV is exact.
+                assert h.slot_values("run-c", 40) == [float(t + 1) for t in toks_c]
+                checked_c = True
+            if not loading:
+                monkeypatch.delenv(FAULT_LOAD_DELAY_ENV, raising=False)
+            if not h.scheduler.requests:
+                break
+        else:
+            raise AssertionError(f"not finished: {list(h.scheduler.requests)}")
+        assert preempted_during_load, "vLLM never preempted run-c while load-a's load ran"
+        assert checked_c, "run-c never resumed"
+        _, computed = _first_schedule(h, "load-a")
+        assert computed == 95
+        assert not h.connector._impl._async_inflight
+        assert h.worker._impl.engine.loads_in_flight() == []
+        assert h.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == h.kv_cache_config.num_blocks - 1
+    finally:
+        h.worker.shutdown()
