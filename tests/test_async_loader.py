@@ -542,3 +542,50 @@ def test_a_load_waiting_for_a_slow_read_does_not_hold_up_one_in_memory():
     assert torch.equal(c5[:, others].view(torch.int32), before[:, others].view(torch.int32)), "stray writes"
     assert _no_hold_left(eng)
     eng.close()
+
+
+def test_a_job_still_reading_copies_what_landed_and_steps_aside_for_one_in_memory():
+    """The loader alone, with chunks whose reads the test lands by hand: job A (both chunks still
+    read) steps aside for job B (all in memory, submitted after it); then A copies its first
+    chunk as soon as it lands, while its second is still read, and the second when it lands."""
+    from lmcache_triton.engine.loader import Pending
+
+    seen: list[str] = []
+
+    class Recorder(_CpuCopier):
+        def copy_chunk(self, chunk: ChunkLoad) -> None:
+            seen.append(chunk.digest)
+
+    class Landing(Pending):
+        def __init__(self) -> None:
+            self.landed = threading.Event()
+
+        def settled(self) -> bool:
+            return self.landed.is_set()
+
+        def wait(self, chunk: ChunkLoad, give_up) -> bool:
+            while not self.landed.wait(0.005):
+                if give_up():
+                    return False
+            chunk.tensor, chunk.release = torch.zeros(1), lambda: None
+            return True
+
+        def abandon(self) -> None:
+            return None
+
+    reads = [Landing(), Landing()]
+    loader = AsyncLoader(Recorder())
+    t = torch.zeros(1)
+    loader.submit(LoadJob("A", [ChunkLoad(f"a{i}", [i], 0, 1, None, None, p) for i, p in enumerate(reads)], 2))
+    loader.submit(LoadJob("B", [ChunkLoad(f"b{i}", [4 + i], 0, 1, t, lambda: None) for i in range(2)], 2))
+    done: list[str] = []
+    assert wait_until(lambda: done.extend(r.req_id for r in loader.finished()) or done)
+    assert done == ["B"] and seen == ["b0", "b1"]
+    reads[0].landed.set()
+    assert wait_until(lambda: seen[-1] == "a0"), seen
+    assert loader.in_flight() == ["A"] and loader.finished() == []
+    reads[1].landed.set()
+    assert loader.drain(10)
+    assert [(r.req_id, r.chunks_ok) for r in loader.finished()] == [("A", 2)]
+    assert seen == ["b0", "b1", "a0", "a1"]
+    loader.close()
