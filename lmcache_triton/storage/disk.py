@@ -243,8 +243,8 @@ class DiskTier(TierCounters):
         path = self._file(key)
         self._forget(key)
         if isinstance(exc, ChunkUnverifiable):
-            self._count("unauthenticated")
-            self._warn_once(
+            self.count("unauthenticated")
+            self.warn_once(
                 "unauth", "lmcache_triton disk tier: %s is a miss (%s); left in place", path.name, reason
             )
             if st is not None:
@@ -260,7 +260,7 @@ class DiskTier(TierCounters):
                 return
         else:
             self._warn_bad("lmcache_triton disk tier: ignoring %s (%s)", path.name, reason)
-        self._count("unremovable")
+        self.count("unremovable")
         if st is not None:
             self._known_bad.remember(key, st)
 
@@ -272,7 +272,7 @@ class DiskTier(TierCounters):
                 name = de.name
                 if name.endswith(".tmp"):
                     if remove_stale_tmp(de, now):
-                        self._count("stale_tmp_removed")
+                        self.count("stale_tmp_removed")
                     continue
                 if not name.endswith(SUFFIX) or not KEY_RE.match(name[: -len(SUFFIX)]):
                     continue
@@ -313,7 +313,7 @@ class DiskTier(TierCounters):
             return None
         except OSError as e:
             if count_errors:
-                self._count("errors")
+                self.count("errors")
                 logger.debug("skip %s: %s", key, e)
             return None
 
@@ -414,7 +414,7 @@ class DiskTier(TierCounters):
                 hdr = read_header(f, st.st_size, key, self.auth)
                 check_expect(hdr.meta, want)
                 if not self.codecs.readable(key, hdr.codec):
-                    self._warn_once(
+                    self.warn_once(
                         "codec", "lmcache_triton disk tier: %s chunks not served here (this model is exact here); "
                         "a miss, the files are kept (warned once)", hdr.codec,
                     )
@@ -435,9 +435,9 @@ class DiskTier(TierCounters):
         elif isinstance(e, (ChunkError, ChunkUnverifiable)):
             self._reject(key, str(e), e, st)
         elif not isinstance(e, (_Mismatch, _KnownBad)):  # EIO, EMFILE, EACCES: the file is left alone
-            self._count("errors")
-            self._warn_once("read", "lmcache_triton disk tier: read of %s failed (%s)", path.name, e)
-        self._count("misses")
+            self.count("errors")
+            self.warn_once("read", "lmcache_triton disk tier: read of %s failed (%s)", path.name, e)
+        self.count("misses")
 
     def _read_payload(self, r: _DiskReader, out: torch.Tensor, encoded: bool = False) -> bool:
         """`_DiskReader.read_into`: the payload into `out`, verified there (`encoded`: the
@@ -448,7 +448,7 @@ class DiskTier(TierCounters):
             if r.encoding is None or out.dtype != torch.uint8 or tuple(out.shape) != (r.header.nbytes,):
                 raise ValueError(f"out: expected a [{r.header.nbytes}] uint8 tensor for an encoded chunk")
         elif out.dtype != r.dtype or tuple(out.shape) != r.shape:
-            self._count("misses")  # a sound file of another shape: a miss, kept
+            self.count("misses")  # a sound file of another shape: a miss, kept
             return False
         try:
             if encoded:
@@ -581,8 +581,8 @@ class DiskTier(TierCounters):
         return True
 
     def _write_failed(self, key: str, e: Exception) -> None:
-        self._count("write_errors")
-        self._warn_once("write-bug", "lmcache_triton disk tier: write of %s failed: %r", key, e)
+        self.count("write_errors")
+        self.warn_once("write-bug", "lmcache_triton disk tier: write of %s failed: %r", key, e)
 
     def _done(self, key: str) -> None:
         with self._lock:
@@ -599,7 +599,7 @@ class DiskTier(TierCounters):
         rows = tensor.numel() * tensor.element_size() if encoding is None else _rows_bytes(encoding)
         raw = len(header) + rows
         if size > self.max_bytes:
-            self._count("rejected")
+            self.count("rejected")
             return False
         self._evict_for(size, keep=key)
         free = self._free_bytes()
@@ -616,7 +616,7 @@ class DiskTier(TierCounters):
                 if err.errno in FULL_ERRNOS:
                     self._stats["disk_full"] += 1
             if err.errno in FULL_ERRNOS:
-                self._warn_once(
+                self.warn_once(
                     "full",
                     "lmcache_triton disk tier: %s is full (%s) and evicting this tier's chunks did "
                     "not make room; skipping writes that do not fit, serving continues (warned once)",
@@ -624,7 +624,7 @@ class DiskTier(TierCounters):
                     os.strerror(err.errno),
                 )
             else:
-                self._warn_once("write", "lmcache_triton disk tier: write to %s failed: %s", self.path, err)
+                self.warn_once("write", "lmcache_triton disk tier: write to %s failed: %s", self.path, err)
             return False
         with self._lock:
             if key not in self._index:
