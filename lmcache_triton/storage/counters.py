@@ -3,7 +3,7 @@
 A tier mixes in `TierCounters` and provides `_lock` (a `threading.Lock`), `_stats` (a dict of
 counts), `_warned` (a set of warning kinds) and `_changes` (None until `track_changes()`). The
 tier's helpers in other modules (its read path) count, warn and log changes through the public
-`count`, `warn_once` and `changed`, handed the tier as its `TierCounters`.
+`count`/`count_each`, `warn_once` and `changed`, handed the tier as its `TierCounters`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ class TierCounters:
         """Add `n` (default 1) to the counter `name` of `stats`."""
         with self._lock:
             self._stats[name] += n
+
+    def count_each(self, *names: str) -> None:
+        """Add 1 to each counter of `names`, in one step (a `stats` reader sees all or none)."""
+        with self._lock:
+            for name in names:
+                self._stats[name] += 1
 
     def _dropped(self, on_done: Callable[[bool], object] | None) -> bool:
         """A put that will not be written: counted as "dropped", its caller told (`on_done(False)`);
