@@ -435,9 +435,9 @@ def test_pretouch_off_by_default_and_on_pinned_tiers():
 
 
 def test_pretouch_declines_a_bound_near_the_available_memory(monkeypatch, caplog):
-    from lmcache_triton.storage import cpu
+    from lmcache_triton.storage import cpu_arena
 
-    monkeypatch.setattr(cpu, "available_memory", lambda: 4 << 20)  # 4 MiB available
+    monkeypatch.setattr(cpu_arena, "available_memory", lambda: 4 << 20)  # 4 MiB available
     big = CpuTier(4 << 20, pin_memory=False, slab_bytes=1 << 20)
     with caplog.at_level("INFO", logger="lmcache_triton.storage.cpu"):
         assert not big.pretouch()

@@ -29,6 +29,7 @@ from lmcache_triton.engine import KVCacheEngine
 from lmcache_triton.engine.engine import _InFlight
 from lmcache_triton.kernels.geometry import allocate_paged_cache
 from lmcache_triton.storage.cpu import CpuTier
+from lmcache_triton.storage.cpu_arena import CpuArena
 from lmcache_triton.storage.hierarchy import StorageHierarchy
 
 BLOCK = 4
@@ -233,19 +234,19 @@ CHUNK_BYTES = 2 * 2 * BLOCK * 2 * 8 * 4  # one block's chunk: [S, L, T, H, C / S
 
 
 @pytest.mark.parametrize("settle", [True, False], ids=["grow-settles", "stores-race-the-grow"])
-def test_store_never_grows_the_arena_itself_once_it_has_headroom(settle):
+def test_store_never_grows_the_arena_itself_once_it_has_headroom(settle, monkeypatch):
     """Slabs of two chunks, four of them. `register` allocates the first (start-up); every later
     slab is allocated on the arena's background thread, never in the storing thread (vLLM's step,
     under the engine's lock). Counted through a hook on the grow function."""
     tier = CpuTier(8 * CHUNK_BYTES, pin_memory=False, slab_bytes=2 * CHUNK_BYTES)
     grows: list[str] = []
-    real = tier._grow
+    real = CpuArena.grow
 
-    def counted(index: int) -> None:
+    def counted(self: CpuArena, index: int, touch_pages: bool = False) -> bool:
         grows.append(threading.current_thread().name)
-        real(index)
+        return real(self, index, touch_pages)
 
-    tier._grow = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(CpuArena, "grow", counted)
     eng = _engine(tier=tier, grow_ahead=True)
     main = threading.current_thread().name
     assert grows == [main] and tier.stats["pool_bytes"] == 2 * CHUNK_BYTES, "register grows one slab"

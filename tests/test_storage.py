@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 
 from lmcache_triton.storage import CpuTier, DiskTier, StorageHierarchy, disk_dir
+from lmcache_triton.storage.disk_read import DiskReads
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.uint8]
 SHAPES = [(2, 3, 5, 80), (63,), (4, 1, 7)]  # odd sizes, head size 80
@@ -563,19 +564,19 @@ def test_prefetch_reads_the_file_once_into_the_arena_outside_the_cpu_lock(disk, 
     assert m.put(key(1), chunk(1)) and m.flush(10)
     m.cpu.clear()
     opened, gate, reading = [], threading.Event(), threading.Event()
-    real_open, real_read = tier._open, tier._read_verified
+    real_open, real_read = DiskReads.open_file, DiskReads.read_verified
 
-    def count_open(k):
+    def count_open(self, k):
         opened.append(k)
-        return real_open(k)
+        return real_open(self, k)
 
-    def slow_read(f, hdr, mv):
+    def slow_read(self, f, hdr, mv):
         reading.set()
         assert gate.wait(10)
-        return real_read(f, hdr, mv)
+        return real_read(self, f, hdr, mv)
 
-    monkeypatch.setattr(tier, "_open", count_open)
-    monkeypatch.setattr(tier, "_read_verified", slow_read)
+    monkeypatch.setattr(DiskReads, "open_file", count_open)
+    monkeypatch.setattr(DiskReads, "read_verified", slow_read)
     done = []
     th = threading.Thread(target=lambda: done.append(m.prefetch(key(1))))
     th.start()

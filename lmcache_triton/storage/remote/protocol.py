@@ -7,6 +7,7 @@ Primitives:
                             `end_bulk()` one streamed into a caller's buffer, `reply()` a simple
                             string, integer, bulk string or null, `done()` nothing left over.
   `read_value`, `read_reply`, `read_replies`  one GET value, one reply, n pipelined replies.
+  `connection_socket(conn)` the socket of a connected redis-py connection, to read them off.
 
 Invariants (issue 21):
   * A reply is complete by its deadline or the read raises TimeoutError: each receive waits at
@@ -26,11 +27,27 @@ import contextlib
 import socket
 import struct
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from redis.connection import AbstractConnection
+
 MAX_LINE = 1 << 16  # a RESP header line longer than this is no reply of ours
 EAGER_BYTES = 8 << 20  # a value's buffer starts at this (or its size), then doubles as it arrives
+
+
+def connection_socket(conn: AbstractConnection) -> socket.socket:
+    """The socket of a connected redis-py connection (plain TCP, unix, or TLS).
+
+    Raises:
+        ConnectionError: the connection has no socket (not connected, or another transport).
+    """
+    sock = getattr(conn, "_sock", None)  # redis-py keeps it private; no public accessor exists
+    if not isinstance(sock, socket.socket):
+        raise ConnectionError("remote tier: not connected over a socket")
+    return sock
 
 
 def _timeval(seconds: float) -> bytes:

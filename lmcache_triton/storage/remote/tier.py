@@ -11,6 +11,7 @@ Primitives:
                              buffer and verifies it there (one copy, no buffer of ours).
   `fetch(key, expect)`       GET + verify a whole value held in memory: `(dtype, shape, meta,
                              payload view)` or None; `get_into`/`get_with_meta` copy it out.
+                             The read path (these four) is `read.RemoteReads`.
   `put(key, tensor, meta, on_done)`  queue a write and return at once (bounded queue); the
                              writer thread seals the chunk and SETs it.
   `flush`, `close`, `stats`, `track_changes`/`take_changes`; maintenance (`scan_keys`,
@@ -50,28 +51,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmcache_triton.chunk.codec import EXACT, CodecPolicy, Encoding
-from lmcache_triton.chunk.format import (
-    RESERVED_META,
-    ChunkAuth,
-    ChunkError,
-    ChunkHeader,
-    ChunkUnverifiable,
-    check_expect,
-    check_meta,
-    decode_payload,
-    encode_chunk,
-    header_length,
-    parse_header,
-)
+from lmcache_triton.chunk.format import ChunkAuth, check_meta, encode_chunk
 
 from ..counters import TierCounters
 from ..tier import ChunkReader, Locality, Medium, OnDone
@@ -79,11 +67,12 @@ from ..writer import WriteQueue
 from .admin import RemoteAdmin
 from .cluster import Node, Router
 from .keys import KeySpace
-from .protocol import ReplyReader, ReplyTooLarge, ServerError, read_replies, read_reply, read_value
+from .protocol import ReplyTooLarge, ServerError, connection_socket, read_replies, read_reply
+from .read import RemoteReads
 from .url import check_url
 
 if TYPE_CHECKING:
-    from redis.connection import AbstractConnection, Connection
+    from redis.connection import Connection
 
 logger = logging.getLogger("lmcache_triton.storage.remote")
 
@@ -93,19 +82,6 @@ _STATS = (
     "bytes_written", "bytes_read", "write_errors", "refused", "dropped", "oversized",
     "raw_bytes_written", "encoded_writes",
 )  # fmt: skip
-
-
-def _socket(conn: AbstractConnection) -> socket.socket:
-    """The socket of a connected redis-py connection (plain TCP, unix, or TLS)."""
-    sock = getattr(conn, "_sock", None)  # redis-py keeps it private; no public accessor exists
-    if not isinstance(sock, socket.socket):
-        raise ConnectionError("remote tier: not connected over a socket")
-    return sock
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, writable in place."""
-    return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 class RemoteTier(TierCounters):
@@ -151,14 +127,17 @@ class RemoteTier(TierCounters):
         self._redis = redis
         self.url = check_url(url)
         self.timeout = timeout
-        self.data_timeout = max(data_timeout, timeout)
-        self.router = Router(self.url, timeout, self.data_timeout)
+        data_timeout = max(data_timeout, timeout)
+        self.router = Router(self.url, timeout, data_timeout)
         self.masked = self.router.masked
         self.cluster = self.router.cluster
         self.auth = ChunkAuth(secret)
         self.keys = KeySpace(secret)
         self.admin = RemoteAdmin(self.router, self.keys)
-        self.max_value_bytes = max(1, int(max_value_bytes))
+        self._reads = RemoteReads(
+            self.router, self.keys, self.auth, self.codecs, self, data_timeout, max(1, int(max_value_bytes)),
+            redis.ResponseError,
+        )
         self._lock = threading.Lock()
         self._stats = dict.fromkeys(_STATS, 0)
         self._warned: set[str] = set()
@@ -172,6 +151,26 @@ class RemoteTier(TierCounters):
 
     def __repr__(self) -> str:  # never the password
         return f"RemoteTier({self.masked})"
+
+    # The reads' settings (`RemoteReads`), read at each use; the writes read them here too.
+
+    @property
+    def data_timeout(self) -> float:
+        """Seconds bounding one GET/SET of a chunk (all of its reply)."""
+        return self._reads.data_timeout
+
+    @data_timeout.setter
+    def data_timeout(self, value: float) -> None:
+        self._reads.data_timeout = value
+
+    @property
+    def max_value_bytes(self) -> int:
+        """Bytes a stored value may have at most; a reply claiming more is a miss."""
+        return self._reads.max_value_bytes
+
+    @max_value_bytes.setter
+    def max_value_bytes(self, value: int) -> None:
+        self._reads.max_value_bytes = value
 
     # ------------------------------------------------------------------ connection state
 
@@ -230,7 +229,7 @@ class RemoteTier(TierCounters):
         deadline = time.monotonic() + self.timeout  # all replies of all nodes: one deadline
         for node, idx, c in sent:
             try:
-                got = read_replies(_socket(c), len(idx), deadline)
+                got = read_replies(connection_socket(c), len(idx), deadline)
             except (OSError, ReplyTooLarge) as e:  # timeouts and closed connections are OSErrors
                 c.disconnect()  # a half-read pipeline must never be reused
                 self.router.went_down(e, node=node)
@@ -241,7 +240,7 @@ class RemoteTier(TierCounters):
             for i, v in zip(idx, got, strict=True):
                 if isinstance(v, ServerError):  # NOAUTH, NOPERM, MOVED ...: a miss, warned once
                     self.router.redirected(v)
-                    self._warn_once("lookup", "lmcache_triton remote tier: lookup refused by %s: %s", self.masked, v)
+                    self.warn_once("lookup", "lmcache_triton remote tier: lookup refused by %s: %s", self.masked, v)
                 out[i] = v == 1
         with self._lock:
             self._stats["lookups"] += 1
@@ -250,197 +249,29 @@ class RemoteTier(TierCounters):
 
     # ------------------------------------------------------------------ reads
 
-    def _read_failed(self, key: str, e: BaseException, node: Node) -> None:
-        """Count (and log once) a read that failed for a reason of the server or network."""
-        self._count("misses")
-        if isinstance(e, (ServerError, self._redis.ResponseError)):
-            self.router.redirected(e)
-            self._warn_once("get", "lmcache_triton remote tier: GET refused by %s: %s", self.masked, e)
-        elif isinstance(e, ReplyTooLarge):  # not ours to use (another configuration, or hostile): kept
-            self._count("oversized")
-            self._warn_once(
-                "oversized", "lmcache_triton remote tier: chunk %s not read from %s: %s (warned once)",
-                key[:24], self.masked, e,
-            )  # fmt: skip
-        elif self.router.is_outage(e):
-            self.router.went_down(e, node=node)
-        else:
-            raise e
-
-    def _bad_chunk(self, key: str, e: ChunkError | ChunkUnverifiable) -> None:
-        """A value that is not a usable chunk: unverifiable (kept) or damaged (deleted)."""
-        self._count("misses")
-        if isinstance(e, ChunkUnverifiable):
-            self._count("unauthenticated")
-            self._warn_once("unauth", "lmcache_triton remote tier: chunk %s not used: %s (warned once)", key[:24], e)
-            return
-        self._count("corrupt")
-        self._warn_once("corrupt", "lmcache_triton remote tier: chunk %s rejected: %s (warned once)", key[:24], e)
-        with contextlib.suppress(Exception):  # in our key space and damaged: remove it
-            rkey = self.keys.server_key(key)
-            node = self.router.owners([rkey])[0]
-            if node is not None:
-                self.router.call(lambda: node.bulk.delete(rkey), None, node)
-        self._changed("-", key)
-
-    def _mismatch(self, key: str, e: ChunkError) -> None:
-        # Sound and ours, for another configuration (e.g. format_version): a miss, kept.
-        self._count("mismatch")
-        self._count("misses")
-        self._warn_once("mismatch", "lmcache_triton remote tier: chunk %s not used: %s (warned once)", key[:24], e)
-
-    @contextlib.contextmanager
-    def open_read(self, key: str, expect: Mapping[str, str] | None = None) -> Iterator[ChunkReader | None]:
-        """GET a chunk with its header read and checked (`expect`ed fields included): a
-        `ChunkReader` whose `read_into(out)` receives the payload into `out` and verifies it
-        there, or None (a miss, counted). The connection stays with the reader until the block
-        ends; one not read to its end is dropped."""
-        rkey = self.keys.server_key(key)
-        node = self.router.owners([rkey])[0]
-        if node is None or not self.router.may_try(node):
-            self._count("misses")
-            yield None
-            return
-        pool = node.bulk.connection_pool
-        conn = None
-        reader: _StreamReader | None = None
-        try:
-            hdr = None
-            try:
-                conn = pool.get_connection()
-                conn.send_packed_command(conn.pack_command("GET", rkey), check_health=False)
-                rd = ReplyReader(_socket(conn), time.monotonic() + self.data_timeout, self.max_value_bytes)
-                with rd:
-                    hdr = self._read_header(rd, key)
-                self.router.went_up(node)
-                if hdr is not None:
-                    check_expect(hdr.meta, dict(expect or {}))
-                    self._check_codec(key, hdr)
-                    reader = _StreamReader(self, key, node, rd, hdr)
-            except (ChunkError, ChunkUnverifiable) as e:
-                if hdr is not None and isinstance(e, ChunkError):  # `expect`: another configuration
-                    self._mismatch(key, e)
-                else:
-                    self._bad_chunk(key, e)
-            except Exception as e:
-                self._read_failed(key, e, node)
-            yield reader
-        finally:
-            if conn is not None:
-                if reader is None or not reader.clean:
-                    conn.disconnect()  # a half-read reply must never be reused
-                pool.release(conn)
-
-    def _read_header(self, rd: ReplyReader, key: str) -> ChunkHeader | None:
-        """The checked header of the GET reply being read (None: no such key)."""
-        n = rd.bulk_length()
-        if n is None:
-            self._count("misses")
-            return None
-        head = bytearray(min(n, 8))
-        rd.read_exact(memoryview(head))
-        hlen = header_length(bytes(head), n)
-        raw = bytearray(hlen)
-        rd.read_exact(memoryview(raw))
-        return parse_header(bytes(raw), key, n, self.auth)
-
-    def _get_raw(self, key: str) -> memoryview | None:
-        rkey = self.keys.server_key(key)
-        node = self.router.owners([rkey])[0]
-        if node is None or not self.router.may_try(node):
-            self._count("misses")
-            return None
-        pool = node.bulk.connection_pool
-        conn = None
-        try:
-            conn = pool.get_connection()
-            conn.send_packed_command(conn.pack_command("GET", rkey), check_health=False)
-            data = read_value(_socket(conn), time.monotonic() + self.data_timeout, self.max_value_bytes)
-        except Exception as e:
-            if conn is not None:
-                conn.disconnect()  # a half-read reply must never be reused
-            self._read_failed(key, e, node)
-            return None
-        finally:
-            if conn is not None:
-                pool.release(conn)
-        self.router.went_up(node)
-        if data is None:
-            self._count("misses")
-            return None
-        self._count("bytes_read", len(data))
-        return data
-
-    def _verify(
-        self, key: str, data: memoryview, expect: Mapping[str, str] | None
-    ) -> tuple[ChunkHeader, memoryview] | None:
-        """The checked header and payload view of a value, or None (a miss, counted)."""
-        try:
-            hlen = header_length(bytes(data[:8]), len(data))
-            hdr = parse_header(bytes(data[8 : 8 + hlen]), key, len(data), self.auth)
-            payload = data[8 + hlen :]
-            h = self.auth.start(hdr.meta)
-            h.update(payload)
-            if self.auth.seal(h) != hdr.meta["checksum"]:
-                raise ChunkError("checksum mismatch" if not self.auth.signed else "MAC mismatch")
-        except (ChunkError, ChunkUnverifiable) as e:
-            self._bad_chunk(key, e)
-            return None
-        try:
-            check_expect(hdr.meta, dict(expect or {}))
-            self._check_codec(key, hdr)
-        except ChunkError as e:
-            self._mismatch(key, e)
-            return None
-        return hdr, payload
-
-    def _check_codec(self, key: str, hdr: ChunkHeader) -> None:
-        """A lossy chunk this tier would not write for `key` is not served (`CodecPolicy.readable`)."""
-        if not self.codecs.readable(key, hdr.codec):
-            raise ChunkError(f"{hdr.codec} chunk, and this model is exact here")
+    def open_read(
+        self, key: str, expect: Mapping[str, str] | None = None
+    ) -> contextlib.AbstractContextManager[ChunkReader | None]:
+        """See `RemoteReads.open_read`."""
+        return self._reads.open_read(key, expect)
 
     def fetch(
         self, key: str, expect: Mapping[str, str] | None = None
     ) -> tuple[torch.dtype, tuple[int, ...], dict[str, str], memoryview] | None:
-        """GET and verify a whole chunk in memory: `(dtype, shape, meta, payload)` or None (a miss)."""
-        data = self._get_raw(key)
-        if data is None:
-            return None
-        got = self._verify(key, data, expect)
-        if got is None:
-            return None
-        hdr, payload = got
-        self._count("hits")
-        return hdr.dtype, tuple(hdr.shape), dict(hdr.meta), payload
+        """See `RemoteReads.fetch`."""
+        return self._reads.fetch(key, expect)
 
     def get_into(
         self, key: str, out: torch.Tensor | None = None, expect: Mapping[str, str] | None = None
     ) -> tuple[torch.Tensor, dict[str, str]] | None:
-        """The verified chunk copied into `out` (or a new tensor) with its header metadata;
-        None on a miss or when `out` has another dtype/shape (the value is kept)."""
-        data = self._get_raw(key)
-        got = None if data is None else self._verify(key, data, expect)
-        if got is None:
-            return None
-        hdr, payload = got
-        self._count("hits")
-        shape = tuple(hdr.shape)
-        if out is None:
-            out = torch.empty(shape, dtype=hdr.dtype)
-        elif out.dtype != hdr.dtype or tuple(out.shape) != shape or not out.is_contiguous():
-            return None
-        if hdr.parts:  # encoded: decode the verified bytes
-            buf = torch.empty(hdr.nbytes, dtype=torch.uint8)
-            _bytes_of(buf)[:] = payload
-            decode_payload(hdr, buf, out)
-        else:
-            copy_payload(payload, out)
-        return out, dict(hdr.meta)
+        """See `RemoteReads.get_into`."""
+        return self._reads.get_into(key, out, expect)
 
     def get_with_meta(
         self, key: str, expect: Mapping[str, str] | None = None
     ) -> tuple[torch.Tensor, dict[str, str]] | None:
-        return self.get_into(key, None, expect)
+        """`get_into` a new tensor."""
+        return self._reads.get_into(key, None, expect)
 
     # ------------------------------------------------------------------ writes
 
@@ -501,7 +332,7 @@ class RemoteTier(TierCounters):
         resp = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(rkey), rkey, size)
         node = self.router.owners([rkey.decode()])[0]
         if node is None:  # a cluster without a slot map or an owner for this slot
-            self._count("write_errors")
+            self.count("write_errors")
             return False
 
         def run() -> bytes | int | None:
@@ -510,7 +341,7 @@ class RemoteTier(TierCounters):
             try:
                 # Header and the tensor's own memory go out as they are: no joined copy.
                 conn.send_packed_command([resp + header, payload, b"\r\n"], check_health=False)
-                return read_reply(_socket(conn), time.monotonic() + self.data_timeout)
+                return read_reply(connection_socket(conn), time.monotonic() + self.data_timeout)
             except BaseException:
                 conn.disconnect()  # a half-written command must never be reused
                 raise
@@ -521,10 +352,10 @@ class RemoteTier(TierCounters):
             reply = self.router.call(run, None, node)
         except (self._redis.ResponseError, ServerError) as e:  # OOM under maxmemory, READONLY, NOPERM, MOVED
             self.router.redirected(e)
-            self._count("refused")
-            self._count("write_errors")
+            self.count("refused")
+            self.count("write_errors")
             kind = str(e).split(" ", 1)[0] or "refused"
-            self._warn_once(
+            self.warn_once(
                 f"refused-{kind}",
                 "lmcache_triton remote tier: %s refused a write (%s); such writes are skipped and "
                 "counted, serving continues (warned once)",
@@ -532,7 +363,7 @@ class RemoteTier(TierCounters):
             )  # fmt: skip
             return False
         if reply is None:
-            self._count("write_errors")
+            self.count("write_errors")
             return False
         with self._lock:
             self._stats["writes"] += 1
@@ -546,20 +377,16 @@ class RemoteTier(TierCounters):
     ) -> bool:
         """The writer thread's step: skipped (a counted store error) while the server backs off."""
         if not self.router.may_try(self.router.known_owner(self.keys.server_key(key))):
-            self._count("write_errors")
+            self.count("write_errors")
             return False
         ok = self.write(key, tensor, meta, encoding)
         if ok:
-            self._changed("+", key)
+            self.changed("+", key)
         return ok
 
     def _write_raised(self, key: str, e: Exception) -> None:
-        self._count("write_errors")
-        self._warn_once("write-bug", "lmcache_triton remote tier: write of %s failed: %r", key[:24], e)
-
-    def _changed(self, op: str, key: str) -> None:
-        with self._lock:
-            self._record(op, [key])
+        self.count("write_errors")
+        self.warn_once("write-bug", "lmcache_triton remote tier: write of %s failed: %r", key[:24], e)
 
     # ------------------------------------------------------------------ maintenance
 
@@ -607,80 +434,3 @@ class RemoteTier(TierCounters):
         out["up"] = int(self.up)
         out["pending"] = 0 if self._writer is None else self._writer.qsize()
         return out
-
-
-class _StreamReader:
-    """A GET reply whose chunk header was checked; `read_into` receives the payload into the
-    caller's buffer, then verifies it there (`ChunkReader`)."""
-
-    def __init__(self, tier: RemoteTier, key: str, node: Node, rd: ReplyReader, hdr: ChunkHeader) -> None:
-        self.dtype = hdr.dtype
-        self.shape = tuple(hdr.shape)
-        self.meta = {k: v for k, v in hdr.meta.items() if k not in RESERVED_META}
-        self.clean = False  # True once the reply was read to its end: the connection is reusable
-        self._tier, self._key, self._node, self._rd, self._hdr = tier, key, node, rd, hdr
-        self._used = False
-        self.encoding: Encoding | None = (
-            Encoding(hdr.codec, str(hdr.dtype).removeprefix("torch."), tuple(hdr.shape)) if hdr.parts else None
-        )
-
-    def read_encoded_into(self, buf: torch.Tensor) -> bool:
-        """`EncodedReader`: the verified parts into `buf`, not decoded."""
-        want = (self._hdr.nbytes,)
-        fits = buf.dtype == torch.uint8 and tuple(buf.shape) == want and buf.is_contiguous() and not buf.is_cuda
-        if self.encoding is None or not fits:
-            raise ValueError(f"remote tier: read_encoded_into needs a contiguous CPU [{want[0]}] uint8 tensor")
-        return self._read(buf, None)
-
-    def read_into(self, out: torch.Tensor) -> bool:
-        if out.dtype != self.dtype or tuple(out.shape) != self.shape or not out.is_contiguous() or out.is_cuda:
-            raise ValueError(
-                f"remote tier: read_into needs a contiguous CPU {self.dtype} tensor of shape {self.shape}, "
-                f"got {out.dtype} {tuple(out.shape)}"
-            )
-        hdr = self._hdr
-        # An encoded chunk lands in a scratch buffer, is verified there, then decoded into `out`.
-        if hdr.parts:
-            return self._read(torch.empty(hdr.nbytes, dtype=torch.uint8), out)
-        return self._read(out, None)
-
-    def _read(self, buf: torch.Tensor, decode_into: torch.Tensor | None) -> bool:
-        """The payload into `buf`, verified there, then (when `decode_into` is given) decoded."""
-        if self._used:
-            raise ValueError("remote tier: a chunk reader reads once")
-        self._used = True
-        tier = self._tier
-        hdr = self._hdr
-        view = _bytes_of(buf)
-        try:
-            with self._rd as rd:
-                rd.read_exact(view)
-                rd.end_bulk()
-                rd.done()
-        except Exception as e:
-            tier._read_failed(self._key, e, self._node)
-            return False
-        self.clean = True
-        h = tier.auth.start(self._hdr.meta)
-        h.update(view)
-        if tier.auth.seal(h) != self._hdr.meta["checksum"]:
-            tier._bad_chunk(self._key, ChunkError("checksum mismatch" if not tier.auth.signed else "MAC mismatch"))
-            return False
-        if decode_into is not None:
-            try:
-                decode_payload(hdr, buf, decode_into)
-            except ValueError as e:  # parts were checked with the header: not expected
-                tier._bad_chunk(self._key, ChunkError(f"cannot decode: {e}"))
-                return False
-        tier._count("hits")
-        tier._count("bytes_read", 8 + self._hdr.hlen + self._hdr.nbytes)
-        return True
-
-
-def copy_payload(payload: memoryview, out: torch.Tensor) -> None:
-    """Copy a verified payload into a contiguous tensor of the same byte size."""
-    n = math.prod(out.shape) * out.element_size()
-    if len(payload) != n:
-        raise ValueError(f"payload of {len(payload)} bytes for a tensor of {n}")
-    if n:
-        _bytes_of(out)[:] = payload
