@@ -26,7 +26,6 @@ import pytest
 import torch
 
 from lmcache_triton.engine import KVCacheEngine
-from lmcache_triton.engine.engine import _InFlight
 from lmcache_triton.kernels.geometry import allocate_paged_cache
 from lmcache_triton.storage.cpu import CpuTier
 from lmcache_triton.storage.hierarchy import StorageHierarchy
@@ -61,9 +60,7 @@ def _queued_store(eng: KVCacheEngine, digest: str, gathered: FakeEvent, done: Fa
     assert eng.storage.put_fill(key, torch.float32, shape, lambda dst: dst.zero_(), {}, write_back=False)
     held = eng.storage.hold(key)
     assert held is not None
-    with eng._lock:
-        eng._inflight.append(_InFlight("store", digest, key, done, held, eng._stores_issued, gathered))  # type: ignore[arg-type]
-        eng._stores_issued += 1
+    eng._copies.add_store(digest, key, done, held, gathered)  # type: ignore[arg-type]
 
 
 def test_store_fence_waits_for_the_gather_not_the_host_copy():
