@@ -11,6 +11,7 @@ the storage hierarchy's (`storage.hierarchy`). Imports no vLLM.
 The engine's helpers, one job each, sharing one lock (`HoldBook.lock`) through public methods:
 `engine.holds.HoldBook` (what is held, retiring, being prefetched; the background loads'
 waits), `engine.inflight.InFlightCopies` (copies still running on the side streams),
+`engine.device_copies.DeviceCopies` (a CUDA cache's stores and loads on those streams),
 `engine.prefetch.PrefetchPool` (the reader threads), `engine.stats.TransferStats` (counters),
 `engine.loader.AsyncLoader` (background loads).
 
@@ -75,12 +76,13 @@ from lmcache_triton.storage.hierarchy import StorageHierarchy
 
 from .chunk_copies import LoadCopier, StoreForm, scatter_chunk, warm_up
 from .copy_paths import ROWS_FORM, CopyPath, make_copy_path
+from .device_copies import DeviceCopies
 from .holds import HoldBook, Progress, Waiter
 from .inflight import InFlightCopies
 from .loader import PENDING_WAIT_S, AsyncLoader, ChunkLoad, LoadJob, LoadResult, Pending
 from .prefetch import PrefetchPool
 from .stats import TransferStats
-from .streams import StagingRing, StreamBackend, StreamLike, TransferStreams
+from .streams import StreamBackend
 
 logger = logging.getLogger(__name__)
 
@@ -233,15 +235,13 @@ class KVCacheEngine:
             lambda: bool(self.hold_encoded), self.prefetch_threads,
         )  # fmt: skip
         self._backend = streams
-        self._streams: TransferStreams | None = None  # the side streams (CUDA caches, `register`)
-        self._staging = StagingRing(None, 0, 0)  # device buffers of the stores (`register`)
-        self._load_staging = StagingRing(None, 0, 0)  # ... of the loads (one stream: no events)
+        # The side streams, staging rings and load stream (CUDA caches, `register`).
+        self._device: DeviceCopies | None = None
         self._closed = False
         # Asynchronous loads (`load_async`): their own copy path (the id buffers of a path are
         # rewritten per call, and the loader thread copies while stores run in the step) and,
-        # on CUDA, their own stream.
+        # on CUDA, their own stream (`DeviceCopies.load_stream`).
         self._load_path: CopyPath | None = None
-        self._load_stream: StreamLike | None = None
         self._loader: AsyncLoader | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -293,21 +293,19 @@ class KVCacheEngine:
         if self.grow_ahead or (self.grow_ahead is None and cache.is_cuda):
             self.storage.grow_ahead()  # here, at start-up: never in a step
         if cache.is_cuda or self._backend is not None:
-            self._streams = TransferStreams(cache.device, self._backend)
-            # Asynchronous loads queue from the loader thread: a stream of their own.
-            self._load_stream = self._streams.backend.new_stream(cache.device, "async_load")
             blocks = -(-(staging_tokens or block_size) // block_size)
             nbytes = math.prod(self.chunk_shape(blocks)) * cache.element_size() if staging_tokens else 0
-            self._staging = StagingRing(cache.device, nbytes, self.staging_slots)
-            self._load_staging = StagingRing(cache.device, nbytes, 2)
-            self._warm_up(staging_tokens or block_size)
+            self._device = DeviceCopies(
+                self.storage, self._book, self._copies, cache.device, self._backend, nbytes, self.staging_slots
+            )
+            self._warm_up(self._device, staging_tokens or block_size)
 
-    def _warm_up(self, max_tokens: int) -> None:
+    def _warm_up(self, device: DeviceCopies, max_tokens: int) -> None:
         """JIT-compile every kernel variant serving launches, here at start-up (`warm_up`)."""
         codecs = self.storage.lossy_codecs() if self.hold_encoded else []
         if self._cpu_codec.lossy and self._cpu_codec.name not in codecs:
             codecs.append(self._cpu_codec.name)
-        warm_up(self._path(), self._side(), self._staging, max_tokens, codecs,
+        warm_up(self._path(), device.streams, device.staging, max_tokens, codecs,
                 store_codec=self._cpu_codec.name if self._cpu_codec.lossy else None,
                 scatter_encoded=bool(self.hold_encoded))  # fmt: skip
 
@@ -320,11 +318,6 @@ class KVCacheEngine:
         if self.path is None:
             raise RuntimeError("KVCacheEngine: register() the paged cache first")
         return self.path
-
-    def _side(self) -> TransferStreams:
-        """The side streams (CUDA caches only)."""
-        assert self._streams is not None, "a CUDA cache has its side streams from register()"
-        return self._streams
 
     def key(self, digest: str) -> str:
         return chunk_key(self.namespace, digest)
@@ -391,8 +384,8 @@ class KVCacheEngine:
         """Wait for every copy on the transfer stream and, up to `prefetch_timeout` seconds
         (None: no limit), for queued prefetches; what completes is reported by the next `poll`.
         True when nothing is left in flight."""
-        if self._streams is not None:
-            self._streams.synchronize()
+        if self._device is not None:
+            self._device.streams.synchronize()
         deadline = None if prefetch_timeout is None else time.monotonic() + prefetch_timeout
         while True:
             with self._lock:
@@ -425,8 +418,8 @@ class KVCacheEngine:
         enc = self._store_encoding(rows)
         # What the CPU tier holds: token rows, or a lossy `cpu_codec`'s parts in one buffer.
         form = StoreForm(path, rows, enc)
-        if self._streams is not None:
-            ok = self._store_cuda(digest, key, block_ids, form, num_tokens)
+        if self._device is not None:
+            ok = self._device.store(path, digest, key, block_ids, form, num_tokens, self._meta(num_tokens))
         else:
             ids = path.ids(block_ids, num_tokens)
             # Gather straight into the CPU tier's pooled buffer: one copy, no allocation.
@@ -457,39 +450,6 @@ class KVCacheEngine:
         enc = Encoding(codec.name, dtype, rows)
         return enc if enc.aligned else None  # parts a gather could not write in place: rows
 
-    def _store_cuda(
-        self, digest: str, key: str, block_ids: Sequence[int], form: StoreForm, num_tokens: int
-    ) -> bool:
-        path, streams = self._path(), self._side()
-        compute = streams.compute()
-        streams.gather.wait_stream(compute)  # the pages are written by kernels queued so far
-        with streams.use(streams.gather):
-            ids = path.ids(block_ids, num_tokens)
-            # Encoded: the fused gather + quantize writes the parts into staging, so the
-            # device-to-host copy and the pinned buffer carry the encoded bytes only.
-            staged = self._staging.take(form.shape, form.dtype)
-            if staged.busy is not None:  # every buffer still copying out: wait on the device
-                streams.gather.wait_event(staged.busy)
-            form.gather(ids, staged.tensor)
-            gathered = streams.record(streams.gather)
-        with streams.use(streams.copy_out):
-            streams.copy_out.wait_event(gathered)  # and for nothing else
-            with self._lock:
-                # The device->host copy lands in the tier's pinned buffer, held until it is
-                # done (never evicted or reused under the DMA); the disk write waits for it.
-                # Held from the put itself (no eviction can slip in between).
-                _, held = self.storage.put_fill_held(
-                    key, form.dtype, form.shape, lambda dst: streams.copy(dst, staged.tensor),
-                    self._meta(num_tokens), write_back=False, encoding=form.encoding,
-                )
-            done = streams.record(streams.copy_out)
-        self._staging.release(staged.slot, done)
-        # vLLM may hand the blocks to another request: its kernels run after our gather only.
-        compute.wait_event(gathered)
-        # A refused store's gather still reads the blocks: tracked (kind "gather") until done.
-        self._copies.add_store(digest, key, done, held, gathered)
-        return held is not None
-
     # ------------------------------------------------------------------ load
 
     def load(self, digest: str, block_ids: Sequence[int], skip_blocks: int = 0) -> bool:
@@ -514,22 +474,8 @@ class KVCacheEngine:
         skip_tokens = skip_blocks * self.block_size
         if skip_tokens >= num_tokens:
             self.storage.release(key, tensor)
-        elif self._streams is not None:
-            streams = self._side()
-            compute = streams.compute()
-            # Blocks freshly handed to this request may still be read by kernels queued so far:
-            # the scatter waits for them; the host->device copy into staging waits for nothing.
-            handed = streams.record(compute)
-            with streams.use(streams.load):
-                # Whole chunk from pinned memory, async; an encoded one as it is (fewer bytes).
-                dev = self._load_staging.take(tuple(tensor.shape), tensor.dtype).tensor
-                streams.copy(dev, tensor)
-                streams.load.wait_event(handed)
-                ids = path.ids(block_ids, num_tokens, skip_tokens)
-                scatter_chunk(path, dev, enc, ids, skip_blocks)
-                done = streams.record(streams.load)
-            compute.wait_event(done)  # this step's forward reads the loaded pages
-            self._copies.add_load(digest, key, done, tensor)
+        elif self._device is not None:
+            self._device.load(path, digest, key, tensor, enc, block_ids, num_tokens, skip_blocks, skip_tokens)
         else:
             try:
                 ids = path.ids(block_ids, num_tokens, skip_tokens)
@@ -620,16 +566,15 @@ class KVCacheEngine:
             tensor, num_tokens, _ = taken
             release = functools.partial(self.storage.release, self.key(digest), tensor)
             loads.append(ChunkLoad(digest, list(block_ids), skip, num_tokens, tensor, release))
-        after = None
-        if self._streams is not None:
-            # Kernels queued so far (the blocks' previous owners, vLLM's zeroing) may touch the
-            # blocks: the scatters wait for them; nothing queued later concerns them.
-            after = self._streams.record(self._streams.compute())
+        device = self._device
+        # Kernels queued so far (the blocks' previous owners, vLLM's zeroing) may touch the
+        # blocks: the scatters wait for them; nothing queued later concerns them.
+        after = None if device is None else device.mark()
         if self._loader is None:
             assert self._load_path is not None, "register() the paged cache first"
+            streams, stream = (None, None) if device is None else (device.streams, device.load_stream)
             self._loader = AsyncLoader(
-                LoadCopier(self._load_path, self.block_size, self._encoding_of, self._streams, self._load_stream),
-                self._loaded_async,
+                LoadCopier(self._load_path, self.block_size, self._encoding_of, streams, stream), self._loaded_async
             )
             self._book.on_settled(self._loader.wake)  # a waited-for chunk landed or will not come
         deadline = time.monotonic() + PENDING_WAIT_S  # for the chunks still being read
