@@ -3,7 +3,8 @@
 * `engine.engine.KVCacheEngine` (worker role): store / load / prefetch / holds / retirements,
   over `engine.holds.HoldBook` (holds, retirements, the lock), `engine.inflight.InFlightCopies`
   (copies on the side streams), `engine.device_copies.DeviceCopies` (a CUDA cache's store and
-  load on those streams), `engine.prefetch.PrefetchPool` (reader threads) and
+  load on those streams), `engine.load_holds.LoadHolds` (what a background load holds),
+  `engine.prefetch.PrefetchPool` (reader threads) and
   `engine.stats.TransferStats` (counters).
 * `engine.copy_paths`: how chunk bytes move between the paged cache and a chunk tensor.
 * `engine.chunk_copies`: the engine's copies around a path (store forms, encoded scatters, the

@@ -13,7 +13,7 @@ The engine's helpers, one job each, sharing one lock (`HoldBook.lock`) through p
 waits), `engine.inflight.InFlightCopies` (copies still running on the side streams),
 `engine.device_copies.DeviceCopies` (a CUDA cache's stores and loads on those streams),
 `engine.prefetch.PrefetchPool` (the reader threads), `engine.stats.TransferStats` (counters),
-`engine.loader.AsyncLoader` (background loads).
+`engine.loader.AsyncLoader` (background loads) and `engine.load_holds.LoadHolds` (what they hold).
 
 Invariants:
 * A chunk is keyed by (namespace, prefix-chained token hash). The namespace names the model and
@@ -60,11 +60,10 @@ Encoded chunks in the CPU tier (issue 20, the fused codec kernels):
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -77,9 +76,10 @@ from lmcache_triton.storage.hierarchy import StorageHierarchy
 from .chunk_copies import LoadCopier, StoreForm, scatter_chunk, warm_up
 from .copy_paths import ROWS_FORM, CopyPath, make_copy_path
 from .device_copies import DeviceCopies
-from .holds import HoldBook, Progress, Waiter
+from .holds import HoldBook, Progress
 from .inflight import InFlightCopies
-from .loader import PENDING_WAIT_S, AsyncLoader, ChunkLoad, LoadJob, LoadResult, Pending
+from .load_holds import LoadHolds
+from .loader import PENDING_WAIT_S, AsyncLoader, ChunkLoad, LoadJob, LoadResult
 from .prefetch import PrefetchPool
 from .stats import TransferStats
 from .streams import StreamBackend
@@ -117,24 +117,6 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch._C.set_num_threads(before)
-
-
-class _PendingRead(Pending):
-    """A chunk of a background load that a prefetch is still reading (`KVCacheEngine.load_async`):
-    the loader's `Pending` over the hold book's `Waiter` (the prefetch that publishes the chunk
-    takes this load's hold on it in the same lock step), checked against the cache on landing."""
-
-    def __init__(self, engine: KVCacheEngine, waiter: Waiter) -> None:
-        self.engine, self.waiter = engine, waiter
-
-    def wait(self, chunk: ChunkLoad, give_up: Callable[[], bool]) -> bool:
-        return self.engine._wait_pending(self.waiter, chunk, give_up)
-
-    def settled(self) -> bool:
-        return self.engine._book.settled(self.waiter)
-
-    def abandon(self) -> None:
-        self.engine._book.abandon(self.waiter)
 
 
 class KVCacheEngine:
@@ -243,6 +225,7 @@ class KVCacheEngine:
         # on CUDA, their own stream (`DeviceCopies.load_stream`).
         self._load_path: CopyPath | None = None
         self._loader: AsyncLoader | None = None
+        self._load_holds = LoadHolds(self._book, storage, self._check_for_load)  # what they hold
 
     # ------------------------------------------------------------------ set-up
 
@@ -529,19 +512,6 @@ class KVCacheEngine:
             return None
         return tensor, num_tokens, enc
 
-    def _wait_pending(self, w: Waiter, chunk: ChunkLoad, give_up: Callable[[], bool]) -> bool:
-        """`_PendingRead.wait`: the chunk's hold once it landed (`HoldBook.wait_landed`),
-        checked against this cache and handed to `chunk`; False: nothing of it is held."""
-        tensor = self._book.wait_landed(w, give_up)
-        if tensor is None:
-            return False
-        checked = self._check_for_load(w.digest, tensor, len(chunk.block_ids))
-        if checked is None:
-            return False
-        chunk.tensor, chunk.num_tokens, _ = checked
-        chunk.release = functools.partial(self.storage.release, w.key, tensor)
-        return True
-
     # ------------------------------------------------------------------ asynchronous loads
 
     def load_async(self, req_id: str, chunks: Sequence[tuple[str, Sequence[int], int]]) -> None:
@@ -550,22 +520,11 @@ class KVCacheEngine:
         the load now, in the step that planned it (a retirement acknowledged later cannot free
         it under the copy). A chunk a prefetch is still reading (a prefix only on a slow tier:
         queue its `prefetch` first) is waited for by the loader, at most `PENDING_WAIT_S` from
-        now, and held for the load in the lock step that publishes it (`HoldBook`); one that fails
+        now, and held for the load in the lock step that publishes it (`engine.load_holds`); one that fails
         to read ends the load there. The chunks from the first one that is neither held nor
         being read on are not loaded. The job is reported once by `finished_loads` (also when
         nothing could be held)."""
-        loads: list[ChunkLoad] = []
-        for digest, block_ids, skip in chunks:
-            held = self._book.hold_or_wait(digest)
-            if isinstance(held, Waiter):
-                loads.append(ChunkLoad(digest, list(block_ids), skip, 0, None, None, _PendingRead(self, held)))
-                continue
-            taken = self._check_for_load(digest, held, len(block_ids))
-            if taken is None:
-                break
-            tensor, num_tokens, _ = taken
-            release = functools.partial(self.storage.release, self.key(digest), tensor)
-            loads.append(ChunkLoad(digest, list(block_ids), skip, num_tokens, tensor, release))
+        loads = self._load_holds.take(chunks)
         device = self._device
         # Kernels queued so far (the blocks' previous owners, vLLM's zeroing) may touch the
         # blocks: the scatters wait for them; nothing queued later concerns them.
