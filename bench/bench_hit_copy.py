@@ -88,9 +88,7 @@ def main() -> None:
     def store(eng: KVCacheEngine) -> None:
         for digest, blocks in plan:
             key = eng.key(digest)
-            held = eng._held.pop(key, None)  # noqa: SLF001 (bench: the same chunks stored again each rep)
-            if held is not None:
-                eng.storage.release(key, held)
+            eng._book.drop(key)  # noqa: SLF001 (bench: the same chunks stored again each rep)
             eng.storage.remove(key)
             assert eng.store(digest, blocks, args.chunk_size)
 

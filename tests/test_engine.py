@@ -346,7 +346,7 @@ def test_packed_pages_store_token_rows_and_load_into_any_layout(tmp_path):
     dst, dst_views = _cache("BLNHC", layers=2, heads=2, page=4, row=8, blocks=10)
     other = KVCacheEngine(eng.storage, "0c" * 16, {"model": "m"})
     other.register(dst_views, block_size=4)
-    other._hold("ba" * 16)
+    other._book.hold("ba" * 16)
     assert other.load("ba" * 16, [9, 0, 3, 5, 7])
     assert torch.equal(_rows(dst, 4, [9, 0, 3, 5, 7], 20), _packed_rows(src, pmap, 8, [4, 1, 2], 20))
 
@@ -354,7 +354,7 @@ def test_packed_pages_store_token_rows_and_load_into_any_layout(tmp_path):
     before = back.clone()
     again = KVCacheEngine(eng.storage, "0c" * 16, {"model": "m"})
     again.register(back_views, block_size=8, page_map=pmap)
-    again._hold("ba" * 16)
+    again._book.hold("ba" * 16)
     assert again.load("ba" * 16, [0, 5, 3], skip_blocks=1)
     got = _packed_rows(back, pmap, 8, [0, 5, 3], 20)
     assert torch.equal(got[:, :, 8:], _packed_rows(src, pmap, 8, [4, 1, 2], 20)[:, :, 8:])

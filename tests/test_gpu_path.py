@@ -26,7 +26,6 @@ import pytest
 import torch
 
 from lmcache_triton.engine import KVCacheEngine
-from lmcache_triton.engine.engine import _InFlight
 from lmcache_triton.kernels.geometry import allocate_paged_cache
 from lmcache_triton.storage.cpu import CpuTier
 from lmcache_triton.storage.cpu_arena import CpuArena
@@ -55,16 +54,14 @@ def _engine(cpu_bytes: int = 1 << 24, tier: CpuTier | None = None, **kwargs) -> 
 
 
 def _queued_store(eng: KVCacheEngine, digest: str, gathered: FakeEvent, done: FakeEvent) -> None:
-    """What `_store_cuda` leaves behind: the chunk put (no write-back yet) and held for the
+    """What `DeviceCopies.store` leaves behind: the chunk put (no write-back yet) and held for the
     device-to-host copy, an in-flight store whose events the test completes."""
     key = eng.key(digest)
     shape = eng.chunk_shape(1)
     assert eng.storage.put_fill(key, torch.float32, shape, lambda dst: dst.zero_(), {}, write_back=False)
     held = eng.storage.hold(key)
     assert held is not None
-    with eng._lock:
-        eng._inflight.append(_InFlight("store", digest, key, done, held, eng._stores_issued, gathered))  # type: ignore[arg-type]
-        eng._stores_issued += 1
+    eng._copies.add_store(digest, key, done, held, gathered)  # type: ignore[arg-type]
 
 
 def test_store_fence_waits_for_the_gather_not_the_host_copy():
@@ -478,7 +475,9 @@ def test_store_and_load_streams_wait_only_for_what_they_need():
     * staging comes from rings allocated at register; round trips are bit-exact."""
     rec = Recorder()
     eng = _stream_engine(rec, staging_slots=8)
-    allocated = (eng._staging.allocations, eng._load_staging.allocations)
+    device = eng._device
+    assert device is not None, "a stream runtime given: the side-stream copies"
+    allocated = (device.staging.allocations, device.load_staging.allocations)
     assert allocated == (8, 2), "staging allocated at register"
     path = eng._path()
     rec.hook(path)
@@ -515,7 +514,7 @@ def test_store_and_load_streams_wait_only_for_what_they_need():
     assert log.index(("scatter", "load")) < log.index(("record", "load", compute_waits[0]))
     eng.poll()
     assert torch.equal(c5[:, 1:3], expect)
-    assert (eng._staging.allocations, eng._load_staging.allocations) == allocated, "staging allocated per copy"
+    assert (device.staging.allocations, device.load_staging.allocations) == allocated, "staging allocated per copy"
     eng.close()
 
 

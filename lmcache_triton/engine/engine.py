@@ -8,6 +8,13 @@ the CPU tier in the background; `open_held` lends a held chunk to a reader (Cach
 bytes move is the copy path chosen at `register` (`engine.copy_paths`); where they are kept is
 the storage hierarchy's (`storage.hierarchy`). Imports no vLLM.
 
+The engine's helpers, one job each, sharing one lock (`HoldBook.lock`) through public methods:
+`engine.holds.HoldBook` (what is held, retiring, being prefetched; the background loads'
+waits), `engine.inflight.InFlightCopies` (copies still running on the side streams),
+`engine.device_copies.DeviceCopies` (a CUDA cache's stores and loads on those streams),
+`engine.prefetch.PrefetchPool` (the reader threads), `engine.stats.TransferStats` (counters),
+`engine.loader.AsyncLoader` (background loads) and `engine.load_holds.LoadHolds` (what they hold).
+
 Invariants:
 * A chunk is keyed by (namespace, prefix-chained token hash). The namespace names the model and
   what produced its weights, world size, rank, KV dtype, chunk size and the shape of a token
@@ -53,16 +60,11 @@ Encoded chunks in the CPU tier (issue 20, the fused codec kernels):
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 
@@ -73,8 +75,14 @@ from lmcache_triton.storage.hierarchy import StorageHierarchy
 
 from .chunk_copies import LoadCopier, StoreForm, scatter_chunk, warm_up
 from .copy_paths import ROWS_FORM, CopyPath, make_copy_path
-from .loader import PENDING_WAIT_S, AsyncLoader, ChunkLoad, LoadJob, LoadResult, Pending, one_torch_thread
-from .streams import EventLike, StagingRing, StreamBackend, StreamLike, TransferStreams  # noqa: F401 (StagingRing: re-exported)
+from .device_copies import DeviceCopies
+from .holds import HoldBook, Progress
+from .inflight import InFlightCopies
+from .load_holds import LoadHolds
+from .loader import PENDING_WAIT_S, AsyncLoader, ChunkLoad, LoadJob, LoadResult
+from .prefetch import PrefetchPool
+from .stats import TransferStats
+from .streams import StreamBackend
 
 logger = logging.getLogger(__name__)
 
@@ -109,71 +117,6 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch._C.set_num_threads(before)
-
-
-@dataclass
-class TransferStats:
-    """Counters of one worker, reset by `take()` at each vLLM stats interval."""
-
-    stored_chunks: int = 0
-    stored_bytes: int = 0
-    store_seconds: float = 0.0
-    loaded_chunks: int = 0
-    loaded_tokens: int = 0
-    loaded_bytes: int = 0
-    load_seconds: float = 0.0
-    load_errors: int = 0
-    store_errors: int = 0
-    prefetched_chunks: int = 0
-    prefetch_errors: int = 0
-    loaded_from: dict[str, int] = field(default_factory=dict)
-
-    def take(self) -> dict[str, Any]:
-        out = asdict(self)
-        for tier, n in out.pop("loaded_from").items():
-            out[f"loaded_chunks_{tier}"] = n
-        self.__dict__.update(TransferStats().__dict__)
-        return out
-
-
-@dataclass
-class Progress:
-    """What finished in the background since the last `KVCacheEngine.poll()` (digests)."""
-
-    held: list[str] = field(default_factory=list)  # now held in memory: the scheduler may count them
-    failed: list[str] = field(default_factory=list)  # prefetches that found nothing usable
-
-
-@dataclass
-class _InFlight:
-    kind: str  # "store" | "load" | "gather" (a store the CPU tier refused: only its gather)
-    digest: str
-    key: str
-    done: EventLike
-    tensor: torch.Tensor | None = None  # the CPU-tier buffer held for the copy
-    seq: int = 0  # a store's number (`store_fence`)
-    gathered: EventLike | None = None  # a store: its gather read the blocks
-
-
-class _PendingRead(Pending):
-    """A chunk of a background load that a prefetch is still reading (`KVCacheEngine.load_async`).
-    The engine's `_lock` guards every field: the prefetch that publishes the chunk takes this
-    load's hold on it in the same lock step (`_feed`)."""
-
-    def __init__(self, engine: KVCacheEngine, digest: str, key: str) -> None:
-        self.engine, self.digest, self.key = engine, digest, key
-        self.tensor: torch.Tensor | None = None  # the load's hold, taken as the chunk landed
-        self.failed = False  # the read ended without the chunk, or the wait was given up
-
-    def wait(self, chunk: ChunkLoad, give_up: Callable[[], bool]) -> bool:
-        return self.engine._wait_pending(self, chunk, give_up)
-
-    def settled(self) -> bool:
-        with self.engine._lock:
-            return self.tensor is not None or self.failed
-
-    def abandon(self) -> None:
-        self.engine._abandon_pending(self)
 
 
 class KVCacheEngine:
@@ -264,30 +207,25 @@ class KVCacheEngine:
         self.hold_encoded = hold_encoded  # resolved at `register`
         self._cpu_codec = get_codec(cpu_codec)
         self.cpu_copy_threads = cpu_copy_threads
-        self._lock = threading.RLock()  # puts + holds of the CPU tier, bookkeeping below
-        self._cond = threading.Condition(self._lock)  # a pending chunk of a background load landed
-        self._waiters: dict[str, list[_PendingRead]] = {}  # key -> background loads waiting for its read
-        self._held: dict[str, torch.Tensor] = {}  # key -> the held CPU-tier tensor
-        self._origin: dict[str, str] = {}  # key -> tier it came from ("cpu", "disk")
-        self._retiring: set[str] = set()
-        self._rejected_seen = 0  # the CPU tier's refused puts already answered by `retire`
-        self._progress = Progress()
-        self._inflight: list[_InFlight] = []
-        self._stores_issued = 0  # stores queued on the transfer stream so far (`store_fence`)
+        # Holds, retirements, prefetches under way and the one lock over them and the CPU
+        # tier's puts (`engine.holds`); copies still on the side streams (`engine.inflight`).
+        self._book = HoldBook(storage, namespace)
+        self._lock = self._book.lock
+        self._copies = InFlightCopies(storage, self._book)
+        self._prefetcher = PrefetchPool(
+            storage, self._book, self._copies, self.stats, self.meta,
+            lambda: bool(self.hold_encoded), self.prefetch_threads,
+        )  # fmt: skip
         self._backend = streams
-        self._streams: TransferStreams | None = None  # the side streams (CUDA caches, `register`)
-        self._staging = StagingRing(None, 0, 0)  # device buffers of the stores (`register`)
-        self._load_staging = StagingRing(None, 0, 0)  # ... of the loads (one stream: no events)
-        self._prefetch_q: queue.Queue[str | None] | None = None
-        self._prefetching: set[str] = set()
-        self._prefetch_threads: list[threading.Thread] = []
+        # The side streams, staging rings and load stream (CUDA caches, `register`).
+        self._device: DeviceCopies | None = None
         self._closed = False
         # Asynchronous loads (`load_async`): their own copy path (the id buffers of a path are
         # rewritten per call, and the loader thread copies while stores run in the step) and,
-        # on CUDA, their own stream.
+        # on CUDA, their own stream (`DeviceCopies.load_stream`).
         self._load_path: CopyPath | None = None
-        self._load_stream: StreamLike | None = None
         self._loader: AsyncLoader | None = None
+        self._load_holds = LoadHolds(self._book, storage, self._check_for_load)  # what they hold
 
     # ------------------------------------------------------------------ set-up
 
@@ -338,21 +276,19 @@ class KVCacheEngine:
         if self.grow_ahead or (self.grow_ahead is None and cache.is_cuda):
             self.storage.grow_ahead()  # here, at start-up: never in a step
         if cache.is_cuda or self._backend is not None:
-            self._streams = TransferStreams(cache.device, self._backend)
-            # Asynchronous loads queue from the loader thread: a stream of their own.
-            self._load_stream = self._streams.backend.new_stream(cache.device, "async_load")
             blocks = -(-(staging_tokens or block_size) // block_size)
             nbytes = math.prod(self.chunk_shape(blocks)) * cache.element_size() if staging_tokens else 0
-            self._staging = StagingRing(cache.device, nbytes, self.staging_slots)
-            self._load_staging = StagingRing(cache.device, nbytes, 2)
-            self._warm_up(staging_tokens or block_size)
+            self._device = DeviceCopies(
+                self.storage, self._book, self._copies, cache.device, self._backend, nbytes, self.staging_slots
+            )
+            self._warm_up(self._device, staging_tokens or block_size)
 
-    def _warm_up(self, max_tokens: int) -> None:
+    def _warm_up(self, device: DeviceCopies, max_tokens: int) -> None:
         """JIT-compile every kernel variant serving launches, here at start-up (`warm_up`)."""
         codecs = self.storage.lossy_codecs() if self.hold_encoded else []
         if self._cpu_codec.lossy and self._cpu_codec.name not in codecs:
             codecs.append(self._cpu_codec.name)
-        warm_up(self._path(), self._side(), self._staging, max_tokens, codecs,
+        warm_up(self._path(), device.streams, device.staging, max_tokens, codecs,
                 store_codec=self._cpu_codec.name if self._cpu_codec.lossy else None,
                 scatter_encoded=bool(self.hold_encoded))  # fmt: skip
 
@@ -366,133 +302,27 @@ class KVCacheEngine:
             raise RuntimeError("KVCacheEngine: register() the paged cache first")
         return self.path
 
-    def _side(self) -> TransferStreams:
-        """The side streams (CUDA caches only)."""
-        assert self._streams is not None, "a CUDA cache has its side streams from register()"
-        return self._streams
-
     def key(self, digest: str) -> str:
         return chunk_key(self.namespace, digest)
 
     def _meta(self, num_tokens: int) -> dict[str, str]:
         return {**self.meta, "num_tokens": str(num_tokens)}
 
-    # ------------------------------------------------------------------ holds
-
-    def _hold(self, digest: str, origin: str = "cpu", held: torch.Tensor | None = None) -> bool:
-        """Take the protocol hold on a chunk now complete in the CPU tier (caller has `_lock`);
-        `origin` names the tier it came from, for the load counters. `held`: a hold on it taken
-        already (a put that held atomically), adopted or, when not wanted, released."""
-        key = self.key(digest)
-        if key in self._held or (not self.storage.keep_in_cpu and digest not in self._prefetching):
-            if held is not None:
-                self.storage.release(key, held)
-            return False
-        t = held if held is not None else self.storage.hold(key)
-        if t is None:
-            return False
-        self._held[key] = t
-        self._origin[key] = origin
-        self._progress.held.append(digest)
-        if key in self._waiters:
-            self._feed(key)
-        return True
-
-    def _feed(self, key: str) -> None:
-        """The chunk is held now (caller has `_lock`): each background load waiting for it takes
-        its own hold in this same lock step, so nothing can evict it in between."""
-        waiters = self._waiters.pop(key, [])
-        for w in waiters:
-            w.tensor = self.storage.hold(key, count=True)
-            w.failed = w.tensor is None
-        self._cond.notify_all()
-        if waiters and self._loader is not None:
-            self._loader.wake()
-
-    def _settle(self, digest: str) -> None:
-        """A prefetch ended (caller has `_lock`): loads still waiting for it get it (it is held,
-        e.g. by a store meanwhile) or hear that it will not come."""
-        key = self.key(digest)
-        if key not in self._waiters:
-            return
-        if key in self._held:
-            self._feed(key)
-            return
-        for w in self._waiters.pop(key):
-            w.failed = True
-        self._cond.notify_all()
-        if self._loader is not None:
-            self._loader.wake()
-
-    def _wait_pending(self, w: _PendingRead, chunk: ChunkLoad, give_up: Callable[[], bool]) -> bool:
-        with self._cond:
-            while w.tensor is None and not w.failed:
-                if give_up():
-                    return False  # the job ends here; `_abandon_pending` unregisters it
-                self._cond.wait(0.01)
-            tensor, w.tensor = w.tensor, None  # handed over to the chunk (or nothing)
-        if tensor is None:
-            return False
-        checked = self._check_for_load(w.digest, tensor, len(chunk.block_ids))
-        if checked is None:
-            return False
-        chunk.tensor, chunk.num_tokens, _ = checked
-        chunk.release = functools.partial(self.storage.release, w.key, tensor)
-        return True
-
-    def _abandon_pending(self, w: _PendingRead) -> None:
-        with self._lock:
-            waiting = self._waiters.get(w.key, [])
-            if any(x is w for x in waiting):
-                waiting[:] = [x for x in waiting if x is not w]
-                if not waiting:
-                    del self._waiters[w.key]
-            tensor, w.tensor, w.failed = w.tensor, None, True
-            if tensor is not None:  # landed, but the loader stopped before it
-                self.storage.release(w.key, tensor)
+    # ------------------------------------------------------------------ holds (`engine.holds`)
 
     def holds(self, digest: str) -> bool:
-        with self._lock:
-            return self.key(digest) in self._held
+        """Whether the chunk is held (the scheduler may promise it)."""
+        return self._book.is_held(self.key(digest))
 
     def retire(self) -> list[str]:
         """Held chunks to give up, least recently used first, when held bytes pass the high
-        watermark; they stay loadable until `ack_retired`."""
-        bound = self.storage.memory_bound
-        if bound == 0:
-            return []
-        with self._lock:
-            used = sum(t.nbytes for k, t in self._held.items() if k not in self._retiring)
-            # A put refused for want of a block (the arena fragments) also asks for room.
-            rejected = self.storage.memory_rejected()
-            refused, self._rejected_seen = rejected > self._rejected_seen, rejected
-            if used <= self.retire_high * bound and not refused:
-                return []
-            out: list[str] = []
-            for key in self.storage.memory_keys():  # LRU first
-                if used <= self.retire_low * bound and (out or not refused):
-                    break  # (after a refused put, at least one chunk goes)
-                t = self._held.get(key)
-                if t is None or key in self._retiring:
-                    continue
-                self._retiring.add(key)
-                used -= t.nbytes
-                out.append(key[len(self.namespace) :])
-            return out
+        watermark (`retire_high` of the CPU tier's bound, down to `retire_low`); they stay
+        loadable until `ack_retired`."""
+        return self._book.retire(self.retire_high, self.retire_low)
 
     def ack_retired(self, digests: Sequence[str]) -> None:
         """The scheduler no longer counts these: release and drop them."""
-        with self._lock:
-            for digest in digests:
-                key = self.key(digest)
-                if key not in self._retiring:
-                    continue
-                self._retiring.discard(key)
-                t = self._held.pop(key, None)
-                self._origin.pop(key, None)
-                if t is not None:
-                    self.storage.release(key, t)
-                self.storage.remove(key)
+        self._book.ack_retired(digests)
 
     @contextmanager
     def open_held(self, digest: str) -> Iterator[torch.Tensor | None]:
@@ -500,8 +330,7 @@ class KVCacheEngine:
         the block and valid only inside it; None when the chunk is not held (CacheBlend reads
         its segments' rows this way)."""
         key = self.key(digest)
-        with self._lock:
-            t = self.storage.hold(key, count=True) if key in self._held else None
+        t = self._book.take_hold(key)
         try:
             enc = None if t is None else self.storage.encoding(key, t)
             if t is not None and enc is not None:  # held encoded: the reader gets decoded rows (a copy)
@@ -516,68 +345,38 @@ class KVCacheEngine:
 
     # ------------------------------------------------------------------ background progress
 
-    def _advance(self) -> None:
-        """Finish the copies on the transfer stream that are done (caller has `_lock`)."""
-        still = []
-        for f in self._inflight:
-            if f.done.query():
-                self._complete(f)
-            else:
-                still.append(f)
-        self._inflight = still
-
     def poll(self) -> Progress:
         """Finish what completed in the background (copies on the transfer stream, prefetches)
         without waiting, and return the chunks now held and the prefetches that failed since
         the last call."""
         with self._lock:
-            self._advance()
-            out, self._progress = self._progress, Progress()
-            return out
+            self._copies.advance()
+            return self._book.take_progress()
 
     def store_fence(self) -> int:
         """A mark after every store queued so far: `stores_read(mark)` says when their gathers
         have read vLLM's blocks (the connector's `get_finished`)."""
-        with self._lock:
-            return self._stores_issued
+        return self._copies.store_fence()
 
     def stores_read(self, fence: int) -> bool:
         """Whether every store queued before `fence` (`store_fence()`) has read its blocks
         (its gather completed); the device-to-host copies may still run. Never waits."""
-        with self._lock:
-            self._advance()
-            for f in self._inflight:
-                if f.kind in ("store", "gather") and f.seq < fence:
-                    ev = f.gathered if f.gathered is not None else f.done
-                    if not ev.query():
-                        return False
-            return True
+        return self._copies.stores_read(fence)
 
     def synchronize(self, prefetch_timeout: float | None = 0.0) -> bool:
         """Wait for every copy on the transfer stream and, up to `prefetch_timeout` seconds
         (None: no limit), for queued prefetches; what completes is reported by the next `poll`.
         True when nothing is left in flight."""
-        if self._streams is not None:
-            self._streams.synchronize()
+        if self._device is not None:
+            self._device.streams.synchronize()
         deadline = None if prefetch_timeout is None else time.monotonic() + prefetch_timeout
         while True:
             with self._lock:
-                self._advance()
-                idle = not self._prefetching and not self._inflight
+                self._copies.advance()
+                idle = not self._book.any_prefetching() and self._copies.idle()
             if idle or (deadline is not None and time.monotonic() >= deadline):
                 return idle
             time.sleep(0.002)
-
-    def _complete(self, f: _InFlight) -> None:
-        if f.kind == "gather":  # a refused store: nothing of ours holds anything
-            return
-        if f.kind == "load":
-            self.storage.release(f.key, f.tensor)
-            return
-        # A store: the bytes are in the CPU tier now. The copy's hold becomes the protocol hold
-        # (or is released): never a moment unheld in between.
-        self.storage.write_back(f.key)
-        self._hold(f.digest, held=f.tensor)
 
     # ------------------------------------------------------------------ store
 
@@ -602,8 +401,8 @@ class KVCacheEngine:
         enc = self._store_encoding(rows)
         # What the CPU tier holds: token rows, or a lossy `cpu_codec`'s parts in one buffer.
         form = StoreForm(path, rows, enc)
-        if self._streams is not None:
-            ok = self._store_cuda(digest, key, block_ids, form, num_tokens)
+        if self._device is not None:
+            ok = self._device.store(path, digest, key, block_ids, form, num_tokens, self._meta(num_tokens))
         else:
             ids = path.ids(block_ids, num_tokens)
             # Gather straight into the CPU tier's pooled buffer: one copy, no allocation.
@@ -615,7 +414,7 @@ class KVCacheEngine:
                     self._meta(num_tokens), encoding=enc,
                 )
                 if held is not None:
-                    self._hold(digest, held=held)
+                    self._book.hold(digest, held=held)
         self.stats.store_seconds += time.perf_counter() - t0
         if ok:
             self.stats.stored_chunks += 1
@@ -633,42 +432,6 @@ class KVCacheEngine:
             return None
         enc = Encoding(codec.name, dtype, rows)
         return enc if enc.aligned else None  # parts a gather could not write in place: rows
-
-    def _store_cuda(
-        self, digest: str, key: str, block_ids: Sequence[int], form: StoreForm, num_tokens: int
-    ) -> bool:
-        path, streams = self._path(), self._side()
-        compute = streams.compute()
-        streams.gather.wait_stream(compute)  # the pages are written by kernels queued so far
-        with streams.use(streams.gather):
-            ids = path.ids(block_ids, num_tokens)
-            # Encoded: the fused gather + quantize writes the parts into staging, so the
-            # device-to-host copy and the pinned buffer carry the encoded bytes only.
-            staged = self._staging.take(form.shape, form.dtype)
-            if staged.busy is not None:  # every buffer still copying out: wait on the device
-                streams.gather.wait_event(staged.busy)
-            form.gather(ids, staged.tensor)
-            gathered = streams.record(streams.gather)
-        with streams.use(streams.copy_out):
-            streams.copy_out.wait_event(gathered)  # and for nothing else
-            with self._lock:
-                # The device->host copy lands in the tier's pinned buffer, held until it is
-                # done (never evicted or reused under the DMA); the disk write waits for it.
-                # Held from the put itself (no eviction can slip in between).
-                _, held = self.storage.put_fill_held(
-                    key, form.dtype, form.shape, lambda dst: streams.copy(dst, staged.tensor),
-                    self._meta(num_tokens), write_back=False, encoding=form.encoding,
-                )
-            done = streams.record(streams.copy_out)
-        self._staging.release(staged.slot, done)
-        # vLLM may hand the blocks to another request: its kernels run after our gather only.
-        compute.wait_event(gathered)
-        with self._lock:
-            # A refused store's gather still reads the blocks: tracked (kind "gather") until done.
-            kind = "store" if held is not None else "gather"
-            self._inflight.append(_InFlight(kind, digest, key, done, held, self._stores_issued, gathered))
-            self._stores_issued += 1
-        return held is not None
 
     # ------------------------------------------------------------------ load
 
@@ -694,23 +457,8 @@ class KVCacheEngine:
         skip_tokens = skip_blocks * self.block_size
         if skip_tokens >= num_tokens:
             self.storage.release(key, tensor)
-        elif self._streams is not None:
-            streams = self._side()
-            compute = streams.compute()
-            # Blocks freshly handed to this request may still be read by kernels queued so far:
-            # the scatter waits for them; the host->device copy into staging waits for nothing.
-            handed = streams.record(compute)
-            with streams.use(streams.load):
-                # Whole chunk from pinned memory, async; an encoded one as it is (fewer bytes).
-                dev = self._load_staging.take(tuple(tensor.shape), tensor.dtype).tensor
-                streams.copy(dev, tensor)
-                streams.load.wait_event(handed)
-                ids = path.ids(block_ids, num_tokens, skip_tokens)
-                scatter_chunk(path, dev, enc, ids, skip_blocks)
-                done = streams.record(streams.load)
-            compute.wait_event(done)  # this step's forward reads the loaded pages
-            with self._lock:
-                self._inflight.append(_InFlight("load", digest, key, done, tensor))
+        elif self._device is not None:
+            self._device.load(path, digest, key, tensor, enc, block_ids, num_tokens, skip_blocks, skip_tokens)
         else:
             try:
                 ids = path.ids(block_ids, num_tokens, skip_tokens)
@@ -725,17 +473,14 @@ class KVCacheEngine:
     def _count_load(self, key: str, nbytes: int) -> None:
         self.stats.loaded_chunks += 1
         self.stats.loaded_bytes += nbytes
-        origin = self._origin.get(key, "cpu")
+        origin = self._book.origin(key)
         self.stats.loaded_from[origin] = self.stats.loaded_from.get(origin, 0) + 1
 
     def _take_for_load(self, digest: str, num_blocks: int) -> tuple[torch.Tensor, int, Encoding | None] | None:
         """A held chunk's CPU-tier tensor, held for one copy into `num_blocks` blocks (the
         caller releases it), its token count and its encoding (None: token rows); None (counted
         as a load error) when the chunk is not held or is of another shape."""
-        key = self.key(digest)
-        with self._lock:
-            tensor = self.storage.hold(key, count=True) if key in self._held else None
-        return self._check_for_load(digest, tensor, num_blocks)
+        return self._check_for_load(digest, self._book.take_hold(self.key(digest)), num_blocks)
 
     def _check_for_load(
         self, digest: str, tensor: torch.Tensor | None, num_blocks: int
@@ -775,37 +520,22 @@ class KVCacheEngine:
         the load now, in the step that planned it (a retirement acknowledged later cannot free
         it under the copy). A chunk a prefetch is still reading (a prefix only on a slow tier:
         queue its `prefetch` first) is waited for by the loader, at most `PENDING_WAIT_S` from
-        now, and held for the load in the lock step that publishes it (`_feed`); one that fails
+        now, and held for the load in the lock step that publishes it (`engine.load_holds`); one that fails
         to read ends the load there. The chunks from the first one that is neither held nor
         being read on are not loaded. The job is reported once by `finished_loads` (also when
         nothing could be held)."""
-        loads: list[ChunkLoad] = []
-        for digest, block_ids, skip in chunks:
-            key = self.key(digest)
-            with self._lock:
-                if key not in self._held and digest in self._prefetching:
-                    pending = _PendingRead(self, digest, key)
-                    self._waiters.setdefault(key, []).append(pending)
-                    loads.append(ChunkLoad(digest, list(block_ids), skip, 0, None, None, pending))
-                    continue
-                held = self.storage.hold(key, count=True) if key in self._held else None
-            taken = self._check_for_load(digest, held, len(block_ids))
-            if taken is None:
-                break
-            tensor, num_tokens, _ = taken
-            release = functools.partial(self.storage.release, self.key(digest), tensor)
-            loads.append(ChunkLoad(digest, list(block_ids), skip, num_tokens, tensor, release))
-        after = None
-        if self._streams is not None:
-            # Kernels queued so far (the blocks' previous owners, vLLM's zeroing) may touch the
-            # blocks: the scatters wait for them; nothing queued later concerns them.
-            after = self._streams.record(self._streams.compute())
+        loads = self._load_holds.take(chunks)
+        device = self._device
+        # Kernels queued so far (the blocks' previous owners, vLLM's zeroing) may touch the
+        # blocks: the scatters wait for them; nothing queued later concerns them.
+        after = None if device is None else device.mark()
         if self._loader is None:
             assert self._load_path is not None, "register() the paged cache first"
+            streams, stream = (None, None) if device is None else (device.streams, device.load_stream)
             self._loader = AsyncLoader(
-                LoadCopier(self._load_path, self.block_size, self._encoding_of, self._streams, self._load_stream),
-                self._loaded_async,
+                LoadCopier(self._load_path, self.block_size, self._encoding_of, streams, stream), self._loaded_async
             )
+            self._book.on_settled(self._loader.wake)  # a waited-for chunk landed or will not come
         deadline = time.monotonic() + PENDING_WAIT_S  # for the chunks still being read
         self._loader.submit(LoadJob(req_id, loads, len(chunks), after=after, deadline=deadline))
 
@@ -844,9 +574,9 @@ class KVCacheEngine:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                if self._progress.held or self._progress.failed:
+                if self._book.has_progress():
                     return True
-                prefetching = bool(self._prefetching)
+                prefetching = self._book.any_prefetching()
             if self._loader is not None and self._loader.reportable():
                 return True
             if not prefetching and not self.loads_in_flight():
@@ -864,80 +594,17 @@ class KVCacheEngine:
         """Requests whose background load has not been reported yet."""
         return [] if self._loader is None else self._loader.in_flight()
 
-    # ------------------------------------------------------------------ prefetch
+    # ------------------------------------------------------------------ prefetch (`engine.prefetch`)
 
     def prefetch(self, digests: Sequence[str]) -> None:
         """Bring these chunks from the slower tiers into the CPU tier, verified, in the
         background; each ends in `poll()` as held or failed."""
-        todo = []
-        with self._lock:
-            for d in digests:
-                if self.key(d) in self._held or d in self._prefetching:
-                    continue
-                self._prefetching.add(d)
-                todo.append(d)
-            if not todo:
-                return
-            q = self._prefetch_q
-            if q is None:
-                q = self._prefetch_q = queue.Queue()
-                for i in range(self.prefetch_threads):
-                    t = threading.Thread(
-                        target=self._prefetcher, args=(q,), name=f"lmcache-triton-prefetch-{i}", daemon=True
-                    )
-                    t.start()
-                    self._prefetch_threads.append(t)
-        for d in todo:
-            q.put(d)
-
-    def _prefetcher(self, q: queue.Queue[str | None]) -> None:
-        # Reads, verification and the CPU decode, one chunk per thread: `prefetch_threads` of them
-        # use the cores in parallel, so none needs an intra-op team of its own.
-        one_torch_thread()
-        while True:
-            digest = q.get()
-            if digest is None:
-                return
-            ok = False
-            try:
-                ok = self._prefetch_one(digest)
-            except Exception:  # a hostile file must never take the worker down
-                logger.exception("lmcache_triton: prefetch of chunk %s failed", digest[:12])
-            with self._lock:
-                self._prefetching.discard(digest)
-                self._settle(digest)
-                if ok:
-                    self.stats.prefetched_chunks += 1
-                else:
-                    self.stats.prefetch_errors += 1
-                    self._progress.failed.append(digest)
-
-    def _prefetch_one(self, digest: str) -> bool:
-        key = self.key(digest)
-        if not self.storage.memory_bound:
-            return False
-        with self._lock:
-            if key in self._held:
-                return True
-            if any(f.key == key for f in self._inflight):
-                return False  # its store is still copying: it is reported held when done
-            if self.storage.in_memory(key) and key not in self._retiring:
-                return self._hold(digest) or key in self._held
-        # Read and verify outside the lock (seconds on a slow disk); the put takes it.
-        def stored(tier: str) -> None:  # under `_lock`, the chunk just published
-            self._hold(digest, tier)
-
-        ok = self.storage.prefetch(
-            key, expect=self.meta, lock=self._lock, on_stored=stored, keep_encoded=bool(self.hold_encoded)
-        )
-        return ok and self.holds(digest)
+        self._prefetcher.prefetch(digests)
 
     def close(self) -> None:
         if self._loader is not None:
             self._loader.drain(timeout=30)
             self._loader.close()
-        if self._prefetch_q is not None:
-            for _ in self._prefetch_threads:
-                self._prefetch_q.put(None)
+        self._prefetcher.close()
         if self.flat is not None:
             self.synchronize()
