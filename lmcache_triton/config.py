@@ -19,6 +19,10 @@ are ignored without a warning; see `_ENV_NOT_KEYS`.
 `chunk_secret` (or `chunk_secret_file`, a file holding it) authenticates disk-tier chunks (see
 storage/disk.py and README "Security / threat model"). It is never logged, never shown in an error
 message, and left out of `repr(config)`.
+
+Each key's value is read by its parser in `config_values.py` (`PARSERS`); this module holds the
+typed `LMCacheConfig`, the sources and their merging, unknown-key warnings, LMCache's
+`remote_serde` alias and the checks across keys.
 """
 
 from __future__ import annotations
@@ -26,13 +30,45 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import stat
-import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+# How each key's value is read lives in config_values; the names used elsewhere stay importable
+# from here.
+from lmcache_triton.config_values import (
+    MIN_SECRET_CHARS,
+    PARSERS,
+    SERDE_CODECS,
+    SUPPORTED_CACHE_POLICIES,
+    SUPPORTED_HASH_ALGORITHMS,
+    ConfigError,
+    parse_remote_url,
+    physical_memory_bytes,
+    read_secret_file,
+)
+
+__all__ = [
+    "CHECKED_ENV",
+    "CONFIG_FILE_ENV",
+    "ENV_PREFIX",
+    "EXTRA_PREFIX",
+    "KEYS",
+    "LMCACHE_ONLY_KEYS",
+    "MIN_SECRET_CHARS",
+    "SERDE_CODECS",
+    "SUPPORTED_CACHE_POLICIES",
+    "SUPPORTED_HASH_ALGORITHMS",
+    "ConfigError",
+    "LMCacheConfig",
+    "OnceFilter",
+    "load_config",
+    "parse_remote_url",
+    "physical_memory_bytes",
+    "unknown_key_message",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +109,6 @@ LMCACHE_ONLY_KEYS = frozenset(
     }
 )
 
-SUPPORTED_CACHE_POLICIES = ("LRU",)
-SUPPORTED_HASH_ALGORITHMS = ("xxh3_128",)
-MIN_SECRET_CHARS = 16
-_MIN_SIZE_BYTES = 4096  # a non-zero bound under one page (1e-12 GB is 0 bytes) is surely a typo
-_MAX_SIZE_GB = float(1 << 20)  # 1 PiB
-
 
 class OnceFilter(logging.Filter):
     """Each distinct warning once per process: the scheduler and the worker of one engine both
@@ -95,10 +125,6 @@ class OnceFilter(logging.Filter):
             return False
         self.seen.add(msg)
         return True
-
-
-class ConfigError(ValueError):
-    """A configuration value (or file) that cannot be used; the message names the key."""
 
 
 @dataclass
@@ -244,281 +270,6 @@ class LMCacheConfig:
         return int(self.max_local_disk_size * (1 << 30))
 
 
-# --------------------------------------------------------------------------------------------
-# Value parsers. Each takes the raw value (a YAML scalar/list, or an env/extra string) and returns
-# the typed value, or raises ConfigError("<key>: expected <form>, got <repr(raw)>").
-
-
-def _bad(key: str, expected: str, raw: Any) -> ConfigError:
-    return ConfigError(f"{key}: expected {expected}, got {raw!r}")
-
-
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-def _parse_bool(key: str, raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, int) and raw in (0, 1):
-        return bool(raw)
-    if isinstance(raw, str):
-        s = raw.strip().lower()
-        if s in _TRUE:
-            return True
-        if s in _FALSE:
-            return False
-    raise _bad(key, "a boolean (true/false/1/0/yes/no)", raw)
-
-
-def _to_int(raw: Any) -> int | None:
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, float) and raw.is_integer():
-        return int(raw)
-    if isinstance(raw, str):
-        try:
-            return int(raw.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _to_float(raw: Any) -> float | None:
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, (int, float)):
-        v = float(raw)
-    elif isinstance(raw, str):
-        try:
-            v = float(raw.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    return v if v == v and v not in (float("inf"), float("-inf")) else None
-
-
-def _int_parser(minimum: int, expected: str) -> Callable[[str, Any], int]:
-    def parse(key: str, raw: Any) -> int:
-        v = _to_int(raw)
-        if v is None or v < minimum:
-            raise _bad(key, expected, raw)
-        return v
-
-    return parse
-
-
-def _size_gb(key: str, raw: Any) -> float:
-    v = _to_float(raw)
-    if v is None or v < 0:
-        raise _bad(key, "a size in GB, a number >= 0", raw)
-    if 0 < v * (1 << 30) < _MIN_SIZE_BYTES:
-        raise _bad(key, "a size in GB: 0 (off) or at least 4e-06 (4 KiB)", raw)
-    if v > _MAX_SIZE_GB:
-        raise _bad(key, f"a size in GB, at most {_MAX_SIZE_GB:.0f} (1 PiB)", raw)
-    return v
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _cpu_size_gb(key: str, raw: Any) -> float:
-    v = _size_gb(key, raw)
-    mem = _physical_memory()
-    if mem and v * (1 << 30) > mem:
-        raise _bad(key, f"a size in GB at most this machine's memory ({mem / (1 << 30):.1f} GB)", raw)
-    return v
-
-
-def _split_list(raw: Any) -> list[Any] | None:
-    if isinstance(raw, (list, tuple)):
-        return list(raw)
-    if isinstance(raw, str):
-        parts = [p.strip() for p in raw.strip().strip("[]").split(",")]
-        return [p for p in parts if p]
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return [raw]
-    return None
-
-
-def _list_of(
-    convert: Callable[[Any], Any], ok: Callable[[Any], bool], expected: str
-) -> Callable[[str, Any], list[Any]]:
-    """A parser of non-empty lists whose items `convert` (None on failure) and pass `ok`."""
-
-    def parse(key: str, raw: Any) -> list[Any]:
-        items = _split_list(raw)
-        values = [convert(item) for item in items or ()]
-        if not values or any(v is None or not ok(v) for v in values):
-            raise _bad(key, expected, raw)
-        return values
-
-    return parse
-
-
-_ratios = _list_of(
-    _to_float, lambda v: 0.0 <= v <= 1.0, "a non-empty list of numbers in [0, 1] (comma-separated in env)"
-)
-_layers = _list_of(_to_int, lambda v: v >= 0, "a non-empty list of layer indices >= 0 (comma-separated in env)")
-
-
-def _opt_str(key: str, raw: Any) -> str | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, str):
-        raise _bad(key, "a string or null", raw)
-    s = raw.strip()
-    return None if s.lower() in ("", "none", "null") else s
-
-
-def _str(key: str, raw: Any) -> str:
-    if not isinstance(raw, str):
-        raise _bad(key, "a string", raw)
-    return raw  # not stripped: blend_special_str is whitespace-significant
-
-
-def _local_disk(key: str, raw: Any) -> str | None:
-    s = _opt_str(key, raw)
-    if s is None:
-        return None
-    if s.startswith("file://"):
-        url = urllib.parse.urlsplit(s)
-        if url.netloc not in ("", "localhost") or url.query or url.fragment:
-            raise _bad(key, "a directory path, file:///path or file://localhost/path (or null)", raw)
-        s = urllib.parse.unquote(url.path)
-    if not s or "://" in s:
-        raise _bad(key, "a directory path or file:///path (or null)", raw)
-    s = os.path.expanduser(s)
-    # The nearest existing ancestor must be a directory: a regular file there can never become
-    # the tier's directory. (Unwritable directories are reported by the disk tier at start-up,
-    # which then runs without disk.)
-    probe = s
-    while probe and not os.path.lexists(probe):
-        parent = os.path.dirname(probe.rstrip("/"))
-        if parent == probe:
-            break
-        probe = parent
-    if probe and os.path.exists(probe) and not os.path.isdir(probe):
-        what = "is a file" if probe == s else f"is under {probe!r}, which is a file"
-        raise ConfigError(f"{key}: {s!r} {what}, expected a directory")
-    return s
-
-
-def _secret(key: str, raw: Any) -> str | None:
-    # Never echo the value: error messages and logs must not carry the secret.
-    if raw is None:
-        return None
-    if not isinstance(raw, str):
-        raise ConfigError(f"{key}: expected a string (value not shown)")
-    if raw.strip() == "":
-        return None
-    if len(raw) < MIN_SECRET_CHARS:
-        raise ConfigError(f"{key}: expected at least {MIN_SECRET_CHARS} characters, got {len(raw)} (value not shown)")
-    return raw
-
-
-def _read_secret_file(path: str) -> str:
-    key = "chunk_secret_file"
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path!r}: {e.strerror or e}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{key}: {path!r} is not a regular file")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            logger.warning(
-                "lmcache_triton config: chunk_secret_file %r is accessible by other users (mode %o); chmod 600 it",
-                path,
-                stat.S_IMODE(st.st_mode),
-            )
-        data = f.read(1 << 16)
-    try:
-        text = data.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{key}: {path!r} is not UTF-8 text") from None
-    secret = _secret(key, text)
-    if secret is None:
-        raise ConfigError(f"{key}: {path!r} is empty")
-    return secret
-
-
-def parse_remote_url(key: str, raw: Any) -> str | None:
-    """The `remote_url` setting `key` checked: the URL, or None when unset or of a scheme the
-    remote tier does not speak (LMCache's `lm://`: ignored with a warning). Raises ConfigError
-    (password masked) for a malformed URL. Also used by the CLI's `--remote-url`."""
-    s = _opt_str(key, raw)
-    if s is None:
-        return None
-    from lmcache_triton.remote_url import SCHEMES, RemoteURLError, check_url, mask_url
-
-    scheme = s.split("://", 1)[0].lower() if "://" in s else ""
-    if scheme and scheme not in SCHEMES:
-        # LMCache's own server (lm://) and other backends: an LMCache config must still start.
-        logger.warning(
-            "lmcache_triton config: remote_url %s is ignored: the remote tier speaks %s",
-            mask_url(s), ", ".join(f"{x}://" for x in SCHEMES),
-        )
-        return None
-    try:
-        check_url(s)
-    except RemoteURLError as e:
-        raise ConfigError(f"{key}: {e}") from None
-    return s
-
-
-def _timeout_s(key: str, raw: Any) -> float:
-    v = _to_float(raw)
-    if v is None or not 0 < v <= 60:
-        raise _bad(key, "seconds, a number in (0, 60]", raw)
-    return v
-
-
-def _choice(choices: tuple[str, ...], canon: Callable[[str], str]) -> Callable[[str, Any], str]:
-    def parse(key: str, raw: Any) -> str:
-        if isinstance(raw, str) and canon(raw.strip()) in choices:
-            return canon(raw.strip())
-        raise _bad(key, f"one of {', '.join(choices)} (only these are implemented)", raw)
-
-    return parse
-
-
-def _fraction(key: str, raw: Any) -> float:
-    v = _to_float(raw)
-    if v is None or not 0.0 <= v <= 1.0:
-        raise _bad(key, "a number in [0, 1]", raw)
-    return v
-
-
-def _nonneg(key: str, raw: Any) -> float:
-    v = _to_float(raw)
-    if v is None or v < 0:
-        raise _bad(key, "a number >= 0", raw)
-    return v
-
-
-def _codec(key: str, raw: Any) -> str:
-    from lmcache_triton.chunk.codec import CODEC_NAMES
-
-    return _choice(CODEC_NAMES, str.lower)(key, raw)
-
-
-# LMCache's `remote_serde` values -> our remote codec (None: no equivalent here).
-SERDE_CODECS: dict[str, str | None] = {"naive": "exact", "kivi": "int4", "cachegen": None}
-
-
-def _serde(key: str, raw: Any) -> str:
-    return _choice(tuple(SERDE_CODECS), str.lower)(key, raw)
-
-
 def _resolve_serde(values: dict[str, Any], warn: bool) -> None:
     """LMCache's `remote_serde` into `remote_codec` (ours wins only when they agree)."""
     serde = values.get("remote_serde")
@@ -539,45 +290,9 @@ def _resolve_serde(values: dict[str, Any], warn: bool) -> None:
     values["remote_codec"] = codec
 
 
-_PARSERS: dict[str, Callable[[str, Any], Any]] = {
-    "chunk_size": _int_parser(1, "a positive integer"),
-    "local_cpu": _parse_bool,
-    "max_local_cpu_size": _cpu_size_gb,
-    "local_disk": _local_disk,
-    "max_local_disk_size": _size_gb,
-    "save_decode_cache": _parse_bool,
-    "save_unfull_chunk": _parse_bool,
-    "min_retrieve_tokens": _int_parser(0, "an integer >= 0"),
-    "async_load_min_tokens": _int_parser(0, "an integer >= 0"),
-    "async_load_slow_min_tokens": _int_parser(0, "an integer >= 0"),
-    "cache_policy": _choice(SUPPORTED_CACHE_POLICIES, str.upper),
-    "enable_blending": _parse_bool,
-    "blend_recompute_ratios": _ratios,
-    "blend_check_layers": _layers,
-    "blend_special_str": _str,
-    "blend_min_tokens": _int_parser(0, "an integer >= 0"),
-    "remote_url": parse_remote_url,
-    "remote_timeout": _timeout_s,
-    "hash_algorithm": _choice(SUPPORTED_HASH_ALGORITHMS, str.lower),
-    "chunk_secret": _secret,
-    "chunk_secret_file": _opt_str,
-    "codec_guard": _parse_bool,
-    "calibration_dir": _opt_str,
-    "calibration_min_top1": _fraction,
-    "calibration_max_mean_logprob_dev": _nonneg,
-    "calibration_max_logprob_dev": _nonneg,
-    "calibration_max_accuracy_drop": _fraction,
-    "calibration_min_tokens": _int_parser(1, "a positive integer"),
-    "disk_codec": _codec,
-    "remote_codec": _codec,
-    "cpu_codec": _codec,
-    "cpu_pretouch": _parse_bool,
-    "cpu_hugepages": _parse_bool,
-    "remote_serde": _serde,
-}
-assert set(_PARSERS) == {f.name for f in dataclasses.fields(LMCacheConfig)}
+assert set(PARSERS) == {f.name for f in dataclasses.fields(LMCacheConfig)}
 
-KEYS: tuple[str, ...] = tuple(_PARSERS)
+KEYS: tuple[str, ...] = tuple(PARSERS)
 
 
 def _from_yaml(path: str) -> dict[str, Any]:
@@ -616,14 +331,6 @@ def unknown_key_message(key: str, where: str) -> str:
     close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.75)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown key {key!r} in {where} is ignored{hint}"
-
-
-def physical_memory_bytes() -> int | None:
-    """The machine's RAM in bytes, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _check_sizes(cfg: LMCacheConfig, env: Mapping[str, str]) -> None:
@@ -698,7 +405,7 @@ def load_config(
 
     def take(items: dict[str, Any], where: str) -> None:
         for key, value in items.items():
-            if key not in _PARSERS:
+            if key not in PARSERS:
                 if warn:
                     logger.warning("lmcache_triton config: %s", unknown_key_message(key, where))
                 continue
@@ -726,11 +433,11 @@ def load_config(
             "extra_config (lmcache.*)",
         )
 
-    values = {key: _PARSERS[key](key, value) for key, value in raw.items()}
+    values = {key: PARSERS[key](key, value) for key, value in raw.items()}
     if values.get("chunk_secret_file"):
         if values.get("chunk_secret"):
             raise ConfigError("chunk_secret_file: set either chunk_secret or chunk_secret_file, not both")
-        values["chunk_secret"] = _read_secret_file(os.path.expanduser(values["chunk_secret_file"]))
+        values["chunk_secret"] = read_secret_file(os.path.expanduser(values["chunk_secret_file"]))
     if sources.get("chunk_secret", "").startswith("extra_config") and values.get("chunk_secret"):
         logger.warning(
             "lmcache_triton config: chunk_secret given in kv_connector_extra_config, which is part of "

@@ -54,14 +54,16 @@ vLLM's hooks, in the order one request meets them:
 
 Invariants: a chunk is counted only when every rank holds it in memory; loads never write blocks
 vLLM already computed; per-tier code loops over the tier list (tiers.py), never over names.
+
+Beside it: request_state.py (`RequestState`, a request's extra keys and opt-out), chunk_plans.py
+(`ChunkPlans`: the load and store ops of a request, tails), scheduler_events.py
+(`SchedulerEvents`: the KV events) and hit_log.py (`HitLog`: the hit lines).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
@@ -69,14 +71,23 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from lmcache_triton.engine import ChunkSpan, PrefixIndex
 from lmcache_triton.engine.tails import TailRegistry
 from lmcache_triton.integration.vllm import compat
+from lmcache_triton.integration.vllm.chunk_plans import ChunkPlans
 from lmcache_triton.integration.vllm.core import ConnectorCore
-from lmcache_triton.integration.vllm.kv_events import TierEvents, TierState, TierWrites, kv_events_enabled
-from lmcache_triton.integration.vllm.metadata import ChunkOp, LMCacheTritonMetadata, LMCacheTritonWorkerMetadata
+from lmcache_triton.integration.vllm.hit_log import HIT_LOG_INTERVAL_S, SUMMARY_INTERVAL_S, HitLog
+from lmcache_triton.integration.vllm.kv_events import kv_events_enabled
+from lmcache_triton.integration.vllm.metadata import LMCacheTritonMetadata, LMCacheTritonWorkerMetadata
+from lmcache_triton.integration.vllm.request_state import (
+    SKIP_SAVE_PARAM,
+    RequestState,
+    extra_keys,
+    skip_save_requested,
+)
+from lmcache_triton.integration.vllm.scheduler_events import SchedulerEvents
 from lmcache_triton.integration.vllm.tiers import CPU_TIER, slow_tiers
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.distributed.kv_events import KVCacheEvent, KVConnectorKVEvents
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -86,17 +97,26 @@ if TYPE_CHECKING:
 
     from lmcache_triton.integration.vllm.blend_scheduler import BlendScheduler
 
+# The names other modules import from here (request_state.py and hit_log.py hold them now).
+__all__ = [
+    "HIT_LOG_INTERVAL_S",
+    "IDLE_WAIT_S",
+    "PREFETCH_WAIT_S",
+    "SKIP_SAVE_PARAM",
+    "SUMMARY_INTERVAL_S",
+    "HitLog",
+    "RequestState",
+    "SchedulerConnector",
+    "async_saves",
+    "extra_keys",
+    "skip_save_requested",
+]
+
 logger = logging.getLogger("lmcache_triton")
 
 # How long a request waits, in all, for its chunks to come from a slow tier into memory before it
 # is scheduled without them (what did not arrive is computed).
 PREFETCH_WAIT_S = 10.0
-# The periodic hit-rate summary: at most one line per this many seconds, on a scheduler step.
-SUMMARY_INTERVAL_S = 10.0
-# A request's hit line: at most one per this many seconds; the hits in between are counted in the
-# next line (a restart plus one request logs the hit at once).
-HIT_LOG_INTERVAL_S = 1.0
-
 # A step that schedules no token while requests wait for their chunks (an asynchronous load, or a
 # prefetch from a slow tier): the workers' get_finished waits up to this long for one to end,
 # releasing the GIL and the core to the loader and prefetch threads. vLLM's in-process engine loop
@@ -105,116 +125,12 @@ HIT_LOG_INTERVAL_S = 1.0
 # as one ends; the bound is how long a request arriving meanwhile waits for vLLM to look at it.
 IDLE_WAIT_S = 0.02
 
-SKIP_SAVE_PARAM = "lmcache.skip_save"  # LMCache's spelling of the per-request opt-out
-
 
 def async_saves(vllm_config: VllmConfig) -> bool:
     """Whether the workers' stores finish after wait_for_save returns: on CUDA the gather runs
     on the engine's transfer stream; on CPU (and a config without a device) it is done."""
     device = getattr(vllm_config, "device_config", None)
     return str(getattr(device, "device_type", "cpu")) == "cuda"
-
-
-def skip_save_requested(request: Request) -> bool:
-    """Whether the request's `kv_transfer_params` ask that its KV is never stored (LMCache's
-    `{"lmcache.skip_save": true}`; true, "true", 1 and "1" count). Loads still happen."""
-    params = getattr(request, "kv_transfer_params", None)
-    if not isinstance(params, dict):
-        return False
-    v = params.get(SKIP_SAVE_PARAM, False)
-    return v is True or v == 1 or (isinstance(v, str) and v.strip().lower() in ("true", "1", "yes"))
-
-
-def extra_keys(request: Request) -> list[str]:
-    """What besides the tokens decides the KV: LoRA adapter, cache salt, multimodal inputs."""
-    extra = []
-    lora = getattr(request, "lora_request", None)
-    if lora is not None:
-        extra.append(f"lora:{lora.lora_name}")
-    salt = getattr(request, "cache_salt", None)
-    if salt:
-        extra.append(f"salt:{salt}")
-    for f in getattr(request, "mm_features", None) or []:
-        extra.append(f"mm:{f.identifier}")
-    return extra
-
-
-@dataclass
-class RequestState:
-    """The scheduler's view of one live request (CacheBlend's planner reads and updates it)."""
-
-    spans: list[ChunkSpan]
-    prompt_len: int
-    request: Request | None = None  # vLLM's Request (its all_token_ids grows while decoding)
-    extra: list[str] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)
-    num_handled: int = 0  # leading chunks already stored, loaded or known cached
-    skip_save: bool = False  # kv_transfer_params {"lmcache.skip_save": true}: never stored
-    stores_planned: int = 0  # stores of its blocks sent to the workers
-    tail: ChunkSpan | None = None  # a stored shorter chunk that the lookup hit in place of the next one
-
-
-class HitLog:
-    """The scheduler's log lines about hits: one per request hit (rate-limited) and a periodic
-    summary of the hit rate beyond vLLM's own prefix cache.
-
-    Args:
-        tiers: the tier names a hit line counts chunks for, fastest first ("cpu" first).
-        hit_interval: seconds between two request lines; default `HIT_LOG_INTERVAL_S`.
-        summary_interval: seconds between two summaries; default `SUMMARY_INTERVAL_S`.
-    """
-
-    def __init__(
-        self,
-        tiers: list[str],
-        hit_interval: float = HIT_LOG_INTERVAL_S,
-        summary_interval: float = SUMMARY_INTERVAL_S,
-    ):
-        self.tiers = list(tiers)
-        self.hit_interval = hit_interval
-        self.summary_interval = summary_interval
-        self.hit_tokens = 0  # since the last summary
-        self.query_tokens = 0
-        self._last_summary = time.monotonic()
-        self._last_hit: float | None = None
-        self._unlogged = 0  # request hits not logged since the last hit line
-
-    def query(self, tokens: int, hit: int) -> None:
-        """A request was scheduled with `tokens` prompt tokens beyond vLLM's prefix hit, `hit` of
-        them from our cache."""
-        self.query_tokens += max(tokens, 0)
-        self.hit_tokens += max(hit, 0)
-
-    def request_hit(
-        self, req_id: str, hit_tokens: int, prompt_tokens: int, chunks: Mapping[str, int], how: str = ""
-    ) -> None:
-        """One INFO line for a request that got `hit_tokens` of its `prompt_tokens` from our cache,
-        `chunks` per tier name; at most one per `hit_interval` (the others are counted in it)."""
-        now = time.monotonic()
-        if self._last_hit is not None and now - self._last_hit < self.hit_interval:
-            self._unlogged += 1
-            return
-        where = how or ", ".join(
-            f"{t} {chunks.get(t, 0)}{' chunks' if i == 0 else ''}" for i, t in enumerate(self.tiers)
-        )
-        more = f"; {self._unlogged} more request hits since the last line" if self._unlogged else ""
-        logger.info(
-            "lmcache_triton: request %s: %d/%d tokens from cache (%s)%s",
-            req_id, hit_tokens, prompt_tokens, where, more,
-        )
-        self._last_hit, self._unlogged = now, 0
-
-    def maybe_summary(self) -> None:
-        """The hit-rate summary, when `summary_interval` has passed and a request came."""
-        now = time.monotonic()
-        if now - self._last_summary < self.summary_interval or not self.query_tokens:
-            return
-        logger.info(
-            "lmcache_triton: %d of %d prompt tokens beyond vLLM's prefix cache hit the cache (%.1f%%)",
-            self.hit_tokens, self.query_tokens, 100.0 * self.hit_tokens / self.query_tokens,
-        )
-        self.hit_tokens = self.query_tokens = 0
-        self._last_summary = now
 
 
 class SchedulerConnector(ConnectorCore):
@@ -256,16 +172,15 @@ class SchedulerConnector(ConnectorCore):
         self._load_fell_short: set[str] = set()  # an async load of theirs finished short
         self._epoch = 0  # bumped by reset_cache(); folded into every key (see reset_cache)
         self.tails = TailRegistry()  # partial chunks stored, by the chunk before them
+        self.plans = ChunkPlans(self.config, self.planner, self.index, self.tails, self.block_size)
         self._slow_waits: dict[str, dict[str, str]] = {}  # req -> {digest: slow tier it waited for}
         self._slow_tiers = slow_tiers()
         self.hits = HitLog([CPU_TIER, *(t.name for t in self._slow_tiers)])
         # vLLM KV events for our tiers (kv_events.py), when the user enabled them.
-        self._events: TierEvents | None = None
-        self._tier_state: dict[str, TierState] = {}
+        self._events: SchedulerEvents | None = None
         if kv_events_enabled(vllm_config):
             hbs = getattr(self.kv_cache_config, "hash_block_size", None) or self.block_size
-            self._events = TierEvents(hbs, self.config.chunk_size)
-            self._tier_state = {t.name: TierState(self.namespaces) for t in self._slow_tiers}
+            self._events = SchedulerEvents(hbs, self.config.chunk_size, self.namespaces, self._slow_tiers)
         logger.info(
             "lmcache_triton scheduler: chunk_size=%d block_size=%d world_size=%d layout=%s disk=%s",
             self.config.chunk_size, self.block_size, self.world_size, self.layout, self.config.local_disk,
@@ -306,7 +221,7 @@ class SchedulerConnector(ConnectorCore):
         if not self.loads_enabled or request.request_id in self._load_fell_short:  # kv_producer
             return 0, False
         rid = request.request_id
-        st.tail = None  # this lookup's own (`_tail_hit`), never an earlier one's
+        st.tail = None  # this lookup's own (`ChunkPlans.tail_hit`), never an earlier one's
         n = self.index.cached_prefix(st.spans, num_computed_tokens)
         pending = self._locate(rid, st.spans[n:], num_computed_tokens)
         if pending and self._promise_pending(rid, st, n, pending, num_computed_tokens):
@@ -321,7 +236,7 @@ class SchedulerConnector(ConnectorCore):
         if self._wait_for_prefetch(rid, pending):
             return None, False  # vLLM asks again next step; other requests run meanwhile
         cached = min(st.spans[n - 1].end if n else 0, st.prompt_len - 1)
-        st.tail = self._tail_hit(st, n, num_computed_tokens) if self._blend is None else None
+        st.tail = self.plans.tail_hit(st, n, num_computed_tokens) if self._blend is None else None
         if st.tail is not None:
             cached = min(st.tail.end, st.prompt_len - 1)
         if self._blend is not None:
@@ -376,31 +291,6 @@ class SchedulerConnector(ConnectorCore):
             if s.digest in slow and s.end > first and s.start < end
         )
 
-    def _tail_hit(self, st: RequestState, n: int, num_computed_tokens: int) -> ChunkSpan | None:
-        """The longest stored partial chunk that continues the `n` chunks the lookup hit: a
-        chunk shorter than its neighbour `st.spans[n]`, stored after the same chunks (the last
-        partial chunk of an earlier prompt of this conversation), whose tokens all begin
-        `st.spans[n]`. Every rank must hold it. A multi-turn conversation's next prompt repeats
-        the previous prompt: without this, the previous prompt's last partial chunk, up to
-        `chunk_size - 1` tokens, was computed again every turn. None when nothing longer than
-        vLLM's own hit is held."""
-        if n >= len(st.spans) or st.request is None:
-            return None
-        nxt = st.spans[n]
-        parent = st.spans[n - 1].digest if n else self.tails.root(st.extra)
-        tokens = st.request.prompt_token_ids
-        for length, digest in self.tails.candidates(parent, below=nxt.num_tokens):
-            end = nxt.start + length
-            if end <= num_computed_tokens:
-                break  # longest first: the rest are shorter still
-            if not self.index.has(digest):
-                continue
-            # Equal digests mean equal tokens (prefix-chained): hash this prompt's first tokens.
-            mine = self.planner.spans(tokens[:end], st.extra)[-1]
-            if mine.digest == digest:
-                return ChunkSpan(n, nxt.start, end, digest)
-        return None
-
     def may_load_async(self, request: Request) -> bool:
         """vLLM 0.34 (`--max-num-inflight-kv-loads`): whether `get_num_new_matched_tokens` may
         answer "asynchronous" for this request, asked whenever it enters the waiting queues
@@ -435,7 +325,7 @@ class SchedulerConnector(ConnectorCore):
         # digest -> the first slow tier that has it for every rank: one batched question per tier.
         where = self.index.locate(asked) if asked else {}
         if self._events is not None and asked:
-            self._forget_evicted(asked, where)
+            self._events.forget_evicted(asked, where)
         want = []
         for span in rest:
             if span.end <= num_computed_tokens:
@@ -449,11 +339,7 @@ class SchedulerConnector(ConnectorCore):
             if tier is None:
                 break
             if self._events is not None and req_id in self._states:
-                self._events.remember(self._states[req_id].request, span.start, span.end, d)
-                # Found there (e.g. written before a restart, or by another instance): announced.
-                state = self._tier_state[tier]
-                state.apply((ns, "+", d) for ns in self.namespaces)
-                self._events.sync(tier, [d], state.present)
+                self._events.found(self._states[req_id].request, span, tier)
             self._prefetching[d] = (now + PREFETCH_WAIT_S, tier)
             self._to_prefetch.append(d)
             self._slow_waits.setdefault(req_id, {})[d] = tier  # hit-source labels, the hit line
@@ -476,20 +362,6 @@ class SchedulerConnector(ConnectorCore):
             return True
         self._waiting.pop(req_id, None)
         return False
-
-    def _forget_evicted(self, asked: list[str], where: dict[str, str]) -> None:
-        """A remote server evicts without telling anyone: chunks it was asked about and lacks
-        (every remote tier faster than where each was found) are removed in the events. Local
-        tiers' drops come from their writers, the workers (`TierWrites`)."""
-        assert self._events is not None
-        order = [t.name for t in self._slow_tiers]
-        for i, t in enumerate(self._slow_tiers):
-            if t.locality != "REMOTE" or t.name not in self._tier_state:
-                continue
-            missing = [d for d in asked if d not in where or order.index(where[d]) > i]
-            state = self._tier_state[t.name]
-            gone = state.drop(missing)
-            self._events.sync(t.name, gone, state.present)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         rid = request.request_id
@@ -533,64 +405,21 @@ class SchedulerConnector(ConnectorCore):
         if plan is None:
             return
         first, end = plan
-        tail, st.tail = st.tail, None
-        spans = st.spans if tail is None else [*st.spans[: tail.index], tail]
-        ops = []
-        for span in spans:
-            if span.end <= first or span.start >= end:
-                continue
-            blocks = self.planner.blocks_of(span, st.block_ids)
-            skip = max(first - span.start, 0) // self.block_size
-            ops.append(ChunkOp(span.digest, blocks, span.num_tokens, skip))
+        ops, ends = self.plans.loads(st, first, end)
         if ops and in_background:
             meta.async_loads[req_id] = ops
-            ends = [s.end for s in spans if s.end > first and s.start < end]
-            self._async_inflight[req_id] = (first, [min(e, end) for e in ends])
+            self._async_inflight[req_id] = (first, ends)
         elif ops:
             meta.loads[req_id] = ops
-        if ops:
-            # Loaded chunks are cached: never store them again. A tail is not the prompt's
-            # chunk there: that one is stored once computed.
-            loaded = tail.index if tail is not None else sum(1 for s in st.spans if s.start < end)
-            st.num_handled = max(st.num_handled, loaded)
-
-    def _extend_for_decode(self, st: RequestState, computed: int) -> None:
-        """save_decode_cache: add the whole chunks that decoding has filled (prompt + output
-        tokens), so a follow-up turn that repeats the conversation hits them too."""
-        cs = self.config.chunk_size
-        n_full = computed // cs
-        have_full = sum(1 for s in st.spans if s.num_tokens == cs)
-        if n_full <= have_full or st.request is None:
-            return
-        tokens = list(st.request.all_token_ids[: n_full * cs])
-        if len(tokens) < n_full * cs:
-            return
-        # The prompt's partial chunk (already stored under its own key) gives way to the
-        # whole chunk that now covers those tokens.
-        st.num_handled = min(st.num_handled, have_full)
-        st.spans = self.planner.spans(tokens, st.extra)
 
     def _plan_stores(self, st: RequestState, computed: int, meta: LMCacheTritonMetadata) -> None:
         if st.skip_save or not self.stores_enabled:  # per-request opt-out, or kv_consumer
             return
-        if self.config.save_decode_cache and computed > st.prompt_len:
-            self._extend_for_decode(st, computed)
-        while st.num_handled < len(st.spans):
-            span = st.spans[st.num_handled]
-            if span.end > computed:
-                break
-            if span.num_tokens < self.config.chunk_size:  # a later turn may continue it
-                self._note_tail(st, span)
-            if not self.index.has(span.digest):
-                meta.stores.append(ChunkOp(span.digest, self.planner.blocks_of(span, st.block_ids), span.num_tokens))
-                st.stores_planned += 1
-                if self._events is not None:
-                    self._events.remember(st.request, span.start, span.end, span.digest)
-            st.num_handled += 1
-
-    def _note_tail(self, st: RequestState, span: ChunkSpan) -> None:
-        parent = st.spans[span.index - 1].digest if span.index else self.tails.root(st.extra)
-        self.tails.add(parent, span.num_tokens, span.digest)
+        for span, op in self.plans.stores(st, computed):
+            meta.stores.append(op)
+            st.stores_planned += 1
+            if self._events is not None:
+                self._events.stored(st.request, span)
 
     def _plan(self, req_id: str, st: RequestState, meta: LMCacheTritonMetadata, computed: int, load: bool) -> None:
         if load and (self._blend is None or not self._blend.plan_blend(req_id, st, meta)):
@@ -661,7 +490,7 @@ class SchedulerConnector(ConnectorCore):
                 for d in (*held, *failed):
                     self._prefetching.pop(d, None)
         if self._events is not None:
-            self._update_events(wm, connector_output.kv_cache_events)
+            self._events.update(wm, connector_output.kv_cache_events, self.index.has)
 
     def _short_loads(self, short: dict[str, int]) -> None:
         """Asynchronous loads that finished short on some rank: `short[req]` leading chunks are
@@ -690,23 +519,6 @@ class SchedulerConnector(ConnectorCore):
             # Asked again (vLLM looks up a request it resumes from no computed token), nothing
             # more is promised to it: what failed once is computed.
             self._load_fell_short.add(rid)
-
-    def _update_events(self, wm: object, tier_writes: KVConnectorKVEvents | None) -> None:
-        """Turn this step's worker reports into vLLM KV events (kv_events.py): chunks every rank
-        now holds in its CPU tier / has written to a slow tier, and chunks that left."""
-        assert self._events is not None
-        try:
-            if isinstance(wm, LMCacheTritonWorkerMetadata):
-                touched = [d for lists in wm.reports.values() for part in lists[:3] for d in part]
-                if touched:
-                    self._events.sync(CPU_TIER, touched, self.index.has)
-            if isinstance(tier_writes, TierWrites) and tier_writes.items:
-                for tier, state in self._tier_state.items():
-                    touched = state.apply(it[1:] for it in tier_writes.items if it[0] == tier)
-                    if touched:
-                        self._events.sync(tier, touched, state.present)
-        except Exception:  # events are best effort: never into the step
-            logger.exception("lmcache_triton: KV events for this step failed")
 
     def take_events(self) -> list[KVCacheEvent]:
         """vLLM's scheduler publishes these after each step (through its own publisher)."""
