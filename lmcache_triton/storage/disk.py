@@ -64,7 +64,7 @@ from .writer import WriteQueue
 
 logger = logging.getLogger(__name__)
 
-WRITER_NICE = 10  # the disk writer thread's niceness (see DiskTier._writer)
+WRITER_NICE = 10  # the disk writer thread's niceness (the shared WriteQueue, storage/writer.py)
 _FULL_RETRIES = 3
 
 

@@ -9,7 +9,7 @@ one block through `torch.ops._C.cpu_attn_reshape_and_cache` once per bit of a to
 (values 0/1, exact in every dtype) and decodes where each `(k|v, token, head, dim)` element lands.
 The result is accepted only when it is a bijection onto the page (no element lost, none written
 twice, nothing else touched); otherwise the packing is refused: chunks fall back to whole pages
-(`vllm_v1_adapter._row_form`) and blending is off.
+(`worker.row_form`) and blending is off.
 
 The engine moves chunks through that map (`KVCacheEngine.register(page_map=...)`); CacheBlend
 writes its blended rows through the same vLLM op (`write_tokens`), exact by construction.
