@@ -211,6 +211,10 @@ class LMCacheConfig:
             `max_local_cpu_size` from start-up (as LMCache's pinned buffer) and ~0.25 CPU-s per
             GiB; skipped (one log line) when the bound exceeds 3/4 of the available memory. A
             pinned arena (CUDA) is resident anyway: no effect there. Not an LMCache key.
+        cpu_pretouch_max_size: with `cpu_pretouch`, fault in only the first this many GB of the
+            arena (the first ones stores and prefetches fill; the rest stays lazy): the resident
+            memory at start-up bounded below `max_local_cpu_size`. Default 0: the whole bound.
+            Not an LMCache key.
         cpu_hugepages: back the CPU tier's (unpinned) arena with transparent huge pages
             (`madvise(MADV_HUGEPAGE)` on each slab as it is allocated), so a first write into it
             faults 2 MiB at a time instead of 4 KiB. Default False (opt-in): alone the disk
@@ -258,6 +262,7 @@ class LMCacheConfig:
     remote_codec: str = "exact"
     cpu_codec: str = "exact"
     cpu_pretouch: bool = False
+    cpu_pretouch_max_size: float = 0.0
     cpu_hugepages: bool = False
     remote_serde: str | None = None
 

@@ -425,6 +425,22 @@ def test_pretouch_keeps_entries_holds_and_reservations_intact():
     assert tier.stats["pool_bytes"] == 4 * slab
 
 
+def test_pretouch_with_a_limit_faults_in_only_the_first_bytes_puts_fill():
+    """`pretouch(limit)`: the first `limit` bytes of the arena (the slabs in the order puts fill
+    them, the last one touched in part); the slabs past it stay unallocated."""
+    slab = 2 << 20
+    tier = CpuTier(4 * slab, pin_memory=False, slab_bytes=slab)
+    assert tier.pretouch(3 << 20)
+    assert tier.wait_pretouch(30)
+    assert tier.pretouched_bytes == 3 << 20
+    assert tier.stats["pool_bytes"] == 2 * slab, "two slabs allocated, two left lazy"
+    full = CpuTier(4 * slab, pin_memory=False, slab_bytes=slab)
+    assert not full.pretouch(0), "a limit of nothing: nothing to do"
+    for i in range(100):  # the tier works on as before, past the touched bytes too
+        assert tier.put(key(i), fill(64 * A, i))
+    assert all(torch.equal(tier.get(key(i)), fill(64 * A, i)) for i in range(100))
+
+
 def test_pretouch_off_by_default_and_on_pinned_tiers():
     tier = CpuTier(1 << 20, pin_memory=False, slab_bytes=1 << 18)
     assert tier.stats["pool_bytes"] == 0 and tier.pretouched_bytes == 0, "no pre-touch unless asked"
@@ -476,8 +492,13 @@ def test_builder_pretouches_only_when_switched_on():
     off = build_storage(load_config(base, env={}, warn=False))  # the default: off
     assert off.cpu is not None and off.cpu.wait_pretouch(30)
     assert off.cpu.pretouched_bytes == 0 and off.cpu.stats["pool_bytes"] == 0
+    capped = {**base, "lmcache.cpu_pretouch": True, "lmcache.cpu_pretouch_max_size": 1 / 1024}
+    part = build_storage(load_config(capped, env={}, warn=False))
+    assert part.cpu is not None and part.cpu.wait_pretouch(30)
+    assert part.cpu.pretouched_bytes == 1 << 20, "cpu_pretouch_max_size: the first MiB of four"
     on.close()
     off.close()
+    part.close()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities and madvise: Linux only")

@@ -259,6 +259,7 @@ def build_storage(
         cpu = CpuTier(config.max_local_cpu_bytes, hugepages=config.cpu_hugepages)
         if track_cpu_removals:
             cpu.track_removals()
-        if config.cpu_pretouch:
-            cpu.pretouch()  # at the worker's start-up, in the background: never in a step
+        if config.cpu_pretouch:  # at the worker's start-up, in the background: never in a step
+            gb = config.cpu_pretouch_max_size
+            cpu.pretouch(int(gb * (1 << 30)) if gb > 0 else None)
     return StorageHierarchy(cpu, tiers, keep_in_cpu=config.local_cpu, write_slow_tiers=not replica)

@@ -181,15 +181,19 @@ class CpuTier:
         self._arena.free(entry.slab, entry.off, entry.size)
         self._used -= entry.buf.numel()
 
-    def pretouch(self) -> bool:
-        """Allocate every slab of the bound and fault its pages in on a background thread, so
+    def pretouch(self, limit: int | None = None) -> bool:
+        """Allocate the slabs of the bound and fault their pages in on a background thread, so
         that the first chunks written into the arena take no page faults (`CpuArena.pretouch`:
         its costs, and when it declines). `clear` (and so `StorageHierarchy.close`) stops it.
+
+        Args:
+            limit: only the first `limit` bytes (the first ones puts fill); default None: the
+                whole bound.
 
         Returns:
             True when the thread was started.
         """
-        return self._arena.pretouch()
+        return self._arena.pretouch(limit)
 
     def wait_pretouch(self, timeout: float | None = None) -> bool:
         """Wait for `pretouch`'s thread (tests, benchmarks); True when it is not running."""

@@ -115,6 +115,7 @@ class CpuArena:
         self._pretoucher: threading.Thread | None = None  # `pretouch`'s thread, once started
         self._pretouch_stop = threading.Event()
         self._pretouched = 0  # bytes of slabs faulted in by `pretouch`
+        self._pretouch_limit = 0  # `pretouch`'s bound: the first bytes of the arena it faults in
         self._slabs = [Slab(n) for n in slab_sizes(max_bytes, slab_bytes, pin_memory)]
         self.largest = max((s.size for s in self._slabs), default=0)
 
@@ -296,11 +297,15 @@ class CpuArena:
 
     # ---------------------------------------------------------------- pre-touch
 
-    def pretouch(self) -> bool:
-        """Allocate every slab of the bound and fault its pages in, on a background thread
+    def pretouch(self, limit: int | None = None) -> bool:
+        """Allocate the slabs of the bound and fault their pages in, on a background thread
         (`lmcache-triton-pretouch`, the process's priority, half a core at most, the slabs in
         the order puts fill them), so that the first chunks written into the arena (a disk hit
         after a restart) take no page faults.
+
+        Args:
+            limit: fault in only the first `limit` bytes of the arena (the first ones puts
+                fill; slabs past them stay lazy); default None: the whole bound.
 
         Costs: the process's resident memory grows to the bound at start-up, as LMCache's
         pinned buffer does; ~0.25 CPU-s per GiB (2-core VM), spread over twice that wall time. A pinned
@@ -316,7 +321,10 @@ class CpuArena:
         with self.lock:
             if self.pin_memory or self._pretoucher is not None or not self._slabs:
                 return False
-            untouched = self.max_bytes - self.allocated
+            untouched = min(self.max_bytes, self.max_bytes if limit is None else max(0, limit)) - self.allocated
+            if untouched <= 0 and limit is not None:
+                return False
+            self._pretouch_limit = self.max_bytes if limit is None else max(0, limit)
             avail = available_memory()
             if avail is not None and untouched > 0.75 * avail:
                 logger.info(
@@ -344,9 +352,12 @@ class CpuArena:
         # priority, 4 MiB pieces (~1 ms of the lock each), half a core at most (`PRETOUCH_DUTY`).
         try:
             in_place = can_populate()
+            start = 0  # where the slab starts in the order puts fill the arena
             for index, slab in enumerate(self._slabs):  # the list is fixed; its slabs change
-                if self._pretouch_stop.is_set():
+                if self._pretouch_stop.is_set() or start >= self._pretouch_limit:
                     return
+                part = min(slab.size, self._pretouch_limit - start)  # bytes of it to touch
+                start += slab.size
                 if not in_place:  # write the pages before anyone else sees them
                     if self.grow(index, touch_pages=True):
                         with self.lock:
@@ -355,9 +366,9 @@ class CpuArena:
                 self.grow(index)
                 with self.lock:
                     buf = slab.buf
-                if buf is not None and populate(buf, self._pretouch_stop, duty=PRETOUCH_DUTY):
+                if buf is not None and populate(buf[:part], self._pretouch_stop, duty=PRETOUCH_DUTY):
                     with self.lock:
-                        self._pretouched += slab.size
+                        self._pretouched += part
         except Exception:  # never take the process down for an optimisation
             logger.warning("CPU tier: pre-touching the arena failed; pages fault in on first use", exc_info=True)
 
