@@ -10,7 +10,9 @@ TTFT is the wall time of a 1-token generation inside the engine's process, media
 prompts. Targets (issue 20): the int8 disk hit <= 3% of the miss, the remote hit <= 5%.
 
 `--pretouch` also runs each codec's disk hit in a second new process with `cpu_pretouch` on
-(column "pretouch"), right after the default (off) one, on the same files.
+(column "pretouch"), right after the default one, on the same files. The default is on as well
+since 2026-12-07 (the first GB): to compare on and off, `bench_config_ab.py cpu_pretouch true
+false`.
 
 `--hugepages` also runs each codec's disk hit in a new process with `cpu_hugepages` on (the CPU
 arena in transparent huge pages; column "huge pages"), right after the default one.

@@ -28,9 +28,10 @@ miss/hit, after miss/hit, before disk hit, after disk hit), so a change is compa
 same load; its rows are labelled "before: ...".
 
 `--pretouch` runs the connector cases a second time with `cpu_pretouch` on (rows "pretouch:
-..."), interleaved with the default-config ones (off): the disk hit after a restart is the one
-the pre-touch is for. `--hugepages` does the same with `cpu_hugepages` on (rows "huge pages:
-...").
+..."), interleaved with the default-config ones. Since 2026-12-07 the default is on as well (the
+first GB), so those rows now repeat the main ones; to compare on and off, use
+`bench_config_ab.py cpu_pretouch true false`. `--hugepages` does the same with `cpu_hugepages`
+on (rows "huge pages: ...").
 
 Usage: python bench/bench_e2e.py [--tokens 4096] [--reps 3] [--quick] [--floor] [--before DIR]
                                  [--async-load-min-tokens N] [--pretouch] [--hugepages]

@@ -481,18 +481,18 @@ def test_populate_stops_when_asked_and_changes_no_byte():
     assert bool((buf[: 1 << 20] == 7).all()) and not bool(buf[1 << 20 :: 4096].any())
 
 
-def test_builder_pretouches_only_when_switched_on():
+def test_builder_pretouches_the_first_gb_by_default_and_not_when_switched_off():
     from lmcache_triton.config import load_config
     from lmcache_triton.storage.builder import build_storage
 
     base = {"lmcache.max_local_cpu_size": 4 / 1024, "lmcache.local_cpu": True}
-    on = build_storage(load_config({**base, "lmcache.cpu_pretouch": True}, env={}, warn=False))
+    on = build_storage(load_config(base, env={}, warn=False))  # the default: on, the first GB
     assert on.cpu is not None and on.cpu.wait_pretouch(30)
     assert on.cpu.pretouched_bytes == on.cpu.max_bytes // A * A == on.cpu.stats["pool_bytes"]
-    off = build_storage(load_config(base, env={}, warn=False))  # the default: off
+    off = build_storage(load_config({**base, "lmcache.cpu_pretouch": False}, env={}, warn=False))
     assert off.cpu is not None and off.cpu.wait_pretouch(30)
     assert off.cpu.pretouched_bytes == 0 and off.cpu.stats["pool_bytes"] == 0
-    capped = {**base, "lmcache.cpu_pretouch": True, "lmcache.cpu_pretouch_max_size": 1 / 1024}
+    capped = {**base, "lmcache.cpu_pretouch_max_size": 1 / 1024}
     part = build_storage(load_config(capped, env={}, warn=False))
     assert part.cpu is not None and part.cpu.wait_pretouch(30)
     assert part.cpu.pretouched_bytes == 1 << 20, "cpu_pretouch_max_size: the first MiB of four"

@@ -37,7 +37,8 @@ Invariants:
   * `release_empty` (the tier's `clear`) frees the slabs left empty (slabs with held blocks stay
     until reused). A slab whose allocation fails (no pinnable memory left) is logged, counted in
     `errors` and never retried: the tier works on the slabs it has.
-  * `pretouch()` (the builder calls it with `cpu_pretouch: true`; off by default): a fresh slab's
+  * `pretouch(limit)` (the builder calls it with `cpu_pretouch`, on by default, for the first
+    `cpu_pretouch_max_size` GB): a fresh slab's
     pages are faulted in by their first write, and a first write costs the fault plus the kernel
     zeroing the page, 2.6x a copy into resident memory (first-touch faults were ~40% of a disk hit
     after a restart). The pre-touch thread (the process's priority, half a core at most: a niced
