@@ -334,10 +334,11 @@ class AsyncLoader:
         for job in active:
             if job.cancelled or job.chunks_ok >= len(job.chunks) or now > job.deadline:
                 return job
-            rest = [_landed(c) for c in job.chunks[job.chunks_ok :]]
-            if all(rest):
+            if not _landed(job.chunks[job.chunks_ok]):
+                continue
+            if all(_landed(c) for c in job.chunks[job.chunks_ok + 1 :]):  # stops at the first still read
                 return job
-            if rest[0] and first_ready is None:
+            if first_ready is None:
                 first_ready = job
         return first_ready
 

@@ -322,10 +322,11 @@ class CpuArena:
         with self.lock:
             if self.pin_memory or self._pretoucher is not None or not self._slabs:
                 return False
-            untouched = min(self.max_bytes, self.max_bytes if limit is None else max(0, limit)) - self.allocated
+            bound = self.max_bytes if limit is None else min(self.max_bytes, max(0, limit))
+            untouched = bound - self.allocated
             if untouched <= 0 and limit is not None:
                 return False
-            self._pretouch_limit = self.max_bytes if limit is None else max(0, limit)
+            self._pretouch_limit = bound
             avail = available_memory()
             if avail is not None and untouched > 0.75 * avail:
                 logger.info(
