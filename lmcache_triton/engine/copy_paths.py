@@ -19,7 +19,9 @@ alone (its chunks hold those layers only), for layer-wise transfers. Encoded chu
 (`chunk.codec.Encoding`: a lossy codec's parts in one byte buffer): `scatter_encoded(buf,
 encoding, ids)` dequantizes and scatters, `gather_encoded(ids, buf, encoding)` gathers and
 quantizes; token-addressable pages in one fused kernel launch per K/V half
-(`kernels.quant`), packed pages through a scratch chunk of token rows and the torch twins.
+(`kernels.quant`), strided pages with int8 straight into the pages (`torch.mul(q, scale,
+out=pages)`, `host_fused_decode`), other packed pages through a scratch chunk of token rows and
+the torch twins.
 
 Invariants:
   * Copies are bit-exact and touch only the slots (pages) named by `ids`; a slot `< 0` is
@@ -155,6 +157,12 @@ class CopyPath:
         from lmcache_triton.kernels.paged_copy import tokens_to_paged
 
         tokens_to_paged(src, self.flat, self.geom, ids)
+
+    def host_fused_decode(self, codec: str) -> bool:
+        """Whether `scatter_encoded` of a `codec` chunk dequantizes on the host straight into
+        the cache's pages, with no scratch chunk of decoded rows. The base path's fused kernels
+        are a device's: False."""
+        return False
 
     def scatter_encoded(self, buf: torch.Tensor, encoding: Encoding, ids: torch.Tensor) -> None:
         """Dequantize the encoded chunk in `buf` (`[encoding.nbytes]` uint8, on the cache's
@@ -395,11 +403,11 @@ class StridedPages(PackedPages):
             t += size
         return runs
 
-    def _half_views(self) -> list[torch.Tensor]:
+    def _half_views(self, bits: bool = True) -> list[torch.Tensor]:
         """Per K/V half `[L, pages, N, H, E]`: the cache seen through the packing's strides
-        (integer-typed: copies are bit-exact)."""
+        (integer-typed unless `bits` is False: copies are bit-exact)."""
         g = self.geom
-        flat = _bits(self.buffer)
+        flat = _bits(self.buffer) if bits else self.buffer
         e = g.row_size // self.kv_split
         return [
             flat.as_strided(
@@ -431,6 +439,39 @@ class StridedPages(PackedPages):
     def scatter(self, src: torch.Tensor, ids: torch.Tensor) -> None:
         for cache, chunk in self._pairs(ids, src):
             cache.copy_(chunk)
+
+    def host_fused_decode(self, codec: str) -> bool:
+        c = get_codec(codec)
+        return c.bits == 8 and c.k_group <= 0 and c.v_group <= 0 and self._float_views()
+
+    def _float_views(self) -> bool:
+        return self.buffer.dtype == self.geom.dtype and self.geom.dtype.is_floating_point
+
+    def scatter_encoded(self, buf: torch.Tensor, encoding: Encoding, ids: torch.Tensor) -> None:
+        """int8 (one scale per token row and head): dequantize straight into the strided page
+        views, one `torch.mul(q, scale, out=pages)` per K/V half and run of pages, so the decoded
+        rows are written once, into vLLM's pages, never into a scratch chunk. The arithmetic is
+        the twin's (`quant_ref.dequantize_rows_ref`: q to float32 times the fp16 scale widened to
+        float32, rounded once to the cache's dtype): bit-identical. Other codecs: the scratch
+        chunk (`PackedPages.scatter_encoded`)."""
+        if not self.host_fused_decode(encoding.codec):
+            super().scatter_encoded(buf, encoding, ids)
+            return
+        g = self.geom
+        q, scales = encoding.q_and_scales(buf)
+        wide = [s.to(torch.float32) for s in scales]  # [L, T, H, 1]: 1/E of the values
+        num_layers, num_tokens = q.shape[1], q.shape[2]
+        halves = self._half_views(bits=False)
+        for p0, np_, t0, nt in self._runs(ids, num_tokens):
+            for s, view in enumerate(halves):
+                qs, ss = q[s, :, t0 : t0 + nt], wide[s][:, t0 : t0 + nt]
+                if nt == np_ * g.block_size:
+                    dst = view[:, p0 : p0 + np_]
+                    qs = qs.view(num_layers, np_, g.block_size, *qs.shape[2:])
+                    ss = ss.view(num_layers, np_, g.block_size, *ss.shape[2:])
+                else:
+                    dst = view[:, p0, :nt]
+                torch.mul(qs, ss, out=dst)
 
 
 def affine_page_map(page_map: torch.Tensor, block_numel: int) -> list[tuple[int, int, int, int]] | None:

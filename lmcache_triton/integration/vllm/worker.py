@@ -164,7 +164,11 @@ class WorkerConnector(ConnectorCore):
         form = row_form(self.spec, views, self.vllm_config)
         self.engine.register(views, self.block_size, staging_tokens=self.config.chunk_size, **form)
         logger.info(
-            "lmcache_triton: registered %d layers, geometry %s", len(names), self.engine.geom
+            "lmcache_triton: registered %d layers, geometry %s, copy path %s%s",
+            len(names),
+            self.engine.geom,
+            type(self.engine.path).__name__,
+            ", lossy chunks held encoded until the load" if self.engine.hold_encoded else "",
         )
         if self._blend_worker is not None:
             self._blend_worker.register(kv_caches)
