@@ -336,7 +336,9 @@ def _run_child(argv: list[str], env: dict[str, str], timeout: float, stdout: str
         return result
     import subprocess
 
-    cmd = [sys.executable, "-m", "lmcache_triton.testing.runner", *argv]
+    # -P: the working directory is not put first on sys.path, so the package comes from the
+    # child's PYTHONPATH (a benchmark's `--before DIR`) or its install, not from the caller's cwd.
+    cmd = [sys.executable, "-P", "-m", "lmcache_triton.testing.runner", *argv]
     if stdout is None and stderr is None:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         return proc.returncode, proc.stderr
@@ -399,7 +401,7 @@ class EngineProcess:
         else:
             self._server = None
             with open(self.log_path, "w") as log:
-                self._proc = subprocess.Popen([sys.executable, "-m", "lmcache_triton.testing.runner", *argv],
+                self._proc = subprocess.Popen([sys.executable, "-P", "-m", "lmcache_triton.testing.runner", *argv],
                                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                               env=env)  # fmt: skip
         self._conn: socket.socket | None = None
