@@ -73,14 +73,12 @@ def test_make_copy_path_picks_strided_pages_only_for_a_stride_pattern():
         StridedPages(flat, geom, 8, 2, shuffled)
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["two-threads", "one-thread"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("blocks,tokens,skip", CASES, ids=IDS)
-def test_strided_gather_equals_the_index_path(dtype, blocks, tokens, skip, split):
+def test_strided_gather_equals_the_index_path(dtype, blocks, tokens, skip):
     c5, flat, geom = _cache(dtype)
     pm = vec_page_map(4, 3, 5)
     oracle, strided = PackedPages(flat, geom, 8, 2, pm), StridedPages(flat, geom, 8, 2, pm)
-    strided.split_halves = split
     shape = strided.chunk_shape(len(blocks), tokens)
     want = torch.full(shape, float("nan"), dtype=dtype)
     got = want.clone()
@@ -92,17 +90,15 @@ def test_strided_gather_equals_the_index_path(dtype, blocks, tokens, skip, split
     assert torch.equal(_bits(c5), _bits(before)), "a gather never writes the cache"
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["two-threads", "one-thread"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("blocks,tokens,skip", CASES, ids=IDS)
-def test_strided_scatter_equals_the_index_path(dtype, blocks, tokens, skip, split):
+def test_strided_scatter_equals_the_index_path(dtype, blocks, tokens, skip):
     """The whole cache after a load equals the index path's: the chunk's slots written, skipped
     blocks and every other slot (the rest of a partial page included) left as they were."""
     c5, flat, geom = _cache(dtype, seed=1)
     c5.fill_(float("nan"))
     pm = vec_page_map(4, 3, 5)
     oracle, strided = PackedPages(flat, geom, 8, 2, pm), StridedPages(flat, geom, 8, 2, pm)
-    strided.split_halves = split
     g = torch.Generator().manual_seed(3)
     src = torch.randn(strided.chunk_shape(len(blocks), tokens), generator=g).to(dtype)
     poisoned = c5.clone()
@@ -112,66 +108,6 @@ def test_strided_scatter_equals_the_index_path(dtype, blocks, tokens, skip, spli
     strided.scatter(src, strided.ids(blocks, tokens, skip * 8))
     assert torch.equal(_bits(c5), _bits(want))
     assert not torch.equal(_bits(c5), _bits(poisoned)), "the load wrote something"
-
-
-def test_strided_copies_split_k_and_v_halves_over_two_threads(monkeypatch):
-    """With `split_halves` (two cores or more) a copy's K half runs on the path's helper thread
-    while the calling thread copies the V half; the call returns only when both are done, and an
-    error on the helper reaches the caller after the V half was copied."""
-    import threading
-
-    from lmcache_triton.engine import copy_paths
-
-    c5, flat, geom = _cache(torch.float32)
-    path = StridedPages(flat, geom, 8, 2, vec_page_map(4, 3, 5))
-    path.split_halves = True
-    seen: list[tuple[str, int]] = []
-    run_all = copy_paths._run_all
-
-    def record(copies, inference):
-        seen.append((threading.current_thread().name, len(copies)))
-        run_all(copies, inference)
-
-    monkeypatch.setattr(copy_paths, "_run_all", record)
-    blocks, tokens = [7, 8, 2], 21  # runs: pages of blocks 7-8 merged, block 2, its partial page
-    src = torch.randn(path.chunk_shape(3, tokens))
-    path.scatter(src, path.ids(blocks, tokens))
-    names = {name for name, _ in seen}
-    assert [n for _, n in seen] == [3, 3] and any(n.startswith("lmct-copy") for n in names), seen
-    assert threading.current_thread().name in names, seen
-    back = torch.empty_like(src)
-    path.gather(path.ids(blocks, tokens), back)
-    assert torch.equal(back, src)
-
-    def fail(copies, inference):
-        if threading.current_thread().name.startswith("lmct-copy"):
-            raise RuntimeError("K half failed")
-        run_all(copies, inference)
-
-    monkeypatch.setattr(copy_paths, "_run_all", fail)
-    c5.zero_()
-    with pytest.raises(RuntimeError, match="K half failed"):
-        path.scatter(src, path.ids(blocks, tokens))
-    v_only = torch.empty_like(src)
-    monkeypatch.setattr(copy_paths, "_run_all", run_all)
-    path.gather(path.ids(blocks, tokens), v_only)
-    assert torch.equal(v_only[1], src[1]) and not v_only[0].any(), "the V half was copied, the K half not"
-
-
-def test_strided_copies_on_two_threads_into_inference_tensors():
-    """vLLM steps in inference mode, and a CPU arena slab grown in a step is an inference
-    tensor: the helper thread copies in the caller's inference mode (thread-local), so both
-    halves' in-place writes are allowed (outside it torch refuses them)."""
-    with torch.inference_mode():
-        c5, flat, geom = _cache(torch.float32)
-        path = StridedPages(flat, geom, 8, 2, vec_page_map(4, 3, 5))
-        path.split_halves = True
-        out = torch.zeros(path.chunk_shape(2, 16))
-        path.gather(path.ids([3, 4], 16), out)
-        path.scatter(out + 1, path.ids([5, 6], 16))
-        back = torch.empty_like(out)
-        path.gather(path.ids([5, 6], 16), back)
-    assert out.is_inference() and torch.equal(back, out + 1)
 
 
 def test_strided_pages_over_a_layer_range_and_a_page_size_skip():

@@ -32,12 +32,8 @@ Invariants:
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import functools
-import os
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -371,9 +367,6 @@ class StridedPages(PackedPages):
         if strides is None:
             raise ValueError("page_map: not a stride pattern within one block (use PackedPages)")
         self.half_strides = strides
-        # Copies split over two threads, K half and V half (`_copy`), where there are two cores.
-        self.split_halves = (os.cpu_count() or 1) > 1
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # `_helper`, on first use
 
     def ids(self, block_ids: Sequence[int], num_tokens: int, skip_tokens: int = 0) -> torch.Tensor:
         """The kernel page ids of the pages holding the first `num_tokens` tokens of
@@ -425,8 +418,8 @@ class StridedPages(PackedPages):
             for base, sn, sh, se in self.half_strides
         ]
 
-    def _pairs(self, ids: torch.Tensor, rows: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """`(half, cache view, chunk view)` of each copy: `rows` `[S, L, T, H, E]`."""
+    def _pairs(self, ids: torch.Tensor, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`(cache view, chunk view)` of each copy: `rows` `[S, L, T, H, E]`."""
         g = self.geom
         rows = _bits(rows)
         num_layers, num_tokens = rows.shape[1], rows.shape[2]
@@ -435,49 +428,17 @@ class StridedPages(PackedPages):
             for s, view in enumerate(halves):
                 part = rows[s, :, t0 : t0 + nt]
                 if nt == np_ * g.block_size:
-                    yield s, view[:, p0 : p0 + np_], part.view(num_layers, np_, g.block_size, *part.shape[2:])
+                    yield view[:, p0 : p0 + np_], part.view(num_layers, np_, g.block_size, *part.shape[2:])
                 else:
-                    yield s, view[:, p0, :nt], part
+                    yield view[:, p0, :nt], part
 
     def gather(self, ids: torch.Tensor, out: torch.Tensor) -> None:
-        self._in_halves([(s, functools.partial(chunk.copy_, cache)) for s, cache, chunk in self._pairs(ids, out)])
+        for cache, chunk in self._pairs(ids, out):
+            chunk.copy_(cache)
 
     def scatter(self, src: torch.Tensor, ids: torch.Tensor) -> None:
-        self._in_halves([(s, functools.partial(cache.copy_, chunk)) for s, cache, chunk in self._pairs(ids, src)])
-
-    def _in_halves(self, copies: list[tuple[int, Callable[[], object]]]) -> None:
-        """Run each `(half, copy)`: the K half's on a helper thread while this thread runs the V
-        half's, when there are both (`split_halves`); in order otherwise.
-
-        Why not torch's own threads: each `copy_` would be one OpenMP parallel region, whose
-        threads spin at its end until all are done, and on a busy 2-core box a descheduled
-        thread costs every region a time slice (`engine.torch_threads`: the copies run on one
-        OpenMP thread). Two threads with one OpenMP thread each need one join per call, and the
-        waiting thread sleeps. Measured (2-core AMD VM, 16 chunks of 256 tokens = 101 MB, fp32,
-        32-token pages): 23 ms against 31 ms on one thread when quiet; 64 vs 62 ms with three
-        busy loops on the two cores (bench/RESULTS.md, 2026-12-07 20:10 UTC)."""
-        if not self.split_halves or len({half for half, _ in copies}) < 2:
-            for _, copy in copies:
-                copy()
-            return
-        # The helper runs in the caller's inference mode (thread-local): vLLM steps in it, and
-        # tensors made in it (the CPU arena's slabs grown in a step) take in-place writes only in it.
-        mode = torch.is_inference_mode_enabled()
-        done = self._helper().submit(_run_all, [copy for half, copy in copies if half == 0], mode)
-        try:
-            _run_all([copy for half, copy in copies if half != 0], mode)
-        finally:
-            done.result()  # never return (and let the chunk go) while a copy still runs
-
-    def _helper(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._pool is None:
-            with _POOL_LOCK:
-                if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(
-                        1, thread_name_prefix="lmct-copy", initializer=torch._C.set_num_threads, initargs=(1,)
-                    )
-        return self._pool
-
+        for cache, chunk in self._pairs(ids, src):
+            cache.copy_(chunk)
 
     def host_fused_decode(self, codec: str) -> bool:
         c = get_codec(codec)
@@ -501,7 +462,6 @@ class StridedPages(PackedPages):
         wide = [s.to(torch.float32) for s in scales]  # [L, T, H, 1]: 1/E of the values
         num_layers, num_tokens = q.shape[1], q.shape[2]
         halves = self._half_views(bits=False)
-        work: list[tuple[int, Callable[[], object]]] = []
         for p0, np_, t0, nt in self._runs(ids, num_tokens):
             for s, view in enumerate(halves):
                 qs, ss = q[s, :, t0 : t0 + nt], wide[s][:, t0 : t0 + nt]
@@ -511,17 +471,7 @@ class StridedPages(PackedPages):
                     ss = ss.view(num_layers, np_, g.block_size, *ss.shape[2:])
                 else:
                     dst = view[:, p0, :nt]
-                work.append((s, functools.partial(torch.mul, qs, ss, out=dst)))
-        self._in_halves(work)
-
-
-def _run_all(copies: list[Callable[[], object]], inference: bool) -> None:
-    with torch.inference_mode(inference):
-        for copy in copies:
-            copy()
-
-
-_POOL_LOCK = threading.Lock()
+                torch.mul(qs, ss, out=dst)
 
 
 def affine_page_map(page_map: torch.Tensor, block_numel: int) -> list[tuple[int, int, int, int]] | None:
