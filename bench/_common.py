@@ -22,6 +22,23 @@ def device_name(device: str = "cpu") -> str:
     return f"CPU {platform.processor() or platform.machine()} x{threads} threads"
 
 
+def work_dir(prefix: str) -> Path:
+    """A fresh temporary folder for one benchmark run (engines' temp and cache folders, chunk
+    files: often gigabytes), removed when the process exits; `LMCT_BENCH_KEEP=1` keeps it (its
+    path is printed then)."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.environ.get("LMCT_BENCH_KEEP") == "1":
+        print(f"work folder kept: {work}")
+    else:
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
+
+
 def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
     """Append `rows` to the CSV at `path`, writing the header when the file is new."""
     import csv

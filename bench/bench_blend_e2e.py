@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import append_csv  # noqa: E402
+from _common import append_csv, work_dir  # noqa: E402
 from bench_e2e import BENCH_MODEL  # noqa: E402
 
 from lmcache_triton.testing import build_tiny_model  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
         blend.append([bos, *d3, *sep, *d1, *sep, *d2, *sep, *q2])
     n_tokens = len(full[0])
 
-    work = Path(tempfile.mkdtemp(prefix="lmct-bench-blend-"))
+    work = work_dir("lmct-bench-blend-")
     (work / "tmp").mkdir()
     env = {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache"),
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}

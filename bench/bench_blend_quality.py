@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import blend_trained_model as task  # noqa: E402
-from _common import append_csv  # noqa: E402
+from _common import append_csv, work_dir  # noqa: E402
 
 CSV = Path(__file__).with_name("results_blend_quality.csv")
 CSV_FIELDS = ["date", "machine", "versions", "model", "examples", "case", "accuracy", "blended"]
@@ -86,7 +86,7 @@ def main() -> None:
     for _ in range(args.examples):
         docs, ans = task.make_example(rng)
         examples.append({"docs": docs, "prompt": task.prompt_ids(docs), "answer": ans})
-    work = Path(tempfile.mkdtemp(prefix="lmct-bench-blendq-"))
+    work = work_dir("lmct-bench-blendq-")
     (work / "tmp").mkdir()
     print(f"model {model}: {build['steps']} training steps, held-out accuracy {build['heldout_accuracy_2048']:.3f} "
           f"(transformers); {args.examples} examples", flush=True)

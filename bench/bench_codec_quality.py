@@ -28,7 +28,6 @@ import datetime as dt
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import blend_trained_model as task  # noqa: E402
-from _common import append_csv  # noqa: E402
+from _common import append_csv, work_dir  # noqa: E402
 
 from lmcache_triton.calibration.measure import Prompt, builtin_prompts  # noqa: E402
 from lmcache_triton.calibration.run import run_calibration  # noqa: E402
@@ -62,7 +61,7 @@ def main() -> None:
     codecs = args.codecs.split(",")
     from lmcache_triton.testing import build_tiny_model
 
-    work = Path(tempfile.mkdtemp(prefix="lmct-bench-codecq-"))
+    work = work_dir("lmct-bench-codecq-")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["TMPDIR"] = str(work)
     models: dict[str, tuple[str, list[Prompt], int, int]] = {}  # name -> (dir, prompts, chunk, max_tokens)

@@ -41,7 +41,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -176,9 +175,11 @@ def main() -> None:
         Path(out).write_text(json.dumps(child(scenario, model, disk, args.tokens)))
         return
 
+    from _common import work_dir
+
     from lmcache_triton.testing import build_tiny_model
 
-    work = Path(tempfile.mkdtemp(prefix="lmct-bench-gap-"))
+    work = work_dir("lmct-bench-gap-")
     (work / "tmp").mkdir()
     env = dict(os.environ, TMPDIR=str(work / "tmp"), VLLM_CACHE_ROOT=str(work / "vllm-cache"),
                VLLM_CPU_KVCACHE_SPACE="4", PYTHONPATH=str(Path(__file__).resolve().parent.parent))

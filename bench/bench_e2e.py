@@ -47,10 +47,11 @@ import platform
 import random
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import work_dir  # noqa: E402
 
 from lmcache_triton.testing import build_tiny_model  # noqa: E402
 from lmcache_triton.testing.runner import EngineSpec, run_in_subprocess  # noqa: E402
@@ -75,7 +76,7 @@ def bench_setup(prefix: str, tokens: int, **model_params: object) -> tuple[Path,
     """A work folder (`prefix` in its name) with vLLM's temp and cache folders inside, their
     environment for the engine processes, and `EngineSpec` keywords for this benchmark's model
     (`BENCH_MODEL` updated by `model_params`, built once under ~/.cache) at `tokens` tokens."""
-    work = Path(tempfile.mkdtemp(prefix=prefix))
+    work = work_dir(prefix)
     (work / "tmp").mkdir()
     env = {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
     params = {**BENCH_MODEL, **model_params}

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import append_csv, device_name  # noqa: E402
+from _common import append_csv, device_name, work_dir  # noqa: E402
 
 from lmcache_triton.engine import KVCacheEngine, PackedPages, StridedPages  # noqa: E402
 from lmcache_triton.storage.cpu import CpuTier  # noqa: E402
@@ -198,11 +198,10 @@ def _int8_loads(eng: KVCacheEngine, plan, chunk_size: int, cache: torch.Tensor) 
 
 
 def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: ANN001 (bench helper)
-    import tempfile
 
     from lmcache_triton.storage.disk import DiskTier
 
-    d = Path(tempfile.mkdtemp(prefix="lmct-bench-hit-disk-"))
+    d = work_dir("lmct-bench-hit-disk-")
     writer = DiskTier(d, 1 << 31, secret=args.secret)
     for digest, _ in plan:
         key = source.key(digest)

@@ -23,7 +23,6 @@ import datetime as dt
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import append_csv, device_name, evict_from_page_cache  # noqa: E402
+from _common import append_csv, device_name, evict_from_page_cache, work_dir  # noqa: E402
 from bench_hit_copy import vec_page_map  # noqa: E402
 
 from lmcache_triton.engine import KVCacheEngine  # noqa: E402
@@ -81,7 +80,7 @@ def main() -> None:
     nchunks_b = args.tokens_b // CHUNK
     cache = torch.randn(LAYERS, nblocks, HEADS, PAGE, 2 * HEAD)
     views, pmap = [cache[i] for i in range(LAYERS)], vec_page_map(PAGE, HEADS, HEAD)
-    disk_dir = Path(tempfile.mkdtemp(prefix="lmct-bench-load-queue-"))
+    disk_dir = work_dir("lmct-bench-load-queue-")
 
     # A's chunks on disk (stored by a first engine, then flushed), as an old cache directory.
     first = KVCacheEngine(StorageHierarchy(CpuTier(1 << 30), [DiskTier(disk_dir, 1 << 31)]), NS, META)

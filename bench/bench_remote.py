@@ -37,7 +37,6 @@ import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench._common import append_csv, device_name  # noqa: E402
+from bench._common import append_csv, device_name, work_dir  # noqa: E402
 from lmcache_triton.storage.remote import RemoteTier  # noqa: E402
 from lmcache_triton.testing.valkey import ValkeyServer  # noqa: E402
 
@@ -149,7 +148,7 @@ def _engine_setup(quick: bool, what: str) -> tuple[str, str, dict[str, str]]:
         params.update(hidden_size=256, num_layers=4)
     name = "bench-e2e-q" if quick else "bench-e2e"
     model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / name, **params))
-    work = Path(tempfile.mkdtemp(prefix=f"lmct-bench-{what}-"))
+    work = work_dir(f"lmct-bench-{what}-")
     (work / "tmp").mkdir()
     return name, model, {"TMPDIR": str(work / "tmp"), "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
 

@@ -42,7 +42,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -53,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import work_dir  # noqa: E402
 from bench_e2e import BENCH_MODEL, _count_params  # noqa: E402  (the same ~40M-parameter float32 model)
 
 from lmcache_triton.testing import build_tiny_model  # noqa: E402
@@ -456,7 +456,7 @@ def main() -> None:
     kv_bytes_per_token = 2 * BENCH_MODEL["num_layers"] * BENCH_MODEL["num_kv_heads"] * BENCH_MODEL["head_size"] * 4
     args.cpu_gb = max(0.25, math.ceil(2 * total * kv_bytes_per_token / 2**30 * 4) / 4)  # whole workload, x2
 
-    work = Path(tempfile.mkdtemp(prefix="lmct-bench-serving-"))
+    work = work_dir("lmct-bench-serving-")
     (work / "tmp").mkdir()
     (work / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     # The servers start here: `python -m` puts its working directory first on the path, and a

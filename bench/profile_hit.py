@@ -30,7 +30,6 @@ import functools
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 from lmcache_triton.testing import build_tiny_model  # noqa: E402, I001
 from lmcache_triton.testing.runner import EngineSpec, generate, shutdown, start_engine  # noqa: E402
 
+from _common import work_dir  # noqa: E402
 from bench_e2e import BENCH_MODEL, _prompts  # noqa: E402
 
 TIMES: dict[str, float] = collections.defaultdict(float)
@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--no-floor", action="store_true", help="skip the engine without the connector")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="lmct-profile-hit-"))
+    work = work_dir("lmct-profile-hit-")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(work / "vllm-cache"))
     model = str(build_tiny_model(Path.home() / ".cache" / "lmcache_triton" / "models" / "bench-e2e", **BENCH_MODEL))
     max_len = args.tokens + 64
