@@ -120,3 +120,25 @@ def test_close_kills_children_still_running(server, script, tmp_path):
     while _pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _pid_alive(pid)
+
+
+@pytest.mark.skipif(__import__("sys").version_info < (3, 11), reason="python -P needs Python 3.11+")
+def test_children_import_the_package_from_pythonpath_not_the_working_directory(tmp_path):
+    """A benchmark's `--before DIR` puts DIR on the children's PYTHONPATH while it stands in this
+    checkout: the children must import DIR's package. `python -m`/`-c` put the working directory
+    first on sys.path; the runner's `PYTHON` (`-P`) does not."""
+    from lmcache_triton.testing.runner import PYTHON
+
+    older = tmp_path / "older" / "lmcache_triton"
+    older.mkdir(parents=True)
+    (older / "__init__.py").write_text("WHICH = 'older'\n")
+    here = tmp_path / "here" / "lmcache_triton"
+    here.mkdir(parents=True)
+    (here / "__init__.py").write_text("WHICH = 'the working directory'\n")
+    env = dict(os.environ, PYTHONPATH=str(older.parent))
+    code = "import lmcache_triton; print(lmcache_triton.WHICH)"
+    out = subprocess.run([*PYTHON, "-c", code], cwd=here.parent, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "older"
+    plain = subprocess.run([PYTHON[0], "-c", code], cwd=here.parent, env=env,
+                           capture_output=True, text=True, check=True)
+    assert plain.stdout.strip() == "the working directory", "without -P the working directory wins (the bug)"

@@ -92,7 +92,8 @@ class ForkServer:
         r, w = os.pipe()
         with open(self.log_path, "w") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", __name__, str(w), ",".join(self.preload)],
+                [sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m", __name__, str(w),
+                 ",".join(self.preload)],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,), env=self.env,
                 text=True, start_new_session=True,
             )

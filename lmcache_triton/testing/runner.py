@@ -79,6 +79,12 @@ class EngineSpec:
     kv_role: str = "kv_both"
 
 
+# How child interpreters start: `-P` (Python 3.11+) keeps the working directory off sys.path, so
+# the package comes from the child's PYTHONPATH (a benchmark's `--before DIR`) or its install,
+# not from a checkout the caller happens to stand in.
+PYTHON: tuple[str, ...] = (sys.executable, "-P") if sys.version_info >= (3, 11) else (sys.executable,)
+
+
 def kv_transfer_config(
     extra: dict[str, Any], by_name: bool = False, failure_policy: str | None = None, kv_role: str = "kv_both"
 ) -> KVTransferConfig:
@@ -336,9 +342,7 @@ def _run_child(argv: list[str], env: dict[str, str], timeout: float, stdout: str
         return result
     import subprocess
 
-    # -P: the working directory is not put first on sys.path, so the package comes from the
-    # child's PYTHONPATH (a benchmark's `--before DIR`) or its install, not from the caller's cwd.
-    cmd = [sys.executable, "-P", "-m", "lmcache_triton.testing.runner", *argv]
+    cmd = [*PYTHON, "-m", "lmcache_triton.testing.runner", *argv]
     if stdout is None and stderr is None:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         return proc.returncode, proc.stderr
@@ -401,7 +405,7 @@ class EngineProcess:
         else:
             self._server = None
             with open(self.log_path, "w") as log:
-                self._proc = subprocess.Popen([sys.executable, "-P", "-m", "lmcache_triton.testing.runner", *argv],
+                self._proc = subprocess.Popen([*PYTHON, "-m", "lmcache_triton.testing.runner", *argv],
                                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                               env=env)  # fmt: skip
         self._conn: socket.socket | None = None
