@@ -25,7 +25,9 @@ load in the background.
 `--before DIR` runs the connector cases a second time with the package from DIR (a checkout of
 an older commit: `git archive COMMIT | tar -x -C DIR`), interleaved with this tree's (before
 miss/hit, after miss/hit, before disk hit, after disk hit), so a change is compared under the
-same load; its rows are labelled "before: ...".
+same load; its rows are labelled "before: ...". The engine processes start with `python -P`
+(Python 3.11+), so DIR's package is the one they import; on Python 3.10 start the benchmark from
+outside the checkout (else the working directory's package shadows DIR's).
 
 `--pretouch` runs the connector cases a second time with `cpu_pretouch` on (rows "pretouch:
 ..."), interleaved with the default-config ones. Since 2026-12-07 the default is on as well (the
