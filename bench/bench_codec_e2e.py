@@ -79,6 +79,7 @@ def main() -> None:
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{started}; prompt {a.tokens} tokens, reps {a.reps}, codecs {codecs}, load {load0:.1f}", flush=True)
     res: dict[str, dict[str, float]] = {}
+    before_env = {**env, "PYTHONPATH": str(Path(a.before).resolve())} if a.before else None
     with ValkeyServer() as server:
         for i, codec in enumerate(codecs):
             prompts = _prompts(a.reps, a.tokens - 1, seed=100 + i)  # fresh prompts per codec: misses
@@ -91,7 +92,6 @@ def main() -> None:
             print(f"[{codec}] miss (stores to disk and remote) ...", flush=True)
             miss = run_in_subprocess(EngineSpec(**base, connector={**common, **disk_cfg, **remote_cfg}), prompts, 1,
                                      measure_ttft=True, env=env)
-            before_env = {**env, "PYTHONPATH": str(Path(a.before).resolve())} if a.before else None
             dhit_b = rhit_b = None
             if before_env is not None:
                 print(f"[{codec}] disk hit, new process, the code in {a.before} ...", flush=True)

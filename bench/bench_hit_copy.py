@@ -198,7 +198,6 @@ def _int8_loads(eng: KVCacheEngine, plan, chunk_size: int, cache: torch.Tensor) 
 
 
 def _disk(args, views, pmap, block, plan, source, now) -> list[dict]:  # noqa: ANN001 (bench helper)
-
     from lmcache_triton.storage.disk import DiskTier
 
     d = work_dir("lmct-bench-hit-disk-")

