@@ -679,3 +679,26 @@ def test_install_touches_no_system_package(tmp_path, as_root):
     log = calls.read_text()
     assert "pip install" in log, log  # the stubs were used: the script did install
     assert "apt-get" not in log and "sudo" not in log, log
+
+
+@pytest.mark.parametrize(
+    "timeout, tiers, says",
+    [
+        (0, ["disk"], True), (0, ["disk", "remote"], True), (10, ["disk"], False), (0, [], False),
+        (None, ["disk"], False),
+    ],  # fmt: skip
+)
+def test_shutdown_hint_only_where_a_stop_loses_queued_writes(timeout, tiers, says):
+    """vLLM's default --shutdown-timeout (0) kills the engine on a stop before our workers
+    finish their slow-tier writes: the start-up says so once, naming the tiers; not with a
+    drain, not without a slow tier, not on a vLLM without the setting."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm")
+    from lmcache_triton.integration.vllm.scheduler import shutdown_hint
+
+    cfg = SimpleNamespace() if timeout is None else SimpleNamespace(shutdown_timeout=timeout)
+    hint = shutdown_hint(cfg, tiers)  # type: ignore[arg-type]
+    assert (hint is not None) == says
+    if says:
+        assert "/".join(tiers) + " tier" in hint and "--shutdown-timeout 10" in hint

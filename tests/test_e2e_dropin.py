@@ -97,6 +97,8 @@ def test_seed_command_line_restart_hits_from_disk(workdir, model_dir):
             time.sleep(0.5)
     assert first["choices"][0]["text"]
     assert len(list(disk.glob("*.safetensors"))) == 6, "the miss's chunks were not written to disk"
+    # LMCache's command line keeps vLLM's default: the start-up says what a stop does to writes.
+    assert "--shutdown-timeout is 0: a stop kills the engine at once" in log1.read_text()
 
     port = free_port()
     log2 = tmp_path / "server2.log"

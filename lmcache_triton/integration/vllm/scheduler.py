@@ -133,6 +133,19 @@ def async_saves(vllm_config: VllmConfig) -> bool:
     return str(getattr(device, "device_type", "cpu")) == "cuda"
 
 
+def shutdown_hint(vllm_config: VllmConfig, slow_tiers: list[str]) -> str | None:
+    """The start-up line that says queued slow-tier writes die with a Ctrl-C, or None: vLLM's
+    `--shutdown-timeout` 0 (its default) kills the engine at once, before the workers' connector
+    shuts down and finishes them (a vLLM without the setting: nothing to say)."""
+    if not slow_tiers or getattr(vllm_config, "shutdown_timeout", None) != 0:
+        return None
+    return (
+        f"lmcache_triton: vLLM's --shutdown-timeout is 0: a stop kills the engine at once, so chunks still "
+        f"queued for the {'/'.join(slow_tiers)} tier are lost (misses after a restart, never wrong output); "
+        "--shutdown-timeout 10 lets them finish"
+    )
+
+
 class SchedulerConnector(ConnectorCore):
     """The scheduler side of the connector (module docstring).
 
@@ -185,6 +198,9 @@ class SchedulerConnector(ConnectorCore):
             "lmcache_triton scheduler: chunk_size=%d block_size=%d world_size=%d layout=%s disk=%s",
             self.config.chunk_size, self.block_size, self.world_size, self.layout, self.config.local_disk,
         )
+        hint = shutdown_hint(vllm_config, [v.name for v in self._views])
+        if hint is not None:
+            logger.info(hint)
         # CacheBlend's planner (blend_scheduler.py), when enable_blending is on and supported.
         self._blend: BlendScheduler | None = None
         if self.config.enable_blending:
