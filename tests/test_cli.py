@@ -413,7 +413,10 @@ def test_serve_real_server(workdir, model_dir, tmp_path):
         "--no-enable-prefix-caching",
     ]
     with open(tmp_path / "server.log", "w") as log:  # the server keeps its own copy of the handle
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+        # INFO: the shutdown lines asserted below (an earlier in-process engine of this worker set
+        # VLLM_LOGGING_LEVEL=WARNING in os.environ).
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
