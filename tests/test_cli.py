@@ -473,8 +473,8 @@ def test_serve_real_server(workdir, model_dir, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode is not None
     assert not leaked, "server left processes behind after shutdown"
-    # A disk tier: serve passed --shutdown-timeout, so Ctrl-C drained and the worker (with its
-    # connector, which finishes queued writes) shut down cleanly instead of being killed.
+    # A disk tier: serve passed --shutdown-timeout, so Ctrl-C drained (vLLM's default aborts and
+    # kills the engine at once) and the workers' connector could finish its queued writes.
     text = (tmp_path / "server.log").read_text()
-    assert "mode=drain" in text and "workers exited gracefully" in text, text[-3000:]
+    assert "stopping engine client mode=drain" in text, text[-3000:]
     assert "--shutdown-timeout is 0" not in text
