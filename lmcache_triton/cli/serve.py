@@ -276,7 +276,8 @@ def serve(
         elif disk is not None and disk_size is None and cfg.max_local_disk_size == 0:
             disk_size = 10.0  # a zero bound would store nothing: the flag means "use this disk"
         disk_dir = disk.expanduser() if disk is not None else (Path(cfg.local_disk) if cfg.local_disk else None)
-        if disk_dir is not None and (disk_size or cfg.max_local_disk_size) > 0:
+        disk_on = disk_dir is not None and (disk_size or cfg.max_local_disk_size) > 0
+        if disk_on and disk_dir is not None:
             check_disk_dir(disk_dir)
         extra = extra_config(chunk_size, cpu_size, disk, disk_size)
         validate(extra)
@@ -293,9 +294,7 @@ def serve(
             check_port(vllm_flag(passthrough, "--host") or "0.0.0.0", int(port))
         if not any(a.startswith("--enable-prompt-tokens-details") for a in passthrough):
             passthrough.append("--enable-prompt-tokens-details")
-        slow_tier = (disk_dir is not None and (disk_size or cfg.max_local_disk_size) > 0) or bool(
-            remote or cfg.remote_url
-        )
+        slow_tier = disk_on or bool(remote or cfg.remote_url)
         drain = slow_tier and vllm_flag(passthrough, "--shutdown-timeout") is None
         if drain and vllm_has_engine_arg("shutdown_timeout"):
             # vLLM's default (0) kills the engine on Ctrl-C at once: chunks still queued for the
