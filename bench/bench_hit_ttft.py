@@ -17,7 +17,6 @@ across servers: ours' hit against LMCache's (issue 19's target: <= 0.5x).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import math
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import work_dir  # noqa: E402
+from _common import append_csv, work_dir  # noqa: E402
 from bench_e2e import BENCH_MODEL  # noqa: E402
 from bench_serving import (  # noqa: E402
     BLOCK,
@@ -145,19 +144,12 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     if not args.no_csv:
-        new = not CSV.exists()
-        with CSV.open("a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["started_utc", "host", "commit", "tokens", "chunk_size", "reserved_cpus", *rows[0].keys(),
-                            "load_1m"])  # fmt: skip
-            commit = os.popen(f"git -C {REPO} rev-parse --short HEAD").read().strip()
-            for r in rows:
-                w.writerow([f"{started:%Y-%m-%d %H:%M}", platform.node(), commit, args.tokens, args.chunk_size,
-                            args.reserved_cpus,
-                            *(f"{v:.4g}" if isinstance(v, float) else v for v in r.values()),
-                            f"{load_before[0]:.2f}/{load_after[0]:.2f}"])  # fmt: skip
-
+        commit = os.popen(f"git -C {REPO} rev-parse --short HEAD").read().strip()
+        head = {"started_utc": f"{started:%Y-%m-%d %H:%M}", "host": platform.node(), "commit": commit,
+                "tokens": args.tokens, "chunk_size": args.chunk_size, "reserved_cpus": args.reserved_cpus}  # fmt: skip
+        load = {"load_1m": f"{load_before[0]:.2f}/{load_after[0]:.2f}"}
+        out = [{**head, **{k: f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()}, **load} for r in rows]
+        append_csv(CSV, list(out[0]), out)
 
 if __name__ == "__main__":
     main()
