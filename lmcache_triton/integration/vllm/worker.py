@@ -47,6 +47,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from lmcache_triton.config import LMCacheConfig
 from lmcache_triton.engine import KVCacheEngine
 from lmcache_triton.integration.vllm.core import ConnectorCore, first_replica
+from lmcache_triton.integration.vllm.cpu_cores import spare_cpus
 from lmcache_triton.integration.vllm.kv_events import TierWrites, kv_events_enabled
 from lmcache_triton.integration.vllm.metadata import ChunkOp, LMCacheTritonMetadata, LMCacheTritonWorkerMetadata
 from lmcache_triton.integration.vllm.metrics import LMCacheTritonStats
@@ -131,8 +132,10 @@ class WorkerConnector(ConnectorCore):
         replica = first_replica(self.rank, self.tp_size, self.kv_replicas) != self.rank
         codecs = self._guarded_codecs()
         self.storage = build_storage(self.config, replica=replica, track_cpu_removals=True, codecs=codecs)
+        copy_cpus = spare_cpus() if self.config.cpu_copy_helper else frozenset()
         self.engine = KVCacheEngine(
-            self.storage, self.namespaces[self.rank], self.key_meta, cpu_codec=codecs.get("cpu", "exact")
+            self.storage, self.namespaces[self.rank], self.key_meta, cpu_codec=codecs.get("cpu", "exact"),
+            copy_cpus=copy_cpus,
         )
         self._store_errors_seen = 0  # slow-tier writes that did not happen, already reported
         self._tier_bytes_seen: dict[str, int] = {}  # slow-tier byte counters already reported
@@ -164,11 +167,13 @@ class WorkerConnector(ConnectorCore):
         form = row_form(self.spec, views, self.vllm_config)
         self.engine.register(views, self.block_size, staging_tokens=self.config.chunk_size, **form)
         logger.info(
-            "lmcache_triton: registered %d layers, geometry %s, copy path %s%s",
+            "lmcache_triton: registered %d layers, geometry %s, copy path %s%s%s",
             len(names),
             self.engine.geom,
             type(self.engine.path).__name__,
             ", lossy chunks held encoded until the load" if self.engine.hold_encoded else "",
+            f", half of each step's copies on CPUs {sorted(self.engine.copy_cpus)} (vLLM's reserved cores)"
+            if self.engine.copy_helper_on else "",
         )
         if self._blend_worker is not None:
             self._blend_worker.register(kv_caches)
