@@ -174,6 +174,7 @@ def test_spare_cpus_are_the_parents_minus_every_ranks(monkeypatch):
     monkeypatch.setattr(cpu_cores, "_children", lambda pid: [me, 111, 222, 333] if pid == parent else [])
     envs = {111: {"OMP_PLACES": "{2}", "OMP_PROC_BIND": "true"}, 222: {"PATH": "/bin"}, 333: None}
     monkeypatch.setattr(cpu_cores, "_environ", lambda pid: envs[pid])
+    monkeypatch.setattr(cpu_cores, "near", lambda spare, own: spare)  # NUMA: the test below
     assert cpu_cores.spare_cpus() == {1, 3}
 
     def unreadable(pid):
@@ -194,3 +195,15 @@ def test_children_and_environ_read_this_machines_proc():
     env = cpu_cores._environ(os.getpid())
     assert env is not None and env.get("PATH") == os.environ.get("PATH")
     assert cpu_cores._environ(2**22 + 12345) is None  # no such process
+
+
+def test_spare_cpus_prefer_the_workers_numa_node(tmp_path):
+    """Two nodes: CPUs 0-1 on node 0, 2-3 on node 1. A worker on CPU 0 gets spare CPU 1 (its
+    node) over 3; with no spare CPU on its node, the others; a sysfs without nodes: all."""
+    for cpu, node in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        (tmp_path / f"cpu{cpu}" / f"node{node}").mkdir(parents=True)
+    root = str(tmp_path)
+    assert cpu_cores.numa_node(2, root) == 1 and cpu_cores.numa_node(9, root) is None
+    assert cpu_cores.near(frozenset({1, 3}), frozenset({0}), root) == {1}
+    assert cpu_cores.near(frozenset({3}), frozenset({0}), root) == {3}
+    assert cpu_cores.near(frozenset({1, 3}), frozenset({0}), str(tmp_path / "none")) == {1, 3}

