@@ -7,6 +7,8 @@ leaves alone, read from the variables vLLM starts its workers with).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -189,12 +191,20 @@ def test_spare_cpus_are_the_parents_minus_every_ranks(monkeypatch):
 
 
 def test_children_and_environ_read_this_machines_proc():
-    """The /proc readers on real processes: this process is among its parent's children, and
-    its environment reads back."""
-    assert os.getpid() in cpu_cores._children(os.getppid())
-    env = cpu_cores._environ(os.getpid())
-    assert env is not None and env.get("PATH") == os.environ.get("PATH")
-    assert cpu_cores._environ(2**22 + 12345) is None  # no such process
+    """The /proc readers on a real child process: it is among this process's children, and the
+    environment it was started with reads back (/proc/PID/environ: the start environment)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env={**os.environ, "OMP_PLACES": "{3}", "OMP_PROC_BIND": "true"},
+    )
+    try:
+        assert child.pid in cpu_cores._children(os.getpid())
+        env = cpu_cores._environ(child.pid)
+        assert env is not None and cpu_cores.bound_cpus(env) == {3}
+    finally:
+        child.kill()
+        child.wait()
+    assert cpu_cores._environ(child.pid) is None  # gone
 
 
 def test_spare_cpus_prefer_the_workers_numa_node(tmp_path):
