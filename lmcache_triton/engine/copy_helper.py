@@ -10,8 +10,8 @@ so without this every copy of ours shares the forward's cores while the reserved
 `CopyHelper` is one daemon thread pinned to the given CPUs (the caller finds them:
 `integration/vllm/cpu_cores.py`), running torch on that thread alone (`one_torch_thread`). The
 engine hands it one half of a chunk's copy (half of the layers, K and V alike) and runs the
-other half itself: `run_beside(mine, theirs)` returns when both are done and raises the first
-error of either. Copies of different layers touch different bytes, so the halves never race.
+other half itself: `run_beside(mine, theirs)` returns when both are done and raises the error of
+either (its own half's first). Copies of different layers touch different bytes, so the halves never race.
 """
 
 from __future__ import annotations

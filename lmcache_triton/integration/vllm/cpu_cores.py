@@ -14,12 +14,9 @@ as before, on the worker's own core.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Mapping
-
-logger = logging.getLogger(__name__)
 
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _PROCLIST = re.compile(r"proclist=\[([^\]]*)\]")
