@@ -23,6 +23,7 @@ tier holds (dequantize + scatter); and from hand-written signatures for every el
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 import sys
@@ -236,17 +237,25 @@ def other_cases():
         yield f"_rerotate_k_kernel[{ptr},{pos},neox={neox},tail={tail}]", ASTSource(kern, sig, consts), None
 
 
-def main(archs: list[int], shard: tuple[int, int] = (0, 1)) -> int:
+def main(archs: list[int], shard: tuple[int, int] = (0, 1), claims: str | None = None) -> int:
     """Compile every case for each of `archs`; with `shard` (i, n) only the cases whose label's
-    CRC-32 is i modulo n, so n processes share one arch's list (the suite's background jobs). By
-    label, not position: the shards agree whatever order a process records the launches in."""
+    CRC-32 is i modulo n, so n processes share one arch's list. By label, not position: the
+    shards agree whatever order a process records the launches in. With `claims` (a directory
+    the processes of one arch share; the suite's background jobs) a process compiles each case
+    it claims first (a file created there with O_EXCL, named by the label and its occurrence),
+    so the processes share the list as they go and end within one compile of each other."""
     i, n_shards = shard
     n = 0
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
         cases = itertools.chain(copy_cases(target), quant_cases(), other_cases())
+        seen: dict[str, int] = {}
         for name, src, options in cases:
-            if zlib.crc32(name.encode()) % n_shards != i:
+            if claims is not None:
+                k = seen[name] = seen.get(name, -1) + 1
+                if not _claim(claims, f"sm_{arch} {name}#{k}"):
+                    continue
+            elif zlib.crc32(name.encode()) % n_shards != i:
                 continue
             try:
                 opts = options.__dict__ if options is not None else None
@@ -256,21 +265,34 @@ def main(archs: list[int], shard: tuple[int, int] = (0, 1)) -> int:
                 return 1
             assert compiled.asm.get("cubin"), f"sm_{arch} {name}: no cubin produced"
             n += 1
-            print(f"ok sm_{arch} {name}")
+            print(f"ok sm_{arch} {name}", flush=claims is not None)
     print(f"compiled {n} kernels" + (f" (shard {i}/{n_shards})" if n_shards > 1 else ""))
     return 0
 
 
+def _claim(directory: str, case: str) -> bool:
+    """True for the one process that claims `case` first (creates its file in `directory`)."""
+    name = hashlib.sha256(case.encode()).hexdigest()
+    try:
+        os.close(os.open(os.path.join(directory, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def _cli(argv: list[str]) -> int:
-    """`aot_compile.py [ARCH ...] [--shard I/N]`"""
-    shard = (0, 1)
+    """`aot_compile.py [ARCH ...] [--shard I/N] [--claims DIR]`"""
+    shard, claims = (0, 1), None
+    if "--claims" in argv:
+        k = argv.index("--claims")
+        claims, argv = argv[k + 1], argv[:k] + argv[k + 2:]
     if "--shard" in argv:
         k = argv.index("--shard")
         i, n = (int(x) for x in argv[k + 1].split("/"))
         if not 0 <= i < n:
             raise SystemExit(f"--shard {argv[k + 1]}: want I/N with 0 <= I < N")
         shard, argv = (i, n), argv[:k] + argv[k + 2:]
-    return main([int(a) for a in argv] or [80, 90, 100], shard)
+    return main([int(a) for a in argv] or [80, 90, 100], shard, claims)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@ between runs).
 
 `run(arch)` compiles in the calling test, as test_aot_compile always did when run alone. For the
 whole suite the conftest calls `start_background()` before pytest-xdist starts its workers: the
-three archs then compile beside the suite, each split over `SHARDS` processes (so the end of a
-run can use both cores), in a session (so an autogroup) of their own at the lowest priority
-(autogroup nice 19, nice 19, SCHED_IDLE), so they take only CPU the suite leaves idle (engines
+three archs then compile beside the suite, each shared by `SHARDS` processes that claim its
+kernels one at a time (so the end of a run can use both cores to the last kernel), in a
+session (so an autogroup) of their own at the lowest priority (autogroup nice 19, nice 19,
+SCHED_IDLE), so they take only CPU the suite leaves idle (engines
 and servers starting up, waits, sleeps, the end of the run when one worker has nothing left).
 The test, ordered last, `collect()`s each arch's output and makes the same assertions; when it
 starts waiting it gives the jobs back the normal priority, so other load on the machine cannot
-starve them past its timeout. The compile is the same work either way (~100 CPU-s per arch on
+starve them past its timeout. The compile is the same work either way (~80 CPU-s per arch on
 the 2-core machine, nearly all of it LLVM and ptxas: 129 kernels, 127 distinct PTX); in the
 background it fills gaps instead of holding one worker for 5-9 minutes.
 `LMCT_TEST_AOT_BACKGROUND=0` turns it off.
@@ -73,17 +74,22 @@ def _lowest_priority() -> None:
 
 def start_background(root: Path, script: Path = SCRIPT, archs: tuple[int, ...] = ARCHS,
                      shards: int = SHARDS) -> list[subprocess.Popen]:
-    """Start `shards` low-priority jobs (`script ARCH --shard I/N`) per arch under `root`
-    (`sm_ARCH/I/`); each writes out, err and, when done, rc (its exit status)."""
+    """Start `shards` low-priority jobs (`script ARCH --claims sm_ARCH/claims`) per arch under
+    `root` (`sm_ARCH/I/`): the jobs of an arch share its list of kernels, each compiling the
+    next one no other has claimed, so they end within one compile of each other (a fixed split
+    left one core idle for the last ~20 s). Each writes out, err and, when done, rc (its exit
+    status)."""
     procs = []
     for arch in archs:
+        claims = root / f"sm_{arch}" / "claims"
+        claims.mkdir(parents=True)
         for i in range(shards):
             d = root / f"sm_{arch}" / str(i)
             d.mkdir(parents=True)
             # sh writes rc only after the job has exited: rc present = the output is complete.
             cmd = ["/bin/sh", "-c",
                    f'"$@" >"{d}/out" 2>"{d}/err"; echo $? >"{d}/rc.part"; mv "{d}/rc.part" "{d}/rc"',
-                   "sh", sys.executable, str(script), str(arch), "--shard", f"{i}/{shards}"]
+                   "sh", sys.executable, str(script), str(arch), "--claims", str(claims)]
             p = subprocess.Popen(cmd, env=_env(d / "cache"), stdin=subprocess.DEVNULL, preexec_fn=_lowest_priority)
             (d / "pgid").write_text(str(p.pid))  # its own session: process group = its pid
             procs.append(p)
@@ -126,7 +132,7 @@ def background_root() -> Path | None:
 def collect(arch: int, root: Path) -> Result:
     """The background jobs' result for `arch`, waiting for every shard (up to TIMEOUT_S): the
     first failing shard's exit status (else 0), their outputs one after another."""
-    shards = sorted((root / f"sm_{arch}").iterdir(), key=lambda d: int(d.name))
+    shards = sorted((d for d in (root / f"sm_{arch}").iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
     if not shards:
         raise AssertionError(f"sm_{arch}: no background compile was started under {root}")
     _normal_priority(root)

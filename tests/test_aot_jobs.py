@@ -90,25 +90,36 @@ def _group_alive(pgid: int) -> bool:
 
 
 SHARD_STAND_IN = """
-import sys
-arch, flag, shard = sys.argv[1:4]
-assert flag == "--shard"
-print("ok", arch, shard, flush=True)
-sys.exit(5 if shard == "1/3" else 0)
+import os, sys
+arch, flag, claims = sys.argv[1:4]
+assert flag == "--claims" and os.path.basename(claims) == "claims", sys.argv
+shard = os.path.basename(os.path.dirname(os.environ["TRITON_CACHE_DIR"]))  # sm_ARCH/I/cache
+for case in range(10):  # what aot_compile.py does: compile the cases no other job claimed
+    try:
+        os.close(os.open(os.path.join(claims, str(case)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        continue
+    print("ok", arch, case, flush=True)
+print("shard", shard)
+sys.exit(5 if shard == "1" else 0)
 """
 
 
 def test_an_arch_is_compiled_by_its_shards_and_collected_as_one(tmp_path):
-    """Each arch runs as `shards` processes (`--shard I/N`); collect() waits for all of them and
-    returns every shard's output, failing with the first failing shard's status."""
+    """Each arch runs as `shards` processes sharing one claims directory per arch (`--claims`):
+    every case compiles once, in one of them; collect() waits for all of them and returns every
+    shard's output, failing with the first failing shard's status."""
     script = tmp_path / "stand_in.py"
     script.write_text(SHARD_STAND_IN)
     root = tmp_path / "jobs"
     procs = aot_jobs.start_background(root, script, archs=(7, 8), shards=3)
     try:
         assert len(procs) == 6
-        r7 = aot_jobs.collect(7, root)
-        assert r7.stdout.splitlines() == ["ok 7 0/3", "ok 7 1/3", "ok 7 2/3"]
-        assert r7.returncode == 5  # shard 1 failed: the arch fails, whatever the others did
+        r7, r8 = aot_jobs.collect(7, root), aot_jobs.collect(8, root)
+        for arch, r in ((7, r7), (8, r8)):
+            lines = r.stdout.splitlines()
+            assert sorted(ln for ln in lines if ln.startswith("ok")) == sorted(f"ok {arch} {c}" for c in range(10))
+            assert [ln for ln in lines if ln.startswith("shard")] == ["shard 0", "shard 1", "shard 2"]
+            assert r.returncode == 5  # shard 1 failed: the arch fails, whatever the others did
     finally:
         aot_jobs.stop_background(procs, root)
