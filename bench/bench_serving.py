@@ -252,7 +252,7 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120
 @contextlib.contextmanager
 def server(name: str, args: argparse.Namespace, model: str, work: Path, prefix_caching: bool = True):
     """Server `name` started (and warmed up) for the block; yields `(port, log)`. `args` carries
-    `kv_blocks`, `max_model_len`, `cpu_gb`, `chunk_size`, `lmcache_python`, `base_tree`,
+    `kv_blocks`, `max_model_len`, `cpu_gb`, `disk_gb`, `chunk_size`, `lmcache_python`, `base_tree`,
     `step_profile`, `start_timeout`, `request_timeout`."""
     port = free_port()
     blocks, max_len, cpu_gb = args.kv_blocks, args.max_model_len, args.cpu_gb
@@ -273,6 +273,9 @@ def server(name: str, args: argparse.Namespace, model: str, work: Path, prefix_c
             LMCACHE_LOCAL_CPU="True",
             LMCACHE_MAX_LOCAL_CPU_SIZE=f"{cpu_gb:g}",
         )
+        if args.disk_gb > 0:  # a disk tier too, empty for each server: every store is also written
+            env.update(LMCACHE_LOCAL_DISK=f"file://{work / f'disk-{name}-{port}'}",
+                       LMCACHE_MAX_LOCAL_DISK_SIZE=f"{args.disk_gb:g}")
         extra = ["--kv-transfer-config", '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}']
     elif name == "lmcache":
         python = str(args.lmcache_python)
@@ -405,6 +408,13 @@ def add_server_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument(
+        "--disk-gb",
+        type=float,
+        default=0,
+        help="ours/base: a disk tier of this many GB as well (a fresh directory per server), so every "
+        "store is written to disk in the background while the server runs (default 0: CPU tier only)",
+    )
+    ap.add_argument(
         "--base-tree",
         type=Path,
         help="server 'base': ours from this checkout (e.g. `git worktree add DIR main`), in the same run",
@@ -518,6 +528,8 @@ def main() -> None:
             base = None if not base_runs or (name == "vllm" and i == 0) else base_runs[0 if name == "vllm" else i]
             s = summarize(run, wl, base)
             s["pass"] = i + 1
+            if args.disk_gb > 0 and name in ("ours", "base"):
+                s["server"] = f"{name}+disk{args.disk_gb:g}"  # what ran, in the table and the CSV
             rows.append(s)
     lmc = {r["pass"]: r for r in rows if r["server"] == "lmcache"}
     vl = {r["pass"]: r for r in rows if r["server"] == "vllm"}

@@ -235,6 +235,15 @@ class LMCacheConfig:
             core. Default True; no effect where there are no such cores (vLLM found too few to
             reserve, `VLLM_CPU_OMP_THREADS_BIND=nobind`), on a GPU or for lossy `cpu_codec`
             chunks. Not an LMCache key.
+        cpu_pin_background: on vllm-cpu, run every background thread of ours (slow-tier
+            writes, prefetch reads, asynchronous loads, the arena's growth) on the same reserved
+            cores instead of the worker's first OpenMP core, which vLLM binds the worker's main
+            thread to and every thread it starts inherits (`lmcache_triton/threads.py`). Default
+            False: on the 2-core VM, where the reserved core is the scheduler's and the OpenMP
+            team one thread, serving with a disk tier was no faster (mean TTFT of later rounds
+            1.02x, bench_serving --disk-gb 4, 2026-12-08); meant for machines where vLLM keeps
+            the connector's own core and OpenMP teams are wide (thread 0's core waits for ours).
+            Not an LMCache key.
         remote_serde: LMCache's key for the remote tier's serializer, accepted where it means
             the same as ours: "naive" = remote_codec exact, "kivi" = remote_codec int4 (our
             KIVI-style 4-bit, not LMCache's bytes); "cachegen" (GPU-only entropy coding) has no
@@ -277,6 +286,7 @@ class LMCacheConfig:
     cpu_pretouch_max_size: float = 1.0
     cpu_hugepages: bool = False
     cpu_copy_helper: bool = True
+    cpu_pin_background: bool = False
     remote_serde: str | None = None
 
     @property

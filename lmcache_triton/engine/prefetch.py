@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from lmcache_triton.storage.hierarchy import StorageHierarchy
+from lmcache_triton.threads import background_thread
 
 from .holds import HoldBook
 from .inflight import InFlightCopies
@@ -90,9 +91,7 @@ class PrefetchPool:
             if q is None:
                 q = self._queue = queue.Queue()
                 for i in range(self.threads):
-                    t = threading.Thread(
-                        target=self._prefetcher, args=(q,), name=f"lmcache-triton-prefetch-{i}", daemon=True
-                    )
+                    t = background_thread(self._prefetcher, f"lmcache-triton-prefetch-{i}", args=(q,))
                     t.start()
                     self._threads.append(t)
         for d in todo:

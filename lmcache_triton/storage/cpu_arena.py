@@ -68,6 +68,8 @@ from collections.abc import Iterable
 
 import torch
 
+from lmcache_triton.threads import background_thread
+
 from .arena import (
     FreeList,
     Slab,
@@ -267,9 +269,7 @@ class CpuArena:
         grow = self.slab_to_grow(0)
         if grow is None:
             return
-        self._grower = threading.Thread(
-            target=self._grow_in_background, args=(grow,), name="lmcache-triton-arena", daemon=True
-        )
+        self._grower = background_thread(self._grow_in_background, "lmcache-triton-arena", args=(grow,))
         self._grower.start()
 
     @property
@@ -337,9 +337,7 @@ class CpuArena:
                 )
                 return False
             self._pretouch_stop.clear()
-            self._pretoucher = threading.Thread(
-                target=self._pretouch_all, name="lmcache-triton-pretouch", daemon=True
-            )
+            self._pretoucher = background_thread(self._pretouch_all, "lmcache-triton-pretouch")
             self._pretoucher.start()
             return True
 

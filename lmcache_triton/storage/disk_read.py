@@ -50,6 +50,7 @@ from lmcache_triton.chunk.format import (
     decode_payload,
     tensor_bytes,
 )
+from lmcache_triton.threads import enter_background
 
 from .bad_files import BadFileLog, KnownBad
 from .counters import TierCounters
@@ -296,5 +297,7 @@ class DiskReads:
     def _hasher(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
             if self._hash_pool is None:
-                self._hash_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmcache-disk-hash")
+                self._hash_pool = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="lmcache-disk-hash", initializer=enter_background
+                )
             return self._hash_pool

