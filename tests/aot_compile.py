@@ -28,7 +28,6 @@ import itertools
 import os
 import sys
 import tempfile
-import zlib
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the interpreter's kernels cannot be compiled")
@@ -237,14 +236,12 @@ def other_cases():
         yield f"_rerotate_k_kernel[{ptr},{pos},neox={neox},tail={tail}]", ASTSource(kern, sig, consts), None
 
 
-def main(archs: list[int], shard: tuple[int, int] = (0, 1), claims: str | None = None) -> int:
-    """Compile every case for each of `archs`; with `shard` (i, n) only the cases whose label's
-    CRC-32 is i modulo n, so n processes share one arch's list. By label, not position: the
-    shards agree whatever order a process records the launches in. With `claims` (a directory
-    the processes of one arch share; the suite's background jobs) a process compiles each case
-    it claims first (a file created there with O_EXCL, named by the label and its occurrence),
-    so the processes share the list as they go and end within one compile of each other."""
-    i, n_shards = shard
+def main(archs: list[int], claims: str | None = None) -> int:
+    """Compile every case for each of `archs`. With `claims` (a directory the processes of one
+    arch share: the suite's background jobs) a process compiles only the cases it claims first
+    (a file created there with O_EXCL, named by the arch, the label and its occurrence: by label,
+    not position, so the processes agree whatever order each records the launches in); they
+    share the list as they go and end within one compile of each other."""
     n = 0
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
@@ -255,8 +252,6 @@ def main(archs: list[int], shard: tuple[int, int] = (0, 1), claims: str | None =
                 k = seen[name] = seen.get(name, -1) + 1
                 if not _claim(claims, f"sm_{arch} {name}#{k}"):
                     continue
-            elif zlib.crc32(name.encode()) % n_shards != i:
-                continue
             try:
                 opts = options.__dict__ if options is not None else None
                 compiled = triton.compile(src, target=target, options=opts)
@@ -265,8 +260,8 @@ def main(archs: list[int], shard: tuple[int, int] = (0, 1), claims: str | None =
                 return 1
             assert compiled.asm.get("cubin"), f"sm_{arch} {name}: no cubin produced"
             n += 1
-            print(f"ok sm_{arch} {name}", flush=claims is not None)
-    print(f"compiled {n} kernels" + (f" (shard {i}/{n_shards})" if n_shards > 1 else ""))
+            print(f"ok sm_{arch} {name}")
+    print(f"compiled {n} kernels" + (" (claimed)" if claims is not None else ""))
     return 0
 
 
@@ -281,18 +276,12 @@ def _claim(directory: str, case: str) -> bool:
 
 
 def _cli(argv: list[str]) -> int:
-    """`aot_compile.py [ARCH ...] [--shard I/N] [--claims DIR]`"""
-    shard, claims = (0, 1), None
+    """`aot_compile.py [ARCH ...] [--claims DIR]`"""
+    claims = None
     if "--claims" in argv:
         k = argv.index("--claims")
         claims, argv = argv[k + 1], argv[:k] + argv[k + 2:]
-    if "--shard" in argv:
-        k = argv.index("--shard")
-        i, n = (int(x) for x in argv[k + 1].split("/"))
-        if not 0 <= i < n:
-            raise SystemExit(f"--shard {argv[k + 1]}: want I/N with 0 <= I < N")
-        shard, argv = (i, n), argv[:k] + argv[k + 2:]
-    return main([int(a) for a in argv] or [80, 90, 100], shard, claims)
+    return main([int(a) for a in argv] or [80, 90, 100], claims)
 
 
 if __name__ == "__main__":
